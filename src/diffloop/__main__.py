@@ -1,0 +1,3 @@
+from diffloop.cli import main
+
+raise SystemExit(main())

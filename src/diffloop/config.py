@@ -1,0 +1,490 @@
+"""Typed run configuration: dataclass defaults < YAML file < ``a.b=c`` overrides.
+
+Every invariant is checked by :func:`validate` before any model loads; each error names the field and
+the fix. ``derived_arithmetic`` gives the per-epoch numbers the run prints at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "shapes"
+    """Hub id (``stabilityai/stable-diffusion-2-base``) or local directory in diffusers layout; ``shapes``
+    is the shapes-world model shipped inside the package."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    variant: str | None = None
+    """Weight variant to load (``fp16``), as in diffusers' ``from_pretrained``."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    """Train a LoRA adapter on the UNet (false = full fine-tuning of the UNet, much more memory)."""
+    rank: int = 4
+    """LoRA rank r (DDPO uses 4)."""
+    alpha: float = 4.0
+    """LoRA alpha; the adapter's update is scaled by alpha / rank."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet module names to adapt (peft ``target_modules``)."""
+    dropout: float = 0.0
+    """LoRA dropout (0 keeps the on-policy ratio exactly 1)."""
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = 50
+    """DDIM steps per trajectory (T). Cost is linear in T for both sampling and training."""
+    eta: float = 1.0
+    """DDIM eta; must be > 0: a deterministic step has no log-probability."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance scale (1 = no guidance, half the UNet evaluations)."""
+    negative_prompt: str = ""
+    """Negative prompt used as the unconditional branch of CFG."""
+    prompts_per_epoch: int = 8
+    """B: distinct prompt draws per epoch (over all processes)."""
+    samples_per_prompt: int = 4
+    """K: trajectories per prompt (LOOP's group size; >= 2 for leave-one-out and GRPO)."""
+    batch_size: int = 8
+    """Trajectories sampled at once per process (memory knob; does not change results)."""
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "loop"
+    """One of loop, ppo, grpo, reinforce, reinforce_loo (see diffloop.algorithms.ALGORITHMS)."""
+    batch_size: int = 4
+    """Trajectories per training minibatch per process."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches accumulated into one optimizer step (each minibatch spans its trained timesteps)."""
+    num_inner_epochs: int = 1
+    """Passes over each epoch's samples (PPO-style reuse; must be 1 for reinforce*)."""
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    clip_range: float = 1e-4
+    """PPO ratio clip epsilon. 1e-4 matches logprob_reduction=mean (DDPO); use ~0.1-0.2 with sum."""
+    logprob_reduction: str = "mean"
+    """How a step's Gaussian log-density is reduced over latent elements: mean (DDPO) or sum (exact)."""
+    adv_clip_max: float | None = 5.0
+    """Clip advantages to +-this (null disables)."""
+    normalize_advantages: bool = False
+    """Divide leave-one-out advantages by their group's reward std (method.md: an option, off)."""
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's steps trained on (random subset per trajectory)."""
+    mixed_precision: str = "no"
+    """no (fp32), fp16 (with a grad scaler) or bf16. Trainable parameters always stay fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in backward: less memory, ~30% slower training."""
+    lr_scheduler: str = "constant"
+    """constant, constant_with_warmup, linear or cosine (diffusers.optimization.get_scheduler)."""
+    lr_warmup_steps: int = 0
+    stat_tracking_buffer: int = 32
+    """ppo: per-prompt reward buffer length."""
+    stat_tracking_min_count: int = 16
+    """ppo: per-prompt samples needed before its own statistics replace the batch's."""
+    grpo_eps: float = 1e-4
+    """grpo: added to the group std."""
+
+
+@dataclass
+class RewardConfig:
+    name: str = "shapes_binding"
+    """Registry name (jpeg_compressibility, shapes_binding, ...) or ``package.module:function``."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the reward's constructor."""
+
+
+@dataclass
+class PromptConfig:
+    source: str = "shapes/train"
+    """Prompt source: a registry name (ddpo/simple_animals, shapes/train, ...), ``file`` or ``list``."""
+    path: str | None = None
+    """Text file, one prompt a line (source=file)."""
+    prompts: list[str] | None = None
+    """Inline prompts (source=list)."""
+
+
+@dataclass
+class EvalConfig:
+    prompts: str | None = None
+    """Held-out prompt source (registry name, e.g. shapes/val_pair); null disables evaluation."""
+    num_prompts: int = 16
+    """First N prompts of the source (in order, cycling), the same every evaluation."""
+    samples_per_prompt: int = 2
+    """Images per evaluation prompt; seeds are fixed so every evaluation sees the same noise."""
+    every_n_epochs: int = 0
+    """Evaluate every N epochs (0: only before training and after the last epoch)."""
+    seed: int = 12345
+    """Seed of the evaluation noise (independent of the training seed)."""
+    batch_size: int = 16
+    """Images generated at once per process during evaluation."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    """Also log to Weights & Biases (needs ``pip install wandb``)."""
+    wandb_project: str = "diffloop"
+    progress_bars: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "runs/default"
+    num_epochs: int = 100
+    resume: bool = False
+    """Continue from the newest complete checkpoint in output_dir."""
+    checkpoint_every: int = 1
+    """Save a checkpoint every N epochs (and always after the last)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept; older ones are deleted after a new one is complete."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming ``path``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of fields, got {value!r}")
+        return _from_dict(tp, value, path)
+    if tp is Any:
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # CLI: comma-separated list
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _unknown_key_error(cls: type, key: str, path: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    where = f"{path}." if path else ""
+    return ConfigError(f"unknown config key '{where}{key}'.{hint} Valid keys here: {', '.join(names)}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types_:
+            raise _unknown_key_error(cls, key, path)
+        kwargs[key] = _coerce(value, types_[key], f"{path}.{key}" if path else key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``train.learning_rate=1e-4`` -> {"train": {"learning_rate": 1e-4}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    node: dict[str, Any] = {}
+    cursor = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor[part] = {}
+        cursor = cursor[part]
+    cursor[parts[-1]] = value
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file at ``path`` < ``overrides``; validated before returning."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of keys, got {type(loaded).__name__}")
+        data = loaded or {}
+    for text in overrides or []:
+        data = _merge(data, parse_override(text))
+    config = _from_dict(Config, data)
+    validate(config)
+    return config
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config, num_processes: int = 1) -> None:
+    """Check every invariant before any model loads. Raises ConfigError naming the field and fix."""
+    from diffloop.algorithms import ALGORITHMS
+
+    s, t = config.sample, config.train
+    _check(
+        t.algorithm in ALGORITHMS,
+        f"train.algorithm='{t.algorithm}' is unknown; choose one of {', '.join(ALGORITHMS)}",
+    )
+    algo = ALGORITHMS[t.algorithm]
+    _check(s.num_steps >= 1, f"sample.num_steps={s.num_steps} must be >= 1")
+    _check(
+        s.eta > 0,
+        f"sample.eta={s.eta} must be > 0: with eta=0 the DDIM step is deterministic and has no "
+        "log-probability; use eta=1.0 (DDPO's default)",
+    )
+    _check(s.guidance_scale >= 1.0, f"sample.guidance_scale={s.guidance_scale} must be >= 1")
+    _check(s.prompts_per_epoch >= 1, f"sample.prompts_per_epoch={s.prompts_per_epoch} must be >= 1")
+    _check(s.samples_per_prompt >= 1, f"sample.samples_per_prompt={s.samples_per_prompt} must be >= 1")
+    _check(
+        s.samples_per_prompt >= algo.min_samples_per_prompt,
+        f"sample.samples_per_prompt={s.samples_per_prompt}: algorithm '{algo.name}' needs at least "
+        f"{algo.min_samples_per_prompt} samples per prompt ({algo.why_min_samples}); set "
+        f"sample.samples_per_prompt={max(4, algo.min_samples_per_prompt)}",
+    )
+    _check(s.batch_size >= 1, f"sample.batch_size={s.batch_size} must be >= 1")
+    total = s.prompts_per_epoch * s.samples_per_prompt
+    _check(
+        total % num_processes == 0,
+        f"sample.prompts_per_epoch * sample.samples_per_prompt = {total} samples per epoch must divide "
+        f"evenly over {num_processes} processes; change sample.prompts_per_epoch",
+    )
+    local = total // num_processes
+    _check(
+        local % s.batch_size == 0,
+        f"sample.batch_size={s.batch_size} must divide the {local} samples each process draws per epoch "
+        f"(prompts_per_epoch x samples_per_prompt / processes); try sample.batch_size="
+        f"{_largest_divisor(local, s.batch_size)}",
+    )
+    _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
+    _check(
+        local % t.batch_size == 0,
+        f"train.batch_size={t.batch_size} must divide the {local} samples each process holds per epoch; "
+        f"try train.batch_size={_largest_divisor(local, t.batch_size)}",
+    )
+    minibatches = local // t.batch_size
+    _check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1")
+    if not algo.one_update_per_batch:
+        _check(
+            minibatches % t.gradient_accumulation_steps == 0,
+            f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} must divide the {minibatches} "
+            f"minibatches per inner epoch (samples per process / train.batch_size) so no step is partial",
+        )
+    _check(t.num_inner_epochs >= 1, f"train.num_inner_epochs={t.num_inner_epochs} must be >= 1")
+    if algo.one_update_per_batch:
+        _check(
+            t.num_inner_epochs == 1,
+            f"train.num_inner_epochs={t.num_inner_epochs}: algorithm '{algo.name}' makes one gradient step "
+            "per batch of samples (no importance ratio); set train.num_inner_epochs=1 or use loop/ppo",
+        )
+    _check(
+        0 < t.timestep_fraction <= 1,
+        f"train.timestep_fraction={t.timestep_fraction} must be in (0, 1]",
+    )
+    _check(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0")
+    _check(t.clip_range > 0, f"train.clip_range={t.clip_range} must be > 0")
+    _check(
+        t.logprob_reduction in ("mean", "sum"),
+        f"train.logprob_reduction='{t.logprob_reduction}' must be 'mean' or 'sum'",
+    )
+    _check(
+        t.mixed_precision in ("no", "fp16", "bf16"),
+        f"train.mixed_precision='{t.mixed_precision}' must be one of no, fp16, bf16",
+    )
+    _check(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables)")
+    _check(
+        t.adv_clip_max is None or t.adv_clip_max > 0,
+        f"train.adv_clip_max={t.adv_clip_max} must be > 0, or null to disable",
+    )
+    _check(
+        t.lr_scheduler in ("constant", "constant_with_warmup", "linear", "cosine"),
+        f"train.lr_scheduler='{t.lr_scheduler}' must be constant, constant_with_warmup, linear or cosine",
+    )
+    _check(t.stat_tracking_buffer >= 1, "train.stat_tracking_buffer must be >= 1")
+    _check(
+        1 <= t.stat_tracking_min_count <= t.stat_tracking_buffer,
+        f"train.stat_tracking_min_count={t.stat_tracking_min_count} must be in [1, "
+        f"train.stat_tracking_buffer={t.stat_tracking_buffer}]",
+    )
+    _check(config.lora.rank >= 1, f"lora.rank={config.lora.rank} must be >= 1")
+    _check(config.lora.alpha > 0, f"lora.alpha={config.lora.alpha} must be > 0")
+    _check(len(config.lora.target_modules) > 0, "lora.target_modules must name at least one module")
+    _check(0 <= config.lora.dropout < 1, "lora.dropout must be in [0, 1)")
+    _check(config.num_epochs >= 1, f"num_epochs={config.num_epochs} must be >= 1")
+    _check(config.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+    _check(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    _check(bool(config.model.pretrained), "model.pretrained must name a hub id or a local directory")
+    _check(bool(config.reward.name), "reward.name must name a registry reward or module:function")
+    e = config.eval
+    _check(e.num_prompts >= 1, f"eval.num_prompts={e.num_prompts} must be >= 1")
+    _check(e.samples_per_prompt >= 1, f"eval.samples_per_prompt={e.samples_per_prompt} must be >= 1")
+    _check(e.every_n_epochs >= 0, f"eval.every_n_epochs={e.every_n_epochs} must be >= 0 (0: start and end)")
+    _check(e.batch_size >= 1, f"eval.batch_size={e.batch_size} must be >= 1")
+    p = config.prompts
+    if p.source == "file":
+        _check(p.path is not None, "prompts.source=file needs prompts.path=<text file, one prompt a line>")
+    if p.source == "list":
+        _check(bool(p.prompts), "prompts.source=list needs prompts.prompts=[...] (at least one prompt)")
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    for d in range(min(n, at_most), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """Per-epoch numbers derived from the config (printed at start; users rely on them)."""
+
+    samples_per_epoch: int
+    samples_per_process: int
+    reward_queries_per_epoch: int
+    trained_timesteps_per_sample: int
+    minibatches_per_inner_epoch: int
+    gradient_updates_per_epoch: int
+    unet_evals_per_sample: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"samples per epoch:             {self.samples_per_epoch} "
+            f"({self.samples_per_process} per process)",
+            f"reward queries per epoch:      {self.reward_queries_per_epoch}",
+            f"trained timesteps per sample:  {self.trained_timesteps_per_sample}",
+            f"gradient updates per epoch:    {self.gradient_updates_per_epoch}",
+            f"UNet evaluations per sample:   {self.unet_evals_per_sample} (sampling)",
+        ]
+
+
+def derived_arithmetic(config: Config, num_processes: int = 1) -> Arithmetic:
+    from diffloop.algorithms import ALGORITHMS
+
+    s, t = config.sample, config.train
+    total = s.prompts_per_epoch * s.samples_per_prompt
+    local = total // num_processes
+    minibatches = local // t.batch_size
+    if ALGORITHMS[t.algorithm].one_update_per_batch:
+        updates = 1
+    else:
+        updates = t.num_inner_epochs * minibatches // t.gradient_accumulation_steps
+    cfg_factor = 2 if s.guidance_scale > 1.0 else 1
+    return Arithmetic(
+        samples_per_epoch=total,
+        samples_per_process=local,
+        reward_queries_per_epoch=total,
+        trained_timesteps_per_sample=num_trained_timesteps(s.num_steps, t.timestep_fraction),
+        minibatches_per_inner_epoch=minibatches,
+        gradient_updates_per_epoch=updates,
+        unet_evals_per_sample=s.num_steps * cfg_factor,
+    )
+
+
+def num_trained_timesteps(num_steps: int, timestep_fraction: float) -> int:
+    """Steps of each trajectory trained on: max(1, int(T * timestep_fraction)) (DDPO's rule)."""
+    return max(1, int(num_steps * timestep_fraction))

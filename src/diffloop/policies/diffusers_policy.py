@@ -1,0 +1,395 @@
+"""The DDIM policy over diffusers components: Stable Diffusion 1.x / 2.x, and the pixel-space shapes model.
+
+One class serves both because both are a ``UNet2DConditionModel`` conditioned on a CLIP-style text
+encoder and sampled with DDIM; the only difference is whether a VAE maps latents to pixels (a
+directory without ``vae/`` is pixel space). Each DDIM step with eta > 0 is a Gaussian policy step
+whose log-density ``diffloop.core.ddim_step_with_logprob`` computes exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffloop.config import LoraConfig, ModelConfig
+from diffloop.core import ddim_step_with_logprob
+from diffloop.policies.base import Trajectories, iter_chunks
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelLoadError(RuntimeError):
+    """Weights could not be found or read; the message says what was looked for and how to fix it."""
+
+
+def resolve_pretrained(name: str) -> str:
+    """``shapes`` -> the shapes-world weights shipped in the package; anything else unchanged."""
+    if name == "shapes":
+        from diffloop.shapes.model import SHIPPED_WEIGHTS_DIR
+
+        return str(SHIPPED_WEIGHTS_DIR)
+    return name
+
+
+def _how_to_provide(name: str) -> str:
+    return (
+        f"model.pretrained='{name}' must be a local directory in diffusers layout (model_index.json, "
+        "unet/, text_encoder/, tokenizer/, scheduler/, and vae/ for latent models), e.g. one written by "
+        "`StableDiffusionPipeline.save_pretrained(DIR)` or `huggingface-cli download <repo> --local-dir "
+        "DIR`, or a hub id (e.g. stabilityai/stable-diffusion-2-base) that is already in the Hugging Face "
+        "cache or can be downloaded (HF_HUB_OFFLINE=1 forbids downloads)."
+    )
+
+
+def _has_vae(path: str, model: ModelConfig) -> bool:
+    local = Path(path)
+    if local.is_dir():
+        return (local / "vae").is_dir()
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(path, revision=model.revision)
+    except Exception as e:  # noqa: BLE001 - re-raised with the how-to
+        raise ModelLoadError(f"could not read model_index.json of '{path}': {e}\n{_how_to_provide(path)}") from e
+    return "vae" in index
+
+
+def load_components(model: ModelConfig) -> dict[str, Any]:
+    """Load unet, text_encoder, tokenizer, scheduler (DDIM) and vae (or None) from ``model.pretrained``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    path = resolve_pretrained(model.pretrained)
+    local = Path(path)
+    looks_local = local.is_absolute() or path.startswith(".") or local.exists()
+    if looks_local and not local.is_dir():
+        raise ModelLoadError(f"no directory at '{path}'. {_how_to_provide(model.pretrained)}")
+    if local.is_dir():
+        missing = [c for c in REQUIRED_COMPONENTS if not (local / c).is_dir()]
+        if missing:
+            raise ModelLoadError(
+                f"'{path}' lacks the component folder(s) {', '.join(missing)}/. "
+                + _how_to_provide(model.pretrained)
+            )
+    kw = {"revision": model.revision}
+    loaders = {
+        "unet": lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=model.variant, **kw),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(
+            path, subfolder="text_encoder", variant=model.variant, **kw
+        ),
+        "tokenizer": lambda: AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+        # Any diffusers scheduler config converts to DDIM (SD ships PNDM's); DDIM is what we sample with.
+        "scheduler": lambda: DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+    }
+    if _has_vae(path, model):
+        loaders["vae"] = lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", variant=model.variant, **kw)
+    components: dict[str, Any] = {"vae": None}
+    for name, load in loaders.items():
+        try:
+            components[name] = load()
+        except Exception as e:  # noqa: BLE001 - every loader failure gets the same how-to
+            raise ModelLoadError(
+                f"could not load the {name} of model.pretrained='{model.pretrained}' "
+                f"(looked in '{path}', subfolder '{name}/'): {type(e).__name__}: {e}\n"
+                + _how_to_provide(model.pretrained)
+            ) from e
+    return components
+
+
+class DDIMPolicy:
+    """A conditional UNet sampled with stochastic DDIM + classifier-free guidance, LoRA or full fine-tuning.
+
+    Frozen weights live in ``weight_dtype`` (fp16/bf16 under mixed precision); trainable parameters are
+    always fp32. ``logprob_reduction`` ("mean" as DDPO, or "sum") is how each step's log-density is
+    reduced over latent elements; the PPO clip range must agree with it.
+    """
+
+    def __init__(
+        self,
+        components: dict[str, Any],
+        lora: LoraConfig,
+        *,
+        device: torch.device,
+        weight_dtype: torch.dtype = torch.float32,
+        logprob_reduction: str = "mean",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        self.device = device
+        self.weight_dtype = weight_dtype
+        self.logprob_reduction = logprob_reduction
+        self.unet = components["unet"]
+        self.text_encoder = components["text_encoder"]
+        self.tokenizer = components["tokenizer"]
+        self.scheduler = components["scheduler"]
+        self.vae = components.get("vae")
+        self.lora_config = lora if lora.enabled else None
+        for module in (self.unet, self.text_encoder, self.vae):
+            if module is not None:
+                module.requires_grad_(False)
+                same_dtype = next(module.parameters()).dtype == weight_dtype
+                module.to(device) if same_dtype else module.to(device, dtype=weight_dtype)
+        if self.lora_config is not None:
+            self._add_lora(lora)
+        else:
+            self.unet.requires_grad_(True)
+        # Trainable parameters in fp32 whatever the weight dtype: fp16 Adam updates underflow.
+        for p in self.trainable_parameters():
+            p.data = p.data.float()
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.unet.train()
+        self._num_steps: int | None = None
+
+    # ------------------------------------------------------------------ parameters
+
+    def _add_lora(self, lora: LoraConfig) -> None:
+        from peft import LoraConfig as PeftLoraConfig
+
+        self.peft_config = PeftLoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(lora.target_modules),
+        )
+        try:
+            self.unet.add_adapter(self.peft_config)
+        except ValueError as e:
+            raise ValueError(
+                f"lora.target_modules={lora.target_modules} matched no UNet module ({e}); use names such "
+                "as to_q, to_k, to_v, to_out.0"
+            ) from e
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.named_trainable_parameters().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.named_trainable_parameters()
+        missing = set(params) - set(state)
+        unexpected = set(state) - set(params)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match the model: {len(missing)} missing and {len(unexpected)} "
+                f"unexpected parameters (e.g. {sorted(missing or unexpected)[:3]}); was it written with "
+                "other lora.* or model.* settings?"
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name].to(p.device, p.dtype))
+
+    def train(self, mode: bool = True) -> None:
+        self.unet.train(mode)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The base model: LoRA adapters disabled (no second UNet copy in memory)."""
+        if self.lora_config is None:
+            raise NotImplementedError("a reference model needs LoRA (lora.enabled=true)")
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    # ------------------------------------------------------------------ model calls
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """prompts (N,) -> text embeddings (N, L, D) in weight dtype."""
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def _guided_prediction(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """CFG: uncond + g (cond - uncond), in one UNet call on the doubled batch. Shapes: (N, C, H, W)."""
+        dtype = self.weight_dtype
+        if guidance_scale == 1.0:
+            return self.unet(latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample
+        out = self.unet(
+            torch.cat([latents, latents]).to(dtype),
+            torch.cat([timesteps, timesteps]),
+            encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype),
+        ).sample
+        uncond, cond = out.float().chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def _set_steps(self, num_steps: int) -> None:
+        if self._num_steps != num_steps:
+            self.scheduler.set_timesteps(num_steps, device=self.device)
+            self._num_steps = num_steps
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        size = size if isinstance(size, int) else size[0]
+        return (self.unet.config.in_channels, size, size)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        generators: list[torch.Generator],
+        *,
+        num_steps: int,
+        eta: float,
+        guidance_scale: float,
+        negative_prompt: str = "",
+    ) -> Trajectories:
+        """Sample len(prompts) trajectories; generator i alone drives sample i's initial noise and steps."""
+        if len(generators) != len(prompts):
+            raise ValueError(f"need one generator per prompt, got {len(generators)} for {len(prompts)}")
+        self._set_steps(num_steps)
+        n = len(prompts)
+        prompt_embeds = self.encode_prompts(prompts)
+        negative_embeds = self.encode_prompts([negative_prompt] * n)
+        shape = self.latent_shape()
+        x = torch.stack([torch.randn(shape, generator=g, device=self.device) for g in generators])
+        x = x * self.scheduler.init_noise_sigma
+        latents, log_probs = [x], []
+        timesteps = self.scheduler.timesteps
+        for t in timesteps:
+            t_batch = t.expand(n).to(self.device)
+            with self._autocast():
+                model_output = self._guided_prediction(x, t_batch, prompt_embeds, negative_embeds, guidance_scale)
+            x, log_prob = ddim_step_with_logprob(
+                self.scheduler,
+                model_output.float(),
+                t_batch,
+                x,
+                eta,
+                generator=generators,
+                logprob_reduction=self.logprob_reduction,
+            )
+            latents.append(x)
+            log_probs.append(log_prob)
+        return Trajectories(
+            latents=torch.stack(latents, dim=1),
+            timesteps=timesteps.to(self.device).unsqueeze(0).expand(n, -1).clone(),
+            log_probs=torch.stack(log_probs, dim=1).float(),
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
+            images=self.decode(x),
+        )
+
+    def step_log_prob(
+        self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
+    ) -> torch.Tensor:
+        """log p_theta(x_{t-1} | x_t, c) of the recorded transitions at per-sample step ``step`` (M,)."""
+        self._set_steps(traj.timesteps.shape[1])
+        rows = torch.arange(len(traj), device=step.device)
+        x_t = traj.latents[rows, step]
+        x_prev = traj.latents[rows, step + 1]
+        t = traj.timesteps[rows, step]
+        with self._autocast():
+            model_output = self._guided_prediction(
+                x_t, t, traj.prompt_embeds, traj.negative_prompt_embeds, guidance_scale
+            )
+        _, log_prob = ddim_step_with_logprob(
+            self.scheduler,
+            model_output.float(),
+            t,
+            x_t,
+            eta,
+            prev_sample=x_prev,
+            logprob_reduction=self.logprob_reduction,
+        )
+        return log_prob
+
+    def _autocast(self):
+        enabled = self.weight_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=enabled)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Final latents (N, C, h, w) -> images (N, 3, H, W) float32 in [0, 1]."""
+        if self.vae is None:
+            return (latents.float() / 2 + 0.5).clamp(0, 1)
+        images = []
+        for chunk in iter_chunks(len(latents), batch_size):
+            z = latents[chunk].to(self.vae.dtype) / self.vae.config.scaling_factor
+            images.append(self.vae.decode(z).sample.float())
+        return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, path: str | Path) -> None:
+        """LoRA: diffusers LoRA weights (``StableDiffusionPipeline.load_lora_weights(path)`` loads them).
+        Full fine-tuning: a complete pipeline directory (``from_pretrained(path)``)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.lora_config is not None:
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            StableDiffusionPipeline.save_lora_weights(
+                save_directory=str(path),
+                unet_lora_layers=layers,
+                # Without the metadata diffusers drops lora_alpha and reloads with peft's default (8).
+                unet_lora_adapter_metadata=self.peft_config.to_dict(),
+                safe_serialization=True,
+            )
+            return
+        self.unet.save_pretrained(path / "unet")
+        self.text_encoder.save_pretrained(path / "text_encoder")
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        self.scheduler.save_pretrained(path / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(path / "vae")
+            index = {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            }
+            (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def load_policy(
+    model: ModelConfig,
+    lora: LoraConfig,
+    *,
+    device: torch.device,
+    weight_dtype: torch.dtype = torch.float32,
+    logprob_reduction: str = "mean",
+    gradient_checkpointing: bool = False,
+) -> DDIMPolicy:
+    components = load_components(model)
+    return DDIMPolicy(
+        components,
+        lora,
+        device=device,
+        weight_dtype=weight_dtype,
+        logprob_reduction=logprob_reduction,
+        gradient_checkpointing=gradient_checkpointing,
+    )

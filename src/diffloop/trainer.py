@@ -1,0 +1,405 @@
+"""The training loop: each epoch is sample -> score -> advantages -> optimise.
+
+The algorithm (advantage and loss) is a row of ``diffloop.algorithms.ALGORITHMS``; processes are
+handled by ``diffloop.distributed``; the model by a ``DiffusionPolicy``. Randomness is a pure
+function of (seed, epoch, sample index or rank): sample g of epoch e always gets the same noise,
+whichever process draws it and whether or not the run was resumed in between.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffloop import checkpoint
+from diffloop.algorithms import ALGORITHMS, make_stat_tracker
+from diffloop.config import Config, derived_arithmetic, num_trained_timesteps, validate
+from diffloop.distributed import Distributed
+from diffloop.policies.base import Trajectories, iter_chunks
+from diffloop.policies.diffusers_policy import load_policy
+from diffloop.prompts import build_prompt_source
+from diffloop.rewards import build_reward, score
+from diffloop.run_dir import RunDirectory
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (independent streams per tuple)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def make_generators(device: torch.device, seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+class Trainer:
+    def __init__(self, config: Config, dist: Distributed | None = None, argv: list[str] | None = None):
+        self.dist = dist or Distributed()
+        validate(config, num_processes=self.dist.world_size)
+        self.config = config
+        self.algorithm = ALGORITHMS[config.train.algorithm]
+        self.arithmetic = derived_arithmetic(config, self.dist.world_size)
+        # Cheap, likely-to-fail parts first: a bad prompt file or reward name fails before a model loads.
+        self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.path, config.prompts.prompts)
+        self.eval_source = build_prompt_source(config.eval.prompts) if config.eval.prompts else None
+        self.reward = build_reward(config.reward.name, **config.reward.kwargs)
+        t = config.train
+        # The LoRA initialisation draws from the global RNG: same seed, same start, on every process.
+        torch.manual_seed(derive_seed(config.seed, 0xD1FF))
+        self.policy = load_policy(
+            config.model,
+            config.lora,
+            device=self.dist.device,
+            weight_dtype=WEIGHT_DTYPES[t.mixed_precision],
+            logprob_reduction=t.logprob_reduction,
+            gradient_checkpointing=t.gradient_checkpointing,
+        )
+        self.params = self.policy.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_epsilon,
+            weight_decay=t.weight_decay,
+        )
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            t.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=t.lr_warmup_steps,
+            num_training_steps=config.num_epochs * self.arithmetic.gradient_updates_per_epoch,
+        )
+        self.grad_scaler = torch.amp.GradScaler(self.dist.device.type, enabled=t.mixed_precision == "fp16")
+        self.stat_tracker = make_stat_tracker(self.algorithm, t)
+        self.start_epoch = 0
+        self.optimizer_steps = 0
+        if config.resume:
+            self._resume()
+        self.run = RunDirectory(config, is_main=self.dist.is_main, start_epoch=self.start_epoch, argv=argv)
+
+    # ------------------------------------------------------------------ main loop
+
+    def train(self) -> list[dict[str, Any]]:
+        cfg = self.config
+        self._print_header()
+        history = []
+        if self.eval_source is not None and self.start_epoch == 0:
+            self.run.log({"epoch": -1, **self.evaluate(tag="base")})
+        for epoch in range(self.start_epoch, cfg.num_epochs):
+            metrics = self.run_epoch(epoch)
+            last = epoch + 1 == cfg.num_epochs
+            every = cfg.eval.every_n_epochs
+            if self.eval_source is not None and (last or (every and (epoch + 1) % every == 0)):
+                metrics.update(self.evaluate(tag=f"epoch_{epoch + 1:04d}"))
+            self.run.log(metrics)
+            history.append(metrics)
+            self._print_epoch(metrics)
+            if last or (epoch + 1) % cfg.checkpoint_every == 0:
+                self.save_checkpoint(epoch + 1)
+        self.export()
+        self.run.close()
+        return history
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, s = self.config, self.config.sample
+        self._seed_globals(epoch)
+        t0 = time.perf_counter()
+        prompts = self.prompt_source.sample(s.prompts_per_epoch, cfg.seed, epoch)  # (B,) same on all ranks
+        sample_prompts = [p for p in prompts for _ in range(s.samples_per_prompt)]  # (B*K,) prompt-major
+        local = self.dist.local_slice(len(sample_prompts))
+        seeds = [derive_seed(cfg.seed, epoch, g) for g in range(local.start, local.stop)]
+        traj = self.sample(sample_prompts[local], seeds)
+        t1 = time.perf_counter()
+        local_rewards, num_invalid = self.score(traj.images, sample_prompts[local], epoch, local)
+        rewards = self.dist.gather(local_rewards).view(s.prompts_per_epoch, s.samples_per_prompt)  # (B, K)
+        t2 = time.perf_counter()
+        advantages = self.algorithm.advantages(rewards, prompts, cfg.train, self.stat_tracker)  # (B, K)
+        train_stats = self.optimise(traj, advantages.reshape(-1)[local].to(self.dist.device), epoch)
+        t3 = time.perf_counter()
+        return {
+            "epoch": epoch,
+            **reward_statistics(rewards, advantages),
+            "reward_invalid": int(self.dist.sum_scalar(num_invalid)),
+            "prompts_seen": (epoch + 1) * s.prompts_per_epoch,
+            "reward_queries": (epoch + 1) * len(sample_prompts),
+            "optimizer_steps": self.optimizer_steps,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            **train_stats,
+            "sample_time_s": t1 - t0,
+            "reward_time_s": t2 - t1,
+            "train_time_s": t3 - t2,
+        }
+
+    # ------------------------------------------------------------------ phases
+
+    def sample(self, prompts: list[str], seeds: list[int], desc: str = "sampling") -> Trajectories:
+        s = self.config.sample
+        self.policy.train(False)
+        parts = []
+        chunks = list(iter_chunks(len(prompts), s.batch_size))
+        for chunk in self._progress(chunks, desc):
+            parts.append(
+                self.policy.sample(
+                    prompts[chunk],
+                    make_generators(self.dist.device, seeds[chunk]),
+                    num_steps=s.num_steps,
+                    eta=s.eta,
+                    guidance_scale=s.guidance_scale,
+                    negative_prompt=s.negative_prompt,
+                )
+            )
+        self.policy.train(True)
+        return Trajectories.cat(parts)
+
+    def score(self, images: torch.Tensor, prompts: list[str], epoch: int, local: slice) -> tuple[torch.Tensor, int]:
+        """Local rewards (n,) float32 with NaN for invalid ones (left out of baselines and the loss)."""
+        metadata = [{"epoch": epoch, "sample_index": g} for g in range(local.start, local.stop)]
+        result = score(self.reward, images, prompts, metadata)
+        return result.scores.float(), result.num_invalid
+
+    def optimise(self, traj: Trajectories, advantages: torch.Tensor, epoch: int) -> dict[str, float]:
+        """``num_inner_epochs`` passes of minibatch updates over this process's trajectories.
+
+        advantages: (n,), NaN for samples whose reward failed: those get advantage 0, hence no gradient.
+        Each backward is scaled by 1 / (trained timesteps x minibatches per step) so one optimizer step
+        sees the mean loss over its (trajectory, timestep) pairs.
+        """
+        cfg, t = self.config, self.config.train
+        n, num_steps = traj.timesteps.shape
+        steps_trained = num_trained_timesteps(num_steps, t.timestep_fraction)
+        minibatches = n // t.batch_size
+        accumulate = minibatches if self.algorithm.one_update_per_batch else t.gradient_accumulation_steps
+        advantages = torch.nan_to_num(advantages, nan=0.0)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, self.dist.rank, 1))
+        stats = StatAccumulator()
+        on_policy = True  # until the first optimizer step of this epoch, ratios must be exactly 1
+        for _ in range(t.num_inner_epochs):
+            order = torch.randperm(n, generator=gen)
+            # DDPO: each trajectory trains on its own random subset of steps, in random order.
+            step_order = torch.stack([torch.randperm(num_steps, generator=gen) for _ in range(n)])[:, :steps_trained]
+            for b, chunk in enumerate(self._progress(list(iter_chunks(n, t.batch_size)), "training")):
+                idx = order[chunk].to(self.dist.device)
+                batch = traj.index(idx)
+                for j in range(steps_trained):
+                    step = step_order[order[chunk], j].to(self.dist.device)
+                    stats.add(self._train_step(batch, advantages[idx], step, steps_trained * accumulate, on_policy))
+                if (b + 1) % accumulate == 0:
+                    stats.add({"grad_norm": self._optimizer_step()})
+                    on_policy = False
+        return {k: self.dist.mean_scalar(v) if k != "onpolicy_logprob_err" else v for k, v in stats.result().items()}
+
+    def _train_step(
+        self, batch: Trajectories, adv: torch.Tensor, step: torch.Tensor, scale: int, on_policy: bool
+    ) -> dict[str, float]:
+        s, t = self.config.sample, self.config.train
+        rows = torch.arange(len(batch), device=step.device)
+        old_log_prob = batch.log_probs[rows, step]
+        log_prob = self.policy.step_log_prob(batch, step, eta=s.eta, guidance_scale=s.guidance_scale)
+        loss = self.algorithm.loss_fn(log_prob, old_log_prob, adv, t.clip_range).mean()
+        self.grad_scaler.scale(loss / scale).backward()
+        with torch.no_grad():
+            log_ratio = log_prob.detach() - old_log_prob
+            ratio = log_ratio.exp()
+            out = {
+                "loss": loss.item(),
+                "approx_kl": 0.5 * log_ratio.pow(2).mean().item(),
+                "clipfrac": ((ratio - 1).abs() > t.clip_range).float().mean().item(),
+                "ratio_mean": ratio.mean().item(),
+            }
+            if on_policy:
+                out["onpolicy_logprob_err"] = log_ratio.abs().max().item()
+        return out
+
+    def _optimizer_step(self) -> float:
+        # All-reduce first: every process then clips and steps on the same averaged gradient.
+        self.dist.average_gradients(self.params)
+        self.grad_scaler.unscale_(self.optimizer)
+        max_norm = self.config.train.max_grad_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        return float(grad_norm)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, tag: str) -> dict[str, Any]:
+        """Held-out reward on fixed prompts and fixed noise; writes an image grid ``eval/<tag>.png``."""
+        e = self.config.eval
+        t0 = time.perf_counter()
+        prompts = [p for p in self.eval_source.iterate_fixed(e.num_prompts) for _ in range(e.samples_per_prompt)]
+        local = self.dist.local_slice(len(prompts))
+        if len(prompts) % self.dist.world_size:
+            local = slice(0, len(prompts)) if self.dist.is_main else slice(0, 0)
+        seeds = [derive_seed(e.seed, g) for g in range(local.start, local.stop)]
+        images, rewards = [], []
+        s = self.config.sample
+        for chunk in iter_chunks(local.stop - local.start, e.batch_size):
+            traj = self.policy.sample(
+                prompts[local][chunk],
+                make_generators(self.dist.device, seeds[chunk]),
+                num_steps=s.num_steps,
+                eta=s.eta,
+                guidance_scale=s.guidance_scale,
+                negative_prompt=s.negative_prompt,
+            )
+            images.append(traj.images.cpu())
+            rewards.append(score(self.reward, traj.images, prompts[local][chunk], [{}] * len(traj)).scores)
+        local_rewards = torch.cat(rewards) if rewards else torch.zeros(0)
+        all_rewards = local_rewards if len(prompts) % self.dist.world_size else self.dist.gather(local_rewards)
+        out = {
+            "eval_reward_mean": float(torch.nanmean(all_rewards)),
+            "eval_reward_std": float(np.nanstd(all_rewards.numpy())),
+            "eval_time_s": time.perf_counter() - t0,
+        }
+        if self.dist.is_main and images:
+            from diffloop.images import save_grid
+
+            grid = save_grid(torch.cat(images), Path(self.config.output_dir) / "eval" / f"{tag}.png",
+                             ncols=e.samples_per_prompt * max(1, min(4, e.num_prompts)))
+            self.run.log_image(f"eval/{tag}", grid, step=0)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, epochs_completed: int) -> None:
+        state = checkpoint.TrainingState(
+            epochs_completed=epochs_completed,
+            optimizer_steps=self.optimizer_steps,
+            stat_tracker=self.stat_tracker.state_dict() if self.stat_tracker is not None else None,
+        )
+        out = self.config.output_dir
+        tmp = checkpoint.tmp_dir_for(out, epochs_completed)
+        if self.dist.is_main:
+            checkpoint.begin(out, epochs_completed)
+        self.dist.wait()
+        checkpoint.write_rank_rng(tmp, self.dist.rank)
+        self.dist.wait()
+        if self.dist.is_main:
+            checkpoint.write_main(
+                tmp,
+                trainable=self.policy.trainable_state_dict(),
+                optimizer=self.optimizer,
+                lr_scheduler=self.lr_scheduler,
+                grad_scaler=self.grad_scaler,
+                state=state,
+            )
+            checkpoint.commit(out, tmp, epochs_completed, self.config.keep_checkpoints)
+        self.dist.wait()
+
+    def _resume(self) -> None:
+        path = checkpoint.latest_checkpoint(self.config.output_dir)
+        if path is None:
+            logger.warning("resume=true but no complete checkpoint in %s: starting from scratch", self.config.output_dir)
+            return
+        parts = checkpoint.load(path, self.dist.rank)
+        self.policy.load_trainable_state_dict(parts["trainable"])
+        self.optimizer.load_state_dict(parts["optimizer"])
+        self.lr_scheduler.load_state_dict(parts["lr_scheduler"])
+        self.grad_scaler.load_state_dict(parts["grad_scaler"])
+        if parts["rng"] is not None:
+            checkpoint.set_rng_state(parts["rng"])
+        state = parts["state"]
+        if self.stat_tracker is not None and state.stat_tracker is not None:
+            self.stat_tracker.load_state_dict(state.stat_tracker)
+        self.start_epoch = state.epochs_completed
+        self.optimizer_steps = state.optimizer_steps
+        if self.dist.is_main:
+            print(f"resumed from {path} ({self.start_epoch} epochs done)")
+
+    def export(self) -> None:
+        if self.dist.is_main:
+            target = Path(self.config.output_dir) / ("lora" if self.config.lora.enabled else "model")
+            self.policy.export(target)
+        self.dist.wait()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _seed_globals(self, epoch: int) -> None:
+        """Global RNGs (LoRA dropout, anything a reward draws) reseeded per (seed, epoch, rank)."""
+        seed = derive_seed(self.config.seed, epoch, self.dist.rank, 2)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _progress(self, items, desc: str):
+        enabled = self.config.logging.progress_bars and self.dist.is_main
+        return tqdm(items, desc=desc, leave=False, disable=not enabled)
+
+    def _print_header(self) -> None:
+        if not self.dist.is_main:
+            return
+        cfg = self.config
+        print(
+            f"diffloop: {self.algorithm.name} on {cfg.model.pretrained}, reward {cfg.reward.name}, "
+            f"{self.dist.world_size} process(es) on {self.dist.device}, output {cfg.output_dir}"
+        )
+        for line in self.arithmetic.lines():
+            print("  " + line)
+
+    def _print_epoch(self, m: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        extra = f" eval {m['eval_reward_mean']:.4f}" if "eval_reward_mean" in m else ""
+        print(
+            f"epoch {m['epoch'] + 1}/{self.config.num_epochs}: reward {m['reward_mean']:.4f} "
+            f"+- {m['reward_std']:.4f}{extra} kl {m.get('approx_kl', 0):.2e} clipfrac {m.get('clipfrac', 0):.3f} "
+            f"({m['sample_time_s']:.1f}s sample, {m['train_time_s']:.1f}s train)"
+        )
+
+
+def reward_statistics(rewards: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
+    """rewards, advantages (B, K), NaN = invalid. Includes the spread within groups (is there signal?)."""
+    valid = rewards[~torch.isnan(rewards)]
+    group_std = _nanstd(rewards, dim=1)  # (B,)
+    out = {
+        "reward_mean": float(valid.mean()) if valid.numel() else float("nan"),
+        "reward_std": float(valid.std(unbiased=False)) if valid.numel() else float("nan"),
+        "reward_group_std_mean": float(torch.nanmean(group_std)),
+        "reward_zero_spread_groups": float((group_std == 0).float().mean()),
+        "advantage_abs_mean": float(torch.nanmean(advantages.abs())),
+    }
+    return out
+
+
+def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    return torch.nanmean((x - mean) ** 2, dim=dim).sqrt()
+
+
+class StatAccumulator:
+    """Means of per-step statistics; ``onpolicy_logprob_err`` is a max."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.onpolicy_err = 0.0
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            if k == "onpolicy_logprob_err":
+                self.onpolicy_err = max(self.onpolicy_err, v)
+                continue
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def result(self) -> dict[str, float]:
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        out["onpolicy_logprob_err"] = self.onpolicy_err
+        return out

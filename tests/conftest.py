@@ -1,0 +1,32 @@
+"""Shared fixtures: offline hub, few threads, tiny random-weight SD pipelines saved to disk."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a failed hub lookup costs ~50 s; tests never need the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny_models.py, tests/helper modules
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny SD 1.x-style (epsilon) pipeline directory, loaded by diffloop through model.pretrained."""
+    from tiny_models import tiny_sd_dir
+
+    return tiny_sd_dir(tmp_path_factory, "epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory) -> Path:
+    """A tiny SD 2.x-style (v-prediction) pipeline directory."""
+    from tiny_models import tiny_sd_dir
+
+    return tiny_sd_dir(tmp_path_factory, "v_prediction")

@@ -1,0 +1,25 @@
+"""Run by torchrun in test_distributed: train, then dump this rank's trainable parameters."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from diffloop.config import load_config  # noqa: E402
+from diffloop.trainer import Trainer  # noqa: E402
+
+torch.set_num_threads(1)
+config = load_config(None, sys.argv[1:])
+trainer = Trainer(config)
+trainer.train()
+rank = trainer.dist.rank
+state = {k: v.contiguous() for k, v in trainer.policy.trainable_state_dict().items()}
+save_file(state, str(Path(config.output_dir) / f"params_rank{rank}.safetensors"))
+trainer.dist.end()
