@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny_models.py
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: OpenMP spin-waiting makes two threads 10-40x slower whenever the CPU is shared.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

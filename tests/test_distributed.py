@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffloop.run_dir import read_metrics
 from test_trainer import tiny_overrides
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
@@ -32,7 +33,7 @@ def test_two_processes_match_one(tiny_sd, tmp_path):
     common = {"sample.prompts_per_epoch": 3, "sample.samples_per_prompt": 2, "sample.batch_size": 3,
               "train.batch_size": 1, "num_epochs": 2}
     launch(2, tiny_overrides(tiny_sd, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 3}))
-    single = {**common, "sample.batch_size": 6, "train.gradient_accumulation_steps": 6}
+    single = {**common, "train.gradient_accumulation_steps": 6}  # same sampling batches as each rank
     launch(1, tiny_overrides(tiny_sd, tmp_path / "one", **single))
     rank0 = load_file(str(tmp_path / "two" / "params_rank0.safetensors"))
     rank1 = load_file(str(tmp_path / "two" / "params_rank1.safetensors"))
@@ -40,4 +41,11 @@ def test_two_processes_match_one(tiny_sd, tmp_path):
     assert rank0.keys() == one.keys() and len(one) > 0
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"
-        torch.testing.assert_close(rank0[name], one[name], rtol=1e-4, atol=1e-6, msg=f"2 procs != 1 on {name}")
+        # Adam normalises each element, so float-order noise in near-zero gradient elements shows up
+        # at ~1e-6; a missing sync or a baseline over local rewards only moves parameters by ~lr = 1e-2.
+        torch.testing.assert_close(rank0[name], one[name], rtol=0, atol=2e-5, msg=f"2 procs != 1 on {name}")
+    # Adam is blind to a gradient's scale; the logged pre-clip norm of the averaged gradient is not.
+    two_rows, one_rows = read_metrics(tmp_path / "two" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
+    for a, b in zip(two_rows, one_rows, strict=True):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+        assert a["advantage_abs_mean"] == pytest.approx(b["advantage_abs_mean"], rel=1e-3)

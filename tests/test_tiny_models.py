@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ is not a package
-
-from tiny_models import (  # noqa: E402
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from tiny_models import (  # tests/ is on sys.path (conftest)
     IMAGE_SIZE,
     LATENT_SIZE,
     build_tiny_sd,
@@ -18,7 +15,6 @@ from tiny_models import (  # noqa: E402
     make_tiny_tokenizer,
     tiny_sd_dir,
 )
-from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 
 PROMPTS = [
     "a green bench and a red car",
@@ -60,9 +56,9 @@ def test_round_trip_generates_same_images_offline(saved_eps: Path) -> None:
     # the save lost nothing: weights are bit-identical to a fresh build with the same seed ...
     built = build_tiny_sd()
     for name in ("unet", "vae", "text_encoder"):
-        saved_state, built_state = getattr(loaded, name).state_dict(), getattr(built, name).state_dict()
-        assert saved_state.keys() == built_state.keys()
-        assert all(torch.equal(saved_state[k], built_state[k]) for k in saved_state), name
+        saved, fresh = getattr(loaded, name).state_dict(), getattr(built, name).state_dict()
+        assert saved.keys() == fresh.keys()
+        assert all(torch.equal(saved[k], fresh[k]) for k in saved), name
     # ... and so are the images, up to CPU kernel choice (a 1x1 conv on mmap-loaded weights
     # differs from the in-memory one by ~1e-6 at batch 2; bit-equal at batch 1)
     torch.testing.assert_close(_generate(built, PROMPTS[:2]), images, rtol=0, atol=1e-5)

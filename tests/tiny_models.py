@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed hub lookup costs ~50 s; nothing here needs it
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed hub lookup costs ~50 s; never needed
 
 import torch  # noqa: E402
 from diffusers import (  # noqa: E402
@@ -43,7 +43,7 @@ def make_tiny_tokenizer() -> CLIPTokenizer:
     """CLIP BPE tokenizer from the committed vocab.json / merges.txt (914 tokens, max length 77)."""
     vocab = json.loads((TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8"))
     lines = (TOKENIZER_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()
-    # transformers 5's CLIPTokenizer takes merges as (a, b) tuples; skip the "#version" header.
+    # transformers 5's CLIPTokenizer takes merges as (a, b) tuples; skip the "#version" line
     merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#")]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
 
@@ -115,7 +115,9 @@ def build_tiny_sd(prediction_type: str = "epsilon", seed: int = 0) -> StableDiff
     the weights do not depend on the caller's RNG state and the caller's RNG is left untouched.
     """
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        raise ValueError(
+            f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}"
+        )
     tokenizer = make_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -148,4 +150,5 @@ def make_tiny_sd(path: str | Path, prediction_type: str = "epsilon", seed: int =
 
 def tiny_sd_dir(tmp_path_factory, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """For a session-scoped conftest fixture: a fresh tiny pipeline under pytest's tmp root."""
-    return make_tiny_sd(tmp_path_factory.mktemp(f"tiny_sd_{prediction_type}"), prediction_type, seed)
+    path = tmp_path_factory.mktemp(f"tiny_sd_{prediction_type}")
+    return make_tiny_sd(path, prediction_type, seed)

@@ -61,7 +61,8 @@ class SampleConfig:
     samples_per_prompt: int = 4
     """K: trajectories per prompt (LOOP's group size; >= 2 for leave-one-out and GRPO)."""
     batch_size: int = 8
-    """Trajectories sampled at once per process (memory knob; does not change results)."""
+    """Trajectories sampled at once per process (a memory knob: each sample has its own noise
+    stream, so results do not depend on it)."""
 
 
 @dataclass
@@ -355,12 +356,6 @@ def validate(config: Config, num_processes: int = 1) -> None:
         f"evenly over {num_processes} processes; change sample.prompts_per_epoch",
     )
     local = total // num_processes
-    _check(
-        local % s.batch_size == 0,
-        f"sample.batch_size={s.batch_size} must divide the {local} samples each process draws per epoch "
-        f"(prompts_per_epoch x samples_per_prompt / processes); try sample.batch_size="
-        f"{_largest_divisor(local, s.batch_size)}",
-    )
     _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
     _check(
         local % t.batch_size == 0,

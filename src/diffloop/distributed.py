@@ -16,6 +16,8 @@ holds the same number of samples the average equals the single-process gradient 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -26,7 +28,10 @@ class Distributed:
 
     def __init__(self, cpu: bool = False) -> None:
         # Mixed precision is handled by the policy (frozen weights in low precision, fp32 trainables),
-        # so accelerate is only asked for the process group and the device.
+        # so accelerate is only asked for the process group and the device. Under torchrun on a machine
+        # without CUDA, accelerate only builds the gloo group when told cpu=True.
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        cpu = cpu or (launched and not torch.cuda.is_available())
         self.accelerator = Accelerator(cpu=cpu)
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index

@@ -19,8 +19,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
-    """(N, 3, H, W) float in [0, 1] -> N RGB PIL images (rounded to uint8 by :func:`to_uint8`).
+    """(N, 3, H, W) float in [0, 1] -> N RGB PIL images (uint8, rounded by :func:`to_uint8`).
 
-    An (H, W, 3) uint8 array is read as RGB (Pillow infers the mode; its `mode=` argument is deprecated).
+    An (H, W, 3) uint8 array is read as RGB (Pillow infers it; its `mode=` argument is deprecated).
     """
     return [Image.fromarray(a) for a in to_uint8(images).numpy()]

@@ -52,7 +52,7 @@ class ShapesModelConfig:
     """
 
     image_size: int = 32
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
     layers_per_block: int = 1
     attention_head_dim: int = 16
     norm_num_groups: int = 8
@@ -97,7 +97,7 @@ def build_tokenizer(vocabulary: list[str] | tuple[str, ...], max_length: int) ->
 
 
 def build_components(config: ShapesModelConfig | None = None) -> dict[str, Any]:
-    """Random-weight components {"unet", "text_encoder", "tokenizer", "scheduler"} from ``config``."""
+    """Random-weight {"unet", "text_encoder", "tokenizer", "scheduler"} built from ``config``."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -150,16 +150,28 @@ def build_components(config: ShapesModelConfig | None = None) -> dict[str, Any]:
         steps_offset=1,
         prediction_type=config.prediction_type,
     )
-    return {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    return {
+        "unet": unet,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
 
 
-def save_components(components: dict[str, Any], directory: str | Path) -> Path:
-    """Write ``components`` to ``directory`` in diffusers layout (see the module docstring)."""
+def save_components(
+    components: dict[str, Any], directory: str | Path, extra_info: dict[str, Any] | None = None
+) -> Path:
+    """Write ``components`` to ``directory`` in diffusers layout (see the module docstring).
+
+    ``extra_info`` (e.g. pretraining provenance) is merged into ``diffloop_model.json``.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     components["unet"].save_pretrained(directory / "unet", safe_serialization=True)
     components["text_encoder"].save_pretrained(directory / "text_encoder", safe_serialization=True)
+    _nest_text_encoder_keys(directory / "text_encoder" / "model.safetensors")
     components["tokenizer"].save_pretrained(directory / "tokenizer")
+    _portable_tokenizer_class(directory / "tokenizer" / "tokenizer_config.json")
     components["scheduler"].save_pretrained(directory / "scheduler")
     info = {
         "family": "shapes",
@@ -167,9 +179,38 @@ def save_components(components: dict[str, Any], directory: str | Path) -> Path:
         "pixel_space": True,
         "max_length": int(components["tokenizer"].model_max_length),
         "prediction_type": components["scheduler"].config.prediction_type,
+        **(extra_info or {}),
     }
     (directory / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return directory
+
+
+def _nest_text_encoder_keys(weights_file: Path) -> None:
+    """Store CLIPTextModel weights under the ``text_model.`` prefix.
+
+    transformers >= 5.6 flattened CLIPTextModel and saves ``embeddings.*``; earlier versions only
+    load ``text_model.embeddings.*``, and >= 5.6 strips that prefix on load, so the nested layout
+    loads everywhere.
+    """
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights_file)
+    if all(k.startswith("text_model.") for k in state):
+        return
+    nested = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+    save_file(nested, weights_file, metadata={"format": "pt"})
+
+
+def _portable_tokenizer_class(config_file: Path) -> None:
+    """Name the generic fast tokenizer ``PreTrainedTokenizerFast`` in its config.
+
+    transformers 5 writes its implementation name ``TokenizersBackend``, which transformers 4
+    cannot resolve; 5.x loads ``PreTrainedTokenizerFast`` as the same class.
+    """
+    config = json.loads(config_file.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_components(directory: str | Path = SHIPPED_WEIGHTS_DIR) -> dict[str, Any]:
@@ -179,7 +220,9 @@ def load_components(directory: str | Path = SHIPPED_WEIGHTS_DIR) -> dict[str, An
 
     directory = Path(directory)
     if not (directory / MODEL_INFO_FILE).is_file():
-        raise FileNotFoundError(f"{directory} holds no {MODEL_INFO_FILE}: not a shapes model directory")
+        raise FileNotFoundError(
+            f"{directory} holds no {MODEL_INFO_FILE}: not a shapes model directory"
+        )
     return {
         "unet": UNet2DConditionModel.from_pretrained(directory, subfolder="unet").eval(),
         "text_encoder": CLIPTextModel.from_pretrained(directory, subfolder="text_encoder").eval(),
@@ -188,7 +231,9 @@ def load_components(directory: str | Path = SHIPPED_WEIGHTS_DIR) -> dict[str, An
     }
 
 
-def tokenize(tokenizer: Any, prompts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+def tokenize(
+    tokenizer: Any, prompts: list[str], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """(N, L) long token ids, padded/truncated to the tokenizer's fixed ``model_max_length``."""
     ids = tokenizer(
         prompts,
@@ -200,7 +245,9 @@ def tokenize(tokenizer: Any, prompts: list[str], device: torch.device | str = "c
     return ids.to(device)
 
 
-def encode_prompts(tokenizer: Any, text_encoder: torch.nn.Module, prompts: list[str]) -> torch.Tensor:
+def encode_prompts(
+    tokenizer: Any, text_encoder: torch.nn.Module, prompts: list[str]
+) -> torch.Tensor:
     """(N, L, D) last hidden states of the text encoder: the UNet's cross-attention context.
 
     No attention mask, as in Stable Diffusion: the encoder is causal, so [PAD] states only see the
@@ -238,7 +285,11 @@ def generate(
     """
     from diffusers import DDIMScheduler
 
-    unet, tokenizer, text_encoder = components["unet"], components["tokenizer"], components["text_encoder"]
+    unet, tokenizer, text_encoder = (
+        components["unet"],
+        components["tokenizer"],
+        components["text_encoder"],
+    )
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     # A private scheduler: set_timesteps mutates state, and the shared one may be in use elsewhere.

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -157,13 +157,17 @@ def resolve_objects(
         color = obj.color
         if color is None:
             options = [
-                c for c in COLORS if c not in taken and (allowed is None or (c, obj.shape) in allowed)
+                c
+                for c in COLORS
+                if c not in taken and (allowed is None or (c, obj.shape) in allowed)
             ]
             if not options:
                 raise ValueError(f"no colour left for {obj} (taken {sorted(taken)})")
             color = options[int(rng.integers(len(options)))]
             taken.add(color)
-        texture = obj.texture if obj.texture is not None else TEXTURES[int(rng.integers(len(TEXTURES)))]
+        texture = (
+            obj.texture if obj.texture is not None else TEXTURES[int(rng.integers(len(TEXTURES)))]
+        )
         out.append(ObjectSpec(color=color, shape=obj.shape, texture=texture))
     return out
 
@@ -177,7 +181,12 @@ def _size_range(n_objects: int, texture: str, size: int) -> tuple[int, int]:
 
 def _separated(a: tuple[int, int, int], b: tuple[int, int, int], margin: int) -> bool:
     (xa, ya, sa), (xb, yb, sb) = a, b
-    return xa + sa + margin <= xb or xb + sb + margin <= xa or ya + sa + margin <= yb or yb + sb + margin <= ya
+    return (
+        xa + sa + margin <= xb
+        or xb + sb + margin <= xa
+        or ya + sa + margin <= yb
+        or yb + sb + margin <= ya
+    )
 
 
 def _layout(
@@ -200,26 +209,32 @@ def _layout(
     raise ValueError(f"could not place {len(objects)} objects in a {size}x{size} image")
 
 
-def _shape_mask(shape: str, box: tuple[int, int, int], canvas: int) -> np.ndarray:
-    """(canvas, canvas) float32 coverage of ``shape`` in ``box`` (supersampled coordinates)."""
-    x0, y0, s = box
-    img = Image.new("L", (canvas, canvas), 0)
+def _coverage(shape: str, side: int, f: int = _SUPERSAMPLE) -> np.ndarray:
+    """(side, side) float32 fraction of each pixel covered by ``shape`` filling a side x side box.
+
+    Drawn at f x f supersampling with PIL, then box-filtered (anti-aliased edges).
+    """
+    s = side * f
+    img = Image.new("L", (s, s), 0)
     draw = ImageDraw.Draw(img)
-    x1, y1 = x0 + s - 1, y0 + s - 1  # PIL boxes include their last pixel
+    last = s - 1  # PIL boxes include their last pixel
     if shape == "circle":
-        draw.ellipse((x0, y0, x1, y1), fill=255)
+        draw.ellipse((0, 0, last, last), fill=255)
     elif shape == "square":
-        draw.rectangle((x0, y0, x1, y1), fill=255)
+        draw.rectangle((0, 0, last, last), fill=255)
     elif shape == "triangle":
-        draw.polygon([(x0 + (s - 1) / 2, y0), (x0, y1), (x1, y1)], fill=255)
+        draw.polygon([(last / 2, 0), (0, last), (last, last)], fill=255)
     elif shape == "cross":
-        a, b = x0 + round(s / 3), x0 + round(2 * s / 3) - 1
-        c, d = y0 + round(s / 3), y0 + round(2 * s / 3) - 1
-        draw.rectangle((a, y0, b, y1), fill=255)
-        draw.rectangle((x0, c, x1, d), fill=255)
+        # Arms a whole number of output pixels wide (crisp edges: anti-aliased thin arms at
+        # 10 px read as a blob): width round(side/3) px, offset floor((side - width)/2) px.
+        arm = round(side / 3)
+        off = (side - arm) // 2
+        draw.rectangle((off * f, 0, (off + arm) * f - 1, last), fill=255)
+        draw.rectangle((0, off * f, last, (off + arm) * f - 1), fill=255)
     else:
         raise ValueError(f"unknown shape {shape!r}")
-    return np.asarray(img, dtype=np.float32) / 255.0
+    cover = np.asarray(img, dtype=np.float32) / 255.0
+    return cover.reshape(side, f, side, f).mean(axis=(1, 3))
 
 
 def stripe_period(size: int = IMAGE_SIZE) -> int:
@@ -227,27 +242,29 @@ def stripe_period(size: int = IMAGE_SIZE) -> int:
     return max(4, 2 * round(2 * size / IMAGE_SIZE))
 
 
-def render(objects: Sequence[ObjectSpec], rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+def render(
+    objects: Sequence[ObjectSpec], rng: np.random.Generator, size: int = IMAGE_SIZE
+) -> np.ndarray:
     """(size, size, 3) uint8 scene: the objects at random non-overlapping positions and sizes.
 
-    Unspecified colours / textures are drawn at random (``resolve_objects``). Rendered at 4x and
-    box-filtered down (anti-aliased). Stripes: rows ``(y - y0) mod P >= P/2`` are ink, P = 4 at 32.
+    Unspecified colours / textures are drawn at random (``resolve_objects``). Anti-aliased: each
+    pixel is background * (1 - c) + paint * c with c the shape's 4x4-supersampled coverage; stripes
+    are whole pixel rows (rows ``(y - y0) mod P >= P/2`` are ink, P = 4 at 32 px), so this equals
+    rendering at 4x and box-filtering.
     """
     resolved = resolve_objects(objects, rng)
     boxes = _layout(resolved, rng, size)
-    f, canvas = _SUPERSAMPLE, size * _SUPERSAMPLE
-    img = np.empty((canvas, canvas, 3), np.float32)
+    img = np.empty((size, size, 3), np.float32)
     img[:] = BACKGROUND
     period = stripe_period(size)
-    rows = np.arange(canvas) // f  # output-pixel row of each supersampled row
-    for obj, (x0, y0, s) in zip(resolved, boxes):
-        cover = _shape_mask(obj.shape, (x0 * f, y0 * f, s * f), canvas)[..., None]  # (S, S, 1)
-        paint = np.empty((canvas, 1, 3), np.float32)
+    for obj, (x0, y0, side) in zip(resolved, boxes, strict=True):
+        cover = _coverage(obj.shape, side)[..., None]  # (side, side, 1)
+        paint = np.empty((side, 1, 3), np.float32)
         paint[:] = COLORS[obj.color]  # type: ignore[index]
         if obj.texture == "striped":
-            paint[(rows - y0) % period >= period // 2] = STRIPE_INK
-        img = img * (1.0 - cover) + paint * cover
-    img = img.reshape(size, f, size, f, 3).mean(axis=(1, 3))
+            paint[np.arange(side) % period >= period // 2] = STRIPE_INK
+        box = img[y0 : y0 + side, x0 : x0 + side]
+        box[:] = box * (1.0 - cover) + paint * cover
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -286,8 +303,14 @@ def _splits() -> dict[str, tuple[str, ...]]:
         for a, b in arrs:
             for first, second in ((a, b), (b, a)):
                 t1, t2 = textured[int(rng.integers(len(textured)))]
-                out.append(caption([ObjectSpec(first[0], first[1]), ObjectSpec(second[0], second[1])]))
-                out.append(caption([ObjectSpec(first[0], first[1], t1), ObjectSpec(second[0], second[1], t2)]))
+                out.append(
+                    caption([ObjectSpec(first[0], first[1]), ObjectSpec(second[0], second[1])])
+                )
+                out.append(
+                    caption(
+                        [ObjectSpec(first[0], first[1], t1), ObjectSpec(second[0], second[1], t2)]
+                    )
+                )
         return out
 
     train_pair = pair_captions(train_arr)

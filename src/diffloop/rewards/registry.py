@@ -1,0 +1,234 @@
+"""Reward registry, and the one place where reward outputs are checked.
+
+The reward protocol
+-------------------
+A reward is any callable ``reward(images, prompts, metadata) -> scores`` with
+    images:   (N, 3, H, W) float tensor in [0, 1], on whatever device the policy runs on;
+    prompts:  list[str] of length N;
+    metadata: list[dict] of length N (per-prompt extras, e.g. the objects a binding prompt names);
+    scores:   anything array-like of length N (torch tensor, numpy array, list of numbers).
+A DDPO-style ``(scores, info_dict)`` pair is also accepted; the dict is dropped. Rewards that are
+objects carry a ``name`` attribute (used in logs and errors).
+
+Building a reward
+-----------------
+``build_reward(name, **kwargs)`` takes either a registered name (``available_rewards()``), whose
+factory is called with ``kwargs``, or a user reward written as ``"package.module:attr"``: a class is
+instantiated with ``kwargs``; a function is used as the reward itself (``kwargs`` must be empty).
+Registered entries may be lazy ``"module:attr"`` strings, so heavy rewards import only when built.
+
+Invalid-value policy (``score``)
+--------------------------------
+- The reward RAISES: ``RewardError`` naming the reward, with the original exception chained. The
+  run stops there; it keeps its last checkpoint: fix the reward and resume with ``resume=true``.
+- The output has the wrong length or shape, or is not numeric: ``RewardError`` saying
+  "expected (N,) ... got ...". Scores are never broadcast, squeezed or truncated.
+- Some values are NaN or +-inf: they are kept as NaN (inf becomes NaN), counted in
+  ``RewardScores.num_invalid`` and logged with a warning. The trainer leaves NaN samples out of
+  baselines, advantages and the loss. An invalid score is never silently replaced by zero.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class Reward(Protocol):
+    """``reward(images (N, 3, H, W) in [0, 1], prompts [N], metadata [N]) -> scores (N,)``."""
+
+    def __call__(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
+    ) -> Any: ...
+
+
+# name -> factory(**kwargs) -> Reward, or a lazy "module:attr" naming such a factory (or class).
+REWARDS: dict[str, str | Callable[..., Reward]] = {
+    "jpeg_compressibility": "diffloop.rewards.jpeg:jpeg_compressibility",
+    "jpeg_incompressibility": "diffloop.rewards.jpeg:jpeg_incompressibility",
+    "shapes_binding": "diffloop.shapes.reward:BindingReward",
+}
+
+_SPEC_HELP = (
+    "A reward of your own can be given as 'package.module:function' (a function used as the "
+    "reward) or 'package.module:Class' (instantiated with the reward's kwargs)."
+)
+
+
+def available_rewards() -> list[str]:
+    """The registered reward names, sorted."""
+    return sorted(REWARDS)
+
+
+def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Decorator: register ``factory`` (a class or a function returning a reward) under ``name``.
+
+    Re-registering the same object is allowed, and so is replacing a lazy entry that names it
+    (a module that decorates its own class, already listed lazily here); any other clash raises.
+    """
+
+    def decorator(factory: Callable[..., Reward]) -> Callable[..., Reward]:
+        existing = REWARDS.get(name)
+        spec = f"{factory.__module__}:{factory.__qualname__}"
+        if existing is not None and existing is not factory and existing != spec:
+            raise ValueError(f"reward name {name!r} is already registered to {existing!r}")
+        REWARDS[name] = factory
+        return factory
+
+    return decorator
+
+
+def reward_name(reward: Callable[..., Any]) -> str:
+    """A readable name: the ``name`` attribute, else the function's or class's name."""
+    name = getattr(reward, "name", None)
+    if isinstance(name, str):
+        return name
+    return getattr(reward, "__name__", None) or type(reward).__name__
+
+
+def _import_attr(spec: str, reward: str) -> Any:
+    """Resolve ``"package.module:attr"`` (attr may be dotted); errors name the module."""
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise ValueError(f"reward {reward!r}: {spec!r} is not of the form 'package.module:attr'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(
+            f"reward {reward!r}: could not import module {module_name!r} ({exc})"
+        ) from exc
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise ValueError(
+                f"reward {reward!r}: module {module_name!r} has no attribute {attr_path!r}"
+            ) from exc
+    return obj
+
+
+def _unknown_reward(name: str) -> ValueError:
+    names = available_rewards()
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"unknown reward {name!r}.{hint} Available: {', '.join(names)}. {_SPEC_HELP}")
+
+
+def build_reward(name: str, **kwargs: Any) -> Reward:
+    """A reward from a registered name (factory(**kwargs)) or a 'package.module:attr' spec."""
+    if name in REWARDS:
+        entry = REWARDS[name]
+        factory = _import_attr(entry, name) if isinstance(entry, str) else entry
+        return factory(**kwargs)
+    if ":" not in name:
+        raise _unknown_reward(name)
+    obj = _import_attr(name, name)
+    if inspect.isclass(obj):
+        return obj(**kwargs)
+    if not callable(obj):
+        raise TypeError(f"reward {name!r} is a {type(obj).__name__}, not a function or class")
+    if kwargs:
+        raise ValueError(
+            f"reward {name!r} is a function, used as the reward itself, so it takes no kwargs "
+            f"(got {sorted(kwargs)}); make it a class to configure it"
+        )
+    return obj
+
+
+class RewardError(RuntimeError):
+    """A reward failed or returned something unusable; the run stops (see the module docstring)."""
+
+
+@dataclass
+class RewardScores:
+    """Checked reward output.
+
+    Fields:
+        scores:      (N,) float32 on CPU; NaN marks an invalid score (the reward gave NaN or inf).
+        num_invalid: number of NaN entries in ``scores``.
+    """
+
+    scores: torch.Tensor
+    num_invalid: int
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(N,) bool, True where the score is usable."""
+        return ~torch.isnan(self.scores)
+
+
+def _as_float_tensor(output: Any, name: str, n: int) -> torch.Tensor:
+    """Reward output -> (N,) float32 CPU tensor, or RewardError ("expected (N,) ... got ...")."""
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], dict):
+        output = output[0]  # DDPO's (scores, info) convention
+    if isinstance(output, torch.Tensor):
+        numeric = not output.is_complex()  # bool and integer scores are fine
+        values = output.detach().cpu()
+    else:
+        try:
+            array = np.asarray(output)
+        except (ValueError, TypeError) as exc:  # ragged nested lists, objects numpy refuses
+            raise RewardError(
+                f"reward {name!r} returned a {type(output).__name__} that is not an array of "
+                f"numbers; expected ({n},) numbers"
+            ) from exc
+        numeric = array.dtype.kind in "biuf"
+        values = torch.from_numpy(array.astype(np.float64)) if numeric else None
+    if not numeric:
+        got = getattr(output, "dtype", type(output).__name__)
+        raise RewardError(
+            f"reward {name!r} returned non-numeric scores: expected ({n},) numbers, got {got}"
+        )
+    if tuple(values.shape) != (n,):
+        raise RewardError(
+            f"reward {name!r} returned the wrong shape: expected ({n},) (one score per image), "
+            f"got {tuple(values.shape)}"
+        )
+    return values.to(torch.float32)
+
+
+def score(
+    reward: Callable[..., Any],
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    metadata: Sequence[dict[str, Any]],
+) -> RewardScores:
+    """Call ``reward`` and apply the invalid-value policy of this module's docstring.
+
+    images (N, 3, H, W) in [0, 1]; prompts and metadata of length N. Returns (N,) float32 CPU scores
+    with NaN for invalid ones; raises RewardError if the reward raises or returns a wrong shape.
+    """
+    n = images.shape[0]
+    if len(prompts) != n or len(metadata) != n:
+        raise ValueError(f"{n} images but {len(prompts)} prompts and {len(metadata)} metadata")
+    name = reward_name(reward)
+    try:
+        output = reward(images, list(prompts), list(metadata))
+    except Exception as exc:
+        raise RewardError(
+            f"reward {name!r} raised {type(exc).__name__}: {exc}. The run keeps its last "
+            "checkpoint; fix the reward and resume with resume=true."
+        ) from exc
+    scores = _as_float_tensor(output, name, n)
+    invalid = ~torch.isfinite(scores)
+    num_invalid = int(invalid.sum())
+    if num_invalid:
+        scores = scores.masked_fill(invalid, float("nan"))
+        logger.warning(
+            "reward %r gave %d of %d invalid scores (NaN/inf) at samples %s; they are kept as NaN "
+            "and left out of baselines and the loss",
+            name,
+            num_invalid,
+            n,
+            invalid.nonzero().flatten().tolist()[:16],
+        )
+    return RewardScores(scores=scores, num_invalid=num_invalid)
