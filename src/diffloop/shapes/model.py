@@ -35,6 +35,11 @@ SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)  # ids 0..3, in this order
 class ShapesModelConfig:
     """Architecture of the shapes model. Defaults are sized for RL on a 2-core CPU.
 
+    Defaults: UNet 440k parameters (~165 MFLOP per 32x32 forward), text encoder 69k. Measured on
+    the shared 2-core dev machine, torch.set_num_threads(2), min of 3: forward of a batch of 128
+    0.85 s, forward + backward of a batch of 32 0.6-0.8 s; (32, 64, 64) channels (1.7M parameters)
+    was 1.6 s and 1.1 s.
+
     Fields:
         image_size: side of the square RGB image the UNet denoises (pixel space).
         block_out_channels: UNet channels per resolution (32 -> 16 -> 8 px for three blocks).
