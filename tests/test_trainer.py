@@ -172,3 +172,23 @@ def test_failing_reward_keeps_last_checkpoint(tiny_sd, tmp_path, capsys):
     assert code == 2
     assert "reward server unreachable" in capsys.readouterr().err
     assert latest_checkpoint(out).name == "epoch_000001"
+
+
+def test_asynchronous_rewards_give_the_same_run(tiny_sd, tmp_path):
+    extra = {"sample.batch_size": 2}
+    sync = run(tiny_sd, tmp_path / "sync", **extra)
+    overlapped = run(tiny_sd, tmp_path / "async", **extra, **{"reward.asynchronous": True})
+    assert comparable(overlapped) == comparable(sync)
+
+
+def test_composite_reward_components_are_logged(tiny_sd, tmp_path):
+    from diffloop.config import load_config
+
+    overrides = tiny_overrides(tiny_sd, tmp_path / "run", num_epochs=1)
+    overrides = [o for o in overrides if not o.startswith("reward.name")]
+    overrides.append("reward=[{name: 'reward_fns:brightness', weight: 2.0}, {name: jpeg_compressibility, weight: 0.5}]")
+    rows = Trainer(load_config(None, overrides)).train()
+    r = rows[0]
+    bright_key, jpeg_key = "reward_reward_fns:brightness_mean", "reward_jpeg_compressibility_mean"
+    assert {bright_key, jpeg_key} <= set(r)
+    assert r["reward_mean"] == pytest.approx(2.0 * r[bright_key] + 0.5 * r[jpeg_key], rel=1e-5)

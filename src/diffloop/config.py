@@ -110,9 +110,15 @@ class TrainConfig:
 @dataclass
 class RewardConfig:
     name: str = "shapes_binding"
-    """Registry name (jpeg_compressibility, shapes_binding, ...) or ``package.module:function``."""
+    """Registry name (jpeg_compressibility, shapes_binding, ...) or ``package.module:function``.
+    ``multi`` combines ``components``; writing ``reward:`` as a YAML list means the same."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the reward's constructor."""
+    components: list[dict[str, Any]] | None = None
+    """For name=multi: ``[{name, weight, kwargs, mean, std}, ...]``; the reward is the weighted sum
+    of (score - mean) / std per component (mean 0 and std 1 unless given); each is logged."""
+    asynchronous: bool = False
+    """Score each sampling batch in a background thread while the next batch is sampled."""
 
 
 @dataclass
@@ -254,6 +260,8 @@ def _from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     types_ = _field_types(cls)
     kwargs = {}
     for key, value in data.items():
+        if cls is Config and key == "reward" and isinstance(value, list):
+            value = {"name": "multi", "components": value}  # `reward: [{name: ..., weight: ...}, ...]`
         if key not in types_:
             raise _unknown_key_error(cls, key, path)
         kwargs[key] = _coerce(value, types_[key], f"{path}.{key}" if path else key)

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from diffloop.distributed import Distributed
 from diffloop.policies.base import Trajectories, iter_chunks
 from diffloop.policies.diffusers_policy import load_policy
 from diffloop.prompts import build_prompt_source
-from diffloop.rewards import build_reward, score
+from diffloop.rewards import RewardScores, score
+from diffloop.rewards.composite import build_reward_from_config
 from diffloop.run_dir import RunDirectory
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ class Trainer:
         # Cheap, likely-to-fail parts first: a bad prompt file or reward name fails before a model loads.
         self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.path, config.prompts.prompts)
         self.eval_source = build_prompt_source(config.eval.prompts) if config.eval.prompts else None
-        self.reward = build_reward(config.reward.name, **config.reward.kwargs)
+        self.reward = build_reward_from_config(config.reward)
+        self._reward_pool = ThreadPoolExecutor(1, "reward") if config.reward.asynchronous else None
         t = config.train
         # The LoRA initialisation draws from the global RNG: same seed, same start, on every process.
         torch.manual_seed(derive_seed(config.seed, 0xD1FF))
@@ -121,54 +124,75 @@ class Trainer:
         sample_prompts = [p for p in prompts for _ in range(s.samples_per_prompt)]  # (B*K,) prompt-major
         local = self.dist.local_slice(len(sample_prompts))
         seeds = [derive_seed(cfg.seed, epoch, g) for g in range(local.start, local.stop)]
-        traj = self.sample(sample_prompts[local], seeds)
+        metadata = [{"epoch": epoch, "sample_index": g} for g in range(local.start, local.stop)]
+        traj, scores, timing = self.sample_and_score(sample_prompts[local], seeds, metadata)
         t1 = time.perf_counter()
-        local_rewards, num_invalid = self.score(traj.images, sample_prompts[local], epoch, local)
-        rewards = self.dist.gather(local_rewards).view(s.prompts_per_epoch, s.samples_per_prompt)  # (B, K)
-        t2 = time.perf_counter()
+        rewards = self.dist.gather(scores.scores.float()).view(s.prompts_per_epoch, s.samples_per_prompt)  # (B, K)
         advantages = self.algorithm.advantages(rewards, prompts, cfg.train, self.stat_tracker)  # (B, K)
         train_stats = self.optimise(traj, advantages.reshape(-1)[local].to(self.dist.device), epoch)
-        t3 = time.perf_counter()
+        t2 = time.perf_counter()
         return {
             "epoch": epoch,
             **reward_statistics(rewards, advantages),
-            "reward_invalid": int(self.dist.sum_scalar(num_invalid)),
+            **self._component_means(scores),
+            "reward_invalid": int(self.dist.sum_scalar(scores.num_invalid)),
             "prompts_seen": (epoch + 1) * s.prompts_per_epoch,
             "reward_queries": (epoch + 1) * len(sample_prompts),
             "optimizer_steps": self.optimizer_steps,
             "lr": self.lr_scheduler.get_last_lr()[0],
             **train_stats,
-            "sample_time_s": t1 - t0,
-            "reward_time_s": t2 - t1,
-            "train_time_s": t3 - t2,
+            "sample_time_s": timing["sample"],
+            "reward_time_s": timing["reward"],
+            "train_time_s": t2 - t1,
+            "epoch_time_s": t2 - t0,
         }
 
     # ------------------------------------------------------------------ phases
 
-    def sample(self, prompts: list[str], seeds: list[int], desc: str = "sampling") -> Trajectories:
-        s = self.config.sample
-        self.policy.train(False)
-        parts = []
-        chunks = list(iter_chunks(len(prompts), s.batch_size))
-        for chunk in self._progress(chunks, desc):
-            parts.append(
-                self.policy.sample(
-                    prompts[chunk],
-                    make_generators(self.dist.device, seeds[chunk]),
-                    num_steps=s.num_steps,
-                    eta=s.eta,
-                    guidance_scale=s.guidance_scale,
-                    negative_prompt=s.negative_prompt,
-                )
-            )
-        self.policy.train(True)
-        return Trajectories.cat(parts)
+    def sample_and_score(
+        self, prompts: list[str], seeds: list[int], metadata: list[dict]
+    ) -> tuple[Trajectories, RewardScores, dict[str, float]]:
+        """Sample this process's trajectories in batches and score them.
 
-    def score(self, images: torch.Tensor, prompts: list[str], epoch: int, local: slice) -> tuple[torch.Tensor, int]:
-        """Local rewards (n,) float32 with NaN for invalid ones (left out of baselines and the loss)."""
-        metadata = [{"epoch": epoch, "sample_index": g} for g in range(local.start, local.stop)]
-        result = score(self.reward, images, prompts, metadata)
-        return result.scores.float(), result.num_invalid
+        With ``reward.asynchronous`` each batch is scored on a background thread while the next one is
+        sampled (rewards on another device or a remote server then cost no wall-clock time).
+        Reward time is the time spent waiting for rewards after sampling ends, plus synchronous scoring.
+        """
+        s = self.config.sample
+        parts, pending, reward_wait = [], [], 0.0
+        t0 = time.perf_counter()
+        self.policy.train(False)
+        for chunk in self._progress(list(iter_chunks(len(prompts), s.batch_size)), "sampling"):
+            traj = self.policy.sample(
+                prompts[chunk],
+                make_generators(self.dist.device, seeds[chunk]),
+                num_steps=s.num_steps,
+                eta=s.eta,
+                guidance_scale=s.guidance_scale,
+                negative_prompt=s.negative_prompt,
+            )
+            parts.append(traj)
+            job = (self.reward, traj.images, prompts[chunk], metadata[chunk])
+            if self._reward_pool is not None:
+                pending.append(self._reward_pool.submit(score, *job))
+            else:
+                t = time.perf_counter()
+                pending.append(score(*job))
+                reward_wait += time.perf_counter() - t
+        self.policy.train(True)
+        t1 = time.perf_counter()
+        results = [p.result() if self._reward_pool is not None else p for p in pending]
+        t2 = time.perf_counter()
+        timing = {"sample": t1 - t0 - reward_wait, "reward": reward_wait + (t2 - t1)}
+        return Trajectories.cat(parts), concat_scores(results), timing
+
+    def _component_means(self, scores: RewardScores) -> dict[str, float]:
+        """reward_<component>_mean over all processes, for composite rewards."""
+        out = {}
+        for name, values in (getattr(scores, "components", None) or {}).items():
+            gathered = self.dist.gather(values.float())
+            out[f"reward_{name}_mean"] = float(torch.nanmean(gathered))
+        return out
 
     def optimise(self, traj: Trajectories, advantages: torch.Tensor, epoch: int) -> dict[str, float]:
         """``num_inner_epochs`` passes of minibatch updates over this process's trajectories.
@@ -362,6 +386,17 @@ class Trainer:
             f"+- {m['reward_std']:.4f}{extra} kl {m.get('approx_kl', 0):.2e} clipfrac {m.get('clipfrac', 0):.3f} "
             f"({m['sample_time_s']:.1f}s sample, {m['train_time_s']:.1f}s train)"
         )
+
+
+def concat_scores(results: list[RewardScores]) -> RewardScores:
+    """Concatenate per-batch reward results (scores and any per-component scores)."""
+    components = None
+    if getattr(results[0], "components", None):
+        components = {k: torch.cat([r.components[k] for r in results]) for k in results[0].components}
+    out = RewardScores(torch.cat([r.scores for r in results]), sum(r.num_invalid for r in results))
+    if components is not None:
+        out.components = components
+    return out
 
 
 def reward_statistics(rewards: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:

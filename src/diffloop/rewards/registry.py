@@ -56,6 +56,8 @@ REWARDS: dict[str, str | Callable[..., Reward]] = {
     "jpeg_compressibility": "diffloop.rewards.jpeg:jpeg_compressibility",
     "jpeg_incompressibility": "diffloop.rewards.jpeg:jpeg_incompressibility",
     "shapes_binding": "diffloop.shapes.reward:BindingReward",
+    "multi": "diffloop.rewards.composite:CompositeReward",
+    "remote": "diffloop.rewards.remote:RemoteReward",
 }
 
 _SPEC_HELP = (
@@ -155,10 +157,13 @@ class RewardScores:
     Fields:
         scores:      (N,) float32 on CPU; NaN marks an invalid score (the reward gave NaN or inf).
         num_invalid: number of NaN entries in ``scores``.
+        components:  for composite rewards (those with a ``last_components`` attribute), each
+                     component's raw (N,) float32 CPU scores by name; None otherwise.
     """
 
     scores: torch.Tensor
     num_invalid: int
+    components: dict[str, torch.Tensor] | None = None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -219,6 +224,7 @@ def score(
             "checkpoint; fix the reward and resume with resume=true."
         ) from exc
     scores = _as_float_tensor(output, name, n)
+    components = _components(reward, name, n)
     invalid = ~torch.isfinite(scores)
     num_invalid = int(invalid.sum())
     if num_invalid:
@@ -231,4 +237,12 @@ def score(
             n,
             invalid.nonzero().flatten().tolist()[:16],
         )
-    return RewardScores(scores=scores, num_invalid=num_invalid)
+    return RewardScores(scores=scores, num_invalid=num_invalid, components=components)
+
+
+def _components(reward: Callable[..., Any], name: str, n: int) -> dict[str, torch.Tensor] | None:
+    """The reward's ``last_components`` (set by its call just made) as (N,) float32 CPU tensors."""
+    last = getattr(reward, "last_components", None)
+    if last is None:
+        return None
+    return {key: _as_float_tensor(value, f"{name}/{key}", n) for key, value in last.items()}

@@ -1,0 +1,222 @@
+"""A reward computed by a ``diffloop serve-reward`` server (see :mod:`diffloop.rewards.server`).
+
+    reward.name: remote
+    reward.kwargs: {url: "http://127.0.0.1:8765", timeout: 60, retries: 3, backoff: 1.0}
+
+Images (N, 3, H, W) in [0, 1] are sent as base64 PNGs of ``to_uint8(images)`` (lossless after the
+same uint8 rounding every local reward applies), ``batch_size`` images per POST, with prompts and
+metadata as JSON (metadata must be JSON-serialisable). Nothing is pickled.
+
+Failure policy (never a silent zero):
+- Connection refused / reset, a timeout, or an HTTP 5xx: retried ``retries`` times after the first
+  attempt, sleeping ``backoff * 2**k`` seconds before retry k (k = 0, 1, ...: 1, 2, 4 s by default).
+  Still failing, a :class:`~diffloop.rewards.registry.RewardError` says the server is unreachable
+  (or what it answered), how to start it, and that the run keeps its last checkpoint and resumes
+  with ``resume=true``.
+- HTTP 4xx (a malformed or oversized request): RewardError at once, with the server's message; a
+  retry would get the same answer.
+- A 200 answer that is not JSON, lacks ``scores``, has the wrong number of them, or holds anything
+  but numbers and nulls: RewardError at once.
+- ``null`` scores (the server's reward gave NaN or inf) become NaN, which ``score()`` counts as
+  invalid and the trainer leaves out.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import math
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import torch
+
+from diffloop.rewards.images import to_pil_images
+from diffloop.rewards.registry import RewardError
+
+_sleep = time.sleep  # module-level so tests can record the backoff without waiting
+
+
+class _Retryable(Exception):
+    """A failure worth retrying (connection, timeout, 5xx); the message says what happened."""
+
+
+def encode_png_base64(images: torch.Tensor) -> list[str]:
+    """(N, 3, H, W) in [0, 1] -> N base64 ASCII strings of RGB PNGs of ``to_uint8(images)``."""
+    out = []
+    for image in to_pil_images(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=1)  # lossless at any level; 1 is fastest
+        out.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return out
+
+
+def parse_scores(payload: bytes, n: int, url: str) -> torch.Tensor:
+    """A 200 answer -> (n,) float32, null -> NaN; RewardError if it is not exactly n numbers/nulls."""
+    try:
+        response = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RewardError(f"reward server at {url} answered with invalid JSON ({exc})") from None
+    if not isinstance(response, dict) or "scores" not in response:
+        raise RewardError(
+            f"reward server at {url} answered without a 'scores' list: {str(response)[:200]}"
+        )
+    scores = response["scores"]
+    if not isinstance(scores, list) or len(scores) != n:
+        got = len(scores) if isinstance(scores, list) else type(scores).__name__
+        raise RewardError(
+            f"reward server at {url} returned {got} scores for {n} images; expected ({n},)"
+        )
+    values = []
+    for i, v in enumerate(scores):
+        if v is None:
+            values.append(math.nan)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            values.append(float(v))
+        else:
+            raise RewardError(
+                f"reward server at {url} returned a non-numeric score {v!r} at index {i}"
+            )
+    return torch.tensor(values, dtype=torch.float32)
+
+
+class RemoteReward:
+    """Scores images on a reward server (``diffloop serve-reward NAME --port P``).
+
+    Args:
+        url: the server's base URL, e.g. ``http://127.0.0.1:8765`` (POSTs go to ``url/score``).
+        timeout: seconds per HTTP request (connect and each read).
+        retries: extra attempts after the first on connection errors, timeouts and 5xx answers.
+        backoff: seconds before the first retry; doubled before each further one.
+        batch_size: images per request (keep requests under the server's --max-request-mb).
+        proxy_from_env: honour ``http_proxy``-style environment variables (off by default: reward
+            servers are on the local network, and a proxy would see every image).
+        name: name in logs (default ``remote``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+        batch_size: int = 32,
+        proxy_from_env: bool = False,
+        name: str = "remote",
+    ) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"remote reward: url must be http(s)://HOST:PORT, got {url!r}")
+        if timeout <= 0 or retries < 0 or backoff < 0 or batch_size < 1:
+            raise ValueError(
+                f"remote reward: need timeout > 0, retries >= 0, backoff >= 0, batch_size >= 1 "
+                f"(got {timeout}, {retries}, {backoff}, {batch_size})"
+            )
+        self.url = url.rstrip("/")
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.batch_size = int(batch_size)
+        self.name = name
+        handlers = [] if proxy_from_env else [urllib.request.ProxyHandler({})]
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __call__(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
+    ) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> (N,) float32 (NaN where the server sent null)."""
+        out = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            out.append(self._score_chunk(images[chunk], prompts[chunk], metadata[chunk]))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def health(self) -> dict[str, Any]:
+        """GET /health -> the server's JSON ({"status": "ok", "reward": NAME, ...}); with retries."""
+        payload = self._with_retries(lambda: self._request("/health", None), what="GET /health")
+        try:
+            return json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RewardError(f"reward server at {self.url}: /health is not JSON ({exc})") from None
+
+    def _score_chunk(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
+    ) -> torch.Tensor:
+        try:
+            body = json.dumps(
+                {"images": encode_png_base64(images), "prompts": prompts, "metadata": metadata},
+                allow_nan=False,
+            ).encode()
+        except (TypeError, ValueError) as exc:
+            raise RewardError(
+                f"remote reward: prompts/metadata are not JSON-serialisable ({exc})"
+            ) from exc
+        payload = self._with_retries(
+            lambda: self._request("/score", body), what=f"POST /score ({len(body) / 2**20:.1f} MB)"
+        )
+        return parse_scores(payload, len(prompts), self.url)
+
+    def _request(self, path: str, body: bytes | None) -> bytes:
+        """One HTTP request -> the 200 body. _Retryable on connection errors/timeouts/5xx."""
+        request = urllib.request.Request(
+            self.url + path,
+            data=body,
+            headers={"Content-Type": "application/json"} if body is not None else {},
+            method="POST" if body is not None else "GET",
+        )
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            message = _server_message(exc)
+            if exc.code >= 500:
+                raise _Retryable(f"HTTP {exc.code}: {message}") from exc
+            raise RewardError(
+                f"reward server at {self.url} refused the request with HTTP {exc.code}: {message}"
+            ) from exc
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            # URLError wraps refused/unresolvable; OSError covers timeouts and resets mid-read
+            reason = getattr(exc, "reason", exc)
+            raise _Retryable(f"{type(reason).__name__}: {reason}") from exc
+
+    def _with_retries(self, attempt: Any, what: str) -> bytes:
+        """Call ``attempt`` up to 1 + retries times, sleeping backoff * 2**k before retry k."""
+        attempts = 1 + self.retries
+        last: _Retryable | None = None
+        for k in range(attempts):
+            try:
+                return attempt()
+            except _Retryable as exc:
+                last = exc
+                if k + 1 < attempts:
+                    _sleep(self.backoff * 2**k)
+        port = urllib.parse.urlsplit(self.url).port or 8765
+        raise RewardError(
+            f"reward server at {self.url} unreachable after {attempts} attempts ({what}); last "
+            f"error: {last}. Start it with `diffloop serve-reward NAME --port {port}` (a reset "
+            f"connection can also mean a request over the server's --max-request-mb: lower "
+            f"reward.kwargs.batch_size). The run keeps its last checkpoint; resume with resume=true."
+        ) from last
+
+    def __repr__(self) -> str:
+        return f"RemoteReward(url={self.url!r}, timeout={self.timeout}, retries={self.retries})"
+
+
+def _server_message(exc: urllib.error.HTTPError) -> str:
+    """The server's {"error": ...} text, else the start of its body, else the HTTP reason."""
+    try:
+        text = exc.read().decode("utf-8", "replace")
+    except OSError:
+        return str(exc.reason)
+    try:
+        return str(json.loads(text)["error"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return text[:200] or str(exc.reason)
+
+
+__all__ = ["RemoteReward", "encode_png_base64", "parse_scores"]
