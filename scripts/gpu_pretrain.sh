@@ -24,23 +24,30 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_pretrain.log") 2>&1
 echo "[gpu_pretrain] start $(date -u +%FT%TZ) OUT=$OUT MAX_MIN=$MAX_MIN BATCH=$BATCH LR=$LR DEVICE=$DEVICE"
 
+SITE="$PWD/.gpu_site"  # fallback install target if the system site-packages refuses (PEP 668)
+install() {  # install() WHEEL...: offline, no dependency resolution
+    pip install -q --no-index --no-deps "$@" 2>/dev/null \
+        || pip install -q --no-index --no-deps --target "$SITE" "$@" \
+        || echo "[gpu_pretrain] WARNING: could not install $*"
+}
 if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
     # diffusers (and peft/accelerate) from the carried wheels; import-time deps only where missing.
-    pip install --no-index --no-deps wheels/diffusers-*.whl wheels/peft-*.whl wheels/accelerate-*.whl \
-        || echo "[gpu_pretrain] WARNING: wheel install failed"
+    install wheels/diffusers-*.whl wheels/peft-*.whl wheels/accelerate-*.whl
     for mod in requests filelock importlib_metadata; do
-        python -c "import $mod" 2>/dev/null && continue
+        PYTHONPATH="$SITE" python -c "import $mod" 2>/dev/null && continue
         case $mod in
-            requests) wheels=(wheels/requests-*.whl wheels/urllib3-*.whl wheels/idna-*.whl wheels/certifi-*.whl wheels/charset_normalizer-*.whl) ;;
-            importlib_metadata) wheels=(wheels/importlib_metadata-*.whl wheels/zipp-*.whl) ;;
-            *) wheels=(wheels/$mod-*.whl) ;;
+            requests) install wheels/requests-*.whl wheels/urllib3-*.whl wheels/idna-*.whl \
+                wheels/certifi-*.whl wheels/charset_normalizer-*.whl ;;
+            importlib_metadata) install wheels/importlib_metadata-*.whl wheels/zipp-*.whl ;;
+            *) install wheels/$mod-*.whl ;;
         esac
-        pip install --no-index --no-deps "${wheels[@]}" || echo "[gpu_pretrain] WARNING: could not install $mod"
     done
-    # Editable install without build isolation (no internet for setuptools); PYTHONPATH as fallback.
-    pip install --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+    # The `diffloop` console script; without build isolation (no internet for setuptools). The
+    # run itself uses PYTHONPATH=src, so a failure here costs nothing.
+    pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
         || echo "[gpu_pretrain] editable install failed; using PYTHONPATH=src"
 fi
+[[ -d "$SITE" ]] && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true

@@ -4,6 +4,7 @@
     diffloop check-config [CONFIG.yaml] [key=value ...]  validate and print the resolved config
     diffloop sample MODEL_OR_RUN --prompt TEXT ...       generate images from a base model or a run
     diffloop shapes pretrain [...]                       pretrain the shapes-world model
+    diffloop serve-reward NAME [--port P ...]            serve a registry reward over HTTP (JSON + PNG)
 Multi-process: ``accelerate launch -m diffloop train CONFIG ...`` (or torchrun).
 """
 
@@ -71,11 +72,18 @@ def cmd_shapes(argv: list[str]) -> int:
     return pretrain_main(argv[1:])
 
 
+def cmd_serve_reward(argv: list[str]) -> int:
+    from diffloop.rewards.server import serve_main
+
+    return serve_main(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
     "check-config": cmd_check_config,
     "sample": cmd_sample,
     "shapes": cmd_shapes,
+    "serve-reward": cmd_serve_reward,
 }
 
 

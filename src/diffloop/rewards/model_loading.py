@@ -17,8 +17,9 @@ images' device.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,7 +49,14 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
-def _hub_help(spec: str, reward: str, kwarg: str, what: str, exc: BaseException | None) -> str:
+def _hub_help(
+    spec: str,
+    reward: str,
+    kwarg: str,
+    what: str,
+    exc: BaseException | None,
+    download: str | None = None,
+) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     cause = f" ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})" if exc else ""
     offline_note = (
@@ -60,7 +68,7 @@ def _hub_help(spec: str, reward: str, kwarg: str, what: str, exc: BaseException 
         f"reward {reward!r}: could not load {what} from {kwarg}={spec!r}: it is not an existing "
         f"local path, and loading it from the Hugging Face hub failed{cause}.{offline_note} "
         f"Provide it in one of two ways: (1) with network access, download it once into the hub "
-        f"cache (HF_HOME), e.g. `hf download {spec.split('::')[0]}` (or run once without "
+        f"cache (HF_HOME), e.g. `hf download {download or spec}` (or run once without "
         f"HF_HUB_OFFLINE); later offline runs find it there; or (2) pass a local copy: "
         f"{kwarg}=/path/to/it."
     )
@@ -118,7 +126,14 @@ def resolve_file(spec: str | os.PathLike[str], *, reward: str, kwarg: str) -> Pa
         return Path(hf_hub_download(repo_id=repo_id, filename=filename))
     except Exception as exc:  # hub errors come in many classes (offline, 404, network)
         raise MissingWeightsError(
-            _hub_help(f"{repo_id} {filename}", reward, kwarg, f"file {filename!r} of {repo_id}", exc)
+            _hub_help(
+                spec,
+                reward,
+                kwarg,
+                f"{filename!r} of hub repo {repo_id!r}",
+                exc,
+                download=f"{repo_id} {filename}",
+            )
         ) from exc
 
 
@@ -136,7 +151,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+        raise TypeError(f"{path}: expected a state dict, got {type(state).__name__}")
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
@@ -159,13 +174,17 @@ class ModelReward:
         self.device = torch.device("cpu")
         self._modules: list[nn.Module] = []
 
-    def _set_modules(self, *modules: nn.Module) -> None:
-        """Freeze, eval-mode and cast the reward's networks (they stay on the CPU until called)."""
-        self._modules = list(modules)
+    def _set_modules(self, *modules: nn.Module, float32: Sequence[nn.Module] = ()) -> None:
+        """Freeze, eval-mode and cast the reward's networks to ``dtype`` (they stay on the CPU
+        until called); the small heads in ``float32`` keep full precision whatever ``dtype``."""
+        self._modules = [*modules, *float32]
         for module in self._modules:
             module.requires_grad_(False)
             module.eval()
+        for module in modules:
             module.to(dtype=self.dtype)
+        for module in float32:
+            module.to(dtype=torch.float32)
 
     def to(self, device: str | torch.device) -> ModelReward:
         """Move the networks to ``device`` (done automatically on each call)."""
@@ -203,4 +222,6 @@ class ModelReward:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype}, device={self.device})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype}, device={self.device})"
+        )

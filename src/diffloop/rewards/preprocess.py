@@ -71,7 +71,9 @@ class ImageTransform:
         out_h, out_w = self.resized_shape(x.shape[-2], x.shape[-1])
         if (out_h, out_w) != tuple(x.shape[-2:]):
             mode = _RESAMPLE[self.resample]
-            x = F.interpolate(x, size=(out_h, out_w), mode=mode, antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(out_h, out_w), mode=mode, antialias=True, align_corners=False
+            )
             # PIL clips the overshoot of the cubic kernel to the uint8 range
             x = x.clamp(0.0, 1.0)
         if self.crop is not None:

@@ -58,6 +58,12 @@ REWARDS: dict[str, str | Callable[..., Reward]] = {
     "shapes_binding": "diffloop.shapes.reward:BindingReward",
     "multi": "diffloop.rewards.composite:CompositeReward",
     "remote": "diffloop.rewards.remote:RemoteReward",
+    "aesthetic": "diffloop.rewards.aesthetic:AestheticReward",
+    "clip_score": "diffloop.rewards.clip:clip_score",
+    "pickscore": "diffloop.rewards.clip:pickscore",
+    "hpsv2": "diffloop.rewards.hps:HpsV2Reward",
+    "imagereward": "diffloop.rewards.imagereward:ImageRewardReward",
+    "blip_vqa": "diffloop.rewards.blip_vqa:BlipVqaReward",
 }
 
 _SPEC_HELP = (
