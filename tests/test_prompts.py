@@ -132,3 +132,57 @@ def test_shapes_splits_resolve_lazily() -> None:
     assert build_prompt_source("shapes/train").prompts == splits["train"]
     with pytest.raises(ValueError, match="Did you mean 'train'"):
         build_prompt_source("shapes/trian")
+
+
+T2I_CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex", "numeracy", "3d_spatial")
+SEEN_UNSEEN = ("color", "shape", "texture")  # the attribute-binding categories have val_seen / val_unseen
+
+
+def test_t2i_compbench_name_pattern_reaches_every_file() -> None:
+    # <category>_<split> over the categories and splits names exactly the shipped files
+    pairs = [(c, s) for c in T2I_CATEGORIES for s in ("train", "val")]
+    pairs += [(c, s) for c in SEEN_UNSEEN for s in ("val_seen", "val_unseen")]
+    shipped = {f"t2i-compbench/{p.stem}" for p in (DATA / "t2i-compbench").glob("*.txt")}
+    assert {f"t2i-compbench/{c}_{s}" for c, s in pairs} == shipped and len(pairs) == 22
+    counts = {"train": 700, "val": 300, "val_seen": 200, "val_unseen": 100}  # T2I-CompBench's splits
+    for c, s in pairs:
+        assert len(build_prompt_source(f"t2i-compbench/{c}_{s}")) == counts[s], (c, s)
+
+
+def test_colour_is_an_alias_of_color() -> None:
+    for split in ("train", "val", "val_seen", "val_unseen"):
+        alias = build_prompt_source(f"t2i-compbench/colour_{split}")
+        assert alias.name == f"t2i-compbench/color_{split}"
+        assert alias.prompts == build_prompt_source(f"t2i-compbench/color_{split}").prompts
+
+
+def test_animals_activities_is_ddpo_cross_product() -> None:
+    source = build_prompt_source("ddpo/animals_activities")
+    assert "ddpo/animals_activities" in available_prompt_sources()
+    assert len(source) == 45 * 3
+    # DDPO: f"{IE.a(animal)} {activity}"; "ant" is the list's only vowel-initial animal
+    assert source.prompts[:4] == [
+        "a cat washing the dishes", "a cat riding a bike", "a cat playing chess", "a dog washing the dishes",
+    ]
+    assert [p for p in source.prompts if p.startswith("an ")] == [
+        "an ant washing the dishes", "an ant riding a bike", "an ant playing chess",
+    ]
+    assert len(set(source.prompts)) == 135
+
+
+def test_shapes_split_counts() -> None:
+    counts = {"train_single": 72, "train_pair": 404, "train": 476, "val_single": 12,
+              "val_seen": 100, "val_unseen": 216, "val_pair": 316, "val": 328}
+    for split, count in counts.items():
+        assert len(build_prompt_source(f"shapes/{split}")) == count, split
+
+
+def test_sampling_resumes_where_it_stopped() -> None:
+    # epochs 0..5 drawn in one go equal epochs 0..2, then a fresh process (new source) drawing 3..5
+    whole = build_prompt_source("ddpo/animals_activities")
+    uninterrupted = [whole.sample(8, seed=3, epoch=e) for e in range(6)]
+    first = build_prompt_source("ddpo/animals_activities")
+    before = [first.sample(8, seed=3, epoch=e) for e in range(3)]
+    resumed = build_prompt_source("ddpo/animals_activities")
+    after = [resumed.sample(8, seed=3, epoch=e) for e in range(3, 6)]
+    assert before + after == uninterrupted

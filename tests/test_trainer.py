@@ -192,3 +192,12 @@ def test_composite_reward_components_are_logged(tiny_sd, tmp_path):
     bright_key, jpeg_key = "reward_reward_fns:brightness_mean", "reward_jpeg_compressibility_mean"
     assert {bright_key, jpeg_key} <= set(r)
     assert r["reward_mean"] == pytest.approx(2.0 * r[bright_key] + 0.5 * r[jpeg_key], rel=1e-5)
+
+
+def test_kl_to_base_is_zero_at_start_and_penalty_pulls_back(tiny_sd, tmp_path):
+    # Epoch 0 trains from a fresh adapter (lora_B = 0): the policy IS the base model until its first step.
+    rows = run(tiny_sd, tmp_path / "a", num_epochs=2, **{"train.log_kl_to_base": True, "train.learning_rate": 0.05})
+    assert rows[0]["kl_to_base"] >= 0 and rows[1]["kl_to_base"] > 0
+    penalised = run(tiny_sd, tmp_path / "b", num_epochs=2,
+                    **{"train.kl_coef": 1e6, "train.log_kl_to_base": True, "train.learning_rate": 0.05})
+    assert penalised[1]["kl_to_base"] < rows[1]["kl_to_base"]

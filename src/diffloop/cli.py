@@ -4,6 +4,10 @@
     diffloop check-config [CONFIG.yaml] [key=value ...]  validate and print the resolved config
     diffloop sample MODEL_OR_RUN --prompt TEXT ...       generate images from a base model or a run
     diffloop shapes pretrain [...]                       pretrain the shapes-world model
+    diffloop eval TARGET [--compare TARGET ...] ...      held-out rewards + image grids of models or runs
+    diffloop report RUN_DIR [RUN_DIR ...]                self-contained HTML report of one or more runs
+    diffloop compare SWEEP.yaml                          budget-matched algorithm x setting x seed sweep
+    diffloop variance [CONFIG] --algorithms loop,ppo     gradient-estimator variance at fixed parameters
     diffloop serve-reward NAME [--port P ...]            serve a registry reward over HTTP (JSON + PNG)
 Multi-process: ``accelerate launch -m diffloop train CONFIG ...`` (or torchrun).
 """
@@ -78,12 +82,40 @@ def cmd_serve_reward(argv: list[str]) -> int:
     return serve_main(argv)
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from diffloop.evaluate import eval_main
+
+    return eval_main(argv)
+
+
+def cmd_report(argv: list[str]) -> int:
+    from diffloop.report import report_main
+
+    return report_main(argv)
+
+
+def cmd_compare(argv: list[str]) -> int:
+    from diffloop.sweep import compare_main
+
+    return compare_main(argv)
+
+
+def cmd_variance(argv: list[str]) -> int:
+    from diffloop.variance import variance_main
+
+    return variance_main(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
     "check-config": cmd_check_config,
     "sample": cmd_sample,
     "shapes": cmd_shapes,
     "serve-reward": cmd_serve_reward,
+    "eval": cmd_eval,
+    "report": cmd_report,
+    "compare": cmd_compare,
+    "variance": cmd_variance,
 }
 
 

@@ -105,6 +105,11 @@ class TrainConfig:
     """ppo: per-prompt samples needed before its own statistics replace the batch's."""
     grpo_eps: float = 1e-4
     """grpo: added to the group std."""
+    kl_coef: float = 0.0
+    """Weight of a KL(policy || base model) penalty per step (the base is the UNet with its LoRA adapter
+    disabled: no second copy). Costs one extra forward per trained step. 0 disables."""
+    log_kl_to_base: bool = False
+    """Log ``kl_to_base`` each epoch even when kl_coef is 0 (one extra forward per trained step)."""
 
 
 @dataclass
@@ -407,6 +412,12 @@ def validate(config: Config, num_processes: int = 1) -> None:
     _check(
         t.lr_scheduler in ("constant", "constant_with_warmup", "linear", "cosine"),
         f"train.lr_scheduler='{t.lr_scheduler}' must be constant, constant_with_warmup, linear or cosine",
+    )
+    _check(t.kl_coef >= 0, f"train.kl_coef={t.kl_coef} must be >= 0")
+    _check(
+        not ((t.kl_coef > 0 or t.log_kl_to_base) and not config.lora.enabled),
+        "train.kl_coef / train.log_kl_to_base need lora.enabled=true: the base model is the UNet with "
+        "its LoRA adapter disabled",
     )
     _check(t.stat_tracking_buffer >= 1, "train.stat_tracking_buffer must be >= 1")
     _check(

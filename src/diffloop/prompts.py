@@ -5,7 +5,12 @@ Sources (``available_prompt_sources()``):
     file                      a text file (``path=``): one prompt a line; blank lines and lines
                               starting with '#' are skipped; surrounding whitespace is stripped
     ddpo/<name>               DDPO's lists (simple_animals, imagenet_classes, activities; MIT)
-    t2i-compbench/<stem>      every T2I-CompBench file, e.g. color_train, shape_val_unseen (MIT)
+    ddpo/animals_activities   DDPO's prompt-alignment prompts: every simple_animals x activities
+                              pair, "a cat riding a bike" (``animals_activities_prompts``)
+    t2i-compbench/<category>_<split>
+                              every T2I-CompBench file: category in color (alias colour), shape,
+                              texture, spatial, non_spatial, complex, numeracy, 3d_spatial; split
+                              in train, val, and val_seen / val_unseen for color, shape, texture (MIT)
     shapes/<split>            the synthetic shapes world, ``diffloop.shapes.world.prompt_splits()``
 
 The packaged lists live in ``diffloop/data`` (read with importlib.resources) with their licences.
@@ -101,11 +106,28 @@ def _packaged(folder: str, filename: str) -> Callable[[], list[str]]:
     return load
 
 
+def indefinite_article(noun: str) -> str:
+    """"an" before a vowel letter, else "a" (enough for DDPO's animal list; inflect is not needed)."""
+    return "an" if noun[:1].lower() in "aeiou" else "a"
+
+
+def animals_activities_prompts() -> list[str]:
+    """DDPO's ``nouns_activities("simple_animals.txt", "activities.txt")`` as a list.
+
+    DDPO draws f"{a/an} {animal} {activity}" with the animal and activity chosen independently and
+    uniformly, which is a uniform draw from this cross product (animal-major order): 45 x 3 prompts.
+    """
+    animals = _packaged("ddpo-prompts", "simple_animals.txt")()
+    activities = _packaged("ddpo-prompts", "activities.txt")()
+    return [f"{indefinite_article(a)} {a} {act}" for a in animals for act in activities]
+
+
 def _packaged_sources() -> dict[str, Callable[[], list[str]]]:
     sources = {
         f"ddpo/{stem}": _packaged("ddpo-prompts", f"{stem}.txt")
         for stem in ("simple_animals", "imagenet_classes", "activities")
     }
+    sources["ddpo/animals_activities"] = animals_activities_prompts
     for entry in sorted((_DATA / "t2i-compbench").iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".txt"):
             stem = entry.name[: -len(".txt")]
@@ -117,6 +139,15 @@ def _packaged_sources() -> dict[str, Callable[[], list[str]]]:
 # handled by build_prompt_source (they take arguments or are resolved lazily).
 PROMPT_SOURCES: dict[str, Callable[[], list[str]]] = _packaged_sources()
 _SPECIAL = ("list", "file", "shapes/<split>")
+# British spelling of the T2I-CompBench category (the issue's "colour") -> the file name's.
+_ALIASES = {"t2i-compbench/colour_": "t2i-compbench/color_"}
+
+
+def _resolve_alias(name: str) -> str:
+    for alias, canonical in _ALIASES.items():
+        if name.startswith(alias):
+            return canonical + name[len(alias) :]
+    return name
 
 
 def available_prompt_sources() -> list[str]:
@@ -159,8 +190,8 @@ def build_prompt_source(
         return PromptSource(f"file:{path}", read_prompt_file(path))
     if name.startswith("shapes/"):
         return PromptSource(name, _shapes_prompts(name[len("shapes/") :]))
-    if name in PROMPT_SOURCES:
-        return PromptSource(name, PROMPT_SOURCES[name]())
+    if _resolve_alias(name) in PROMPT_SOURCES:
+        return PromptSource(_resolve_alias(name), PROMPT_SOURCES[_resolve_alias(name)]())
     names = available_prompt_sources()
     raise ValueError(
         f"unknown prompt source {name!r}.{_closest(name, names)} Available: {', '.join(names)}"

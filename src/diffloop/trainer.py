@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from diffloop import checkpoint
 from diffloop.algorithms import ALGORITHMS, make_stat_tracker
+from diffloop.core import gaussian_kl
 from diffloop.config import Config, derived_arithmetic, num_trained_timesteps, validate
 from diffloop.distributed import Distributed
 from diffloop.policies.base import Trajectories, iter_chunks
@@ -231,8 +232,15 @@ class Trainer:
         s, t = self.config.sample, self.config.train
         rows = torch.arange(len(batch), device=step.device)
         old_log_prob = batch.log_probs[rows, step]
-        log_prob = self.policy.step_log_prob(batch, step, eta=s.eta, guidance_scale=s.guidance_scale)
+        log_prob, mean, std = self.policy.step_log_prob_and_mean(batch, step, eta=s.eta, guidance_scale=s.guidance_scale)
         loss = self.algorithm.loss_fn(log_prob, old_log_prob, adv, t.clip_range).mean()
+        kl = None
+        if t.kl_coef > 0 or t.log_kl_to_base:
+            with torch.no_grad(), self.policy.reference():
+                ref_mean, _ = self.policy.step_distribution(batch, step, eta=s.eta, guidance_scale=s.guidance_scale)
+            kl = gaussian_kl(mean, ref_mean, std, t.logprob_reduction)  # (M,)
+            if t.kl_coef > 0:
+                loss = loss + t.kl_coef * kl.mean()
         self.grad_scaler.scale(loss / scale).backward()
         with torch.no_grad():
             log_ratio = log_prob.detach() - old_log_prob
@@ -243,6 +251,8 @@ class Trainer:
                 "clipfrac": ((ratio - 1).abs() > t.clip_range).float().mean().item(),
                 "ratio_mean": ratio.mean().item(),
             }
+            if kl is not None:
+                out["kl_to_base"] = kl.mean().item()
             if on_policy:
                 out["onpolicy_logprob_err"] = log_ratio.abs().max().item()
         return out

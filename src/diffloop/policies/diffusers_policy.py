@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from diffloop.config import LoraConfig, ModelConfig
-from diffloop.core import ddim_step_with_logprob
+from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob, gaussian_log_prob
 from diffloop.policies.base import Trajectories, iter_chunks
 
 logger = logging.getLogger(__name__)
@@ -259,7 +259,9 @@ class DDIMPolicy:
         guidance_scale: float,
         negative_prompt: str = "",
     ) -> Trajectories:
-        """Sample len(prompts) trajectories; generator i alone drives sample i's initial noise and steps."""
+        """Sample len(prompts) trajectories; generator i alone drives sample i's initial noise and steps.
+
+        eta = 0 gives deterministic DDIM (for evaluation); its log-probs are NaN (a point mass)."""
         if len(generators) != len(prompts):
             raise ValueError(f"need one generator per prompt, got {len(generators)} for {len(prompts)}")
         self._set_steps(num_steps)
@@ -275,15 +277,19 @@ class DDIMPolicy:
             t_batch = t.expand(n).to(self.device)
             with self._autocast():
                 model_output = self._guided_prediction(x, t_batch, prompt_embeds, negative_embeds, guidance_scale)
-            x, log_prob = ddim_step_with_logprob(
-                self.scheduler,
-                model_output.float(),
-                t_batch,
-                x,
-                eta,
-                generator=generators,
-                logprob_reduction=self.logprob_reduction,
-            )
+            if eta > 0:
+                x, log_prob = ddim_step_with_logprob(
+                    self.scheduler,
+                    model_output.float(),
+                    t_batch,
+                    x,
+                    eta,
+                    generator=generators,
+                    logprob_reduction=self.logprob_reduction,
+                )
+            else:  # deterministic DDIM (evaluation): no density, log-probs are NaN
+                x = ddim_step_mean_std(self.scheduler, model_output.float(), t_batch, x, 0.0)[0]
+                log_prob = torch.full((n,), float("nan"), device=x.device)
             latents.append(x)
             log_probs.append(log_prob)
         return Trajectories(
@@ -295,29 +301,35 @@ class DDIMPolicy:
             images=self.decode(x),
         )
 
-    def step_log_prob(
+    def step_distribution(
         self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
-    ) -> torch.Tensor:
-        """log p_theta(x_{t-1} | x_t, c) of the recorded transitions at per-sample step ``step`` (M,)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (M, C, H, W) and std (broadcastable) of p_theta(x_{t-1} | x_t, c) at per-sample ``step`` (M,)."""
         self._set_steps(traj.timesteps.shape[1])
         rows = torch.arange(len(traj), device=step.device)
         x_t = traj.latents[rows, step]
-        x_prev = traj.latents[rows, step + 1]
         t = traj.timesteps[rows, step]
         with self._autocast():
             model_output = self._guided_prediction(
                 x_t, t, traj.prompt_embeds, traj.negative_prompt_embeds, guidance_scale
             )
-        _, log_prob = ddim_step_with_logprob(
-            self.scheduler,
-            model_output.float(),
-            t,
-            x_t,
-            eta,
-            prev_sample=x_prev,
-            logprob_reduction=self.logprob_reduction,
-        )
-        return log_prob
+        mean, std, _ = ddim_step_mean_std(self.scheduler, model_output.float(), t, x_t, eta)
+        return mean, std
+
+    def step_log_prob(
+        self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
+    ) -> torch.Tensor:
+        """log p_theta(x_{t-1} | x_t, c) of the recorded transitions at per-sample step ``step`` (M,)."""
+        return self.step_log_prob_and_mean(traj, step, eta=eta, guidance_scale=guidance_scale)[0]
+
+    def step_log_prob_and_mean(
+        self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log_prob (M,), mean, std) of the recorded transitions; the mean feeds the KL penalty."""
+        mean, std = self.step_distribution(traj, step, eta=eta, guidance_scale=guidance_scale)
+        rows = torch.arange(len(traj), device=step.device)
+        x_prev = traj.latents[rows, step + 1]
+        return gaussian_log_prob(x_prev, mean, std, self.logprob_reduction), mean, std
 
     def _autocast(self):
         enabled = self.weight_dtype != torch.float32
