@@ -74,7 +74,8 @@ def test_save_load_round_trip_is_exact(tiny: dict, tmp_path: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(tmp_path / "text_encoder" / "model.safetensors", "pt") as f:
-        assert all(k.startswith("text_model.") for k in f.keys())  # loads in transformers 4 too
+        keys = list(f.keys())
+    assert keys and all(k.startswith("text_model.") for k in keys)  # loads in transformers 4 too
     loaded = sm.load_components(tmp_path)
     assert loaded["scheduler"].config.steps_offset == 1
     assert loaded["scheduler"].config.clip_sample is False
@@ -93,6 +94,20 @@ def test_save_load_round_trip_is_exact(tiny: dict, tmp_path: Path) -> None:
     ]
     assert images[0].shape == (2, 3, 32, 32)
     torch.testing.assert_close(images[0], images[1], rtol=0, atol=0)
+
+
+def test_guidance_with_the_prompt_as_negative_equals_no_guidance(tiny: dict) -> None:
+    # eps_u + w (eps_c - eps_u) = eps_c when the negative prompt is the prompt, for any w.
+    prompt = "a striped red circle and a blue cross"
+
+    def sample(**kw: object) -> torch.Tensor:
+        return sm.generate(
+            tiny, [prompt], num_steps=3, eta=1.0, generator=torch.Generator().manual_seed(3), **kw
+        )
+
+    guided = sample(guidance_scale=5.0, negative_prompt=prompt)
+    torch.testing.assert_close(guided, sample(guidance_scale=1.0), rtol=0, atol=1e-5)
+    assert (guided - sample(guidance_scale=5.0)).abs().max() > 1e-3  # the empty negative differs
 
 
 def test_diffusion_targets_match_diffusers(tiny: dict) -> None:

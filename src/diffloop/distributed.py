@@ -61,6 +61,10 @@ class Distributed:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         return float(self.accelerator.reduce(t, reduction="sum").item())
 
+    def all_true(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every process."""
+        return self.sum_scalar(float(bool(flag))) == self.world_size
+
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """All-reduce (mean) the accumulated gradients of ``params``, flattened into one buffer."""
         if self.world_size == 1:

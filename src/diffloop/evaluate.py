@@ -346,10 +346,10 @@ def evaluate_model(
     specs = [targets] if isinstance(targets, str) else list(targets)
     if not specs:
         raise ValueError("give at least one target")
-    if images_per_prompt < 1 or batch_size < 1 or eta < 0:
+    if images_per_prompt < 1 or batch_size < 1 or grid_prompts < 1 or eta < 0:
         raise ValueError(
-            f"need images_per_prompt >= 1, batch_size >= 1, eta >= 0; got "
-            f"{images_per_prompt}, {batch_size}, {eta}"
+            "need images_per_prompt, batch_size, grid_prompts >= 1 and eta >= 0; got "
+            f"{images_per_prompt}, {batch_size}, {grid_prompts}, {eta}"
         )
     resolved = unique_labels([resolve_target(s) for s in specs])
     source_name, prompt_list = load_prompts(prompts, num_prompts)

@@ -36,3 +36,17 @@ def save_grid(images: torch.Tensor, path: str | Path, ncols: int | None = None, 
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
     img.save(path)
     return grid
+
+
+def stack_vertically(paths: list[str | Path], out: str | Path, gap: int = 8) -> None:
+    """Stack PNG files top to bottom (white gaps) into one PNG, e.g. before / after grids."""
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    width = max(im.width for im in images)
+    canvas = Image.new("RGB", (width, sum(im.height for im in images) + gap * (len(images) - 1)), "white")
+    y = 0
+    for im in images:
+        canvas.paste(im, (0, y))
+        y += im.height + gap
+    canvas.save(out)

@@ -25,6 +25,7 @@ from diffloop.algorithms import ALGORITHMS, make_stat_tracker
 from diffloop.core import gaussian_kl
 from diffloop.config import Config, derived_arithmetic, num_trained_timesteps, validate
 from diffloop.distributed import Distributed
+from diffloop.monitors import image_statistics
 from diffloop.policies.base import Trajectories, iter_chunks
 from diffloop.policies.diffusers_policy import load_policy
 from diffloop.prompts import build_prompt_source
@@ -101,19 +102,20 @@ class Trainer:
         self._print_header()
         history = []
         if self.eval_source is not None and self.start_epoch == 0:
-            self.run.log({"epoch": -1, **self.evaluate(tag="base")})
+            self.run.log({"epoch": -1, **self.evaluate(tag="base", step=0)})
         for epoch in range(self.start_epoch, cfg.num_epochs):
             metrics = self.run_epoch(epoch)
             last = epoch + 1 == cfg.num_epochs
             every = cfg.eval.every_n_epochs
             if self.eval_source is not None and (last or (every and (epoch + 1) % every == 0)):
-                metrics.update(self.evaluate(tag=f"epoch_{epoch + 1:04d}"))
+                metrics.update(self.evaluate(tag=f"epoch_{epoch + 1:04d}", step=epoch + 1))
             self.run.log(metrics)
             history.append(metrics)
             self._print_epoch(metrics)
             if last or (epoch + 1) % cfg.checkpoint_every == 0:
                 self.save_checkpoint(epoch + 1)
         self.export()
+        self._print_summary()
         self.run.close()
         return history
 
@@ -129,6 +131,7 @@ class Trainer:
         traj, scores, timing = self.sample_and_score(sample_prompts[local], seeds, metadata)
         t1 = time.perf_counter()
         rewards = self.dist.gather(scores.scores.float()).view(s.prompts_per_epoch, s.samples_per_prompt)  # (B, K)
+        monitors = self._image_monitors(traj.images, local)
         advantages = self.algorithm.advantages(rewards, prompts, cfg.train, self.stat_tracker)  # (B, K)
         train_stats = self.optimise(traj, advantages.reshape(-1)[local].to(self.dist.device), epoch)
         t2 = time.perf_counter()
@@ -136,6 +139,7 @@ class Trainer:
             "epoch": epoch,
             **reward_statistics(rewards, advantages),
             **self._component_means(scores),
+            **monitors,
             "reward_invalid": int(self.dist.sum_scalar(scores.num_invalid)),
             "prompts_seen": (epoch + 1) * s.prompts_per_epoch,
             "reward_queries": (epoch + 1) * len(sample_prompts),
@@ -186,6 +190,15 @@ class Trainer:
         t2 = time.perf_counter()
         timing = {"sample": t1 - t0 - reward_wait, "reward": reward_wait + (t2 - t1)}
         return Trajectories.cat(parts), concat_scores(results), timing
+
+    def _image_monitors(self, images: torch.Tensor, local: slice) -> dict[str, float]:
+        """Over-optimisation monitors (brightness, saturation, diversity within a prompt's group)."""
+        k = self.config.sample.samples_per_prompt
+        aligned = local.start % k == 0 and (local.stop - local.start) % k == 0
+        stats = image_statistics(images, group_size=k if aligned else 1)
+        if self.dist.world_size > 1 and "monitor_group_diversity" in stats and not self.dist.all_true(aligned):
+            del stats["monitor_group_diversity"]
+        return {key: self.dist.mean_scalar(value) for key, value in stats.items()}
 
     def _component_means(self, scores: RewardScores) -> dict[str, float]:
         """reward_<component>_mean over all processes, for composite rewards."""
@@ -273,7 +286,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, tag: str) -> dict[str, Any]:
+    def evaluate(self, tag: str, step: int = 0) -> dict[str, Any]:
         """Held-out reward on fixed prompts and fixed noise; writes an image grid ``eval/<tag>.png``."""
         e = self.config.eval
         t0 = time.perf_counter()
@@ -305,9 +318,11 @@ class Trainer:
         if self.dist.is_main and images:
             from diffloop.images import save_grid
 
-            grid = save_grid(torch.cat(images), Path(self.config.output_dir) / "eval" / f"{tag}.png",
-                             ncols=e.samples_per_prompt * max(1, min(4, e.num_prompts)))
-            self.run.log_image(f"eval/{tag}", grid, step=0)
+            all_images = torch.cat(images)
+            grid = save_grid(all_images, Path(self.config.output_dir) / "eval" / f"{tag}.png",
+                             ncols=e.samples_per_prompt * max(1, min(4, e.num_prompts)),
+                             upscale=max(1, 128 // all_images.shape[-1]))  # tiny images stay viewable
+            self.run.log_image("eval/images", grid, step=step)
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -386,6 +401,28 @@ class Trainer:
         )
         for line in self.arithmetic.lines():
             print("  " + line)
+
+    def _print_summary(self) -> None:
+        """The one-line verdict (base -> trained held-out reward) and a before/after image grid."""
+        if not self.dist.is_main or self.eval_source is None:
+            return
+        from diffloop.run_dir import read_metrics
+
+        evals = [r for r in read_metrics(self.run.metrics_path) if "eval_reward_mean" in r]
+        if len(evals) < 2 or evals[0]["epoch"] != -1:
+            return
+        label = "binding reward" if self.config.reward.name == "shapes_binding" else f"{self.config.reward.name} reward"
+        print(
+            f"{label} on held-out prompts: base {evals[0]['eval_reward_mean']:.4f} -> trained "
+            f"{evals[-1]['eval_reward_mean']:.4f} ({self.config.eval.prompts}, "
+            f"{self.config.eval.num_prompts} prompts x {self.config.eval.samples_per_prompt} images)"
+        )
+        eval_dir = Path(self.config.output_dir) / "eval"
+        before, after = eval_dir / "base.png", eval_dir / f"epoch_{evals[-1]['epoch'] + 1:04d}.png"
+        if before.is_file() and after.is_file():
+            from diffloop.images import stack_vertically
+
+            stack_vertically([before, after], eval_dir / "before_after.png")
 
     def _print_epoch(self, m: dict[str, Any]) -> None:
         if not self.dist.is_main:

@@ -224,6 +224,8 @@ def score(
     name = reward_name(reward)
     try:
         output = reward(images, list(prompts), list(metadata))
+    except RewardError:
+        raise  # already says what failed and what to do (remote and composite rewards)
     except Exception as exc:
         raise RewardError(
             f"reward {name!r} raised {type(exc).__name__}: {exc}. The run keeps its last "

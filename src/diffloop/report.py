@@ -1,0 +1,334 @@
+"""``diffloop report RUN_DIR [RUN_DIR ...]``: one self-contained HTML page about training runs.
+
+The page holds, for every run: a summary row, the curves of its metrics.jsonl (several runs overlaid
+on the same axes, one colour per run), its before/after evaluation grids (``eval/base.png`` and the
+newest ``eval/epoch_*.png``) and its resolved config (config.yaml). Every image is embedded as a
+base64 ``data:`` URI, so the one HTML file can be mailed or archived; the plots are also written as
+PNG files to ``<output stem>_plots/``.
+
+x axis of every curve: training epochs completed when the quantity was measured.
+    reward_*, monitor_*, kl_to_base (samples of epoch e, drawn before its update):   x = e
+    approx_kl, clipfrac, ratio_mean, grad_norm, loss (the update of epoch e):         x = e + 1
+    eval_* (evaluated after epoch e's update; the row with epoch -1 is the base):     x = e + 1
+so x = 0 is the base model for both the training and the evaluation reward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Plots: (key, title, band key for +- std or None). Absent keys are skipped.
+REWARD_PLOTS = (
+    ("reward_mean", "Training reward (mean +- std over the epoch's samples)", "reward_std"),
+    (
+        "eval_reward_mean",
+        "Evaluation reward (fixed prompts and noise; mean +- std)",
+        "eval_reward_std",
+    ),
+)
+POLICY_PLOTS = (
+    ("approx_kl", "Approximate KL(old || new), 1/2 E[(log ratio)^2]", None),
+    ("clipfrac", "Fraction of clipped ratios", None),
+    ("ratio_mean", "Mean importance ratio", None),
+    ("grad_norm", "Gradient norm (before clipping)", None),
+)
+MONITOR_KEYS = ("reward_group_std_mean", "reward_zero_spread_groups", "kl_to_base")
+UPDATE_KEYS = frozenset(
+    {"approx_kl", "clipfrac", "ratio_mean", "ratio_max_dev", "grad_norm", "loss"}
+)
+EVAL_GRID_RE = re.compile(r"^epoch_(\d+)\.png$")
+
+
+@dataclass
+class RunData:
+    """What the report reads from one run directory.
+
+    Fields:
+        name:        label in legends and headings (the directory name, made unique).
+        path:        the run directory.
+        config_text: config.yaml as written by the trainer (the resolved config).
+        config:      the same, parsed.
+        rows:        metrics.jsonl rows (epoch -1: the evaluation before training).
+        grids:       (caption, PNG path) of the before / after evaluation grids.
+    """
+
+    name: str
+    path: Path
+    config_text: str
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+    grids: list[tuple[str, Path]] = field(default_factory=list)
+
+
+def eval_grids(run_dir: Path) -> list[tuple[str, Path]]:
+    """Before (eval/base.png) and after (the highest eval/epoch_N.png) grids that exist."""
+    folder = run_dir / "eval"
+    out = []
+    if (folder / "base.png").is_file():
+        out.append(("before training (base model)", folder / "base.png"))
+    epochs = [
+        (int(m.group(1)), p)
+        for p in folder.glob("epoch_*.png")
+        if (m := EVAL_GRID_RE.match(p.name))
+    ]
+    if epochs:
+        epoch, path = max(epochs)
+        out.append((f"after epoch {epoch}", path))
+    return out
+
+
+def load_run(run_dir: str | Path, name: str | None = None) -> RunData:
+    """Read config.yaml, metrics.jsonl and the eval grids of a run; ValueError if not a run."""
+    import yaml
+
+    from diffloop.run_dir import read_metrics
+
+    path = Path(run_dir)
+    config_path = path / "config.yaml"
+    if not config_path.is_file():
+        raise ValueError(f"'{path}' is not a run directory (no config.yaml)")
+    text = config_path.read_text()
+    return RunData(
+        name=name or path.resolve().name,
+        path=path,
+        config_text=text,
+        config=yaml.safe_load(text) or {},
+        rows=read_metrics(path / "metrics.jsonl"),
+        grids=eval_grids(path),
+    )
+
+
+def unique_names(paths: Sequence[Path]) -> list[str]:
+    """Directory names; parent/name where two runs share a name; "#i" if still not unique."""
+    names = [p.resolve().name for p in paths]
+    longer = [
+        "/".join(p.resolve().parts[-2:]) if names.count(n) > 1 else n
+        for p, n in zip(paths, names, strict=True)
+    ]
+    return [n if longer.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(longer)]
+
+
+def x_offset(key: str) -> int:
+    """Epochs completed at measurement = row epoch + this offset (module doc)."""
+    return 1 if key.startswith("eval_") or key in UPDATE_KEYS else 0
+
+
+def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(x, y) of ``key`` over the rows that have it as a number; x per x_offset(key)."""
+    xs, ys = [], []
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            xs.append(int(row["epoch"]) + x_offset(key))
+            ys.append(float(value))
+    return xs, ys
+
+
+def monitor_keys(runs: Sequence[RunData]) -> list[str]:
+    """The over-optimisation monitors any run logged: monitor_* and MONITOR_KEYS, in that order."""
+    keys = {k for run in runs for row in run.rows for k in row}
+    return sorted(k for k in keys if k.startswith("monitor_")) + [
+        k for k in MONITOR_KEYS if k in keys
+    ]
+
+
+def component_keys(runs: Sequence[RunData]) -> list[str]:
+    """Per-component reward means of composite rewards: reward_<name>_mean."""
+    keys = {k for run in runs for row in run.rows for k in row}
+    skip = {"reward_mean", "reward_group_std_mean"}
+    return sorted(
+        k for k in keys if k.startswith("reward_") and k.endswith("_mean") and k not in skip
+    )
+
+
+def plot_metric(
+    runs: Sequence[RunData], key: str, title: str, band: str | None, path: Path
+) -> bool:
+    """One PNG: ``key`` against epochs completed, one line per run (+- ``band`` shaded).
+
+    Returns False (and writes nothing) when no run logged ``key``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    if not any(series(run.rows, key)[0] for run in runs):
+        return False
+    fig, ax = plt.subplots(figsize=(6.0, 3.4), dpi=100)
+    for i, run in enumerate(runs):
+        xs, ys = series(run.rows, key)
+        if not xs:
+            continue
+        color = f"C{i % 10}"
+        ax.plot(xs, ys, marker="o", markersize=3, color=color, label=run.name)
+        if band is not None:
+            bx, spread = series(run.rows, band)
+            lookup = dict(zip(bx, spread, strict=True))
+            pairs = [(x, y, lookup[x]) for x, y in zip(xs, ys, strict=True) if x in lookup]
+            if pairs:
+                px, py, ps = zip(*pairs, strict=True)
+                lo = [y - s for y, s in zip(py, ps, strict=True)]
+                hi = [y + s for y, s in zip(py, ps, strict=True)]
+                ax.fill_between(px, lo, hi, color=color, alpha=0.2, linewidth=0)
+    ax.set_title(title, fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epochs completed")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return True
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4g}"
+    return "n/a" if value is None else html.escape(str(value))
+
+
+def summary_row(run: RunData) -> list[Any]:
+    """Run, algorithm, model, reward, epochs, last training reward, base / last eval reward."""
+    cfg = run.config
+    train = [r for r in run.rows if r.get("epoch", -1) >= 0]
+    evals = [r for r in run.rows if "eval_reward_mean" in r]
+    base = next((r["eval_reward_mean"] for r in evals if r["epoch"] == -1), None)
+    last = next((r["eval_reward_mean"] for r in reversed(evals) if r["epoch"] >= 0), None)
+    reward = cfg.get("reward", {})
+    reward_name = reward.get("name") if isinstance(reward, dict) else reward
+    return [
+        run.name,
+        cfg.get("train", {}).get("algorithm"),
+        cfg.get("model", {}).get("pretrained"),
+        reward_name,
+        len(train),
+        train[-1].get("reward_mean") if train else None,
+        base,
+        last,
+    ]
+
+
+SUMMARY_HEADER = (
+    "run",
+    "algorithm",
+    "model",
+    "reward",
+    "epochs",
+    "last train reward",
+    "eval before",
+    "eval after",
+)
+CSS = """
+body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1300px; }
+table { border-collapse: collapse; margin: 8px 0 16px; }
+td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: left; font-size: 14px; }
+.plots img { width: 600px; max-width: 48%; margin: 4px; border: 1px solid #eee; }
+.grids figure { display: inline-block; margin: 8px; vertical-align: top; }
+.grids img { width: 560px; max-width: 100%; image-rendering: pixelated; }
+pre { background: #f6f6f6; padding: 8px; font-size: 12px; overflow-x: auto; }
+"""
+
+
+def _section_plots(title: str, plots: list[tuple[str, Path]], note: str = "") -> str:
+    if not plots:
+        return ""
+    imgs = "\n".join(f'<img alt="{html.escape(k)}" src="{data_uri(p)}">' for k, p in plots)
+    return f"<h2>{html.escape(title)}</h2>{note}<div class='plots'>{imgs}</div>"
+
+
+def render_html(
+    runs: Sequence[RunData], plot_sections: list[tuple[str, list[tuple[str, Path]]]]
+) -> str:
+    """The report page: summary, plot sections, before/after grids and configs, images inlined."""
+    head = "".join(f"<th>{h}</th>" for h in SUMMARY_HEADER)
+    body_rows = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in summary_row(r)) + "</tr>" for r in runs
+    )
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>diffloop report: {html.escape(', '.join(r.name for r in runs))}</title>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>diffloop training report</h1>",
+        f"<table><tr>{head}</tr>{body_rows}</table>",
+        "<p>x axes: training epochs completed when measured (0 = the base model). Training rewards "
+        "are those of each epoch's samples; evaluation uses fixed prompts and noise.</p>",
+    ]
+    parts += [_section_plots(title, plots) for title, plots in plot_sections]
+    parts.append("<h2>Evaluation images: before and after</h2>")
+    for run in runs:
+        figures = "".join(
+            f"<figure><img alt='{html.escape(caption)}' src='{data_uri(p)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            for caption, p in run.grids
+        )
+        figures = figures or "no evaluation grids"
+        parts.append(f"<h3>{html.escape(run.name)}</h3><div class='grids'>{figures}</div>")
+    parts.append("<h2>Resolved configs</h2>")
+    for run in runs:
+        parts.append(
+            f"<h3>{html.escape(run.name)} <small>({html.escape(str(run.path))})</small></h3>"
+        )
+        parts.append(f"<pre>{html.escape(run.config_text)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
+    """Write the HTML report and its PNG plots (``<output stem>_plots/``); returns the HTML path."""
+    if not run_dirs:
+        raise ValueError("give at least one run directory")
+    paths = [Path(p) for p in run_dirs]
+    runs = [load_run(p, name) for p, name in zip(paths, unique_names(paths), strict=True)]
+    output = Path(output)
+    plot_dir = output.with_name(output.stem + "_plots")
+
+    def make(specs: Sequence[tuple[str, str, str | None]]) -> list[tuple[str, Path]]:
+        made = []
+        for key, title, band in specs:
+            path = plot_dir / f"{key}.png"
+            if plot_metric(runs, key, title, band, path):
+                made.append((key, path))
+        return made
+
+    sections = [
+        ("Rewards", make(REWARD_PLOTS)),
+        ("Reward components", make([(k, k, None) for k in component_keys(runs)])),
+        ("Policy statistics", make(POLICY_PLOTS)),
+        ("Over-optimisation monitors", make([(k, k, None) for k in monitor_keys(runs)])),
+    ]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(render_html(runs, sections), encoding="utf-8")
+    return output
+
+
+def report_main(argv: list[str]) -> int:
+    """``diffloop report``; returns the exit code (2 on a usage error, message on stderr)."""
+    import sys
+
+    ap = argparse.ArgumentParser(prog="diffloop report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    ap.add_argument("--output", type=Path, default=Path("report.html"))
+    args = ap.parse_args(argv)
+    try:
+        path = write_report(args.run_dirs, args.output)
+    except ValueError as e:
+        print(f"diffloop report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} (plots in {path.with_name(path.stem + '_plots')})")
+    return 0

@@ -1,0 +1,255 @@
+"""``diffloop eval``: eval.json statistics, the fixed-noise rule, targets, compare, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from diffloop.cli import main as cli_main
+from diffloop.evaluate import (
+    _parse_reward_kwargs,
+    eval_main,
+    image_seeds,
+    resolve_target,
+    summarise,
+    unique_labels,
+)
+from diffloop.trainer import derive_seed
+
+STEPS = ["--steps", "3", "--guidance-scale", "3.0"]
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory) -> Path:
+    """A 2-epoch LoRA run of the shipped shapes model, with checkpoints after epochs 1 and 2."""
+    out = tmp_path_factory.mktemp("eval") / "run_a"
+    overrides = {
+        "output_dir": out,
+        "num_epochs": 2,
+        "sample.num_steps": 3,
+        "sample.prompts_per_epoch": 2,
+        "sample.samples_per_prompt": 2,
+        "sample.batch_size": 4,
+        "train.batch_size": 4,
+        "train.learning_rate": 0.05,
+        "train.clip_range": 0.2,
+        "eval.prompts": "null",
+        "keep_checkpoints": 2,
+        "logging.progress_bars": False,
+        "logging.tensorboard": False,
+    }
+    assert cli_main(["train", *[f"{k}={v}" for k, v in overrides.items()]]) == 0
+    return out
+
+
+def run_eval(
+    out: Path, *targets: str, extra: list[str] = (), rewards=("reward_fns:brightness",)
+) -> dict:
+    argv = [targets[0]]
+    if len(targets) > 1:
+        argv += ["--compare", *targets[1:]]
+    argv += [
+        "--prompts",
+        "shapes/val_pair",
+        "--num-prompts",
+        "2",
+        "--images-per-prompt",
+        "2",
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+        *STEPS,
+        *extra,
+    ]
+    for r in rewards:
+        argv += ["--reward", r]
+    assert eval_main(argv) == 0
+    return json.loads((out / "eval.json").read_text())
+
+
+def test_summarise_hand_values() -> None:
+    s = summarise(torch.tensor([[1.0, 2.0], [3.0, float("nan")]]))
+    # valid 1, 2, 3: mean 2, sample std 1, sem 1/sqrt(3)
+    assert s == pytest.approx({"mean": 2.0, "std": 1.0, "sem": 1 / math.sqrt(3), "n": 3}, abs=1e-12)
+    assert summarise(torch.tensor([5.0])) == {"mean": 5.0, "std": 0.0, "sem": 0.0, "n": 1}
+    assert summarise(torch.tensor([float("nan")])) == {
+        "mean": None,
+        "std": None,
+        "sem": None,
+        "n": 0,
+    }
+
+
+def test_eval_of_a_run_writes_valid_eval_json(shapes_run, tmp_path, capsys) -> None:
+    out = tmp_path / "eval"
+    result = run_eval(out, str(shapes_run), rewards=("reward_fns:brightness", "shapes_binding"))
+    (target,) = result["targets"]
+    assert target["kind"] == "run" and target["label"] == "run_a"
+    assert target["checkpoint"].endswith("epoch_000002")  # the newest checkpoint
+    assert result["settings"]["num_steps"] == 3 and result["settings"]["eta"] == 0.0
+    prompts = ["a red circle and a yellow cross", "a solid red circle and a striped yellow cross"]
+    for name in ("reward_fns:brightness", "shapes_binding"):
+        rows = target["per_prompt"][name]
+        assert [r["prompt"] for r in rows] == prompts
+        values = [v for r in rows for v in r["scores"]]
+        assert len(values) == 4 and all(isinstance(v, float) for v in values)
+        for r in rows:
+            assert r["mean"] == pytest.approx(sum(r["scores"]) / 2, abs=1e-9)
+        mean = sum(values) / 4
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)
+        stats = target["rewards"][name]
+        assert stats["n"] == 4 and stats["n_invalid"] == 0
+        assert stats["mean"] == pytest.approx(mean, abs=1e-9)
+        assert stats["std"] == pytest.approx(std, abs=1e-9)
+        assert stats["sem"] == pytest.approx(std / 2, abs=1e-9)
+    # rows = prompts, columns = images; 32 px images upscaled x4: (2 (32 + 2) + 2) x 4 = 280
+    with Image.open(out / target["grid"]) as grid:
+        assert grid.size == (280, 280)
+    assert "run_a" in capsys.readouterr().out
+
+
+def test_seed_rule_and_determinism(shapes_run, tiny_sd, tmp_path) -> None:
+    """Image j of prompt i uses derive_seed(seed, i, j) whatever K, batch size or target."""
+    from diffloop.config import LoraConfig, ModelConfig
+    from diffloop.policies.diffusers_policy import load_policy
+    from diffloop.trainer import make_generators
+
+    assert image_seeds(7, 2, 3) == [derive_seed(7, i, j) for i in range(2) for j in range(3)]
+    model = str(tiny_sd)  # a diffusers directory (latent model with a VAE) as target
+    a = run_eval(tmp_path / "a", model, extra=["--batch-size", "4"])
+    entry = a["targets"][0]
+    assert entry["kind"] == "model" and entry["checkpoint"] is None
+    # by hand: deterministic DDIM from the documented seeds, scored with the same reward
+    policy = load_policy(
+        ModelConfig(pretrained=model), LoraConfig(enabled=False), device=torch.device("cpu")
+    )
+    prompts = [r["prompt"] for r in entry["per_prompt"]["reward_fns:brightness"] for _ in range(2)]
+    seeds = [derive_seed(0, i, j) for i in range(2) for j in range(2)]
+    traj = policy.sample(
+        prompts,
+        make_generators(torch.device("cpu"), seeds),
+        num_steps=3,
+        eta=0.0,
+        guidance_scale=3.0,
+    )
+    expected = traj.images.mean(dim=(1, 2, 3)).tolist()
+    got = [v for r in entry["per_prompt"]["reward_fns:brightness"] for v in r["scores"]]
+    assert got == pytest.approx(expected, abs=1e-6)
+    # batch size 1 and 3 images per prompt: the first two images of each prompt are unchanged
+    b = run_eval(tmp_path / "b", model, extra=["--batch-size", "1", "--images-per-prompt", "3"])
+    got3 = [r["scores"][:2] for r in b["targets"][0]["per_prompt"]["reward_fns:brightness"]]
+    assert [v for pair in got3 for v in pair] == pytest.approx(expected, abs=1e-6)
+    # stochastic sampling (eta > 0): reproducible, and different from eta = 0
+    c1 = run_eval(tmp_path / "c1", model, extra=["--eta", "1.0"])["targets"][0]["rewards"]
+    c2 = run_eval(tmp_path / "c2", model, extra=["--eta", "1.0"])["targets"][0]["rewards"]
+    assert (
+        c1 == c2
+        and c1["reward_fns:brightness"]["mean"] != entry["rewards"]["reward_fns:brightness"]["mean"]
+    )
+
+
+def test_compare_targets_side_by_side(shapes_run, tmp_path, capsys) -> None:
+    ckpt2 = shapes_run / "checkpoints" / "epoch_000002"
+    ckpt1 = shapes_run / "checkpoints" / "epoch_000001"
+    result = run_eval(tmp_path / "cmp", "shapes", str(ckpt2), str(shapes_run), str(ckpt1))
+    labels = [t["label"] for t in result["targets"]]
+    assert labels == ["shapes", "run_a@epoch_000002", "run_a", "run_a@epoch_000001"]
+    assert [t["kind"] for t in result["targets"]] == ["model", "checkpoint", "run", "checkpoint"]
+    per_image = {
+        t["label"]: [v for r in t["per_prompt"]["reward_fns:brightness"] for v in r["scores"]]
+        for t in result["targets"]
+    }
+    # the run dir is its newest checkpoint: same weights, same noise -> the same images exactly
+    assert per_image["run_a"] == per_image["run_a@epoch_000002"]
+    assert per_image["run_a@epoch_000001"] != per_image["run_a"]  # training changed the model
+    assert per_image["shapes"] != per_image["run_a"]  # the LoRA changed the base
+    # paired differences against the first target, by hand
+    for label in labels[1:]:
+        d = [x - y for x, y in zip(per_image[label], per_image["shapes"], strict=True)]
+        mean = sum(d) / 4
+        sem = math.sqrt(sum((v - mean) ** 2 for v in d) / 3) / 2
+        diff = next(t for t in result["targets"] if t["label"] == label)["difference_vs_first"]
+        assert diff["reward_fns:brightness"]["mean"] == pytest.approx(mean, abs=1e-9)
+        assert diff["reward_fns:brightness"]["sem"] == pytest.approx(sem, abs=1e-9)
+    assert "difference_vs_first" not in result["targets"][0]
+    # one grid per target plus compare.png: 4 blocks of 280 px and 3 gaps of 16 px, a 16 px header
+    for t in result["targets"]:
+        assert (tmp_path / "cmp" / t["grid"]).is_file()
+    with Image.open(tmp_path / "cmp" / "compare.png") as grid:
+        assert grid.size == (4 * 280 + 3 * 16, 280 + 16)
+    table = capsys.readouterr().out
+    assert all(label in table for label in labels) and "vs first" in table
+
+
+def test_prompt_file_and_reward_kwargs(shapes_run, tmp_path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    argv = [
+        str(shapes_run),
+        "--prompts",
+        str(prompts),
+        "--images-per-prompt",
+        "1",
+        "--reward",
+        "shapes_binding",
+        "--reward-kwargs",
+        '{"aggregate": "mean"}',
+        "--output",
+        str(tmp_path / "o"),
+        "--device",
+        "cpu",
+        *STEPS,
+    ]
+    assert eval_main(argv) == 0
+    result = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert result["settings"]["prompts"] == f"file:{prompts}"
+    assert [r["prompt"] for r in result["targets"][0]["per_prompt"]["shapes_binding"]] == [
+        "a red circle",
+        "a blue square",
+    ]
+    assert result["settings"]["reward_kwargs"] == {"shapes_binding": {"aggregate": "mean"}}
+
+
+def test_reward_kwargs_parsing() -> None:
+    assert _parse_reward_kwargs('{"a": 1}', ["r"]) == {"r": {"a": 1}}
+    assert _parse_reward_kwargs('{"r2": {"a": 1}}', ["r1", "r2"]) == {"r2": {"a": 1}}
+    with pytest.raises(ValueError, match="maps reward name -> kwargs"):
+        _parse_reward_kwargs('{"a": 1}', ["r1", "r2"])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        _parse_reward_kwargs("{a: 1", ["r"])
+
+
+def test_target_resolution(shapes_run, tmp_path) -> None:
+    assert resolve_target(str(shapes_run)).kind == "run"
+    ckpt = resolve_target(str(shapes_run / "checkpoints" / "epoch_000001"))
+    assert (ckpt.kind, ckpt.run_dir, ckpt.label) == ("checkpoint", shapes_run, "run_a@epoch_000001")
+    hub = resolve_target("stabilityai/stable-diffusion-2-base")
+    assert (hub.kind, hub.label) == ("model", "stabilityai_stable-diffusion-2-base")
+    labels = [t.label for t in unique_labels([resolve_target("shapes")] * 3)]
+    assert labels == ["shapes", "shapes-2", "shapes-3"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompts", "shapes/val_pairs"], "Did you mean 'val_pair'"),
+        (["--prompts", "EMPTY"], "contains no prompts"),
+        (["--prompts", "shapes/val_pair", "--reward", "no_such_reward"], "unknown reward"),
+        (["--prompts", "shapes/val_pair", "--num-prompts", "0"], "--num-prompts must be >= 1"),
+    ],
+)
+def test_usage_errors_exit_2_before_loading_a_model(tmp_path, capsys, extra, message) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    extra = [str(empty) if e == "EMPTY" else e for e in extra]
+    rewards = [] if "--reward" in extra else ["--reward", "shapes_binding"]
+    code = eval_main(["no/such/model", *extra, *rewards, "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

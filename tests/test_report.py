@@ -1,0 +1,261 @@
+"""``diffloop report``: a self-contained HTML page with plots, grids and configs, rendered headless.
+
+The rendering test needs Debian's chromium: ``scripts/install_test_deps.sh`` installs it (for CI).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffloop.cli import main as cli_main
+from diffloop.report import report_main, series, unique_names, x_offset
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two line colours: run 1, run 2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    """A real 2-epoch shapes run with evaluation grids, and a synthetic run with monitor keys."""
+    root = tmp_path_factory.mktemp("report")
+    real = root / "real_run"
+    overrides = {
+        "output_dir": real,
+        "num_epochs": 2,
+        "sample.num_steps": 3,
+        "sample.prompts_per_epoch": 2,
+        "sample.samples_per_prompt": 2,
+        "sample.batch_size": 4,
+        "train.batch_size": 4,
+        "train.learning_rate": 0.05,
+        "train.clip_range": 0.2,
+        "eval.prompts": "shapes/val_pair",
+        "eval.num_prompts": 2,
+        "eval.samples_per_prompt": 2,
+        "eval.every_n_epochs": 1,
+        "logging.progress_bars": False,
+        "logging.tensorboard": False,
+    }
+    assert cli_main(["train", *[f"{k}={v}" for k, v in overrides.items()]]) == 0
+    synthetic = root / "synthetic_run"
+    synthetic.mkdir()
+    shutil.copy(real / "config.yaml", synthetic / "config.yaml")
+    rows = [{"epoch": -1, "eval_reward_mean": 0.2, "eval_reward_std": 0.1}]
+    for e in range(3):
+        rows.append(
+            {
+                "epoch": e,
+                "reward_mean": 0.1 * e,
+                "reward_std": 0.05,
+                "approx_kl": 1e-3 * e,
+                "clipfrac": 0.1,
+                "ratio_mean": 1.0,
+                "grad_norm": 0.5,
+                "reward_group_std_mean": 0.02,
+                "reward_zero_spread_groups": 0.25,
+                "monitor_brightness": 0.5 + 0.01 * e,
+                "monitor_group_diversity": 0.3,
+                "kl_to_base": 0.01 * e,
+                "reward_clip_score_mean": 0.3,
+                "eval_reward_mean": 0.3 + 0.1 * e,
+                "eval_reward_std": 0.1,
+            }
+        )
+    (synthetic / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return real, synthetic
+
+
+class Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.imgs: list[dict[str, str]] = []
+        self.pre: list[str] = []
+        self._in_pre = False
+
+    def handle_starttag(self, tag, attrs) -> None:  # noqa: ANN001
+        if tag == "img":
+            self.imgs.append(dict(attrs))
+        self._in_pre = tag == "pre" or self._in_pre
+
+    def handle_endtag(self, tag) -> None:  # noqa: ANN001
+        self._in_pre = self._in_pre and tag != "pre"
+
+    def handle_data(self, data) -> None:  # noqa: ANN001
+        if self._in_pre:
+            self.pre.append(data)
+
+
+def decode_png(src: str) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert src.startswith(prefix), src[:40]
+    raw = base64.b64decode(src[len(prefix) :], validate=True)
+    Image.open(io.BytesIO(raw)).verify()  # a valid PNG (checksums included)
+    image = Image.open(io.BytesIO(raw))
+    assert image.format == "PNG"
+    return image.convert("RGB")
+
+
+def has_colour(
+    image: Image.Image, rgb: tuple[int, int, int], tol: int = 10, min_pixels: int = 20
+) -> bool:
+    diff = np.abs(np.asarray(image, dtype=int) - np.array(rgb)).max(axis=-1)
+    return int((diff <= tol).sum()) >= min_pixels
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out") / "report.html"
+    assert report_main([str(runs[0]), str(runs[1]), "--output", str(out)]) == 0
+    return out
+
+
+def test_x_axis_is_epochs_completed() -> None:
+    rows = [
+        {"epoch": -1, "eval_reward_mean": 0.1},
+        {
+            "epoch": 0,
+            "reward_mean": 0.2,
+            "approx_kl": 0.3,
+            "eval_reward_mean": 0.4,
+            "monitor_brightness": True,
+        },
+    ]
+    assert series(rows, "eval_reward_mean") == ([0, 1], [0.1, 0.4])  # base row -> 0
+    assert series(rows, "reward_mean") == ([0], [0.2])  # samples of epoch 0: the base policy
+    assert series(rows, "approx_kl") == ([1], [0.3])  # the update that completed epoch 1
+    assert series(rows, "monitor_brightness") == ([], [])  # not a number
+    assert x_offset("kl_to_base") == 0 and x_offset("grad_norm") == 1
+
+
+def test_unique_names(tmp_path) -> None:
+    a, b = tmp_path / "x" / "run", tmp_path / "y" / "run"
+    assert unique_names([a, b, tmp_path / "z"]) == ["x/run", "y/run", "z"]
+    assert unique_names([a, a]) == ["x/run#1", "x/run#2"]
+
+
+def test_report_is_self_contained_with_plots_grids_and_configs(runs, report) -> None:
+    text = report.read_text()
+    parser = Images()
+    parser.feed(text)
+    images = {
+        img.get("alt"): decode_png(img["src"]) for img in parser.imgs
+    }  # every <img> a data: PNG
+    assert len(images) == len(parser.imgs)
+    plots = {
+        "reward_mean",
+        "eval_reward_mean",
+        "approx_kl",
+        "clipfrac",
+        "ratio_mean",
+        "grad_norm",
+        "reward_group_std_mean",
+        "reward_zero_spread_groups",
+        "monitor_brightness",
+        "monitor_group_diversity",
+        "kl_to_base",
+        "reward_clip_score_mean",
+    }
+    assert plots <= set(images)
+    # both runs on the same axes where both logged the key; only the synthetic run has kl_to_base
+    for key in ("reward_mean", "eval_reward_mean", "approx_kl"):
+        assert has_colour(images[key], C0) and has_colour(images[key], C1), key
+    assert has_colour(images["kl_to_base"], C1) and not has_colour(images["kl_to_base"], C0)
+    # PNG plots are also written next to the report, identical to the embedded ones
+    plot_dir = report.with_name("report_plots")
+    for key in plots:
+        assert np.array_equal(
+            np.asarray(Image.open(plot_dir / f"{key}.png").convert("RGB")), images[key]
+        )
+    # before / after grids of the real run: eval/base.png and eval/epoch_0002.png
+    before, after = images["before training (base model)"], images["after epoch 2"]
+    assert np.array_equal(
+        np.asarray(before), np.asarray(Image.open(runs[0] / "eval" / "base.png").convert("RGB"))
+    )
+    assert np.array_equal(
+        np.asarray(after),
+        np.asarray(Image.open(runs[0] / "eval" / "epoch_0002.png").convert("RGB")),
+    )
+    # the resolved configs, verbatim
+    config = (runs[0] / "config.yaml").read_text()
+    assert "".join(parser.pre).count(config) == 2
+    assert 'src="http' not in text and "<link" not in text and "<script" not in text
+    assert "real_run" in text and "synthetic_run" in text
+
+
+def chromium() -> str:
+    path = shutil.which("chromium")
+    assert path, (
+        "chromium is not installed: run scripts/install_test_deps.sh (apt-get install chromium)"
+    )
+    return path
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path) -> None:
+    flags = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1200,2000", report.as_uri()],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    page = Image.open(shot).convert("RGB")
+    assert page.size == (1200, 2000)
+    pixels = np.asarray(page, dtype=int)
+    assert (pixels.min(axis=-1) < 200).mean() > 0.03  # text, tables and plots, not a blank page
+    assert has_colour(page, C0, min_pixels=50) and has_colour(page, C1, min_pixels=50)  # plot lines
+    # every image decodes in the browser: a copy of the page counts loaded images after 'load'
+    probe = tmp_path / "probe.html"
+    script = (
+        "<script>addEventListener('load',()=>{const i=[...document.images];const d=document."
+        "createElement('div');d.id='probe';d.textContent=i.filter(x=>x.complete&&x.naturalWidth>0)"
+        ".length+'/'+i.length;document.body.appendChild(d)})</script></body>"
+    )
+    probe.write_text(report.read_text().replace("</body>", script))
+    dom = subprocess.run(
+        [*flags, "--dump-dom", probe.as_uri()],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    parser = Images()
+    parser.feed(report.read_text())
+    n = len(parser.imgs)
+    assert n >= 14 and f'<div id="probe">{n}/{n}</div>' in dom
+
+
+def test_not_a_run_directory(tmp_path, capsys) -> None:
+    assert report_main([str(tmp_path), "--output", str(tmp_path / "r.html")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_config_is_escaped(runs, tmp_path) -> None:
+    run = tmp_path / "weird"
+    run.mkdir()
+    (run / "config.yaml").write_text("output_dir: '<b>x</b> & y'\n")
+    out = tmp_path / "r.html"
+    assert report_main([str(run), "--output", str(out)]) == 0
+    text = out.read_text()
+    assert html.escape("output_dir: '<b>x</b> & y'") in text and "<b>x</b>" not in text
