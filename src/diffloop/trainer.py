@@ -50,6 +50,8 @@ def make_generators(device: torch.device, seeds: list[int]) -> list[torch.Genera
 
 class Trainer:
     def __init__(self, config: Config, dist: Distributed | None = None, argv: list[str] | None = None):
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         self.dist = dist or Distributed()
         validate(config, num_processes=self.dist.world_size)
         self.config = config

@@ -8,7 +8,7 @@ space::
     dir/unet/                 UNet2DConditionModel (safetensors)
     dir/text_encoder/         transformers CLIPTextModel (safetensors), trained from scratch
     dir/tokenizer/            word-level PreTrainedTokenizerFast over world.vocabulary()
-    dir/scheduler/            DDIMScheduler config (v-prediction, DDPM linear betas)
+    dir/scheduler/            DDIMScheduler config (epsilon prediction, DDPM linear betas)
     dir/diffloop_model.json   {"family": "shapes", "image_size": 32, "pixel_space": true, ...}
 
 Shape notation: N images, L = max_length text tokens, D = text hidden size, H = W = 32.
@@ -51,11 +51,12 @@ class ShapesModelConfig:
         text_layers, text_heads, text_intermediate_size: the CLIP text transformer's depth, heads
             and MLP width.
         max_length: L, the fixed padded token length ([BOS] caption [EOS] [PAD]...).
-        prediction_type: what the UNet predicts. "v_prediction" (default): with eps-prediction
-            and these betas, x0_hat = (x_t - sqrt(1 - a_bar) eps_hat) / sqrt(a_bar) multiplies
-            the eps error by (1 - a_bar) / a_bar (~600 at t = 800), so a small, briefly trained
-            model's first DDIM steps go wild (measured: saturated canvases, x0 error above the
-            data variance for t >= 600); v-prediction keeps x0_hat's error ~ the v error.
+        prediction_type: what the UNet predicts: "epsilon" (default; the shipped weights) or
+            "v_prediction". With eps and these betas, x0_hat = (x_t - sqrt(1 - a_bar) eps_hat)
+            / sqrt(a_bar) multiplies the eps error by (1 - a_bar) / a_bar (~600 at t = 800):
+            after ~2k CPU steps of batch 16 an eps model still drew saturated canvases (x0 error
+            above the data variance for t >= 600) where a v model already drew objects on the
+            right background. With GPU-scale training (~1M samples) eps is fine.
         beta_schedule, beta_start, beta_end: the DDPM noise schedule over 1000 training steps.
         vocabulary: the caption words; None means ``diffloop.shapes.world.vocabulary()``.
     """
@@ -70,7 +71,7 @@ class ShapesModelConfig:
     text_heads: int = 2
     text_intermediate_size: int = 128
     max_length: int = 16
-    prediction_type: str = "v_prediction"
+    prediction_type: str = "epsilon"
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
