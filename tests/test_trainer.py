@@ -201,3 +201,13 @@ def test_kl_to_base_is_zero_at_start_and_penalty_pulls_back(tiny_sd, tmp_path):
     penalised = run(tiny_sd, tmp_path / "b", num_epochs=2,
                     **{"train.kl_coef": 1e6, "train.log_kl_to_base": True, "train.learning_rate": 0.05})
     assert penalised[1]["kl_to_base"] < rows[1]["kl_to_base"]
+
+
+def test_existing_run_is_not_clobbered(tiny_sd, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(tiny_sd, out, num_epochs=1)
+    assert main(["train", *tiny_overrides(tiny_sd, out, num_epochs=1)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert latest_checkpoint(out).name == "epoch_000001"
+    run(tiny_sd, out, num_epochs=1, overwrite=True)
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [0]

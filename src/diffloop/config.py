@@ -168,6 +168,9 @@ class Config:
     num_epochs: int = 100
     resume: bool = False
     """Continue from the newest complete checkpoint in output_dir."""
+    overwrite: bool = False
+    """Start afresh in an output_dir that already holds checkpoints (they are deleted). Without it,
+    such a directory is an error, so a finished run is never clobbered by accident."""
     checkpoint_every: int = 1
     """Save a checkpoint every N epochs (and always after the last)."""
     cpu_threads: int | None = None
@@ -434,6 +437,7 @@ def validate(config: Config, num_processes: int = 1) -> None:
     _check(0 <= config.lora.dropout < 1, "lora.dropout must be in [0, 1)")
     _check(config.num_epochs >= 1, f"num_epochs={config.num_epochs} must be >= 1")
     _check(config.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+    _check(not (config.resume and config.overwrite), "resume=true and overwrite=true contradict; pick one")
     _check(config.cpu_threads is None or config.cpu_threads >= 1, "cpu_threads must be >= 1 or null")
     _check(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     _check(bool(config.model.pretrained), "model.pretrained must name a hub id or a local directory")

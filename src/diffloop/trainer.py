@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from diffloop import checkpoint
 from diffloop.algorithms import ALGORITHMS, make_stat_tracker
 from diffloop.core import gaussian_kl
-from diffloop.config import Config, derived_arithmetic, num_trained_timesteps, validate
+from diffloop.config import Config, ConfigError, derived_arithmetic, num_trained_timesteps, validate
 from diffloop.distributed import Distributed
 from diffloop.monitors import image_statistics
 from diffloop.policies.base import Trajectories, iter_chunks
@@ -95,6 +95,8 @@ class Trainer:
         self.optimizer_steps = 0
         if config.resume:
             self._resume()
+        else:
+            self._refuse_to_clobber()
         self.run = RunDirectory(config, is_main=self.dist.is_main, start_epoch=self.start_epoch, argv=argv)
 
     # ------------------------------------------------------------------ main loop
@@ -373,6 +375,22 @@ class Trainer:
         self.optimizer_steps = state.optimizer_steps
         if self.dist.is_main:
             print(f"resumed from {path} ({self.start_epoch} epochs done)")
+
+    def _refuse_to_clobber(self) -> None:
+        existing = checkpoint.latest_checkpoint(self.config.output_dir)
+        if existing is None:
+            return
+        if not self.config.overwrite:
+            raise ConfigError(
+                f"output_dir={self.config.output_dir} already holds a run (checkpoint {existing.name}); "
+                "pass resume=true to continue it, overwrite=true to start afresh there, or another output_dir"
+            )
+        self.dist.wait()
+        if self.dist.is_main:
+            import shutil
+
+            shutil.rmtree(checkpoint.checkpoint_root(self.config.output_dir), ignore_errors=True)
+        self.dist.wait()
 
     def export(self) -> None:
         if self.dist.is_main:
