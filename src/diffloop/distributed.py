@@ -61,6 +61,13 @@ class Distributed:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         return float(self.accelerator.reduce(t, reduction="sum").item())
 
+    def max_scalar(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def all_true(self, flag: bool) -> bool:
         """True when ``flag`` holds on every process."""
         return self.sum_scalar(float(bool(flag))) == self.world_size

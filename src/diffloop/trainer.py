@@ -138,6 +138,13 @@ class Trainer:
         monitors = self._image_monitors(traj.images, local)
         advantages = self.algorithm.advantages(rewards, prompts, cfg.train, self.stat_tracker)  # (B, K)
         train_stats = self.optimise(traj, advantages.reshape(-1)[local].to(self.dist.device), epoch)
+        if train_stats["onpolicy_logprob_err"] > cfg.train.clip_range:
+            # Sampling and training disagree by more than the clip range: PPO's clipping is then noise.
+            logger.warning(
+                "on-policy |log p_theta - log p_old| = %.2e exceeds train.clip_range = %.1e: the sampler and "
+                "the training forward pass disagree (precision, nondeterministic kernels?)",
+                train_stats["onpolicy_logprob_err"], cfg.train.clip_range,
+            )
         t2 = time.perf_counter()
         return {
             "epoch": epoch,
@@ -241,7 +248,8 @@ class Trainer:
                 if (b + 1) % accumulate == 0:
                     stats.add({"grad_norm": self._optimizer_step()})
                     on_policy = False
-        return {k: self.dist.mean_scalar(v) if k != "onpolicy_logprob_err" else v for k, v in stats.result().items()}
+        reduce = {"onpolicy_logprob_err": self.dist.max_scalar}
+        return {k: reduce.get(k, self.dist.mean_scalar)(v) for k, v in stats.result().items()}
 
     def _train_step(
         self, batch: Trajectories, adv: torch.Tensor, step: torch.Tensor, scale: int, on_policy: bool

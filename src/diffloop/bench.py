@@ -1,0 +1,874 @@
+"""Throughput benchmark (`diffloop bench`): sampling, training and end-to-end cost per sample.
+
+Builds SD1.5- or SDXL-shaped models with random weights from configs (nothing downloaded), runs the
+real code paths (``DDIMPolicy.sample``, ``DDIMPolicy.step_log_prob`` + backward over every step) and
+reports medians over ``--repeats`` after ``--warmup`` untimed runs, peak memory, and the ratio to a
+hardware floor measured in the same process:
+
+    matmul rate   R = 2 n^3 / t_matmul                      (FLOP/s; bf16 on CUDA, fp32 on CPU)
+    UNet cost     F = FlopCounterMode count of one UNet forward at batch 1   (FLOP per evaluation)
+    achieved      A = (counted FLOPs of the timed work) / (median seconds)
+    fraction      A / R      (1.0 would mean the work ran at the speed of one large matmul)
+
+Shapes: ``tiny`` (a (32, 64)-channel UNet, for the CPU test suite), ``sd15`` (SD 1.5: UNet
+(320, 640, 1280, 1280), CLIP ViT-L text encoder, SD VAE, 64x64 latents), ``sdxl`` and ``tiny_xl``
+(SDXL's UNet, 128x128 latents, text_time conditioning). diffloop has no SDXL policy yet, so for the
+SDXL shapes only the raw UNet forward (sampling-like, CFG-doubled batch) and forward + backward with
+LoRA (training-like) are timed; the output says so.
+
+Reference (DDPO's code on one H200, SD1.5 shape): sampling 2.42 images/s at batch 16 (50 DDIM steps,
+CFG 5, i.e. 242 UNet evals/s), training 1.91 s per sample at train batch 4, 0.803 TFLOP per UNet eval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from typing_extensions import Self
+
+SHAPES = ("tiny", "sd15", "sdxl", "tiny_xl")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROMPT_WORDS = [
+    "a",
+    "photo",
+    "of",
+    "an",
+    "astronaut",
+    "riding",
+    "a",
+    "horse",
+    "on",
+    "the",
+    "moon",
+    "cat",
+    "dog",
+    "red",
+    "green",
+    "blue",
+]
+
+# DDPO's reference implementation on one H200, SD1.5 shape (see the module docstring).
+REFERENCE_SD15_H200 = {
+    "sample_images_per_s": 2.42,
+    "sample_unet_evals_per_s": 242.0,
+    "train_s_per_sample": 1.91,
+    "unet_tflop_per_eval": 0.803,
+    "settings": "sample batch 16, 50 DDIM steps, CFG 5, train batch 4",
+}
+
+# Per-shape defaults for options left unset: (sample_batch, train_batch, steps, repeats, warmup, matmul n)
+SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
+    "tiny": {
+        "sample_batch": 2,
+        "train_batch": 2,
+        "steps": 2,
+        "repeats": 1,
+        "warmup": 0,
+        "matmul_n": 256,
+    },
+    "tiny_xl": {
+        "sample_batch": 1,
+        "train_batch": 1,
+        "steps": 2,
+        "repeats": 1,
+        "warmup": 0,
+        "matmul_n": 256,
+    },
+    "sd15": {
+        "sample_batch": 16,
+        "train_batch": 4,
+        "steps": 50,
+        "repeats": 3,
+        "warmup": 1,
+        "matmul_n": 8192,
+    },
+    "sdxl": {
+        "sample_batch": 4,
+        "train_batch": 1,
+        "steps": 50,
+        "repeats": 3,
+        "warmup": 1,
+        "matmul_n": 8192,
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------- model configs
+
+
+def unet_config(shape: str) -> dict[str, Any]:
+    """``UNet2DConditionModel`` kwargs for ``shape`` (SD1.5 / SDXL values from their config.json)."""
+    if shape == "tiny":
+        return {
+            "sample_size": 16,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 2,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": (2, 4),
+            "norm_num_groups": 32,
+        }
+    if shape == "sd15":
+        return {
+            "sample_size": 64,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "layers_per_block": 2,
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+        }
+    if shape in ("sdxl", "tiny_xl"):
+        tiny = shape == "tiny_xl"
+        return {
+            "sample_size": 16 if tiny else 128,
+            "block_out_channels": (32, 64) if tiny else (320, 640, 1280),
+            "layers_per_block": 2,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D")
+            if tiny
+            else ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D")
+            if tiny
+            else ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2) if tiny else (1, 2, 10),
+            "attention_head_dim": (2, 4) if tiny else (5, 10, 20),
+            "cross_attention_dim": 32 if tiny else 2048,
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8 if tiny else 256,
+            # pooled text (1280 / 16) + 6 time ids x addition_time_embed_dim
+            "projection_class_embeddings_input_dim": 16 + 6 * 8 if tiny else 1280 + 6 * 256,
+            "norm_num_groups": 32,
+        }
+    raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+
+
+def _sdxl_pooled_dim(shape: str) -> int:
+    return 16 if shape == "tiny_xl" else 1280
+
+
+def _text_config(shape: str, vocab_size: int, tokenizer: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    big = shape == "sd15"  # CLIP ViT-L/14 text tower, as SD 1.5 ships it
+    return CLIPTextConfig(
+        vocab_size=49408 if big else vocab_size,
+        hidden_size=768 if big else 32,
+        intermediate_size=3072 if big else 37,
+        num_hidden_layers=12 if big else 2,
+        num_attention_heads=12 if big else 4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def _vae_config(shape: str) -> dict[str, Any]:
+    if shape == "sd15":
+        return {
+            "block_out_channels": (128, 256, 512, 512),
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "sample_size": 512,
+            "scaling_factor": 0.18215,
+        }
+    return {
+        "block_out_channels": (32, 64),
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "latent_channels": 4,
+        "sample_size": 32,
+    }
+
+
+def build_components(shape: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """Random-weight {"unet", "text_encoder", "tokenizer", "scheduler", "vae"} for an SD-style shape.
+
+    Built directly on ``device`` (random init of 1e9 parameters on the CPU alone takes minutes). The
+    tokenizer is a word-level one (no download); CLIP's cost does not depend on which ids it sees.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from diffloop.shapes.model import build_tokenizer
+
+    tokenizer = build_tokenizer(PROMPT_WORDS, 77)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config(shape))
+        text_encoder = CLIPTextModel(_text_config(shape, len(tokenizer), tokenizer))
+        vae = AutoencoderKL(**_vae_config(shape))
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "vae": vae,
+    }
+
+
+# ---------------------------------------------------------------------------------------- measurement
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs torch's ``FlopCounterMode`` attributes to the ops ``fn()`` runs (matmul/conv/attention;
+    a multiply-add counts 2). Backward ops are counted when ``fn`` calls ``backward``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas()) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _cpu_attention_formulas() -> dict[Any, Any]:
+    """torch counts the CUDA attention kernels (flash, efficient, cudnn) but not the CPU one that
+    ``scaled_dot_product_attention`` dispatches to; without this the CPU count misses QK^T and AV."""
+    aten = torch.ops.aten
+    mapping: dict[Any, Any] = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_forward
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_backward
+    return mapping
+
+
+def _sdpa_forward(
+    q_shape: Any, k_shape: Any, v_shape: Any, *args: Any, out_shape: Any = None, **kw: Any
+) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def _sdpa_backward(
+    grad_shape: Any,
+    q_shape: Any,
+    k_shape: Any,
+    v_shape: Any,
+    *args: Any,
+    out_shape: Any = None,
+    **kw: Any,
+) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of ``fn()``, the device drained before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+class Deadline:
+    """Wall-clock budget for the whole run; items check it before each timed repeat."""
+
+    def __init__(self, limit_s: float | None) -> None:
+        self.start = time.perf_counter()
+        self.limit_s = limit_s
+
+    def exceeded(self) -> bool:
+        return self.limit_s is not None and time.perf_counter() - self.start > self.limit_s
+
+
+def median_seconds(
+    fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int, deadline: Deadline
+) -> tuple[float, list[float]]:
+    """Median over ``repeats`` timed calls after ``warmup`` untimed ones. Stops early at the deadline
+    once at least one call is timed; raises TimeoutError if none could be."""
+    for _ in range(warmup):
+        if deadline.exceeded():
+            break
+        time_once(fn, device)
+    times: list[float] = []
+    for _ in range(repeats):
+        if times and deadline.exceeded():
+            break
+        if not times and deadline.exceeded():
+            raise TimeoutError("time limit reached before the first timed repeat")
+        times.append(time_once(fn, device))
+    return statistics.median(times), times
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA max allocated (MiB), or growth of the process's peak resident set
+    on CPU (MiB; 0 when earlier work already reached that peak)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mib: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "cpu_peak_rss_growth"
+
+    def __enter__(self) -> Self:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._rss0 = _peak_rss_mib()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.mib = _peak_rss_mib() - self._rss0
+
+
+def _peak_rss_mib() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    scale = 2**20 if sys.platform == "darwin" else 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale * 1.0
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """Hardware floor: R = 2 n^3 / t for one (n, n) @ (n, n) ``torch.matmul``, best of ``repeats``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm-up: kernel selection, allocation
+    best = min(time_once(lambda: torch.matmul(a, b), device) for _ in range(repeats))
+    return 2.0 * n**3 / best
+
+
+# ---------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class ItemResult:
+    """One timed item. ``per_sample_s`` = median_s / samples; ``flops`` = counted FLOPs of one timed
+    call; ``fraction_of_matmul`` = flops / median_s / matmul rate."""
+
+    name: str
+    what: str
+    samples: int
+    median_s: float
+    times_s: list[float]
+    per_sample_s: float
+    samples_per_s: float
+    flops: float
+    tflops_per_s: float
+    fraction_of_matmul: float
+    unet_evals_per_s: float | None = None
+    peak_memory_mib: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def make_item(
+    name: str,
+    what: str,
+    samples: int,
+    median_s: float,
+    times_s: list[float],
+    flops: float,
+    matmul_rate: float,
+    unet_evals: int | None,
+    mem: PeakMemory,
+) -> ItemResult:
+    achieved = flops / median_s
+    return ItemResult(
+        name=name,
+        what=what,
+        samples=samples,
+        median_s=median_s,
+        times_s=times_s,
+        per_sample_s=median_s / samples,
+        samples_per_s=samples / median_s,
+        flops=flops,
+        tflops_per_s=achieved / 1e12,
+        fraction_of_matmul=achieved / matmul_rate,
+        unet_evals_per_s=None if unet_evals is None else unet_evals / median_s,
+        peak_memory_mib=mem.mib,
+    )
+
+
+# ---------------------------------------------------------------------------------------- SD policy path
+
+
+def _prompts(n: int) -> list[str]:
+    return [" ".join(PROMPT_WORDS[i % 5 : i % 5 + 6]) for i in range(n)]
+
+
+def _generators(n: int, device: torch.device, offset: int = 0) -> list[torch.Generator]:
+    return [torch.Generator(device).manual_seed(offset + i) for i in range(n)]
+
+
+def train_pass(
+    policy: Any, traj: Any, train_batch: int, *, eta: float, guidance_scale: float, optimizer: Any
+) -> None:
+    """One pass of policy-gradient training over ``traj``: per minibatch of ``train_batch``
+    trajectories, loss_j = -mean log p_theta(x_{j+1} | x_j) backpropagated for every step j (gradients
+    accumulate over the T steps, as the trainer does), then one optimizer step."""
+    from diffloop.policies.base import iter_chunks
+
+    num_steps = traj.timesteps.shape[1]
+    for chunk in iter_chunks(len(traj), train_batch):
+        mb = traj.index(chunk)
+        for j in range(num_steps):
+            step = torch.full((len(mb),), j, dtype=torch.long, device=mb.latents.device)
+            log_prob = policy.step_log_prob(mb, step, eta=eta, guidance_scale=guidance_scale)
+            (-log_prob.mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _unet_flops_per_eval_sd(policy: Any) -> int:
+    """F: FLOPs of one UNet forward at batch 1 (the policy's UNet, LoRA included)."""
+    embeds = policy.encode_prompts(_prompts(1))
+    x = torch.zeros(1, *policy.latent_shape(), device=policy.device, dtype=policy.weight_dtype)
+    t = torch.tensor([500], device=policy.device)
+
+    def forward() -> None:
+        with torch.no_grad(), policy._autocast():
+            policy.unet(x, t, encoder_hidden_states=embeds.to(policy.weight_dtype))
+
+    return count_flops(forward)
+
+
+def bench_sd(
+    args: argparse.Namespace,
+    device: torch.device,
+    matmul_rate: float,
+    deadline: Deadline,
+    out: dict[str, Any],
+) -> None:
+    from diffloop.config import LoraConfig
+    from diffloop.policies.diffusers_policy import DDIMPolicy
+
+    dtype = DTYPES[args.dtype]
+    policy = DDIMPolicy(
+        build_components(args.shape, device),
+        LoraConfig(),
+        device=device,
+        weight_dtype=dtype,
+        logprob_reduction="mean",
+    )
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-6)
+    steps, cfg, eta = args.steps, args.guidance_scale, 1.0
+    evals_per_step = 1 if cfg == 1.0 else 2  # CFG runs the UNet on a doubled batch
+    out["floor"]["unet_flop_per_eval"] = _unet_flops_per_eval_sd(policy)
+    sb, tb = args.sample_batch, args.train_batch
+    prompts = _prompts(sb)
+
+    def sample() -> Any:
+        return policy.sample(
+            prompts, _generators(sb, device), num_steps=steps, eta=eta, guidance_scale=cfg
+        )
+
+    def item(
+        name: str,
+        fn: Callable[[], Any],
+        samples: int,
+        flops: Callable[[], float],
+        unet_evals: int | None,
+        what: str,
+    ) -> ItemResult | None:
+        return run_item(
+            args, device, matmul_rate, deadline, out, name, fn, samples, flops, unet_evals, what
+        )
+
+    # Sampling (policy.sample includes text encoding and VAE decoding). Each item's FLOPs are counted
+    # on one extra untimed call of exactly the timed function, so the fraction of matmul is honest.
+    sample_evals = sb * steps * evals_per_step
+    sampled = item(
+        "sample",
+        sample,
+        sb,
+        lambda: count_flops(sample),
+        sample_evals,
+        f"policy.sample: batch {sb}, {steps} DDIM steps, CFG {cfg}, eta {eta}, incl. decode",
+    )
+
+    # Decoding alone, to show how much of sampling it costs.
+    if policy.vae is not None:
+        z = torch.randn(
+            sb,
+            *policy.latent_shape(),
+            device=device,
+            generator=torch.Generator(device).manual_seed(0),
+        )
+        item(
+            "decode",
+            lambda: policy.decode(z),
+            sb,
+            lambda: count_flops(lambda: policy.decode(z)),
+            None,
+            f"policy.decode: batch {sb}",
+        )
+
+    # Training on trajectories of train_batch samples (sampled once, untimed, inside the item).
+    traj: list[Any] = []
+
+    def train() -> None:
+        if not traj:
+            traj.append(
+                policy.sample(
+                    _prompts(tb),
+                    _generators(tb, device, 1000),
+                    num_steps=steps,
+                    eta=eta,
+                    guidance_scale=cfg,
+                )
+            )
+        train_pass(policy, traj[0], tb, eta=eta, guidance_scale=cfg, optimizer=optimizer)
+
+    def train_flops() -> float:
+        train()  # samples the trajectories outside the counter: count training only
+        return count_flops(train)
+
+    trained = item(
+        "train",
+        train,
+        tb,
+        train_flops,
+        tb * steps * evals_per_step,
+        f"step_log_prob + backward over {steps} steps, train batch {tb}, CFG {cfg}, AdamW step",
+    )
+
+    # End to end: sample sb images (decoded), then train on all of them in minibatches of tb.
+    def end_to_end() -> None:
+        train_pass(policy, sample(), tb, eta=eta, guidance_scale=cfg, optimizer=optimizer)
+
+    def e2e_flops() -> float:
+        # Training FLOPs are linear in the number of samples trained on: train flops / tb per sample.
+        if sampled is None or trained is None:
+            return float(count_flops(end_to_end))
+        return sampled.flops + trained.flops / tb * sb
+
+    item(
+        "end_to_end",
+        end_to_end,
+        sb,
+        e2e_flops,
+        2 * sb * steps * evals_per_step,
+        f"sample {sb} (incl. decode) + train on them (batch {tb})",
+    )
+
+
+def run_item(
+    args: argparse.Namespace,
+    device: torch.device,
+    matmul_rate: float,
+    deadline: Deadline,
+    out: dict[str, Any],
+    name: str,
+    fn: Callable[[], Any],
+    samples: int,
+    flops: Callable[[], float],
+    unet_evals: int | None,
+    what: str,
+) -> ItemResult | None:
+    """Count ``fn``'s FLOPs (``flops()``), time it, store the result in ``out["items"][name]``. An item
+    past the deadline or out of device memory is listed in ``out["skipped"]`` and the run goes on."""
+    if deadline.exceeded():
+        out["skipped"].append(f"{name}: time limit {args.time_limit_s} s reached")
+        return None
+    try:
+        counted = float(flops())
+        with PeakMemory(device) as mem:
+            med, times = median_seconds(fn, device, args.repeats, args.warmup, deadline)
+    except TimeoutError as e:
+        out["skipped"].append(f"{name}: {e}")
+        return None
+    except torch.OutOfMemoryError as e:
+        out["skipped"].append(f"{name}: out of memory ({str(e).splitlines()[0]})")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+    result = make_item(name, what, samples, med, times, counted, matmul_rate, unet_evals, mem)
+    out["items"][name] = asdict(result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------- SDXL raw UNet path
+
+
+def bench_sdxl_unet(
+    args: argparse.Namespace,
+    device: torch.device,
+    matmul_rate: float,
+    deadline: Deadline,
+    out: dict[str, Any],
+) -> None:
+    """Raw SDXL UNet: no-grad forward at batch 2*sample_batch (one CFG step of sampling), and
+    forward + backward with LoRA at batch 2*train_batch (one training step). diffloop has no SDXL
+    policy yet, so these stand in for sampling and training cost per step."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig as PeftLoraConfig
+
+    from diffloop.config import LoraConfig
+
+    out["notes"].append(
+        "SDXL: diffloop has no SDXL policy yet; timed raw UNet forward (CFG batch) "
+        "and forward+backward with LoRA only, per denoising step"
+    )
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config(args.shape))
+    unet.requires_grad_(False)
+    if dtype != torch.float32:
+        unet.to(dtype=dtype)
+    lora = LoraConfig()
+    unet.add_adapter(
+        PeftLoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            init_lora_weights="gaussian",
+            target_modules=list(lora.target_modules),
+        )
+    )
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.float()  # trainable weights in fp32, as DDIMPolicy keeps them
+    unet.train()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-6)
+    cfg = unet.config
+    size = cfg.sample_size
+    text_dim, pooled = cfg.cross_attention_dim, _sdxl_pooled_dim(args.shape)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def inputs(b: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+        g = torch.Generator(device).manual_seed(0)
+        x = torch.randn(b, cfg.in_channels, size, size, device=device, generator=g, dtype=dtype)
+        emb = torch.randn(b, 77, text_dim, device=device, generator=g, dtype=dtype)
+        cond = {
+            "text_embeds": torch.randn(b, pooled, device=device, generator=g, dtype=dtype),
+            "time_ids": torch.tensor(
+                [[1024.0, 1024, 0, 0, 1024, 1024]] * b, device=device, dtype=dtype
+            ),
+        }
+        return (x, torch.full((b,), 500, device=device), emb), cond
+
+    def forward(b: int) -> Callable[[], Any]:
+        pos, cond = inputs(b)
+
+        def run() -> Any:
+            with torch.no_grad(), autocast:
+                return unet(
+                    pos[0], pos[1], encoder_hidden_states=pos[2], added_cond_kwargs=cond
+                ).sample
+
+        return run
+
+    def fwd_bwd(b: int) -> Callable[[], Any]:
+        pos, cond = inputs(b)
+
+        def run() -> None:
+            with autocast:
+                y = unet(
+                    pos[0], pos[1], encoder_hidden_states=pos[2], added_cond_kwargs=cond
+                ).sample
+            y.float().pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    out["floor"]["unet_flop_per_eval"] = count_flops(forward(1))
+    mult = 1 if args.guidance_scale == 1.0 else 2
+    for name, make, b, what in (
+        (
+            "unet_forward",
+            forward,
+            args.sample_batch,
+            "no-grad UNet forward = one CFG sampling step",
+        ),
+        (
+            "unet_train_step",
+            fwd_bwd,
+            args.train_batch,
+            "UNet fwd+bwd with LoRA + AdamW = one training step",
+        ),
+    ):
+        fn = make(b * mult)
+        done = run_item(
+            args,
+            device,
+            matmul_rate,
+            deadline,
+            out,
+            name,
+            fn,
+            b,
+            lambda fn=fn: count_flops(fn),  # bound now: the lambda runs inside this iteration
+            b * mult,
+            f"{what}, {b} samples x {mult} (CFG)",
+        )
+        if done is not None:
+            out["items"][name]["extra"]["s_per_sample_for_all_steps"] = (
+                done.per_sample_s * args.steps
+            )
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="diffloop bench", description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=SHAPES, default="tiny")
+    p.add_argument("--device", default=None, help="cuda if available, else cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--sample-batch", type=int, default=None)
+    p.add_argument("--train-batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps T")
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument(
+        "--matmul-n", type=int, default=None, help="side of the square matmul for the floor"
+    )
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.add_argument(
+        "--time-limit-s",
+        type=float,
+        default=None,
+        help="skip the remaining items (each keeps what it timed) once exceeded",
+    )
+    args = p.parse_args(argv)
+    for key, value in SHAPE_DEFAULTS[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    for key in ("sample_batch", "train_batch", "steps", "repeats", "matmul_n"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    return args
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The results as a fixed-width text table (one row per timed item)."""
+    head = (
+        f"{'item':<16}{'median s':>10}{'s/sample':>10}{'samples/s':>11}{'UNet ev/s':>11}"
+        f"{'TFLOP/s':>9}{'of matmul':>10}{'peak MiB':>10}"
+    )
+    lines = [
+        (
+            f"diffloop bench: shape={result['settings']['shape']} device={result['device_name']} "
+            f"dtype={result['settings']['dtype']} torch={result['torch']} diffusers={result['diffusers']}"
+        ),
+        (
+            f"floor: matmul {result['floor']['matmul_tflops_per_s']:.3g} TFLOP/s "
+            f"(n={result['settings']['matmul_n']}), UNet {result['floor'].get('unet_flop_per_eval', 0) / 1e12:.4g} "
+            "TFLOP per eval (batch 1)"
+        ),
+        head,
+        "-" * len(head),
+    ]
+    for name, it in result["items"].items():
+        evals = "-" if it["unet_evals_per_s"] is None else f"{it['unet_evals_per_s']:.4g}"
+        mem = "n/a" if it["peak_memory_mib"] is None else f"{it['peak_memory_mib']:.0f}"
+        lines.append(
+            f"{name:<16}{it['median_s']:>10.4g}{it['per_sample_s']:>10.4g}{it['samples_per_s']:>11.4g}"
+            f"{evals:>11}{it['tflops_per_s']:>9.3g}{it['fraction_of_matmul']:>10.2%}{mem:>10}"
+        )
+    for name, it in result["items"].items():
+        lines.append(f"  {name}: {it['what']}")
+    lines += [f"note: {n}" for n in result["notes"]]
+    lines += [f"skipped: {s}" for s in result["skipped"]]
+    speedups = result.get("vs_reference_sd15_h200")
+    if speedups:
+        parts = [f"{k.removesuffix('_speedup')} {v:.2f}x" for k, v in speedups.items()]
+        lines.append(
+            f"speed-up over DDPO on one H200: {', '.join(parts)} "
+            f"(reference: {REFERENCE_SD15_H200['settings']})"
+        )
+    return "\n".join(lines)
+
+
+def compare_to_reference(items: dict[str, Any]) -> dict[str, float]:
+    """Speed-ups over DDPO's H200 numbers (> 1 = faster than the reference), for the items timed."""
+    ref = REFERENCE_SD15_H200
+    out: dict[str, float] = {}
+    if "sample" in items:
+        out["sample_speedup"] = items["sample"]["samples_per_s"] / ref["sample_images_per_s"]
+    if "train" in items:
+        out["train_speedup"] = ref["train_s_per_sample"] / items["train"]["per_sample_s"]
+    return out
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """``diffloop bench``: run the benchmark, print the table, optionally write JSON. Returns 0."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    import diffusers
+
+    device = torch.device(args.device)
+    deadline = Deadline(args.time_limit_s)
+    matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    matmul_rate = matmul_flops_per_s(device, matmul_dtype, args.matmul_n)
+    result: dict[str, Any] = {
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "settings": vars(args).copy(),
+        "floor": {"matmul_tflops_per_s": matmul_rate / 1e12, "matmul_dtype": str(matmul_dtype)},
+        "items": {},
+        "notes": [],
+        "skipped": [],
+    }
+    if args.shape == "sd15":
+        result["reference_sd15_h200"] = REFERENCE_SD15_H200
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if args.shape in ("sdxl", "tiny_xl"):
+            bench_sdxl_unet(args, device, matmul_rate, deadline, result)
+        else:
+            bench_sd(args, device, matmul_rate, deadline, result)
+    result["wall_s"] = time.perf_counter() - deadline.start
+    if args.shape == "sd15":
+        result["vs_reference_sd15_h200"] = compare_to_reference(result["items"])
+    print(format_table(result))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(bench_main())

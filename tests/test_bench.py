@@ -1,0 +1,152 @@
+"""`diffloop bench` on tiny CPU shapes: FLOP counting, the timed items, the table, the JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffloop.bench import bench_main, build_components, count_flops
+
+torch.set_num_threads(1)
+
+
+def test_count_flops_linear_forward_and_backward() -> None:
+    # (3, 8) @ (8, 5): 2 * 3 * 8 * 5 = 240 FLOPs; backward adds grad_input and grad_weight, 240 each.
+    layer = torch.nn.Linear(8, 5)
+    x = torch.randn(3, 8, requires_grad=True)
+    assert count_flops(lambda: layer(x)) == 240
+    assert count_flops(lambda: layer(x).sum().backward()) == 720
+
+
+def test_count_flops_includes_cpu_attention() -> None:
+    # torch's counter has no formula for the CPU SDPA kernel; ours must add Q K^T and A V:
+    # 2 * b h s_q d s_k + 2 * b h s_q s_k d_v = 2*2*6*4*5 + 2*2*6*5*3 = 480 + 360 = 840.
+    q, k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 3)
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 840
+
+
+def _manual_unet_flops() -> int:
+    """torch's own FlopCounterMode on one batch-1 forward of the bench's tiny policy UNet (same seed,
+    same LoRA), with the classic bmm attention processor, which torch counts natively."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from diffloop.config import LoraConfig
+    from diffloop.policies.diffusers_policy import DDIMPolicy
+
+    device = torch.device("cpu")
+    policy = DDIMPolicy(build_components("tiny", device), LoraConfig(), device=device)
+    policy.unet.set_attn_processor(AttnProcessor())
+    embeds = policy.encode_prompts(["a photo of a cat"])
+    x = torch.zeros(1, *policy.latent_shape())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        policy.unet(x, torch.tensor([500]), encoder_hidden_states=embeds)
+    return int(counter.get_total_flops())
+
+
+def _finite_positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_tiny_cpu_writes_json_and_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    argv = [
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--sample-batch",
+        "2",
+        "--train-batch",
+        "1",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--output",
+        str(out),
+    ]
+    assert bench_main(argv) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+
+    assert set(result["items"]) == {"sample", "decode", "train", "end_to_end"}
+    assert result["skipped"] == []
+    for name, item in result["items"].items():
+        for key in (
+            "median_s",
+            "per_sample_s",
+            "samples_per_s",
+            "flops",
+            "tflops_per_s",
+            "fraction_of_matmul",
+        ):
+            assert _finite_positive(item[key]), (name, key, item[key])
+        assert len(item["times_s"]) == 2
+        assert item["median_s"] == pytest.approx(sum(item["times_s"]) / 2, rel=1e-12)  # median of 2
+        assert item["peak_memory_mib"] >= 0
+        assert name in table
+    # Sampling: 2 images x 2 steps x 2 (CFG) = 8 UNet evaluations per timed call.
+    sample = result["items"]["sample"]
+    assert sample["unet_evals_per_s"] == pytest.approx(8 / sample["median_s"], rel=1e-12)
+    # The counted sampling FLOPs are the 8 UNet evaluations plus text encoding and VAE decoding.
+    unet_flops = 8 * result["floor"]["unet_flop_per_eval"]
+    decode_flops = result["items"]["decode"]["flops"]
+    assert unet_flops + decode_flops < sample["flops"] < 1.05 * (unet_flops + decode_flops)
+    # Training on 1 sample: 2 steps x 2 (CFG) UNet evaluations, forward and backward. Frozen base
+    # weights need only input gradients (about one more forward; LoRA's weight grads are tiny), so ~2x.
+    train, e2e = result["items"]["train"], result["items"]["end_to_end"]
+    assert 1.8 < train["flops"] / (4 * result["floor"]["unet_flop_per_eval"]) < 2.2
+    # End to end = sampling 2 + training 2 samples (training FLOPs per sample are batch-independent).
+    assert e2e["flops"] == pytest.approx(sample["flops"] + 2 * train["flops"], rel=1e-12)
+    assert _finite_positive(result["floor"]["matmul_tflops_per_s"])
+    assert result["settings"]["steps"] == 2 and result["settings"]["train_batch"] == 1
+    assert result["torch"] == torch.__version__ and result["device_name"]
+    assert result["floor"]["unet_flop_per_eval"] == _manual_unet_flops()
+    assert "median s" in table and "of matmul" in table
+
+
+def test_bench_tiny_xl_raw_unet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench_xl.json"
+    assert (
+        bench_main(["--shape", "tiny_xl", "--device", "cpu", "--steps", "3", "--output", str(out)])
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert set(result["items"]) == {"unet_forward", "unet_train_step"}
+    fwd = result["items"]["unet_forward"]
+    # batch 1 with CFG: one timed call is one forward on 2 latents
+    assert fwd["flops"] == 2 * result["floor"]["unet_flop_per_eval"]
+    step = result["items"]["unet_train_step"]
+    assert step["extra"]["s_per_sample_for_all_steps"] == pytest.approx(
+        3 * step["per_sample_s"], rel=1e-12
+    )
+    assert "no SDXL policy" in capsys.readouterr().out
+
+
+def test_bench_time_limit_skips_items(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert (
+        bench_main(
+            ["--shape", "tiny", "--device", "cpu", "--time-limit-s", "0", "--output", str(out)]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["items"] == {}
+    assert [s.split(":")[0] for s in result["skipped"]] == ["sample", "decode", "train"]
+    assert "skipped: sample" in capsys.readouterr().out
+
+
+def test_bench_rejects_bad_settings() -> None:
+    with pytest.raises(SystemExit):
+        bench_main(["--shape", "tiny", "--steps", "0"])
