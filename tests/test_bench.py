@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffloop.bench import bench_main, build_components, count_flops
+from diffloop.bench import Deadline, bench_main, build_components, count_flops, parse_args, run_item
 
 torch.set_num_threads(1)
 
@@ -143,10 +143,31 @@ def test_bench_time_limit_skips_items(tmp_path: Path, capsys: pytest.CaptureFixt
     )
     result = json.loads(out.read_text())
     assert result["items"] == {}
-    assert [s.split(":")[0] for s in result["skipped"]] == ["sample", "decode", "train"]
+    assert [s.split(":")[0] for s in result["skipped"]] == [
+        "sample",
+        "decode",
+        "train",
+        "end_to_end",
+    ]
     assert "skipped: sample" in capsys.readouterr().out
 
 
 def test_bench_rejects_bad_settings() -> None:
     with pytest.raises(SystemExit):
         bench_main(["--shape", "tiny", "--steps", "0"])
+
+
+def test_run_item_records_out_of_memory_and_goes_on() -> None:
+    args = parse_args(["--shape", "tiny", "--device", "cpu", "--repeats", "3"])
+    out: dict = {"items": {}, "skipped": []}
+    common = (args, torch.device("cpu"), 1e9, Deadline(None), out)
+
+    def oom() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert run_item(*common, "big", oom, 4, lambda: 1.0, None, "too big") is None
+    done = run_item(*common, "small", lambda: None, 4, lambda: 2e6, 8, "fits")
+    assert out["skipped"] == ["big: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)"]
+    assert list(out["items"]) == ["small"] and len(done.times_s) == 3
+    assert done.per_sample_s == pytest.approx(done.median_s / 4, rel=1e-12)
+    assert done.fraction_of_matmul == pytest.approx(2e6 / done.median_s / 1e9, rel=1e-12)

@@ -849,6 +849,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "settings": vars(args).copy(),
         "floor": {"matmul_tflops_per_s": matmul_rate / 1e12, "matmul_dtype": str(matmul_dtype)},
+        "memory_kind": PeakMemory(device).kind,
         "items": {},
         "notes": [],
         "skipped": [],

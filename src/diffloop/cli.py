@@ -9,6 +9,7 @@
     diffloop compare SWEEP.yaml                          budget-matched algorithm x setting x seed sweep
     diffloop variance [CONFIG] --algorithms loop,ppo     gradient-estimator variance at fixed parameters
     diffloop serve-reward NAME [--port P ...]            serve a registry reward over HTTP (JSON + PNG)
+    diffloop bench --shape tiny|sd15|sdxl --device cuda  sampling / training throughput vs the hardware floor
 Multi-process: ``accelerate launch -m diffloop train CONFIG ...`` (or torchrun).
 """
 
@@ -106,6 +107,12 @@ def cmd_variance(argv: list[str]) -> int:
     return variance_main(argv)
 
 
+def cmd_bench(argv: list[str]) -> int:
+    from diffloop.bench import bench_main
+
+    return bench_main(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
     "check-config": cmd_check_config,
@@ -116,6 +123,7 @@ COMMANDS = {
     "report": cmd_report,
     "compare": cmd_compare,
     "variance": cmd_variance,
+    "bench": cmd_bench,
 }
 
 
