@@ -77,7 +77,8 @@ class RunDirectory:
             )
 
     def _truncate_metrics(self, start_epoch: int) -> None:
-        kept = [r for r in read_metrics(self.metrics_path) if r.get("epoch", -1) < start_epoch]
+        # From scratch (start_epoch 0) the base evaluation (epoch -1) is redone too, so nothing is kept.
+        kept = [r for r in read_metrics(self.metrics_path) if start_epoch > 0 and r.get("epoch", -1) < start_epoch]
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.metrics_path)
