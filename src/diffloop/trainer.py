@@ -253,7 +253,7 @@ class Trainer:
 
     def _train_step(
         self, batch: Trajectories, adv: torch.Tensor, step: torch.Tensor, scale: int, on_policy: bool
-    ) -> dict[str, float]:
+    ) -> dict[str, torch.Tensor]:
         s, t = self.config.sample, self.config.train
         rows = torch.arange(len(batch), device=step.device)
         old_log_prob = batch.log_probs[rows, step]
@@ -270,19 +270,20 @@ class Trainer:
         with torch.no_grad():
             log_ratio = log_prob.detach() - old_log_prob
             ratio = log_ratio.exp()
+            # Device tensors, no .item(): the host synchronises once per epoch (StatAccumulator.result).
             out = {
-                "loss": loss.item(),
-                "approx_kl": 0.5 * log_ratio.pow(2).mean().item(),
-                "clipfrac": ((ratio - 1).abs() > t.clip_range).float().mean().item(),
-                "ratio_mean": ratio.mean().item(),
+                "loss": loss.detach(),
+                "approx_kl": 0.5 * log_ratio.pow(2).mean(),
+                "clipfrac": ((ratio - 1).abs() > t.clip_range).float().mean(),
+                "ratio_mean": ratio.mean(),
             }
             if kl is not None:
-                out["kl_to_base"] = kl.mean().item()
+                out["kl_to_base"] = kl.detach().mean()
             if on_policy:
-                out["onpolicy_logprob_err"] = log_ratio.abs().max().item()
+                out["onpolicy_logprob_err"] = log_ratio.abs().max()
         return out
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> torch.Tensor:
         # All-reduce first: every process then clips and steps on the same averaged gradient.
         self.dist.average_gradients(self.params)
         self.grad_scaler.unscale_(self.optimizer)
@@ -293,7 +294,7 @@ class Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
-        return float(grad_norm)
+        return grad_norm.detach()
 
     # ------------------------------------------------------------------ evaluation
 
@@ -494,22 +495,24 @@ def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class StatAccumulator:
-    """Means of per-step statistics; ``onpolicy_logprob_err`` is a max."""
+    """Means of per-step statistics (``onpolicy_logprob_err`` is a max), summed as tensors on their
+    device so the training loop never waits for the host; ``result`` converts once."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self.onpolicy_err = 0.0
+        self.onpolicy_err: torch.Tensor | None = None
 
-    def add(self, values: dict[str, float]) -> None:
+    def add(self, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
+            v = torch.as_tensor(v, dtype=torch.float64)
             if k == "onpolicy_logprob_err":
-                self.onpolicy_err = max(self.onpolicy_err, v)
+                self.onpolicy_err = v if self.onpolicy_err is None else torch.maximum(self.onpolicy_err, v)
                 continue
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
             self.counts[k] = self.counts.get(k, 0) + 1
 
     def result(self) -> dict[str, float]:
-        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
-        out["onpolicy_logprob_err"] = self.onpolicy_err
+        out = {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
+        out["onpolicy_logprob_err"] = float(self.onpolicy_err) if self.onpolicy_err is not None else 0.0
         return out
