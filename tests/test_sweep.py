@@ -18,6 +18,7 @@ from diffloop.sweep import (
     mean_sem,
     plan,
     run_status,
+    shard_runs,
     trapezoid_auc,
 )
 
@@ -122,6 +123,19 @@ def test_shipped_sweep_matches_prompts():
 
 
 # ----------------------------------------------------------------------------- summary statistics
+
+
+def test_shards_partition_the_shipped_sweep_balanced_by_queries():
+    runs = plan(load_sweep("shapes_algorithms.yaml"))
+    shards = [shard_runs(runs, i, 2) for i in range(2)]
+    keys = [[(r.name, r.seed) for r in s] for s in shards]
+    # A partition: every run exactly once, grid order kept within a shard.
+    assert sorted(keys[0] + keys[1]) == sorted((r.name, r.seed) for r in runs)
+    assert all(k == sorted(k, key=[(r.name, r.seed) for r in runs].index) for k in keys)
+    # Balanced by reward queries (9 K=4 runs of 768, 3 K=2 of 384, 6 K=1 of 192: 4608 each),
+    # where runs[i::2] would give one shard 6912 queries and the other 2304.
+    assert [sum(r.reward_queries for r in s) for s in shards] == [4608, 4608]
+    assert shard_runs(runs, 0, 1) == runs
 
 
 def test_trapezoid_auc_and_mean_sem_by_hand():

@@ -675,6 +675,24 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def shard_runs(runs: Sequence[PlannedRun], index: int, count: int) -> list[PlannedRun]:
+    """The runs shard ``index`` of ``count`` trains, balanced by cost (reward queries).
+
+    Greedy longest-first assignment to the least-loaded shard: a plain ``runs[i::n]`` would give one
+    shard every K = 4 run of a grid whose settings alternate K. Deterministic, so independent
+    processes agree on the partition without talking to each other. Order within a shard is the
+    grid's order.
+    """
+    loads = [0] * count
+    owner: dict[int, int] = {}
+    by_cost = sorted(range(len(runs)), key=lambda j: (-runs[j].reward_queries, j))
+    for j in by_cost:
+        shard = min(range(count), key=lambda s: (loads[s], s))
+        owner[j] = shard
+        loads[shard] += runs[j].reward_queries
+    return [r for j, r in enumerate(runs) if owner[j] == index]
+
+
 def compare_main(argv: list[str]) -> int:
     """``diffloop compare SWEEP.yaml [--dry-run | --summary-only] [--output-dir DIR] [--shard I/N] [k=v ...]``."""
     ap = argparse.ArgumentParser(
@@ -700,8 +718,8 @@ def compare_main(argv: list[str]) -> int:
     ap.add_argument(
         "--shard",
         default=None,
-        help="I/N: train only runs i with i %% N == I (several processes "
-        "sharing a GPU); the summary covers whatever has finished",
+        help="I/N: train only shard I of N, shards balanced by reward queries (several "
+        "processes sharing a GPU or CPU cores); the summary covers whatever has finished",
     )
     args = ap.parse_intermixed_args(argv)
     sweep = load_sweep(args.sweep, args.output_dir)
@@ -713,7 +731,7 @@ def compare_main(argv: list[str]) -> int:
         todo = runs
         if args.shard:
             i, n = _parse_shard(args.shard)
-            todo = runs[i::n]
+            todo = shard_runs(runs, i, n)
         print(f"budget: {sweep.budget.describe()}")
         counts = execute(todo, sweep.base)
         print(
