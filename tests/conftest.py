@@ -10,8 +10,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a failed hub lookup costs ~50 s; tests nev
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny_models.py, tests/helper modules
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # One thread: OpenMP spin-waiting makes two threads 10-40x slower whenever the CPU is shared.
 torch.set_num_threads(1)

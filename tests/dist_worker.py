@@ -9,11 +9,11 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from safetensors.torch import save_file
 
-from diffloop.config import load_config  # noqa: E402
-from diffloop.trainer import Trainer  # noqa: E402
+from diffloop.config import load_config
+from diffloop.trainer import Trainer
 
 torch.set_num_threads(1)
 config = load_config(None, sys.argv[1:])

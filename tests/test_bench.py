@@ -171,3 +171,43 @@ def test_run_item_records_out_of_memory_and_goes_on() -> None:
     assert list(out["items"]) == ["small"] and len(done.times_s) == 3
     assert done.per_sample_s == pytest.approx(done.median_s / 4, rel=1e-12)
     assert done.fraction_of_matmul == pytest.approx(2e6 / done.median_s / 1e9, rel=1e-12)
+
+
+def test_bench_variants_run_the_trainer_options_and_check_the_ratio(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "variants.json"
+    argv = ["--shape", "tiny", "--device", "cpu", "--variants", "eager,channels_last,low_memory",
+            "--perf", "attention=eager", "--output", str(out)]  # fmt: skip
+    assert bench_main(argv) == 0
+    result = json.loads(out.read_text())
+    variants = result["variants"]
+    assert list(variants) == ["eager", "channels_last", "low_memory"]
+    # --perf applies to every variant; each variant adds its own options on top.
+    assert all(v["options"]["performance"]["attention"] == "eager" for v in variants.values())
+    assert variants["channels_last"]["options"]["performance"]["channels_last"] is True
+    low = variants["low_memory"]["options"]
+    assert (low["train_batch"], low["sample_batch"], low["gradient_checkpointing"]) == (1, 4, True)
+    assert low["performance"]["decode_batch_size"] == 1
+    # The baseline's items are the top-level items; its speed-ups over itself are 1.
+    assert result["items"] == variants["eager"]["items"]
+    assert variants["eager"]["speedup_vs_first"] == {k: 1.0 for k in variants["eager"]["items"]}
+    # Per-sample speed-up: the low-memory variant samples 4 per call where the baseline samples 2.
+    s0, s2 = variants["eager"]["items"]["sample"], variants["low_memory"]["items"]["sample"]
+    assert variants["low_memory"]["speedup_vs_first"]["sample"] == pytest.approx(
+        s0["per_sample_s"] / s2["per_sample_s"], rel=1e-9)
+    # The correctness check ran for every variant, on the training path: ratio 1.
+    assert all(v["onpolicy_logprob_err"] < 1e-5 for v in variants.values())
+    table = capsys.readouterr().out
+    assert "low_memory" in table and "logp err" in table
+
+
+def test_bench_rejects_bad_performance_options() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--shape", "tiny", "--perf", "compile=everything"])
+    with pytest.raises(SystemExit):  # merged LoRA is refused in bf16, as the trainer refuses it
+        parse_args(["--shape", "tiny", "--dtype", "bf16", "--perf", "merge_lora_for_sampling=true"])
+    with pytest.raises(SystemExit):
+        parse_args(["--shape", "tiny", "--variants", "eager,warp_speed"])
+    assert parse_args(["--shape", "tiny", "--dtype", "fp32", "--perf", "merge_lora_for_sampling=true"]).perf[
+        "merge_lora_for_sampling"]

@@ -100,3 +100,13 @@ def test_derived_arithmetic():
     config.train.algorithm = "reinforce_loo"
     config.train.num_inner_epochs = 1
     assert derived_arithmetic(config).gradient_updates_per_epoch == 1
+
+
+def test_no_is_a_string_for_string_fields_and_a_boolean_for_boolean_fields(tmp_path):
+    # YAML 1.1 would read `no` as False: mixed_precision's documented value must survive both routes.
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\nlogging:\n  wandb: off\n  tensorboard: yes\n")
+    for config in (load_config(path), load_config(None, ["train.mixed_precision=no", "logging.wandb=off",
+                                                          "logging.tensorboard=yes"])):  # fmt: skip
+        assert config.train.mixed_precision == "no"
+        assert config.logging.wandb is False and config.logging.tensorboard is True

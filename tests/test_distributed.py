@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import tiny_overrides
 
 from diffloop.run_dir import read_metrics
-from test_trainer import tiny_overrides
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import run
 
 from diffloop.cli import main
 from diffloop.config import LoraConfig, ModelConfig
 from diffloop.policies.diffusers_policy import ModelLoadError, load_policy
-from test_trainer import run
 
 
 def test_missing_directory_says_how_to_provide(tmp_path):
@@ -52,9 +51,10 @@ def test_missing_model_fails_cli_cleanly(tmp_path, capsys):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_keeps_trainables_fp32(tiny_sd, tmp_path, precision):
+    from test_trainer import tiny_overrides
+
     from diffloop.config import load_config
     from diffloop.trainer import Trainer
-    from test_trainer import tiny_overrides
 
     trainer = Trainer(load_config(None, tiny_overrides(tiny_sd, tmp_path / "run", num_epochs=1,
                                                        **{"train.mixed_precision": precision})))

@@ -96,7 +96,7 @@ def test_file_source_skips_blanks_and_comments(tmp_path: Path) -> None:
         (lambda p: p.write_bytes(b"\xff\xfe\x00bad"), "not readable UTF-8"),
     ],
 )
-def test_file_errors_name_the_path(tmp_path: Path, setup, message: str) -> None:  # noqa: ANN001
+def test_file_errors_name_the_path(tmp_path: Path, setup, message: str) -> None:
     path = tmp_path / "prompts.txt"
     setup(path)
     with pytest.raises(ValueError, match=message) as info:

@@ -92,15 +92,15 @@ class Images(HTMLParser):
         self.pre: list[str] = []
         self._in_pre = False
 
-    def handle_starttag(self, tag, attrs) -> None:  # noqa: ANN001
+    def handle_starttag(self, tag, attrs) -> None:
         if tag == "img":
             self.imgs.append(dict(attrs))
         self._in_pre = tag == "pre" or self._in_pre
 
-    def handle_endtag(self, tag) -> None:  # noqa: ANN001
+    def handle_endtag(self, tag) -> None:
         self._in_pre = self._in_pre and tag != "pre"
 
-    def handle_data(self, data) -> None:  # noqa: ANN001
+    def handle_data(self, data) -> None:
         if self._in_pre:
             self.pre.append(data)
 

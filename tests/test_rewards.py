@@ -143,7 +143,7 @@ def test_register_reward(monkeypatch: pytest.MonkeyPatch) -> None:
     from diffloop.rewards import registry
 
     @register_reward("constant_test")
-    def constant(value: float = 1.0):  # noqa: ANN202
+    def constant(value: float = 1.0):
         return lambda images, prompts, metadata: [value] * len(prompts)
 
     assert "constant_test" in registry.available_rewards()

@@ -64,5 +64,5 @@ def test_shapes_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
         Trainer(load_config(None, overrides(tmp_path / "killed"))).train()
     monkeypatch.setattr(Trainer, "run_epoch", original)
     Trainer(load_config(None, [*overrides(tmp_path / "killed"), "resume=true"])).train()
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
     assert strip(read_metrics(tmp_path / "killed" / "metrics.jsonl")) == strip(full)

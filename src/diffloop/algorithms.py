@@ -17,8 +17,8 @@ All advantages are then optionally clipped to +-``train.adv_clip_max``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

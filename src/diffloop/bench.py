@@ -67,6 +67,26 @@ REFERENCE_SD15_H200 = {
     "settings": "sample batch 16, 50 DDIM steps, CFG 5, train batch 4",
 }
 
+# Named settings for --variants: performance.* options (PerformanceConfig fields) and bench settings.
+# The first variant listed is the baseline the others' speed-ups are computed against.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "eager": {},
+    "eager_attention": {"perf": {"attention": "eager"}},
+    "channels_last": {"perf": {"channels_last": True}},
+    "compile_sampling": {"perf": {"compile": "sampling"}},
+    "cudagraphs": {"perf": {"compile": "sampling", "compile_mode": "reduce-overhead"}},
+    "compile_all": {"perf": {"compile": "all"}},
+    # The issue's reference measurements found compiled LoRA training slower than eager (95 vs 105
+    # samples/s): "fast" compiles the sampling loop (with CUDA graphs) and keeps training eager.
+    "fast": {"perf": {"compile": "sampling", "compile_mode": "reduce-overhead", "channels_last": True}},
+    "low_memory": {
+        "perf": {"decode_batch_size": 1},
+        "gradient_checkpointing": True,
+        "sample_batch": 4,
+        "train_batch": 1,
+    },
+}
+
 # Per-shape defaults for options left unset: (sample_batch, train_batch, steps, repeats, warmup, matmul n)
 SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
     "tiny": {
@@ -445,6 +465,19 @@ def train_pass(
         optimizer.zero_grad(set_to_none=True)
 
 
+@torch.no_grad()
+def onpolicy_logprob_err(policy: Any, traj: Any, *, eta: float, guidance_scale: float) -> float:
+    """max |log p recomputed by the training path - log p recorded while sampling| over every step of
+    ``traj``, at the sampling parameters (ratio 1 - 1, to first order): the correctness check of each
+    speed option (compiled sampling vs eager or compiled training, merged LoRA, channels-last)."""
+    worst = 0.0
+    for j in range(traj.timesteps.shape[1]):
+        step = torch.full((len(traj),), j, dtype=torch.long, device=traj.latents.device)
+        log_prob = policy.step_log_prob(traj, step, eta=eta, guidance_scale=guidance_scale)
+        worst = max(worst, (log_prob - traj.log_probs[:, j]).abs().max().item())
+    return worst
+
+
 def _unet_flops_per_eval_sd(policy: Any) -> int:
     """F: FLOPs of one UNet forward at batch 1 (the policy's UNet, LoRA included)."""
     embeds = policy.encode_prompts(_prompts(1))
@@ -465,7 +498,7 @@ def bench_sd(
     deadline: Deadline,
     out: dict[str, Any],
 ) -> None:
-    from diffloop.config import LoraConfig
+    from diffloop.config import LoraConfig, PerformanceConfig
     from diffloop.policies.diffusers_policy import DDIMPolicy
 
     dtype = DTYPES[args.dtype]
@@ -475,7 +508,15 @@ def bench_sd(
         device=device,
         weight_dtype=dtype,
         logprob_reduction="mean",
+        gradient_checkpointing=args.gradient_checkpointing,
+        performance=PerformanceConfig(**args.perf),
     )
+    out["options"] = {
+        "performance": asdict(policy.performance),
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "sample_batch": args.sample_batch,
+        "train_batch": args.train_batch,
+    }
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-6)
     steps, cfg, eta = args.steps, args.guidance_scale, 1.0
     evals_per_step = 1 if cfg == 1.0 else 2  # CFG runs the UNet on a doubled batch
@@ -496,8 +537,12 @@ def bench_sd(
         unet_evals: int | None,
         what: str,
     ) -> ItemResult | None:
+        def eager_flops() -> float:  # FLOPs are the work's, counted on the uncompiled modules
+            with policy.uncompiled():
+                return flops()
+
         return run_item(
-            args, device, matmul_rate, deadline, out, name, fn, samples, flops, unet_evals, what
+            args, device, matmul_rate, deadline, out, name, fn, samples, eager_flops, unet_evals, what
         )
 
     # Sampling (policy.sample includes text encoding and VAE decoding). Each item's FLOPs are counted
@@ -549,6 +594,11 @@ def bench_sd(
         train()  # samples the trajectories outside the counter: count training only
         return count_flops(train)
 
+    if not deadline.exceeded():  # the training trajectories, checked on-policy before any update
+        traj.append(
+            policy.sample(_prompts(tb), _generators(tb, device, 1000), num_steps=steps, eta=eta, guidance_scale=cfg)
+        )
+        out["onpolicy_logprob_err"] = onpolicy_logprob_err(policy, traj[0], eta=eta, guidance_scale=cfg)
     trained = item(
         "train",
         train,
@@ -751,6 +801,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--matmul-n", type=int, default=None, help="side of the square matmul for the floor"
     )
+    p.add_argument(
+        "--perf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a performance.* option of the trainer (repeatable), e.g. --perf compile=all "
+        "--perf channels_last=true",
+    )
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward"
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated named settings run one after another, the first as the baseline of "
+        f"the speed-ups (each adds to --perf): {', '.join(VARIANTS)}",
+    )
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument(
         "--time-limit-s",
@@ -771,7 +838,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.variants is not None:
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in args.variants if v not in VARIANTS]
+        if unknown or not args.variants:
+            p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    try:
+        args.perf = performance_options(args.perf, args.dtype)
+    except ValueError as e:  # ConfigError names the field and the fix
+        p.error(str(e))
     return args
+
+
+def performance_options(items: list[str], dtype: str) -> dict[str, Any]:
+    """``["compile=all", ...]`` -> validated PerformanceConfig fields (as the trainer checks them)."""
+    from diffloop.config import load_config
+
+    precision = {"fp32": "no"}.get(dtype, dtype)
+    overrides = [f"train.mixed_precision={precision}", *(f"performance.{kv}" for kv in items)]
+    return asdict(load_config(None, overrides).performance)
+
+
+def variant_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """``args`` with variant ``name``'s settings on top (its perf options added to --perf)."""
+    spec = VARIANTS[name]
+    merged = argparse.Namespace(**vars(args))
+    merged.perf = performance_options(
+        [f"{k}={v}" for k, v in {**args.perf, **spec.get("perf", {})}.items()], args.dtype
+    )
+    for key in ("gradient_checkpointing", "sample_batch", "train_batch"):
+        if key in spec:
+            setattr(merged, key, spec[key])
+    return merged
 
 
 def device_name(device: torch.device) -> str:
@@ -820,6 +918,56 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_variants(
+    args: argparse.Namespace, device: torch.device, matmul_rate: float, deadline: Deadline, out: dict[str, Any]
+) -> None:
+    """Each variant on a fresh policy, results under ``out["variants"][name]``; the first variant's
+    items are also the top-level ``items``, and each variant gets its speed-ups over it."""
+    import gc
+
+    out["variants"] = {}
+    for name in args.variants:
+        sub: dict[str, Any] = {"floor": {}, "items": {}, "skipped": [], "notes": []}
+        try:
+            bench_sd(variant_args(args, name), device, matmul_rate, deadline, sub)
+        except Exception as e:  # noqa: BLE001 (a variant that fails to compile must not lose the others)
+            sub["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        out["variants"][name] = sub
+        out["skipped"] += [f"{name}/{s}" for s in sub["skipped"]]
+        gc.collect()
+        torch._dynamo.reset()  # compiled graphs of this variant's modules
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    first = out["variants"][args.variants[0]]
+    out["items"] = first["items"]
+    out["floor"].update(first["floor"])
+    for sub in out["variants"].values():
+        sub["speedup_vs_first"] = {
+            k: first["items"][k]["median_s"] / it["median_s"] * (it["samples"] / first["items"][k]["samples"])
+            for k, it in sub["items"].items()
+            if k in first["items"]
+        }
+
+
+def format_variants(result: dict[str, Any]) -> str:
+    """One row per variant: per-sample cost of each item, speed-up over the first, peak memory, ratio check."""
+    items = ("sample", "train", "end_to_end")
+    head = f"{'variant':<18}" + "".join(f"{i + ' s/sample':>20}{'x':>7}" for i in items)
+    head += f"{'peak MiB':>10}{'logp err':>10}"
+    lines = ["", "variants (s/sample and speed-up over the first row):", head, "-" * len(head)]
+    for name, sub in result["variants"].items():
+        row = f"{name:<18}"
+        for i in items:
+            it = sub["items"].get(i)
+            row += f"{it['per_sample_s']:>20.4g}{sub['speedup_vs_first'][i]:>6.2f}x" if it else f"{'-':>20}{'-':>7}"
+        peaks = [it["peak_memory_mib"] for it in sub["items"].values() if it["peak_memory_mib"] is not None]
+        row += f"{max(peaks):>10.0f}" if peaks else f"{'-':>10}"
+        err = sub.get("onpolicy_logprob_err")
+        row += f"{err:>10.2g}" if err is not None else f"{'-':>10}"
+        lines.append(row + (f"  error: {sub['error']}" if "error" in sub else ""))
+    return "\n".join(lines)
+
+
 def compare_to_reference(items: dict[str, Any]) -> dict[str, float]:
     """Speed-ups over DDPO's H200 numbers (> 1 = faster than the reference), for the items timed."""
     ref = REFERENCE_SD15_H200
@@ -859,12 +1007,16 @@ def bench_main(argv: list[str] | None = None) -> int:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if args.shape in ("sdxl", "tiny_xl"):
             bench_sdxl_unet(args, device, matmul_rate, deadline, result)
+        elif args.variants:
+            run_variants(args, device, matmul_rate, deadline, result)
         else:
             bench_sd(args, device, matmul_rate, deadline, result)
     result["wall_s"] = time.perf_counter() - deadline.start
     if args.shape == "sd15":
         result["vs_reference_sd15_h200"] = compare_to_reference(result["items"])
     print(format_table(result))
+    if args.variants:
+        print(format_variants(result))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

@@ -136,7 +136,7 @@ def _load(path: Path, loader):
         raise CheckpointError(f"checkpoint file '{path}' is missing")
     try:
         return loader(path)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CheckpointError(
             f"checkpoint file '{path}' is unreadable ({type(e).__name__}: {e}). Move the directory "
             f"'{path.parent}' aside to resume from the previous checkpoint."
@@ -145,7 +145,7 @@ def _load(path: Path, loader):
 
 def load(path: Path, rank: int) -> dict[str, Any]:
     """Read a checkpoint directory into a dict of its parts (tensors on CPU)."""
-    torch_load = lambda p: torch.load(p, map_location="cpu", weights_only=False)  # noqa: E731
+    torch_load = lambda p: torch.load(p, map_location="cpu", weights_only=False)
     rng_file = path / f"rng_rank{rank}.pt"
     state = _load(path / "state.json", lambda p: json.loads(p.read_text()))
     return {

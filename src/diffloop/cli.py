@@ -15,7 +15,6 @@ Multi-process: ``accelerate launch -m diffloop train CONFIG ...`` (or torchrun).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from importlib import resources

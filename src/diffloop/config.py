@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,28 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
+
+
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """SafeLoader whose booleans are YAML 1.2's (true/false only): under YAML 1.1 rules
+    ``train.mixed_precision=no`` would arrive as False. Bool fields still accept yes/no/on/off
+    (:func:`_coerce` converts those strings)."""
+
+
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12BoolLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML with YAML 1.2 booleans (see :class:`_Yaml12BoolLoader`); used for configs and overrides."""
+    return yaml.load(text, Loader=_Yaml12BoolLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
 @dataclass
@@ -161,6 +184,40 @@ class LoggingConfig:
     progress_bars: bool = True
 
 
+COMPILE_TARGETS = ("none", "sampling", "training", "all")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTION_BACKENDS = ("sdpa", "eager")
+
+
+@dataclass
+class PerformanceConfig:
+    """Speed options (docs/performance.md says what each bought). None changes the algorithm: the
+    on-policy ratio stays 1 within the tolerance the run logs as ``onpolicy_logprob_err``."""
+
+    compile: str = "none"
+    """torch.compile the UNet for: none, sampling (the no-grad loop), training (log-prob + backward),
+    or all. Sampling and training then share one compiled module per mode."""
+    compile_mode: str = "default"
+    """torch.compile mode: default, reduce-overhead (CUDA graphs: fixed-shape sampling loop),
+    max-autotune, max-autotune-no-cudagraphs."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor; aot_eager checks tracing without code generation)."""
+    channels_last: bool = False
+    """Store UNet weights/activations channels-last (NHWC): faster convolutions on tensor cores."""
+    attention: str = "sdpa"
+    """sdpa: torch's scaled_dot_product_attention (flash / memory-efficient kernels, diffusers'
+    default); eager: explicit softmax(QK^T)V, for comparison."""
+    merge_lora_for_sampling: bool = False
+    """Fold the LoRA update into the base weights while sampling (no adapter matmuls), restoring the
+    exact base weights afterwards. Needs train.mixed_precision=no: in fp16/bf16 weights a small
+    update rounds away (W + dW == W), so the sampled policy would not be the trained one."""
+    allow_tf32: bool = True
+    """On Ampere+ GPUs run fp32 matmuls/convolutions in TF32 (as DDPO does). Both sampling and training
+    use it, so the ratio stays 1; set false for bit-level fp32."""
+    decode_batch_size: int = 8
+    """Images the VAE decodes at once (a memory knob for the low-memory setting)."""
+
+
 @dataclass
 class Config:
     seed: int = 0
@@ -186,6 +243,7 @@ class Config:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -235,8 +293,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -294,7 +352,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    value = load_yaml(raw) if raw != "" else ""
     node: dict[str, Any] = {}
     cursor = node
     parts = key.strip().split(".")
@@ -313,7 +371,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = load_yaml(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -447,11 +505,42 @@ def validate(config: Config, num_processes: int = 1) -> None:
     _check(e.samples_per_prompt >= 1, f"eval.samples_per_prompt={e.samples_per_prompt} must be >= 1")
     _check(e.every_n_epochs >= 0, f"eval.every_n_epochs={e.every_n_epochs} must be >= 0 (0: start and end)")
     _check(e.batch_size >= 1, f"eval.batch_size={e.batch_size} must be >= 1")
+    _validate_performance(config)
     p = config.prompts
     if p.source == "file":
         _check(p.path is not None, "prompts.source=file needs prompts.path=<text file, one prompt a line>")
     if p.source == "list":
         _check(bool(p.prompts), "prompts.source=list needs prompts.prompts=[...] (at least one prompt)")
+
+
+def _validate_performance(config: Config) -> None:
+    perf = config.performance
+    _check(
+        perf.compile in COMPILE_TARGETS,
+        f"performance.compile='{perf.compile}' must be one of {', '.join(COMPILE_TARGETS)}",
+    )
+    _check(
+        perf.compile_mode in COMPILE_MODES,
+        f"performance.compile_mode='{perf.compile_mode}' must be one of {', '.join(COMPILE_MODES)}",
+    )
+    _check(bool(perf.compile_backend), "performance.compile_backend must name a torch.compile backend")
+    _check(
+        perf.attention in ATTENTION_BACKENDS,
+        f"performance.attention='{perf.attention}' must be one of {', '.join(ATTENTION_BACKENDS)}",
+    )
+    _check(perf.decode_batch_size >= 1, f"performance.decode_batch_size={perf.decode_batch_size} must be >= 1")
+    if perf.merge_lora_for_sampling:
+        _check(
+            config.lora.enabled,
+            "performance.merge_lora_for_sampling=true needs lora.enabled=true (there is no adapter to merge)",
+        )
+        _check(
+            config.train.mixed_precision == "no",
+            f"performance.merge_lora_for_sampling=true with train.mixed_precision={config.train.mixed_precision}: "
+            "a LoRA update merged into fp16/bf16 weights is rounded away (W + dW == W for small dW), so the "
+            "sampled policy would not be the trained one; set performance.merge_lora_for_sampling=false "
+            "(torch.compile fuses the adapter matmuls instead) or train.mixed_precision=no",
+        )
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

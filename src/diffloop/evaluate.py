@@ -449,7 +449,7 @@ def format_table(result: Mapping[str, Any]) -> str:
             cells.append(cell)
         rows.append(cells)
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    pad = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))  # noqa: E731
+    pad = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
     lines = [pad(row).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

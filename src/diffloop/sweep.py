@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from diffloop.config import Config, ConfigError, config_to_dict, load_config
+from diffloop.config import Config, ConfigError, config_to_dict, load_config, load_yaml
 from diffloop.run_dir import read_metrics
 
 SWEEP_KEYS = ("base", "overrides", "budget", "runs", "seeds", "output_dir")
@@ -236,7 +236,7 @@ def load_sweep(path: str | Path, output_dir: str | Path | None = None) -> Sweep:
     """Read and check a sweep file (no config is resolved yet; see :func:`plan`)."""
     p = resolve_sweep_path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p.read_text())
     except yaml.YAMLError as e:
         raise SweepError(f"sweep file '{p}' is not valid YAML: {e}") from None
     if not isinstance(data, dict):

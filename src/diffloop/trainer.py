@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from diffloop import checkpoint
 from diffloop.algorithms import ALGORITHMS, make_stat_tracker
-from diffloop.core import gaussian_kl
 from diffloop.config import Config, ConfigError, derived_arithmetic, num_trained_timesteps, validate
+from diffloop.core import gaussian_kl
 from diffloop.distributed import Distributed
 from diffloop.monitors import image_statistics
 from diffloop.policies.base import Trajectories, iter_chunks
@@ -72,6 +72,7 @@ class Trainer:
             weight_dtype=WEIGHT_DTYPES[t.mixed_precision],
             logprob_reduction=t.logprob_reduction,
             gradient_checkpointing=t.gradient_checkpointing,
+            performance=config.performance,
         )
         self.params = self.policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from diffloop.config import ConfigError
+from diffloop.config import ConfigError, load_yaml
 
 DEFAULT_ALGORITHMS = "loop@2,loop@4,grpo@4,reinforce_loo@4,ppo@1,reinforce@1"
 SEED_TAG = 0x5A7  # keeps the variance tool's noise streams apart from training's derive_seed(seed, epoch, g)
@@ -353,11 +353,10 @@ def algorithm_overrides(config, spec: AlgorithmSpec, workdir: Path) -> list[str]
 
 def unvalidated_config(path: str | None, overrides: Sequence[str]):
     """``load_config`` without ``validate`` (defaults < YAML < overrides)."""
-    import yaml
 
     from diffloop.config import Config, _from_dict, _merge, parse_override
 
-    data = (yaml.safe_load(Path(path).read_text()) or {}) if path is not None else {}
+    data = (load_yaml(Path(path).read_text()) or {}) if path is not None else {}
     for text in overrides:
         data = _merge(data, parse_override(text))
     return _from_dict(Config, data)

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 
 __all__ = [
-    "leave_one_out_advantages",
-    "group_normalized_advantages",
-    "batch_mean_advantages",
-    "scale_by_group_std",
-    "clip_advantages",
     "PerPromptStatTracker",
+    "batch_mean_advantages",
+    "clip_advantages",
+    "group_normalized_advantages",
+    "leave_one_out_advantages",
+    "scale_by_group_std",
 ]
 
 

@@ -21,11 +21,11 @@ from typing import Literal
 import torch
 
 __all__ = [
-    "clipped_surrogate_loss",
-    "policy_gradient_loss",
     "approx_kl",
     "clip_fraction",
+    "clipped_surrogate_loss",
     "gaussian_kl",
+    "policy_gradient_loss",
 ]
 
 

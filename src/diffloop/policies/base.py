@@ -15,8 +15,9 @@ under its current parameters. SDXL and flow-matching models implement the same i
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -47,7 +48,7 @@ class Trajectories:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def index(self, idx: torch.Tensor | slice) -> "Trajectories":
+    def index(self, idx: torch.Tensor | slice) -> Trajectories:
         """The subset of trajectories ``idx`` (every per-sample field indexed on dim 0)."""
         out = {}
         for f in fields(self):
@@ -61,7 +62,7 @@ class Trajectories:
         return Trajectories(**out)
 
     @staticmethod
-    def cat(parts: list["Trajectories"]) -> "Trajectories":
+    def cat(parts: list[Trajectories]) -> Trajectories:
         """Concatenate along the sample dimension."""
         out = {}
         for f in fields(Trajectories):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from diffloop.config import LoraConfig, ModelConfig
+from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig
 from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob, gaussian_log_prob
 from diffloop.policies.base import Trajectories, iter_chunks
 
@@ -56,7 +56,7 @@ def _has_vae(path: str, model: ModelConfig) -> bool:
 
     try:
         index = DiffusionPipeline.load_config(path, revision=model.revision)
-    except Exception as e:  # noqa: BLE001 - re-raised with the how-to
+    except Exception as e:
         raise ModelLoadError(f"could not read model_index.json of '{path}': {e}\n{_how_to_provide(path)}") from e
     return "vae" in index
 
@@ -94,7 +94,7 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
     for name, load in loaders.items():
         try:
             components[name] = load()
-        except Exception as e:  # noqa: BLE001 - every loader failure gets the same how-to
+        except Exception as e:
             raise ModelLoadError(
                 f"could not load the {name} of model.pretrained='{model.pretrained}' "
                 f"(looked in '{path}', subfolder '{name}/'): {type(e).__name__}: {e}\n"
@@ -120,8 +120,10 @@ class DDIMPolicy:
         weight_dtype: torch.dtype = torch.float32,
         logprob_reduction: str = "mean",
         gradient_checkpointing: bool = False,
+        performance: PerformanceConfig | None = None,
     ) -> None:
         self.device = device
+        self.performance = perf = performance or PerformanceConfig()
         self.weight_dtype = weight_dtype
         self.logprob_reduction = logprob_reduction
         self.unet = components["unet"]
@@ -135,6 +137,7 @@ class DDIMPolicy:
                 module.requires_grad_(False)
                 same_dtype = next(module.parameters()).dtype == weight_dtype
                 module.to(device) if same_dtype else module.to(device, dtype=weight_dtype)
+        self._set_attention(perf.attention)
         if self.lora_config is not None:
             self._add_lora(lora)
         else:
@@ -146,6 +149,33 @@ class DDIMPolicy:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()
         self._num_steps: int | None = None
+        if perf.merge_lora_for_sampling and self.lora_config is None:
+            raise ValueError("performance.merge_lora_for_sampling needs a LoRA adapter (lora.enabled=true)")
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = perf.allow_tf32
+            torch.backends.cudnn.allow_tf32 = perf.allow_tf32
+        if perf.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        self._unet_for = self._compiled_unets(perf)
+
+    def _set_attention(self, backend: str) -> None:
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        self.unet.set_attn_processor(AttnProcessor2_0() if backend == "sdpa" else AttnProcessor())
+
+    def _compiled_unets(self, perf: PerformanceConfig) -> dict[str, Any]:
+        """The UNet callable for each use. Compiled uses wrap the same module (shared parameters):
+        ``compile_mode`` applies to the sampling loop; training compiles in the default mode (CUDA
+        graphs would keep a static copy of every activation the backward needs)."""
+        uses = {"sampling": self.unet, "training": self.unet}
+        if perf.compile == "none":
+            return uses
+        for use in ("sampling", "training"):
+            if perf.compile in (use, "all"):
+                mode = perf.compile_mode if use == "sampling" else "default"
+                options = {"mode": mode} if perf.compile_backend == "inductor" and mode != "default" else {}
+                uses[use] = torch.compile(self.unet, backend=perf.compile_backend, **options)
+        return uses
 
     # ------------------------------------------------------------------ parameters
 
@@ -218,6 +248,36 @@ class DDIMPolicy:
         ).input_ids.to(self.device)
         return self.text_encoder(ids)[0]
 
+    @contextlib.contextmanager
+    def uncompiled(self):
+        """Every use runs the plain module inside the block (FLOP counting, debugging)."""
+        saved, self._unet_for = self._unet_for, {use: self.unet for use in self._unet_for}
+        try:
+            yield
+        finally:
+            self._unet_for = saved
+
+    @contextlib.contextmanager
+    def _lora_merged(self):
+        """LoRA folded into the base weights (W <- W + s B A) inside the block; afterwards the exact
+        base weights are copied back (peft's unmerge subtracts, which is not bit-exact)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+        if not layers or any(layer.disable_adapters for layer in layers):  # reference(): nothing to merge
+            yield
+            return
+        saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+        for layer in layers:
+            layer.merge()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for layer, weight in zip(layers, saved):
+                    layer.unmerge()
+                    layer.get_base_layer().weight.copy_(weight)
+
     def _guided_prediction(
         self,
         latents: torch.Tensor,
@@ -225,13 +285,19 @@ class DDIMPolicy:
         prompt_embeds: torch.Tensor,
         negative_prompt_embeds: torch.Tensor,
         guidance_scale: float,
+        use: str = "training",
     ) -> torch.Tensor:
-        """CFG: uncond + g (cond - uncond), in one UNet call on the doubled batch. Shapes: (N, C, H, W)."""
+        """CFG: uncond + g (cond - uncond), in one UNet call on the doubled batch. Shapes: (N, C, H, W).
+
+        ``use`` picks the sampling or the training UNet callable (the same module, maybe compiled)."""
         dtype = self.weight_dtype
+        unet = self._unet_for[use]
+        memory_format = torch.channels_last if self.performance.channels_last else torch.contiguous_format
         if guidance_scale == 1.0:
-            return self.unet(latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample
-        out = self.unet(
-            torch.cat([latents, latents]).to(dtype),
+            x = latents.to(dtype=dtype, memory_format=memory_format)
+            return unet(x, timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample
+        out = unet(
+            torch.cat([latents, latents]).to(dtype=dtype, memory_format=memory_format),
             torch.cat([timesteps, timesteps]),
             encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype),
         ).sample
@@ -273,33 +339,54 @@ class DDIMPolicy:
         x = x * self.scheduler.init_noise_sigma
         latents, log_probs = [x], []
         timesteps = self.scheduler.timesteps
-        for t in timesteps:
-            t_batch = t.expand(n).to(self.device)
-            with self._autocast():
-                model_output = self._guided_prediction(x, t_batch, prompt_embeds, negative_embeds, guidance_scale)
-            if eta > 0:
-                x, log_prob = ddim_step_with_logprob(
-                    self.scheduler,
-                    model_output.float(),
-                    t_batch,
-                    x,
-                    eta,
-                    generator=generators,
-                    logprob_reduction=self.logprob_reduction,
+        merged = self.performance.merge_lora_for_sampling and self.lora_config is not None
+        with self._lora_merged() if merged else contextlib.nullcontext():
+            for t in timesteps:
+                t_batch = t.expand(n).to(self.device)
+                x, log_prob = self._sample_step(
+                    x, t_batch, prompt_embeds, negative_embeds, guidance_scale, eta, generators
                 )
-            else:  # deterministic DDIM (evaluation): no density, log-probs are NaN
-                x = ddim_step_mean_std(self.scheduler, model_output.float(), t_batch, x, 0.0)[0]
-                log_prob = torch.full((n,), float("nan"), device=x.device)
-            latents.append(x)
-            log_probs.append(log_prob)
+                latents.append(x)
+                log_probs.append(log_prob)
         return Trajectories(
             latents=torch.stack(latents, dim=1),
             timesteps=timesteps.to(self.device).unsqueeze(0).expand(n, -1).clone(),
             log_probs=torch.stack(log_probs, dim=1).float(),
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
-            images=self.decode(x),
+            images=self.decode(x, self.performance.decode_batch_size),
         )
+
+    def _sample_step(
+        self,
+        x: torch.Tensor,
+        t_batch: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        guidance_scale: float,
+        eta: float,
+        generators: list[torch.Generator],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DDIM step of the sampling loop: (x_{t-1} (N, C, H, W), log p (N,); NaN when eta = 0)."""
+        n = len(x)
+        with self._autocast():
+            model_output = self._guided_prediction(
+                x, t_batch, prompt_embeds, negative_embeds, guidance_scale, use="sampling"
+            )
+        if eta > 0:
+            x, log_prob = ddim_step_with_logprob(
+                self.scheduler,
+                model_output.float(),
+                t_batch,
+                x,
+                eta,
+                generator=generators,
+                logprob_reduction=self.logprob_reduction,
+            )
+        else:  # deterministic DDIM (evaluation): no density, log-probs are NaN
+            x = ddim_step_mean_std(self.scheduler, model_output.float(), t_batch, x, 0.0)[0]
+            log_prob = torch.full((n,), float("nan"), device=x.device)
+        return x, log_prob
 
     def step_distribution(
         self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
@@ -311,7 +398,7 @@ class DDIMPolicy:
         t = traj.timesteps[rows, step]
         with self._autocast():
             model_output = self._guided_prediction(
-                x_t, t, traj.prompt_embeds, traj.negative_prompt_embeds, guidance_scale
+                x_t, t, traj.prompt_embeds, traj.negative_prompt_embeds, guidance_scale, use="training"
             )
         mean, std, _ = ddim_step_mean_std(self.scheduler, model_output.float(), t, x_t, eta)
         return mean, std
@@ -395,6 +482,7 @@ def load_policy(
     weight_dtype: torch.dtype = torch.float32,
     logprob_reduction: str = "mean",
     gradient_checkpointing: bool = False,
+    performance: PerformanceConfig | None = None,
 ) -> DDIMPolicy:
     components = load_components(model)
     return DDIMPolicy(
@@ -404,4 +492,5 @@ def load_policy(
         weight_dtype=weight_dtype,
         logprob_reduction=logprob_reduction,
         gradient_checkpointing=gradient_checkpointing,
+        performance=performance,
     )

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The issue-7 measurements in one device call (fits the 15-minute GPU budget with room for one rerun):
+#   bash scripts/fetch_wheels.sh wheels          # here, once: diffusers/peft wheels for the offline GPU box
+#   run(command="bash scripts/gpu_bench.sh", carry=["wheels"], timeout_s=560)
+# Writes $OUT/bench_sd15.{json,txt} and $OUT/bench_sdxl.{json,txt}; docs/performance.md reads them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+if ! python -c "import diffusers, peft" 2>/dev/null; then
+    python -m pip install -q --no-index --no-deps wheels/diffusers-*.whl wheels/peft-*.whl
+fi
+export HF_HUB_OFFLINE=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# SD1.5 shape, DDPO's settings (50 steps, CFG 5, sample batch 16, train batch 4): each variant on a
+# fresh policy, the first the baseline; the time limit keeps whatever finished.
+python -m diffloop.bench --shape sd15 --device cuda --dtype bf16 --repeats 2 --warmup 1 \
+    --variants "${VARIANTS:-eager,fast,compile_all,low_memory,channels_last,eager_attention}" \
+    --time-limit-s "${SD15_LIMIT_S:-360}" --output "$OUT/bench_sd15.json" | tee "$OUT/bench_sd15.txt"
+python -m diffloop.bench --shape sdxl --device cuda --dtype bf16 --repeats 2 --warmup 1 \
+    --time-limit-s "${SDXL_LIMIT_S:-90}" --output "$OUT/bench_sdxl.json" | tee "$OUT/bench_sdxl.txt"

@@ -1,0 +1,57 @@
+"""scripts/claims.py: paired-by-seed verdicts on synthetic sweep summaries with known answers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location(
+    "claims", Path(__file__).resolve().parents[1] / "scripts" / "claims.py"
+)
+claims = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(claims)
+
+
+def curve(rewards: list[float]) -> dict:
+    n = len(rewards)
+    return {"prompts": [48.0 * i for i in range(n)], "reward_queries": [192.0 * i for i in range(n)],
+            "time_s": [1.0 * i for i in range(n)], "reward": rewards}  # fmt: skip
+
+
+def summary(curves: dict) -> dict:
+    return {"budget": {"kind": "prompts", "amount": 192}, "curves": curves}
+
+
+def test_paired_difference_and_verdicts_by_hand():
+    # loop gains 0.10, 0.12, 0.08; ppo gains 0.02, 0.03, 0.01: d = 0.08, 0.09, 0.07 -> 0.08 +- 0.01/sqrt(3)
+    s = summary({
+        **{f"loop_k4/seed_{i}": curve([0.2, 0.25, 0.2 + g]) for i, g in enumerate([0.10, 0.12, 0.08])},
+        **{f"ppo_k1/seed_{i}": curve([0.2, 0.21, 0.2 + g]) for i, g in enumerate([0.02, 0.03, 0.01])},
+    })  # fmt: skip
+    m, se, n = claims.paired(s, "loop_k4", "ppo_k1", claims.gain)
+    assert (m, n) == (pytest.approx(0.08, abs=1e-12), 3)
+    assert se == pytest.approx(0.01 / math.sqrt(3), rel=1e-9)
+    assert claims.verdict(m, se) == "**holds**"
+    assert claims.verdict(-m, se) == "**contradicted**"
+    assert claims.verdict(0.01, 0.01).startswith("not resolved")
+    assert claims.verdict(0.5, math.nan).startswith("one seed")
+    # AUC by trapezoid over prompts 0, 48, 96, divided by 96: (0.2 + 0.25)/2/2 + (0.25 + 0.3)/2/2 = 0.25
+    assert claims.auc(curve([0.2, 0.25, 0.3])) == pytest.approx(0.25, rel=1e-12)
+    # Only seeds present in both runs are paired.
+    del s["curves"]["ppo_k1/seed_2"]
+    assert claims.paired(s, "loop_k4", "ppo_k1", claims.gain)[2] == 2
+
+
+def test_report_marks_missing_runs_and_equal_query_point(tmp_path, capsys):
+    s = summary({"loop_k4/seed_0": curve([0.2, 0.3, 0.4]), "ppo_k1/seed_0": curve([0.2, 0.22, 0.25])})
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(s))
+    assert claims.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "reinforce_loo K=4 (PPO's clipped reuse vs one step) | - | - | runs missing" in out
+    # loop K=4 at 192 queries is its first eval point after the base: gain 0.1 vs ppo's final 0.05.
+    assert "equal reward queries (192): gain of loop K=4 (at 192 queries) − ppo | +0.0500" in out
