@@ -1,11 +1,16 @@
 """Verdicts on the LOOP paper's claims from a finished sweep and a variance measurement (markdown).
 
-    python scripts/claims.py runs/shapes_algorithms/summary.json runs/shapes_algorithms/variance_init.json
+    python scripts/claims.py SUMMARY.json [VARIANCE.json [RUNS_DIR]]
+    e.g. runs/shapes_algorithms/summary.json runs/shapes_algorithms/variance_init.json runs/shapes_algorithms
+
+With RUNS_DIR, a table of what each setting did per run (optimizer steps, mean clip fraction) is added:
+the settings differ in how many gradient steps the same prompts buy, which the verdicts must be read with.
 
 Every comparison is paired by seed (runs with the same seed share the evaluation prompts and noise):
-d_s = metric_a(seed s) - metric_b(seed s), reported as mean +- standard error over seeds. Verdict:
-"holds" when mean > 2 s.e., "contradicted" when mean < -2 s.e., otherwise "not resolved at this
-budget" (the sign alone is noise). scripts/make_results.sh appends the output to docs/results.md.
+d_s = metric_a(seed s) - metric_b(seed s), reported as mean +- standard error over seeds. Verdict by a
+two-sided paired t-test at 5%: "holds" when mean > t * s.e., "contradicted" when mean < -t * s.e.
+(t = 4.30, 3.18, 2.78 for 3, 4, 5 seeds), otherwise "not resolved at this budget" (the sign alone is
+noise). scripts/make_results.sh appends the output to docs/results.md.
 """
 
 from __future__ import annotations
@@ -24,14 +29,25 @@ def mean_sem(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / len(xs))
 
 
-def verdict(mean: float, sem: float) -> str:
-    if math.isnan(sem):
+# Two-sided 5% critical values of Student's t by degrees of freedom (seeds - 1).
+T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+              10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+
+
+def t_critical(dof: int) -> float:
+    usable = [d for d in T_CRITICAL if d <= dof]
+    return T_CRITICAL[max(usable)] if usable else math.inf  # conservative between table entries
+
+
+def verdict(mean: float, sem: float, n: int) -> str:
+    if n < 2 or math.isnan(sem):
         return "one seed: no verdict"
-    if mean > 2 * sem:
-        return "**holds**"
-    if mean < -2 * sem:
-        return "**contradicted**"
-    return "not resolved at this budget (|difference| <= 2 s.e.)"
+    t = t_critical(n - 1)
+    if mean > t * sem:
+        return f"**holds** (> {t:.2f} s.e.)"
+    if mean < -t * sem:
+        return f"**contradicted** (< -{t:.2f} s.e.)"
+    return f"not resolved at this budget (within ±{t:.2f} s.e.)"
 
 
 def reward_at(curve: dict, axis: str, x: float) -> float | None:
@@ -77,7 +93,7 @@ def row(claim: str, result: tuple[float, float, int] | None) -> str:
     if result is None:
         return f"| {claim} | - | - | runs missing |"
     m, s, n = result
-    return f"| {claim} | {m:+.4f} ± {s:.4f} | {n} | {verdict(m, s)} |"
+    return f"| {claim} | {m:+.4f} ± {s:.4f} | {n} | {verdict(m, s, n)} |"
 
 
 def variance_rows(variance: dict) -> list[str]:
@@ -102,6 +118,24 @@ def variance_rows(variance: dict) -> list[str]:
     return lines
 
 
+def update_rows(summary: dict, runs_dir: Path) -> list[str]:
+    """Per setting, from its runs' metrics.jsonl: optimizer steps per run and mean clip fraction."""
+    lines = ["| run | optimizer steps per run | mean clip fraction | max on-policy log-prob error |",
+             "|---|---|---|---|"]  # fmt: skip
+    for name in dict.fromkeys(k.rsplit("/seed_", 1)[0] for k in summary["curves"]):
+        steps, clip, err = [], [], []
+        for path in sorted((runs_dir / name).glob("seed_*/metrics.jsonl")):
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if r.get("epoch", -1) >= 0]
+            if rows:
+                steps.append(max(r.get("optimizer_steps", 0) for r in rows))
+                clip += [r.get("clipfrac", 0.0) for r in rows]
+                err += [r.get("onpolicy_logprob_err", 0.0) for r in rows]
+        if steps:
+            lines.append(f"| {name} | {sum(steps) / len(steps):.0f} | {sum(clip) / len(clip):.3f} | {max(err):.1e} |")
+    return lines
+
+
 def main(argv: list[str]) -> int:
     summary = json.loads(Path(argv[0]).read_text())
     variance = json.loads(Path(argv[1]).read_text()) if len(argv) > 1 and Path(argv[1]).exists() else None
@@ -111,11 +145,13 @@ def main(argv: list[str]) -> int:
         "## Do the paper's claims hold here?",
         "",
         "Paired by seed (same evaluation prompts and noise), mean ± standard error of the difference;",
-        "\"holds\" needs the difference to exceed 2 s.e. Held-out reward gain = final - base.",
+        "verdicts by a two-sided paired t-test at 5%. Held-out reward gain = final - base.",
         "",
         "| claim (difference a − b) | difference | seeds | verdict |",
         "|---|---|---|---|",
         row("(a) equal prompts: gain of loop K=4 − ppo (DDPO)", paired(summary, "loop_k4", "ppo_k1", final)),
+        row("(a) equal prompts, equal updates: gain of loop K=4 − ppo with 4 updates/epoch (ppo_k1_b4)",
+            paired(summary, "loop_k4", "ppo_k1_b4", final)),
         row("(a) equal prompts: gain of loop K=2 − ppo (DDPO)", paired(summary, "loop_k2", "ppo_k1", final)),
         row("(a) equal prompts: AUC of loop K=4 − ppo", paired(summary, "loop_k4", "ppo_k1", auc)),
         row("(a) more so as K grows: gain of loop K=4 − loop K=2", paired(summary, "loop_k4", "loop_k2", final)),
@@ -144,6 +180,8 @@ def main(argv: list[str]) -> int:
             "|---|---|---|---|",
             *variance_rows(variance),
         ]
+    if len(argv) > 2:
+        lines += ["", "What each setting did (its runs' metrics.jsonl):", "", *update_rows(summary, Path(argv[2]))]
     print("\n".join(lines))
     return 0
 

@@ -66,7 +66,10 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
     echo "$commit ($device); do not edit by hand. Sweep: \`$SWEEP\` (\`diffloop compare $SWEEP --dry-run\`"
     echo "lists the grid)."
     echo
-    "$PYTHON" scripts/claims.py "$RUNS/summary.json" "$RUNS/variance_init.json"
+    echo "Wall-clock figures are per run, measured while $SHARDS sweep process(es) shared the machine"
+    echo "($(nproc 2>/dev/null || echo '?') cores); with several processes per core they include contention."
+    echo
+    "$PYTHON" scripts/claims.py "$RUNS/summary.json" "$RUNS/variance_init.json" "$RUNS"
     echo
     echo "## Held-out reward at a matched budget"
     echo

@@ -35,10 +35,13 @@ def test_paired_difference_and_verdicts_by_hand():
     m, se, n = claims.paired(s, "loop_k4", "ppo_k1", claims.gain)
     assert (m, n) == (pytest.approx(0.08, abs=1e-12), 3)
     assert se == pytest.approx(0.01 / math.sqrt(3), rel=1e-9)
-    assert claims.verdict(m, se) == "**holds**"
-    assert claims.verdict(-m, se) == "**contradicted**"
-    assert claims.verdict(0.01, 0.01).startswith("not resolved")
-    assert claims.verdict(0.5, math.nan).startswith("one seed")
+    # t = 0.08 / 0.00577 = 13.9 > 4.303 (2 degrees of freedom)
+    assert claims.verdict(m, se, n) == "**holds** (> 4.30 s.e.)"
+    assert claims.verdict(-m, se, n).startswith("**contradicted**")
+    assert claims.verdict(0.04, 0.01, 3).startswith("not resolved")  # t = 4 < 4.303
+    assert claims.verdict(0.04, 0.01, 5).startswith("**holds**")  # t = 4 > 2.776
+    assert claims.verdict(0.5, math.nan, 1).startswith("one seed")
+    assert claims.t_critical(12) == 2.228  # between table entries: the smaller dof's (conservative)
     # AUC by trapezoid over prompts 0, 48, 96, divided by 96: (0.2 + 0.25)/2/2 + (0.25 + 0.3)/2/2 = 0.25
     assert claims.auc(curve([0.2, 0.25, 0.3])) == pytest.approx(0.25, rel=1e-12)
     # Only seeds present in both runs are paired.

@@ -116,7 +116,7 @@ def test_dry_run_prints_the_grid(tmp_path, capsys):
 
 def test_shipped_sweep_matches_prompts():
     runs = plan(load_sweep("shapes_algorithms.yaml"))
-    assert len(runs) == 21 and {r.prompts for r in runs} == {192}
+    assert len(runs) == 35 and {r.prompts for r in runs} == {192}
     assert {(r.name, r.algorithm, r.samples_per_prompt) for r in runs} == {
         ("loop_k2", "loop", 2), ("loop_k4", "loop", 4), ("ppo_k1", "ppo", 1), ("ppo_k1_b4", "ppo", 1),
         ("grpo_k4", "grpo", 4), ("reinforce_k1", "reinforce", 1), ("reinforce_loo_k4", "reinforce_loo", 4)}  # fmt: skip
@@ -129,10 +129,10 @@ def test_shards_partition_the_shipped_sweep_balanced_by_queries():
     # A partition: every run exactly once, grid order kept within a shard.
     assert sorted(keys[0] + keys[1]) == sorted((r.name, r.seed) for r in runs)
     assert all(k == sorted(k, key=[(r.name, r.seed) for r in runs].index) for k in keys)
-    # Balanced by reward queries to within the smallest run (9 K=4 runs of 768, 3 K=2 of 384, 9 K=1
-    # of 192 = 9792: 4992 + 4800); runs[i::2] gives 5376 + 4416.
+    # Balanced by reward queries to within the smallest run (5 seeds x (3 K=4 runs of 768, one K=2 of
+    # 384, 3 K=1 of 192) = 16320: 8256 + 8064); runs[i::2] gives 8640 + 7680.
     loads = sorted(sum(r.reward_queries for r in s) for s in shards)
-    assert loads == [4800, 4992]
+    assert loads == [8064, 8256]
     assert shard_runs(runs, 0, 1) == runs
 
 
