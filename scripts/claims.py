@@ -97,15 +97,21 @@ def row(claim: str, result: tuple[float, float, int] | None) -> str:
 
 
 def variance_rows(variance: dict) -> list[str]:
+    """Ratios of per-query variance (same gradient scale) and per-query SNR (scale-free), with the
+    jackknife standard errors of each value when the measurement has them."""
     by = {r["label"]: r for r in variance["results"]}
     lines = []
 
+    def value(label: str, key: str) -> tuple[float, float]:
+        r = by[label]
+        scale = 1 / r["queries_per_estimate"] if key == "snr_unbiased" else 1.0
+        return r[key] * scale, r.get(f"{key}_sem", math.nan) * scale
+
     def ratio(a: str, b: str, key: str, what: str, better: str) -> None:
         if a in by and b in by:
-            x, y = by[a][key], by[b][key]
-            if key.startswith("snr"):
-                x, y = x / by[a]["queries_per_estimate"], y / by[b]["queries_per_estimate"]
-            lines.append(f"| {what} | {a}: {x:.3e}, {b}: {y:.3e} | {x / y:.2f} | {better} |")
+            (x, sx), (y, sy) = value(a, key), value(b, key)
+            fmt = lambda v, e: f"{v:.3e}" if math.isnan(e) else f"{v:.3e} ± {e:.1e}"  # noqa: E731
+            lines.append(f"| {what} | {a}: {fmt(x, sx)}, {b}: {fmt(y, sy)} | {x / y:.2f} | {better} |")
 
     ratio("loop@4", "reinforce@1", "variance_per_query", "variance per reward query (same gradient scale)",
           "lower is better")
@@ -115,6 +121,11 @@ def variance_rows(variance: dict) -> list[str]:
     ratio("loop@4", "ppo@1", "snr_unbiased", "SNR per reward query vs PPO (scale-free)", "higher is better")
     ratio("loop@4", "grpo@4", "snr_unbiased", "SNR per reward query vs GRPO (scale-free)", "higher is better")
     ratio("loop@4", "reinforce@1", "snr_unbiased", "SNR per reward query vs REINFORCE", "higher is better")
+    noisy = [r["label"] for r in variance["results"]
+             if "snr_unbiased_sem" in r and abs(r["snr_unbiased"]) < 2 * r["snr_unbiased_sem"]]  # fmt: skip
+    if noisy:
+        lines += ["", f"SNR not distinguishable from 0 at this number of estimates (|SNR| < 2 s.e.): "
+                      f"{', '.join(noisy)}; their SNR ratios are not evidence either way."]  # fmt: skip
     return lines
 
 

@@ -7,7 +7,7 @@
 #
 # Environment: SWEEP (default shapes_algorithms.yaml, a path or a packaged sweep), RUNS (its output
 # directory, default runs/shapes_algorithms), VAR_ESTIMATES (independent gradient estimates per
-# estimator, default 32), VAR_PROMPTS (prompts per estimate, default 4), VAR_ALGORITHMS (default
+# estimator, default 64), VAR_PROMPTS (prompts per estimate, default 4), VAR_ALGORITHMS (default
 # without reinforce_loo: at the on-policy point its estimator is loop's, term for term), VAR_TRAINED=1
 # (also measure at the trained loop_k4 seed-0 parameters), VAR_OVERRIDES (space-separated key=value for
 # the variance measurements), SHARDS (N sweep processes in parallel, balanced by reward queries), PYTHON.
@@ -21,7 +21,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PYTHON=${PYTHON:-python}
 SWEEP=${SWEEP:-shapes_algorithms.yaml}
 RUNS=${RUNS:-runs/shapes_algorithms}
-VAR_ESTIMATES=${VAR_ESTIMATES:-32}
+VAR_ESTIMATES=${VAR_ESTIMATES:-64}
 VAR_PROMPTS=${VAR_PROMPTS:-4}
 VAR_ALGORITHMS=${VAR_ALGORITHMS:-loop@2,loop@4,grpo@4,ppo@1,reinforce@1}
 VAR_TRAINED=${VAR_TRAINED:-0}
@@ -68,6 +68,19 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
     echo
     echo "Wall-clock figures are per run, measured while $SHARDS sweep process(es) shared the machine"
     echo "($(nproc 2>/dev/null || echo '?') cores); with several processes per core they include contention."
+    echo
+    cat <<'NOTES'
+How to read the comparison. Every run draws the same 192 training prompts (12 epochs of 16) from
+the shapes world's training pairs and is evaluated on the same 48 held-out pair prompts x 2 images
+with fixed noise; everything else is `configs/shapes.yaml` (LoRA r8, lr 3e-3, train batch 16,
+timestep_fraction 0.5, clip 1e-4 on mean-reduced log-probs). Equal prompts is not equal work: a run
+with K samples per prompt spends K x the reward queries, and the number of gradient steps the prompts
+buy differs by algorithm (table "What each setting did" below). In particular ppo_k1 makes one
+on-policy update per epoch, so its ratio is always 1 and the clip never acts (it is REINFORCE with
+DDPO's per-prompt / batch std normalisation); ppo_k1_b4 is PPO with 4 clipped updates per epoch, as
+many as loop_k4. reinforce and reinforce_loo make one update per batch by definition (method.md).
+
+NOTES
     echo
     "$PYTHON" scripts/claims.py "$RUNS/summary.json" "$RUNS/variance_init.json" "$RUNS"
     echo

@@ -12,6 +12,7 @@ from diffloop.algorithms import ALGORITHMS
 from diffloop.config import ConfigError, TrainConfig
 from diffloop.core import clipped_surrogate_loss, policy_gradient_loss
 from diffloop.variance import (
+    jackknife_sems,
     AlgorithmSpec,
     MomentAccumulator,
     build_trainer,
@@ -184,3 +185,25 @@ def test_variance_command_writes_json_and_table(tmp_path, capsys):
         assert r["variance_per_query"] == pytest.approx(r["trace_cov"] * r["queries_per_estimate"])
     assert "| loop@2 | 2 | 4 |" in out.with_suffix(".md").read_text()
     assert "ppo@1" in capsys.readouterr().out
+
+
+def test_jackknife_by_hand():
+    # D = 1, g = 0, 1, 2, 3: sample variance 5/3; delete-one variances 1, 7/3, 7/3, 1 (mean 5/3),
+    # squared deviations 4 x 4/9 = 16/9, se = sqrt(3/4 * 16/9) = sqrt(4/3).
+    sems = jackknife_sems(torch.tensor([[0.0], [1.0], [2.0], [3.0]]), queries_per_estimate=2)
+    assert sems["trace_cov_sem"] == pytest.approx(math.sqrt(4 / 3), rel=1e-12)
+    assert sems["variance_per_query_sem"] == pytest.approx(2 * math.sqrt(4 / 3), rel=1e-12)
+    with pytest.raises(ValueError, match="at least 3"):
+        jackknife_sems(torch.ones(2, 1), 1)
+
+
+def test_jackknife_sem_matches_the_spread_over_repeated_measurements():
+    # 400 independent measurements of M = 32 toy leave-one-out estimates: the jackknife s.e. of one
+    # measurement agrees with the actual standard deviation of the statistic across measurements.
+    grads = toy(table_advantages("reinforce_loo"), m=400 * 32).reshape(400, 32, 1)
+    stats = [gradient_statistics(g, P * K) for g in grads]
+    sems = [jackknife_sems(g, P * K) for g in grads[:100]]
+    for key in ("trace_cov", "snr_unbiased"):
+        actual = float(torch.tensor([getattr(s, key) for s in stats]).std())
+        typical = float(torch.tensor([s[f"{key}_sem"] for s in sems]).median())
+        assert 0.6 * actual < typical < 1.5 * actual, (key, actual, typical)

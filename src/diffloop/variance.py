@@ -130,6 +130,30 @@ def gradient_statistics(grads: torch.Tensor, queries_per_estimate: int) -> Gradi
     )
 
 
+JACKKNIFE_KEYS = ("trace_cov", "mean_sq_norm_unbiased", "snr_unbiased", "variance_per_query")
+
+
+def jackknife_sems(grads: torch.Tensor, queries_per_estimate: int) -> dict[str, float]:
+    """Standard errors of the statistics from grads (M, D) by the delete-one jackknife:
+
+        theta_(i) = statistic of the M - 1 estimates without row i,
+        se = sqrt((M - 1) / M * sum_i (theta_(i) - mean_i theta_(i))^2)
+
+    for ``JACKKNIFE_KEYS`` (returned as ``<key>_sem``). Needs M >= 3. O(M^2 D) time, float64.
+    An SNR whose s.e. exceeds it is not distinguishable from 0 at this M.
+    """
+    m = grads.shape[0]
+    if m < 3:
+        raise ValueError(f"the jackknife needs at least 3 estimates, got {m}")
+    g = grads.double()
+    loo = [gradient_statistics(torch.cat([g[:i], g[i + 1 :]]), queries_per_estimate) for i in range(m)]
+    out = {}
+    for key in JACKKNIFE_KEYS:
+        values = torch.tensor([getattr(st, key) for st in loo], dtype=torch.float64)
+        out[f"{key}_sem"] = float(math.sqrt((m - 1) / m * float((values - values.mean()).pow(2).sum())))
+    return out
+
+
 class MomentAccumulator:
     """Welford's streaming per-coordinate mean and m2 (float64), so M estimates of D parameters need O(D)
     memory. ``add(g)`` with g (D,); ``statistics(q)`` equals ``gradient_statistics`` of the stacked g's."""
@@ -418,6 +442,7 @@ def measure(
         warm_stat_tracker(trainer, ppo_warmup_batches, seed)
         snapshot = trainer.stat_tracker.state_dict()
     acc = MomentAccumulator()
+    kept: list[torch.Tensor] = []  # every estimate, for the jackknife standard errors
     reward_sum, err, t0 = 0.0, 0.0, time.perf_counter()
     for m in range(num_estimates):
         tracker = None
@@ -426,17 +451,25 @@ def measure(
             tracker.load_state_dict(snapshot)
         est = draw_estimate(trainer, m, seed, tracker)
         acc.add(est.grad)
+        kept.append(est.grad.detach().reshape(-1).float().cpu())
         reward_sum += float(torch.nanmean(est.rewards))
         err = max(err, est.onpolicy_logprob_err)
         if (m + 1) % max(1, num_estimates // 4) == 0:
             log(f"  {m + 1}/{num_estimates} estimates ({time.perf_counter() - t0:.0f}s)")
     stats = acc.statistics(est.queries)
+    sems = jackknife_sems(torch.stack(kept), est.queries) if num_estimates >= 3 else {}
     diagnostics = {
+        **sems,
         "reward_mean": reward_sum / num_estimates,
         "onpolicy_logprob_err": err,
         "time_s": time.perf_counter() - t0,
     }
     return stats, diagnostics
+
+
+def _pm(row: dict, key: str) -> str:
+    sem = row.get(f"{key}_sem")
+    return f"{row[key]:.3e}" if sem is None else f"{row[key]:.3e} ± {sem:.1e}"
 
 
 def variance_markdown(result: dict) -> str:
@@ -456,10 +489,11 @@ def variance_markdown(result: dict) -> str:
     for r in result["results"]:
         lines.append(
             f"| {r['label']} | {r['samples_per_prompt']} | {r['queries_per_estimate']} | {r['trace_cov']:.3e} "
-            f"| {r['variance_per_query']:.3e} | {r['mean_sq_norm_unbiased']:.3e} | {r['snr_unbiased']:.3e} "
+            f"| {_pm(r, 'variance_per_query')} | {_pm(r, 'mean_sq_norm_unbiased')} | {_pm(r, 'snr_unbiased')} "
             f"| {r['snr_unbiased'] / r['queries_per_estimate']:.3e} | {r['snr']:.3e} |"
         )
     note = (
+        "± values: jackknife standard errors over the estimates. "
         "tr Cov x queries: variance at a budget of one reward query (lower is better); compare it "
         "among loop, reinforce_loo and reinforce, which estimate the same gradient. grpo and ppo "
         "rescale advantages by a std: compare SNR (scale-free; higher is better)."
