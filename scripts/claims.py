@@ -113,6 +113,10 @@ def variance_rows(variance: dict) -> list[str]:
             fmt = lambda v, e: f"{v:.3e}" if math.isnan(e) else f"{v:.3e} ± {e:.1e}"  # noqa: E731
             lines.append(f"| {what} | {a}: {fmt(x, sx)}, {b}: {fmt(y, sy)} | {x / y:.2f} | {better} |")
 
+    ratio("loop@4", "reinforce@1", "trace_cov", "variance per estimate at equal prompts (same gradient scale)",
+          "lower is better")
+    ratio("loop@2", "reinforce@1", "trace_cov", "variance per estimate at equal prompts (same gradient scale)",
+          "lower is better")
     ratio("loop@4", "reinforce@1", "variance_per_query", "variance per reward query (same gradient scale)",
           "lower is better")
     ratio("loop@2", "reinforce@1", "variance_per_query", "variance per reward query (same gradient scale)",

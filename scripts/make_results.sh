@@ -10,7 +10,8 @@
 # estimator, default 64), VAR_PROMPTS (prompts per estimate, default 4), VAR_ALGORITHMS (default
 # without reinforce_loo: at the on-policy point its estimator is loop's, term for term), VAR_TRAINED=1
 # (also measure at the trained loop_k4 seed-0 parameters), VAR_OVERRIDES (space-separated key=value for
-# the variance measurements), SHARDS (N sweep processes in parallel, balanced by reward queries), PYTHON.
+# the variance measurements), SHARDS (N sweep processes in parallel, balanced by reward queries),
+# TRAIN=0 (no training: summarise the finished runs, e.g. after stopping a sweep early), PYTHON.
 # Cost on this project's 2-core CPU (OMP_NUM_THREADS=1, SHARDS=2): about 1.5 h for the sweep and ~25 min
 # for one variance measurement; minutes on one GPU. On a shared CPU set OMP_NUM_THREADS=1:
 # oversubscribed OpenMP threads are 10-40x slower.
@@ -32,7 +33,9 @@ compare() { "$PYTHON" -m diffloop compare "$@"; }
 variance() { "$PYTHON" -m diffloop variance "$@"; }
 
 # 1. The sweep (skips finished runs, resumes unfinished ones) and its summary.
-if [ "$SHARDS" -gt 1 ]; then
+if [ "${TRAIN:-1}" = 0 ]; then  # write the documents from the runs that exist, train nothing
+    compare "$SWEEP" --output-dir "$RUNS" --summary-only "$@"
+elif [ "$SHARDS" -gt 1 ]; then
     mkdir -p "$RUNS"
     pids=()
     for ((i = 0; i < SHARDS; i++)); do
