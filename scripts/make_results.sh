@@ -12,8 +12,8 @@
 # (also measure at the trained loop_k4 seed-0 parameters), VAR_OVERRIDES (space-separated key=value for
 # the variance measurements), SHARDS (N sweep processes in parallel, balanced by reward queries),
 # TRAIN=0 (no training: summarise the finished runs, e.g. after stopping a sweep early), PYTHON.
-# Cost on this project's 2-core CPU (OMP_NUM_THREADS=1, SHARDS=2): about 1.5 h for the sweep and ~25 min
-# for one variance measurement; minutes on one GPU. On a shared CPU set OMP_NUM_THREADS=1:
+# Cost on this project's 2-core CPU (OMP_NUM_THREADS=1, SHARDS=2): 21 runs (3 seeds) took 75 min, the
+# 35 of 5 seeds about 2.5 h; one variance measurement (64 estimates) ~35 min; minutes on one GPU. On a shared CPU set OMP_NUM_THREADS=1:
 # oversubscribed OpenMP threads are 10-40x slower.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +70,7 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
     echo "lists the grid)."
     echo
     echo "Wall-clock figures are per run, measured while $SHARDS sweep process(es) shared the machine"
-    echo "($(nproc 2>/dev/null || echo '?') cores); with several processes per core they include contention."
+    echo "($(getconf _NPROCESSORS_ONLN 2>/dev/null || echo "?") cores); with several processes per core they include contention."
     echo
     cat <<'NOTES'
 How to read the comparison. Every run draws the same 192 training prompts (12 epochs of 16) from
