@@ -20,14 +20,8 @@ import math
 import sys
 from pathlib import Path
 
-
-def mean_sem(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, math.nan
-    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-    return m, math.sqrt(var / len(xs))
-
+from diffloop.run_dir import read_metrics
+from diffloop.sweep import mean_sem, trapezoid_auc
 
 # Two-sided 5% critical values of Student's t by degrees of freedom (seeds - 1).
 T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -75,9 +69,7 @@ def gain(curve: dict) -> float:
 
 
 def auc(curve: dict) -> float:
-    xs, ys = curve["prompts"], curve["reward"]
-    area = sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1))
-    return area / xs[-1]
+    return trapezoid_auc(curve["prompts"], curve["reward"], curve["prompts"][-1])
 
 
 def paired(summary: dict, a: str, b: str, metric, metric_b=None) -> tuple[float, float, int] | None:
@@ -86,7 +78,7 @@ def paired(summary: dict, a: str, b: str, metric, metric_b=None) -> tuple[float,
     if not seeds:
         return None
     m, s = mean_sem([va[k] - vb[k] for k in seeds])
-    return m, s, len(seeds)
+    return m, math.nan if s is None else s, len(seeds)
 
 
 def row(claim: str, result: tuple[float, float, int] | None) -> str:
@@ -107,10 +99,12 @@ def variance_rows(variance: dict) -> list[str]:
         scale = 1 / r["queries_per_estimate"] if key == "snr_unbiased" else 1.0
         return r[key] * scale, r.get(f"{key}_sem", math.nan) * scale
 
+    def fmt(v: float, e: float) -> str:
+        return f"{v:.3e}" if math.isnan(e) else f"{v:.3e} ± {e:.1e}"
+
     def ratio(a: str, b: str, key: str, what: str, better: str) -> None:
         if a in by and b in by:
             (x, sx), (y, sy) = value(a, key), value(b, key)
-            fmt = lambda v, e: f"{v:.3e}" if math.isnan(e) else f"{v:.3e} ± {e:.1e}"  # noqa: E731
             lines.append(f"| {what} | {a}: {fmt(x, sx)}, {b}: {fmt(y, sy)} | {x / y:.2f} | {better} |")
 
     ratio("loop@4", "reinforce@1", "trace_cov", "variance per estimate at equal prompts (same gradient scale)",
@@ -128,8 +122,8 @@ def variance_rows(variance: dict) -> list[str]:
     noisy = [r["label"] for r in variance["results"]
              if "snr_unbiased_sem" in r and abs(r["snr_unbiased"]) < 2 * r["snr_unbiased_sem"]]  # fmt: skip
     if noisy:
-        lines += ["", f"SNR not distinguishable from 0 at this number of estimates (|SNR| < 2 s.e.): "
-                      f"{', '.join(noisy)}; their SNR ratios are not evidence either way."]  # fmt: skip
+        lines += ["", (f"SNR not distinguishable from 0 at this number of estimates (|SNR| < 2 s.e.): "
+                       f"{', '.join(noisy)}; their SNR ratios are not evidence either way.")]  # fmt: skip
     return lines
 
 
@@ -140,8 +134,7 @@ def update_rows(summary: dict, runs_dir: Path) -> list[str]:
     for name in dict.fromkeys(k.rsplit("/seed_", 1)[0] for k in summary["curves"]):
         steps, clip, err = [], [], []
         for path in sorted((runs_dir / name).glob("seed_*/metrics.jsonl")):
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            rows = [r for r in rows if r.get("epoch", -1) >= 0]
+            rows = [r for r in read_metrics(path) if r.get("epoch", -1) >= 0]
             if rows:
                 steps.append(max(r.get("optimizer_steps", 0) for r in rows))
                 clip += [r.get("clipfrac", 0.0) for r in rows]
@@ -188,8 +181,8 @@ def main(argv: list[str]) -> int:
     if variance:
         lines += [
             "",
-            f"Gradient variance ({variance['parameters']}, {variance['estimates']} estimates each; "
-            "Proposition 4.1 says LOOP's estimator has lower variance than PPO's):",
+            (f"Gradient variance ({variance['parameters']}, {variance['estimates']} estimates each; "
+             "Proposition 4.1 says LOOP's estimator has lower variance than PPO's):"),
             "",
             "| quantity | values | ratio (first / second) | |",
             "|---|---|---|---|",

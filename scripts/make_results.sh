@@ -12,8 +12,8 @@
 # (also measure at the trained loop_k4 seed-0 parameters), VAR_OVERRIDES (space-separated key=value for
 # the variance measurements), SHARDS (N sweep processes in parallel, balanced by reward queries),
 # TRAIN=0 (no training: summarise the finished runs, e.g. after stopping a sweep early), PYTHON.
-# Cost on this project's 2-core CPU (OMP_NUM_THREADS=1, SHARDS=2): 21 runs (3 seeds) took 75 min, the
-# 35 of 5 seeds about 2.5 h; one variance measurement (64 estimates) ~35 min; minutes on one GPU. On a shared CPU set OMP_NUM_THREADS=1:
+# Cost on this project's 2-core CPU (OMP_NUM_THREADS=1, SHARDS=2): the 18 runs of 3 seeds took 76 min,
+# all 35 of 5 seeds about 2.5 h; one variance measurement (64 estimates) ~35 min; minutes on one GPU. On a shared CPU set OMP_NUM_THREADS=1:
 # oversubscribed OpenMP threads are 10-40x slower.
 set -euo pipefail
 cd "$(dirname "$0")/.."

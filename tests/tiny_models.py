@@ -96,16 +96,9 @@ def make_tiny_vae() -> AutoencoderKL:
 
 def make_tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     """SD's DDIM schedule, every field explicit so the pipeline does not rewrite the config."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    from diffloop.bench import sd_ddim_scheduler
+
+    return sd_ddim_scheduler(prediction_type)
 
 
 def build_tiny_sd(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionPipeline:

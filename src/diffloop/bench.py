@@ -217,13 +217,29 @@ def _vae_config(shape: str) -> dict[str, Any]:
     }
 
 
+def sd_ddim_scheduler(prediction_type: str = "epsilon") -> Any:
+    """Stable Diffusion's DDIM schedule, every field explicit so a pipeline does not rewrite the config."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
 def build_components(shape: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
     """Random-weight {"unet", "text_encoder", "tokenizer", "scheduler", "vae"} for an SD-style shape.
 
     Built directly on ``device`` (random init of 1e9 parameters on the CPU alone takes minutes). The
     tokenizer is a word-level one (no download); CLIP's cost does not depend on which ids it sees.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from diffloop.shapes.model import build_tokenizer
@@ -234,15 +250,7 @@ def build_components(shape: str, device: torch.device, seed: int = 0) -> dict[st
         unet = UNet2DConditionModel(**unet_config(shape))
         text_encoder = CLIPTextModel(_text_config(shape, len(tokenizer), tokenizer))
         vae = AutoencoderKL(**_vae_config(shape))
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_ddim_scheduler()
     return {
         "unet": unet,
         "text_encoder": text_encoder,
@@ -930,7 +938,7 @@ def run_variants(
         sub: dict[str, Any] = {"floor": {}, "items": {}, "skipped": [], "notes": []}
         try:
             bench_sd(variant_args(args, name), device, matmul_rate, deadline, sub)
-        except Exception as e:  # noqa: BLE001 (a variant that fails to compile must not lose the others)
+        except Exception as e:  # noqa: BLE001 - a failed variant must not lose the others' numbers
             sub["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         out["variants"][name] = sub
         out["skipped"] += [f"{name}/{s}" for s in sub["skipped"]]

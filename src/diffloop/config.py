@@ -191,7 +191,7 @@ ATTENTION_BACKENDS = ("sdpa", "eager")
 
 @dataclass
 class PerformanceConfig:
-    """Speed options (docs/performance.md says what each bought). None changes the algorithm: the
+    """Speed options (docs/performance.md lists them and how to measure each). None changes the algorithm: the
     on-policy ratio stays 1 within the tolerance the run logs as ``onpolicy_logprob_err``."""
 
     compile: str = "none"

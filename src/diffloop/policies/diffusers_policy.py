@@ -56,7 +56,7 @@ def _has_vae(path: str, model: ModelConfig) -> bool:
 
     try:
         index = DiffusionPipeline.load_config(path, revision=model.revision)
-    except Exception as e:
+    except Exception as e:  # any failure: re-raised with the how-to
         raise ModelLoadError(f"could not read model_index.json of '{path}': {e}\n{_how_to_provide(path)}") from e
     return "vae" in index
 
@@ -94,7 +94,7 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
     for name, load in loaders.items():
         try:
             components[name] = load()
-        except Exception as e:
+        except Exception as e:  # every loader failure gets the same how-to
             raise ModelLoadError(
                 f"could not load the {name} of model.pretrained='{model.pretrained}' "
                 f"(looked in '{path}', subfolder '{name}/'): {type(e).__name__}: {e}\n"
@@ -168,8 +168,6 @@ class DDIMPolicy:
         ``compile_mode`` applies to the sampling loop; training compiles in the default mode (CUDA
         graphs would keep a static copy of every activation the backward needs)."""
         uses = {"sampling": self.unet, "training": self.unet}
-        if perf.compile == "none":
-            return uses
         for use in ("sampling", "training"):
             if perf.compile in (use, "all"):
                 mode = perf.compile_mode if use == "sampling" else "default"
@@ -292,7 +290,7 @@ class DDIMPolicy:
         ``use`` picks the sampling or the training UNet callable (the same module, maybe compiled)."""
         dtype = self.weight_dtype
         unet = self._unet_for[use]
-        memory_format = torch.channels_last if self.performance.channels_last else torch.contiguous_format
+        memory_format = torch.channels_last if self.performance.channels_last else torch.preserve_format
         if guidance_scale == 1.0:
             x = latents.to(dtype=dtype, memory_format=memory_format)
             return unet(x, timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample
@@ -339,7 +337,7 @@ class DDIMPolicy:
         x = x * self.scheduler.init_noise_sigma
         latents, log_probs = [x], []
         timesteps = self.scheduler.timesteps
-        merged = self.performance.merge_lora_for_sampling and self.lora_config is not None
+        merged = self.performance.merge_lora_for_sampling  # the constructor checked there is an adapter
         with self._lora_merged() if merged else contextlib.nullcontext():
             for t in timesteps:
                 t_batch = t.expand(n).to(self.device)
