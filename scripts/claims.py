@@ -20,6 +20,7 @@ import math
 import sys
 from pathlib import Path
 
+from diffloop import metrics
 from diffloop.run_dir import read_metrics
 from diffloop.sweep import mean_sem, trapezoid_auc
 
@@ -127,20 +128,38 @@ def variance_rows(variance: dict) -> list[str]:
     return lines
 
 
+# metrics.jsonl columns of the "what each setting did" table: (key, header, format). Each run's
+# epochs are reduced by the key's schema reduction; the runs of a setting are then averaged, or
+# maxed where the schema's reduction is a max.
+UPDATE_COLUMNS = (
+    (metrics.key("optimizer_steps"), "optimizer steps per run", "{:.0f}"),
+    (metrics.key("clipfrac"), "mean clip fraction", "{:.3f}"),
+    (metrics.key("onpolicy_logprob_err"), "max on-policy log-prob error", "{:.1e}"),
+)
+EPOCH = metrics.key("epoch")
+
+
 def update_rows(summary: dict, runs_dir: Path) -> list[str]:
-    """Per setting, from its runs' metrics.jsonl: optimizer steps per run and mean clip fraction."""
-    lines = ["| run | optimizer steps per run | mean clip fraction | max on-policy log-prob error |",
-             "|---|---|---|---|"]  # fmt: skip
+    """Per setting, from its runs' metrics.jsonl: optimizer steps per run, mean clip fraction and
+    the largest on-policy log-prob error ("-" where no run logged the key)."""
+    lines = ["| run | " + " | ".join(h for _, h, _ in UPDATE_COLUMNS) + " |",
+             "|---|" + "---|" * len(UPDATE_COLUMNS)]  # fmt: skip
     for name in dict.fromkeys(k.rsplit("/seed_", 1)[0] for k in summary["curves"]):
-        steps, clip, err = [], [], []
+        per_run: dict[str, list[float]] = {key: [] for key, _, _ in UPDATE_COLUMNS}
+        found = False
         for path in sorted((runs_dir / name).glob("seed_*/metrics.jsonl")):
-            rows = [r for r in read_metrics(path) if r.get("epoch", -1) >= 0]
-            if rows:
-                steps.append(max(r.get("optimizer_steps", 0) for r in rows))
-                clip += [r.get("clipfrac", 0.0) for r in rows]
-                err += [r.get("onpolicy_logprob_err", 0.0) for r in rows]
-        if steps:
-            lines.append(f"| {name} | {sum(steps) / len(steps):.0f} | {sum(clip) / len(clip):.3f} | {max(err):.1e} |")
+            rows = [metrics.canonical_row(r) for r in read_metrics(path) if r.get(EPOCH, -1) >= 0]
+            found = found or bool(rows)
+            for key, values in per_run.items():
+                if logged := [r[key] for r in rows if key in r]:
+                    values.append(metrics.reduce_epochs(key, logged))
+        if found:
+            cells = []
+            for key, _, fmt in UPDATE_COLUMNS:
+                values = per_run[key]
+                combine = max if metrics.get(key).epochs == "max" else lambda v: sum(v) / len(v)
+                cells.append(fmt.format(combine(values)) if values else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 

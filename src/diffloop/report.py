@@ -6,11 +6,15 @@ newest ``eval/epoch_*.png``) and its resolved config (config.yaml). Every image 
 base64 ``data:`` URI, so the one HTML file can be mailed or archived; the plots are also written as
 PNG files to ``<output stem>_plots/``.
 
-x axis of every curve: training epochs completed when the quantity was measured.
-    reward_*, monitor_*, kl_to_base (samples of epoch e, drawn before its update):   x = e
-    approx_kl, clipfrac, ratio_mean, grad_norm, loss (the update of epoch e):         x = e + 1
-    eval_* (evaluated after epoch e's update; the row with epoch -1 is the base):     x = e + 1
-so x = 0 is the base model for both the training and the evaluation reward.
+Which keys are plotted, in which section, with which title and band, and where on the x axis, is
+the metrics schema's (``diffloop.metrics``); the report spells no key of its own. x axis of every
+curve: training epochs completed when the quantity was measured (``Metric.measured``).
+    measured on epoch e's samples, drawn before its update (reward_*, monitor_*):   x = e
+    measured on epoch e's update (approx_kl, clipfrac, ...):                        x = e + 1
+    evaluated after epoch e's update (eval_*; the row with epoch -1 is the base):   x = e + 1
+so x = 0 is the base model for both the training and the evaluation reward. Rows may use the
+TensorBoard-style aliases of keys (``reward/mean``); keys the schema does not know (from other
+versions) are listed on the page, not plotted.
 """
 
 from __future__ import annotations
@@ -25,25 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Plots: (key, title, band key for +- std or None). Absent keys are skipped.
-REWARD_PLOTS = (
-    ("reward_mean", "Training reward (mean +- std over the epoch's samples)", "reward_std"),
-    (
-        "eval_reward_mean",
-        "Evaluation reward (fixed prompts and noise; mean +- std)",
-        "eval_reward_std",
-    ),
-)
-POLICY_PLOTS = (
-    ("approx_kl", "Approximate KL(old || new), 1/2 E[(log ratio)^2]", None),
-    ("clipfrac", "Fraction of clipped ratios", None),
-    ("ratio_mean", "Mean importance ratio", None),
-    ("grad_norm", "Gradient norm (before clipping)", None),
-)
-MONITOR_KEYS = ("reward_group_std_mean", "reward_zero_spread_groups", "kl_to_base")
-UPDATE_KEYS = frozenset(
-    {"approx_kl", "clipfrac", "ratio_mean", "ratio_max_dev", "grad_norm", "loss"}
-)
+from diffloop import metrics
+
+REWARD_MEAN = metrics.key("reward_mean")
+EVAL_REWARD_MEAN = metrics.key("eval_reward_mean")
+EPOCH = metrics.key("epoch")
 EVAL_GRID_RE = re.compile(r"^epoch_(\d+)\.png$")
 
 
@@ -56,7 +46,7 @@ class RunData:
         path:        the run directory.
         config_text: config.yaml as written by the trainer (the resolved config).
         config:      the same, parsed.
-        rows:        metrics.jsonl rows (epoch -1: the evaluation before training).
+        rows:        metrics.jsonl rows, aliases renamed to keys (epoch -1: the base evaluation).
         grids:       (caption, PNG path) of the before / after evaluation grids.
     """
 
@@ -101,7 +91,7 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunData:
         path=path,
         config_text=text,
         config=yaml.safe_load(text) or {},
-        rows=read_metrics(path / "metrics.jsonl"),
+        rows=[metrics.canonical_row(r) for r in read_metrics(path / "metrics.jsonl")],
         grids=eval_grids(path),
     )
 
@@ -117,8 +107,8 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
 
 
 def x_offset(key: str) -> int:
-    """Epochs completed at measurement = row epoch + this offset (module doc)."""
-    return 1 if key.startswith("eval_") or key in UPDATE_KEYS else 0
+    """Epochs completed at measurement = row epoch + this offset (the schema's ``measured``)."""
+    return metrics.get(key).x_offset
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -127,26 +117,28 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
     for row in rows:
         value = row.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            xs.append(int(row["epoch"]) + x_offset(key))
+            xs.append(int(row[EPOCH]) + x_offset(key))
             ys.append(float(value))
     return xs, ys
 
 
-def monitor_keys(runs: Sequence[RunData]) -> list[str]:
-    """The over-optimisation monitors any run logged: monitor_* and MONITOR_KEYS, in that order."""
-    keys = {k for run in runs for row in run.rows for k in row}
-    return sorted(k for k in keys if k.startswith("monitor_")) + [
-        k for k in MONITOR_KEYS if k in keys
-    ]
+def logged_keys(runs: Sequence[RunData]) -> set[str]:
+    return {k for run in runs for row in run.rows for k in row}
 
 
-def component_keys(runs: Sequence[RunData]) -> list[str]:
-    """Per-component reward means of composite rewards: reward_<name>_mean."""
-    keys = {k for run in runs for row in run.rows for k in row}
-    skip = {"reward_mean", "reward_group_std_mean"}
-    return sorted(
-        k for k in keys if k.startswith("reward_") and k.endswith("_mean") and k not in skip
-    )
+def section_plots(runs: Sequence[RunData], section: str) -> list[tuple[str, str, str | None]]:
+    """(key, title, band key or None) of every schema metric the section plots (absent ones are
+    skipped when plotting); patterned keys (reward_<component>_mean) as the runs logged them."""
+    specs = []
+    for key in metrics.section_keys(section, logged_keys(runs)):
+        m = metrics.get(key)
+        specs.append((key, m.title or key, m.band))
+    return specs
+
+
+def unknown_keys(runs: Sequence[RunData]) -> list[str]:
+    """Logged keys the schema does not declare (another diffloop version's): listed, not plotted."""
+    return metrics.undeclared(logged_keys(runs))
 
 
 def plot_metric(
@@ -206,10 +198,10 @@ def _fmt(value: Any) -> str:
 def summary_row(run: RunData) -> list[Any]:
     """Run, algorithm, model, reward, epochs, last training reward, base / last eval reward."""
     cfg = run.config
-    train = [r for r in run.rows if r.get("epoch", -1) >= 0]
-    evals = [r for r in run.rows if "eval_reward_mean" in r]
-    base = next((r["eval_reward_mean"] for r in evals if r["epoch"] == -1), None)
-    last = next((r["eval_reward_mean"] for r in reversed(evals) if r["epoch"] >= 0), None)
+    train = [r for r in run.rows if r.get(EPOCH, -1) >= 0]
+    evals = [r for r in run.rows if EVAL_REWARD_MEAN in r]
+    base = next((r[EVAL_REWARD_MEAN] for r in evals if r[EPOCH] == -1), None)
+    last = next((r[EVAL_REWARD_MEAN] for r in reversed(evals) if r[EPOCH] >= 0), None)
     reward = cfg.get("reward", {})
     reward_name = reward.get("name") if isinstance(reward, dict) else reward
     return [
@@ -218,7 +210,7 @@ def summary_row(run: RunData) -> list[Any]:
         cfg.get("model", {}).get("pretrained"),
         reward_name,
         len(train),
-        train[-1].get("reward_mean") if train else None,
+        train[-1].get(REWARD_MEAN) if train else None,
         base,
         last,
     ]
@@ -253,9 +245,12 @@ def _section_plots(title: str, plots: list[tuple[str, Path]], note: str = "") ->
 
 
 def render_html(
-    runs: Sequence[RunData], plot_sections: list[tuple[str, list[tuple[str, Path]]]]
+    runs: Sequence[RunData],
+    plot_sections: list[tuple[str, list[tuple[str, Path]]]],
+    unknown: Sequence[str] = (),
 ) -> str:
-    """The report page: summary, plot sections, before/after grids and configs, images inlined."""
+    """The report page: summary, plot sections, before/after grids and configs, images inlined.
+    ``unknown``: logged keys the metrics schema does not declare, named so nothing is dropped silently."""
     head = "".join(f"<th>{h}</th>" for h in SUMMARY_HEADER)
     body_rows = "".join(
         "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in summary_row(r)) + "</tr>" for r in runs
@@ -266,10 +261,15 @@ def render_html(
         f"<style>{CSS}</style></head><body>",
         "<h1>diffloop training report</h1>",
         f"<table><tr>{head}</tr>{body_rows}</table>",
-        "<p>x axes: training epochs completed when measured (0 = the base model). Training rewards "
-        "are those of each epoch's samples; evaluation uses fixed prompts and noise.</p>",
+        (
+            "<p>x axes: training epochs completed when measured (0 = the base model). Training "
+            "rewards are those of each epoch's samples; evaluation uses fixed prompts and noise.</p>"
+        ),
     ]
     parts += [_section_plots(title, plots) for title, plots in plot_sections]
+    if unknown:
+        names = ", ".join(f"<code>{html.escape(k)}</code>" for k in unknown)
+        parts.append(f"<p>Logged keys not in this version's metrics schema (not plotted): {names}</p>")
     parts.append("<h2>Evaluation images: before and after</h2>")
     for run in runs:
         figures = "".join(
@@ -306,14 +306,9 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
                 made.append((key, path))
         return made
 
-    sections = [
-        ("Rewards", make(REWARD_PLOTS)),
-        ("Reward components", make([(k, k, None) for k in component_keys(runs)])),
-        ("Policy statistics", make(POLICY_PLOTS)),
-        ("Over-optimisation monitors", make([(k, k, None) for k in monitor_keys(runs)])),
-    ]
+    sections = [(section, make(section_plots(runs, section))) for section in metrics.SECTIONS]
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render_html(runs, sections), encoding="utf-8")
+    output.write_text(render_html(runs, sections, unknown_keys(runs)), encoding="utf-8")
     return output
 
 

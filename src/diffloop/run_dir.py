@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffloop.config import Config, config_to_dict, save_config
+from diffloop.metrics import tensorboard_tag
 
 TIME_KEYS = ("sample_time_s", "reward_time_s", "train_time_s", "epoch_time_s", "eval_time_s")
 
@@ -91,13 +92,15 @@ class RunDirectory:
             f.flush()
             os.fsync(f.fileno())
         step = metrics["epoch"]
+        # Tags come from the metrics schema; an undeclared key raises here (diffloop.metrics).
+        tags = {k: tensorboard_tag(k) for k in metrics if k != "epoch"}
         if self._tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and key != "epoch":
-                    self._tb.add_scalar(_tb_name(key), value, step)
+                    self._tb.add_scalar(tags[key], value, step)
             self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log({_tb_name(k): v for k, v in metrics.items() if k != "epoch"}, step=step)
+            self._wandb.log({tags[k]: v for k, v in metrics.items() if k != "epoch"}, step=step)
 
     def log_image(self, tag: str, image_hwc, step: int) -> None:
         """An (H, W, 3) uint8 grid, to TensorBoard / W&B."""
@@ -115,14 +118,3 @@ class RunDirectory:
         if self._wandb is not None:
             self._wandb.finish()
 
-
-def _tb_name(key: str) -> str:
-    """Namespaced TensorBoard tag: reward_mean -> reward/mean, approx_kl -> policy/approx_kl."""
-    for prefix in ("reward", "eval", "time"):
-        if key.startswith(prefix + "_"):
-            return f"{prefix}/{key[len(prefix) + 1:]}"
-    if key.endswith("_time_s"):
-        return f"time/{key}"
-    if key in ("approx_kl", "clipfrac", "ratio_mean", "ratio_max_dev", "loss", "grad_norm", "onpolicy_logprob_err"):
-        return f"policy/{key}"
-    return f"train/{key}"

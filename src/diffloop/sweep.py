@@ -45,8 +45,16 @@ from typing import Any
 
 import yaml
 
+from diffloop import metrics
 from diffloop.config import Config, ConfigError, config_to_dict, load_config, load_yaml
 from diffloop.run_dir import read_metrics
+
+# The metrics.jsonl keys a sweep reads (declared in diffloop.metrics).
+EPOCH = metrics.key("epoch")
+EVAL_REWARD = metrics.key("eval_reward_mean")
+PROMPTS_SEEN = metrics.key("prompts_seen")
+REWARD_QUERIES = metrics.key("reward_queries")
+EPOCH_TIME = metrics.key("epoch_time_s")
 
 SWEEP_KEYS = ("base", "overrides", "budget", "runs", "seeds", "output_dir")
 RUN_KEYS = ("name", "overrides", "grid")
@@ -101,7 +109,7 @@ class Budget:
     @property
     def axis(self) -> str:
         """The metrics.jsonl key the budget counts."""
-        return "prompts_seen" if self.kind == "prompts" else "reward_queries"
+        return PROMPTS_SEEN if self.kind == "prompts" else REWARD_QUERIES
 
 
 @dataclass(frozen=True)
@@ -324,7 +332,7 @@ def run_status(run: PlannedRun) -> str:
     from diffloop.checkpoint import latest_checkpoint
 
     rows = read_metrics(run.output_dir / "metrics.jsonl")
-    last = max((r.get("epoch", -1) for r in rows), default=-1)
+    last = max((r.get(EPOCH, -1) for r in rows), default=-1)
     if last >= run.num_epochs:
         raise SweepError(
             f"'{run.output_dir}' trained {last + 1} epochs, more than this sweep's budget gives "
@@ -425,8 +433,8 @@ class Curve:
 
     def axis(self, key: str) -> tuple[float, ...]:
         return {
-            "prompts_seen": self.prompts,
-            "reward_queries": self.reward_queries,
+            PROMPTS_SEEN: self.prompts,
+            REWARD_QUERIES: self.reward_queries,
             "time_s": self.time_s,
         }[key]
 
@@ -435,16 +443,16 @@ def curve_from_metrics(rows: Sequence[dict[str, Any]]) -> Curve:
     """metrics.jsonl rows -> the eval curve. The epoch -1 row is the base model (x = 0)."""
     prompts, queries, times, rewards = [], [], [], []
     elapsed = 0.0
-    for r in sorted(rows, key=lambda r: r["epoch"]):
-        if r["epoch"] >= 0:
-            elapsed += float(r.get("epoch_time_s", 0.0))
-        if "eval_reward_mean" not in r:
+    for r in sorted(map(metrics.canonical_row, rows), key=lambda r: r[EPOCH]):
+        if r[EPOCH] >= 0:
+            elapsed += float(r.get(EPOCH_TIME, 0.0))
+        if EVAL_REWARD not in r:
             continue
-        base = r["epoch"] < 0
-        prompts.append(0.0 if base else float(r["prompts_seen"]))
-        queries.append(0.0 if base else float(r["reward_queries"]))
+        base = r[EPOCH] < 0
+        prompts.append(0.0 if base else float(r[PROMPTS_SEEN]))
+        queries.append(0.0 if base else float(r[REWARD_QUERIES]))
         times.append(elapsed)
-        rewards.append(float(r["eval_reward_mean"]))
+        rewards.append(float(r[EVAL_REWARD]))
     return Curve(tuple(prompts), tuple(queries), tuple(times), tuple(rewards))
 
 
@@ -551,8 +559,8 @@ def summary_markdown(summary: dict[str, Any], sweep: Sweep, eval_text: str) -> s
 
 
 PLOTS = (
-    ("prompts_seen", "training prompts consumed", "eval_vs_prompts.png"),
-    ("reward_queries", "reward queries", "eval_vs_queries.png"),
+    (PROMPTS_SEEN, "training prompts consumed", "eval_vs_prompts.png"),
+    (REWARD_QUERIES, "reward queries", "eval_vs_queries.png"),
     ("time_s", "training wall-clock (s)", "eval_vs_time.png"),
 )
 
@@ -600,7 +608,7 @@ def write_plots(
                 linewidth=0,
             )
         ax.set_xlabel(label)
-        ax.set_ylabel("held-out reward (eval_reward_mean)")
+        ax.set_ylabel(f"held-out reward ({EVAL_REWARD})")
         ax.set_title(
             f"budget: {budget.amount} {budget.kind.replace('_', ' ')} per run", fontsize=10
         )
@@ -618,7 +626,7 @@ def _eval_text(base: str, run: PlannedRun) -> str:
     c = load_config(base, list(run.overrides))
     e = c.eval
     return (
-        f"`eval_reward_mean` on the first {e.num_prompts} prompts of {e.prompts} x {e.samples_per_prompt} "
+        f"`{EVAL_REWARD}` on the first {e.num_prompts} prompts of {e.prompts} x {e.samples_per_prompt} "
         f"images (fixed noise), {c.sample.num_steps} DDIM steps, evaluated before training"
         + (f", every {e.every_n_epochs} epochs" if e.every_n_epochs else "")
         + " and after the last epoch"
