@@ -106,9 +106,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Global gradient-norm clip (0 disables)."""
     clip_range: float = 1e-4
-    """PPO ratio clip epsilon. 1e-4 matches logprob_reduction=mean (DDPO); use ~0.1-0.2 with sum."""
+    """PPO ratio clip epsilon. 1e-4 matches logprob_reduction=mean (DDPO); with sum the analogue is
+    D x 1e-4 for D latent elements per step (4x64x64 SD latents: ~1.6; docs/method.md)."""
     logprob_reduction: str = "mean"
-    """How a step's Gaussian log-density is reduced over latent elements: mean (DDPO) or sum (exact)."""
+    """How a step's Gaussian log-density is reduced over its D latent elements: mean (DDPO) or sum
+    (exact). A sum log-ratio is D times the mean one: scale clip_range by D with it."""
     adv_clip_max: float | None = 5.0
     """Clip advantages to +-this (null disables)."""
     normalize_advantages: bool = False

@@ -13,7 +13,7 @@ Reductions:
         mean       mean of the per-process values (each process holds an equal share of samples)
         max        max over processes
         sum        sum over processes
-        same       identical on every process (counters, and quantities after the gradient all-reduce)
+        same       identical on every process (counters; quantities after the gradient all-reduce)
         main       the main process's own measurement (wall-clock)
     epochs: how a summary over a run's epochs combines the per-epoch values (None: not summarised)
         mean, max, sum, or last (a cumulative counter: its last value covers the whole run)
@@ -49,7 +49,7 @@ class Metric:
         epochs:     one of EPOCH_REDUCTIONS, or None.
         higher_is_better: True / False where there is a better direction, else None.
         measured:   one of MEASURED: fixes the report's x axis (module doc).
-        namespace:  the TensorBoard / W&B tag group: tag = namespace/key, less a ``namespace_`` prefix.
+        namespace:  TensorBoard / W&B tag group: tag = namespace/key, less a ``namespace_`` prefix.
         section:    the report section that plots it (one of SECTIONS), or None (not plotted).
         title:      the plot title (default: the key).
         band:       a key plotted as a +- band around this one (a std), or None.
@@ -96,17 +96,17 @@ def _m(key, meaning, processes, epochs, better, measured, namespace, **plot) -> 
 
 # fmt: off
 METRICS: dict[str, Metric] = {m.key: m for m in (
-    _m("epoch", "epoch index e (0-based); -1 marks the evaluation of the base model before training",
+    _m("epoch", "epoch index e (0-based); -1 marks the base model's evaluation before training",
        "same", None, None, "bookkeeping", "train"),
     # --- rewards of the epoch's B x K samples (NaN/inf rewards left out and counted)
-    _m("reward_mean", "mean reward of the epoch's valid samples", "gathered", "mean", True, "samples",
-       "reward", section="Rewards", title="Training reward (mean +- std over the epoch's samples)",
-       band="reward_std"),
+    _m("reward_mean", "mean reward of the epoch's valid samples", "gathered", "mean", True,
+       "samples", "reward", section="Rewards",
+       title="Training reward (mean +- std over the epoch's samples)", band="reward_std"),
     _m("reward_std", "population std of the epoch's valid rewards", "gathered", "mean", None,
        "samples", "reward"),
     _m("reward_group_std_mean", "mean over prompts of the std of the K rewards within a prompt's "
-       "group: the signal leave-one-out advantages are made of", "gathered", "mean", None, "samples",
-       "reward", section="Over-optimisation monitors"),
+       "group: the signal leave-one-out advantages are made of", "gathered", "mean", None,
+       "samples", "reward", section="Over-optimisation monitors"),
     _m("reward_zero_spread_groups", "fraction of prompts whose K rewards are all equal (zero "
        "advantage: no gradient from that group)", "gathered", "mean", False, "samples", "reward",
        section="Over-optimisation monitors"),
@@ -135,8 +135,8 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
     _m("lr", "learning rate after the epoch's last optimizer step", "same", "last", None, "update",
        "train"),
     # --- the update (means over the epoch's (minibatch, timestep) pairs unless said otherwise)
-    _m("loss", "mean training loss (the algorithm's loss, plus train.kl_coef x KL when set)", "mean",
-       "mean", None, "update", "policy"),
+    _m("loss", "mean training loss (the algorithm's loss, plus train.kl_coef x KL when set)",
+       "mean", "mean", None, "update", "policy"),
     _m("approx_kl", "1/2 E[(log p_theta - log p_old)^2], the approximate KL(old || new)", "mean",
        "mean", None, "update", "policy", section="Policy statistics",
        title="Approximate KL(old || new), 1/2 E[(log ratio)^2]"),
@@ -153,8 +153,8 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
        "policy"),
     _m("nonfinite_steps_skipped", "updates skipped this epoch because the loss or gradient was "
        "NaN/inf (counted, never applied)", "same", "sum", False, "update", "policy"),
-    _m("kl_to_base", "mean per-step KL(p_theta || p_base) (base: the LoRA adapter disabled)", "mean",
-       "mean", None, "samples", "train", section="Over-optimisation monitors",
+    _m("kl_to_base", "mean per-step KL(p_theta || p_base) (base: the LoRA adapter disabled)",
+       "mean", "mean", None, "samples", "train", section="Over-optimisation monitors",
        when="train.kl_coef > 0 or train.log_kl_to_base"),
     # --- wall-clock
     _m("sample_time_s", "seconds spent sampling this epoch", "main", "sum", None, "bookkeeping",
@@ -278,9 +278,8 @@ def reduce_epochs(name: str, values: Sequence[float]) -> float:
         raise ValueError(f"metric '{name}' has no reduction over epochs")
     if not values:
         raise ValueError(f"no values of '{name}' to reduce")
-    return {"mean": lambda v: sum(v) / len(v), "max": max, "sum": sum, "last": lambda v: v[-1]}[how](
-        values
-    )
+    combine = {"mean": lambda v: sum(v) / len(v), "max": max, "sum": sum, "last": lambda v: v[-1]}
+    return combine[how](values)
 
 
 # ----------------------------------------------------------------------------- the README table
@@ -300,8 +299,9 @@ def markdown_table() -> str:
         "|---|---|---|---|---|---|",
     ]
     for m in (*METRICS.values(), *PATTERNS):
+        meaning = m.meaning.replace("|", "\\|")  # |A| must not end the table cell
         lines.append(
-            f"| `{m.key}` | {m.meaning} | {m.processes} | {m.epochs or ''} | {_better(m)} "
+            f"| `{m.key}` | {meaning} | {m.processes} | {m.epochs or ''} | {_better(m)} "
             f"| {m.when or 'every epoch'} |"
         )
     return "\n".join(lines)

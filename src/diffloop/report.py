@@ -250,7 +250,7 @@ def render_html(
     unknown: Sequence[str] = (),
 ) -> str:
     """The report page: summary, plot sections, before/after grids and configs, images inlined.
-    ``unknown``: logged keys the metrics schema does not declare, named so nothing is dropped silently."""
+    ``unknown``: logged keys the metrics schema does not declare, named so none vanishes silently."""
     head = "".join(f"<th>{h}</th>" for h in SUMMARY_HEADER)
     body_rows = "".join(
         "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in summary_row(r)) + "</tr>" for r in runs
@@ -269,7 +269,8 @@ def render_html(
     parts += [_section_plots(title, plots) for title, plots in plot_sections]
     if unknown:
         names = ", ".join(f"<code>{html.escape(k)}</code>" for k in unknown)
-        parts.append(f"<p>Logged keys not in this version's metrics schema (not plotted): {names}</p>")
+        note = "Logged keys not in this version's metrics schema (not plotted)"
+        parts.append(f"<p>{note}: {names}</p>")
     parts.append("<h2>Evaluation images: before and after</h2>")
     for run in runs:
         figures = "".join(

@@ -1,11 +1,43 @@
-"""``diffloop sample``: images from a base model, or from a training run's newest checkpoint."""
+"""``diffloop sample``: images from a base model, or from a training run's newest checkpoint.
+
+Sampling settings (DDIM steps, eta, guidance scale, negative prompt): a run's ``sample.*`` from its
+config.yaml, else the config defaults (``SampleConfig``); a flag given on the command line wins.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
+
+from diffloop.config import SampleConfig
+
+# Command-line flag -> the sample.* field it overrides.
+SETTING_FLAGS = {
+    "steps": "num_steps",
+    "eta": "eta",
+    "guidance_scale": "guidance_scale",
+    "negative_prompt": "negative_prompt",
+}
+
+
+class SampleUsageError(ValueError):
+    """A flag of ``diffloop sample`` is out of range; the message names the flag."""
+
+
+def sampling_settings(args: argparse.Namespace, run_sample: SampleConfig | None) -> SampleConfig:
+    """The settings to sample with: ``run_sample`` (a run's sample.*; None: the defaults) with every
+    flag of SETTING_FLAGS that was given (not None) replacing its field."""
+    base = run_sample if run_sample is not None else SampleConfig()
+    given = {f: getattr(args, flag) for flag, f in SETTING_FLAGS.items()}
+    settings = replace(base, **{f: v for f, v in given.items() if v is not None})
+    if settings.num_steps < 1:
+        raise SampleUsageError(f"--steps={settings.num_steps} must be >= 1")
+    if settings.eta < 0:
+        raise SampleUsageError(f"--eta={settings.eta} must be >= 0 (0: deterministic DDIM)")
+    return settings
 
 
 def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path | None = None):
@@ -24,7 +56,7 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
 
 
 def sample_main(argv: list[str]) -> int:
-    from diffloop.config import LoraConfig, ModelConfig
+    from diffloop.config import LoraConfig, ModelConfig, load_config
     from diffloop.images import save_grid
     from diffloop.policies.diffusers_policy import load_policy
     from diffloop.trainer import derive_seed, make_generators
@@ -33,9 +65,15 @@ def sample_main(argv: list[str]) -> int:
     ap.add_argument("model", help="a training run directory, a diffusers model directory, a hub id, or 'shapes'")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     ap.add_argument("--num-per-prompt", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's, else 50)")
-    ap.add_argument("--guidance-scale", type=float, default=None)
-    ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0)")
+    default = {f.name: f.default for f in fields(SampleConfig)}
+    for flag, field, kind, what in (
+        ("--steps", "num_steps", int, "DDIM steps"),
+        ("--eta", "eta", float, "DDIM eta >= 0 (0: deterministic)"),
+        ("--guidance-scale", "guidance_scale", float, "classifier-free guidance scale"),
+        ("--negative-prompt", "negative_prompt", str, "negative prompt"),
+    ):
+        help_text = f"{what} (default: the run's sample.{field}, else {default[field]!r})"
+        ap.add_argument(flag, type=kind, default=None, help=help_text)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint", type=Path, default=None, help="a specific checkpoint directory of the run")
     ap.add_argument("--output", type=Path, default=Path("samples"))
@@ -43,10 +81,15 @@ def sample_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     target = Path(args.model)
-    steps, guidance = 50, 5.0
+    run_sample = None
     if (target / "config.yaml").is_file():
-        policy, config = load_run_policy(target, device, args.checkpoint)
-        steps, guidance = config.sample.num_steps, config.sample.guidance_scale
+        run_sample = load_config(target / "config.yaml").sample
+    try:
+        settings = sampling_settings(args, run_sample)
+    except SampleUsageError as e:
+        ap.error(str(e))
+    if run_sample is not None:
+        policy, _ = load_run_policy(target, device, args.checkpoint)
     else:
         policy = load_policy(ModelConfig(pretrained=args.model), LoraConfig(enabled=False), device=device)
     prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
@@ -55,9 +98,10 @@ def sample_main(argv: list[str]) -> int:
     traj = policy.sample(
         prompts,
         make_generators(device, seeds),
-        num_steps=args.steps or steps,
-        eta=args.eta,
-        guidance_scale=args.guidance_scale if args.guidance_scale is not None else guidance,
+        num_steps=settings.num_steps,
+        eta=settings.eta,
+        guidance_scale=settings.guidance_scale,
+        negative_prompt=settings.negative_prompt,
     )
     args.output.mkdir(parents=True, exist_ok=True)
     save_grid(traj.images, args.output / "grid.png", ncols=args.num_per_prompt)
@@ -65,5 +109,9 @@ def sample_main(argv: list[str]) -> int:
 
     for i, img in enumerate((traj.images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()):
         Image.fromarray(img).save(args.output / f"{i:04d}.png")
-    print(f"wrote {len(prompts)} images and grid.png to {args.output}")
+    print(
+        f"wrote {len(prompts)} images and grid.png to {args.output} ({settings.num_steps} steps, "
+        f"eta {settings.eta}, guidance {settings.guidance_scale}, "
+        f"negative prompt {settings.negative_prompt!r})"
+    )
     return 0
