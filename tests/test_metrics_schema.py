@@ -11,6 +11,7 @@ import ast
 import re
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from test_claims import claims
@@ -40,12 +41,10 @@ def run(tiny_sd, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("schema")
     (root / "multi.yaml").write_text(MULTI_REWARD)
     out = root / "run"
-    overrides = tiny_overrides(
-        tiny_sd, out, **{"sample.num_steps": 2, "train.log_kl_to_base": "true",
-                         "eval.prompts": "shapes/val_pair", "eval.num_prompts": 1,
-                         "eval.samples_per_prompt": 2, "eval.every_n_epochs": 1,
-                         "logging.tensorboard": "true"}  # fmt: skip
-    )
+    extra = {"sample.num_steps": 2, "train.log_kl_to_base": "true", "eval.prompts": "shapes/val_pair",
+             "eval.num_prompts": 1, "eval.samples_per_prompt": 2, "eval.every_n_epochs": 1,
+             "logging.tensorboard": "true"}  # fmt: skip
+    overrides = tiny_overrides(tiny_sd, out, **extra)
     overrides = [o for o in overrides if not o.startswith("reward.name=")]
     Trainer(load_config(root / "multi.yaml", overrides)).train()
     return out
@@ -91,7 +90,7 @@ def test_undeclared_key_is_refused(tmp_path):
 class RecordingRow(dict):
     """A metrics row that records every key read from it (by [], get or in)."""
 
-    reads: set[str] = set()
+    reads: ClassVar[set[str]] = set()
 
     def __getitem__(self, key):
         RecordingRow.reads.add(key)

@@ -114,7 +114,7 @@ class TrainConfig:
     adv_clip_max: float | None = 5.0
     """Clip advantages to +-this (null disables)."""
     normalize_advantages: bool = False
-    """Divide leave-one-out advantages by their group's reward std (method.md: an option, off)."""
+    """Divide leave-one-out advantages by their group's reward std (docs/method.md: an option, off)."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's steps trained on (random subset per trajectory)."""
     mixed_precision: str = "no"

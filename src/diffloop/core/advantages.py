@@ -143,8 +143,8 @@ def scale_by_group_std(
 
         A'_i = A_i / (std_g R + eps),   std the population std of the group's non-NaN rewards
 
-    method.md: whether LOOP divides its advantages by a std is not known from the paper; this is the
-    option, the default is not to.
+    docs/method.md: whether LOOP divides its advantages by a std is not known from the paper; this
+    is the option, the default is not to.
 
     Args:
         advantages: (P, K).

@@ -11,7 +11,8 @@ kvablack/ddpo-pytorch ``ddpo_pytorch/diffusers_patch/ddim_with_logprob.py``. Cha
 - computed in float32 at least (half inputs are upcast); thresholding is not supported;
   ``use_clipped_model_output`` is not offered (the diffusers pipelines leave it False).
 
-The step (method.md), with a_bar = scheduler.alphas_cumprod, t_prev = t - T_train // T_inference:
+The step (docs/method.md), with a_bar = scheduler.alphas_cumprod,
+t_prev = t - T_train // T_inference:
 
     x0_hat    = (x_t - sqrt(1 - a_bar_t) eps_hat) / sqrt(a_bar_t)        ("epsilon")
               = sqrt(a_bar_t) x_t - sqrt(1 - a_bar_t) v_hat               ("v_prediction")
