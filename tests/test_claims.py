@@ -58,3 +58,29 @@ def test_report_marks_missing_runs_and_equal_query_point(tmp_path, capsys):
     assert "reinforce_loo K=4 (PPO's clipped reuse vs one step) | - | - | runs missing" in out
     # loop K=4 at 192 queries is its first eval point after the base: gain 0.1 vs ppo's final 0.05.
     assert "equal reward queries (192): gain of loop K=4 (at 192 queries) − ppo | +0.0500" in out
+
+
+def test_update_rows_reduce_each_key_by_its_schema_reduction(tmp_path):
+    """Per run: optimizer_steps its last value (a counter), clipfrac its mean, onpolicy_logprob_err
+    its max; over seeds: mean, mean, max. A key no run logged is "-", never a made-up 0."""
+    seeds = {
+        0: [{"epoch": -1, "eval_reward_mean": 0.1},
+            {"epoch": 0, "optimizer_steps": 2, "clipfrac": 0.1, "onpolicy_logprob_err": 1e-7},
+            {"epoch": 1, "optimizer_steps": 4, "clipfrac": 0.3, "onpolicy_logprob_err": 3e-7}],
+        1: [{"epoch": 0, "optimizer_steps": 4, "clipfrac": 0.0, "onpolicy_logprob_err": 5e-7},
+            {"epoch": 1, "optimizer_steps": 8, "clipfrac": 0.2, "onpolicy_logprob_err": 2e-7}],
+    }  # fmt: skip
+    for seed, rows in seeds.items():
+        (tmp_path / "loop_k4" / f"seed_{seed}").mkdir(parents=True)
+        (tmp_path / "loop_k4" / f"seed_{seed}" / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+    (tmp_path / "reinforce_k1" / "seed_0").mkdir(parents=True)
+    (tmp_path / "reinforce_k1" / "seed_0" / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 0, "optimizer_steps": 1}) + "\n"
+    )
+    s = summary({"loop_k4/seed_0": {}, "loop_k4/seed_1": {}, "reinforce_k1/seed_0": {}})
+    lines = claims.update_rows(s, tmp_path)
+    # steps (4 + 8) / 2 = 6; clip ((0.1 + 0.3) / 2 + (0.0 + 0.2) / 2) / 2 = 0.15; err max 5e-7
+    assert lines[2] == "| loop_k4 | 6 | 0.150 | 5.0e-07 |"
+    assert lines[3] == "| reinforce_k1 | 1 | - | - |"

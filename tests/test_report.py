@@ -259,3 +259,42 @@ def test_config_is_escaped(runs, tmp_path) -> None:
     assert report_main([str(run), "--output", str(out)]) == 0
     text = out.read_text()
     assert html.escape("output_dir: '<b>x</b> & y'") in text and "<b>x</b>" not in text
+
+
+# A metrics.jsonl as the trainer wrote it in December 2026 (3 epochs, a composite reward, KL to
+# base, evaluation every epoch): later versions must keep reading it.
+OLD_METRICS = Path(__file__).resolve().parent / "fixtures" / "metrics_2026-12.jsonl"
+
+
+def test_old_and_tensorboard_style_metrics_read_alike(runs, tmp_path) -> None:
+    """A run written with flat keys and the same run with namespaced aliases (reward/mean) give the
+    same rows and the same plots; a key the schema does not know is named on the page, not plotted."""
+    from diffloop.metrics import tensorboard_tag
+    from diffloop.report import load_run
+
+    rows = [json.loads(line) for line in OLD_METRICS.read_text().splitlines()]
+    aliased = [{("epoch" if k == "epoch" else tensorboard_tag(k)): v for k, v in r.items()} for r in rows]
+    aliased[1]["ratio_max_dev"] = 0.5  # an undeclared key (another version's)
+    dirs = []
+    for name, content in (("flat", rows), ("aliased", aliased)):
+        run = tmp_path / name
+        run.mkdir()
+        shutil.copy(runs[0] / "config.yaml", run / "config.yaml")
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in content))
+        dirs.append(run)
+    flat, alias = load_run(dirs[0]), load_run(dirs[1])
+    assert alias.rows[1].pop("ratio_max_dev") == 0.5
+    assert alias.rows == flat.rows == rows
+    pages = []
+    for run in dirs:
+        out = tmp_path / f"{run.name}.html"
+        assert report_main([str(run), "--output", str(out)]) == 0
+        parser = Images()
+        parser.feed(out.read_text())
+        pages.append((out.read_text(), {img["alt"] for img in parser.imgs}))
+    (flat_page, flat_plots), (alias_page, alias_plots) = pages
+    expected = {"reward_mean", "eval_reward_mean", "approx_kl", "clipfrac", "kl_to_base",
+                "monitor_group_diversity", "reward_reward_fns:brightness_1_mean"}  # fmt: skip
+    assert expected <= flat_plots and alias_plots == flat_plots
+    assert "<code>ratio_max_dev</code>" in alias_page and "ratio_max_dev" not in flat_page
+    assert "ratio_max_dev" not in alias_plots
