@@ -12,9 +12,11 @@ import torch
 from test_trainer import run
 
 from diffloop.config import ConfigError, LoraConfig, ModelConfig, PerformanceConfig, load_config
+from diffloop.loops import SamplerSettings, transition_log_prob
 from diffloop.policies.diffusers_policy import load_policy
 
 STEPS = 3
+SAMPLER = SamplerSettings(num_steps=STEPS, eta=1.0, guidance_scale=3.0)
 
 
 def make_policy(model_dir, **perf) -> object:
@@ -46,7 +48,7 @@ def recomputed_log_probs(policy, traj) -> torch.Tensor:
     """(N, T) log-probs of the recorded transitions through the training path."""
     with torch.no_grad():
         steps = [
-            policy.step_log_prob(traj, torch.full((len(traj),), j), eta=1.0, guidance_scale=3.0)
+            transition_log_prob(policy, traj, torch.full((len(traj),), j), SAMPLER)[0]
             for j in range(STEPS)
         ]
     return torch.stack(steps, dim=1)

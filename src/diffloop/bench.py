@@ -1,7 +1,7 @@
 """Throughput benchmark (`diffloop bench`): sampling, training and end-to-end cost per sample.
 
 Builds SD1.5- or SDXL-shaped models with random weights from configs (nothing downloaded), runs the
-real code paths (``DDIMPolicy.sample``, ``DDIMPolicy.step_log_prob`` + backward over every step) and
+real code paths (``DDIMPolicy.sample``, the trainer's gradient pass ``loops.minibatch_backward``) and
 reports medians over ``--repeats`` after ``--warmup`` untimed runs, peak memory, and the ratio to a
 hardware floor measured in the same process:
 
@@ -457,33 +457,36 @@ def _generators(n: int, device: torch.device, offset: int = 0) -> list[torch.Gen
 def train_pass(
     policy: Any, traj: Any, train_batch: int, *, eta: float, guidance_scale: float, optimizer: Any
 ) -> None:
-    """One pass of policy-gradient training over ``traj``: per minibatch of ``train_batch``
-    trajectories, loss_j = -mean log p_theta(x_{j+1} | x_j) backpropagated for every step j (gradients
-    accumulate over the T steps, as the trainer does), then one optimizer step."""
+    """One pass of policy-gradient training over ``traj`` through the trainer's gradient pass
+    (``loops.minibatch_backward``): per minibatch of ``train_batch`` trajectories, every step j is
+    backpropagated (advantage 1, ratio 1: loss_j = -mean log p_theta(x_{j+1} | x_j) in gradient;
+    gradients accumulate over the T steps, as the trainer does), then one optimizer step."""
+    from diffloop import loops
+    from diffloop.core import policy_gradient_loss
     from diffloop.policies.base import iter_chunks
 
     num_steps = traj.timesteps.shape[1]
+    sampler = loops.SamplerSettings(num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
+    loss = loops.LossSettings(lambda lp, old, adv, eps: policy_gradient_loss(lp, old, adv), 1.0, ratio_to_self=True)
     for chunk in iter_chunks(len(traj), train_batch):
         mb = traj.index(chunk)
-        for j in range(num_steps):
-            step = torch.full((len(mb),), j, dtype=torch.long, device=mb.latents.device)
-            log_prob = policy.step_log_prob(mb, step, eta=eta, guidance_scale=guidance_scale)
-            (-log_prob.mean()).backward()
+        device = mb.latents.device
+        steps = torch.arange(num_steps, device=device).expand(len(mb), -1)  # (M, T): every step
+        ones = torch.ones(len(mb), device=device)
+        for _ in loops.minibatch_backward(policy, mb, ones, steps, sampler, loss, scale=1, on_policy=False):
+            pass
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
-@torch.no_grad()
 def onpolicy_logprob_err(policy: Any, traj: Any, *, eta: float, guidance_scale: float) -> float:
     """max |log p recomputed by the training path - log p recorded while sampling| over every step of
-    ``traj``, at the sampling parameters (ratio 1 - 1, to first order): the correctness check of each
-    speed option (compiled sampling vs eager or compiled training, merged LoRA, channels-last)."""
-    worst = 0.0
-    for j in range(traj.timesteps.shape[1]):
-        step = torch.full((len(traj),), j, dtype=torch.long, device=traj.latents.device)
-        log_prob = policy.step_log_prob(traj, step, eta=eta, guidance_scale=guidance_scale)
-        worst = max(worst, (log_prob - traj.log_probs[:, j]).abs().max().item())
-    return worst
+    ``traj`` (``loops.onpolicy_logprob_err``): the correctness check of each speed option (compiled
+    sampling vs eager or compiled training, merged LoRA, channels-last)."""
+    from diffloop import loops
+
+    sampler = loops.SamplerSettings(num_steps=traj.timesteps.shape[1], eta=eta, guidance_scale=guidance_scale)
+    return loops.onpolicy_logprob_err(policy, traj, sampler)
 
 
 def _unet_flops_per_eval_sd(policy: Any) -> int:
@@ -508,8 +511,10 @@ def bench_sd(
 ) -> None:
     from diffloop.config import LoraConfig, PerformanceConfig
     from diffloop.policies.diffusers_policy import DDIMPolicy
+    from diffloop.trainer import set_backend_flags
 
     dtype = DTYPES[args.dtype]
+    set_backend_flags(PerformanceConfig(**args.perf), device)
     policy = DDIMPolicy(
         build_components(args.shape, device),
         LoraConfig(),
@@ -613,7 +618,7 @@ def bench_sd(
         tb,
         train_flops,
         tb * steps * evals_per_step,
-        f"step_log_prob + backward over {steps} steps, train batch {tb}, CFG {cfg}, AdamW step",
+        f"log-prob + backward over {steps} steps, train batch {tb}, CFG {cfg}, AdamW step",
     )
 
     # End to end: sample sb images (decoded), then train on all of them in minibatches of tb.

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig
-from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob, gaussian_log_prob
+from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob
 from diffloop.policies.base import Trajectories, iter_chunks
 
 logger = logging.getLogger(__name__)
@@ -151,9 +151,6 @@ class DDIMPolicy:
         self._num_steps: int | None = None
         if perf.merge_lora_for_sampling and self.lora_config is None:
             raise ValueError("performance.merge_lora_for_sampling needs a LoRA adapter (lora.enabled=true)")
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = perf.allow_tf32
-            torch.backends.cudnn.allow_tf32 = perf.allow_tf32
         if perf.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self._unet_for = self._compiled_unets(perf)
@@ -389,7 +386,10 @@ class DDIMPolicy:
     def step_distribution(
         self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean (M, C, H, W) and std (broadcastable) of p_theta(x_{t-1} | x_t, c) at per-sample ``step`` (M,)."""
+        """Mean (M, C, H, W) and std (M, 1, 1, 1) of p_theta(x_{t-1} | x_t, c) at per-sample ``step`` (M,).
+
+        The same ``ddim_step_mean_std`` the sampler used, so ``gaussian_log_prob`` of the recorded
+        x_{t-1} under it reproduces the sampled log-prob exactly at the sampling parameters."""
         self._set_steps(traj.timesteps.shape[1])
         rows = torch.arange(len(traj), device=step.device)
         x_t = traj.latents[rows, step]
@@ -400,21 +400,6 @@ class DDIMPolicy:
             )
         mean, std, _ = ddim_step_mean_std(self.scheduler, model_output.float(), t, x_t, eta)
         return mean, std
-
-    def step_log_prob(
-        self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
-    ) -> torch.Tensor:
-        """log p_theta(x_{t-1} | x_t, c) of the recorded transitions at per-sample step ``step`` (M,)."""
-        return self.step_log_prob_and_mean(traj, step, eta=eta, guidance_scale=guidance_scale)[0]
-
-    def step_log_prob_and_mean(
-        self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(log_prob (M,), mean, std) of the recorded transitions; the mean feeds the KL penalty."""
-        mean, std = self.step_distribution(traj, step, eta=eta, guidance_scale=guidance_scale)
-        rows = torch.arange(len(traj), device=step.device)
-        x_prev = traj.latents[rows, step + 1]
-        return gaussian_log_prob(x_prev, mean, std, self.logprob_reduction), mean, std
 
     def _autocast(self):
         enabled = self.weight_dtype != torch.float32
