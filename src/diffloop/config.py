@@ -53,6 +53,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit)."""
     variant: str | None = None
     """Weight variant to load (``fp16``), as in diffusers' ``from_pretrained``."""
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    """DDIMScheduler settings over the model's own scheduler config (``{set_alpha_to_one: false}``); a
+    non-DDIM config is converted with set_alpha_to_one and clip_sample false (logged)."""
 
 
 @dataclass

@@ -91,6 +91,7 @@ class Trainer:
             gradient_checkpointing=t.gradient_checkpointing,
             performance=config.performance,
         )
+        self.policy.check_sampling(config.sample.num_steps, config.sample.eta)
         self.params = self.policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(
             self.params,

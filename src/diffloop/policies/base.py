@@ -125,6 +125,11 @@ class DiffusionPolicy(Protocol):
         """
         ...
 
+    def check_sampling(self, num_steps: int, eta: float) -> None:
+        """Raise ``ConfigError`` (naming the setting to change) unless every step sampled at
+        ``num_steps`` and ``eta`` is a Gaussian with a positive finite std (a log-density exists)."""
+        ...
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
 
     def reference(self) -> contextlib.AbstractContextManager:

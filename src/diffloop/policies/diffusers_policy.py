@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
+    from diffloop.policies.schedulers import to_ddim
+
     path = resolve_pretrained(model.pretrained)
     local = Path(path)
     looks_local = local.is_absolute() or path.startswith(".") or local.exists()
@@ -85,8 +88,11 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
             path, subfolder="text_encoder", variant=model.variant, **kw
         ),
         "tokenizer": lambda: AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-        # Any diffusers scheduler config converts to DDIM (SD ships PNDM's); DDIM is what we sample with.
-        "scheduler": lambda: DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        # Any diffusers scheduler config converts to DDIM (SD ships PNDM's, SDXL Euler's): read as on
+        # disk (with _class_name) so the conversion knows what it converts; see policies.schedulers.
+        "scheduler": lambda: to_ddim(
+            DDIMScheduler.load_config(path, subfolder="scheduler", **kw), model.scheduler_kwargs
+        ),
     }
     if _has_vae(path, model):
         loaders["vae"] = lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", variant=model.variant, **kw)
@@ -400,6 +406,39 @@ class DDIMPolicy:
             )
         mean, std, _ = ddim_step_mean_std(self.scheduler, model_output.float(), t, x_t, eta)
         return mean, std
+
+    def step_stds(self, num_steps: int, eta: float) -> torch.Tensor:
+        """(T,) sigma_t of each sampled step at ``num_steps`` and ``eta`` (``core.ddim_step_mean_std``)."""
+        self._set_steps(num_steps)
+        shape = (len(self.scheduler.timesteps), 1)
+        t = self.scheduler.timesteps.to(self.device)
+        zeros = torch.zeros(shape, device=self.device)
+        return ddim_step_mean_std(self.scheduler, zeros, t, zeros, eta)[1].reshape(-1)
+
+    def check_sampling(self, num_steps: int, eta: float) -> None:
+        """Raise ConfigError unless every sampled step has a positive finite std (else its
+        log-density is NaN or infinite and one update makes every trained weight NaN)."""
+        from diffloop.config import ConfigError
+
+        stds = self.step_stds(num_steps, eta)
+        bad = [j for j, v in enumerate(stds.tolist()) if not (math.isfinite(v) and v > 0)]
+        if not bad:
+            return
+        j = bad[0]
+        t = int(self.scheduler.timesteps[j])
+        final = j == len(stds) - 1
+        if final and float(self.scheduler.final_alpha_cumprod) == 1.0:
+            fix = "the scheduler has set_alpha_to_one=true: set model.scheduler_kwargs.set_alpha_to_one=false"
+        else:
+            fix = (
+                "the step's previous alpha_cumprod equals its own (timestep 0 is sampled?): set "
+                "model.scheduler_kwargs.timestep_spacing=leading and model.scheduler_kwargs.steps_offset=1 "
+                "(as Stable Diffusion ships)"
+            )
+        raise ConfigError(
+            f"sample.num_steps={num_steps}, sample.eta={eta}: DDIM step {j + 1} of {len(stds)} (timestep "
+            f"{t}) has std {stds[j].item():.3g}, so its log-probability is undefined; {fix}"
+        )
 
     def _autocast(self):
         enabled = self.weight_dtype != torch.float32
