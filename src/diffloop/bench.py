@@ -130,16 +130,9 @@ SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
 def unet_config(shape: str) -> dict[str, Any]:
     """``UNet2DConditionModel`` kwargs for ``shape`` (SD1.5 / SDXL values from their config.json)."""
     if shape == "tiny":
-        return {
-            "sample_size": 16,
-            "block_out_channels": (32, 64),
-            "layers_per_block": 2,
-            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-            "cross_attention_dim": 32,
-            "attention_head_dim": (2, 4),
-            "norm_num_groups": 32,
-        }
+        from diffloop.testing.tiny import UNET_CONFIG
+
+        return dict(UNET_CONFIG)  # the test suite's tiny UNet (diffloop.testing.tiny)
     if shape == "sd15":
         return {
             "sample_size": 64,
@@ -179,16 +172,16 @@ def _sdxl_pooled_dim(shape: str) -> int:
     return 16 if shape == "tiny_xl" else 1280
 
 
-def _text_config(shape: str, vocab_size: int, tokenizer: Any) -> Any:
+def _sd15_text_config(tokenizer: Any) -> Any:
+    """CLIP ViT-L/14's text tower, as SD 1.5 ships it."""
     from transformers import CLIPTextConfig
 
-    big = shape == "sd15"  # CLIP ViT-L/14 text tower, as SD 1.5 ships it
     return CLIPTextConfig(
-        vocab_size=49408 if big else vocab_size,
-        hidden_size=768 if big else 32,
-        intermediate_size=3072 if big else 37,
-        num_hidden_layers=12 if big else 2,
-        num_attention_heads=12 if big else 4,
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
         max_position_embeddings=77,
         hidden_act="quick_gelu",
         pad_token_id=tokenizer.pad_token_id,
@@ -197,59 +190,44 @@ def _text_config(shape: str, vocab_size: int, tokenizer: Any) -> Any:
     )
 
 
-def _vae_config(shape: str) -> dict[str, Any]:
-    if shape == "sd15":
-        return {
-            "block_out_channels": (128, 256, 512, 512),
-            "down_block_types": ("DownEncoderBlock2D",) * 4,
-            "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "layers_per_block": 2,
-            "latent_channels": 4,
-            "sample_size": 512,
-            "scaling_factor": 0.18215,
-        }
-    return {
-        "block_out_channels": (32, 64),
-        "down_block_types": ("DownEncoderBlock2D",) * 2,
-        "up_block_types": ("UpDecoderBlock2D",) * 2,
-        "latent_channels": 4,
-        "sample_size": 32,
-    }
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
 
 
 def sd_ddim_scheduler(prediction_type: str = "epsilon") -> Any:
-    """Stable Diffusion's DDIM schedule, every field explicit so a pipeline does not rewrite the config."""
-    from diffusers import DDIMScheduler
+    """Stable Diffusion's DDIM schedule (``diffloop.testing.tiny.sd_ddim_scheduler``)."""
+    from diffloop.testing.tiny import sd_ddim_scheduler as build
 
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    return build(prediction_type)
 
 
 def build_components(shape: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
     """Random-weight {"unet", "text_encoder", "tokenizer", "scheduler", "vae"} for an SD-style shape.
 
-    Built directly on ``device`` (random init of 1e9 parameters on the CPU alone takes minutes). The
-    tokenizer is a word-level one (no download); CLIP's cost does not depend on which ids it sees.
+    ``tiny`` is the test suite's tiny SD (``diffloop.testing.tiny``). Others are built directly on
+    ``device`` (random init of 1e9 parameters on the CPU alone takes minutes). The tokenizer is a
+    word-level one (no download); CLIP's cost does not depend on which ids it sees.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from diffloop.shapes.model import build_tokenizer
+    from diffloop.testing import tiny
 
-    tokenizer = build_tokenizer(PROMPT_WORDS, 77)
+    tokenizer = tiny.make_word_tokenizer(PROMPT_WORDS)
+    if shape == "tiny":
+        return tiny.build_tiny_components(seed=seed, tokenizer=tokenizer, device=device)
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config(shape))
-        text_encoder = CLIPTextModel(_text_config(shape, len(tokenizer), tokenizer))
-        vae = AutoencoderKL(**_vae_config(shape))
+        text_encoder = CLIPTextModel(_sd15_text_config(tokenizer))
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
     scheduler = sd_ddim_scheduler()
     return {
         "unet": unet,
