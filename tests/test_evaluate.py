@@ -253,3 +253,30 @@ def test_usage_errors_exit_2_before_loading_a_model(tmp_path, capsys, extra, mes
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_of_a_run_reproduces_its_final_evaluation_exactly(tmp_path) -> None:
+    """The trainer's evaluation and ``diffloop eval`` are one loop with one seed rule."""
+    from diffloop.loops import eval_summary
+    from diffloop.run_dir import read_metrics
+
+    run = tmp_path / "run"
+    overrides = {
+        "output_dir": run, "num_epochs": 1, "sample.num_steps": 3, "sample.prompts_per_epoch": 2,
+        "sample.samples_per_prompt": 2, "sample.batch_size": 4, "train.batch_size": 4,
+        "train.learning_rate": 0.05, "train.clip_range": 0.2, "eval.prompts": "shapes/val_pair",
+        "eval.num_prompts": 2, "eval.samples_per_prompt": 2, "eval.seed": 7, "eval.batch_size": 3,
+        "logging.progress_bars": False, "logging.tensorboard": False,
+    }  # fmt: skip
+    assert cli_main(["train", *[f"{k}={v}" for k, v in overrides.items()]]) == 0
+    final = read_metrics(run / "metrics.jsonl")[-1]
+    argv = ["eval", str(run), "--prompts", "shapes/val_pair", "--num-prompts", "2", "--images-per-prompt",
+            "2", "--reward", "shapes_binding", "--eta", "1.0", "--seed", "7", "--batch-size", "3",
+            "--output", str(tmp_path / "eval"), "--device", "cpu"]  # fmt: skip
+    assert cli_main(argv) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    rows = result["targets"][0]["per_prompt"]["shapes_binding"]
+    scores = torch.tensor([v for r in rows for v in r["scores"]], dtype=torch.float32)
+    assert eval_summary(scores)["eval_reward_mean"] == final["eval_reward_mean"]
+    assert result["targets"][0]["rewards"]["shapes_binding"]["mean"] == pytest.approx(
+        final["eval_reward_mean"], rel=1e-6)  # the same scores, averaged in float64
