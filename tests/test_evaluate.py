@@ -19,7 +19,7 @@ from diffloop.evaluate import (
     summarise,
     unique_labels,
 )
-from diffloop.trainer import derive_seed
+from diffloop.seeding import eval_image_seed
 
 STEPS = ["--steps", "3", "--guidance-scale", "3.0"]
 
@@ -115,12 +115,12 @@ def test_eval_of_a_run_writes_valid_eval_json(shapes_run, tmp_path, capsys) -> N
 
 
 def test_seed_rule_and_determinism(shapes_run, tiny_sd, tmp_path) -> None:
-    """Image j of prompt i uses derive_seed(seed, i, j) whatever K, batch size or target."""
+    """Image j of prompt i uses eval_image_seed(seed, i, j) whatever K, batch size or target."""
     from diffloop.config import LoraConfig, ModelConfig
+    from diffloop.loops import make_generators
     from diffloop.policies.diffusers_policy import load_policy
-    from diffloop.trainer import make_generators
 
-    assert image_seeds(7, 2, 3) == [derive_seed(7, i, j) for i in range(2) for j in range(3)]
+    assert image_seeds(7, 2, 3) == [eval_image_seed(7, i, j) for i in range(2) for j in range(3)]
     model = str(tiny_sd)  # a diffusers directory (latent model with a VAE) as target
     a = run_eval(tmp_path / "a", model, extra=["--batch-size", "4"])
     entry = a["targets"][0]
@@ -130,7 +130,7 @@ def test_seed_rule_and_determinism(shapes_run, tiny_sd, tmp_path) -> None:
         ModelConfig(pretrained=model), LoraConfig(enabled=False), device=torch.device("cpu")
     )
     prompts = [r["prompt"] for r in entry["per_prompt"]["reward_fns:brightness"] for _ in range(2)]
-    seeds = [derive_seed(0, i, j) for i in range(2) for j in range(2)]
+    seeds = [eval_image_seed(0, i, j) for i in range(2) for j in range(2)]
     traj = policy.sample(
         prompts,
         make_generators(torch.device("cpu"), seeds),

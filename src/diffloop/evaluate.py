@@ -10,7 +10,8 @@ a hub id, or ``shapes``). ``--prompts`` takes a prompt-source name (``diffloop.p
 file (one prompt a line); the first N prompts are used, in order.
 
 Fixed noise: image j of prompt i starts from (and, with eta > 0, is driven by) a generator seeded
-with ``derive_seed(seed, i, j)``, for every target. Base and fine-tuned models therefore see the
+with ``seeding.eval_image_seed(seed, i, j)``, for every target (the rule of the trainer's own
+evaluation too, whose ``eval.seed`` reproduces here). Base and fine-tuned models therefore see the
 same initial noise, and the difference between two targets can be measured image by image (paired).
 eta = 0 (the default) is deterministic DDIM: the image is a function of the model and the seed.
 

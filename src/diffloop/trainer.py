@@ -1,8 +1,9 @@
 """The training loop: each epoch is sample -> score -> advantages -> optimise.
 
 The algorithm (advantage and loss) is a row of ``diffloop.algorithms.ALGORITHMS``; processes are
-handled by ``diffloop.distributed``; the model by a ``DiffusionPolicy``. Randomness is a pure
-function of (seed, epoch, sample index or rank): sample g of epoch e always gets the same noise,
+handled by ``diffloop.distributed``; the model by a ``DiffusionPolicy``; the inner loops are
+``diffloop.loops``. Randomness is a pure function of (seed, epoch, sample index or rank), one named
+stream of ``diffloop.seeding`` per use: sample g of epoch e always gets the same noise,
 whichever process draws it and whether or not the run was resumed in between.
 """
 
@@ -43,9 +44,6 @@ from diffloop.run_dir import RunDirectory
 logger = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-derive_seed = seeding.derive_seed  # kept for importers; new code names its stream in diffloop.seeding
 
 
 def set_backend_flags(performance: PerformanceConfig, device: torch.device, cpu_threads: int | None = None) -> None:
