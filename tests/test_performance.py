@@ -130,3 +130,19 @@ def test_trainer_with_every_option_stays_on_policy(tiny_sd, tmp_path):
     })  # fmt: skip
     assert rows[0]["optimizer_steps"] == 1
     assert rows[0]["onpolicy_logprob_err"] < 1e-5
+
+
+def test_backend_flags_are_set_by_the_trainer_function_not_by_a_policy(tiny_sd):
+    from diffloop.trainer import set_backend_flags
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        make_policy(tiny_sd, allow_tf32=False)  # building a policy leaves process-wide flags alone
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        set_backend_flags(PerformanceConfig(allow_tf32=False), torch.device("cuda"), cpu_threads=1)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, threads = saved
+        torch.set_num_threads(threads)

@@ -1,4 +1,7 @@
-"""End-to-end trainer tests on tiny random SD pipelines loaded from disk (the real loading path)."""
+"""End-to-end trainer tests on tiny random SD pipelines loaded from disk (the real loading path).
+
+What every policy must satisfy (frozen weights, export, ratio 1, resume) is checked per policy in
+test_policy_conformance.py; this file tests the trainer's own behaviour."""
 
 from __future__ import annotations
 
@@ -66,34 +69,6 @@ def test_run_directory_holds_everything(tiny_sd, tmp_path):
     assert json.loads((out / "run_info.json").read_text())["seed"] == 0
 
 
-def test_lora_changes_and_base_frozen(tiny_sd, tmp_path):
-    config = load_config(None, tiny_overrides(tiny_sd, tmp_path / "run", num_epochs=1))
-    trainer = Trainer(config)
-    unet = trainer.policy.unet
-    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
-    trainer.train()
-    changed = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
-    lora = {n for n in before if "lora_" in n}
-    assert lora and changed == {n for n in lora if n in changed}, "a frozen (non-LoRA) parameter changed"
-    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
-    assert all(p.dtype == torch.float32 for p in trainer.policy.trainable_parameters())
-
-
-def test_exported_lora_reloads_in_diffusers(tiny_sd, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    out = tmp_path / "run"
-    run(tiny_sd, out, num_epochs=1, **{"train.learning_rate": 0.1})
-    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, output_type="pt")
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
-    base = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    pipe.load_lora_weights(str(out / "lora"))
-    tuned = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert (tuned - base).abs().max() > 1e-4, "loading the exported LoRA did not change the output"
-    # alpha survives the export (env-notes trap): the adapter's scaling is alpha / r = 4 / 4 = 1.
-    assert pipe.unet.peft_config["default_0"].lora_alpha == 4.0
-
-
 @pytest.mark.parametrize("train_batch", [1, 2, 4])
 def test_ratio_is_one_on_policy_at_any_minibatch_size(tiny_sd, tmp_path, train_batch):
     rows = run(tiny_sd, tmp_path / "run", num_epochs=1,
@@ -101,11 +76,6 @@ def test_ratio_is_one_on_policy_at_any_minibatch_size(tiny_sd, tmp_path, train_b
     # One optimizer step per epoch: every recomputed log-prob is on-policy.
     assert rows[0]["optimizer_steps"] == 1
     assert rows[0]["onpolicy_logprob_err"] < 1e-5
-
-
-def test_v_prediction_model_trains(tiny_sd_v, tmp_path):
-    rows = run(tiny_sd_v, tmp_path / "run", num_epochs=1)
-    assert rows[0]["onpolicy_logprob_err"] < 1e-5 and rows[0]["optimizer_steps"] == 2
 
 
 class Killed(Exception):

@@ -124,8 +124,11 @@ def load_target(target: EvalTarget, device: torch.device):
             None,
             None,
         )
+    from diffloop.trainer import set_backend_flags
+
     path = target.checkpoint or checkpoint.latest_checkpoint(target.run_dir)
     policy, config = load_run_policy(target.run_dir, device, path)
+    set_backend_flags(config.performance, device)  # the run's TF32 setting: its numbers reproduce
     return policy, config, path
 
 

@@ -60,9 +60,8 @@ class Trainer:
     policy: DiffusionPolicy
 
     def __init__(self, config: Config, dist: Distributed | None = None, argv: list[str] | None = None):
-        if config.cpu_threads is not None:
-            torch.set_num_threads(config.cpu_threads)  # before any work, also distributed set-up
         self.dist = dist or Distributed()
+        set_backend_flags(config.performance, self.dist.device, config.cpu_threads)
         validate(config, num_processes=self.dist.world_size)
         self.config = config
         self.algorithm = ALGORITHMS[config.train.algorithm]
@@ -73,7 +72,6 @@ class Trainer:
         self.reward = build_reward_from_config(config.reward)
         self._reward_pool = ThreadPoolExecutor(1, "reward") if config.reward.asynchronous else None
         t = config.train
-        set_backend_flags(config.performance, self.dist.device, config.cpu_threads)
         self.sampler = loops.SamplerSettings.from_config(config.sample)
         self.loss_settings = loops.LossSettings(
             self.algorithm.loss_fn, t.clip_range, kl_coef=t.kl_coef, log_kl=t.log_kl_to_base
