@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffloop import seeding
 from diffloop.core import gaussian_kl, gaussian_log_prob
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
 
@@ -220,16 +221,12 @@ def minibatch_backward(
 
 def eval_seed_rule() -> str:
     """The fixed-noise rule of every evaluation (trainer and ``diffloop eval``), in words."""
-    from diffloop.seeding import EVAL_RULE
-
-    return EVAL_RULE
+    return seeding.EVAL_RULE
 
 
 def eval_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[int]:
     """Seeds of the P*K evaluation images, prompt-major (image j of prompt i at index i K + j)."""
-    from diffloop.seeding import eval_image_seed
-
-    return [eval_image_seed(seed, i, j) for i in range(num_prompts) for j in range(images_per_prompt)]
+    return [seeding.eval_image_seed(seed, i, j) for i in range(num_prompts) for j in range(images_per_prompt)]
 
 
 @torch.no_grad()

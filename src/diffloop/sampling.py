@@ -26,8 +26,8 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
 def sample_main(argv: list[str]) -> int:
     from diffloop.config import LoraConfig, ModelConfig
     from diffloop.images import save_grid
-    from diffloop.policies.diffusers_policy import load_policy
     from diffloop.loops import make_generators
+    from diffloop.policies.diffusers_policy import load_policy
     from diffloop.seeding import sample_cli_seed
 
     ap = argparse.ArgumentParser(prog="diffloop sample", description=__doc__)
