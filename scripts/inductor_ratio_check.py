@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from diffloop import loops
 from diffloop.bench import build_components
 from diffloop.config import LoraConfig, PerformanceConfig
 from diffloop.policies.diffusers_policy import DDIMPolicy
@@ -39,7 +40,8 @@ def main() -> None:
     _, t_second = sample(compiled_policy)
     step = torch.zeros(len(prompts), dtype=torch.long)
     start = time.perf_counter()
-    log_prob = compiled_policy.step_log_prob(compiled, step, eta=1.0, guidance_scale=5.0)
+    sampler = loops.SamplerSettings(num_steps=2, eta=1.0, guidance_scale=5.0)
+    log_prob = loops.transition_log_prob(compiled_policy, compiled, step, sampler)[0]
     log_prob.sum().backward()
     t_train = time.perf_counter() - start
     print(f"sampling: eager {t_eager:.2f} s, compiled first call {t_first:.1f} s, second {t_second:.2f} s")

@@ -19,7 +19,7 @@ from diffloop.evaluate import (
     summarise,
     unique_labels,
 )
-from diffloop.trainer import derive_seed
+from diffloop.seeding import eval_image_seed
 
 STEPS = ["--steps", "3", "--guidance-scale", "3.0"]
 
@@ -115,12 +115,12 @@ def test_eval_of_a_run_writes_valid_eval_json(shapes_run, tmp_path, capsys) -> N
 
 
 def test_seed_rule_and_determinism(shapes_run, tiny_sd, tmp_path) -> None:
-    """Image j of prompt i uses derive_seed(seed, i, j) whatever K, batch size or target."""
+    """Image j of prompt i uses eval_image_seed(seed, i, j) whatever K, batch size or target."""
     from diffloop.config import LoraConfig, ModelConfig
+    from diffloop.loops import make_generators
     from diffloop.policies.diffusers_policy import load_policy
-    from diffloop.trainer import make_generators
 
-    assert image_seeds(7, 2, 3) == [derive_seed(7, i, j) for i in range(2) for j in range(3)]
+    assert image_seeds(7, 2, 3) == [eval_image_seed(7, i, j) for i in range(2) for j in range(3)]
     model = str(tiny_sd)  # a diffusers directory (latent model with a VAE) as target
     a = run_eval(tmp_path / "a", model, extra=["--batch-size", "4"])
     entry = a["targets"][0]
@@ -130,7 +130,7 @@ def test_seed_rule_and_determinism(shapes_run, tiny_sd, tmp_path) -> None:
         ModelConfig(pretrained=model), LoraConfig(enabled=False), device=torch.device("cpu")
     )
     prompts = [r["prompt"] for r in entry["per_prompt"]["reward_fns:brightness"] for _ in range(2)]
-    seeds = [derive_seed(0, i, j) for i in range(2) for j in range(2)]
+    seeds = [eval_image_seed(0, i, j) for i in range(2) for j in range(2)]
     traj = policy.sample(
         prompts,
         make_generators(torch.device("cpu"), seeds),
@@ -253,3 +253,30 @@ def test_usage_errors_exit_2_before_loading_a_model(tmp_path, capsys, extra, mes
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_of_a_run_reproduces_its_final_evaluation_exactly(tmp_path) -> None:
+    """The trainer's evaluation and ``diffloop eval`` are one loop with one seed rule."""
+    from diffloop.loops import eval_summary
+    from diffloop.run_dir import read_metrics
+
+    run = tmp_path / "run"
+    overrides = {
+        "output_dir": run, "num_epochs": 1, "sample.num_steps": 3, "sample.prompts_per_epoch": 2,
+        "sample.samples_per_prompt": 2, "sample.batch_size": 4, "train.batch_size": 4,
+        "train.learning_rate": 0.05, "train.clip_range": 0.2, "eval.prompts": "shapes/val_pair",
+        "eval.num_prompts": 2, "eval.samples_per_prompt": 2, "eval.seed": 7, "eval.batch_size": 3,
+        "logging.progress_bars": False, "logging.tensorboard": False,
+    }  # fmt: skip
+    assert cli_main(["train", *[f"{k}={v}" for k, v in overrides.items()]]) == 0
+    final = read_metrics(run / "metrics.jsonl")[-1]
+    argv = ["eval", str(run), "--prompts", "shapes/val_pair", "--num-prompts", "2", "--images-per-prompt",
+            "2", "--reward", "shapes_binding", "--eta", "1.0", "--seed", "7", "--batch-size", "3",
+            "--output", str(tmp_path / "eval"), "--device", "cpu"]  # fmt: skip
+    assert cli_main(argv) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    rows = result["targets"][0]["per_prompt"]["shapes_binding"]
+    scores = torch.tensor([v for r in rows for v in r["scores"]], dtype=torch.float32)
+    assert eval_summary(scores)["eval_reward_mean"] == final["eval_reward_mean"]
+    assert result["targets"][0]["rewards"]["shapes_binding"]["mean"] == pytest.approx(
+        final["eval_reward_mean"], rel=1e-6)  # the same scores, averaged in float64

@@ -12,9 +12,11 @@ import torch
 from test_trainer import run
 
 from diffloop.config import ConfigError, LoraConfig, ModelConfig, PerformanceConfig, load_config
+from diffloop.loops import SamplerSettings, transition_log_prob
 from diffloop.policies.diffusers_policy import load_policy
 
 STEPS = 3
+SAMPLER = SamplerSettings(num_steps=STEPS, eta=1.0, guidance_scale=3.0)
 
 
 def make_policy(model_dir, **perf) -> object:
@@ -46,7 +48,7 @@ def recomputed_log_probs(policy, traj) -> torch.Tensor:
     """(N, T) log-probs of the recorded transitions through the training path."""
     with torch.no_grad():
         steps = [
-            policy.step_log_prob(traj, torch.full((len(traj),), j), eta=1.0, guidance_scale=3.0)
+            transition_log_prob(policy, traj, torch.full((len(traj),), j), SAMPLER)[0]
             for j in range(STEPS)
         ]
     return torch.stack(steps, dim=1)
@@ -128,3 +130,19 @@ def test_trainer_with_every_option_stays_on_policy(tiny_sd, tmp_path):
     })  # fmt: skip
     assert rows[0]["optimizer_steps"] == 1
     assert rows[0]["onpolicy_logprob_err"] < 1e-5
+
+
+def test_backend_flags_are_set_by_the_trainer_function_not_by_a_policy(tiny_sd):
+    from diffloop.trainer import set_backend_flags
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        make_policy(tiny_sd, allow_tf32=False)  # building a policy leaves process-wide flags alone
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        set_backend_flags(PerformanceConfig(allow_tf32=False), torch.device("cuda"), cpu_threads=1)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, threads = saved
+        torch.set_num_threads(threads)

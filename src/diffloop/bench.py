@@ -1,7 +1,7 @@
 """Throughput benchmark (`diffloop bench`): sampling, training and end-to-end cost per sample.
 
 Builds SD1.5- or SDXL-shaped models with random weights from configs (nothing downloaded), runs the
-real code paths (``DDIMPolicy.sample``, ``DDIMPolicy.step_log_prob`` + backward over every step) and
+real code paths (``DDIMPolicy.sample``, the trainer's gradient pass ``loops.minibatch_backward``) and
 reports medians over ``--repeats`` after ``--warmup`` untimed runs, peak memory, and the ratio to a
 hardware floor measured in the same process:
 
@@ -130,16 +130,9 @@ SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
 def unet_config(shape: str) -> dict[str, Any]:
     """``UNet2DConditionModel`` kwargs for ``shape`` (SD1.5 / SDXL values from their config.json)."""
     if shape == "tiny":
-        return {
-            "sample_size": 16,
-            "block_out_channels": (32, 64),
-            "layers_per_block": 2,
-            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-            "cross_attention_dim": 32,
-            "attention_head_dim": (2, 4),
-            "norm_num_groups": 32,
-        }
+        from diffloop.testing.tiny import UNET_CONFIG
+
+        return dict(UNET_CONFIG)  # the test suite's tiny UNet (diffloop.testing.tiny)
     if shape == "sd15":
         return {
             "sample_size": 64,
@@ -179,16 +172,16 @@ def _sdxl_pooled_dim(shape: str) -> int:
     return 16 if shape == "tiny_xl" else 1280
 
 
-def _text_config(shape: str, vocab_size: int, tokenizer: Any) -> Any:
+def _sd15_text_config(tokenizer: Any) -> Any:
+    """CLIP ViT-L/14's text tower, as SD 1.5 ships it."""
     from transformers import CLIPTextConfig
 
-    big = shape == "sd15"  # CLIP ViT-L/14 text tower, as SD 1.5 ships it
     return CLIPTextConfig(
-        vocab_size=49408 if big else vocab_size,
-        hidden_size=768 if big else 32,
-        intermediate_size=3072 if big else 37,
-        num_hidden_layers=12 if big else 2,
-        num_attention_heads=12 if big else 4,
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
         max_position_embeddings=77,
         hidden_act="quick_gelu",
         pad_token_id=tokenizer.pad_token_id,
@@ -197,59 +190,44 @@ def _text_config(shape: str, vocab_size: int, tokenizer: Any) -> Any:
     )
 
 
-def _vae_config(shape: str) -> dict[str, Any]:
-    if shape == "sd15":
-        return {
-            "block_out_channels": (128, 256, 512, 512),
-            "down_block_types": ("DownEncoderBlock2D",) * 4,
-            "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "layers_per_block": 2,
-            "latent_channels": 4,
-            "sample_size": 512,
-            "scaling_factor": 0.18215,
-        }
-    return {
-        "block_out_channels": (32, 64),
-        "down_block_types": ("DownEncoderBlock2D",) * 2,
-        "up_block_types": ("UpDecoderBlock2D",) * 2,
-        "latent_channels": 4,
-        "sample_size": 32,
-    }
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
 
 
 def sd_ddim_scheduler(prediction_type: str = "epsilon") -> Any:
-    """Stable Diffusion's DDIM schedule, every field explicit so a pipeline does not rewrite the config."""
-    from diffusers import DDIMScheduler
+    """Stable Diffusion's DDIM schedule (``diffloop.testing.tiny.sd_ddim_scheduler``)."""
+    from diffloop.testing.tiny import sd_ddim_scheduler as build
 
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    return build(prediction_type)
 
 
 def build_components(shape: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
     """Random-weight {"unet", "text_encoder", "tokenizer", "scheduler", "vae"} for an SD-style shape.
 
-    Built directly on ``device`` (random init of 1e9 parameters on the CPU alone takes minutes). The
-    tokenizer is a word-level one (no download); CLIP's cost does not depend on which ids it sees.
+    ``tiny`` is the test suite's tiny SD (``diffloop.testing.tiny``). Others are built directly on
+    ``device`` (random init of 1e9 parameters on the CPU alone takes minutes). The tokenizer is a
+    word-level one (no download); CLIP's cost does not depend on which ids it sees.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from diffloop.shapes.model import build_tokenizer
+    from diffloop.testing import tiny
 
-    tokenizer = build_tokenizer(PROMPT_WORDS, 77)
+    tokenizer = tiny.make_word_tokenizer(PROMPT_WORDS)
+    if shape == "tiny":
+        return tiny.build_tiny_components(seed=seed, tokenizer=tokenizer, device=device)
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config(shape))
-        text_encoder = CLIPTextModel(_text_config(shape, len(tokenizer), tokenizer))
-        vae = AutoencoderKL(**_vae_config(shape))
+        text_encoder = CLIPTextModel(_sd15_text_config(tokenizer))
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
     scheduler = sd_ddim_scheduler()
     return {
         "unet": unet,
@@ -457,33 +435,36 @@ def _generators(n: int, device: torch.device, offset: int = 0) -> list[torch.Gen
 def train_pass(
     policy: Any, traj: Any, train_batch: int, *, eta: float, guidance_scale: float, optimizer: Any
 ) -> None:
-    """One pass of policy-gradient training over ``traj``: per minibatch of ``train_batch``
-    trajectories, loss_j = -mean log p_theta(x_{j+1} | x_j) backpropagated for every step j (gradients
-    accumulate over the T steps, as the trainer does), then one optimizer step."""
+    """One pass of policy-gradient training over ``traj`` through the trainer's gradient pass
+    (``loops.minibatch_backward``): per minibatch of ``train_batch`` trajectories, every step j is
+    backpropagated (advantage 1, ratio 1: loss_j = -mean log p_theta(x_{j+1} | x_j) in gradient;
+    gradients accumulate over the T steps, as the trainer does), then one optimizer step."""
+    from diffloop import loops
+    from diffloop.core import policy_gradient_loss
     from diffloop.policies.base import iter_chunks
 
     num_steps = traj.timesteps.shape[1]
+    sampler = loops.SamplerSettings(num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
+    loss = loops.LossSettings(lambda lp, old, adv, eps: policy_gradient_loss(lp, old, adv), 1.0, ratio_to_self=True)
     for chunk in iter_chunks(len(traj), train_batch):
         mb = traj.index(chunk)
-        for j in range(num_steps):
-            step = torch.full((len(mb),), j, dtype=torch.long, device=mb.latents.device)
-            log_prob = policy.step_log_prob(mb, step, eta=eta, guidance_scale=guidance_scale)
-            (-log_prob.mean()).backward()
+        device = mb.latents.device
+        steps = torch.arange(num_steps, device=device).expand(len(mb), -1)  # (M, T): every step
+        ones = torch.ones(len(mb), device=device)
+        for _ in loops.minibatch_backward(policy, mb, ones, steps, sampler, loss, scale=1, on_policy=False):
+            pass
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
-@torch.no_grad()
 def onpolicy_logprob_err(policy: Any, traj: Any, *, eta: float, guidance_scale: float) -> float:
     """max |log p recomputed by the training path - log p recorded while sampling| over every step of
-    ``traj``, at the sampling parameters (ratio 1 - 1, to first order): the correctness check of each
-    speed option (compiled sampling vs eager or compiled training, merged LoRA, channels-last)."""
-    worst = 0.0
-    for j in range(traj.timesteps.shape[1]):
-        step = torch.full((len(traj),), j, dtype=torch.long, device=traj.latents.device)
-        log_prob = policy.step_log_prob(traj, step, eta=eta, guidance_scale=guidance_scale)
-        worst = max(worst, (log_prob - traj.log_probs[:, j]).abs().max().item())
-    return worst
+    ``traj`` (``loops.onpolicy_logprob_err``): the correctness check of each speed option (compiled
+    sampling vs eager or compiled training, merged LoRA, channels-last)."""
+    from diffloop import loops
+
+    sampler = loops.SamplerSettings(num_steps=traj.timesteps.shape[1], eta=eta, guidance_scale=guidance_scale)
+    return loops.onpolicy_logprob_err(policy, traj, sampler)
 
 
 def _unet_flops_per_eval_sd(policy: Any) -> int:
@@ -508,8 +489,10 @@ def bench_sd(
 ) -> None:
     from diffloop.config import LoraConfig, PerformanceConfig
     from diffloop.policies.diffusers_policy import DDIMPolicy
+    from diffloop.trainer import set_backend_flags
 
     dtype = DTYPES[args.dtype]
+    set_backend_flags(PerformanceConfig(**args.perf), device)
     policy = DDIMPolicy(
         build_components(args.shape, device),
         LoraConfig(),
@@ -613,7 +596,7 @@ def bench_sd(
         tb,
         train_flops,
         tb * steps * evals_per_step,
-        f"step_log_prob + backward over {steps} steps, train batch {tb}, CFG {cfg}, AdamW step",
+        f"log-prob + backward over {steps} steps, train batch {tb}, CFG {cfg}, AdamW step",
     )
 
     # End to end: sample sb images (decoded), then train on all of them in minibatches of tb.

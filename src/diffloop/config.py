@@ -53,6 +53,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit)."""
     variant: str | None = None
     """Weight variant to load (``fp16``), as in diffusers' ``from_pretrained``."""
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    """DDIMScheduler settings over the model's own scheduler config (``{set_alpha_to_one: false}``); a
+    non-DDIM config is converted with set_alpha_to_one and clip_sample false (logged)."""
 
 
 @dataclass
@@ -495,6 +498,11 @@ def validate(config: Config, num_processes: int = 1) -> None:
     _check(config.lora.alpha > 0, f"lora.alpha={config.lora.alpha} must be > 0")
     _check(len(config.lora.target_modules) > 0, "lora.target_modules must name at least one module")
     _check(0 <= config.lora.dropout < 1, "lora.dropout must be in [0, 1)")
+    _check(
+        config.lora.dropout == 0 or algo.one_update_per_batch,
+        f"lora.dropout={config.lora.dropout}: '{algo.name}' reuses samples through the importance ratio, and "
+        "dropout in training but not in sampling makes it differ from 1 on-policy; set lora.dropout=0",
+    )
     _check(config.num_epochs >= 1, f"num_epochs={config.num_epochs} must be >= 1")
     _check(config.checkpoint_every >= 1, "checkpoint_every must be >= 1")
     _check(not (config.resume and config.overwrite), "resume=true and overwrite=true contradict; pick one")

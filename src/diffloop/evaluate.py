@@ -10,7 +10,8 @@ a hub id, or ``shapes``). ``--prompts`` takes a prompt-source name (``diffloop.p
 file (one prompt a line); the first N prompts are used, in order.
 
 Fixed noise: image j of prompt i starts from (and, with eta > 0, is driven by) a generator seeded
-with ``derive_seed(seed, i, j)``, for every target. Base and fine-tuned models therefore see the
+with ``seeding.eval_image_seed(seed, i, j)``, for every target (the rule of the trainer's own
+evaluation too, whose ``eval.seed`` reproduces here). Base and fine-tuned models therefore see the
 same initial noise, and the difference between two targets can be measured image by image (paired).
 eta = 0 (the default) is deterministic DDIM: the image is a function of the model and the seed.
 
@@ -48,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffloop import loops
 from diffloop.images import make_grid
 
 DEFAULT_STEPS = 50
@@ -122,16 +124,20 @@ def load_target(target: EvalTarget, device: torch.device):
             None,
             None,
         )
+    from diffloop.trainer import set_backend_flags
+
     path = target.checkpoint or checkpoint.latest_checkpoint(target.run_dir)
     policy, config = load_run_policy(target.run_dir, device, path)
+    set_backend_flags(config.performance, device)  # the run's TF32 setting: its numbers reproduce
     return policy, config, path
 
 
 def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[int]:
-    """Seeds of the P*K images, prompt-major: image j of prompt i gets derive_seed(seed, i, j)."""
-    from diffloop.trainer import derive_seed
+    """Seeds of the P*K images, prompt-major: the evaluation rule of ``loops.eval_seeds``, which the
+    trainer's own evaluation (``eval.seed``) uses too."""
+    from diffloop.loops import eval_seeds
 
-    return [derive_seed(seed, i, j) for i in range(num_prompts) for j in range(images_per_prompt)]
+    return eval_seeds(seed, num_prompts, images_per_prompt)
 
 
 def load_prompts(prompts: str | Sequence[str], num_prompts: int | None) -> tuple[str, list[str]]:
@@ -194,35 +200,16 @@ def generate_and_score(
     Returns ({reward: scores (P, K) float32, NaN = invalid}, images (min(P, keep_prompts) K, 3,
     H, W) uint8 of the first ``keep_prompts`` prompts for the grids; the rest are not kept).
     """
-    from diffloop.policies.base import iter_chunks
-    from diffloop.rewards import score
-    from diffloop.trainer import make_generators
-
     p, k = len(prompts), images_per_prompt
     flat = [prompt for prompt in prompts for _ in range(k)]  # (P*K,) prompt-major
-    seeds = image_seeds(seed, p, k)
     metadata = [{"prompt_index": i, "image_index": j} for i in range(p) for j in range(k)]
-    scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
-    kept: list[torch.Tensor] = []
-    policy.train(False)
-    for chunk in iter_chunks(len(flat), batch_size):
-        traj = policy.sample(
-            flat[chunk],
-            make_generators(policy.device, seeds[chunk]),
-            num_steps=num_steps,
-            eta=eta,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-        )
-        for name, reward in rewards.items():
-            scores[name].append(score(reward, traj.images, flat[chunk], metadata[chunk]).scores)
-        keep = max(0, min(chunk.stop, keep_prompts * k) - chunk.start)
-        if keep:
-            kept.append(
-                (traj.images[:keep].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-            )
-    images = torch.cat(kept) if kept else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
-    return {name: torch.cat(v).view(p, k) for name, v in scores.items()}, images
+    sampler = loops.SamplerSettings(num_steps, eta, guidance_scale, negative_prompt)
+    scores, kept = loops.score_fixed_noise(
+        policy, flat, image_seeds(seed, p, k), rewards, sampler, batch_size,
+        metadata=metadata, keep_images=keep_prompts * k,
+    )
+    images = (kept.clamp(0, 1) * 255).round().to(torch.uint8)
+    return {name: v.view(p, k) for name, v in scores.items()}, images
 
 
 def _finite(x: float) -> float | None:
@@ -379,7 +366,7 @@ def evaluate_model(
                 if negative_prompt is not None
                 else (sample_cfg.negative_prompt if sample_cfg else ""),
                 "seed": seed,
-                "seed_rule": "image j of prompt i: derive_seed(seed, i, j)",
+                "seed_rule": loops.eval_seed_rule(),
                 "batch_size": batch_size,
                 "device": str(device),
             }

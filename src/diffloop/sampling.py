@@ -58,8 +58,9 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
 def sample_main(argv: list[str]) -> int:
     from diffloop.config import LoraConfig, ModelConfig, load_config
     from diffloop.images import save_grid
+    from diffloop.loops import make_generators
     from diffloop.policies.diffusers_policy import load_policy
-    from diffloop.trainer import derive_seed, make_generators
+    from diffloop.seeding import sample_cli_seed
 
     ap = argparse.ArgumentParser(prog="diffloop sample", description=__doc__)
     ap.add_argument("model", help="a training run directory, a diffusers model directory, a hub id, or 'shapes'")
@@ -93,7 +94,7 @@ def sample_main(argv: list[str]) -> int:
     else:
         policy = load_policy(ModelConfig(pretrained=args.model), LoraConfig(enabled=False), device=device)
     prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
-    seeds = [derive_seed(args.seed, i) for i in range(len(prompts))]
+    seeds = [sample_cli_seed(args.seed, i) for i in range(len(prompts))]
     policy.train(False)
     traj = policy.sample(
         prompts,

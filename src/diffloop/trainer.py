@@ -1,8 +1,9 @@
 """The training loop: each epoch is sample -> score -> advantages -> optimise.
 
 The algorithm (advantage and loss) is a row of ``diffloop.algorithms.ALGORITHMS``; processes are
-handled by ``diffloop.distributed``; the model by a ``DiffusionPolicy``. Randomness is a pure
-function of (seed, epoch, sample index or rank): sample g of epoch e always gets the same noise,
+handled by ``diffloop.distributed``; the model by a ``DiffusionPolicy``; the inner loops are
+``diffloop.loops``. Randomness is a pure function of (seed, epoch, sample index or rank), one named
+stream of ``diffloop.seeding`` per use: sample g of epoch e always gets the same noise,
 whichever process draws it and whether or not the run was resumed in between.
 """
 
@@ -20,13 +21,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffloop import checkpoint
+from diffloop import checkpoint, loops, seeding
 from diffloop.algorithms import ALGORITHMS, make_stat_tracker
-from diffloop.config import Config, ConfigError, derived_arithmetic, num_trained_timesteps, validate
-from diffloop.core import gaussian_kl
+from diffloop.config import (
+    Config,
+    ConfigError,
+    PerformanceConfig,
+    derived_arithmetic,
+    num_trained_timesteps,
+    validate,
+)
 from diffloop.distributed import Distributed
+from diffloop.loops import make_generators  # noqa: F401  (re-exported: older imports use it from here)
 from diffloop.monitors import image_statistics
-from diffloop.policies.base import Trajectories, iter_chunks
+from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
 from diffloop.policies.diffusers_policy import load_policy
 from diffloop.prompts import build_prompt_source
 from diffloop.rewards import RewardScores, score
@@ -38,21 +46,22 @@ logger = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that is a pure function of ``parts`` (independent streams per tuple)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1
-
-
-def make_generators(device: torch.device, seeds: list[int]) -> list[torch.Generator]:
-    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+def set_backend_flags(performance: PerformanceConfig, device: torch.device, cpu_threads: int | None = None) -> None:
+    """Process-wide backend settings: TF32 matmuls/convolutions on CUDA (``performance.allow_tf32``)
+    and the number of CPU threads (``cpu_threads``). Set here, once, not by building a policy."""
+    if cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = performance.allow_tf32
+        torch.backends.cudnn.allow_tf32 = performance.allow_tf32
 
 
 class Trainer:
+    policy: DiffusionPolicy
+
     def __init__(self, config: Config, dist: Distributed | None = None, argv: list[str] | None = None):
-        if config.cpu_threads is not None:
-            torch.set_num_threads(config.cpu_threads)
         self.dist = dist or Distributed()
+        set_backend_flags(config.performance, self.dist.device, config.cpu_threads)
         validate(config, num_processes=self.dist.world_size)
         self.config = config
         self.algorithm = ALGORITHMS[config.train.algorithm]
@@ -63,8 +72,12 @@ class Trainer:
         self.reward = build_reward_from_config(config.reward)
         self._reward_pool = ThreadPoolExecutor(1, "reward") if config.reward.asynchronous else None
         t = config.train
+        self.sampler = loops.SamplerSettings.from_config(config.sample)
+        self.loss_settings = loops.LossSettings(
+            self.algorithm.loss_fn, t.clip_range, kl_coef=t.kl_coef, log_kl=t.log_kl_to_base
+        )
         # The LoRA initialisation draws from the global RNG: same seed, same start, on every process.
-        torch.manual_seed(derive_seed(config.seed, 0xD1FF))
+        torch.manual_seed(seeding.lora_init_seed(config.seed))
         self.policy = load_policy(
             config.model,
             config.lora,
@@ -74,6 +87,7 @@ class Trainer:
             gradient_checkpointing=t.gradient_checkpointing,
             performance=config.performance,
         )
+        self.policy.check_sampling(config.sample.num_steps, config.sample.eta)
         self.params = self.policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(
             self.params,
@@ -131,7 +145,7 @@ class Trainer:
         prompts = self.prompt_source.sample(s.prompts_per_epoch, cfg.seed, epoch)  # (B,) same on all ranks
         sample_prompts = [p for p in prompts for _ in range(s.samples_per_prompt)]  # (B*K,) prompt-major
         local = self.dist.local_slice(len(sample_prompts))
-        seeds = [derive_seed(cfg.seed, epoch, g) for g in range(local.start, local.stop)]
+        seeds = [seeding.training_noise_seed(cfg.seed, epoch, g) for g in range(local.start, local.stop)]
         metadata = [{"epoch": epoch, "sample_index": g} for g in range(local.start, local.stop)]
         traj, scores, timing = self.sample_and_score(sample_prompts[local], seeds, metadata)
         t1 = time.perf_counter()
@@ -175,19 +189,10 @@ class Trainer:
         sampled (rewards on another device or a remote server then cost no wall-clock time).
         Reward time is the time spent waiting for rewards after sampling ends, plus synchronous scoring.
         """
-        s = self.config.sample
         parts, pending, reward_wait = [], [], 0.0
         t0 = time.perf_counter()
-        self.policy.train(False)
-        for chunk in self._progress(list(iter_chunks(len(prompts), s.batch_size)), "sampling"):
-            traj = self.policy.sample(
-                prompts[chunk],
-                make_generators(self.dist.device, seeds[chunk]),
-                num_steps=s.num_steps,
-                eta=s.eta,
-                guidance_scale=s.guidance_scale,
-                negative_prompt=s.negative_prompt,
-            )
+        batches = loops.sample_batches(self.policy, prompts, seeds, self.sampler, self.config.sample.batch_size)
+        for chunk, traj in self._progress(batches, "sampling"):
             parts.append(traj)
             job = (self.reward, traj.images, prompts[chunk], metadata[chunk])
             if self._reward_pool is not None:
@@ -196,7 +201,6 @@ class Trainer:
                 t = time.perf_counter()
                 pending.append(score(*job))
                 reward_wait += time.perf_counter() - t
-        self.policy.train(True)
         t1 = time.perf_counter()
         results = [p.result() if self._reward_pool is not None else p for p in pending]
         t2 = time.perf_counter()
@@ -233,56 +237,26 @@ class Trainer:
         minibatches = n // t.batch_size
         accumulate = minibatches if self.algorithm.one_update_per_batch else t.gradient_accumulation_steps
         advantages = torch.nan_to_num(advantages, nan=0.0)
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, self.dist.rank, 1))
+        gen = torch.Generator().manual_seed(seeding.timestep_seed(cfg.seed, epoch, self.dist.rank))
         stats = StatAccumulator()
         on_policy = True  # until the first optimizer step of this epoch, ratios must be exactly 1
+        backward = lambda loss: self.grad_scaler.scale(loss).backward()
         for _ in range(t.num_inner_epochs):
             order = torch.randperm(n, generator=gen)
-            # DDPO: each trajectory trains on its own random subset of steps, in random order.
-            step_order = torch.stack([torch.randperm(num_steps, generator=gen) for _ in range(n)])[:, :steps_trained]
+            step_order = loops.choose_timesteps(n, num_steps, steps_trained, gen)  # (n, S)
             for b, chunk in enumerate(self._progress(list(iter_chunks(n, t.batch_size)), "training")):
                 idx = order[chunk].to(self.dist.device)
-                batch = traj.index(idx)
-                for j in range(steps_trained):
-                    step = step_order[order[chunk], j].to(self.dist.device)
-                    stats.add(self._train_step(batch, advantages[idx], step, steps_trained * accumulate, on_policy))
+                steps = step_order[order[chunk]].to(self.dist.device)  # (M, S)
+                for step_stats in loops.minibatch_backward(
+                    self.policy, traj.index(idx), advantages[idx], steps, self.sampler, self.loss_settings,
+                    scale=steps_trained * accumulate, on_policy=on_policy, backward=backward,
+                ):
+                    stats.add(step_stats)
                 if (b + 1) % accumulate == 0:
                     stats.add({"grad_norm": self._optimizer_step()})
                     on_policy = False
         reduce = {"onpolicy_logprob_err": self.dist.max_scalar}
         return {k: reduce.get(k, self.dist.mean_scalar)(v) for k, v in stats.result().items()}
-
-    def _train_step(
-        self, batch: Trajectories, adv: torch.Tensor, step: torch.Tensor, scale: int, on_policy: bool
-    ) -> dict[str, torch.Tensor]:
-        s, t = self.config.sample, self.config.train
-        rows = torch.arange(len(batch), device=step.device)
-        old_log_prob = batch.log_probs[rows, step]
-        log_prob, mean, std = self.policy.step_log_prob_and_mean(batch, step, eta=s.eta, guidance_scale=s.guidance_scale)
-        loss = self.algorithm.loss_fn(log_prob, old_log_prob, adv, t.clip_range).mean()
-        kl = None
-        if t.kl_coef > 0 or t.log_kl_to_base:
-            with torch.no_grad(), self.policy.reference():
-                ref_mean, _ = self.policy.step_distribution(batch, step, eta=s.eta, guidance_scale=s.guidance_scale)
-            kl = gaussian_kl(mean, ref_mean, std, t.logprob_reduction)  # (M,)
-            if t.kl_coef > 0:
-                loss = loss + t.kl_coef * kl.mean()
-        self.grad_scaler.scale(loss / scale).backward()
-        with torch.no_grad():
-            log_ratio = log_prob.detach() - old_log_prob
-            ratio = log_ratio.exp()
-            # Device tensors, no .item(): the host synchronises once per epoch (StatAccumulator.result).
-            out = {
-                "loss": loss.detach(),
-                "approx_kl": 0.5 * log_ratio.pow(2).mean(),
-                "clipfrac": ((ratio - 1).abs() > t.clip_range).float().mean(),
-                "ratio_mean": ratio.mean(),
-            }
-            if kl is not None:
-                out["kl_to_base"] = kl.detach().mean()
-            if on_policy:
-                out["onpolicy_logprob_err"] = log_ratio.abs().max()
-        return out
 
     def _optimizer_step(self) -> torch.Tensor:
         # All-reduce first: every process then clips and steps on the same averaged gradient.
@@ -301,41 +275,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, tag: str, step: int = 0) -> dict[str, Any]:
-        """Held-out reward on fixed prompts and fixed noise; writes an image grid ``eval/<tag>.png``."""
+        """Held-out reward on fixed prompts and fixed noise (``loops.eval_seeds``, the rule
+        ``diffloop eval`` uses); writes an image grid ``eval/<tag>.png``."""
         e = self.config.eval
         t0 = time.perf_counter()
-        prompts = [p for p in self.eval_source.iterate_fixed(e.num_prompts) for _ in range(e.samples_per_prompt)]
+        k = e.samples_per_prompt
+        fixed = self.eval_source.iterate_fixed(e.num_prompts)
+        prompts = [p for p in fixed for _ in range(k)]
+        seeds = loops.eval_seeds(e.seed, len(fixed), k)
+        metadata = [{"prompt_index": g // k, "image_index": g % k} for g in range(len(prompts))]
         local = self.dist.local_slice(len(prompts))
         if len(prompts) % self.dist.world_size:
             local = slice(0, len(prompts)) if self.dist.is_main else slice(0, 0)
-        seeds = [derive_seed(e.seed, g) for g in range(local.start, local.stop)]
-        images, rewards = [], []
-        s = self.config.sample
-        for chunk in iter_chunks(local.stop - local.start, e.batch_size):
-            traj = self.policy.sample(
-                prompts[local][chunk],
-                make_generators(self.dist.device, seeds[chunk]),
-                num_steps=s.num_steps,
-                eta=s.eta,
-                guidance_scale=s.guidance_scale,
-                negative_prompt=s.negative_prompt,
-            )
-            images.append(traj.images.cpu())
-            rewards.append(score(self.reward, traj.images, prompts[local][chunk], [{}] * len(traj)).scores)
-        local_rewards = torch.cat(rewards) if rewards else torch.zeros(0)
+        scores, images = loops.score_fixed_noise(
+            self.policy, prompts[local], seeds[local], {"reward": self.reward}, self.sampler, e.batch_size,
+            metadata=metadata[local],
+        )
+        local_rewards = scores["reward"]
         all_rewards = local_rewards if len(prompts) % self.dist.world_size else self.dist.gather(local_rewards)
-        out = {
-            "eval_reward_mean": float(torch.nanmean(all_rewards)),
-            "eval_reward_std": float(np.nanstd(all_rewards.numpy())),
-            "eval_time_s": time.perf_counter() - t0,
-        }
-        if self.dist.is_main and images:
+        out = {**loops.eval_summary(all_rewards), "eval_time_s": time.perf_counter() - t0}
+        if self.dist.is_main and len(images):
             from diffloop.images import save_grid
 
-            all_images = torch.cat(images)
-            grid = save_grid(all_images, Path(self.config.output_dir) / "eval" / f"{tag}.png",
+            grid = save_grid(images, Path(self.config.output_dir) / "eval" / f"{tag}.png",
                              ncols=e.samples_per_prompt * max(1, min(4, e.num_prompts)),
-                             upscale=max(1, 128 // all_images.shape[-1]))  # tiny images stay viewable
+                             upscale=max(1, 128 // images.shape[-1]))  # tiny images stay viewable
             self.run.log_image("eval/images", grid, step=step)
         return out
 
@@ -412,7 +376,7 @@ class Trainer:
 
     def _seed_globals(self, epoch: int) -> None:
         """Global RNGs (LoRA dropout, anything a reward draws) reseeded per (seed, epoch, rank)."""
-        seed = derive_seed(self.config.seed, epoch, self.dist.rank, 2)
+        seed = seeding.globals_seed(self.config.seed, epoch, self.dist.rank)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)

@@ -57,7 +57,6 @@ import torch
 from diffloop.config import ConfigError, load_yaml
 
 DEFAULT_ALGORITHMS = "loop@2,loop@4,grpo@4,reinforce_loo@4,ppo@1,reinforce@1"
-SEED_TAG = 0x5A7  # keeps the variance tool's noise streams apart from training's derive_seed(seed, epoch, g)
 WARMUP_EPOCH_OFFSET = (
     1_000_000  # prompt draws for tracker warm-up: disjoint from the estimates' 0..M-1
 )
@@ -303,9 +302,11 @@ def policy_gradient(
     """g = -grad 1/(N S) sum_{i, j} loss_fn(lp_ij, lp_ij.detach(), A_i, eps): the on-policy gradient.
 
     traj: N trajectories; advantages (N,) (NaN -> 0: no gradient, as in training); steps (N, S) step
-    indices trained per trajectory. Backward per (minibatch, step) as the trainer does, so memory is that
-    of one training minibatch. Returns (g (D,) float32 CPU, max on-policy log-prob error).
+    indices trained per trajectory. The trainer's gradient pass (``loops.minibatch_backward``) with the
+    old log-prob = the recomputed one detached: the ratio is exactly 1, so a clipped loss cannot clip
+    on round-off. Returns (g (D,) float32 CPU, max on-policy log-prob error vs the recorded log-probs).
     """
+    from diffloop import loops
     from diffloop.policies.base import iter_chunks
 
     params = policy.trainable_parameters()
@@ -313,17 +314,16 @@ def policy_gradient(
         p.grad = None
     n, s = steps.shape
     adv = torch.nan_to_num(advantages, nan=0.0).to(policy.device)
+    sampler = loops.SamplerSettings(num_steps=s, eta=eta, guidance_scale=guidance_scale)
+    settings = loops.LossSettings(loss_fn, clip_range, ratio_to_self=True)
     err = 0.0
     for chunk in iter_chunks(n, batch_size):
-        batch = traj.index(chunk)
-        rows = torch.arange(len(batch), device=policy.device)
-        for j in range(s):
-            step = steps[chunk, j].to(policy.device)
-            log_prob = policy.step_log_prob(batch, step, eta=eta, guidance_scale=guidance_scale)
-            # old = detached self: the ratio is exactly 1, so a clipped loss cannot clip on round-off.
-            loss = loss_fn(log_prob, log_prob.detach(), adv[chunk], clip_range).sum() / (n * s)
-            loss.backward()
-            err = max(err, float((log_prob.detach() - batch.log_probs[rows, step]).abs().max()))
+        size = chunk.stop - chunk.start  # mean over the chunk / (S N / size) = sum / (N S)
+        for stats in loops.minibatch_backward(
+            policy, traj.index(chunk), adv[chunk], steps[chunk].to(policy.device), sampler, settings,
+            scale=s * n / size, on_policy=True,
+        ):
+            err = max(err, float(stats["onpolicy_logprob_err"]))
     grad = torch.cat(
         [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
     )
@@ -335,24 +335,23 @@ def policy_gradient(
 def draw_estimate(trainer, index: int, seed: int, tracker=None) -> Estimate:
     """Estimate ``index`` under the trainer's algorithm and config (B prompts x K samples), at the
     policy's current parameters. Prompts and noise are pure functions of (seed, index)."""
+    from diffloop import loops, seeding
     from diffloop.config import num_trained_timesteps
-    from diffloop.trainer import derive_seed
 
     cfg = trainer.config
     s, t = cfg.sample, cfg.train
     prompts = trainer.prompt_source.sample(s.prompts_per_epoch, seed, index)
     flat = [p for p in prompts for _ in range(s.samples_per_prompt)]
-    seeds = [derive_seed(SEED_TAG, seed, index, g) for g in range(len(flat))]
+    seeds = [seeding.variance_noise_seed(seed, index, g) for g in range(len(flat))]
     traj, scores, _ = trainer.sample_and_score(
         flat, seeds, [{"estimate": index, "sample_index": g} for g in range(len(flat))]
     )
     rewards = scores.scores.float().cpu().view(s.prompts_per_epoch, s.samples_per_prompt)  # (B, K)
     advantages = trainer.algorithm.advantages(rewards, prompts, t, tracker)  # (B, K)
     n, num_steps = traj.timesteps.shape
-    gen = torch.Generator().manual_seed(derive_seed(SEED_TAG, seed, index, 1))
+    gen = torch.Generator().manual_seed(seeding.variance_timestep_seed(seed, index))
     # As the trainer: each trajectory trains on its own random subset of steps (all when fraction = 1).
-    steps = torch.stack([torch.randperm(num_steps, generator=gen) for _ in range(n)])
-    steps = steps[:, : num_trained_timesteps(num_steps, t.timestep_fraction)]
+    steps = loops.choose_timesteps(n, num_steps, num_trained_timesteps(num_steps, t.timestep_fraction), gen)
     grad, err = policy_gradient(
         trainer.policy, traj, advantages.reshape(-1), trainer.algorithm.loss_fn, steps,
         clip_range=t.clip_range, eta=s.eta, guidance_scale=s.guidance_scale, batch_size=t.batch_size,
@@ -416,13 +415,13 @@ def build_trainer(
 
 def warm_stat_tracker(trainer, num_batches: int, seed: int) -> None:
     """Feed ``num_batches`` extra batches (at theta, prompts disjoint from the estimates') to the tracker."""
-    from diffloop.trainer import derive_seed
+    from diffloop import seeding
 
     s = trainer.config.sample
     for w in range(num_batches):
         prompts = trainer.prompt_source.sample(s.prompts_per_epoch, seed, WARMUP_EPOCH_OFFSET + w)
         flat = [p for p in prompts for _ in range(s.samples_per_prompt)]
-        seeds = [derive_seed(SEED_TAG, seed, WARMUP_EPOCH_OFFSET + w, g) for g in range(len(flat))]
+        seeds = [seeding.variance_noise_seed(seed, WARMUP_EPOCH_OFFSET + w, g) for g in range(len(flat))]
         _, scores, _ = trainer.sample_and_score(flat, seeds, [{}] * len(flat))
         trainer.stat_tracker.update(flat, scores.scores.float().cpu())
 

@@ -8,8 +8,8 @@ Shape notation used throughout diffloop:
 
 A policy samples trajectories with a stochastic sampler whose every step is a Gaussian with a known
 variance (DDIM with eta > 0 for SD 1.x/2.x and the shapes world; an SDE form of the flow sampler for
-flow-matching models), records each step's log-probability, and can recompute that log-probability
-under its current parameters. SDXL and flow-matching models implement the same interface.
+flow-matching models), records each step's log-probability, and returns each step's Gaussian under its current
+parameters (from which ``diffloop.loops`` recomputes the log-probability). SDXL and flow-matching models implement the same interface.
 """
 
 from __future__ import annotations
@@ -78,9 +78,22 @@ class Trajectories:
 
 @runtime_checkable
 class DiffusionPolicy(Protocol):
-    """What the trainer calls. See ``diffloop.policies.diffusers_policy`` for the DDIM implementation."""
+    """The only thing the trainer and the tools (``diffloop.loops``) call on a model.
+
+    See ``diffloop.policies.diffusers_policy`` for the DDIM implementation (SD 1.x/2.x, shapes).
+    Log-probabilities are not computed by the policy: ``diffloop.loops.transition_log_prob`` applies
+    ``diffloop.core.gaussian_log_prob`` (reduced by ``logprob_reduction``) to the Gaussian that
+    ``step_distribution`` returns, and ``sample`` must record its log-probs with that same function
+    (``core.ddim_step_with_logprob`` does), so the on-policy ratio is exactly 1.
+
+    Conditioning: everything ``step_distribution`` needs besides the latents and timesteps must be
+    carried by the trajectories ``sample`` returns (``prompt_embeds``, ``negative_prompt_embeds``, and
+    ``extra`` for e.g. SDXL's pooled embeddings and time ids), so no caller branches on the model.
+    """
 
     device: torch.device
+    logprob_reduction: str
+    """"mean" or "sum" over latent elements (``train.logprob_reduction``)."""
 
     def sample(
         self,
@@ -92,24 +105,29 @@ class DiffusionPolicy(Protocol):
         guidance_scale: float,
         negative_prompt: str,
     ) -> Trajectories:
-        """Sample one trajectory per prompt; generator i drives every random draw of sample i, so a
-        sample does not depend on which other samples share its batch or process."""
+        """Sample one trajectory per prompt, recording every step's log-prob; generator i drives
+        every random draw of sample i, so a sample does not depend on which other samples share its
+        batch or process."""
         ...
 
-    def step_log_prob(
+    def step_distribution(
         self,
         traj: Trajectories,
         step: torch.Tensor,
         *,
         eta: float,
         guidance_scale: float,
-    ) -> torch.Tensor:
-        """log p_theta(x_{t-1} | x_t, c) of the recorded next latent, under current parameters.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the Gaussian p_theta(x_{t-1} | x_t, c) under the current parameters.
 
-        ``step``: (M,) long step index j into ``traj`` (so x_t = latents[:, j], t = timesteps[:, j],
-        x_{t-1} = latents[:, j+1]) for the M trajectories of ``traj``. Returns (M,) float32, reduced
-        over latent elements as the policy's ``logprob_reduction`` says.
+        ``step``: (M,) long step index j into ``traj`` (x_t = latents[:, j], t = timesteps[:, j]) for
+        the M trajectories of ``traj``. mean (M, C, H, W) carries gradient; std broadcastable to it.
         """
+        ...
+
+    def check_sampling(self, num_steps: int, eta: float) -> None:
+        """Raise ``ConfigError`` (naming the setting to change) unless every step sampled at
+        ``num_steps`` and ``eta`` is a Gaussian with a positive finite std (a log-density exists)."""
         ...
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
@@ -127,7 +145,9 @@ class DiffusionPolicy(Protocol):
         full pipeline) so that diffusers loads them."""
         ...
 
-    def train(self, mode: bool = True) -> None: ...
+    def train(self, mode: bool = True) -> None:
+        """Train mode (True) for the gradient pass, eval mode (False) for sampling."""
+        ...
 
 
 def iter_chunks(n: int, size: int) -> Iterator[slice]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig
-from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob, gaussian_log_prob
+from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob
 from diffloop.policies.base import Trajectories, iter_chunks
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
+    from diffloop.policies.schedulers import to_ddim
+
     path = resolve_pretrained(model.pretrained)
     local = Path(path)
     looks_local = local.is_absolute() or path.startswith(".") or local.exists()
@@ -85,8 +88,11 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
             path, subfolder="text_encoder", variant=model.variant, **kw
         ),
         "tokenizer": lambda: AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-        # Any diffusers scheduler config converts to DDIM (SD ships PNDM's); DDIM is what we sample with.
-        "scheduler": lambda: DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        # Any diffusers scheduler config converts to DDIM (SD ships PNDM's, SDXL Euler's): read as on
+        # disk (with _class_name) so the conversion knows what it converts; see policies.schedulers.
+        "scheduler": lambda: to_ddim(
+            DDIMScheduler.load_config(path, subfolder="scheduler", **kw), model.scheduler_kwargs
+        ),
     }
     if _has_vae(path, model):
         loaders["vae"] = lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", variant=model.variant, **kw)
@@ -151,9 +157,6 @@ class DDIMPolicy:
         self._num_steps: int | None = None
         if perf.merge_lora_for_sampling and self.lora_config is None:
             raise ValueError("performance.merge_lora_for_sampling needs a LoRA adapter (lora.enabled=true)")
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = perf.allow_tf32
-            torch.backends.cudnn.allow_tf32 = perf.allow_tf32
         if perf.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self._unet_for = self._compiled_unets(perf)
@@ -389,7 +392,10 @@ class DDIMPolicy:
     def step_distribution(
         self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean (M, C, H, W) and std (broadcastable) of p_theta(x_{t-1} | x_t, c) at per-sample ``step`` (M,)."""
+        """Mean (M, C, H, W) and std (M, 1, 1, 1) of p_theta(x_{t-1} | x_t, c) at per-sample ``step`` (M,).
+
+        The same ``ddim_step_mean_std`` the sampler used, so ``gaussian_log_prob`` of the recorded
+        x_{t-1} under it reproduces the sampled log-prob exactly at the sampling parameters."""
         self._set_steps(traj.timesteps.shape[1])
         rows = torch.arange(len(traj), device=step.device)
         x_t = traj.latents[rows, step]
@@ -401,20 +407,38 @@ class DDIMPolicy:
         mean, std, _ = ddim_step_mean_std(self.scheduler, model_output.float(), t, x_t, eta)
         return mean, std
 
-    def step_log_prob(
-        self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
-    ) -> torch.Tensor:
-        """log p_theta(x_{t-1} | x_t, c) of the recorded transitions at per-sample step ``step`` (M,)."""
-        return self.step_log_prob_and_mean(traj, step, eta=eta, guidance_scale=guidance_scale)[0]
+    def step_stds(self, num_steps: int, eta: float) -> torch.Tensor:
+        """(T,) sigma_t of each sampled step at ``num_steps`` and ``eta`` (``core.ddim_step_mean_std``)."""
+        self._set_steps(num_steps)
+        shape = (len(self.scheduler.timesteps), 1)
+        t = self.scheduler.timesteps.to(self.device)
+        zeros = torch.zeros(shape, device=self.device)
+        return ddim_step_mean_std(self.scheduler, zeros, t, zeros, eta)[1].reshape(-1)
 
-    def step_log_prob_and_mean(
-        self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(log_prob (M,), mean, std) of the recorded transitions; the mean feeds the KL penalty."""
-        mean, std = self.step_distribution(traj, step, eta=eta, guidance_scale=guidance_scale)
-        rows = torch.arange(len(traj), device=step.device)
-        x_prev = traj.latents[rows, step + 1]
-        return gaussian_log_prob(x_prev, mean, std, self.logprob_reduction), mean, std
+    def check_sampling(self, num_steps: int, eta: float) -> None:
+        """Raise ConfigError unless every sampled step has a positive finite std (else its
+        log-density is NaN or infinite and one update makes every trained weight NaN)."""
+        from diffloop.config import ConfigError
+
+        stds = self.step_stds(num_steps, eta)
+        bad = [j for j, v in enumerate(stds.tolist()) if not (math.isfinite(v) and v > 0)]
+        if not bad:
+            return
+        j = bad[0]
+        t = int(self.scheduler.timesteps[j])
+        final = j == len(stds) - 1
+        if final and float(self.scheduler.final_alpha_cumprod) == 1.0:
+            fix = "the scheduler has set_alpha_to_one=true: set model.scheduler_kwargs.set_alpha_to_one=false"
+        else:
+            fix = (
+                "the step's previous alpha_cumprod equals its own (timestep 0 is sampled?): set "
+                "model.scheduler_kwargs.timestep_spacing=leading and model.scheduler_kwargs.steps_offset=1 "
+                "(as Stable Diffusion ships)"
+            )
+        raise ConfigError(
+            f"sample.num_steps={num_steps}, sample.eta={eta}: DDIM step {j + 1} of {len(stds)} (timestep "
+            f"{t}) has std {stds[j].item():.3g}, so its log-probability is undefined; {fix}"
+        )
 
     def _autocast(self):
         enabled = self.weight_dtype != torch.float32

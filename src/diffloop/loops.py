@@ -1,0 +1,272 @@
+"""The inner loops, written once: sampling, timestep choice, the gradient pass, fixed-noise evaluation.
+
+The trainer, ``diffloop variance``, ``diffloop bench`` and ``diffloop eval`` all call these, so what
+they measure is what training does. Every function talks to the model only through the
+``DiffusionPolicy`` protocol (``diffloop.policies.base``); log-probabilities are computed here, by
+``diffloop.core.gaussian_log_prob``, from the step distribution the policy returns -- the same
+function the sampler used to record them, so the on-policy ratio is exactly 1.
+
+Shape notation: N trajectories, T steps each, S trained steps per trajectory, M trajectories in a
+minibatch, C, H, W latent dims.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffloop import seeding
+from diffloop.core import gaussian_kl, gaussian_log_prob
+from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
+
+# (log_prob (M,), old_log_prob (M,), advantages (M,), clip_range) -> per-element loss (M,)
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def make_generators(device: torch.device, seeds: Sequence[int]) -> list[torch.Generator]:
+    """One generator per sample, seeded with ``seeds[i]``: sample i's noise is its own."""
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How trajectories are drawn (``sample.*`` of the config)."""
+
+    num_steps: int
+    eta: float
+    guidance_scale: float
+    negative_prompt: str = ""
+
+    @classmethod
+    def from_config(cls, sample) -> SamplerSettings:
+        return cls(sample.num_steps, sample.eta, sample.guidance_scale, sample.negative_prompt)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@contextlib.contextmanager
+def eval_mode(policy: DiffusionPolicy):
+    """The policy in eval mode inside the block (what is sampled is the deterministic network: no
+    dropout), back in train mode afterwards."""
+    policy.train(False)
+    try:
+        yield
+    finally:
+        policy.train(True)
+
+
+def sample_batches(
+    policy: DiffusionPolicy,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    sampler: SamplerSettings,
+    batch_size: int,
+) -> Iterator[tuple[slice, Trajectories]]:
+    """Sample one trajectory per (prompt, seed) in batches of ``batch_size``, in eval mode.
+
+    Yields (chunk, trajectories of prompts[chunk]). Sample i is driven by a generator seeded with
+    seeds[i] alone, so it does not depend on the batch size or its batch mates.
+    """
+    if len(seeds) != len(prompts):
+        raise ValueError(f"need one seed per prompt, got {len(seeds)} for {len(prompts)}")
+    device = policy.device
+    with eval_mode(policy):
+        for chunk in iter_chunks(len(prompts), batch_size):
+            traj = policy.sample(
+                list(prompts[chunk]),
+                make_generators(device, seeds[chunk]),
+                num_steps=sampler.num_steps,
+                eta=sampler.eta,
+                guidance_scale=sampler.guidance_scale,
+                negative_prompt=sampler.negative_prompt,
+            )
+            yield chunk, traj
+
+
+# ----------------------------------------------------------------------------- timesteps
+
+
+def choose_timesteps(num_trajectories: int, num_steps: int, steps_trained: int, generator) -> torch.Tensor:
+    """(N, S) long: each trajectory's own random subset of S of its T steps, in random order (DDPO)."""
+    perms = [torch.randperm(num_steps, generator=generator) for _ in range(num_trajectories)]
+    return torch.stack(perms)[:, :steps_trained]
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+
+
+def transition_log_prob(
+    policy: DiffusionPolicy, traj: Trajectories, step: torch.Tensor, sampler: SamplerSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p_theta(x_{t-1} | x_t, c) of the recorded transitions at per-sample ``step`` (M,).
+
+    Returns (log_prob (M,), mean (M, C, H, W), std (broadcastable)); log_prob reduced over latent
+    elements by the policy's ``logprob_reduction``, exactly as the sampler recorded it.
+    """
+    mean, std = policy.step_distribution(traj, step, eta=sampler.eta, guidance_scale=sampler.guidance_scale)
+    rows = torch.arange(len(traj), device=step.device)
+    x_prev = traj.latents[rows, step + 1]
+    return gaussian_log_prob(x_prev, mean, std, policy.logprob_reduction), mean, std
+
+
+@torch.no_grad()
+def onpolicy_logprob_err(policy: DiffusionPolicy, traj: Trajectories, sampler: SamplerSettings) -> float:
+    """max over every step of |log p recomputed by the training path - log p recorded while sampling|,
+    at the sampling parameters (0 = the ratio is exactly 1)."""
+    worst = 0.0
+    for j in range(traj.timesteps.shape[1]):
+        step = torch.full((len(traj),), j, dtype=torch.long, device=traj.latents.device)
+        log_prob = transition_log_prob(policy, traj, step, sampler)[0]
+        worst = max(worst, (log_prob - traj.log_probs[:, j]).abs().max().item())
+    return worst
+
+
+# ----------------------------------------------------------------------------- the gradient pass
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The per-(trajectory, step) loss: ``loss_fn`` of the algorithm table, plus a KL-to-base term.
+
+    ``ratio_to_self``: the old log-prob is the recomputed one, detached (ratio exactly 1 by
+    construction: the gradient at the sampling parameters, used by ``diffloop variance``); otherwise
+    the one recorded at sampling time (training).
+    """
+
+    loss_fn: LossFn
+    clip_range: float
+    kl_coef: float = 0.0
+    log_kl: bool = False
+    ratio_to_self: bool = False
+
+
+def step_loss(
+    policy: DiffusionPolicy,
+    batch: Trajectories,
+    adv: torch.Tensor,
+    step: torch.Tensor,
+    sampler: SamplerSettings,
+    loss: LossSettings,
+    *,
+    on_policy: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of M trajectories at one step each (``step`` (M,)), with gradient, and its statistics.
+
+        L = mean_i loss_fn(log p_theta(x^i_{t-1} | x^i_t), log p_old, A_i) + kl_coef mean_i KL_i
+
+    Statistics are device tensors (no host sync): loss, approx_kl = 0.5 mean(log ratio^2), clipfrac,
+    ratio_mean, kl_to_base (when computed), onpolicy_logprob_err = max |log p - recorded| (when
+    ``on_policy``: no optimizer step since sampling).
+    """
+    rows = torch.arange(len(batch), device=step.device)
+    recorded = batch.log_probs[rows, step]
+    log_prob, mean, std = transition_log_prob(policy, batch, step, sampler)
+    old = log_prob.detach() if loss.ratio_to_self else recorded
+    value = loss.loss_fn(log_prob, old, adv, loss.clip_range).mean()
+    kl = None
+    if loss.kl_coef > 0 or loss.log_kl:
+        with torch.no_grad(), policy.reference():
+            ref_mean, _ = policy.step_distribution(batch, step, eta=sampler.eta, guidance_scale=sampler.guidance_scale)
+        kl = gaussian_kl(mean, ref_mean, std, policy.logprob_reduction)  # (M,)
+        if loss.kl_coef > 0:
+            value = value + loss.kl_coef * kl.mean()
+    with torch.no_grad():
+        log_ratio = log_prob.detach() - old
+        ratio = log_ratio.exp()
+        stats = {
+            "loss": value.detach(),
+            "approx_kl": 0.5 * log_ratio.pow(2).mean(),
+            "clipfrac": ((ratio - 1).abs() > loss.clip_range).float().mean(),
+            "ratio_mean": ratio.mean(),
+        }
+        if kl is not None:
+            stats["kl_to_base"] = kl.detach().mean()
+        if on_policy:
+            stats["onpolicy_logprob_err"] = (log_prob.detach() - recorded).abs().max()
+    return value, stats
+
+
+def minibatch_backward(
+    policy: DiffusionPolicy,
+    batch: Trajectories,
+    adv: torch.Tensor,
+    steps: torch.Tensor,
+    sampler: SamplerSettings,
+    loss: LossSettings,
+    *,
+    scale: float,
+    on_policy: bool,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Backpropagate ``step_loss / scale`` for each trained step column j of ``steps`` (M, S),
+    one backward per (minibatch, step) so memory is one minibatch's; yields each step's statistics.
+
+    The gradients accumulate in the trainable parameters; the caller steps the optimizer.
+    ``backward`` lets the trainer scale for fp16 (``GradScaler.scale(loss).backward()``).
+    """
+    for j in range(steps.shape[1]):
+        value, stats = step_loss(policy, batch, adv, steps[:, j], sampler, loss, on_policy=on_policy)
+        backward(value / scale)
+        yield stats
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_seed_rule() -> str:
+    """The fixed-noise rule of every evaluation (trainer and ``diffloop eval``), in words."""
+    return seeding.EVAL_RULE
+
+
+def eval_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[int]:
+    """Seeds of the P*K evaluation images, prompt-major (image j of prompt i at index i K + j)."""
+    return [seeding.eval_image_seed(seed, i, j) for i in range(num_prompts) for j in range(images_per_prompt)]
+
+
+@torch.no_grad()
+def score_fixed_noise(
+    policy: DiffusionPolicy,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    rewards: Mapping[str, Any],
+    sampler: SamplerSettings,
+    batch_size: int,
+    *,
+    metadata: Sequence[dict] | None = None,
+    keep_images: int | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Sample (prompt, seed) pairs and score them with every reward: the evaluation loop.
+
+    Returns ({reward name: scores (n,) float32, NaN = invalid}, the first ``keep_images`` (all when
+    None) images (k, 3, H, W) float32 in [0, 1] on the CPU).
+    """
+    from diffloop.rewards import score
+
+    metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
+    keep = len(prompts) if keep_images is None else keep_images
+    scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
+    kept: list[torch.Tensor] = []
+    for chunk, traj in sample_batches(policy, prompts, seeds, sampler, batch_size):
+        for name, reward in rewards.items():
+            scores[name].append(score(reward, traj.images, list(prompts[chunk]), metadata[chunk]).scores)
+        n_keep = max(0, min(chunk.stop, keep) - chunk.start)
+        if n_keep:
+            kept.append(traj.images[:n_keep].float().cpu())
+    out = {name: torch.cat(v) if v else torch.zeros(0) for name, v in scores.items()}
+    images = torch.cat(kept) if kept else torch.zeros(0, 3, 1, 1)
+    return out, images
+
+
+def eval_summary(rewards: torch.Tensor) -> dict[str, float]:
+    """The trainer's evaluation metrics of scores (n,) (NaN = invalid, left out):
+    eval_reward_mean = nanmean, eval_reward_std = nanstd (population)."""
+    return {
+        "eval_reward_mean": float(torch.nanmean(rewards)),
+        "eval_reward_std": float(np.nanstd(rewards.numpy())),
+    }
