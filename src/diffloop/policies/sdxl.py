@@ -193,7 +193,9 @@ class SDXLPolicy(DDIMPolicy):
         if vae_dtype != weight_dtype:
             logger.info("sdxl: VAE decodes in fp32 (its config sets force_upcast; model.sdxl.vae can name an "
                         "fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix)")
-        self.vae = vae.requires_grad_(False).to(device, dtype=vae_dtype)
+        self.vae = vae.requires_grad_(False).to(device)
+        if vae.dtype != vae_dtype:  # no cast when it already is (diffusers warns on every .to(dtype))
+            self.vae.to(dtype=vae_dtype)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._check_model()
 
