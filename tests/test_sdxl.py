@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_trainer import Killed, comparable, tiny_overrides
 
 from diffloop.config import LoraConfig, ModelConfig, SDXLConfig, load_config
 from diffloop.policies.diffusers_policy import ModelLoadError
-from diffloop.policies.sdxl import SDXLPolicy, build_sdxl_components, detect_family, load_sdxl_policy
+from diffloop.policies.sdxl import (
+    SDXLPolicy,
+    build_sdxl_components,
+    detect_family,
+    load_sdxl_policy,
+)
 from diffloop.run_dir import read_metrics
 from diffloop.trainer import Trainer
-from test_trainer import Killed, comparable, tiny_overrides
 
 CPU = torch.device("cpu")
 PROMPTS = ["a cat", "a dog on a bench"]

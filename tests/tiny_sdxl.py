@@ -20,9 +20,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from tiny_models import make_tiny_tokenizer
 
 from diffloop.policies.sdxl import build_sdxl_components
-from tiny_models import make_tiny_tokenizer
 
 IMAGE_SIZE = 64
 LATENT_SHAPE = (4, 32, 32)
