@@ -299,3 +299,55 @@ def test_shipped_sdxl_configs_validate(name):
     config = load_config(packaged_config(name))
     assert config.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
     assert config.train.logprob_reduction == "mean" and config.train.clip_range < 1e-4
+
+
+def test_base_builder_has_sdxl_base_parameter_counts():
+    """The bench's "base" shapes are SDXL base 1.0's (parameter counts of its four networks)."""
+    c = build_sdxl_components("base", device="meta")
+    counts = {k: sum(p.numel() for p in c[k].parameters()) for k in ("unet", "text_encoder", "text_encoder_2", "vae")}
+    assert counts == {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+                      "vae": 83_653_863}
+
+
+@pytest.mark.slow
+def test_eval_report_variance_and_bf16_run_on_sdxl(tiny_sdxl, tmp_path, capsys):
+    import json
+
+    from diffloop.evaluate import eval_main
+    from diffloop.report import report_main
+    from diffloop.variance import variance_main
+
+    run = tmp_path / "run"
+    rows = sdxl_run(tiny_sdxl, run, num_epochs=1, **{"eval.prompts": "ddpo/simple_animals",
+                                                     "eval.num_prompts": 2, "eval.samples_per_prompt": 1,
+                                                     "train.mixed_precision": "bf16"})
+    assert "eval_reward_mean" in rows[0] and rows[0]["onpolicy_logprob_err"] < 0.2
+    out = tmp_path / "eval"
+    assert eval_main([str(run), "--compare", str(tiny_sdxl), "--prompts", "ddpo/simple_animals",
+                      "--num-prompts", "2", "--images-per-prompt", "1", "--steps", "2", "--device", "cpu",
+                      "--reward", "reward_fns:brightness", "--output", str(out)]) == 0
+    assert len(json.loads((out / "eval.json").read_text())["targets"]) == 2
+    assert report_main([str(run), "--output", str(tmp_path / "report.html")]) == 0
+    v = tmp_path / "v.json"
+    assert variance_main([f"model.pretrained={tiny_sdxl}", "sample.num_steps=2", "sample.prompts_per_epoch=2",
+                          "sample.batch_size=4", "train.batch_size=2", "reward.name=reward_fns:brightness",
+                          "--algorithms", "loop@2", "--estimates", "2", "--output", str(v)]) == 0
+    (result,) = json.loads(v.read_text())["results"]
+    assert result["trace_cov"] > 0
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_on_sdxl(tiny_sdxl, tmp_path):
+    from safetensors.torch import load_file
+    from test_distributed import launch
+
+    common = {"sample.prompts_per_epoch": 2, "sample.samples_per_prompt": 2, "sample.batch_size": 2,
+              "train.batch_size": 1, "num_epochs": 1}
+    launch(2, tiny_overrides(tiny_sdxl, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 2}))
+    launch(1, tiny_overrides(tiny_sdxl, tmp_path / "one", **common, **{"train.gradient_accumulation_steps": 4}))
+    rank0, rank1, one = (load_file(str(tmp_path / d / f"params_rank{r}.safetensors"))
+                         for d, r in (("two", 0), ("two", 1), ("one", 0)))
+    assert rank0.keys() == one.keys() and len(one) > 0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"
+        torch.testing.assert_close(rank0[name], one[name], rtol=0, atol=2e-5)
