@@ -1,15 +1,16 @@
 """A tiny random-weight SDXL pipeline for tests, built from configs (nothing downloaded).
 
 The sizes are diffusers' own SDXL fast test (tests/pipelines/stable_diffusion_xl/
-test_stable_diffusion_xl.py, ``get_dummy_components``), kept in ``diffloop.policies.sdxl.SDXL_CONFIGS
-["tiny"]``: a (2, 4)-channel UNet with ``addition_embed_type="text_time"`` (6 time ids x 8 + pooled 32
-= 80 inputs), two 5-layer CLIP text encoders of width 32 (the second with a 32-wide projection),
-a 2-level VAE. The tokenizer is the committed CLIP BPE fixture (tests/fixtures/tiny_tokenizer) for both
-encoders, as diffusers' test uses one tiny CLIP tokenizer twice.
+test_stable_diffusion_xl.py, ``get_dummy_components``), kept in
+``diffloop.policies.sdxl.SDXL_CONFIGS["tiny"]``: a (2, 4)-channel UNet with
+``addition_embed_type="text_time"`` (6 time ids x 8 + pooled 32 = 80 inputs), two 5-layer CLIP
+text encoders of width 32 (the second with a 32-wide projection), a 2-level VAE. Both encoders
+use the committed CLIP BPE fixture tokenizer (tests/fixtures/tiny_tokenizer), as diffusers' test
+uses one tiny CLIP tokenizer twice.
 
 Sizes: latents (4, 32, 32), images (3, 64, 64), text (77, 64), pooled (32,).
-The scheduler is saved as diffusers' test and SDXL base 1.0 ship it: Euler (``EulerDiscreteScheduler``),
-so loading exercises the conversion to DDIM.
+The scheduler is saved as diffusers' test and SDXL base 1.0 ship it, Euler
+(``EulerDiscreteScheduler``), so loading exercises the conversion to DDIM.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ LATENT_SHAPE = (4, 32, 32)
 
 
 def make_euler_scheduler() -> EulerDiscreteScheduler:
-    """diffusers' SDXL fast-test scheduler (no clip_sample / set_alpha_to_one keys in its config)."""
+    """diffusers' SDXL fast-test scheduler (its config has no clip_sample / set_alpha_to_one)."""
     return EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -40,8 +41,8 @@ def make_euler_scheduler() -> EulerDiscreteScheduler:
 
 
 def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
-    """The tiny SDXL pipeline in memory (Euler scheduler, no watermarker); weights are a pure function
-    of ``seed`` and the caller's RNG is left untouched."""
+    """The tiny SDXL pipeline in memory (Euler scheduler, no watermarker); weights are a pure
+    function of ``seed`` and the caller's RNG is left untouched."""
     c = build_sdxl_components("tiny", seed=seed, tokenizer=make_tiny_tokenizer())
     return StableDiffusionXLPipeline(
         vae=c["vae"],
