@@ -9,6 +9,7 @@ import torch
 from test_trainer import Killed, comparable, tiny_overrides
 
 from diffloop.config import LoraConfig, ModelConfig, SDXLConfig, load_config
+from diffloop.core import gaussian_log_prob
 from diffloop.policies.diffusers_policy import ModelLoadError
 from diffloop.policies.sdxl import (
     SDXLPolicy,
@@ -43,6 +44,14 @@ def policy_for(path, lora: bool = True, **kwargs) -> SDXLPolicy:
 
 def generators(seeds=SEEDS):
     return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def recomputed_log_prob(policy, traj, step, eta=1.0, guidance_scale=5.0) -> torch.Tensor:
+    """log p_theta(x_{t-1} | x_t) of the recorded transitions, from the policy's step distribution
+    (as the trainer computes it: core's gaussian_log_prob)."""
+    mean, std = policy.step_distribution(traj, step, eta=eta, guidance_scale=guidance_scale)
+    x_prev = traj.latents[torch.arange(len(traj)), step + 1]
+    return gaussian_log_prob(x_prev, mean, std, policy.logprob_reduction)
 
 
 def sdxl_run(model_dir, out, **extra):
@@ -146,9 +155,7 @@ def test_empty_negative_prompt_is_zeros_stored_and_reused(tiny_sdxl):
     assert traj.extra["add_time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
     for j in range(3):
         step = torch.full((2,), j)
-        assert torch.equal(
-            policy.step_log_prob(traj, step, eta=1.0, guidance_scale=5.0), traj.log_probs[:, j]
-        )
+        assert torch.equal(recomputed_log_prob(policy, traj, step), traj.log_probs[:, j])
     # Recomputation uses the stored negative conditioning, not a fresh encoding of "" (not zero).
     encoded = policy.encode_prompts_with_pooled([""] * 2)
     assert encoded[0].abs().max() > 0 and encoded[1].abs().max() > 0
@@ -381,7 +388,7 @@ def test_tiny_random_sdxl_builder_samples_and_trains():
     traj = policy.sample(
         ["a red cat"], generators(SEEDS[:1]), num_steps=2, eta=1.0, guidance_scale=5.0
     )
-    lp = policy.step_log_prob(traj, torch.tensor([1]), eta=1.0, guidance_scale=5.0)
+    lp = recomputed_log_prob(policy, traj, torch.tensor([1]))
     lp.sum().backward()
     grads = [p.grad for p in policy.trainable_parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
