@@ -230,6 +230,15 @@ def test_missing_component_is_named(tiny_sdxl, tmp_path):
         policy_for(broken)
 
 
+def test_sample_command_on_an_sdxl_directory(tiny_sdxl, tmp_path):
+    from diffloop.cli import main
+
+    out = tmp_path / "samples"
+    argv = ["sample", str(tiny_sdxl), "--prompt", "a cat", "--num-per-prompt", "2", "--steps", "2"]
+    assert main([*argv, "--device", "cpu", "--output", str(out)]) == 0
+    assert list(out.rglob("*.png"))
+
+
 def test_family_detection(tiny_sdxl, tiny_sd):
     assert detect_family(str(tiny_sdxl)) == "sdxl"
     assert detect_family(str(tiny_sd)) == "sd"

@@ -61,20 +61,29 @@ EXTRA_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds", "add_time
 # ---------------------------------------------------------------------------------------- loading
 
 
+def _looks_local(path: str) -> bool:
+    """A path rather than a hub id (as the SD loader decides)."""
+    return Path(path).is_absolute() or path.startswith(".") or Path(path).exists()
+
+
 def _model_index(pretrained: str, revision: str | None = None) -> dict[str, Any] | None:
-    """model_index.json of a local directory or hub id (None for a local directory without one)."""
+    """model_index.json of a local directory or hub id; None for a local path without one (the
+    family's loader then names what is missing)."""
     path = resolve_pretrained(pretrained)
     local = Path(path)
-    if local.is_dir():
+    if _looks_local(path):
         index = local / "model_index.json"
         return json.loads(index.read_text()) if index.is_file() else None
     from diffusers import DiffusionPipeline
 
     try:
         return dict(DiffusionPipeline.load_config(path, revision=revision))
-    except Exception as e:  # any failure: re-raised with the how-to
+    except Exception as e:  # any failure: re-raised with the how-to, for either family
         raise ModelLoadError(
-            f"could not read model_index.json of '{path}': {e}\n{_how_to_provide(pretrained)}"
+            f"could not read model_index.json of model.pretrained='{pretrained}': "
+            f"{type(e).__name__}: {e}\nGive a local directory in diffusers layout or a hub id that "
+            "is already in the Hugging Face cache (`hf download <repo>`; HF_HUB_OFFLINE=1 forbids "
+            "downloads)."
         ) from e
 
 
@@ -82,7 +91,7 @@ def detect_family(pretrained: str, revision: str | None = None) -> str:
     """ "sdxl" when model_index.json's ``_class_name`` is a StableDiffusionXL* pipeline, else "sd".
 
     A local directory without model_index.json (diffloop's shapes model) is "sdxl" only if it has a
-    ``text_encoder_2/`` folder."""
+    ``text_encoder_2/`` folder; a missing local path is "sd" (whose loader reports it)."""
     index = _model_index(pretrained, revision)
     if index is None:
         return (
@@ -127,6 +136,8 @@ def load_sdxl_components(model: ModelConfig) -> dict[str, Any]:
 
     path = resolve_pretrained(model.pretrained)
     local = Path(path)
+    if _looks_local(path) and not local.is_dir():
+        raise ModelLoadError(f"no directory at '{path}'. " + _how_to_provide(model.pretrained))
     if local.is_dir():
         required = [c for c in SDXL_COMPONENTS if not (c == "vae" and model.sdxl.vae)]
         missing = [c for c in required if not (local / c).is_dir()]
