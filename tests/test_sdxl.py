@@ -533,3 +533,34 @@ def test_two_processes_match_one_on_sdxl(tiny_sdxl, tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"
         torch.testing.assert_close(rank0[name], one[name], rtol=0, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_compare_sweep_runs_on_sdxl(tiny_sdxl, tmp_path):
+    import json
+
+    import yaml
+
+    from diffloop.sweep import compare_main
+
+    common = [
+        o
+        for o in tiny_overrides(tiny_sdxl, tmp_path / "unused")
+        if not o.startswith(("output_dir", "num_"))
+    ]
+    common += [
+        "eval.prompts=ddpo/simple_animals",
+        "eval.num_prompts=2",
+        "eval.samples_per_prompt=1",
+    ]
+    sweep = {
+        "base": "shapes.yaml", "overrides": common, "budget": {"prompts": 2}, "seeds": [0],
+        "output_dir": str(tmp_path / "out"),
+        "runs": [{"name": "loop_k2", "overrides": ["train.algorithm=loop"]},
+                 {"name": "reinforce_loo", "overrides": ["train.algorithm=reinforce_loo"]}],
+    }  # fmt: skip
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert compare_main([str(path)]) == 0
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]
+    assert {r["name"] for r in rows} == {"loop_k2", "reinforce_loo"}
