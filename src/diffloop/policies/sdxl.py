@@ -105,9 +105,8 @@ def _how_to_provide(name: str) -> str:
         f"model.pretrained='{name}' must be an SDXL pipeline in diffusers layout "
         "(model_index.json, unet/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, "
         "scheduler/, vae/), e.g. written by `StableDiffusionXLPipeline.save_pretrained(DIR)` or "
-        "`hf download "
-        "stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR`, or a hub id already in the "
-        "Hugging Face cache (HF_HUB_OFFLINE=1 forbids downloads)."
+        "`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR`, or a hub id "
+        "already in the Hugging Face cache (HF_HUB_OFFLINE=1 forbids downloads)."
     )
 
 
@@ -143,12 +142,10 @@ def load_sdxl_components(model: ModelConfig) -> dict[str, Any]:
         missing = [c for c in required if not (local / c).is_dir()]
         if missing:
             refiner = "text_encoder" in missing and (local / "text_encoder_2").is_dir()
-            hint = (
-                " (an SDXL refiner has no text_encoder/: it is an img2img model; train the base "
-                "model)"
-                if refiner
-                else ""
+            refiner_hint = (
+                " (an SDXL refiner has no text_encoder/: it is img2img; use a base model)"
             )
+            hint = refiner_hint if refiner else ""
             raise ModelLoadError(
                 f"'{path}' lacks the SDXL component folder(s) "
                 f"{', '.join(m + '/' for m in missing)}{hint}. " + _how_to_provide(model.pretrained)
@@ -188,8 +185,8 @@ def load_sdxl_components(model: ModelConfig) -> dict[str, Any]:
         except Exception as e:  # every loader failure gets the same how-to
             raise ModelLoadError(
                 f"could not load the {name} of model.pretrained='{model.pretrained}' "
-                f"(looked in {where}): "
-                f"{type(e).__name__}: {e}\n" + _how_to_provide(model.pretrained)
+                f"(looked in {where}): {type(e).__name__}: {e}\n"
+                + _how_to_provide(model.pretrained)
             ) from e
     return components
 
@@ -202,8 +199,7 @@ class SDXLPolicy(DDIMPolicy):
 
     Parameters, LoRA, reference(), checkpoints and LoRA export are the parent's (the UNet is the
     only trained module). ``sample`` and ``step_distribution`` are the parent's loop with the
-    conditioning
-    of ``conditioning()`` threaded through to the UNet as ``added_cond_kwargs``.
+    conditioning of ``conditioning()`` threaded through to the UNet as ``added_cond_kwargs``.
     """
 
     def __init__(
@@ -239,13 +235,10 @@ class SDXLPolicy(DDIMPolicy):
         if vae_dtype != weight_dtype:
             logger.info(
                 "sdxl: VAE decodes in fp32 (its config sets force_upcast; model.sdxl.vae can name "
-                "an "
-                "fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix)"
+                "an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix)"
             )
         self.vae = vae.requires_grad_(False).to(device)
-        if (
-            vae.dtype != vae_dtype
-        ):  # no cast when it already is (diffusers warns on every .to(dtype))
+        if vae.dtype != vae_dtype:  # cast only when needed: diffusers warns on every .to(dtype)
             self.vae.to(dtype=vae_dtype)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._check_model()
@@ -256,8 +249,7 @@ class SDXLPolicy(DDIMPolicy):
         if unet.addition_embed_type != "text_time":
             raise ModelLoadError(
                 f"the UNet's addition_embed_type is {unet.addition_embed_type!r}, not 'text_time': "
-                "this is not an "
-                "SDXL base UNet (model_index.json says StableDiffusionXL*)"
+                "this is not an SDXL base UNet (model_index.json says StableDiffusionXL*)"
             )
         pooled = self.text_encoder_2.config.projection_dim
         expected = self.unet.add_embedding.linear_1.in_features
@@ -265,8 +257,8 @@ class SDXLPolicy(DDIMPolicy):
             raise ModelLoadError(
                 f"the UNet's added embedding takes {expected} inputs but 6 time ids x "
                 f"{unet.addition_time_embed_dim} + text_encoder_2 projection_dim {pooled} = "
-                f"{unet.addition_time_embed_dim * 6 + pooled}; the text "
-                "encoders do not belong to this UNet"
+                f"{unet.addition_time_embed_dim * 6 + pooled}; the text encoders do not belong "
+                "to this UNet"
             )
         if (
             getattr(vae, "latents_mean", None) is not None
