@@ -345,6 +345,14 @@ class SDXLPolicy(DDIMPolicy):
         }
         return embeds, negative, extra
 
+    def unet_conditioning(self, prompts: list[str]) -> dict[str, Any]:
+        """The UNet's keyword arguments for the conditional branch of ``prompts`` (for callers that
+        run the UNet directly: export checks, FLOP counts): encoder_hidden_states (N, L, D) and
+        added_cond_kwargs {text_embeds (N, P), time_ids (N, 6)}."""
+        embeds, pooled = self.encode_prompts_with_pooled(prompts)
+        added = {"text_embeds": pooled, "time_ids": self.add_time_ids(len(prompts))}
+        return {"encoder_hidden_states": embeds, "added_cond_kwargs": added}
+
     # ------------------------------------------------------------------ model calls
 
     def _guided_prediction(
