@@ -402,6 +402,20 @@ def test_tiny_random_sdxl_builder_samples_and_trains():
     grads = [p.grad for p in policy.trainable_parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert torch.equal(lp.detach(), traj.log_probs[:, 1])
+    # Direct UNet calls (export checks, FLOP counts) get the same conditioning as the sampler.
+    with torch.no_grad():
+        direct = policy.unet(
+            traj.latents[:, 1], traj.timesteps[:, 1], **policy.unet_conditioning(["a red cat"])
+        )
+        guided = policy._guided_prediction(
+            traj.latents[:, 1],
+            traj.timesteps[:, 1],
+            traj.prompt_embeds,
+            traj.negative_prompt_embeds,
+            1.0,
+            extra=traj.extra,
+        )
+    torch.testing.assert_close(direct.sample, guided, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["sdxl_compressibility.yaml", "sdxl_low_memory.yaml"])
