@@ -47,6 +47,21 @@ def _reload_unet_adapter(model_dir: Path, lora_dir: Path) -> torch.nn.Module:
     return unet
 
 
+def _reload_sdxl_pipeline_unet(model_dir: Path, lora_dir: Path) -> torch.nn.Module:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, add_watermarker=False)
+    pipe.load_lora_weights(str(lora_dir))
+    return pipe.unet
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from tiny_sdxl import tiny_sdxl_dir
+
+    return tiny_sdxl_dir(tmp_path_factory)
+
+
 @dataclass(frozen=True)
 class PolicyCase:
     """One policy under test: its model (a conftest fixture name, or a ``model.pretrained`` value),
@@ -63,6 +78,7 @@ POLICIES = [
     PolicyCase("tiny_sd_ddim", "tiny_sd", _reload_sd_pipeline_unet),
     PolicyCase("tiny_sd_v_prediction", "tiny_sd_v", _reload_sd_pipeline_unet),
     PolicyCase("shapes_pixel", "shapes", _reload_unet_adapter, model_is_fixture=False),
+    PolicyCase("tiny_sdxl", "tiny_sdxl", _reload_sdxl_pipeline_unet),
 ]
 
 STEPS = 3
@@ -125,13 +141,14 @@ def test_export_reloads_in_diffusers_and_reproduces_the_trained_model(case, tmp_
     policy.train(False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *policy.latent_shape(), generator=g)
-    emb = policy.encode_prompts(["a cat", "a red ball"])
+    cond = (policy.unet_conditioning(["a cat", "a red ball"]) if hasattr(policy, "unet_conditioning")
+            else {"encoder_hidden_states": policy.encode_prompts(["a cat", "a red ball"])})
     ts = torch.tensor([500, 20])
     with torch.no_grad():
-        trained = policy.unet(x, ts, encoder_hidden_states=emb).sample
-        got = reloaded(x, ts, encoder_hidden_states=emb).sample
+        trained = policy.unet(x, ts, **cond).sample
+        got = reloaded(x, ts, **cond).sample
         with policy.reference():
-            base = policy.unet(x, ts, encoder_hidden_states=emb).sample
+            base = policy.unet(x, ts, **cond).sample
     assert (trained - base).abs().max() > 1e-4, "training did not move the model: the check proves nothing"
     torch.testing.assert_close(got, trained, rtol=1e-4, atol=1e-5)
 

@@ -45,6 +45,23 @@ def load_yaml(text: str) -> Any:
 
 
 @dataclass
+class SDXLConfig:
+    """SDXL-only settings (read by ``diffloop.policies.sdxl``; ignored for other families)."""
+
+    resolution: int | None = None
+    """Image side in pixels (a multiple of 8); null: the UNet's sample_size x 8 (1024 for base 1.0)."""
+    original_size: list[int] | None = None
+    """(height, width) micro-conditioning time id; null: (resolution, resolution), as diffusers."""
+    crops_coords_top_left: list[int] = field(default_factory=lambda: [0, 0])
+    """(top, left) crop time id; (0, 0) asks for uncropped-looking images (diffusers' default)."""
+    target_size: list[int] | None = None
+    """(height, width) time id; null: (resolution, resolution)."""
+    vae: str | None = None
+    """Replacement VAE (hub id or directory), e.g. madebyollin/sdxl-vae-fp16-fix, which decodes in fp16;
+    null: the model's vae/ (decoded in fp32 when its config says force_upcast)."""
+
+
+@dataclass
 class ModelConfig:
     pretrained: str = "shapes"
     """Hub id (``stabilityai/stable-diffusion-2-base``) or local directory in diffusers layout; ``shapes``
@@ -56,6 +73,8 @@ class ModelConfig:
     scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     """DDIMScheduler settings over the model's own scheduler config (``{set_alpha_to_one: false}``); a
     non-DDIM config is converted with set_alpha_to_one and clip_sample false (logged)."""
+    sdxl: SDXLConfig = field(default_factory=SDXLConfig)
+    """SDXL micro-conditioning, resolution and VAE (used when model.pretrained is an SDXL pipeline)."""
 
 
 @dataclass
@@ -509,6 +528,7 @@ def validate(config: Config, num_processes: int = 1) -> None:
     _check(config.cpu_threads is None or config.cpu_threads >= 1, "cpu_threads must be >= 1 or null")
     _check(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     _check(bool(config.model.pretrained), "model.pretrained must name a hub id or a local directory")
+    _validate_sdxl(config.model.sdxl)
     _check(bool(config.reward.name), "reward.name must name a registry reward or module:function")
     e = config.eval
     _check(e.num_prompts >= 1, f"eval.num_prompts={e.num_prompts} must be >= 1")
@@ -550,6 +570,19 @@ def _validate_performance(config: Config) -> None:
             "a LoRA update merged into fp16/bf16 weights is rounded away (W + dW == W for small dW), so the "
             "sampled policy would not be the trained one; set performance.merge_lora_for_sampling=false "
             "(torch.compile fuses the adapter matmuls instead) or train.mixed_precision=no",
+        )
+
+
+def _validate_sdxl(x: SDXLConfig) -> None:
+    _check(
+        x.resolution is None or (x.resolution >= 64 and x.resolution % 8 == 0),
+        f"model.sdxl.resolution={x.resolution} must be a multiple of 8 (the VAE's factor), >= 64, or null",
+    )
+    for name in ("original_size", "crops_coords_top_left", "target_size"):
+        value = getattr(x, name)
+        _check(
+            value is None or (len(value) == 2 and min(value) >= 0),
+            f"model.sdxl.{name}={value} must be two non-negative integers [height, width] (or [top, left])",
         )
 
 

@@ -506,6 +506,12 @@ def load_policy(
     gradient_checkpointing: bool = False,
     performance: PerformanceConfig | None = None,
 ) -> DDIMPolicy:
+    from diffloop.policies import sdxl
+
+    if sdxl.detect_family(model.pretrained, model.revision) == "sdxl":  # a DDIMPolicy subclass
+        return sdxl.load_sdxl_policy(model, lora, device=device, weight_dtype=weight_dtype,
+                                     logprob_reduction=logprob_reduction, performance=performance,
+                                     gradient_checkpointing=gradient_checkpointing)
     components = load_components(model)
     return DDIMPolicy(
         components,

@@ -1,0 +1,680 @@
+"""Stable Diffusion XL as a DDIM policy: SD's sampler and training step, SDXL's conditioning.
+
+SDXL is a DDIM-sampled epsilon UNet like SD 1.x/2.x (``DDIMPolicy``); what differs is the
+conditioning, which follows diffusers 0.42.1 ``StableDiffusionXLPipeline`` (``encode_prompt``,
+``_get_add_time_ids``, ``__call__``):
+
+    prompt_embeds = h_{-2}(CLIP-L)(prompt) ++ h_{-2}(CLIP-bigG)(prompt)       (N, 77, 768 + 1280)
+    pooled        = text_embeds of CLIP-bigG (its projection head)             (N, 1280)
+    time_ids      = [orig_h, orig_w, crop_top, crop_left, target_h, target_w]  (N, 6)
+    unet(x, t, prompt_embeds, added_cond_kwargs={text_embeds: pooled, time_ids: time_ids})
+
+- No negative prompt (``sample.negative_prompt: ""``, diffusers' ``negative_prompt=None``) with
+  the model's ``force_zeros_for_empty_prompt`` (true for base 1.0) makes the unconditional
+  branch's embeddings and pooled embedding exact zeros. Whatever they are, they are stored with
+  the trajectory (``negative_prompt_embeds``, ``extra``) and reused as stored when log-probs are
+  recomputed.
+- The negative branch uses the conditional branch's time ids (diffusers' default).
+- SDXL ships an Euler scheduler; ``schedulers.to_ddim`` converts its config with
+  set_alpha_to_one and clip_sample False (DDIM's own defaults give a zero-variance last step,
+  hence NaN log-probs).
+- The VAE decodes in fp32 when its config says ``force_upcast`` (SDXL's VAE overflows in fp16),
+  else in the weight dtype; ``model.sdxl.vae`` names an fp16-safe replacement
+  (madebyollin/sdxl-vae-fp16-fix).
+- Images that go to rewards are decoded here, never through the pipeline's invisible
+  watermarker.
+
+Per-trajectory conditioning travels in ``Trajectories.extra``:
+    pooled_prompt_embeds (N, P), negative_pooled_prompt_embeds (N, P), add_time_ids (N, 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SDXLConfig
+from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob
+from diffloop.policies.base import Trajectories
+from diffloop.policies.diffusers_policy import DDIMPolicy, ModelLoadError, resolve_pretrained
+from diffloop.policies.schedulers import to_ddim
+
+logger = logging.getLogger(__name__)
+
+SDXL_COMPONENTS = (
+    "unet",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "scheduler",
+    "vae",
+)
+EXTRA_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds", "add_time_ids")
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def _looks_local(path: str) -> bool:
+    """A path rather than a hub id (as the SD loader decides)."""
+    return Path(path).is_absolute() or path.startswith(".") or Path(path).exists()
+
+
+def _model_index(pretrained: str, revision: str | None = None) -> dict[str, Any] | None:
+    """model_index.json of a local directory or hub id; None for a local path without one (the
+    family's loader then names what is missing)."""
+    path = resolve_pretrained(pretrained)
+    local = Path(path)
+    if _looks_local(path):
+        index = local / "model_index.json"
+        return json.loads(index.read_text()) if index.is_file() else None
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(path, revision=revision))
+    except Exception as e:  # any failure: re-raised with the how-to, for either family
+        raise ModelLoadError(
+            f"could not read model_index.json of model.pretrained='{pretrained}': "
+            f"{type(e).__name__}: {e}\nGive a local directory in diffusers layout or a hub id that "
+            "is already in the Hugging Face cache (`hf download <repo>`; HF_HUB_OFFLINE=1 forbids "
+            "downloads)."
+        ) from e
+
+
+def detect_family(pretrained: str, revision: str | None = None) -> str:
+    """ "sdxl" when model_index.json's ``_class_name`` is a StableDiffusionXL* pipeline, else "sd".
+
+    A local directory without model_index.json (diffloop's shapes model) is "sdxl" only if it has a
+    ``text_encoder_2/`` folder; a missing local path is "sd" (whose loader reports it)."""
+    index = _model_index(pretrained, revision)
+    if index is None:
+        return (
+            "sdxl" if (Path(resolve_pretrained(pretrained)) / "text_encoder_2").is_dir() else "sd"
+        )
+    return "sdxl" if str(index.get("_class_name", "")).startswith("StableDiffusionXL") else "sd"
+
+
+def _how_to_provide(name: str) -> str:
+    return (
+        f"model.pretrained='{name}' must be an SDXL pipeline in diffusers layout "
+        "(model_index.json, unet/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, "
+        "scheduler/, vae/), e.g. written by `StableDiffusionXLPipeline.save_pretrained(DIR)` or "
+        "`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR`, or a hub id "
+        "already in the Hugging Face cache (HF_HUB_OFFLINE=1 forbids downloads)."
+    )
+
+
+def _load_vae(model: ModelConfig, path: str):
+    """The model's vae/, or ``model.sdxl.vae``: a VAE repo/directory (config.json at its root) or a
+    whole pipeline directory (its vae/ subfolder)."""
+    from diffusers import AutoencoderKL
+
+    override = model.sdxl.vae
+    if override is None:
+        return AutoencoderKL.from_pretrained(
+            path, subfolder="vae", variant=model.variant, revision=model.revision
+        )
+    subfolder = "vae" if (Path(override) / "vae").is_dir() else None
+    return AutoencoderKL.from_pretrained(override, subfolder=subfolder)
+
+
+def load_sdxl_components(model: ModelConfig) -> dict[str, Any]:
+    """The SDXL pipeline's components from ``model.pretrained`` (hub id or local directory).
+
+    Returns {unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler (DDIM), vae,
+    force_zeros_for_empty_prompt}. Raises ModelLoadError naming the missing component and how to
+    provide it."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    path = resolve_pretrained(model.pretrained)
+    local = Path(path)
+    if _looks_local(path) and not local.is_dir():
+        raise ModelLoadError(f"no directory at '{path}'. " + _how_to_provide(model.pretrained))
+    if local.is_dir():
+        required = [c for c in SDXL_COMPONENTS if not (c == "vae" and model.sdxl.vae)]
+        missing = [c for c in required if not (local / c).is_dir()]
+        if missing:
+            refiner = "text_encoder" in missing and (local / "text_encoder_2").is_dir()
+            refiner_hint = (
+                " (an SDXL refiner has no text_encoder/: it is img2img; use a base model)"
+            )
+            hint = refiner_hint if refiner else ""
+            raise ModelLoadError(
+                f"'{path}' lacks the SDXL component folder(s) "
+                f"{', '.join(m + '/' for m in missing)}{hint}. " + _how_to_provide(model.pretrained)
+            )
+    index = _model_index(model.pretrained, model.revision) or {}
+    kw = {"revision": model.revision}
+    user_scheduler_kwargs = getattr(model, "scheduler_kwargs", None)  # the field may not exist yet
+    loaders = {
+        "unet": lambda: UNet2DConditionModel.from_pretrained(
+            path, subfolder="unet", variant=model.variant, **kw
+        ),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(
+            path, subfolder="text_encoder", variant=model.variant, **kw
+        ),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", variant=model.variant, **kw
+        ),
+        "tokenizer": lambda: AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+        "tokenizer_2": lambda: AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw),
+        # SDXL ships Euler: converted to DDIM from the config as stored, never DDIM's defaults.
+        "scheduler": lambda: to_ddim(
+            DDIMScheduler.load_config(path, subfolder="scheduler", **kw), user_scheduler_kwargs
+        ),
+        "vae": lambda: _load_vae(model, path),
+    }
+    components: dict[str, Any] = {
+        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))
+    }
+    for name, load in loaders.items():
+        where = (
+            f"'{model.sdxl.vae}' (model.sdxl.vae)"
+            if name == "vae" and model.sdxl.vae
+            else f"'{path}', {name}/"
+        )
+        try:
+            components[name] = load()
+        except Exception as e:  # every loader failure gets the same how-to
+            raise ModelLoadError(
+                f"could not load the {name} of model.pretrained='{model.pretrained}' "
+                f"(looked in {where}): {type(e).__name__}: {e}\n"
+                + _how_to_provide(model.pretrained)
+            ) from e
+    return components
+
+
+# ------------------------------------------------------------------------------------ the policy
+
+
+class SDXLPolicy(DDIMPolicy):
+    """``DDIMPolicy`` with SDXL's two text encoders, pooled/time-id conditioning and fp32-safe VAE.
+
+    Parameters, LoRA, reference(), checkpoints and LoRA export are the parent's (the UNet is the
+    only trained module). ``sample`` and ``step_distribution`` are the parent's loop with the
+    conditioning of ``conditioning()`` threaded through to the UNet as ``added_cond_kwargs``.
+    """
+
+    def __init__(
+        self,
+        components: dict[str, Any],
+        lora: LoraConfig,
+        *,
+        sdxl: SDXLConfig | None = None,
+        device: torch.device,
+        weight_dtype: torch.dtype = torch.float32,
+        logprob_reduction: str = "mean",
+        gradient_checkpointing: bool = False,
+        performance: PerformanceConfig | None = None,
+    ) -> None:
+        # The VAE is placed here, not by the parent: a force_upcast VAE must not pass through fp16.
+        super().__init__(
+            {**components, "vae": None},
+            lora,
+            device=device,
+            weight_dtype=weight_dtype,
+            logprob_reduction=logprob_reduction,
+            gradient_checkpointing=gradient_checkpointing,
+            performance=performance,
+        )
+        self.sdxl = sdxl or SDXLConfig()
+        self.force_zeros_for_empty_prompt = components.get("force_zeros_for_empty_prompt", True)
+        self.text_encoder_2 = (
+            components["text_encoder_2"].requires_grad_(False).to(device, dtype=weight_dtype)
+        )
+        self.tokenizer_2 = components["tokenizer_2"]
+        vae = components["vae"]
+        vae_dtype = torch.float32 if vae.config.force_upcast else weight_dtype
+        if vae_dtype != weight_dtype:
+            logger.info(
+                "sdxl: VAE decodes in fp32 (its config sets force_upcast; model.sdxl.vae can name "
+                "an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix)"
+            )
+        self.vae = vae.requires_grad_(False).to(device)
+        if vae.dtype != vae_dtype:  # cast only when needed: diffusers warns on every .to(dtype)
+            self.vae.to(dtype=vae_dtype)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """Refuse models this policy would run wrongly, saying why (not a shape error later)."""
+        unet, vae = self.unet.config, self.vae.config
+        if unet.addition_embed_type != "text_time":
+            raise ModelLoadError(
+                f"the UNet's addition_embed_type is {unet.addition_embed_type!r}, not 'text_time': "
+                "this is not an SDXL base UNet (model_index.json says StableDiffusionXL*)"
+            )
+        pooled = self.text_encoder_2.config.projection_dim
+        expected = self.unet.add_embedding.linear_1.in_features
+        if unet.addition_time_embed_dim * 6 + pooled != expected:
+            raise ModelLoadError(
+                f"the UNet's added embedding takes {expected} inputs but 6 time ids x "
+                f"{unet.addition_time_embed_dim} + text_encoder_2 projection_dim {pooled} = "
+                f"{unet.addition_time_embed_dim * 6 + pooled}; the text encoders do not belong "
+                "to this UNet"
+            )
+        if (
+            getattr(vae, "latents_mean", None) is not None
+            or getattr(vae, "latents_std", None) is not None
+        ):
+            raise ModelLoadError(
+                "the VAE config sets latents_mean/latents_std (not an SDXL VAE); use SDXL's VAE"
+            )
+        side = self.image_size()
+        if side % self.vae_scale_factor:
+            raise ModelLoadError(
+                f"model.sdxl.resolution={side} must be a multiple of the VAE's downsampling factor "
+                f"{self.vae_scale_factor}"
+            )
+
+    # ------------------------------------------------------------------ conditioning
+
+    def image_size(self) -> int:
+        """Square image side (pixels): model.sdxl.resolution, else UNet sample_size x VAE factor."""
+        if self.sdxl.resolution is not None:
+            return self.sdxl.resolution
+        size = self.unet.config.sample_size
+        return (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.image_size() // self.vae_scale_factor
+        return (self.unet.config.in_channels, side, side)
+
+    def add_time_ids(self, n: int) -> torch.Tensor:
+        """(n, 6) float32: original (h, w) ++ crop (top, left) ++ target (h, w); sizes default to
+        image size, as in diffusers' pipeline."""
+        side = self.image_size()
+        x = self.sdxl
+        ids = [
+            *(x.original_size or (side, side)),
+            *x.crops_coords_top_left,
+            *(x.target_size or (side, side)),
+        ]
+        return torch.tensor([ids], dtype=torch.float32, device=self.device).expand(n, -1).clone()
+
+    @torch.no_grad()
+    def encode_prompts_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts (N,) -> (embeds (N, L, D1 + D2), pooled (N, P)) in the weight dtype: the
+        penultimate hidden states of both encoders concatenated, and text_encoder_2's projected
+        pooled output."""
+        hidden = []
+        for tokenizer, encoder in (
+            (self.tokenizer, self.text_encoder),
+            (self.tokenizer_2, self.text_encoder_2),
+        ):
+            ids = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), out.text_embeds
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """prompts (N,) -> cross-attention embeddings (N, L, D1 + D2)."""
+        return self.encode_prompts_with_pooled(prompts)[0]
+
+    @torch.no_grad()
+    def conditioning(
+        self, prompts: list[str], negative_prompt: str
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(prompt_embeds, negative_prompt_embeds, extra) for ``Trajectories``.
+
+        negative_prompt "" with force_zeros_for_empty_prompt: zero negative embeddings and pooled
+        embedding (diffusers' negative_prompt=None); otherwise the negative prompt is encoded."""
+        n = len(prompts)
+        embeds, pooled = self.encode_prompts_with_pooled(prompts)
+        if negative_prompt == "" and self.force_zeros_for_empty_prompt:
+            negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        else:
+            negative, negative_pooled = self.encode_prompts_with_pooled([negative_prompt] * n)
+        extra = {
+            "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": negative_pooled,
+            "add_time_ids": self.add_time_ids(n),
+        }
+        return embeds, negative, extra
+
+    def unet_conditioning(self, prompts: list[str]) -> dict[str, Any]:
+        """The UNet's keyword arguments for the conditional branch of ``prompts`` (for callers that
+        run the UNet directly: export checks, FLOP counts): encoder_hidden_states (N, L, D) and
+        added_cond_kwargs {text_embeds (N, P), time_ids (N, 6)}."""
+        embeds, pooled = self.encode_prompts_with_pooled(prompts)
+        added = {"text_embeds": pooled, "time_ids": self.add_time_ids(len(prompts))}
+        return {"encoder_hidden_states": embeds, "added_cond_kwargs": added}
+
+    # ------------------------------------------------------------------ model calls
+
+    def _guided_prediction(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        guidance_scale: float,
+        use: str = "training",
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """CFG with SDXL's added conditioning: uncond + g (cond - uncond), one UNet call on the
+        batch [negative; positive] as diffusers orders it. Shapes: latents (N, C, H, W)."""
+        if extra is None or any(k not in extra for k in EXTRA_KEYS):
+            raise ValueError(
+                f"SDXL trajectories need extra={list(EXTRA_KEYS)} (sampled by another policy?)"
+            )
+        dtype = self.weight_dtype
+        unet = self._unet_for[use]
+        memory_format = (
+            torch.channels_last if self.performance.channels_last else torch.preserve_format
+        )
+        time_ids = extra["add_time_ids"].to(dtype)
+        if guidance_scale == 1.0:
+            added = {"text_embeds": extra["pooled_prompt_embeds"].to(dtype), "time_ids": time_ids}
+            x = latents.to(dtype=dtype, memory_format=memory_format)
+            return unet(
+                x, timesteps, encoder_hidden_states=prompt_embeds.to(dtype), added_cond_kwargs=added
+            ).sample
+        added = {
+            "text_embeds": torch.cat(
+                [extra["negative_pooled_prompt_embeds"], extra["pooled_prompt_embeds"]]
+            ).to(dtype),
+            "time_ids": torch.cat([time_ids, time_ids]),
+        }
+        out = unet(
+            torch.cat([latents, latents]).to(dtype=dtype, memory_format=memory_format),
+            torch.cat([timesteps, timesteps]),
+            encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype),
+            added_cond_kwargs=added,
+        ).sample
+        uncond, cond = out.float().chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        generators: list[torch.Generator],
+        *,
+        num_steps: int,
+        eta: float,
+        guidance_scale: float,
+        negative_prompt: str = "",
+    ) -> Trajectories:
+        """Sample len(prompts) trajectories; generator i draws sample i's x_T, then one z per step.
+
+        eta = 0 gives deterministic DDIM (for evaluation); its log-probs are NaN (a point mass)."""
+        if len(generators) != len(prompts):
+            raise ValueError(
+                f"need one generator per prompt, got {len(generators)} for {len(prompts)}"
+            )
+        self._set_steps(num_steps)
+        n = len(prompts)
+        prompt_embeds, negative_embeds, extra = self.conditioning(prompts, negative_prompt)
+        shape = self.latent_shape()
+        x = torch.stack([torch.randn(shape, generator=g, device=self.device) for g in generators])
+        x = x * self.scheduler.init_noise_sigma
+        latents, log_probs = [x], []
+        timesteps = self.scheduler.timesteps
+        merged = self.performance.merge_lora_for_sampling
+        with self._lora_merged() if merged else contextlib.nullcontext():
+            for t in timesteps:
+                t_batch = t.expand(n).to(self.device)
+                with self._autocast():
+                    out = self._guided_prediction(
+                        x,
+                        t_batch,
+                        prompt_embeds,
+                        negative_embeds,
+                        guidance_scale,
+                        use="sampling",
+                        extra=extra,
+                    )
+                if eta > 0:
+                    x, log_prob = ddim_step_with_logprob(
+                        self.scheduler,
+                        out.float(),
+                        t_batch,
+                        x,
+                        eta,
+                        generator=generators,
+                        logprob_reduction=self.logprob_reduction,
+                    )
+                else:  # deterministic DDIM (evaluation): no density
+                    x = ddim_step_mean_std(self.scheduler, out.float(), t_batch, x, 0.0)[0]
+                    log_prob = torch.full((n,), float("nan"), device=x.device)
+                latents.append(x)
+                log_probs.append(log_prob)
+        return Trajectories(
+            latents=torch.stack(latents, dim=1),
+            timesteps=timesteps.to(self.device).unsqueeze(0).expand(n, -1).clone(),
+            log_probs=torch.stack(log_probs, dim=1).float(),
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
+            images=self.decode(x, self.performance.decode_batch_size),
+            extra=extra,
+        )
+
+    def step_distribution(
+        self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (M, C, H, W) and std of p_theta(x_{t-1} | x_t, c) at per-sample ``step`` (M,),
+        with the stored conditioning (embeddings, negative embeddings, ``traj.extra``) reused."""
+        self._set_steps(traj.timesteps.shape[1])
+        rows = torch.arange(len(traj), device=step.device)
+        x_t = traj.latents[rows, step]
+        t = traj.timesteps[rows, step]
+        with self._autocast():
+            out = self._guided_prediction(
+                x_t,
+                t,
+                traj.prompt_embeds,
+                traj.negative_prompt_embeds,
+                guidance_scale,
+                use="training",
+                extra=traj.extra,
+            )
+        mean, std, _ = ddim_step_mean_std(self.scheduler, out.float(), t, x_t, eta)
+        return mean, std
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, path: str | Path) -> None:
+        """LoRA: the parent's diffusers LoRA file (UNet keys, which
+        ``StableDiffusionXLPipeline.load_lora_weights`` reads). Full fine-tuning: a complete SDXL
+        pipeline (``StableDiffusionXLPipeline.from_pretrained``)
+        with the DDIM scheduler diffloop sampled with."""
+        if self.lora_config is not None:
+            super().export(path)
+            return
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+        pipe.save_pretrained(str(path))
+
+
+def load_sdxl_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> SDXLPolicy:
+    """``load_policy`` for the sdxl family: components from model.pretrained, settings from
+    model.sdxl."""
+    return SDXLPolicy(load_sdxl_components(model), lora, sdxl=model.sdxl, **kwargs)
+
+
+# -------------------------------------------------------------------------- random-weight models
+
+# SDXL base 1.0's config.json values (stabilityai/stable-diffusion-xl-base-1.0: unet/,
+# text_encoder/, text_encoder_2/, vae/), and as "tiny" diffusers' SDXL fast-test sizes
+# (tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py, get_dummy_components).
+SDXL_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+    "base": {
+        "unet": {
+            "sample_size": 128,
+            "block_out_channels": (320, 640, 1280),
+            "layers_per_block": 2,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2, 10),
+            "attention_head_dim": (5, 10, 20),
+            "cross_attention_dim": 2048,
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_embed_type_num_heads": 64,
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,  # 6 x 256 + 1280
+            "norm_num_groups": 32,
+        },
+        "text_encoder": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 768,
+            "vocab_size": 49408,
+        },
+        "text_encoder_2": {
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 20,
+            "hidden_act": "gelu",
+            "projection_dim": 1280,
+            "vocab_size": 49408,
+        },
+        "vae": {
+            "block_out_channels": (128, 256, 512, 512),
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "sample_size": 1024,
+            "scaling_factor": 0.13025,
+            "force_upcast": True,
+        },
+    },
+    "tiny": {
+        "unet": {
+            "sample_size": 32,
+            "block_out_channels": (2, 4),
+            "layers_per_block": 2,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2),
+            "attention_head_dim": (2, 4),
+            "cross_attention_dim": 64,  # 32 + 32
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 80,  # 6 x 8 + 32
+            "norm_num_groups": 1,
+        },
+        "text_encoder": {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 5,
+            "num_attention_heads": 4,
+            "hidden_act": "gelu",
+            "projection_dim": 32,
+            "vocab_size": 1000,
+        },
+        "text_encoder_2": {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 5,
+            "num_attention_heads": 4,
+            "hidden_act": "gelu",
+            "projection_dim": 32,
+            "vocab_size": 1000,
+        },
+        "vae": {
+            "block_out_channels": (32, 64),
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "latent_channels": 4,
+            "sample_size": 128,
+        },
+    },
+}
+
+# SDXL base 1.0's scheduler/scheduler_config.json less the PNDM leftovers (clip_sample,
+# set_alpha_to_one, skip_prk_steps), which many fine-tunes drop too: the conversion must not rely
+# on them.
+SDXL_EULER_CONFIG: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+
+
+def build_sdxl_components(
+    size: str = "base", *, device: torch.device | str = "cpu", seed: int = 0, tokenizer: Any = None
+) -> dict[str, Any]:
+    """Random-weight SDXL components of ``size`` ("base": SDXL base 1.0's shapes, 3.5e9 parameters;
+    "tiny": diffusers' fast-test shapes) for benchmarks and tests; nothing is downloaded.
+
+    ``tokenizer`` (used for both encoders) defaults to a word-level one; the text encoders' special
+    token ids follow it and their vocabulary is at least its size. The scheduler is SDXL's Euler
+    config
+    converted by ``to_ddim``, as loading a real SDXL directory does.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if size not in SDXL_CONFIGS:
+        raise ValueError(f"size must be one of {sorted(SDXL_CONFIGS)}, got {size!r}")
+    configs = SDXL_CONFIGS[size]
+    if tokenizer is None:
+        from diffloop.bench import PROMPT_WORDS
+        from diffloop.shapes.model import build_tokenizer
+
+        tokenizer = build_tokenizer(PROMPT_WORDS, 77)
+
+    def text_config(name: str) -> Any:
+        c = dict(configs[name])
+        c["vocab_size"] = max(c["vocab_size"], len(tokenizer))
+        ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        return CLIPTextConfig(**c, max_position_embeddings=77, layer_norm_eps=1e-5, **ids)
+
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**configs["unet"])
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**configs["vae"])
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(text_config("text_encoder"))
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config("text_encoder_2"))
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer,
+        "scheduler": to_ddim(SDXL_EULER_CONFIG),
+        "force_zeros_for_empty_prompt": True,
+    }
