@@ -31,3 +31,11 @@ def tiny_sd_v(tmp_path_factory) -> Path:
     from tiny_models import tiny_sd_dir
 
     return tiny_sd_dir(tmp_path_factory, "v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL pipeline saved with the Euler scheduler config SDXL ships (tests/tiny_sdxl.py)."""
+    from tiny_sdxl import tiny_sdxl_dir
+
+    return tiny_sdxl_dir(tmp_path_factory)

@@ -55,13 +55,6 @@ def _reload_sdxl_pipeline_unet(model_dir: Path, lora_dir: Path) -> torch.nn.Modu
     return pipe.unet
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_sdxl import tiny_sdxl_dir
-
-    return tiny_sdxl_dir(tmp_path_factory)
-
-
 @dataclass(frozen=True)
 class PolicyCase:
     """One policy under test: its model (a conftest fixture name, or a ``model.pretrained`` value),

@@ -25,13 +25,6 @@ PROMPTS = ["a cat", "a dog on a bench"]
 SEEDS = [11, 12]
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_sdxl import tiny_sdxl_dir
-
-    return tiny_sdxl_dir(tmp_path_factory)
-
-
 def policy_for(path, lora: bool = True, **kwargs) -> SDXLPolicy:
     torch.manual_seed(0)
     return load_sdxl_policy(

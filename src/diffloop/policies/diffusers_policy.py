@@ -279,6 +279,29 @@ class DDIMPolicy:
                     layer.unmerge()
                     layer.get_base_layer().weight.copy_(weight)
 
+    @torch.no_grad()
+    def conditioning(
+        self, prompts: list[str], negative_prompt: str
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+        """(prompt_embeds (N, L, D), negative_prompt_embeds (N, L, D), extra) stored with the
+        trajectories and reused exactly when log-probs are recomputed. ``extra`` holds whatever
+        further conditioning a model family needs (None here; SDXL's pooled embeddings and time ids)."""
+        n = len(prompts)
+        return self.encode_prompts(prompts), self.encode_prompts([negative_prompt] * n), None
+
+    def branch_kwargs(
+        self, embeds: torch.Tensor, extra: dict[str, torch.Tensor] | None, negative: bool
+    ) -> dict[str, Any]:
+        """The UNet's conditioning keyword arguments for one CFG branch (the conditional one, or the
+        unconditional one when ``negative``); a family with more conditioning overrides this."""
+        return {"encoder_hidden_states": embeds}
+
+    def unet_conditioning(self, prompts: list[str]) -> dict[str, Any]:
+        """The UNet's keyword arguments for the conditional branch of ``prompts``, for callers that
+        run the UNet directly (export checks, FLOP counts)."""
+        embeds, _, extra = self.conditioning(prompts, "")
+        return self.branch_kwargs(embeds, extra, negative=False)
+
     def _guided_prediction(
         self,
         latents: torch.Tensor,
@@ -287,23 +310,27 @@ class DDIMPolicy:
         negative_prompt_embeds: torch.Tensor,
         guidance_scale: float,
         use: str = "training",
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """CFG: uncond + g (cond - uncond), in one UNet call on the doubled batch. Shapes: (N, C, H, W).
+        """CFG: uncond + g (cond - uncond), in one UNet call on the batch [negative; positive] (the
+        order diffusers uses). Shapes: (N, C, H, W).
 
         ``use`` picks the sampling or the training UNet callable (the same module, maybe compiled)."""
         dtype = self.weight_dtype
         unet = self._unet_for[use]
         memory_format = torch.channels_last if self.performance.channels_last else torch.preserve_format
+        cond = self.branch_kwargs(prompt_embeds, extra, negative=False)
         if guidance_scale == 1.0:
             x = latents.to(dtype=dtype, memory_format=memory_format)
-            return unet(x, timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample
+            return unet(x, timesteps, **_cat_to_dtype([cond], dtype)).sample
+        uncond = self.branch_kwargs(negative_prompt_embeds, extra, negative=True)
         out = unet(
             torch.cat([latents, latents]).to(dtype=dtype, memory_format=memory_format),
             torch.cat([timesteps, timesteps]),
-            encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype),
+            **_cat_to_dtype([uncond, cond], dtype),
         ).sample
-        uncond, cond = out.float().chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        uncond_out, cond_out = out.float().chunk(2)
+        return uncond_out + guidance_scale * (cond_out - uncond_out)
 
     def _set_steps(self, num_steps: int) -> None:
         if self._num_steps != num_steps:
@@ -333,8 +360,7 @@ class DDIMPolicy:
             raise ValueError(f"need one generator per prompt, got {len(generators)} for {len(prompts)}")
         self._set_steps(num_steps)
         n = len(prompts)
-        prompt_embeds = self.encode_prompts(prompts)
-        negative_embeds = self.encode_prompts([negative_prompt] * n)
+        prompt_embeds, negative_embeds, extra = self.conditioning(prompts, negative_prompt)
         shape = self.latent_shape()
         x = torch.stack([torch.randn(shape, generator=g, device=self.device) for g in generators])
         x = x * self.scheduler.init_noise_sigma
@@ -345,7 +371,7 @@ class DDIMPolicy:
             for t in timesteps:
                 t_batch = t.expand(n).to(self.device)
                 x, log_prob = self._sample_step(
-                    x, t_batch, prompt_embeds, negative_embeds, guidance_scale, eta, generators
+                    x, t_batch, prompt_embeds, negative_embeds, extra, guidance_scale, eta, generators
                 )
                 latents.append(x)
                 log_probs.append(log_prob)
@@ -356,6 +382,7 @@ class DDIMPolicy:
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
             images=self.decode(x, self.performance.decode_batch_size),
+            extra=extra,
         )
 
     def _sample_step(
@@ -364,6 +391,7 @@ class DDIMPolicy:
         t_batch: torch.Tensor,
         prompt_embeds: torch.Tensor,
         negative_embeds: torch.Tensor,
+        extra: dict[str, torch.Tensor] | None,
         guidance_scale: float,
         eta: float,
         generators: list[torch.Generator],
@@ -372,7 +400,7 @@ class DDIMPolicy:
         n = len(x)
         with self._autocast():
             model_output = self._guided_prediction(
-                x, t_batch, prompt_embeds, negative_embeds, guidance_scale, use="sampling"
+                x, t_batch, prompt_embeds, negative_embeds, guidance_scale, "sampling", extra
             )
         if eta > 0:
             x, log_prob = ddim_step_with_logprob(
@@ -402,7 +430,7 @@ class DDIMPolicy:
         t = traj.timesteps[rows, step]
         with self._autocast():
             model_output = self._guided_prediction(
-                x_t, t, traj.prompt_embeds, traj.negative_prompt_embeds, guidance_scale, use="training"
+                x_t, t, traj.prompt_embeds, traj.negative_prompt_embeds, guidance_scale, "training", traj.extra
             )
         mean, std, _ = ddim_step_mean_std(self.scheduler, model_output.float(), t, x_t, eta)
         return mean, std
@@ -522,3 +550,15 @@ def load_policy(
         gradient_checkpointing=gradient_checkpointing,
         performance=performance,
     )
+
+
+def _cat_to_dtype(branches: list[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
+    """Concatenate the CFG branches' keyword arguments (nested dicts of (N, ...) tensors) along the
+    batch dimension, in ``dtype``."""
+    first = branches[0]
+    return {
+        k: _cat_to_dtype([b[k] for b in branches], dtype)
+        if isinstance(first[k], dict)
+        else torch.cat([b[k] for b in branches]).to(dtype)
+        for k in first
+    }

@@ -30,7 +30,6 @@ Per-trajectory conditioning travels in ``Trajectories.extra``:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -39,8 +38,6 @@ from typing import Any
 import torch
 
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SDXLConfig
-from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob
-from diffloop.policies.base import Trajectories
 from diffloop.policies.diffusers_policy import DDIMPolicy, ModelLoadError, resolve_pretrained
 from diffloop.policies.schedulers import to_ddim
 
@@ -345,145 +342,18 @@ class SDXLPolicy(DDIMPolicy):
         }
         return embeds, negative, extra
 
-    def unet_conditioning(self, prompts: list[str]) -> dict[str, Any]:
-        """The UNet's keyword arguments for the conditional branch of ``prompts`` (for callers that
-        run the UNet directly: export checks, FLOP counts): encoder_hidden_states (N, L, D) and
-        added_cond_kwargs {text_embeds (N, P), time_ids (N, 6)}."""
-        embeds, pooled = self.encode_prompts_with_pooled(prompts)
-        added = {"text_embeds": pooled, "time_ids": self.add_time_ids(len(prompts))}
-        return {"encoder_hidden_states": embeds, "added_cond_kwargs": added}
-
-    # ------------------------------------------------------------------ model calls
-
-    def _guided_prediction(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor,
-        guidance_scale: float,
-        use: str = "training",
-        extra: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """CFG with SDXL's added conditioning: uncond + g (cond - uncond), one UNet call on the
-        batch [negative; positive] as diffusers orders it. Shapes: latents (N, C, H, W)."""
+    def branch_kwargs(
+        self, embeds: torch.Tensor, extra: dict[str, torch.Tensor] | None, negative: bool
+    ) -> dict[str, Any]:
+        """One CFG branch's UNet keyword arguments: encoder_hidden_states (N, L, D) and
+        added_cond_kwargs {text_embeds (N, P): the (negative) pooled embedding, time_ids (N, 6)}."""
         if extra is None or any(k not in extra for k in EXTRA_KEYS):
             raise ValueError(
                 f"SDXL trajectories need extra={list(EXTRA_KEYS)} (sampled by another policy?)"
             )
-        dtype = self.weight_dtype
-        unet = self._unet_for[use]
-        memory_format = (
-            torch.channels_last if self.performance.channels_last else torch.preserve_format
-        )
-        time_ids = extra["add_time_ids"].to(dtype)
-        if guidance_scale == 1.0:
-            added = {"text_embeds": extra["pooled_prompt_embeds"].to(dtype), "time_ids": time_ids}
-            x = latents.to(dtype=dtype, memory_format=memory_format)
-            return unet(
-                x, timesteps, encoder_hidden_states=prompt_embeds.to(dtype), added_cond_kwargs=added
-            ).sample
-        added = {
-            "text_embeds": torch.cat(
-                [extra["negative_pooled_prompt_embeds"], extra["pooled_prompt_embeds"]]
-            ).to(dtype),
-            "time_ids": torch.cat([time_ids, time_ids]),
-        }
-        out = unet(
-            torch.cat([latents, latents]).to(dtype=dtype, memory_format=memory_format),
-            torch.cat([timesteps, timesteps]),
-            encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype),
-            added_cond_kwargs=added,
-        ).sample
-        uncond, cond = out.float().chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        prompts: list[str],
-        generators: list[torch.Generator],
-        *,
-        num_steps: int,
-        eta: float,
-        guidance_scale: float,
-        negative_prompt: str = "",
-    ) -> Trajectories:
-        """Sample len(prompts) trajectories; generator i draws sample i's x_T, then one z per step.
-
-        eta = 0 gives deterministic DDIM (for evaluation); its log-probs are NaN (a point mass)."""
-        if len(generators) != len(prompts):
-            raise ValueError(
-                f"need one generator per prompt, got {len(generators)} for {len(prompts)}"
-            )
-        self._set_steps(num_steps)
-        n = len(prompts)
-        prompt_embeds, negative_embeds, extra = self.conditioning(prompts, negative_prompt)
-        shape = self.latent_shape()
-        x = torch.stack([torch.randn(shape, generator=g, device=self.device) for g in generators])
-        x = x * self.scheduler.init_noise_sigma
-        latents, log_probs = [x], []
-        timesteps = self.scheduler.timesteps
-        merged = self.performance.merge_lora_for_sampling
-        with self._lora_merged() if merged else contextlib.nullcontext():
-            for t in timesteps:
-                t_batch = t.expand(n).to(self.device)
-                with self._autocast():
-                    out = self._guided_prediction(
-                        x,
-                        t_batch,
-                        prompt_embeds,
-                        negative_embeds,
-                        guidance_scale,
-                        use="sampling",
-                        extra=extra,
-                    )
-                if eta > 0:
-                    x, log_prob = ddim_step_with_logprob(
-                        self.scheduler,
-                        out.float(),
-                        t_batch,
-                        x,
-                        eta,
-                        generator=generators,
-                        logprob_reduction=self.logprob_reduction,
-                    )
-                else:  # deterministic DDIM (evaluation): no density
-                    x = ddim_step_mean_std(self.scheduler, out.float(), t_batch, x, 0.0)[0]
-                    log_prob = torch.full((n,), float("nan"), device=x.device)
-                latents.append(x)
-                log_probs.append(log_prob)
-        return Trajectories(
-            latents=torch.stack(latents, dim=1),
-            timesteps=timesteps.to(self.device).unsqueeze(0).expand(n, -1).clone(),
-            log_probs=torch.stack(log_probs, dim=1).float(),
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds,
-            images=self.decode(x, self.performance.decode_batch_size),
-            extra=extra,
-        )
-
-    def step_distribution(
-        self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean (M, C, H, W) and std of p_theta(x_{t-1} | x_t, c) at per-sample ``step`` (M,),
-        with the stored conditioning (embeddings, negative embeddings, ``traj.extra``) reused."""
-        self._set_steps(traj.timesteps.shape[1])
-        rows = torch.arange(len(traj), device=step.device)
-        x_t = traj.latents[rows, step]
-        t = traj.timesteps[rows, step]
-        with self._autocast():
-            out = self._guided_prediction(
-                x_t,
-                t,
-                traj.prompt_embeds,
-                traj.negative_prompt_embeds,
-                guidance_scale,
-                use="training",
-                extra=traj.extra,
-            )
-        mean, std, _ = ddim_step_mean_std(self.scheduler, out.float(), t, x_t, eta)
-        return mean, std
+        pooled = extra["negative_pooled_prompt_embeds" if negative else "pooled_prompt_embeds"]
+        added = {"text_embeds": pooled, "time_ids": extra["add_time_ids"]}
+        return {"encoder_hidden_states": embeds, "added_cond_kwargs": added}
 
     # ------------------------------------------------------------------ export
 
