@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 
 from diffloop.config import Config, ConfigError, config_to_dict, load_config, load_yaml
+from diffloop.preflight import check_before_loading
 from diffloop.run_dir import read_metrics
 
 SWEEP_KEYS = ("base", "overrides", "budget", "runs", "seeds", "output_dir")
@@ -298,6 +299,7 @@ def plan(sweep: Sweep, extra_overrides: Sequence[str] = ()) -> list[PlannedRun]:
                 )
             try:
                 config = load_config(sweep.base, list(overrides))
+                check_before_loading(config)  # what train checks before a model loads
             except ConfigError as e:
                 raise SweepError(f"run '{run.name}' (seed {seed}): {e}") from None
             if not config.eval.prompts:
