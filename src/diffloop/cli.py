@@ -124,9 +124,13 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_shapes(argv: list[str]) -> int:
+    usage = "usage: diffloop shapes pretrain [--help]   (pretrain the shapes-world model)"
+    if argv and argv[0] in HELP:
+        print(usage)
+        return 0
     if not argv or argv[0] != "pretrain":
-        print("usage: diffloop shapes pretrain [--help]", file=sys.stderr)
-        return 2
+        got = f"unknown shapes command '{argv[0]}'" if argv else "missing shapes command"
+        return _error(f"{got}; {usage}")
     from diffloop.shapes.pretrain import main as pretrain_main
 
     return pretrain_main(argv[1:])
