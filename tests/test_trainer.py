@@ -84,7 +84,7 @@ def test_exported_lora_reloads_in_diffusers(tiny_sd, tmp_path):
 
     out = tmp_path / "run"
     run(tiny_sd, out, num_epochs=1, **{"train.learning_rate": 0.1})
-    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, output_type="pt")
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 3.0, "output_type": "pt"}
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     base = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     pipe.load_lora_weights(str(out / "lora"))

@@ -464,7 +464,7 @@ def _parse_reward_kwargs(text: str | None, rewards: list[str]) -> dict[str, dict
     except json.JSONDecodeError as e:
         raise ValueError(f"--reward-kwargs is not valid JSON: {e}") from e
     if not isinstance(value, dict):
-        raise ValueError(f"--reward-kwargs must be a JSON object, got {text!r}")
+        raise ValueError(f"--reward-kwargs must be a JSON object, got {text!r}")  # noqa: TRY004
     if len(rewards) == 1:
         return {rewards[0]: value}
     bad = [k for k, v in value.items() if k not in rewards or not isinstance(v, dict)]

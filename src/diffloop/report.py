@@ -266,8 +266,10 @@ def render_html(
         f"<style>{CSS}</style></head><body>",
         "<h1>diffloop training report</h1>",
         f"<table><tr>{head}</tr>{body_rows}</table>",
-        "<p>x axes: training epochs completed when measured (0 = the base model). Training rewards "
-        "are those of each epoch's samples; evaluation uses fixed prompts and noise.</p>",
+        (
+            "<p>x axes: training epochs completed when measured (0 = the base model). Training "
+            "rewards are those of each epoch's samples; evaluation uses fixed prompts and noise.</p>"
+        ),
     ]
     parts += [_section_plots(title, plots) for title, plots in plot_sections]
     parts.append("<h2>Evaluation images: before and after</h2>")
