@@ -1,7 +1,13 @@
 """Typed run configuration: dataclass defaults < YAML file < ``a.b=c`` overrides.
 
 Every invariant is checked by :func:`validate` before any model loads; each error names the field and
-the fix. ``derived_arithmetic`` gives the per-epoch numbers the run prints at start.
+the fix. The checks of single fields come from the declarations, in one place
+(:func:`check_field_values`): every numeric field is declared with ``num(default, gt/ge/lt/le)`` and
+must be finite and inside its range; every enumerated field is a ``Literal[...]`` and must be one of
+its values (the closest is suggested). Cross-field invariants follow in :func:`validate`.
+Dict-valued fields (``reward.kwargs``) merge key by key across the file and each override.
+``derived_arithmetic`` gives the per-epoch numbers the run prints at start; ``field_docs`` the
+documentation of every key (``diffloop train --help``), read from the attribute docstrings below.
 """
 
 from __future__ import annotations
@@ -584,7 +590,8 @@ def check_field_values(obj: Any, path: str = "") -> None:
             choices = typing.get_args(tp)
             _check(
                 value in choices,
-                f"{where}='{value}' is not one of {', '.join(choices)}.{did_you_mean(str(value), choices)}",
+                f"{where}='{value}' must be one of {', '.join(choices)}; '{value}' is unknown."
+                f"{did_you_mean(str(value), choices)}",
             )
         elif "range" in f.metadata:
             _check_number(value, f.metadata["range"], where, optional=type(None) in typing.get_args(tp))
