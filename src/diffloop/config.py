@@ -682,6 +682,7 @@ def validate(config: Config, num_processes: int = 1) -> None:
     _check(not (config.resume and config.overwrite), "resume=true and overwrite=true contradict; pick one")
     _check(bool(config.model.pretrained), "model.pretrained must name a hub id or a local directory")
     _check(bool(config.reward.name), "reward.name must name a registry reward or module:function")
+    _validate_reward(config.reward)
     _check(bool(config.output_dir), "output_dir must name a directory")
     check_output_dir(config.output_dir)
     _validate_performance(config)
@@ -690,6 +691,21 @@ def validate(config: Config, num_processes: int = 1) -> None:
         _check(p.path is not None, "prompts.source=file needs prompts.path=<text file, one prompt a line>")
     if p.source == "list":
         _check(bool(p.prompts), "prompts.source=list needs prompts.prompts=[...] (at least one prompt)")
+
+
+def _validate_reward(r: RewardConfig) -> None:
+    if r.name == "multi":
+        _check(
+            not r.kwargs,
+            f"reward.name=multi takes its settings from reward.components, not reward.kwargs (got "
+            f"{sorted(r.kwargs)}); put kwargs inside each component",
+        )
+    else:
+        _check(
+            not r.components,
+            f"reward.components is set but reward.name={r.name}; use reward.name=multi (or write "
+            "reward: as a YAML list) to combine rewards",
+        )
 
 
 def _validate_performance(config: Config) -> None:

@@ -27,21 +27,21 @@ def check_before_loading(config: Config, num_processes: int = 1) -> None:
             build_prompt_source(config.eval.prompts)
         except PromptError as e:
             raise ConfigError(f"eval.prompts={config.eval.prompts}: {e}") from None
-    for where, name in reward_names(config.reward):
+    for where, name, kwargs in reward_specs(config.reward):
         try:
-            check_reward_name(name)
+            check_reward_name(name, kwargs)
         except RewardSpecError as e:
             raise ConfigError(f"{where}={name}: {e}") from None
 
 
-def reward_names(cfg: RewardConfig) -> list[tuple[str, str]]:
-    """(config field, reward name) of the reward, or of each component of a ``multi`` reward."""
+def reward_specs(cfg: RewardConfig) -> list[tuple[str, str, dict]]:
+    """(config field, reward name, kwargs) of the reward, or of each component of a ``multi`` one."""
     if cfg.name != "multi":
-        return [("reward.name", cfg.name)]
+        return [("reward.name", cfg.name, cfg.kwargs)]
     from diffloop.rewards.composite import parse_components
 
     try:
         specs = parse_components(cfg.components)
     except ValueError as e:
         raise ConfigError(f"reward.components: {e}") from None
-    return [(f"reward.components[{i}].name", spec.name) for i, spec in enumerate(specs)]
+    return [(f"reward.components[{i}].name", s.name, s.kwargs or {}) for i, s in enumerate(specs)]

@@ -145,22 +145,26 @@ def _unknown_reward(name: str) -> RewardSpecError:
     )
 
 
-def check_reward_name(name: str) -> None:
+def check_reward_name(name: str, kwargs: dict[str, Any] | None = None) -> None:
     """Raise RewardSpecError unless ``name`` is registered or a 'package.module:attr' spec that
-    imports and names a function or class. Builds nothing (no weights load): what a config check
-    can know before training starts."""
-    if name in REWARDS:
-        return
-    _resolve_spec(name)
+    imports and names a class, or a function given no ``kwargs``. Builds nothing (no weights load):
+    what a config check can know before training starts."""
+    if name not in REWARDS:
+        _resolve_spec(name, kwargs or {})
 
 
-def _resolve_spec(name: str) -> Any:
-    """The function or class a 'package.module:attr' reward spec names."""
+def _resolve_spec(name: str, kwargs: dict[str, Any]) -> Any:
+    """The class, or the function (which takes no kwargs), a 'package.module:attr' spec names."""
     if ":" not in name:
         raise _unknown_reward(name)
     obj = _import_attr(name, name)
     if not inspect.isclass(obj) and not callable(obj):
         raise RewardTypeError(f"reward {name!r} is a {type(obj).__name__}, not a function or class")
+    if not inspect.isclass(obj) and kwargs:
+        raise RewardSpecError(
+            f"reward {name!r} is a function, used as the reward itself, so it takes no kwargs "
+            f"(got {sorted(kwargs)}); make it a class to configure it"
+        )
     return obj
 
 
@@ -170,15 +174,8 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
         entry = REWARDS[name]
         factory = _import_attr(entry, name) if isinstance(entry, str) else entry
         return factory(**kwargs)
-    obj = _resolve_spec(name)
-    if inspect.isclass(obj):
-        return obj(**kwargs)
-    if kwargs:
-        raise RewardSpecError(
-            f"reward {name!r} is a function, used as the reward itself, so it takes no kwargs "
-            f"(got {sorted(kwargs)}); make it a class to configure it"
-        )
-    return obj
+    obj = _resolve_spec(name, kwargs)
+    return obj(**kwargs) if inspect.isclass(obj) else obj
 
 
 class RewardError(DiffloopError, RuntimeError):
