@@ -609,19 +609,19 @@ def _check_number(value: Any, rng: Range, where: str, optional: bool) -> None:
     _check(rng.contains(value), f"{where}={value} must be {rng.describe()}{why}")
 
 
-def check_output_dir(output_dir: str) -> None:
-    """output_dir is a writable directory, or can be created: a probe directory is created and removed
-    in it, or in its nearest existing parent (permissions, read-only mounts and /proc all count)."""
+def check_output_dir(output_dir: str, name: str = "output_dir") -> None:
+    """``output_dir`` (the setting ``name``) is a writable directory, or can be created: a probe
+    directory is created and removed in it, or in its nearest existing parent (permissions,
+    read-only mounts and /proc all count). Raises ConfigError."""
     p = Path(output_dir).expanduser().absolute()
     existing = next(a for a in (p, *p.parents) if a.exists())
-    what = "written" if existing == p else "created"
-    _check(existing.is_dir(), f"output_dir={output_dir} cannot be {what}: {existing} is a file; choose another")
+    what = f"{name}={output_dir} cannot be {'written' if existing == p else 'created'}"
+    _check(existing.is_dir(), f"{what}: {existing} is a file; choose another {name}")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".diffloop-write-probe-", dir=existing))
     except OSError as e:
         raise ConfigError(
-            f"output_dir={output_dir} cannot be {what}: {existing} is not writable ({e.strerror}); "
-            "choose another output_dir"
+            f"{what}: {existing} is not writable ({e.strerror}); choose another {name}"
         ) from None
 
 

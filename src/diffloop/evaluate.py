@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffloop.config import check_output_dir
 from diffloop.images import make_grid
 
 DEFAULT_STEPS = 50
@@ -521,6 +522,7 @@ def eval_main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        check_output_dir(str(args.output), "--output")  # ConfigError, a ValueError
         reward_kwargs = _parse_reward_kwargs(args.reward_kwargs, args.reward)
         result = evaluate_model(
             [args.target, *args.compare],

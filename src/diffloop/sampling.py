@@ -24,7 +24,7 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
 
 
 def sample_main(argv: list[str]) -> int:
-    from diffloop.config import LoraConfig, ModelConfig
+    from diffloop.config import LoraConfig, ModelConfig, check_output_dir
     from diffloop.images import save_grid
     from diffloop.policies.diffusers_policy import load_policy
     from diffloop.trainer import derive_seed, make_generators
@@ -41,6 +41,7 @@ def sample_main(argv: list[str]) -> int:
     ap.add_argument("--output", type=Path, default=Path("samples"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    check_output_dir(str(args.output), "--output")  # before a model loads
     device = torch.device(args.device)
     target = Path(args.model)
     steps, guidance = 50, 5.0
