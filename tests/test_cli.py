@@ -123,6 +123,8 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["compare", str(tmp / "sweep_no_budget.yaml")], "needs 'budget'"),
         (["compare", missing + ".yaml"], "does not exist"),
         (["sample", missing, "--prompt", "a cat"], "no directory at"),
+        (["sample", "shapes", "--prompt", "a cat", "--output", "/proc/diffloop_out"], "--output=/proc/diffloop_out"),
+        (["bench", "--device", "nonsense"], "--device 'nonsense' is not a torch device"),
         (["variance", "sample.eta=0"], "sample.eta=0.0 must be in (0, 1]"),
         (["variance", "--algorithms", "nope"], "unknown algorithm 'nope'"),
     ]  # fmt: skip
@@ -134,9 +136,33 @@ def test_every_bad_input_is_one_line_error(capsys, tmp_path):
         assert_one_line_error(code, err, expected)
 
 
-def test_report_of_a_missing_run_is_a_clean_error(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "report", str(tmp_path / "missing"))
-    assert code == 2 and "is not a run directory" in err and "Traceback" not in err
+def _argparse_style_error(capsys, argv: list[str]) -> str:
+    """Commands built on argparse report as ``diffloop <cmd>: error: ...`` (after a usage line)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def test_argparse_commands_report_bad_input_without_tracebacks(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    cases = [
+        (["report", str(tmp_path / "missing")], "diffloop report: error: ", "is not a run directory"),
+        (["report", str(run), "--output", "/proc/diffloop/report.html"], "diffloop report: error: ",
+         "No such file or directory"),
+        (["eval", "shapes", "--prompts", "shapes/val", "--reward", "shapes_binding", "--output",
+          "/proc/diffloop_eval"], "diffloop eval: error: ", "--output=/proc/diffloop_eval cannot be created"),
+        (["serve-reward", "jpeg_compressibility", "--port", "-5"], "diffloop serve-reward: error: ",
+         "-5 is not a TCP port"),
+    ]  # fmt: skip
+    for argv, prefix, expected in cases:
+        line = _argparse_style_error(capsys, argv)
+        assert line.startswith(prefix) and expected in line, line
 
 
 def test_train_fails_before_building_the_trainer(capsys, monkeypatch):
