@@ -35,16 +35,16 @@ def test_train_help_lists_config_keys_with_their_docs(capsys):
     code, out, _ = run_cli(capsys, "train", "--help")
     assert code == 0
     assert out.startswith("usage: diffloop train [CONFIG.yaml] [key.sub=value ...]")
-    assert "  sample.eta = 1.0\n      DDIM eta, in (0, 1]" in out
-    assert "  train.adv_clip_max = null\n      Clip advantages to +-this. null: the algorithm's default" in out
-    assert "  performance.compile = none\n" in out
+    assert "  sample.eta = 1.0   (in (0, 1])\n      DDIM eta, in (0, 1]" in out
+    assert "  train.adv_clip_max = null   (>= 0)\n      Clip advantages to +-this. null: the algorithm's" in out
+    assert "  performance.compile = none   (one of none, sampling, training, all)\n" in out
     for key in ("seed", "train.learning_rate", "reward.kwargs", "eval.prompts", "lora.target_modules"):
         assert f"  {key} = " in out, key
 
 
 def test_check_config_help_is_the_same_key_list(capsys):
     code, out, _ = run_cli(capsys, "check-config", "-h")
-    assert code == 0 and "  train.algorithm = loop\n" in out
+    assert code == 0 and "  train.algorithm = loop   (one of loop, ppo, grpo, reinforce, reinforce_loo)\n" in out
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["check-config", "--help"], ["--version"]])

@@ -45,8 +45,8 @@ def config_help(command: str, summary: str) -> str:
 
     lines = [f"usage: diffloop {command} [CONFIG.yaml] [key.sub=value ...]", "", summary, "",
              "config keys (key = default):"]  # fmt: skip
-    for key, default, doc in field_docs():
-        lines.append(f"  {key} = {default}")
+    for key, default, allowed, doc in field_docs():
+        lines.append(f"  {key} = {default}" + (f"   ({allowed})" if allowed else ""))
         lines += textwrap.wrap(doc, width=96, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 

@@ -540,9 +540,9 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
-def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, docstring) of every leaf field, from the attribute docstrings of this
-    module's source (ast: no import of anything heavy), in declaration order."""
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, default as YAML, allowed values, docstring) of every leaf field, in declaration
+    order; the docstrings are read from this module's source (ast: nothing heavy is imported)."""
     docs = _attribute_docstrings()
     out = []
     for f in dataclasses.fields(cls):
@@ -551,9 +551,16 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str
             out += field_docs(tp, f"{prefix}{f.name}.")
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        out.append((prefix + f.name, yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n..."),
-                    docs.get((cls.__name__, f.name), "")))  # fmt: skip
+        default_yaml = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...")
+        out.append((prefix + f.name, default_yaml, _allowed(f, tp), docs.get((cls.__name__, f.name), "")))
     return out
+
+
+def _allowed(f: dataclasses.Field, tp: Any) -> str:
+    """``in (0, 1]``, ``one of a, b`` or "" (what :func:`check_field_values` enforces)."""
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(typing.get_args(tp))
+    return f.metadata["range"].describe() if "range" in f.metadata else ""
 
 
 def _attribute_docstrings() -> dict[tuple[str, str], str]:
