@@ -27,8 +27,8 @@ dimensions with SNR << 1 the plug-in SNR is dominated by its 1/M bias: read the 
 Which numbers compare across algorithms: reinforce_loo and loop (identical on-policy) estimate the same
 gradient without bias, reinforce (batch-mean baseline) a (N-1)/N multiple of it, so their variances
 compare directly. grpo and ppo divide advantages by a standard deviation, which rescales the gradient:
-compare them by SNR, which is scale-free. All advantages are clipped to +-``train.adv_clip_max`` as in
-training. A KL-to-base penalty (``train.kl_coef``) is not part of the estimate: it is a deterministic
+compare them by SNR, which is scale-free. Advantages are clipped as in training (the algorithm's
+default, ppo +-5, unless ``train.adv_clip_max`` is set). A KL-to-base penalty (``train.kl_coef``) is not part of the estimate: it is a deterministic
 regulariser of theta, not a policy-gradient term.
 
 ppo's per-prompt stat tracker is frozen: each estimate starts from the same snapshot (empty, or the
