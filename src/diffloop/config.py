@@ -215,7 +215,9 @@ class TrainConfig:
     """constant, constant_with_warmup, linear or cosine (diffusers.optimization.get_scheduler)."""
     lr_warmup_steps: int = num(0, ge=0)
     """Optimizer steps of linear warmup (for the *_with_warmup, linear and cosine schedules)."""
-    stat_tracking_buffer: int = num(32, ge=2)
+    stat_tracking_buffer: int = num(
+        32, ge=2, why="a buffer of one reward has std 0 and mean equal to it: every advantage would be 0"
+    )
     """ppo: per-prompt reward buffer length (>= 2: a buffer of one reward gives advantage 0)."""
     stat_tracking_min_count: int = num(
         16, ge=2,
