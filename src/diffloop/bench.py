@@ -970,13 +970,26 @@ def compare_to_reference(items: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _device(name: str) -> torch.device:
+    """``--device`` as a torch.device that exists here, else a one-line DiffloopError."""
+    from diffloop.errors import DiffloopError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DiffloopError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DiffloopError(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False)")
+    return device
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     """``diffloop bench``: run the benchmark, print the table, optionally write JSON. Returns 0."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     import diffusers
 
-    device = torch.device(args.device)
+    device = _device(args.device)
     deadline = Deadline(args.time_limit_s)
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     matmul_rate = matmul_flops_per_s(device, matmul_dtype, args.matmul_n)

@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffloop.errors import DiffloopError
+
 CHECKPOINT_RE = re.compile(r"^epoch_(\d{6})$")
 COMPLETE = "COMPLETE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DiffloopError, RuntimeError):
     """A checkpoint is missing or unreadable; the message names the file and what to do."""
 
 

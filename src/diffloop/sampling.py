@@ -56,7 +56,7 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
 
 
 def sample_main(argv: list[str]) -> int:
-    from diffloop.config import LoraConfig, ModelConfig, load_config
+    from diffloop.config import LoraConfig, ModelConfig, check_output_dir, load_config
     from diffloop.images import save_grid
     from diffloop.loops import make_generators
     from diffloop.policies.diffusers_policy import load_policy
@@ -80,6 +80,7 @@ def sample_main(argv: list[str]) -> int:
     ap.add_argument("--output", type=Path, default=Path("samples"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    check_output_dir(str(args.output), "--output")  # before a model loads
     device = torch.device(args.device)
     target = Path(args.model)
     run_sample = None

@@ -151,7 +151,7 @@ class Trainer:
         t1 = time.perf_counter()
         rewards = self.dist.gather(scores.scores.float()).view(s.prompts_per_epoch, s.samples_per_prompt)  # (B, K)
         monitors = self._image_monitors(traj.images, local)
-        advantages = self.algorithm.advantages(rewards, prompts, cfg.train, self.stat_tracker)  # (B, K)
+        advantages, adv_stats = self.algorithm.advantages_and_stats(rewards, prompts, cfg.train, self.stat_tracker)
         train_stats = self.optimise(traj, advantages.reshape(-1)[local].to(self.dist.device), epoch)
         if train_stats["onpolicy_logprob_err"] > cfg.train.clip_range:
             # Sampling and training disagree by more than the clip range: PPO's clipping is then noise.
@@ -164,6 +164,7 @@ class Trainer:
         return {
             "epoch": epoch,
             **reward_statistics(rewards, advantages),
+            **adv_stats,  # advantage_clipped_frac
             **self._component_means(scores),
             **monitors,
             "reward_invalid": int(self.dist.sum_scalar(scores.num_invalid)),

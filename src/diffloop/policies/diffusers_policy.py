@@ -19,6 +19,7 @@ import torch
 
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig
 from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob
+from diffloop.errors import DiffloopError
 from diffloop.policies.base import Trajectories, iter_chunks
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(DiffloopError, RuntimeError):
     """Weights could not be found or read; the message says what was looked for and how to fix it."""
 
 
