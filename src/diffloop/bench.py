@@ -39,24 +39,6 @@ from typing_extensions import Self
 
 SHAPES = ("tiny", "sd15", "sdxl", "tiny_xl")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PROMPT_WORDS = [
-    "a",
-    "photo",
-    "of",
-    "an",
-    "astronaut",
-    "riding",
-    "a",
-    "horse",
-    "on",
-    "the",
-    "moon",
-    "cat",
-    "dog",
-    "red",
-    "green",
-    "blue",
-]
 
 # DDPO's reference implementation on one H200, SD1.5 shape (see the module docstring).
 REFERENCE_SD15_H200 = {
@@ -220,7 +202,7 @@ def build_components(shape: str, device: torch.device, seed: int = 0) -> dict[st
 
     from diffloop.testing import tiny
 
-    tokenizer = tiny.make_word_tokenizer(PROMPT_WORDS)
+    tokenizer = tiny.make_word_tokenizer(tiny.PROMPT_WORDS)
     if shape == "tiny":
         return tiny.build_tiny_components(seed=seed, tokenizer=tokenizer, device=device)
     torch.manual_seed(seed)
@@ -425,6 +407,8 @@ def make_item(
 
 
 def _prompts(n: int) -> list[str]:
+    from diffloop.testing.tiny import PROMPT_WORDS
+
     return [" ".join(PROMPT_WORDS[i % 5 : i % 5 + 6]) for i in range(n)]
 
 

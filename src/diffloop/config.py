@@ -130,7 +130,7 @@ ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
 class SDXLConfig:
     """SDXL-only settings (read by ``diffloop.policies.sdxl``; ignored for other families)."""
 
-    resolution: int | None = None
+    resolution: int | None = num(None, ge=64)
     """Image side in pixels (a multiple of 8); null: the UNet's sample_size x 8 (1024 for base 1.0)."""
     original_size: list[int] | None = None
     """(height, width) micro-conditioning time id; null: (resolution, resolution), as diffusers."""

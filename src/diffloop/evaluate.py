@@ -114,7 +114,7 @@ def load_target(target: EvalTarget, device: torch.device):
     """(policy, run config or None, checkpoint path or None) for a target."""
     from diffloop import checkpoint
     from diffloop.config import LoraConfig, ModelConfig
-    from diffloop.policies.diffusers_policy import load_policy
+    from diffloop.policies.families import load_policy
     from diffloop.sampling import load_run_policy
 
     if target.kind == "model":

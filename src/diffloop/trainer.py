@@ -35,7 +35,7 @@ from diffloop.distributed import Distributed
 from diffloop.loops import make_generators  # noqa: F401  (re-exported: older imports use it from here)
 from diffloop.monitors import image_statistics
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
-from diffloop.policies.diffusers_policy import load_policy
+from diffloop.policies.families import load_policy
 from diffloop.prompts import build_prompt_source
 from diffloop.rewards import RewardScores, score
 from diffloop.rewards.composite import build_reward_from_config

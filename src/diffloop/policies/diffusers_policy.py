@@ -525,7 +525,7 @@ class DDIMPolicy:
             (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def load_policy(
+def load_ddim_policy(
     model: ModelConfig,
     lora: LoraConfig,
     *,
@@ -535,12 +535,7 @@ def load_policy(
     gradient_checkpointing: bool = False,
     performance: PerformanceConfig | None = None,
 ) -> DDIMPolicy:
-    from diffloop.policies import sdxl
-
-    if sdxl.detect_family(model.pretrained, model.revision) == "sdxl":  # a DDIMPolicy subclass
-        return sdxl.load_sdxl_policy(model, lora, device=device, weight_dtype=weight_dtype,
-                                     logprob_reduction=logprob_reduction, performance=performance,
-                                     gradient_checkpointing=gradient_checkpointing)
+    """``load_policy`` for the sd family (SD 1.x / 2.x and the shapes model)."""
     components = load_components(model)
     return DDIMPolicy(
         components,
