@@ -40,13 +40,9 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args: list[str]) -> int:
-    from diffloop.config import load_config
-    from diffloop.trainer import Trainer
+    from diffloop.resume import run_training, train_config  # resume: the run's config; Ctrl-C
 
-    path, overrides = _split_config_args(args)
-    config = load_config(path, overrides)
-    Trainer(config, argv=["diffloop", "train", *args]).train()
-    return 0
+    return run_training(train_config(args), argv=["diffloop", "train", *args])
 
 
 def cmd_check_config(args: list[str]) -> int:

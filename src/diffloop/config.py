@@ -157,6 +157,9 @@ class TrainConfig:
     disabled: no second copy). Costs one extra forward per trained step. 0 disables."""
     log_kl_to_base: bool = False
     """Log ``kl_to_base`` each epoch even when kl_coef is 0 (one extra forward per trained step)."""
+    max_consecutive_nonfinite: int = 3
+    """An optimizer step whose gradient is NaN/inf is skipped and counted (``nonfinite_steps_skipped``);
+    this many skipped in a row stop the run, keeping its last checkpoint (see diffloop.guards)."""
 
 
 @dataclass
@@ -259,6 +262,10 @@ class Config:
     times faster with 1: OpenMP threads spin-wait when the cores are busy."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept; older ones are deleted after a new one is complete."""
+    resume_allow: list[str] = field(default_factory=list)
+    """Keys (dotted; a section name covers its keys) a resume may change from the run's own config,
+    e.g. ``resume_allow=[train.learning_rate]``. Without it only num_epochs (raised), logging.* and
+    bookkeeping keys may differ (diffloop.resume.RESUME_MAY_CHANGE); any other difference is an error."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -506,6 +513,10 @@ def validate(config: Config, num_processes: int = 1) -> None:
         not ((t.kl_coef > 0 or t.log_kl_to_base) and not config.lora.enabled),
         "train.kl_coef / train.log_kl_to_base need lora.enabled=true: the base model is the UNet with "
         "its LoRA adapter disabled",
+    )
+    _check(
+        t.max_consecutive_nonfinite >= 1,
+        f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite} must be >= 1",
     )
     _check(t.stat_tracking_buffer >= 1, "train.stat_tracking_buffer must be >= 1")
     _check(
