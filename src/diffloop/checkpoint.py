@@ -217,8 +217,7 @@ def _load(path: Path, loader):
         return loader(path)
     except Exception as e:
         raise CheckpointError(
-            f"checkpoint file '{path}' is unreadable ({type(e).__name__}: {e}). Move the directory "
-            f"'{path.parent}' aside to resume from the previous checkpoint."
+            f"checkpoint file '{path}' is unreadable ({type(e).__name__}: {e})"
         ) from e
 
 

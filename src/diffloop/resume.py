@@ -218,9 +218,13 @@ def run_training(config: Config, argv: list[str] | None = None) -> int:
     from diffloop.guards import NonFiniteError
     from diffloop.trainer import Trainer
 
+    trainer = None
     try:
-        Trainer(config, argv=argv).train()
+        trainer = Trainer(config, argv=argv)
+        trainer.train()
     except KeyboardInterrupt:
+        if trainer is not None:
+            trainer.run.close()  # flush TensorBoard / W&B
         print(interrupted_message(config.output_dir), file=sys.stderr)
         return 130
     except NonFiniteError as e:

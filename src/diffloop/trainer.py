@@ -352,6 +352,7 @@ class Trainer:
         self.optimizer.load_state_dict(parts["optimizer"])
         self.lr_scheduler.load_state_dict(parts["lr_scheduler"])
         self.grad_scaler.load_state_dict(parts["grad_scaler"])
+        self._apply_optimizer_config()
         if parts["rng"] is not None:
             checkpoint.set_rng_state(parts["rng"])
         state = parts["state"]
@@ -361,6 +362,17 @@ class Trainer:
         self.optimizer_steps = state.optimizer_steps
         if self.dist.is_main:
             print(f"resumed from {path} ({self.start_epoch} epochs done)")
+
+    def _apply_optimizer_config(self) -> None:
+        """After loading their states, the optimizer and LR schedule follow the config again: a resume
+        may change the rate (resume_allow) or the schedule's length (num_epochs). With nothing
+        changed this sets the very values (and floats: LambdaLR's own formula) that were loaded."""
+        t, sched = self.config.train, self.lr_scheduler
+        sched.base_lrs = [t.learning_rate] * len(self.optimizer.param_groups)
+        for group, lr_lambda in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            group.update(initial_lr=t.learning_rate, lr=t.learning_rate * lr_lambda(sched.last_epoch),
+                         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _refuse_to_clobber(self) -> None:
         existing = existing_run(self.config.output_dir)  # checkpoints, exports, metrics or config
