@@ -505,9 +505,11 @@ def test_run_keeps_checkpoint_when_server_goes_down_and_resumes(
 def test_http_500_after_retries_reports_the_status_and_message_not_unreachable(
     sleeps: list[float],
 ) -> None:
-    with fake_server([(500, b'{"error": "CUDA out of memory"}')]) as server:
-        with pytest.raises(RewardError) as info:
-            RemoteReward(server.url, retries=2, backoff=0.0)(IMAGES2, PROMPTS2, META2)
+    with (
+        fake_server([(500, b'{"error": "CUDA out of memory"}')]) as server,
+        pytest.raises(RewardError) as info,
+    ):
+        RemoteReward(server.url, retries=2, backoff=0.0)(IMAGES2, PROMPTS2, META2)
     message = str(info.value)
     assert "failed after 3 attempts" in message and "HTTP 500: CUDA out of memory" in message
     assert "unreachable" not in message and "serve-reward" not in message
