@@ -376,15 +376,13 @@ class Trainer:
 
     def _refuse_to_clobber(self) -> None:
         existing = existing_run(self.config.output_dir)  # checkpoints, exports, metrics or config
-        if not existing:
-            return
-        if not self.config.overwrite:
+        if existing and not self.config.overwrite:
             raise ConfigError(
                 f"output_dir={self.config.output_dir} already holds a run ({', '.join(existing)}); "
                 "pass resume=true to continue it, overwrite=true to start afresh there, or another output_dir"
             )
-        self.dist.wait()
-        if self.dist.is_main:
+        self.dist.wait()  # every process has looked before the main one writes this run's record
+        if existing and self.dist.is_main:
             remove_run(self.config.output_dir)
         self.dist.wait()
 
