@@ -74,7 +74,7 @@ def list_complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """``epoch_*`` directories without COMPLETE, and ``.tmp-*`` ones (a save that was interrupted)."""
+    """``epoch_*`` directories without COMPLETE, and ``.tmp-*`` ones (an interrupted save)."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
@@ -135,8 +135,8 @@ def write_main(
     nonfinite = nonfinite_tensors(trainable) + nonfinite_tensors(_optimizer_tensors(optimizer.state_dict()))
     if nonfinite:
         logger.warning(
-            "checkpoint %s holds non-finite values (%s): it is saved, but resume will not load it and "
-            "rotation keeps the last finite checkpoint", tmp.name, ", ".join(nonfinite[:4]),
+            "checkpoint %s holds non-finite values (%s): it is saved, but resume will not load it "
+            "and rotation keeps the last finite checkpoint", tmp.name, ", ".join(nonfinite[:4]),
         )
     save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -185,14 +185,19 @@ def verify_files(path: Path) -> None:
     if manifest is None:
         if (path / MANIFEST).exists():
             raise CheckpointError(f"checkpoint '{path}': {MANIFEST} is unreadable")
-        logger.warning("checkpoint %s has no %s (saved by an older diffloop): its bytes are not verified", path, MANIFEST)
+        logger.warning(
+            "checkpoint %s has no %s (saved by an older diffloop): its bytes are not verified",
+            path, MANIFEST,
+        )
         return
     for name, expected in manifest["sha256"].items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint file '{f}' is missing")
         if sha256_file(f) != expected:
-            raise CheckpointError(f"checkpoint file '{f}' does not match its sha256 in {MANIFEST} (corrupt bytes)")
+            raise CheckpointError(
+                f"checkpoint file '{f}' does not match its sha256 in {MANIFEST} (corrupt bytes)"
+            )
 
 
 def commit(output_dir: str | Path, tmp: Path, epochs_completed: int, keep: int) -> Path:
@@ -224,8 +229,8 @@ def _load(path: Path, loader):
 def load(path: Path, rank: int) -> dict[str, Any]:
     """Read and verify a checkpoint directory into a dict of its parts (tensors on CPU).
 
-    CheckpointError if a file is missing, unreadable, differs from its manifest sha256, or a model or
-    optimizer tensor is non-finite.
+    CheckpointError if a file is missing, unreadable, differs from its manifest sha256, or a model
+    or optimizer tensor is non-finite.
     """
     verify_files(path)
     torch_load = lambda p: torch.load(p, map_location="cpu", weights_only=False)
@@ -242,17 +247,20 @@ def load(path: Path, rank: int) -> dict[str, Any]:
     }
     nonfinite = nonfinite_tensors(parts["trainable"]) + nonfinite_tensors(_optimizer_tensors(parts["optimizer"]))
     if nonfinite:
-        raise CheckpointError(f"checkpoint '{path}' holds non-finite values in {', '.join(nonfinite[:4])}")
+        names = ", ".join(nonfinite[:4])
+        raise CheckpointError(f"checkpoint '{path}' holds non-finite values in {names}")
     return parts
 
 
 def load_newest_valid(output_dir: str | Path, rank: int) -> tuple[Path, dict[str, Any]] | None:
-    """The newest complete checkpoint that loads and verifies, falling back (with a warning) to older ones.
+    """The newest complete checkpoint that loads and verifies; older ones are fallbacks (warned).
 
     None if there is no complete checkpoint; CheckpointError (naming each failure) if none is valid.
     """
     for p in incomplete_checkpoints(output_dir):
-        logger.warning("skipping incomplete checkpoint %s (no %s marker: a save that did not finish)", p, COMPLETE)
+        logger.warning(
+            "skipping incomplete checkpoint %s (no %s marker: a save that did not finish)", p, COMPLETE
+        )
     candidates = list_complete_checkpoints(output_dir)[::-1]
     failures = []
     for path in candidates:

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive optimizer steps had non-finite gradients; the message says what to do."""
+    """Too many optimizer steps in a row had non-finite gradients; the message says what to do."""
 
 
 def onpolicy_error_ok(err: float, clip_range: float) -> bool:
@@ -44,7 +44,8 @@ class NonFiniteGuard:
     """Decides, per optimizer step, whether its gradient may be applied; counts and limits skips.
 
     Args:
-        max_consecutive: skipped steps in a row that stop the run (``train.max_consecutive_nonfinite``).
+        max_consecutive: skipped steps in a row that stop the run
+            (``train.max_consecutive_nonfinite``).
     """
 
     def __init__(self, max_consecutive: int) -> None:
@@ -68,20 +69,21 @@ class NonFiniteGuard:
         if not scaling:
             self.consecutive += 1
         logger.warning(
-            "non-finite gradient (norm %s): optimizer step skipped%s (%d in a row; the run stops at "
-            "train.max_consecutive_nonfinite=%d)",
+            "non-finite gradient (norm %s): optimizer step skipped%s (%d in a row; the run "
+            "stops at train.max_consecutive_nonfinite=%d)",
             norm, " (fp16 loss-scale overflow)" if scaling else "", self.consecutive, self.max_consecutive,
         )
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteError(
-                f"{self.consecutive} optimizer steps in a row had non-finite gradients (NaN/inf) and were "
-                "skipped; the last checkpoint is kept: lower train.learning_rate, check the reward and "
-                "train.adv_clip_max, then resume with resume=true (resume_allow=[train.learning_rate] to "
-                "change it), or raise train.max_consecutive_nonfinite"
+                f"{self.consecutive} optimizer steps in a row had non-finite gradients (NaN/inf) "
+                "and were skipped; the last checkpoint is kept: lower train.learning_rate, check "
+                "the reward and train.adv_clip_max, then resume with resume=true "
+                "(resume_allow=[train.learning_rate] to change it), or raise "
+                "train.max_consecutive_nonfinite"
             )
         return False
 
     def take_epoch_count(self) -> int:
-        """Steps skipped since the last call (one call per epoch: the ``nonfinite_steps_skipped`` metric)."""
+        """Steps skipped since the last call (once per epoch: ``nonfinite_steps_skipped``)."""
         count, self.epoch_skipped = self.epoch_skipped, 0
         return count

@@ -48,15 +48,18 @@ from diffloop.config import (
 )
 
 RESUME_MAY_CHANGE = (
-    "resume", "overwrite", "resume_allow", "output_dir", "logging", "checkpoint_every", "keep_checkpoints",
-    "sample.batch_size", "eval.batch_size", "performance.decode_batch_size", "train.gradient_checkpointing",
+    "resume", "overwrite", "resume_allow", "output_dir", "logging", "checkpoint_every",
+    "keep_checkpoints", "sample.batch_size", "eval.batch_size", "performance.decode_batch_size",
+    "train.gradient_checkpointing",
 )  # fmt: skip
-SESSION_KEYS = ("resume", "overwrite", "resume_allow")  # per-session flags, not part of the run's config
+SESSION_KEYS = ("resume", "overwrite", "resume_allow")  # per-session flags, not the run's config
 SESSIONS = "sessions.jsonl"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"learning_rate": 1e-4}} -> {"train.learning_rate": 1e-4}; ``kwargs`` and lists are leaves."""
+    """{"train": {"learning_rate": 1e-4}} -> {"train.learning_rate": 1e-4}.
+
+    ``kwargs`` mappings and lists are leaves (compared whole)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and k != "kwargs":
@@ -92,7 +95,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def run_config_dict(output_dir: str | Path) -> dict[str, Any] | None:
-    """The run's current config as a nested dict (config.yaml + every session's changes), or None."""
+    """The run's current config as a nested dict (config.yaml + each session's changes), or None."""
     path = Path(output_dir) / "config.yaml"
     if not path.is_file():
         return None
@@ -113,7 +116,8 @@ def _run_config(output_dir: str | Path) -> Config | None:
     try:
         return _from_dict(Config, data)
     except ConfigError as e:
-        raise ConfigError(f"the run's config in {output_dir} (config.yaml, sessions.jsonl): {e}") from None
+        where = f"the run's config in {output_dir} (config.yaml, sessions.jsonl)"
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def config_changes(run: Config, config: Config) -> dict[str, tuple[Any, Any]]:
@@ -123,7 +127,7 @@ def config_changes(run: Config, config: Config) -> dict[str, tuple[Any, Any]]:
 
 
 def check_resume(config: Config) -> dict[str, Any]:
-    """For ``resume=true``: ConfigError unless ``config`` differs from the run's config only where allowed.
+    """For ``resume=true``: ConfigError unless ``config`` differs from the run's only where allowed.
 
     Returns the allowed changes {dotted key: new value} (empty when there is no run to compare to).
     """
@@ -135,27 +139,33 @@ def check_resume(config: Config) -> dict[str, Any]:
     known = flatten(config_to_dict(config))
     for key in config.resume_allow:
         if not any(covered(k, [key]) for k in known):
-            raise ConfigError(f"resume_allow names '{key}', which is not a config key (e.g. train.learning_rate)")
+            raise ConfigError(
+                f"resume_allow names '{key}', which is not a config key (e.g. train.learning_rate)"
+            )
     allowed = (*RESUME_MAY_CHANGE, "num_epochs", *config.resume_allow)
     changes = config_changes(run, config)
     errors = [
         f"{k}={new!r} differs from the run's {k}={old!r}" for k, (old, new) in changes.items() if not covered(k, allowed)
     ]
     if "num_epochs" in changes and config.num_epochs < run.num_epochs and "num_epochs" not in config.resume_allow:
-        errors.append(f"num_epochs={config.num_epochs} is below the run's num_epochs={run.num_epochs} (it may only be raised)")
+        errors.append(
+            f"num_epochs={config.num_epochs} is below the run's num_epochs={run.num_epochs} "
+            "(it may only be raised)"
+        )
     if errors:
         keys = ",".join(k for k in changes if not covered(k, allowed)) or "num_epochs"
         raise ConfigError(
-            f"resume=true continues the run in {config.output_dir} with its own config: {'; '.join(errors)}. "
-            f"Drop the differing value, or pass resume_allow=[{keys}] to change it on purpose"
+            f"resume=true continues the run in {config.output_dir} with its own config: "
+            f"{'; '.join(errors)}. Drop the differing value, or pass resume_allow=[{keys}] to "
+            "change it on purpose"
         )
     return {k: new for k, (_, new) in changes.items()}
 
 
 def train_config(args: list[str]) -> Config:
-    """The config of ``diffloop train ARGS``: as ``load_config`` does, except that with ``resume=true``
-    and a run in output_dir it is the run's config with the explicitly given values laid over it
-    (then :func:`check_resume`)."""
+    """The config of ``diffloop train ARGS``: as ``load_config`` gives it, except that with
+    ``resume=true`` and a run in output_dir it is the run's config with the explicitly given values
+    laid over it (then :func:`check_resume`)."""
     from diffloop.cli import _split_config_args
 
     path, overrides = _split_config_args(args)

@@ -59,7 +59,7 @@ def remove_run(output_dir: str | Path) -> None:
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line, flushed and fsynced; a torn last line (killed mid-write) is ended first."""
+    """Append one JSON line, flushed and fsynced; a torn last line (killed mid-write) is ended."""
     with open(path, "a+b") as f:
         f.seek(0, os.SEEK_END)
         if f.tell() > 0:
@@ -124,7 +124,7 @@ class RunDirectory:
             )
 
     def _record_session(self, config: Config, start_epoch: int, argv: list[str]) -> None:
-        """Append this session to the record; a new run first writes config.yaml and run_info.json."""
+        """Append this session to the record (a new run first writes config.yaml, run_info.json)."""
         from diffloop.resume import SESSIONS, _run_config, config_changes, read_jsonl
 
         self.path.mkdir(parents=True, exist_ok=True)

@@ -209,8 +209,8 @@ class RemoteReward:
         resume = "The run keeps its last checkpoint; resume with resume=true."
         if last is not None and last.status is not None:  # it answered: not a reachability problem
             raise RewardError(
-                f"reward server at {self.url} failed after {attempts} attempts ({what}) with {last}: the "
-                f"reward raised on the server (see its log). {resume}"
+                f"reward server at {self.url} failed after {attempts} attempts ({what}) with "
+                f"{last}: the reward raised on the server (see its log). {resume}"
             ) from last
         port = urllib.parse.urlsplit(self.url).port or 8765
         raise RewardError(
@@ -225,7 +225,8 @@ class RemoteReward:
 
 
 def check_servers(reward: Any) -> None:
-    """GET /health of ``reward`` if it is a RemoteReward, or of each remote component of a composite.
+    """GET /health of ``reward`` if it is a RemoteReward, or of each remote component of a
+    composite.
 
     RewardError (with the retries' message) if a server does not answer or answers anything but
     ``{"status": "ok", ...}``.
@@ -235,7 +236,9 @@ def check_servers(reward: Any) -> None:
             continue
         answer = r.health()
         if not isinstance(answer, dict) or answer.get("status") != "ok":
-            raise RewardError(f"reward server at {r.url}: GET /health answered {str(answer)[:200]}, not status ok")
+            raise RewardError(
+                f"reward server at {r.url}: GET /health answered {str(answer)[:200]}, not status ok"
+            )
 
 
 def _server_message(exc: urllib.error.HTTPError) -> str:
