@@ -25,6 +25,8 @@ LAYERS: dict[str, int] = {
     "diffloop.config": 1,
     "diffloop.algorithms": 1,
     "diffloop.errors": 1,
+    "diffloop.guards": 1,
+    "diffloop.resume": 2,  # a run's own config on resume
     "diffloop.policies": 2,
     "diffloop.rewards": 2,
     "diffloop.prompts": 2,

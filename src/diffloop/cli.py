@@ -61,10 +61,19 @@ def cmd_train(args: list[str]) -> int:
     if any(a in HELP for a in args):
         print(config_help("train", "Fine-tune a diffusion model with RL. " + _LAYERS))
         return 0
+    from diffloop.resume import interrupted_message, train_config  # resume: the run's own config
     from diffloop.trainer import Trainer
 
-    _, config = checked_config(args)
-    Trainer(config, argv=["diffloop", "train", *args]).train()
+    config = train_config(args)
+    trainer = None
+    try:
+        trainer = Trainer(config, argv=["diffloop", "train", *args])
+        trainer.train()
+    except KeyboardInterrupt:  # one line saying what was kept and how to resume, not a traceback
+        if trainer is not None:
+            trainer.run.close()  # flush TensorBoard / W&B
+        print(interrupted_message(config.output_dir), file=sys.stderr)
+        return 130
     return 0
 
 

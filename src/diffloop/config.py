@@ -256,6 +256,9 @@ class TrainConfig:
     disabled: no second copy). Costs one extra forward per trained step. 0 disables."""
     log_kl_to_base: bool = False
     """Log ``kl_to_base`` each epoch even when kl_coef is 0 (one extra forward per trained step)."""
+    max_consecutive_nonfinite: int = num(3, ge=1)
+    """An optimizer step whose gradient is NaN/inf is skipped and counted (``nonfinite_steps_skipped``);
+    this many skipped in a row stop the run, keeping its last checkpoint (see diffloop.guards)."""
 
 
 @dataclass
@@ -359,6 +362,10 @@ class Config:
     times faster with 1: OpenMP threads spin-wait when the cores are busy."""
     keep_checkpoints: int = num(2, ge=1)
     """Newest checkpoints kept; older ones are deleted after a new one is complete."""
+    resume_allow: list[str] = field(default_factory=list)
+    """Keys (dotted; a section name covers its keys) a resume may change from the run's own config,
+    e.g. ``resume_allow=[train.learning_rate]``. Without it only num_epochs (raised), logging.* and
+    bookkeeping keys may differ (diffloop.resume.RESUME_MAY_CHANGE); any other difference is an error."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
