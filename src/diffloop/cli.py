@@ -61,10 +61,12 @@ def cmd_train(args: list[str]) -> int:
     if any(a in HELP for a in args):
         print(config_help("train", "Fine-tune a diffusion model with RL. " + _LAYERS))
         return 0
+    from diffloop.preflight import check_before_loading
     from diffloop.resume import interrupted_message, train_config  # resume: the run's own config
     from diffloop.trainer import Trainer
 
     config = train_config(args)
+    check_before_loading(config)  # the Trainer checks again (for library use); this fails before it
     trainer = None
     try:
         trainer = Trainer(config, argv=["diffloop", "train", *args])

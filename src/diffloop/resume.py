@@ -109,7 +109,7 @@ def run_config_dict(output_dir: str | Path) -> dict[str, Any] | None:
     return data
 
 
-def _run_config(output_dir: str | Path) -> Config | None:
+def load_run_config(output_dir: str | Path) -> Config | None:
     data = run_config_dict(output_dir)
     if data is None:
         return None
@@ -133,7 +133,7 @@ def check_resume(config: Config) -> dict[str, Any]:
     """
     if not config.resume:
         return {}
-    run = _run_config(config.output_dir)
+    run = load_run_config(config.output_dir)
     if run is None:
         return {}
     known = flatten(config_to_dict(config))

@@ -125,10 +125,10 @@ class RunDirectory:
 
     def _record_session(self, config: Config, start_epoch: int, argv: list[str]) -> None:
         """Append this session to the record (a new run first writes config.yaml, run_info.json)."""
-        from diffloop.resume import SESSIONS, _run_config, config_changes, read_jsonl
+        from diffloop.resume import SESSIONS, config_changes, load_run_config, read_jsonl
 
         self.path.mkdir(parents=True, exist_ok=True)
-        run = _run_config(self.path) if config.resume else None
+        run = load_run_config(self.path) if config.resume else None
         if run is None:
             save_config(config, self.path / "config.yaml")
             info = {"seed": config.seed, "argv": argv, "versions": versions()}
