@@ -127,7 +127,7 @@ def test_argument_errors() -> None:
         build_prompt_source("list", prompts=[])
     with pytest.raises(ValueError, match="must be str"):
         build_prompt_source("list", prompts=["ok", 3])  # type: ignore[list-item]
-    with pytest.raises(ValueError, match="only used with source 'file'"):
+    with pytest.raises(ValueError, match="only used with sources file, jsonl, csv, dataset"):
         build_prompt_source("ddpo/activities", path="x.txt")
     with pytest.raises(ValueError, match="only used with source 'list'"):
         build_prompt_source("file", path="x.txt", prompts=["a"])

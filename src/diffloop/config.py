@@ -121,6 +121,14 @@ CompileTarget = Literal["none", "sampling", "training", "all"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 AttentionBackend = Literal["sdpa", "eager"]
 
+# Prompt sources read from a path (diffloop.prompts), and what the path must be.
+PATH_SOURCES = {
+    "file": "text file, one prompt a line",
+    "jsonl": "JSON-lines file, one object with a prompt field a line",
+    "csv": "CSV file with a header row and a prompt column",
+    "dataset": "Hugging Face dataset: hub id or local directory",
+}
+
 COMPILE_TARGETS: tuple[str, ...] = typing.get_args(CompileTarget)
 COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
 ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
@@ -278,17 +286,31 @@ class RewardConfig:
 @dataclass
 class PromptConfig:
     source: str = "shapes/train"
-    """Prompt source: a registry name (ddpo/simple_animals, shapes/train, ...), ``file`` or ``list``."""
+    """Prompt source: a registry name (ddpo/simple_animals, shapes/train, ...), ``list``, or one read
+    from prompts.path: ``file`` (one prompt a line), ``jsonl``, ``csv`` or ``dataset`` (Hugging Face
+    ``datasets``: needs ``pip install 'diffloop[datasets]'``). The other fields of a jsonl / csv /
+    dataset row are the prompt's metadata, passed to the reward in training and evaluation."""
     path: str | None = None
-    """Text file, one prompt a line (source=file)."""
+    """File for source=file/jsonl/csv; hub id or local directory for source=dataset."""
     prompts: list[str] | None = None
     """Inline prompts (source=list)."""
+    prompt_column: str = "prompt"
+    """The field (JSONL key, CSV column, dataset column) holding the prompt (jsonl/csv/dataset)."""
+    split: str = "train"
+    """Dataset split (source=dataset)."""
 
 
 @dataclass
 class EvalConfig:
     prompts: str | None = None
-    """Held-out prompt source (registry name, e.g. shapes/val_pair); null disables evaluation."""
+    """Held-out prompt source (registry name, e.g. shapes/val_pair, or file/jsonl/csv/dataset with
+    eval.path); null disables evaluation. Row fields reach the reward as metadata, as in training."""
+    path: str | None = None
+    """File, hub id or directory of a path source (eval.prompts=file/jsonl/csv/dataset)."""
+    prompt_column: str | None = None
+    """Prompt field of a jsonl/csv/dataset eval source; null: prompts.prompt_column."""
+    split: str = "train"
+    """Dataset split (eval.prompts=dataset)."""
     num_prompts: int = num(16, ge=1)
     """First N prompts of the source (in order, cycling), the same every evaluation."""
     samples_per_prompt: int = num(2, ge=1)
@@ -733,10 +755,15 @@ def validate(config: Config, num_processes: int = 1) -> None:
     check_output_dir(config.output_dir)
     _validate_performance(config)
     p = config.prompts
-    if p.source == "file":
-        _check(p.path is not None, "prompts.source=file needs prompts.path=<text file, one prompt a line>")
+    if p.source in PATH_SOURCES:
+        _check(p.path is not None, f"prompts.source={p.source} needs prompts.path=<{PATH_SOURCES[p.source]}>")
     if p.source == "list":
         _check(bool(p.prompts), "prompts.source=list needs prompts.prompts=[...] (at least one prompt)")
+    e = config.eval
+    if e.prompts in PATH_SOURCES:
+        _check(e.path is not None, f"eval.prompts={e.prompts} needs eval.path=<{PATH_SOURCES[e.prompts]}>")
+    _check(e.path is None or e.prompts in PATH_SOURCES,
+           f"eval.path={e.path} is only read by eval.prompts={'/'.join(PATH_SOURCES)}, not {e.prompts}")  # fmt: skip
 
 
 def _validate_reward(r: RewardConfig) -> None:

@@ -8,7 +8,7 @@ model load. Each failure is a :class:`~diffloop.config.ConfigError`, one line na
 from __future__ import annotations
 
 from diffloop.config import Config, ConfigError, RewardConfig, validate
-from diffloop.prompts import PromptError, build_prompt_source
+from diffloop.prompts import PromptError, eval_prompt_source, training_prompt_source
 from diffloop.rewards.registry import RewardSpecError, check_reward_name
 
 
@@ -17,16 +17,14 @@ def check_before_loading(config: Config, num_processes: int = 1) -> None:
     arithmetic, a writable output_dir), the training and evaluation prompt sources (files read),
     and every reward name (registered, or an importable ``package.module:attr``). Loads no model."""
     validate(config, num_processes)
-    p = config.prompts
     try:
-        build_prompt_source(p.source, p.path, p.prompts)
+        training_prompt_source(config.prompts)
     except PromptError as e:
-        raise ConfigError(f"prompts.source={p.source}: {e}") from None
-    if config.eval.prompts:
-        try:
-            build_prompt_source(config.eval.prompts)
-        except PromptError as e:
-            raise ConfigError(f"eval.prompts={config.eval.prompts}: {e}") from None
+        raise ConfigError(f"prompts.source={config.prompts.source}: {e}") from None
+    try:
+        eval_prompt_source(config)
+    except PromptError as e:
+        raise ConfigError(f"eval.prompts={config.eval.prompts}: {e}") from None
     for where, name, kwargs in reward_specs(config.reward):
         try:
             check_reward_name(name, kwargs)

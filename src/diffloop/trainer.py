@@ -9,10 +9,12 @@ whichever process draws it and whether or not the run was resumed in between.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,9 @@ from diffloop.monitors import image_statistics
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
 from diffloop.policies.families import load_policy
 from diffloop.preflight import check_before_loading
-from diffloop.prompts import build_prompt_source
+from diffloop.prompts import PromptSource, eval_prompt_source, rows_to_source, training_prompt_source
 from diffloop.resume import check_resume
-from diffloop.rewards import RewardScores, score
+from diffloop.rewards import RewardScores, register_reward, reward_name, score
 from diffloop.rewards.composite import build_reward_from_config
 from diffloop.rewards.remote import check_servers
 from diffloop.run_dir import RunDirectory, existing_run, remove_run
@@ -62,8 +64,23 @@ def set_backend_flags(performance: PerformanceConfig, device: torch.device, cpu_
 class Trainer:
     policy: DiffusionPolicy
 
-    def __init__(self, config: Config, dist: Distributed | None = None, argv: list[str] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        dist: Distributed | None = None,
+        argv: list[str] | None = None,
+        *,
+        reward: Callable[..., Any] | None = None,
+        prompts: Iterable[str | dict[str, Any]] | None = None,
+    ):
+        """``reward``: a scoring function ``(images, prompts, metadata) -> scores`` used instead of
+        config.reward; ``prompts``: strings, or dicts with the prompt under prompts.prompt_column and
+        their other fields as metadata, used instead of config.prompts. The run's config.yaml then
+        records ``reward.name=python:<function name>`` and ``prompts.source=list`` (the metadata is
+        not in it): use config fields for a run to resume from the command line."""
+        config, user_source = _with_python_arguments(config, reward, prompts)
         self.dist = dist or Distributed()
+        self.dist.check_mixed_precision(config.train.mixed_precision)
         set_backend_flags(config.performance, self.dist.device, config.cpu_threads)
         # Exactly what check-config checks (config, prompt files, reward names), before a model loads.
         check_before_loading(config, num_processes=self.dist.world_size)
@@ -72,8 +89,8 @@ class Trainer:
         self.algorithm = ALGORITHMS[config.train.algorithm]
         self.arithmetic = derived_arithmetic(config, self.dist.world_size)
         # Cheap, likely-to-fail parts first: a bad prompt file or reward name fails before a model loads.
-        self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.path, config.prompts.prompts)
-        self.eval_source = build_prompt_source(config.eval.prompts) if config.eval.prompts else None
+        self.prompt_source = user_source or training_prompt_source(config.prompts)
+        self.eval_source = eval_prompt_source(config)
         self.reward = build_reward_from_config(config.reward)
         check_servers(self.reward)  # a remote reward's server answers now, not after the first sampling
         self._reward_pool = ThreadPoolExecutor(1, "reward") if config.reward.asynchronous else None
@@ -149,11 +166,15 @@ class Trainer:
         cfg, s = self.config, self.config.sample
         self._seed_globals(epoch)
         t0 = time.perf_counter()
-        prompts = self.prompt_source.sample(s.prompts_per_epoch, cfg.seed, epoch)  # (B,) same on all ranks
-        sample_prompts = [p for p in prompts for _ in range(s.samples_per_prompt)]  # (B*K,) prompt-major
+        drawn = self.prompt_source.draw(s.prompts_per_epoch, cfg.seed, epoch)  # (B,) same on all ranks
+        prompts = [self.prompt_source.prompts[i] for i in drawn]
+        rows = [i for i in drawn for _ in range(s.samples_per_prompt)]  # (B*K,) prompt-major
+        sample_prompts = [self.prompt_source.prompts[i] for i in rows]
         local = self.dist.local_slice(len(sample_prompts))
         seeds = [seeding.training_noise_seed(cfg.seed, epoch, g) for g in range(local.start, local.stop)]
-        metadata = [{"epoch": epoch, "sample_index": g} for g in range(local.start, local.stop)]
+        # The row's own fields (a dataset's objects, categories, ...) and where the sample stands.
+        metadata = [{**self.prompt_source.fields(rows[g]), "epoch": epoch, "sample_index": g}
+                    for g in range(local.start, local.stop)]  # fmt: skip
         traj, scores, timing = self.sample_and_score(sample_prompts[local], seeds, metadata)
         t1 = time.perf_counter()
         rewards = self.dist.gather(scores.scores.float()).view(s.prompts_per_epoch, s.samples_per_prompt)  # (B, K)
@@ -293,10 +314,11 @@ class Trainer:
         e = self.config.eval
         t0 = time.perf_counter()
         k = e.samples_per_prompt
-        fixed = self.eval_source.iterate_fixed(e.num_prompts)
-        prompts = [p for p in fixed for _ in range(k)]
+        fixed = self.eval_source.fixed_indices(e.num_prompts)
+        prompts = [self.eval_source.prompts[i] for i in fixed for _ in range(k)]
         seeds = loops.eval_seeds(e.seed, len(fixed), k)
-        metadata = [{"prompt_index": g // k, "image_index": g % k} for g in range(len(prompts))]
+        metadata = [{**self.eval_source.fields(fixed[g // k]), "prompt_index": g // k, "image_index": g % k}
+                    for g in range(len(prompts))]  # fmt: skip
         local = self.dist.local_slice(len(prompts))
         if len(prompts) % self.dist.world_size:
             local = slice(0, len(prompts)) if self.dist.is_main else slice(0, 0)
@@ -449,6 +471,30 @@ class Trainer:
             f"+- {m['reward_std']:.4f}{extra} kl {m.get('approx_kl', 0):.2e} clipfrac {m.get('clipfrac', 0):.3f} "
             f"({m['sample_time_s']:.1f}s sample, {m['train_time_s']:.1f}s train)"
         )
+
+
+def _with_python_arguments(
+    config: Config, reward: Callable[..., Any] | None, prompts: Iterable[Any] | None
+) -> tuple[Config, PromptSource | None]:
+    """(config with reward/prompts standing for the Python objects, the prompts' source or None).
+
+    The reward is registered as ``python:<its name>`` (replacing an earlier one of that name: a
+    notebook cell run again); the prompt strings become prompts.source=list, so config.yaml shows
+    what was trained on. The caller's config is not changed.
+    """
+    source = None
+    if prompts is not None:
+        source = rows_to_source("python", list(prompts), config.prompts.prompt_column)
+        config = dataclasses.replace(
+            config, prompts=dataclasses.replace(config.prompts, source="list", path=None, prompts=source.prompts)
+        )
+    if reward is not None:
+        if not callable(reward):
+            raise TypeError(f"reward must be a callable (images, prompts, metadata) -> scores, got {reward!r}")
+        name = f"python:{reward_name(reward)}"
+        register_reward(name, reward, replace=True)
+        config = dataclasses.replace(config, reward=dataclasses.replace(config.reward, name=name, kwargs={}, components=None))
+    return config, source
 
 
 def concat_scores(results: list[RewardScores]) -> RewardScores:

@@ -91,19 +91,57 @@ def available_rewards() -> list[str]:
     return sorted(REWARDS)
 
 
-def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
-    """Decorator: register ``factory`` (a class or a function returning a reward) under ``name``.
+class ScoringFunction:
+    """The registry entry of a plain scoring function: a factory taking no kwargs that returns it."""
+
+    def __init__(self, function: Callable[..., Any], name: str) -> None:
+        self.function, self.name = function, name
+
+    def __call__(self, **kwargs: Any) -> Callable[..., Any]:
+        if kwargs:
+            raise RewardSpecError(
+                f"reward {self.name!r} is a scoring function registered with register_reward(name, fn), "
+                f"so it takes no kwargs (got {sorted(kwargs)}); register a class to configure it"
+            )
+        return self.function
+
+
+def register_reward(
+    name: str, fn: Callable[..., Any] | None = None, *, replace: bool = False
+) -> Any:
+    """Register a reward under ``name`` (then ``reward.name=<name>`` in a config builds it).
+
+    ``register_reward(name, fn)``: ``fn`` is a plain scoring function ``(images, prompts,
+    metadata) -> scores``, used as the reward itself (it takes no kwargs); returns ``fn``.
+    ``@register_reward(name)``: decorates a factory (a class, or a function returning a reward)
+    called with reward.kwargs.
 
     Re-registering the same object is allowed, and so is replacing a lazy entry that names it
-    (a module that decorates its own class, already listed lazily here); any other clash raises.
+    (a module that decorates its own class, already listed lazily here); any other clash raises
+    unless ``replace=True`` (a notebook cell defining the function again).
     """
 
-    def decorator(factory: Callable[..., Reward]) -> Callable[..., Reward]:
+    def add(entry: Any, same: Callable[[Any], bool], spec: str) -> None:
         existing = REWARDS.get(name)
-        spec = f"{factory.__module__}:{factory.__qualname__}"
-        if existing is not None and existing is not factory and existing != spec:
-            raise ValueError(f"reward name {name!r} is already registered to {existing!r}")
-        REWARDS[name] = factory
+        if existing is not None and not replace and not same(existing) and existing != spec:
+            raise ValueError(
+                f"reward name {name!r} is already registered to {existing!r}; pick another name or "
+                "pass replace=True"
+            )
+        REWARDS[name] = entry
+
+    if fn is not None:
+        if not callable(fn) or inspect.isclass(fn):
+            raise TypeError(
+                f"register_reward({name!r}, fn): fn must be a scoring function (images, prompts, "
+                f"metadata) -> scores, got {fn!r}; decorate a class with @register_reward({name!r})"
+            )
+        same_fn = lambda e: e is fn or getattr(e, "function", None) is fn  # noqa: E731
+        add(ScoringFunction(fn, name), same_fn, "")
+        return fn
+
+    def decorator(factory: Callable[..., Reward]) -> Callable[..., Reward]:
+        add(factory, lambda e: e is factory, f"{factory.__module__}:{factory.__qualname__}")
         return factory
 
     return decorator
