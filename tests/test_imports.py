@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "diffloop.prompts": 2,
     "diffloop.checkpoint": 2,
     "diffloop.run_dir": 2,
+    "diffloop.tracking": 2,  # accelerate's experiment trackers (logging.report_to)
     "diffloop.distributed": 2,
     "diffloop.monitors": 2,
     "diffloop.images": 2,

@@ -129,6 +129,10 @@ PATH_SOURCES = {
     "dataset": "Hugging Face dataset: hub id or local directory",
 }
 
+# accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS; tests/test_trackers.py checks),
+# named here so the config is checked without importing accelerate.
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
+
 COMPILE_TARGETS: tuple[str, ...] = typing.get_args(CompileTarget)
 COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
 ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
@@ -325,12 +329,28 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    """Write TensorBoard event files under output_dir/tensorboard."""
-    wandb: bool = False
-    """Also log to Weights & Biases (needs ``pip install wandb``)."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers, through accelerate's: any of tensorboard, wandb, comet_ml, aim, mlflow,
+    clearml, dvclive, swanlab, trackio (``logging.report_to=[tensorboard,wandb]``), ``all`` (every
+    installed one) or ``none``. metrics.jsonl is always written, first; a failing tracker is logged
+    and counted, never stops the run."""
+    tensorboard: bool | None = None
+    """Alias kept for older configs: true adds tensorboard to report_to, false removes it (null:
+    report_to alone decides)."""
+    wandb: bool | None = None
+    """Alias kept for older configs: true adds wandb to report_to, false removes it."""
     wandb_project: str = "diffloop"
-    """Weights & Biases project name."""
+    """Weights & Biases project (also the project name given to the other trackers)."""
+    wandb_entity: str | None = None
+    """W&B entity (user or team); null: your default entity."""
+    wandb_name: str | None = None
+    """W&B run name; null: the run directory's name. The run's id is its own (``run_id`` in the run
+    directory), so two runs of the same name stay two W&B runs and a resume continues its own."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
+    tracker_kwargs: dict[str, Any] = field(default_factory=dict)
+    """{tracker name: {keyword: value}} laid over the arguments diffloop starts that tracker with
+    (accelerate's ``init_kwargs``), e.g. ``logging.tracker_kwargs.wandb.mode=offline``."""
     progress_bars: bool = True
     """Show tqdm progress bars for sampling and training."""
 
@@ -754,6 +774,7 @@ def validate(config: Config, num_processes: int = 1) -> None:
     _check(bool(config.output_dir), "output_dir must name a directory")
     check_output_dir(config.output_dir)
     _validate_performance(config)
+    _validate_logging(config.logging)
     p = config.prompts
     if p.source in PATH_SOURCES:
         _check(p.path is not None, f"prompts.source={p.source} needs prompts.path=<{PATH_SOURCES[p.source]}>")
@@ -764,6 +785,24 @@ def validate(config: Config, num_processes: int = 1) -> None:
         _check(e.path is not None, f"eval.prompts={e.prompts} needs eval.path=<{PATH_SOURCES[e.prompts]}>")
     _check(e.path is None or e.prompts in PATH_SOURCES,
            f"eval.path={e.path} is only read by eval.prompts={'/'.join(PATH_SOURCES)}, not {e.prompts}")  # fmt: skip
+
+
+def _validate_logging(lg: LoggingConfig) -> None:
+    choices = (*TRACKERS, "all", "none")
+    for name in lg.report_to:
+        _check(
+            name in choices,
+            f"logging.report_to: unknown tracker '{name}'.{did_you_mean(name, choices)} Choose from "
+            f"{', '.join(choices)}",
+        )
+    _check(
+        "none" not in lg.report_to or len(lg.report_to) == 1,
+        f"logging.report_to={lg.report_to} lists 'none' with trackers; give the trackers or none",
+    )
+    for name, kwargs in lg.tracker_kwargs.items():
+        _check(name in TRACKERS and isinstance(kwargs, dict),
+               f"logging.tracker_kwargs.{name} must be a mapping of keywords for one of the trackers "
+               f"{', '.join(TRACKERS)}")  # fmt: skip
 
 
 def _validate_reward(r: RewardConfig) -> None:

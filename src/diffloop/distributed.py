@@ -1,4 +1,5 @@
-"""Everything that knows about multiple processes lives here (accelerate appears nowhere else).
+"""Everything that knows about multiple processes lives here (accelerate appears only here and in
+diffloop.tracking, which uses its experiment trackers).
 
 Layout of an epoch's samples: the B prompts x K samples form a global list of B*K samples ordered
 prompt-major (sample g belongs to prompt g // K). Process r holds the contiguous slice
@@ -16,11 +17,33 @@ holds the same number of samples the average equals the single-process gradient 
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+# `accelerate launch --mixed_precision X` (or the default accelerate config file it reads) sets this.
+ACCELERATE_MIXED_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+
+
+def mixed_precision_conflict(configured: str, environ: dict[str, str] | None = None) -> str | None:
+    """The warning to give when accelerate's launcher asks for a mixed precision other than
+    ``train.mixed_precision`` (``configured``), else None. diffloop applies its own precision
+    (frozen weights in low precision, fp32 trainables), never accelerate's autocast, so accelerate's
+    setting would otherwise be silently ignored."""
+    asked = (environ if environ is not None else os.environ).get(ACCELERATE_MIXED_PRECISION_ENV)
+    if asked is None or asked.lower() == configured:
+        return None
+    return (
+        f"accelerate asks for mixed precision {asked!r} ({ACCELERATE_MIXED_PRECISION_ENV}, from `accelerate "
+        f"launch --mixed_precision` or its config file) but train.mixed_precision={configured}: diffloop "
+        f"applies train.mixed_precision only, so this run uses {configured!r}; set "
+        f"train.mixed_precision={asked.lower()} or launch with --mixed_precision {configured}"
+    )
 
 
 class Distributed:
@@ -37,6 +60,12 @@ class Distributed:
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+
+    def check_mixed_precision(self, configured: str) -> None:
+        """Warn (main process) when accelerate's launcher asked for another mixed precision."""
+        message = mixed_precision_conflict(configured)
+        if message is not None and self.is_main:
+            logger.warning(message)
 
     def local_slice(self, total: int) -> slice:
         """This process's contiguous share of ``total`` globally ordered samples."""

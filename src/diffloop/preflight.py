@@ -10,13 +10,16 @@ from __future__ import annotations
 from diffloop.config import Config, ConfigError, RewardConfig, validate
 from diffloop.prompts import PromptError, eval_prompt_source, training_prompt_source
 from diffloop.rewards.registry import RewardSpecError, check_reward_name
+from diffloop.tracking import check_trackers
 
 
 def check_before_loading(config: Config, num_processes: int = 1) -> None:
     """The config's invariants (:func:`~diffloop.config.validate`: ranges, enumerations, batch
     arithmetic, a writable output_dir), the training and evaluation prompt sources (files read),
-    and every reward name (registered, or an importable ``package.module:attr``). Loads no model."""
+    every reward name (registered, or an importable ``package.module:attr``) and that every
+    tracker of logging.report_to is installed. Loads no model."""
     validate(config, num_processes)
+    check_trackers(config.logging)  # every tracker of logging.report_to is installed
     try:
         training_prompt_source(config.prompts)
     except PromptError as e:

@@ -4,11 +4,16 @@ The record of a run is only ever appended to, and only once set-up has succeeded
 its RunDirectory last), so a resume that fails early leaves it untouched:
 
     config.yaml      the resolved config of the first session (never rewritten)
+    run_id           this run's id (written once): its W&B run id, so two runs whose directories
+                     share a name never write into one W&B run
     run_info.json    seed, argv and versions of the first session (never rewritten)
     sessions.jsonl   one line per session: start epoch, argv, versions, time, and the config keys it
                      changed (``config_changes``; see diffloop.resume for what a resume may change)
     metrics.jsonl    one JSON object per epoch, flushed and fsynced as it is written; a resumed
                      session first appends ``{"session": n, "resume_from_epoch": e}``
+
+Trackers (``logging.report_to``: TensorBoard under tensorboard/, W&B, ...) get each row after
+metrics.jsonl has it (diffloop.tracking): a tracker failure is logged and counted, never loses a row.
 
 A run killed after logging epoch e but before checkpointing it repeats epoch e; :func:`read_metrics`
 resolves the markers (rows of epochs >= e logged before the marker are superseded; with e = 0 all
@@ -21,19 +26,21 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from diffloop.config import Config, config_to_dict, save_config
+from diffloop.config import Config, save_config
 from diffloop.metrics import tensorboard_tag
+from diffloop.tracking import Trackers
 
 TIME_KEYS = ("sample_time_s", "reward_time_s", "train_time_s", "epoch_time_s", "eval_time_s")
 # What a run writes into its output_dir: a directory holding any of the first six holds a run.
 RUN_RECORD = ("checkpoints", "lora", "model", "metrics.jsonl", "config.yaml", "sessions.jsonl",
-              "run_info.json", "tensorboard", "eval")  # fmt: skip
+              "run_info.json", "tensorboard", "eval", "run_id")  # fmt: skip
 RESUME_MARKER = "resume_from_epoch"
 
 
@@ -71,6 +78,17 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def run_id(output_dir: str | Path) -> str:
+    """The run's id, made (16 random hex digits) and stored in ``output_dir/run_id`` the first
+    time: the same for every session of the run, different for every run (overwrite=true too)."""
+    path = Path(output_dir) / "run_id"
+    if path.is_file() and (existing := path.read_text(encoding="utf-8").strip()):
+        return existing
+    new = secrets.token_hex(8)
+    path.write_text(new + "\n", encoding="utf-8")
+    return new
+
+
 def versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in ("diffloop", "torch", "diffusers", "transformers", "peft", "accelerate"):
@@ -100,28 +118,14 @@ class RunDirectory:
         self.path = Path(config.output_dir)
         self.is_main = is_main
         self.metrics_path = self.path / "metrics.jsonl"
-        self._tb = None
-        self._wandb = None
+        self.trackers = Trackers([])
         if not is_main:
             return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.run_id = run_id(self.path)
+        # Trackers start before the session is recorded: one that cannot start leaves no record.
+        self.trackers = Trackers.start(config, self.path, self.run_id, start_epoch)
         self._record_session(config, start_epoch, argv or sys.argv)
-        if config.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step drops events a killed run logged past its checkpoint.
-            self._tb = SummaryWriter(str(self.path / "tensorboard"), purge_step=start_epoch)
-        if config.logging.wandb:
-            try:
-                import wandb
-            except ImportError as e:
-                raise ImportError("logging.wandb=true needs `pip install wandb`") from e
-            self._wandb = wandb.init(
-                project=config.logging.wandb_project,
-                dir=str(self.path),
-                config=config_to_dict(config),
-                resume="allow",
-                id=self.path.resolve().name,
-            )
 
     def _record_session(self, config: Config, start_epoch: int, argv: list[str]) -> None:
         """Append this session to the record (a new run first writes config.yaml, run_info.json)."""
@@ -143,33 +147,18 @@ class RunDirectory:
             append_jsonl(self.metrics_path, {"session": session, RESUME_MARKER: start_epoch})
 
     def log(self, metrics: dict[str, Any]) -> None:
+        """metrics.jsonl first (the record), then the trackers (failures counted, not raised)."""
         if not self.is_main:
             return
         append_jsonl(self.metrics_path, metrics)
-        step = metrics["epoch"]
         # Tags come from the metrics schema; an undeclared key raises here (diffloop.metrics).
         tags = {k: tensorboard_tag(k) for k in metrics if k != "epoch"}
-        if self._tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    self._tb.add_scalar(tags[key], value, step)
-            self._tb.flush()
-        if self._wandb is not None:
-            self._wandb.log({tags[k]: v for k, v in metrics.items() if k != "epoch"}, step=step)
+        scalars = {tags[k]: v for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float))}
+        self.trackers.log(scalars, step=metrics["epoch"])
 
     def log_image(self, tag: str, image_hwc, step: int) -> None:
-        """An (H, W, 3) uint8 grid, to TensorBoard / W&B."""
-        if self._tb is not None:
-            self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
-            self._tb.flush()
-        if self._wandb is not None:
-            import wandb
-
-            self._wandb.log({tag: wandb.Image(image_hwc)}, step=step)
+        """An (H, W, 3) uint8 grid, to the trackers that take images."""
+        self.trackers.log_image(tag, image_hwc, step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-
+        self.trackers.finish()
