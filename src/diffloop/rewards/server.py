@@ -9,11 +9,11 @@ Protocol (JSON only: nothing is ever unpickled; images travel as PNG):
                         "device": D}
     GET /schema -> 200 the protocol as JSON Schema (``PROTOCOL_SCHEMA``: requests and answers)
 
+    400 {"error": ...}  malformed JSON, wrong types, count mismatch, undecodable / non-RGB PNG,
+                        images of different sizes, an image over ``max_image_pixels``
     401 {"error": ...}  the server has a token and the request lacks ``Authorization: Bearer
                         TOKEN`` or carries another one (every path, /health included, so that
                         the trainer's set-up check already catches a missing or wrong token)
-    400 {"error": ...}  malformed JSON, wrong types, count mismatch, undecodable / non-RGB PNG,
-                        images of different sizes, an image over ``max_image_pixels``
     411 / 413           no Content-Length / a body over ``max_request_bytes``: refused from the
                         header alone, before the body is read (it is then drained, unbuffered and
                         for at most ``DRAIN_SECONDS``, so the client reads the 413 instead of a reset)
