@@ -27,13 +27,18 @@ import torch
 from PIL import Image
 
 from diffloop.checkpoint import latest_checkpoint
-from diffloop.rewards import RewardError, build_reward, score
+from diffloop.rewards import RewardError, build_reward, registry, score
 from diffloop.rewards import remote as remote_module
-from diffloop.rewards.remote import RemoteReward, encode_png_base64
+from diffloop.rewards import server as server_module
+from diffloop.rewards.model_loading import ModelReward
+from diffloop.rewards.remote import TOKEN_ENV, RemoteReward, check_servers, encode_png_base64
 from diffloop.rewards.server import (
+    PROTOCOL_SCHEMA,
     RewardHTTPServer,
+    build_served_reward,
     json_scores,
     make_server,
+    resolve_device,
     serve_main,
     server_from_argv,
 )
@@ -84,6 +89,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def raw_response(
+    server: RewardHTTPServer,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, http.client.HTTPMessage, Any]:
+    """(status, headers, parsed JSON body) of one request."""
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.headers, json.loads(response.read())
+    finally:
+        conn.close()
+
+
 def raw_request(
     server: RewardHTTPServer,
     method: str,
@@ -91,14 +114,8 @@ def raw_request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    host, port = server.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=5)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        conn.close()
+    status, _, payload = raw_response(server, method, path, body, headers)
+    return status, payload
 
 
 def png_b64(image: Image.Image, fmt: str = "PNG") -> str:
@@ -131,10 +148,11 @@ class FakeHandler(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
+        body = self.rfile.read(int(self.headers["Content-Length"]))
         server = self.server
         with server.lock:
             server.attempts += 1
+            server.bodies.append(body)
             step = server.script[min(server.attempts, len(server.script)) - 1]
         if step == "slow":
             server.release.wait(10)  # hold the connection past the client's timeout
@@ -150,7 +168,7 @@ class FakeServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, script: list[Any]) -> None:
-        self.script, self.attempts = script, 0
+        self.script, self.attempts, self.bodies = script, 0, []
         self.lock, self.release = threading.Lock(), threading.Event()
         super().__init__(("127.0.0.1", 0), FakeHandler)
 
@@ -215,6 +233,7 @@ def test_health() -> None:
             "reward": "jpeg_incompressibility",
             "max_batch": 5,
             "max_request_bytes": 64 * 2**20,
+            "device": "cpu",
         }
 
 
@@ -553,3 +572,319 @@ def test_server_down_fails_the_run_at_setup_and_leaves_its_record_untouched(
     assert main(["train", *args, "resume=true"]) == 2
     assert "GET /health" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == record
+
+
+# ----------------------------------------------------------------------------- JSON Schema (/schema)
+
+ANNOTATIONS = {"$schema", "$id", "$defs", "title", "description", "x-endpoints",
+               "contentEncoding", "contentMediaType"}  # fmt: skip
+JSON_TYPES: dict[str, Any] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
+def validate(value: Any, schema: dict[str, Any], root: dict[str, Any], at: str = "$") -> list[str]:
+    """Errors of ``value`` against ``schema``: the JSON Schema subset PROTOCOL_SCHEMA uses ($ref to
+    #/$defs, type, const, required, properties, additionalProperties: false, items, minItems,
+    minimum). Any other keyword raises, so the schema cannot outgrow what this checks."""
+    unknown = set(schema) - ANNOTATIONS - {"$ref", "type", "const", "required", "properties",
+                                           "additionalProperties", "items", "minItems", "minimum"}  # fmt: skip
+    if unknown:
+        raise NotImplementedError(f"validator lacks keywords {sorted(unknown)} (at {at})")
+    if "$ref" in schema:
+        prefix = "#/$defs/"
+        assert schema["$ref"].startswith(prefix), schema["$ref"]
+        return validate(value, root["$defs"][schema["$ref"][len(prefix) :]], root, at)
+    types = schema.get("type")
+    if types is not None:
+        types = [types] if isinstance(types, str) else types
+        if not any(JSON_TYPES[t](value) for t in types):
+            return [f"{at}: {value!r} is not of type {types}"]
+    errors = []
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{at}: {value!r} != {schema['const']!r}")
+    if "minimum" in schema and value < schema["minimum"]:
+        errors.append(f"{at}: {value!r} < {schema['minimum']}")
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        errors += [f"{at}: missing {k!r}" for k in schema.get("required", []) if k not in value]
+        if schema.get("additionalProperties", True) is False:
+            errors += [f"{at}: unexpected {k!r}" for k in value if k not in properties]
+        for key, sub in properties.items():
+            if key in value:
+                errors += validate(value[key], sub, root, f"{at}.{key}")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{at}: {len(value)} items < minItems {schema['minItems']}")
+        for i, item in enumerate(value):
+            errors += validate(item, schema.get("items", {}), root, f"{at}[{i}]")
+    return errors
+
+
+def conforms(value: Any, definition: str) -> list[str]:
+    return validate(value, {"$ref": f"#/$defs/{definition}"}, PROTOCOL_SCHEMA)
+
+
+def test_schema_is_served_and_uses_only_what_the_validator_checks() -> None:
+    with reward_server(Recorder()) as server:
+        status, schema = raw_request(server, "GET", "/schema")
+    assert status == 200 and schema == json.loads(json.dumps(PROTOCOL_SCHEMA))
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert set(schema["$defs"]) == {"ScoreRequest", "ScoreResponse", "HealthResponse",
+                                    "ErrorResponse"}  # fmt: skip
+
+    def walk(node: Any) -> None:  # every sub-schema passes through validate's keyword check
+        if isinstance(node, dict):
+            validate(None, {k: v for k, v in node.items() if k != "$ref"}, PROTOCOL_SCHEMA)
+            for key in ("properties", "$defs"):
+                for sub in node.get(key, {}).values():
+                    walk(sub)
+            if "items" in node:
+                walk(node["items"])
+
+    walk(schema)
+
+
+def test_real_requests_and_answers_conform_to_the_schema() -> None:
+    # requests: what the client really sends, recorded by a fake server
+    with fake_server([ok([1.0, 2.0])]) as fake:
+        metadata = [{"objects": ["cat"], "sample_index": 0}, {"sample_index": 1}]
+        RemoteReward(fake.url, timeout=5)(IMAGES2, PROMPTS2, metadata)
+    (body,) = fake.bodies
+    request = json.loads(body)
+    assert conforms(request, "ScoreRequest") == []
+    # answers: what the real server sends, for every status it uses
+    answers: list[tuple[int, Any, str]] = []
+    with reward_server(build_reward("reward_fns:nan_on_odd"), max_request_bytes=len(body)) as srv:
+        status, payload = raw_request(srv, "POST", "/score", body)
+        assert payload["scores"][1] is None  # a null score, as the schema allows
+        answers.append((status, payload, "ScoreResponse"))
+        answers.append((*raw_request(srv, "GET", "/health"), "HealthResponse"))
+        answers.append((*raw_request(srv, "POST", "/score", b"{bad"), "ErrorResponse"))
+        answers.append((*raw_request(srv, "GET", "/nope"), "ErrorResponse"))
+        too_big = {"Content-Length": str(len(body) + 1)}
+        answers.append((*raw_request(srv, "POST", "/score", b"", too_big), "ErrorResponse"))
+    with reward_server(Recorder(), token="s3cret") as srv:
+        answers.append((*raw_request(srv, "GET", "/health"), "ErrorResponse"))
+    with reward_server(lambda i, p, m: 1 / 0) as srv:
+        answers.append((*raw_request(srv, "POST", "/score", body), "ErrorResponse"))
+    assert [a[0] for a in answers] == [200, 200, 400, 404, 413, 401, 500]
+    for status, payload, definition in answers:
+        assert conforms(payload, definition) == [], (status, payload)
+
+
+@pytest.mark.parametrize(
+    ("value", "definition", "error"),
+    [
+        ({"scores": [1.0, "2"], "reward": "r"}, "ScoreResponse", r"\$.scores\[1\]: '2' is not"),
+        ({"scores": [True], "reward": "r"}, "ScoreResponse", "True is not of type"),
+        ({"scores": [1.0]}, "ScoreResponse", "missing 'reward'"),
+        ({"scores": [], "reward": "r", "x": 1}, "ScoreResponse", "unexpected 'x'"),
+        ({"images": [], "prompts": []}, "ScoreRequest", "0 items < minItems 1"),
+        ({"images": ["a"], "prompts": [3]}, "ScoreRequest", r"prompts\[0\]: 3 is not"),
+        ({"images": ["a"], "prompts": ["p"], "metadata": [[]]}, "ScoreRequest", "not of type"),
+        ({"status": "ok", "reward": "r", "max_batch": 0, "max_request_bytes": 1, "device": "cpu"},
+         "HealthResponse", "0 < 1"),
+        ({"status": "down", "reward": "r", "max_batch": 1, "max_request_bytes": 1,
+          "device": "cpu"}, "HealthResponse", "'down' != 'ok'"),
+        ({"error": 5}, "ErrorResponse", "5 is not of type"),
+    ],
+)  # fmt: skip
+def test_the_schema_rejects_what_the_protocol_forbids(value: Any, definition: str, error: str):
+    errors = conforms(value, definition)
+    assert errors and re.search(error, errors[0]), errors
+
+
+def test_what_the_server_refuses_by_type_the_schema_refuses_too() -> None:
+    refused = [_request(images=[]), _request(images="abc"), _request(prompts=[3]),
+               _request(metadata=[[]]), _request(images=[7])]  # fmt: skip
+    with reward_server(Recorder()) as server:
+        for body in refused:
+            assert raw_request(server, "POST", "/score", body)[0] == 400
+            assert conforms(json.loads(body), "ScoreRequest") != [], body
+
+
+# ----------------------------------------------------------------------------- bearer token
+
+TOKEN = "s3cret-Token_123"
+
+
+def test_a_server_with_a_token_refuses_requests_without_it_on_every_path() -> None:
+    recorder = Recorder()
+    with reward_server(recorder, token=TOKEN) as server:
+        for method, path, body in [("GET", "/health", None), ("GET", "/schema", None),
+                                   ("POST", "/score", _request(prompts=["1"]))]:  # fmt: skip
+            for headers, sent in [({}, "no"), ({"Authorization": "Bearer wrong"}, "a wrong"),
+                                  ({"Authorization": f"Basic {TOKEN}"}, "a wrong")]:  # fmt: skip
+                status, reply_headers, payload = raw_response(server, method, path, body, headers)
+                assert status == 401 and f"carried {sent} token" in payload["error"], path
+                assert TOKEN_ENV in payload["error"] and TOKEN not in payload["error"]
+                assert reply_headers["WWW-Authenticate"].startswith("Bearer")
+            good = {"Authorization": f"Bearer {TOKEN}"}
+            assert raw_request(server, method, path, body, good)[0] == 200, path
+    assert recorder.calls == [1]  # only the authorised POST reached the reward
+
+
+def test_the_client_sends_the_token_from_kwargs_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    images = quantised_images(2)
+    with reward_server(Recorder(), token=TOKEN) as server:
+        assert RemoteReward(server.url, token=TOKEN)(images, ["1", "2"], [{}, {}]).tolist() == [
+            1.0,
+            2.0,
+        ]
+        monkeypatch.setenv(TOKEN_ENV, TOKEN)
+        remote = RemoteReward(server.url)
+        assert remote.health()["status"] == "ok" and remote(images, ["3", "4"], [{}, {}]).tolist()
+        assert TOKEN not in repr(remote)
+
+
+def test_a_missing_or_wrong_token_is_one_clear_error_at_once(
+    monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
+) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with reward_server(Recorder(), token=TOKEN) as server:
+        with pytest.raises(RewardError, match="HTTP 401.*no token was sent") as info:
+            check_servers(RemoteReward(server.url, retries=3))  # the trainer's set-up check
+        assert f"set {TOKEN_ENV} (or reward.kwargs.token)" in str(info.value)
+        with pytest.raises(RewardError, match="rejected the token from reward.kwargs.token") as e:
+            RemoteReward(server.url, token="wrong-one")(IMAGES2, PROMPTS2, META2)
+        assert "wrong-one" not in str(e.value)
+        monkeypatch.setenv(TOKEN_ENV, "also-wrong")
+        with pytest.raises(RewardError, match=f"rejected the token from {TOKEN_ENV}") as e:
+            RemoteReward(server.url).health()
+        assert "also-wrong" not in str(e.value)
+    assert sleeps == []  # a 401 is not retried
+
+
+def test_tokens_that_cannot_travel_in_a_header_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for bad in ["", "two words", "tab\there", "ünïcode"]:
+        with pytest.raises(ValueError, match="reward.kwargs.token: the bearer token must be"):
+            RemoteReward("http://127.0.0.1:1", token=bad)
+    monkeypatch.setenv(TOKEN_ENV, "")
+    with pytest.raises(ValueError, match=f"environment variable {TOKEN_ENV}"):
+        RemoteReward("http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="token: the bearer token must be"):
+        make_server(Recorder(), port=0, token="a b")
+
+
+def test_serve_reward_takes_the_token_from_the_flag_or_environment_and_never_prints_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert not server_from_argv(["jpeg_compressibility", "--port", "0"]).requires_token
+    flagged = server_from_argv(["jpeg_compressibility", "--port", "0", "--token", TOKEN])
+    assert flagged.authorised(f"Bearer {TOKEN}") and not flagged.authorised("Bearer x")
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    from_env = server_from_argv(["jpeg_compressibility", "--port", "0"])
+    assert from_env.authorised(f"Bearer {TOKEN}") and not from_env.authorised(None)
+    for server in (flagged, from_env):
+        server.server_close()
+    # the start-up message: says a token is needed, never shows it
+    monkeypatch.setattr(server_module.RewardHTTPServer, "serve_forever", lambda self: None)
+    assert serve_main(["jpeg_compressibility", "--port", "0"]) == 0
+    out = capsys.readouterr()
+    assert "needs the bearer token" in out.out and TOKEN not in out.out + out.err
+    assert serve_main(["jpeg_compressibility", "--port", "0", "--token", "a b"]) == 2
+    assert "--token: the bearer token must be" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --device
+
+
+class DeviceProbe:
+    """A reward whose constructor takes ``device``; records it and the images' device."""
+
+    name = "device_probe"
+
+    def __init__(self, device: str = "never given", scale: float = 1.0) -> None:
+        self.device, self.scale, self.seen = device, scale, []
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
+        self.seen.append(images.device)
+        return self.scale * images.mean(dim=(1, 2, 3))
+
+
+class TinyModelReward(ModelReward):
+    """A ModelReward recording where it is moved."""
+
+    name = "tiny_model"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._set_modules(torch.nn.Linear(3, 1))
+        self.moves: list[torch.device] = []
+
+    def to(self, device: str | torch.device) -> ModelReward:
+        self.moves.append(torch.device(device))
+        return super().to(device)
+
+    def score_batch(self, images, prompts, metadata) -> torch.Tensor:
+        return self._modules[0](images.mean(dim=(2, 3)))[:, 0]
+
+
+def test_the_device_reaches_a_constructor_that_takes_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(registry.REWARDS, "device_probe", DeviceProbe)
+    monkeypatch.setitem(registry.REWARDS, "tiny_model", TinyModelReward)
+    server = server_from_argv(["device_probe", "--device", "cpu", "--port", "0",
+                               "--kwargs", '{"scale": 2}'])  # fmt: skip
+    probe = server.reward
+    assert isinstance(probe, DeviceProbe) and probe.device == "cpu" and probe.scale == 2
+    with serving(server):
+        assert RemoteReward(server.url).health()["device"] == "cpu"
+        RemoteReward(server.url)(IMAGES2, PROMPTS2, META2)
+    assert probe.seen == [torch.device("cpu")]
+    # kwargs naming the same device are fine; another device is refused (images would differ)
+    assert build_served_reward("device_probe", {"device": "cpu"}, torch.device("cpu")).device == "cpu"
+    assert build_served_reward("device_probe", {"device": "cpu:0"}, torch.device("cpu"))
+    with pytest.raises(ValueError, match="--kwargs device meta: the meta device holds no data"):
+        build_served_reward("device_probe", {"device": "meta"}, torch.device("cpu"))
+    with pytest.raises(ValueError, match="--kwargs sets device='cpu' but --device is 'meta'"):
+        build_served_reward("device_probe", {"device": "cpu"}, torch.device("meta"))
+    # a reward without a device argument gets none; a model reward is moved at start
+    assert build_served_reward("reward_fns:brightness", {}, torch.device("cpu")) is not None
+    model = build_served_reward("tiny_model", {}, torch.device("cpu"))
+    assert model.moves == [torch.device("cpu")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_an_unavailable_cuda_device_is_one_clear_error(capsys: pytest.CaptureFixture[str]):
+    assert serve_main(["jpeg_compressibility", "--port", "0", "--device", "cuda:0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = "--device cuda:0: no CUDA device is available here; use --device cpu"
+    assert err == [f"diffloop serve-reward: {expected}"]
+    with pytest.raises(ValueError, match="device cuda: no CUDA device"):
+        make_server(Recorder(), port=0, device="cuda")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("gpu", "'gpu' is not a torch device"), ("cuda:x", "is not a torch device"),
+     ("meta", "holds no data")],
+)  # fmt: skip
+def test_device_strings_are_checked(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"--device.*{message}"):
+        resolve_device(text, "--device")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_server_scores_on_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    count = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"has {count} CUDA device"):
+        resolve_device(f"cuda:{count}", "--device")
+    monkeypatch.setitem(registry.REWARDS, "device_probe", DeviceProbe)
+    server = server_from_argv(["device_probe", "--device", "cuda:0", "--port", "0"])
+    with serving(server):
+        scores = RemoteReward(server.url)(IMAGES2, PROMPTS2, META2)
+    assert server.reward.device == "cuda:0" and server.reward.seen == [torch.device("cuda:0")]
+    torch.testing.assert_close(scores, IMAGES2.mean(dim=(1, 2, 3)))

@@ -4,7 +4,9 @@ The page holds, for every run: a summary row, the curves of its metrics.jsonl (s
 on the same axes, one colour per run), its before/after evaluation grids (``eval/base.png`` and the
 newest ``eval/epoch_*.png``) and its resolved config (config.yaml). Every image is embedded as a
 base64 ``data:`` URI, so the one HTML file can be mailed or archived; the plots are also written as
-PNG files to ``<output stem>_plots/``.
+PNG files to ``<output stem>_plots/``. The plots need matplotlib, an optional extra
+(``pip install 'diffloop[report]'``); without it the report is written without plots, and both the
+page and the command say so.
 
 Which keys are plotted, in which section, with which title and band, and where on the x axis, is
 the metrics schema's (``diffloop.metrics``); the report spells no key of its own. x axis of every
@@ -141,17 +143,40 @@ def unknown_keys(runs: Sequence[RunData]) -> list[str]:
     return metrics.undeclared(logged_keys(runs))
 
 
+MISSING_MATPLOTLIB = (
+    "matplotlib is not installed, so the report has no plots (summary, images and configs are "
+    "there); install the plotting extra with: pip install 'diffloop[report]'"
+)
+
+
+def load_pyplot() -> Any | None:
+    """``matplotlib.pyplot`` on the Agg backend (no display), or None if matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")  # must precede pyplot
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plots_available() -> bool:
+    """Whether the report can draw plots (matplotlib, the ``[report]`` extra, imports)."""
+    return load_pyplot() is not None
+
+
 def plot_metric(
     runs: Sequence[RunData], key: str, title: str, band: str | None, path: Path
 ) -> bool:
     """One PNG: ``key`` against epochs completed, one line per run (+- ``band`` shaded).
 
-    Returns False (and writes nothing) when no run logged ``key``.
+    Returns False (and writes nothing) when no run logged ``key``. Needs matplotlib
+    (``plots_available()``); ImportError with the install command otherwise.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; must precede pyplot
-    import matplotlib.pyplot as plt
+    plt = load_pyplot()
+    if plt is None:
+        raise ImportError(MISSING_MATPLOTLIB)
     from matplotlib.ticker import MaxNLocator
 
     if not any(series(run.rows, key)[0] for run in runs):
@@ -248,9 +273,11 @@ def render_html(
     runs: Sequence[RunData],
     plot_sections: list[tuple[str, list[tuple[str, Path]]]],
     unknown: Sequence[str] = (),
+    plots_note: str = "",
 ) -> str:
     """The report page: summary, plot sections, before/after grids and configs, images inlined.
-    ``unknown``: logged keys the metrics schema does not declare, named so none vanishes silently."""
+    ``unknown``: logged keys the metrics schema does not declare, named so none vanishes silently.
+    ``plots_note``: shown in place of the plots (why there are none)."""
     head = "".join(f"<th>{h}</th>" for h in SUMMARY_HEADER)
     body_rows = "".join(
         "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in summary_row(r)) + "</tr>" for r in runs
@@ -266,6 +293,8 @@ def render_html(
             "rewards are those of each epoch's samples; evaluation uses fixed prompts and noise.</p>"
         ),
     ]
+    if plots_note:
+        parts.append(f"<p class='no-plots'><b>No plots:</b> {html.escape(plots_note)}</p>")
     parts += [_section_plots(title, plots) for title, plots in plot_sections]
     if unknown:
         names = ", ".join(f"<code>{html.escape(k)}</code>" for k in unknown)
@@ -291,7 +320,10 @@ def render_html(
 
 
 def write_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
-    """Write the HTML report and its PNG plots (``<output stem>_plots/``); returns the HTML path."""
+    """Write the HTML report and its PNG plots (``<output stem>_plots/``); returns the HTML path.
+
+    Without matplotlib (``plots_available()`` False) the page is written without plots and says so.
+    """
     if not run_dirs:
         raise ValueError("give at least one run directory")
     paths = [Path(p) for p in run_dirs]
@@ -307,9 +339,15 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
                 made.append((key, path))
         return made
 
-    sections = [(section, make(section_plots(runs, section))) for section in metrics.SECTIONS]
+    plotting = plots_available()
+    sections = (
+        [(section, make(section_plots(runs, section))) for section in metrics.SECTIONS]
+        if plotting
+        else []
+    )
+    note = "" if plotting else MISSING_MATPLOTLIB
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render_html(runs, sections, unknown_keys(runs)), encoding="utf-8")
+    output.write_text(render_html(runs, sections, unknown_keys(runs), note), encoding="utf-8")
     return output
 
 
@@ -326,5 +364,9 @@ def report_main(argv: list[str]) -> int:
     except (ValueError, OSError) as e:  # OSError: --output cannot be written
         print(f"diffloop report: error: {e}", file=sys.stderr)
         return 2
+    if not plots_available():
+        print(f"diffloop report: warning: {MISSING_MATPLOTLIB}", file=sys.stderr)
+        print(f"wrote {path} (without plots)")
+        return 0
     print(f"wrote {path} (plots in {path.with_name(path.stem + '_plots')})")
     return 0

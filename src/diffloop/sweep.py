@@ -585,7 +585,7 @@ def write_plots(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        print("matplotlib is not installed: no plots (pip install 'diffloop[report]')")
         return []
     names = list(dict.fromkeys(r.name for r in runs))
     written = []

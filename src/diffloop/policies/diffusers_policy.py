@@ -44,7 +44,7 @@ def _how_to_provide(name: str) -> str:
     return (
         f"model.pretrained='{name}' must be a local directory in diffusers layout (model_index.json, "
         "unet/, text_encoder/, tokenizer/, scheduler/, and vae/ for latent models), e.g. one written by "
-        "`StableDiffusionPipeline.save_pretrained(DIR)` or `huggingface-cli download <repo> --local-dir "
+        "`StableDiffusionPipeline.save_pretrained(DIR)` or `hf download <repo> --local-dir "
         "DIR`, or a hub id (e.g. stabilityai/stable-diffusion-2-base) that is already in the Hugging Face "
         "cache or can be downloaded (HF_HUB_OFFLINE=1 forbids downloads)."
     )

@@ -206,14 +206,20 @@ def _resolve_spec(name: str, kwargs: dict[str, Any]) -> Any:
     return obj
 
 
-def build_reward(name: str, **kwargs: Any) -> Reward:
-    """A reward from a registered name (factory(**kwargs)) or a 'package.module:attr' spec."""
+def reward_factory(name: str, kwargs: dict[str, Any]) -> tuple[Callable[..., Any], bool]:
+    """(what ``build_reward(name, **kwargs)`` uses, whether it is called with ``kwargs``): a
+    registered factory or a spec's class (True), or a spec's function, the reward itself (False)."""
     if name in REWARDS:
         entry = REWARDS[name]
-        factory = _import_attr(entry, name) if isinstance(entry, str) else entry
-        return factory(**kwargs)
+        return (_import_attr(entry, name) if isinstance(entry, str) else entry), True
     obj = _resolve_spec(name, kwargs)
-    return obj(**kwargs) if inspect.isclass(obj) else obj
+    return obj, inspect.isclass(obj)
+
+
+def build_reward(name: str, **kwargs: Any) -> Reward:
+    """A reward from a registered name (factory(**kwargs)) or a 'package.module:attr' spec."""
+    factory, construct = reward_factory(name, kwargs)
+    return factory(**kwargs) if construct else factory
 
 
 class RewardError(DiffloopError, RuntimeError):

@@ -3,6 +3,12 @@
     reward.name: remote
     reward.kwargs: {url: "http://127.0.0.1:8765", timeout: 60, retries: 3, backoff: 1.0}
 
+A server started with a token (``--token`` or ``DIFFLOOP_REWARD_TOKEN``) wants it on every request
+as ``Authorization: Bearer TOKEN``. The client sends ``reward.kwargs.token``, else the
+``DIFFLOOP_REWARD_TOKEN`` environment variable; prefer the variable, since reward kwargs are written
+to the run's config.yaml. The token is never logged or shown in errors or ``repr``. Over plain
+http it travels in clear text: beyond a trusted network, put the server behind https.
+
 Images (N, 3, H, W) in [0, 1] are sent as base64 PNGs of ``to_uint8(images)`` (lossless after the
 same uint8 rounding every local reward applies), ``batch_size`` images per POST, with prompts and
 metadata as JSON (metadata must be JSON-serialisable). Nothing is pickled.
@@ -15,7 +21,7 @@ Failure policy (never a silent zero):
   (the reward failed on the server: see its log); and that the run keeps its last checkpoint and
   resumes with ``resume=true``.
 - HTTP 4xx (a malformed or oversized request): RewardError at once, with the server's message; a
-  retry would get the same answer.
+  retry would get the same answer. HTTP 401 says whether a token was sent and where to set it.
 - A 200 answer that is not JSON, lacks ``scores``, has the wrong number of them, or holds anything
   but numbers and nulls: RewardError at once.
 - ``null`` scores (the server's reward gave NaN or inf) become NaN, which ``score()`` counts as
@@ -32,6 +38,7 @@ import http.client
 import io
 import json
 import math
+import os
 import time
 import urllib.error
 import urllib.parse
@@ -44,6 +51,24 @@ from diffloop.rewards.images import to_pil_images
 from diffloop.rewards.registry import RewardError
 
 _sleep = time.sleep  # module-level so tests can record the backoff without waiting
+
+TOKEN_ENV = "DIFFLOOP_REWARD_TOKEN"  # the bearer token, for the server and the client alike
+
+
+def check_token(token: str, where: str) -> str:
+    """``token`` if it can travel in an ``Authorization: Bearer`` header (non-empty, printable
+    ASCII, no spaces); ValueError naming ``where`` (never the token itself) otherwise."""
+    if not token or not all("!" <= c <= "~" for c in token):
+        raise ValueError(
+            f"{where}: the bearer token must be non-empty printable ASCII without spaces"
+        )
+    return token
+
+
+def token_from_env() -> str | None:
+    """The token in ``DIFFLOOP_REWARD_TOKEN``, checked; None when the variable is unset."""
+    token = os.environ.get(TOKEN_ENV)
+    return None if token is None else check_token(token, f"environment variable {TOKEN_ENV}")
 
 
 class _Retryable(Exception):
@@ -108,6 +133,8 @@ class RemoteReward:
         proxy_from_env: honour ``http_proxy``-style environment variables (off by default: reward
             servers are on the local network, and a proxy would see every image).
         name: name in logs (default ``remote``).
+        token: bearer token of a server started with one; default: ``DIFFLOOP_REWARD_TOKEN``
+            from the environment (preferred: kwargs are recorded in the run's config.yaml).
     """
 
     def __init__(
@@ -119,6 +146,7 @@ class RemoteReward:
         batch_size: int = 32,
         proxy_from_env: bool = False,
         name: str = "remote",
+        token: str | None = None,
     ) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -134,6 +162,9 @@ class RemoteReward:
         self.backoff = float(backoff)
         self.batch_size = int(batch_size)
         self.name = name
+        # the token is kept private and named in messages only by where it came from
+        self._token_source = TOKEN_ENV if token is None else "reward.kwargs.token"
+        self._token = token_from_env() if token is None else check_token(token, self._token_source)
         handlers = [] if proxy_from_env else [urllib.request.ProxyHandler({})]
         self._opener = urllib.request.build_opener(*handlers)
 
@@ -174,11 +205,11 @@ class RemoteReward:
 
     def _request(self, path: str, body: bytes | None) -> bytes:
         """One HTTP request -> the 200 body. _Retryable on connection errors/timeouts/5xx."""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
         request = urllib.request.Request(
-            self.url + path,
-            data=body,
-            headers={"Content-Type": "application/json"} if body is not None else {},
-            method="POST" if body is not None else "GET",
+            self.url + path, data=body, headers=headers, method="POST" if body is not None else "GET"
         )
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
@@ -187,6 +218,8 @@ class RemoteReward:
             message = _server_message(exc)
             if exc.code >= 500:
                 raise _Retryable(f"HTTP {exc.code}: {message}", status=exc.code) from exc
+            if exc.code == 401:
+                raise RewardError(self._unauthorised(message)) from exc
             raise RewardError(
                 f"reward server at {self.url} refused the request with HTTP {exc.code}: {message}"
             ) from exc
@@ -194,6 +227,17 @@ class RemoteReward:
             # URLError wraps refused/unresolvable; OSError covers timeouts and resets mid-read
             reason = getattr(exc, "reason", exc)
             raise _Retryable(f"{type(reason).__name__}: {reason}") from exc
+
+    def _unauthorised(self, message: str) -> str:
+        """The 401 explanation: which token was sent (by its source, never its value), the fix."""
+        if self._token is None:
+            sent = f"no token was sent (neither reward.kwargs.token nor {TOKEN_ENV} is set)"
+        else:
+            sent = f"it rejected the token from {self._token_source}"
+        return (
+            f"reward server at {self.url} requires a bearer token (HTTP 401: {message}) and {sent}; "
+            f"set {TOKEN_ENV} (or reward.kwargs.token) to the token the server was started with"
+        )
 
     def _with_retries(self, attempt: Any, what: str) -> bytes:
         """Call ``attempt`` up to 1 + retries times, sleeping backoff * 2**k before retry k."""
@@ -253,4 +297,12 @@ def _server_message(exc: urllib.error.HTTPError) -> str:
         return text[:200] or str(exc.reason)
 
 
-__all__ = ["RemoteReward", "check_servers", "encode_png_base64", "parse_scores"]
+__all__ = [
+    "TOKEN_ENV",
+    "RemoteReward",
+    "check_servers",
+    "check_token",
+    "encode_png_base64",
+    "parse_scores",
+    "token_from_env",
+]

@@ -5,10 +5,15 @@ Protocol (JSON only: nothing is ever unpickled; images travel as PNG):
     POST /score   {"images": [base64 PNG, ...], "prompts": [str, ...], "metadata": [{...}, ...]}
               ->  200 {"scores": [float | null, ...], "reward": NAME}   (one per image, in order;
                   null where the reward gave NaN or inf, which the client turns back into NaN)
-    GET /health -> 200 {"status": "ok", "reward": NAME, "max_batch": B, "max_request_bytes": M}
+    GET /health -> 200 {"status": "ok", "reward": NAME, "max_batch": B, "max_request_bytes": M,
+                        "device": D}
+    GET /schema -> 200 the protocol as JSON Schema (``PROTOCOL_SCHEMA``: requests and answers)
 
     400 {"error": ...}  malformed JSON, wrong types, count mismatch, undecodable / non-RGB PNG,
                         images of different sizes, an image over ``max_image_pixels``
+    401 {"error": ...}  the server has a token and the request lacks ``Authorization: Bearer
+                        TOKEN`` or carries another one (every path, /health included, so that
+                        the trainer's set-up check already catches a missing or wrong token)
     411 / 413           no Content-Length / a body over ``max_request_bytes``: refused from the
                         header alone, before the body is read (it is then drained, unbuffered and
                         for at most ``DRAIN_SECONDS``, so the client reads the 413 instead of a reset)
@@ -18,7 +23,14 @@ Images are decoded to (N, 3, H, W) float32 = uint8 / 255, so a reward sees exact
 client's PNG encoder quantised (``rewards.images.to_uint8``). A request larger than ``max_batch``
 images is scored in chunks of ``max_batch``, results concatenated in order. Reward calls are
 serialised by a lock (reward models are rarely thread-safe); the HTTP threads only parse and encode.
-The server binds 127.0.0.1 unless told otherwise: it has no authentication.
+
+``--device`` (any torch device string: cpu, cuda, cuda:1, mps, ...) is checked at start; the images
+go there, a reward whose constructor takes ``device`` is built with it, and a model reward
+(``ModelReward``) moves its networks there at start, so a wrong or full device fails at once.
+
+Authentication: none unless a token is given (``--token``, else ``DIFFLOOP_REWARD_TOKEN``; never
+printed or logged); the server binds 127.0.0.1 unless told otherwise. Over plain http the token is
+readable on the network: beyond a trusted network put an https proxy in front.
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hmac
+import inspect
 import io
 import json
 import logging
@@ -42,7 +56,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffloop.rewards.registry import RewardError, build_reward, reward_name, score
+from diffloop.rewards.model_loading import ModelReward
+from diffloop.rewards.registry import (
+    RewardError,
+    build_reward,
+    reward_factory,
+    reward_name,
+    score,
+)
+from diffloop.rewards.remote import TOKEN_ENV, check_token, token_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +74,119 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 class BadRequest(ValueError):
     """The request is malformed; answered with 400 and this message."""
+
+
+PROTOCOL = "diffloop-reward/1"
+_ERROR = {"$ref": "#/$defs/ErrorResponse"}
+# Served at GET /schema. parse_request checks the same rules by hand (with messages naming the
+# field) plus those JSON Schema cannot say: equal list lengths, PNG content, one image size.
+PROTOCOL_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "urn:diffloop:reward-server:1",
+    "title": f"diffloop reward server protocol ({PROTOCOL})",
+    "description": "JSON over HTTP; images travel as base64 PNG, nothing is pickled. A server "
+    "started with a token answers 401 (ErrorResponse) to any request without the header "
+    "'Authorization: Bearer TOKEN'.",
+    "x-endpoints": {
+        "POST /score": {
+            "request": {"$ref": "#/$defs/ScoreRequest"},
+            "200": {"$ref": "#/$defs/ScoreResponse"},
+            "error": _ERROR,
+        },
+        "GET /health": {"200": {"$ref": "#/$defs/HealthResponse"}, "error": _ERROR},
+        "GET /schema": {"200": {"description": "this document"}, "error": _ERROR},
+    },
+    "$defs": {
+        "ScoreRequest": {
+            "type": "object",
+            "required": ["images", "prompts"],
+            "properties": {
+                "images": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "string",
+                        "contentEncoding": "base64",
+                        "contentMediaType": "image/png",
+                    },
+                    "description": "8-bit RGB PNGs, all of one size, each at most the server's "
+                    "max_image_pixels; more than max_batch are scored in chunks, in order",
+                },
+                "prompts": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "one per image",
+                },
+                "metadata": {
+                    "type": "array",
+                    "items": {"type": "object"},
+                    "description": "one object per image (default: empty objects)",
+                },
+            },
+        },
+        "ScoreResponse": {
+            "type": "object",
+            "required": ["scores", "reward"],
+            "additionalProperties": False,
+            "properties": {
+                "scores": {
+                    "type": "array",
+                    "items": {"type": ["number", "null"]},
+                    "description": "one per image, in order; null where the reward gave NaN/inf",
+                },
+                "reward": {"type": "string", "description": "the served reward's name"},
+            },
+        },
+        "HealthResponse": {
+            "type": "object",
+            "required": ["status", "reward", "max_batch", "max_request_bytes", "device"],
+            "additionalProperties": False,
+            "properties": {
+                "status": {"const": "ok"},
+                "reward": {"type": "string"},
+                "max_batch": {"type": "integer", "minimum": 1},
+                "max_request_bytes": {"type": "integer", "minimum": 1},
+                "device": {"type": "string", "description": "torch device of the images"},
+            },
+        },
+        "ErrorResponse": {
+            "type": "object",
+            "required": ["error"],
+            "additionalProperties": False,
+            "properties": {"error": {"type": "string"}},
+            "description": "every status other than 200 (400, 401, 404, 411, 413, 500)",
+        },
+    },
+}
+
+
+def resolve_device(text: str | torch.device, what: str = "device") -> torch.device:
+    """A torch device string -> a device this process can allocate on; ValueError naming ``what``
+    (e.g. ``--device``) if it does not parse, has no data (meta), or is not available here."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"{what} {str(text)!r} is not a torch device ({exc}); e.g. cpu, cuda, cuda:1, mps"
+        ) from None
+    if device.type == "cpu":
+        return torch.device("cpu")  # one CPU device: cpu:0 is cpu
+    if device.type == "meta":
+        raise ValueError(f"{what} {text}: the meta device holds no data; use cpu, cuda:N, ...")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{what} {text}: no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"{what} {text}: this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+            )
+    try:
+        torch.empty(1, device=device)
+    except Exception as exc:  # noqa: BLE001  (each backend raises its own type)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{what} {text}: not available here ({first})") from None
+    return device
 
 
 def decode_png(text: Any, index: int, max_pixels: int) -> np.ndarray:
@@ -131,15 +266,18 @@ class RewardHTTPServer(ThreadingHTTPServer):
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         device: str | torch.device = "cpu",
         socket_timeout: float = 120.0,
+        token: str | None = None,
     ) -> None:
         if max_batch < 1 or max_request_bytes < 1 or max_image_pixels < 1:
             raise ValueError("max_batch, max_request_bytes and max_image_pixels must be >= 1")
+        # bytes, for hmac.compare_digest (its time does not depend on where the tokens differ)
+        self._token = None if token is None else check_token(token, "token").encode()
         self.reward = reward
         self.reward_name = reward_name(reward)
         self.max_batch = max_batch
         self.max_request_bytes = max_request_bytes
         self.max_image_pixels = max_image_pixels
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.socket_timeout = socket_timeout
         self.reward_lock = threading.Lock()
         super().__init__(address, RewardRequestHandler)
@@ -148,6 +286,17 @@ class RewardHTTPServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
+
+    @property
+    def requires_token(self) -> bool:
+        return self._token is not None
+
+    def authorised(self, header: str | None) -> bool:
+        """Whether an ``Authorization`` header value carries the token (True when there is none)."""
+        if self._token is None:
+            return True
+        scheme, _, sent = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(sent.strip().encode(), self._token)
 
     def score_batch(
         self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
@@ -168,7 +317,7 @@ class RewardHTTPServer(ThreadingHTTPServer):
 
 
 class RewardRequestHandler(BaseHTTPRequestHandler):
-    """POST /score and GET /health; every answer is JSON."""
+    """POST /score, GET /health and GET /schema; every answer is JSON."""
 
     server: RewardHTTPServer
     server_version = "diffloop-reward/1"
@@ -180,38 +329,65 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s " + format, self.address_string(), *args)
 
-    def _reply(self, status: int, payload: dict[str, Any]) -> None:
+    def _reply(
+        self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         body = json.dumps(payload, allow_nan=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
         self.wfile.flush()
 
-    def _error(self, status: int, message: str) -> None:
+    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         logger.warning("%s %s -> %d: %s", self.command, self.path, status, message)
         self.close_connection = True
-        self._reply(status, {"error": message})
+        self._reply(status, {"error": message}, headers)
+
+    def _check_token(self) -> bool:
+        """True if the request may proceed; else answers 401 (draining a POST's body unread)."""
+        if self.server.authorised(self.headers.get("Authorization")):
+            return True
+        sent = "a wrong token" if self.headers.get("Authorization") else "no token"
+        self._error(
+            HTTPStatus.UNAUTHORIZED,
+            f"this server requires a bearer token and the request carried {sent}; send "
+            f"'Authorization: Bearer TOKEN' (diffloop: set {TOKEN_ENV} or reward.kwargs.token)",
+            {"WWW-Authenticate": 'Bearer realm="diffloop-reward"'},
+        )
+        raw = self.headers.get("Content-Length", "")
+        if raw.isdigit():
+            self._drain(int(raw))
+        return False
+
+    def _health(self) -> dict[str, Any]:
+        s = self.server
+        return {
+            "status": "ok",
+            "reward": s.reward_name,
+            "max_batch": s.max_batch,
+            "max_request_bytes": s.max_request_bytes,
+            "device": str(s.device),
+        }
 
     def do_GET(self) -> None:
-        if self.path != "/health":
-            self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path!r}; use GET /health")
+        routes = {"/health": self._health, "/schema": lambda: PROTOCOL_SCHEMA}
+        if self.path not in routes:
+            self._error(
+                HTTPStatus.NOT_FOUND, f"no such path {self.path!r}; use GET /health or GET /schema"
+            )
             return
-        s = self.server
-        self._reply(
-            HTTPStatus.OK,
-            {
-                "status": "ok",
-                "reward": s.reward_name,
-                "max_batch": s.max_batch,
-                "max_request_bytes": s.max_request_bytes,
-            },
-        )
+        if self._check_token():
+            self._reply(HTTPStatus.OK, routes[self.path]())
 
     def do_POST(self) -> None:
         if self.path != "/score":
             self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path!r}; use POST /score")
+            return
+        if not self._check_token():
             return
         length = self._content_length()
         if length is None:
@@ -295,8 +471,11 @@ def make_server(
     max_request_bytes: int = 64 * 2**20,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     device: str | torch.device = "cpu",
+    token: str | None = None,
 ) -> RewardHTTPServer:
     """A bound (not yet serving) server for ``reward``; port 0 picks a free port (see ``.url``).
+    ``token``: require ``Authorization: Bearer TOKEN`` on every request (None: no authentication).
+    ValueError if ``device`` is not available here (see ``resolve_device``).
 
     Serve with ``server.serve_forever()`` (e.g. in a thread); stop with ``server.shutdown()`` then
     ``server.server_close()``.
@@ -308,6 +487,7 @@ def make_server(
         max_request_bytes=max_request_bytes,
         max_image_pixels=max_image_pixels,
         device=device,
+        token=token,
     )
 
 
@@ -321,13 +501,13 @@ def _port(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffloop serve-reward",
-        description="Serve a reward over HTTP (POST /score, GET /health); use it in training with "
-        "reward.name=remote reward.kwargs.url=http://HOST:PORT",
+        description="Serve a reward over HTTP (POST /score, GET /health, GET /schema); use it in "
+        "training with reward.name=remote reward.kwargs.url=http://HOST:PORT",
     )
     parser.add_argument("name", help="registry reward name or package.module:attr")
     parser.add_argument("--kwargs", default="{}", help="reward constructor kwargs as a JSON object")
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (0.0.0.0: all; no auth!)"
+        "--host", default="127.0.0.1", help="address to bind (0.0.0.0: all; set a token!)"
     )
     parser.add_argument("--port", type=_port, default=8765, help="port (0: any free port)")
     parser.add_argument("--max-batch", type=int, default=64, help="images per reward call")
@@ -335,9 +515,48 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-request-mb", type=float, default=64.0, help="request body limit (MB)"
     )
     parser.add_argument(
-        "--device", default="cpu", choices=["cpu", "cuda"], help="device of the images"
+        "--device",
+        default="cpu",
+        help="torch device of the images and of the reward's model: cpu, cuda, cuda:N, mps, ...",
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"require 'Authorization: Bearer TOKEN' on every request (default: ${TOKEN_ENV} if "
+        "set, else no authentication); the environment variable keeps it out of `ps`",
     )
     return parser
+
+
+def _takes_device(factory: Any) -> bool:
+    try:
+        return "device" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins and C callables without a signature
+        return False
+
+
+def build_served_reward(name: str, kwargs: dict[str, Any], device: torch.device) -> Any:
+    """``build_reward(name, **kwargs)`` for a server on ``device``: a constructor that takes
+    ``device`` gets ``str(device)``; a model reward moves its networks to ``device`` now.
+
+    ValueError if ``kwargs`` names another device than ``device`` (images and model would differ).
+    """
+    kwargs = dict(kwargs)
+    if "device" in kwargs:
+        if resolve_device(kwargs["device"], "--kwargs device") != device:
+            raise ValueError(
+                f"--kwargs sets device={kwargs['device']!r} but --device is {str(device)!r}: the "
+                "images would be on another device than the reward; give the device once, as "
+                "--device"
+            )
+    else:
+        factory, constructed = reward_factory(name, kwargs)  # not: a function that is the reward
+        if constructed and _takes_device(factory):
+            kwargs["device"] = str(device)
+    reward = build_reward(name, **kwargs)
+    if isinstance(reward, ModelReward):
+        reward.to(device)  # load onto the device at start: out of memory fails now, not later
+    return reward
 
 
 def server_from_argv(argv: list[str]) -> RewardHTTPServer:
@@ -350,18 +569,19 @@ def server_from_argv(argv: list[str]) -> RewardHTTPServer:
         parser.error(f"--kwargs is not valid JSON: {exc}")
     if not isinstance(kwargs, dict):
         parser.error(f"--kwargs must be a JSON object, got {args.kwargs!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
     if args.max_batch < 1 or args.max_request_mb <= 0:
         parser.error("--max-batch and --max-request-mb must be positive")
-    reward = build_reward(args.name, **kwargs)
+    device = resolve_device(args.device, "--device")  # ValueError: one line from serve_main
+    token = token_from_env() if args.token is None else check_token(args.token, "--token")
+    reward = build_served_reward(args.name, kwargs, device)
     return make_server(
         reward,
         args.host,
         args.port,
         max_batch=args.max_batch,
         max_request_bytes=int(args.max_request_mb * 2**20),
-        device=args.device,
+        device=device,
+        token=token,
     )
 
 
@@ -373,11 +593,24 @@ def serve_main(argv: list[str]) -> int:
     except (ValueError, ImportError, TypeError, OSError) as exc:
         print(f"diffloop serve-reward: {exc}", file=sys.stderr)
         return 2
+    auth = (
+        f"; every request needs the bearer token (clients: set {TOKEN_ENV})"
+        if server.requires_token
+        else ""
+    )
     print(
-        f"serving reward {server.reward_name!r} on {server.url} (POST /score, GET /health); "
-        f"train with reward.name=remote reward.kwargs.url={server.url}",
+        f"serving reward {server.reward_name!r} on {server.url} with images on {server.device} "
+        f"(POST /score, GET /health, GET /schema); train with reward.name=remote "
+        f"reward.kwargs.url={server.url}{auth}",
         flush=True,
     )
+    if not server.requires_token and server.server_address[0] not in ("127.0.0.1", "::1"):
+        print(
+            f"diffloop serve-reward: warning: listening on {server.server_address[0]} without a "
+            f"token: anyone who can reach it can use the reward; set {TOKEN_ENV} or --token",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -388,12 +621,16 @@ def serve_main(argv: list[str]) -> int:
 
 
 __all__ = [
+    "PROTOCOL",
+    "PROTOCOL_SCHEMA",
     "BadRequest",
     "RewardHTTPServer",
     "build_parser",
+    "build_served_reward",
     "json_scores",
     "make_server",
     "parse_request",
+    "resolve_device",
     "serve_main",
     "server_from_argv",
 ]
