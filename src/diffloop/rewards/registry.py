@@ -211,6 +211,9 @@ def reward_factory(name: str, kwargs: dict[str, Any]) -> tuple[Callable[..., Any
     registered factory or a spec's class (True), or a spec's function, the reward itself (False)."""
     if name in REWARDS:
         entry = REWARDS[name]
+        if isinstance(entry, ScoringFunction):  # register_reward(name, fn): fn is the reward itself
+            entry(**kwargs)  # RewardSpecError when given kwargs
+            return entry.function, False
         return (_import_attr(entry, name) if isinstance(entry, str) else entry), True
     obj = _resolve_spec(name, kwargs)
     return obj, inspect.isclass(obj)
