@@ -8,7 +8,9 @@ Comparison is exact (``==`` on the floats read back from JSON, which round-trip 
 both runs use one CPU thread and deterministic kernels, so the same operations in the same order
 give the same bits. Timing keys (``run_dir.TIME_KEYS``) are left out.
 
-``train.adv_clip_max=5`` is set explicitly so that a change of that default does not move these runs.
+``train.adv_clip_max=5`` is set explicitly so that a change of that default does not move these runs;
+so are the LoRA size, the shapes run's guidance and the tiny run's timestep fraction, which the
+fixtures were recorded with before the defaults became the shapes-world run's (diffloop.config).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ COMMON = {
     "seed": 0,
     "cpu_threads": 1,
     "train.adv_clip_max": 5,
+    "lora.rank": 4,
+    "lora.alpha": 4.0,
     "train.clip_range": 0.2,
     "logging.progress_bars": False,
     "logging.tensorboard": False,
@@ -35,6 +39,7 @@ SHAPES = {
     **COMMON,
     "model.pretrained": "shapes",
     "sample.num_steps": 3,
+    "sample.guidance_scale": 5.0,
     "sample.prompts_per_epoch": 2,
     "sample.samples_per_prompt": 2,
     "sample.batch_size": 4,
@@ -60,6 +65,7 @@ TINY_SD = {
     "train.batch_size": 2,
     "train.learning_rate": 0.01,
     "train.log_kl_to_base": True,
+    "train.timestep_fraction": 1.0,
     "reward.name": "reward_fns:brightness",
     "prompts.source": "list",
     "prompts.prompts": "[a cat, a dog on a bench, a red ball]",

@@ -1,5 +1,9 @@
 """Typed run configuration: dataclass defaults < YAML file < ``a.b=c`` overrides.
 
+The defaults are the shapes-world run, so ``Config()`` is exactly what ``diffloop train`` runs with no
+arguments (LOOP, K = 4, on the packaged model; ``configs/shapes.yaml`` spells the same values out,
+and a test keeps the two equal). A config for another model states what it needs over them.
+
 Every invariant is checked by :func:`validate` before any model loads; each error names the field and
 the fix. The checks of single fields come from the declarations, in one place
 (:func:`check_field_values`): every numeric field is declared with ``num(default, gt/ge/lt/le)`` and
@@ -175,9 +179,9 @@ class ModelConfig:
 class LoraConfig:
     enabled: bool = True
     """Train a LoRA adapter on the UNet (false = full fine-tuning of the UNet, much more memory)."""
-    rank: int = num(4, ge=1)
-    """LoRA rank r (DDPO uses 4)."""
-    alpha: float = num(4.0, gt=0)
+    rank: int = num(8, ge=1)
+    """LoRA rank r (DDPO uses 4 on Stable Diffusion)."""
+    alpha: float = num(8.0, gt=0)
     """LoRA alpha; the adapter's update is scaled by alpha / rank."""
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """UNet module names to adapt (peft ``target_modules``)."""
@@ -187,23 +191,24 @@ class LoraConfig:
 
 @dataclass
 class SampleConfig:
-    num_steps: int = num(50, ge=1)
-    """DDIM steps per trajectory (T). Cost is linear in T for both sampling and training."""
+    num_steps: int = num(10, ge=1)
+    """DDIM steps per trajectory (T; Stable Diffusion runs use 50). Cost is linear in T for both
+    sampling and training."""
     eta: float = num(
         1.0, gt=0, le=1,
         why=f"{_NO_LOGPROB}, and eta > 1 makes the DDIM variance's square root imaginary (NaN "
         "log-probabilities); use eta=1.0 (DDPO's default)",
     )  # fmt: skip
     """DDIM eta, in (0, 1]: 0 is deterministic (no log-probability), 1 is DDPM-like (DDPO's)."""
-    guidance_scale: float = num(5.0, ge=1)
+    guidance_scale: float = num(3.0, ge=1)
     """Classifier-free guidance scale (1 = no guidance, half the UNet evaluations)."""
     negative_prompt: str = ""
     """Negative prompt used as the unconditional branch of CFG."""
-    prompts_per_epoch: int = num(8, ge=1)
+    prompts_per_epoch: int = num(16, ge=1)
     """B: distinct prompt draws per epoch (over all processes)."""
     samples_per_prompt: int = num(4, ge=1)
     """K: trajectories per prompt (LOOP's group size; >= 2 for leave-one-out and GRPO)."""
-    batch_size: int = num(8, ge=1)
+    batch_size: int = num(32, ge=1)
     """Trajectories sampled at once per process (a memory knob: each sample has its own noise
     stream, so results do not depend on it)."""
 
@@ -212,13 +217,13 @@ class SampleConfig:
 class TrainConfig:
     algorithm: AlgorithmName = "loop"
     """One of loop, ppo, grpo, reinforce, reinforce_loo (see diffloop.algorithms.ALGORITHMS)."""
-    batch_size: int = num(4, ge=1)
+    batch_size: int = num(16, ge=1)
     """Trajectories per training minibatch per process."""
     gradient_accumulation_steps: int = num(1, ge=1)
     """Minibatches accumulated into one optimizer step (each minibatch spans its trained timesteps)."""
     num_inner_epochs: int = num(1, ge=1)
     """Passes over each epoch's samples (PPO-style reuse; must be 1 for reinforce*)."""
-    learning_rate: float = num(3e-4, gt=0)
+    learning_rate: float = num(3e-3, gt=0)
     """AdamW learning rate."""
     adam_beta1: float = num(0.9, ge=0, lt=1)
     """AdamW beta1."""
@@ -241,7 +246,7 @@ class TrainConfig:
     others: see diffloop.algorithms); 0: no clipping. The clipped fraction is logged."""
     normalize_advantages: bool = False
     """Divide leave-one-out advantages by their group's reward std (docs/method.md: an option, off)."""
-    timestep_fraction: float = num(1.0, gt=0, le=1)
+    timestep_fraction: float = num(0.5, gt=0, le=1)
     """Fraction of each trajectory's steps trained on (random subset per trajectory)."""
     mixed_precision: MixedPrecision = "no"
     """no (fp32), fp16 (with a grad scaler) or bf16. Trainable parameters always stay fp32."""
@@ -289,7 +294,7 @@ class RewardConfig:
 
 @dataclass
 class PromptConfig:
-    source: str = "shapes/train"
+    source: str = "shapes/train_pair"
     """Prompt source: a registry name (ddpo/simple_animals, shapes/train, ...), ``list``, or one read
     from prompts.path: ``file`` (one prompt a line), ``jsonl``, ``csv`` or ``dataset`` (Hugging Face
     ``datasets``: needs ``pip install 'diffloop[datasets]'``). The other fields of a jsonl / csv /
@@ -306,7 +311,7 @@ class PromptConfig:
 
 @dataclass
 class EvalConfig:
-    prompts: str | None = None
+    prompts: str | None = "shapes/val_pair"
     """Held-out prompt source (registry name, e.g. shapes/val_pair, or file/jsonl/csv/dataset with
     eval.path); null disables evaluation. Row fields reach the reward as metadata, as in training."""
     path: str | None = None
@@ -315,11 +320,11 @@ class EvalConfig:
     """Prompt field of a jsonl/csv/dataset eval source; null: prompts.prompt_column."""
     split: str = "train"
     """Dataset split (eval.prompts=dataset)."""
-    num_prompts: int = num(16, ge=1)
+    num_prompts: int = num(48, ge=1)
     """First N prompts of the source (in order, cycling), the same every evaluation."""
     samples_per_prompt: int = num(2, ge=1)
     """Images per evaluation prompt; seeds are fixed so every evaluation sees the same noise."""
-    every_n_epochs: int = num(0, ge=0)
+    every_n_epochs: int = num(4, ge=0)
     """Evaluate every N epochs (0: only before training and after the last epoch)."""
     seed: int = num(12345, ge=0, le=_MAX_SEED)
     """Seed of the evaluation noise (independent of the training seed)."""
@@ -388,9 +393,9 @@ class PerformanceConfig:
 class Config:
     seed: int = num(0, ge=0, le=_MAX_SEED)
     """Training seed: prompt draws, noise and LoRA initialisation are pure functions of it."""
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/shapes_loop"
     """Run directory (created; must be writable). Holds config, metrics, checkpoints, weights."""
-    num_epochs: int = num(100, ge=1)
+    num_epochs: int = num(12, ge=1)
     """Epochs of sample -> score -> optimise."""
     resume: bool = False
     """Continue from the newest complete checkpoint in output_dir."""
@@ -399,7 +404,7 @@ class Config:
     such a directory is an error, so a finished run is never clobbered by accident."""
     checkpoint_every: int = num(1, ge=1)
     """Save a checkpoint every N epochs (and always after the last)."""
-    cpu_threads: int | None = num(None, ge=1)
+    cpu_threads: int | None = num(1, ge=1)
     """torch CPU threads (null: torch's default). Small models on a shared or 2-core CPU run several
     times faster with 1: OpenMP threads spin-wait when the cores are busy."""
     keep_checkpoints: int = num(2, ge=1)
