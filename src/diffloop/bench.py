@@ -479,7 +479,7 @@ def bench_sd(
     set_backend_flags(PerformanceConfig(**args.perf), device)
     policy = DDIMPolicy(
         build_components(args.shape, device),
-        LoraConfig(),
+        LoraConfig(rank=4, alpha=4.0),  # DDPO's adapter, as docs/performance.md measured
         device=device,
         weight_dtype=dtype,
         logprob_reduction="mean",
@@ -667,7 +667,7 @@ def bench_sdxl_unet(
     unet.requires_grad_(False)
     if dtype != torch.float32:
         unet.to(dtype=dtype)
-    lora = LoraConfig()
+    lora = LoraConfig(rank=4, alpha=4.0)  # DDPO's adapter, as docs/performance.md measured
     unet.add_adapter(
         PeftLoraConfig(
             r=lora.rank,
