@@ -1,7 +1,14 @@
 """diffloop: reinforcement-learning fine-tuning of text-to-image diffusion models with LOOP.
 
-The algorithm core (pure functions of tensors) is importable from here, loaded on first use; the
-trainer, policies, rewards and prompt sources live in their submodules.
+The Python API (docs/python_api.md), loaded on first use::
+
+    from diffloop import Config, Trainer, register_reward, read_metrics
+
+    config = Config()                     # exactly what `diffloop train` runs with no arguments
+    Trainer(config, reward=my_score, prompts=["a red circle", ...]).train()
+
+and the algorithm core (pure functions of tensors: advantages, losses, DDIM log-probabilities).
+Everything loads lazily (PEP 562), so ``import diffloop.cli`` for ``--help`` does not import torch.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from diffloop.config import Config, load_config
     from diffloop.core import (
         PerPromptStatTracker,
         approx_kl,
@@ -26,10 +34,21 @@ if TYPE_CHECKING:
         policy_gradient_loss,
         scale_by_group_std,
     )
+    from diffloop.rewards.registry import register_reward
+    from diffloop.run_dir import read_metrics
+    from diffloop.trainer import Trainer
 
 __version__ = "0.1.0"
 
-__all__ = [
+# name -> the module it is loaded from on first use.
+_API = {
+    "Config": "diffloop.config",
+    "load_config": "diffloop.config",
+    "Trainer": "diffloop.trainer",
+    "register_reward": "diffloop.rewards.registry",
+    "read_metrics": "diffloop.run_dir",
+}
+_CORE = [
     "PerPromptStatTracker",
     "approx_kl",
     "batch_mean_advantages",
@@ -46,10 +65,14 @@ __all__ = [
     "scale_by_group_std",
 ]
 
+__all__ = [*_API, *_CORE]
+
 
 def __getattr__(name: str) -> Any:
-    """The core functions load on first use (PEP 562): ``import diffloop.cli`` for ``--help`` or
-    ``--version`` must not import torch."""
-    if name in __all__:
+    """The API and the core functions load on first use (PEP 562): ``import diffloop.cli`` for
+    ``--help`` or ``--version`` must not import torch."""
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    if name in _CORE:
         return getattr(importlib.import_module("diffloop.core"), name)
     raise AttributeError(f"module 'diffloop' has no attribute {name!r}")
