@@ -40,7 +40,7 @@ def _manual_unet_flops() -> int:
     from diffloop.policies.diffusers_policy import DDIMPolicy
 
     device = torch.device("cpu")
-    policy = DDIMPolicy(build_components("tiny", device), LoraConfig(), device=device)
+    policy = DDIMPolicy(build_components("tiny", device), LoraConfig(rank=4, alpha=4.0), device=device)  # what bench builds
     policy.unet.set_attn_processor(AttnProcessor())
     embeds = policy.encode_prompts(["a photo of a cat"])
     x = torch.zeros(1, *policy.latent_shape())
