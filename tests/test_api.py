@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import diffloop
-from diffloop.config import Config, load_config, packaged_config
+from diffloop.config import Config, ConfigError, load_config, packaged_config
 from diffloop.resume import train_config
 from diffloop.rewards import registry
 from diffloop.rewards.registry import RewardSpecError, build_reward, register_reward
@@ -59,7 +59,7 @@ def test_register_reward_takes_a_plain_scoring_function(clean_registry):
         build_reward("api_constant", scale=2)
     with pytest.raises(ValueError, match="already registered.*replace=True"):
         register_reward("api_constant", lambda images, prompts, metadata: [0.0] * len(prompts))
-    other = lambda images, prompts, metadata: [0.0] * len(prompts)  # noqa: E731
+    other = lambda images, prompts, metadata: [0.0] * len(prompts)
     register_reward("api_constant", other, replace=True)  # a notebook cell run again
     assert build_reward("api_constant") is other
     with pytest.raises(TypeError, match="decorate a class"):
@@ -92,12 +92,18 @@ def test_trainer_takes_a_reward_callable_and_prompt_rows(tmp_path, clean_registr
     assert recorded.reward.name == "python:likes_red"
     assert (recorded.prompts.source, recorded.prompts.prompts) == ("list", ["a red circle", "a blue square"])
     assert config.reward.name == "shapes_binding" and config.prompts.source == "shapes/train_pair"  # caller's copy
+    from diffloop.preflight import check_before_loading
+
+    assert build_reward("python:likes_red") is likes_red  # registered for this session
+    del registry.REWARDS["python:likes_red"]  # another session, e.g. a resume from the command line
+    with pytest.raises(ConfigError, match="was a Python function given to Trainer"):
+        check_before_loading(dataclasses.replace(config, reward=recorded.reward))
     with pytest.raises(TypeError, match="reward must be a callable"):
         Trainer(tiny(tmp_path / "other"), reward="shapes_binding")
 
 
 def python_blocks(markdown: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.DOTALL)
 
 
 def test_the_python_api_doc_example_runs(tmp_path, monkeypatch, clean_registry):
@@ -122,7 +128,7 @@ def test_the_python_api_doc_example_runs(tmp_path, monkeypatch, clean_registry):
     assert len(blocks) == 3
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, str(DOC), "exec"), namespace)
+        exec(compile(block, str(DOC), "exec"), namespace)  # noqa: S102 (the doc is ours)
     rows = read_metrics(tmp_path / "runs" / "notebook_colour" / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [0] and torch.isfinite(torch.tensor(rows[0]["reward_mean"]))
     assert namespace["config"].reward.name == "colour_match"

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-# name -> the module it is loaded from on first use.
+# name -> the module it is loaded from on first use (the rest of __all__ is diffloop.core's).
 _API = {
     "Config": "diffloop.config",
     "load_config": "diffloop.config",
@@ -48,8 +48,11 @@ _API = {
     "register_reward": "diffloop.rewards.registry",
     "read_metrics": "diffloop.run_dir",
 }
-_CORE = [
+
+__all__ = [
+    "Config",
     "PerPromptStatTracker",
+    "Trainer",
     "approx_kl",
     "batch_mean_advantages",
     "clip_advantages",
@@ -61,11 +64,12 @@ _CORE = [
     "gaussian_log_prob",
     "group_normalized_advantages",
     "leave_one_out_advantages",
+    "load_config",
     "policy_gradient_loss",
+    "read_metrics",
+    "register_reward",
     "scale_by_group_std",
 ]
-
-__all__ = [*_API, *_CORE]
 
 
 def __getattr__(name: str) -> Any:
@@ -73,6 +77,6 @@ def __getattr__(name: str) -> Any:
     ``--help`` or ``--version`` must not import torch."""
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
-    if name in _CORE:
+    if name in __all__:
         return getattr(importlib.import_module("diffloop.core"), name)
     raise AttributeError(f"module 'diffloop' has no attribute {name!r}")

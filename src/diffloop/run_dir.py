@@ -119,6 +119,7 @@ class RunDirectory:
         self.is_main = is_main
         self.metrics_path = self.path / "metrics.jsonl"
         self.trackers = Trackers([])
+        self.run_id: str | None = None
         if not is_main:
             return
         self.path.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ metrics.jsonl first, then hands it to :class:`Trackers`, where a tracker that ra
 never costs the row or the run. A tracker that cannot *start* is an error before training.
 
 Which trackers (:func:`resolve_report_to`): ``logging.report_to`` is a list of accelerate's tracker
-names (:data:`diffloop.config.TRACKERS`), ``all`` (every one installed) or ``none``; the older
+names (``diffloop.config.TRACKERS``), ``all`` (every one installed) or ``none``; the older
 booleans ``logging.tensorboard`` / ``logging.wandb`` are aliases: true adds that tracker, false
 removes it, null (their default) leaves report_to alone.
 
@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from diffloop.config import TRACKERS, Config, ConfigError, LoggingConfig, config_to_dict
+from diffloop.config import Config, ConfigError, LoggingConfig, config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Trackers:
     def _call(self, tracker: Any, what: str, fn, *args: Any, **kwargs: Any) -> None:
         try:
             fn(*args, **kwargs)
-        except Exception as exc:  # a tracker's outage must not stop the run (metrics.jsonl has it)
+        except Exception as exc:  # noqa: BLE001 (a tracker's outage must not stop the run: metrics.jsonl has the row)
             self.failures[tracker.name] += 1
             if self.failures[tracker.name] == 1:
                 logger.warning(

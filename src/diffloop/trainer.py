@@ -39,10 +39,16 @@ from diffloop.monitors import image_statistics
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
 from diffloop.policies.families import load_policy
 from diffloop.preflight import check_before_loading
-from diffloop.prompts import PromptSource, eval_prompt_source, rows_to_source, training_prompt_source
+from diffloop.prompts import (
+    PromptSource,
+    eval_prompt_source,
+    rows_to_source,
+    training_prompt_source,
+)
 from diffloop.resume import check_resume
 from diffloop.rewards import RewardScores, register_reward, reward_name, score
 from diffloop.rewards.composite import build_reward_from_config
+from diffloop.rewards.registry import PYTHON_REWARD_PREFIX
 from diffloop.rewards.remote import check_servers
 from diffloop.run_dir import RunDirectory, existing_run, remove_run
 
@@ -491,7 +497,7 @@ def _with_python_arguments(
     if reward is not None:
         if not callable(reward):
             raise TypeError(f"reward must be a callable (images, prompts, metadata) -> scores, got {reward!r}")
-        name = f"python:{reward_name(reward)}"
+        name = f"{PYTHON_REWARD_PREFIX}{reward_name(reward)}"
         register_reward(name, reward, replace=True)
         config = dataclasses.replace(config, reward=dataclasses.replace(config.reward, name=name, kwargs={}, components=None))
     return config, source

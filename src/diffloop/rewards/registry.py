@@ -136,8 +136,7 @@ def register_reward(
                 f"register_reward({name!r}, fn): fn must be a scoring function (images, prompts, "
                 f"metadata) -> scores, got {fn!r}; decorate a class with @register_reward({name!r})"
             )
-        same_fn = lambda e: e is fn or getattr(e, "function", None) is fn  # noqa: E731
-        add(ScoringFunction(fn, name), same_fn, "")
+        add(ScoringFunction(fn, name), lambda e: e is fn or getattr(e, "function", None) is fn, "")
         return fn
 
     def decorator(factory: Callable[..., Reward]) -> Callable[..., Reward]:
@@ -191,8 +190,18 @@ def check_reward_name(name: str, kwargs: dict[str, Any] | None = None) -> None:
         _resolve_spec(name, kwargs or {})
 
 
+# reward.name of a function given to ``Trainer(reward=...)``: registered for that Python session only.
+PYTHON_REWARD_PREFIX = "python:"
+
+
 def _resolve_spec(name: str, kwargs: dict[str, Any]) -> Any:
     """The class, or the function (which takes no kwargs), a 'package.module:attr' spec names."""
+    if name.startswith(PYTHON_REWARD_PREFIX):
+        raise RewardSpecError(
+            f"reward {name!r} was a Python function given to Trainer(reward=...), registered only in "
+            "that Python session: pass it again, register it (register_reward), or name it as "
+            "'package.module:function' to train or resume from the command line"
+        )
     if ":" not in name:
         raise _unknown_reward(name)
     obj = _import_attr(name, name)
