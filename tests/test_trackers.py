@@ -181,3 +181,15 @@ def test_trainer_logs_to_tensorboard_and_jsonl(tmp_path):
     tag = next(t for t in acc.Tags()["scalars"] if "reward" in t and "mean" in t)
     assert [e.value for e in acc.Scalars(tag)] == pytest.approx([r["reward_mean"] for r in rows])
     assert json.loads((out / "sessions.jsonl").read_text().splitlines()[0])["session"] == 1
+
+
+@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed")
+def test_wandb_offline_run_uses_the_runs_own_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    run = RunDirectory(config_for(out, "logging.report_to=wandb", "logging.tracker_kwargs.wandb.mode=offline"),
+                       is_main=True, start_epoch=0)  # fmt: skip
+    run.log({"epoch": 0, "reward_mean": 0.5})
+    run.close()
+    assert run.trackers.failures == {}
+    assert any(run.run_id in p.name for p in (out / "wandb").glob("offline-run-*"))
