@@ -46,6 +46,13 @@ def mixed_precision_conflict(configured: str, environ: dict[str, str] | None = N
     )
 
 
+def warn_on_mixed_precision_conflict(configured: str) -> None:
+    """Log :func:`mixed_precision_conflict`'s warning for this process's environment, if any."""
+    message = mixed_precision_conflict(configured)
+    if message is not None:
+        logger.warning(message)
+
+
 class Distributed:
     """A thin view of accelerate's process state for the trainer."""
 
@@ -63,9 +70,8 @@ class Distributed:
 
     def check_mixed_precision(self, configured: str) -> None:
         """Warn (main process) when accelerate's launcher asked for another mixed precision."""
-        message = mixed_precision_conflict(configured)
-        if message is not None and self.is_main:
-            logger.warning(message)
+        if self.is_main:
+            warn_on_mixed_precision_conflict(configured)
 
     def local_slice(self, total: int) -> slice:
         """This process's contiguous share of ``total`` globally ordered samples."""
