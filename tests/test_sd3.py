@@ -241,3 +241,21 @@ def test_two_processes_match_one_on_sd3(tiny_sd3, tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"
         torch.testing.assert_close(rank0[name], one[name], rtol=0, atol=2e-5)
+
+
+def test_resolution_sets_the_latent_size(tiny_sd3):
+    from diffusers import StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    model = ModelConfig(pretrained=str(tiny_sd3), resolution=16)
+    policy = load_sd3_policy(model, LoraConfig(enabled=False), device=CPU)
+    assert policy.latent_shape() == (4, 8, 8)
+    traj = policy.sample(PROMPTS[:1], generators(1), num_steps=3, eta=0.0, guidance_scale=1.0)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    out = pipe(PROMPTS[:1], height=16, width=16, num_inference_steps=3, guidance_scale=1.0,
+               latents=policy.initial_latents(generators(1)), output_type="pt",
+               max_sequence_length=T5_TOKENS).images  # fmt: skip
+    assert traj.images.shape == out.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(traj.images, out, atol=1e-5, rtol=0)
+    with pytest.raises(ModelLoadError, match="model.resolution=15"):
+        load_sd3_policy(ModelConfig(pretrained=str(tiny_sd3), resolution=15), LoraConfig(), device=CPU)

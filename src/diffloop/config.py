@@ -75,6 +75,9 @@ class ModelConfig:
     non-DDIM config is converted with set_alpha_to_one and clip_sample false (logged)."""
     sdxl: SDXLConfig = field(default_factory=SDXLConfig)
     """SDXL micro-conditioning, resolution and VAE (used when model.pretrained is an SDXL pipeline)."""
+    resolution: int | None = None
+    """Flow-matching models (SD3, FLUX): square image side in pixels (Flow-GRPO trains SD3.5 at 512);
+    null = the transformer's sample_size x the VAE's downsampling factor."""
 
 
 @dataclass
