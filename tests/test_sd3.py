@@ -281,3 +281,22 @@ def test_sd35_medium_builder_has_its_shapes():
     assert counts["text_encoder"] == 123_650_304 and counts["text_encoder_2"] == 694_659_840
     assert 2.2e9 < counts["transformer"] < 2.6e9 and c["text_encoder_3"] is None
     assert c["vae"].config.latent_channels == 16 and c["transformer"].config.pooled_projection_dim == 2048
+
+
+@pytest.mark.parametrize("eta", ["0", "0.7"])
+def test_sample_command_on_an_sd3_directory(tiny_sd3, tmp_path, eta):
+    from diffloop.cli import main
+
+    out = tmp_path / "samples"
+    argv = ["sample", str(tiny_sd3), "--prompt", "a cat", "--num-per-prompt", "2", "--steps", "3"]
+    assert main([*argv, "--eta", eta, "--device", "cpu", "--output", str(out)]) == 0
+    assert list(out.rglob("*.png"))
+
+
+def test_bf16_run_trains_with_a_finite_ratio(tiny_sd3, tmp_path):
+    rows = Trainer(load_config(None, tiny_overrides(
+        tiny_sd3, tmp_path / "bf16", num_epochs=1,
+        **{"sample.num_steps": 3, "train.mixed_precision": "bf16", "train.batch_size": 4},
+    ))).train()  # fmt: skip
+    assert rows[-1]["onpolicy_logprob_err"] <= 1e-5  # the training batch = the sampling batch
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
