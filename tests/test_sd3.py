@@ -300,3 +300,31 @@ def test_bf16_run_trains_with_a_finite_ratio(tiny_sd3, tmp_path):
     ))).train()  # fmt: skip
     assert rows[-1]["onpolicy_logprob_err"] <= 1e-5  # the training batch = the sampling batch
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+@pytest.mark.slow
+def test_eval_report_and_variance_run_on_sd3(tiny_sd3, tmp_path):
+    from diffloop.evaluate import eval_main
+    from diffloop.report import report_main
+    from diffloop.variance import variance_main
+
+    run = tmp_path / "run"
+    rows = Trainer(load_config(None, tiny_overrides(tiny_sd3, run, num_epochs=1, **{
+        "sample.num_steps": 3, "sample.sde_type": "cps", "eval.prompts": "ddpo/simple_animals",
+        "eval.num_prompts": 2, "eval.samples_per_prompt": 1,
+    }))).train()  # fmt: skip
+    assert "eval_reward_mean" in rows[0]
+    out = tmp_path / "eval"
+    argv = [str(run), "--compare", str(tiny_sd3), "--prompts", "ddpo/simple_animals",
+            "--num-prompts", "2", "--images-per-prompt", "1", "--steps", "3", "--device", "cpu",
+            "--reward", "reward_fns:brightness", "--output", str(out)]  # fmt: skip
+    assert eval_main(argv) == 0
+    assert len(json.loads((out / "eval.json").read_text())["targets"]) == 2
+    assert report_main([str(run), "--output", str(tmp_path / "report.html")]) == 0
+    v = tmp_path / "v.json"
+    argv = [f"model.pretrained={tiny_sd3}", "sample.num_steps=3", "sample.prompts_per_epoch=2",
+            "sample.batch_size=4", "train.batch_size=2", "reward.name=reward_fns:brightness",
+            "--algorithms", "loop@2", "--estimates", "2", "--output", str(v)]  # fmt: skip
+    assert variance_main(argv) == 0
+    (result,) = json.loads(v.read_text())["results"]
+    assert result["trace_cov"] > 0
