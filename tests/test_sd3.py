@@ -328,3 +328,27 @@ def test_eval_report_and_variance_run_on_sd3(tiny_sd3, tmp_path):
     assert variance_main(argv) == 0
     (result,) = json.loads(v.read_text())["results"]
     assert result["trace_cov"] > 0
+
+
+def test_random_window_start_per_sample(tiny_sd3):
+    """[first, last, length]: each sample's start drawn from its own generator; the stored sigmas
+    and timesteps are its window's, the ratio is exactly 1, and a sample ignores its batch mates."""
+    policy = policy_for(tiny_sd3, sample=SampleConfig(sde_window=[0, 3, 2]))
+    policy.check_sampling(6, 0.7)
+    gens = generators(6)
+    traj = policy.sample(PROMPTS + PROMPTS[:2], gens, num_steps=6, eta=0.7, guidance_scale=3.0)
+    sigmas, timesteps = policy.scheduler.sigmas, policy.scheduler.timesteps
+    starts = [int((sigmas == row[0]).nonzero()) for row in traj.extra["sigmas"]]
+    assert len(set(starts)) > 1 and all(0 <= s <= 3 for s in starts)
+    for i, s in enumerate(starts):
+        torch.testing.assert_close(traj.extra["sigmas"][i], sigmas[s : s + 3], atol=0, rtol=0)
+        torch.testing.assert_close(traj.timesteps[i], timesteps[s : s + 2], atol=0, rtol=0)
+    assert torch.isfinite(traj.log_probs).all() and torch.isfinite(traj.latents).all()
+    sampler = loops.SamplerSettings(num_steps=6, eta=0.7, guidance_scale=3.0)
+    assert loops.onpolicy_logprob_err(policy, traj, sampler) <= 1e-5
+    alone = policy.sample(PROMPTS[3:4], generators(1, base=14), num_steps=6, eta=0.7, guidance_scale=3.0)
+    torch.testing.assert_close(alone.latents[0], traj.latents[3], atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone.images[0], traj.images[3], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="sample.sde_window"):
+        load_config(None, ["sample.num_steps=6", "sample.sde_window=[0, 4, 2]"])
+    assert load_config(None, ["sample.num_steps=6", "sample.sde_window=[0, 3, 2]"]).sample.sde_window == [0, 3, 2]

@@ -112,7 +112,8 @@ class SampleConfig:
     sde_window: list[int] | None = None
     """Flow-matching models: [start, length] makes the ``length`` consecutive steps from step
     ``start`` (0-based) stochastic and trained, the others ODE steps (Flow-GRPO-Fast, MixGRPO);
-    null = every step but the last (an ODE step: it has no density)."""
+    [first, last, length] draws each sample's start uniformly in [first, last] (Flow-GRPO-Fast's
+    random window); null = every step but the last (an ODE step: it has no density)."""
     prompts_per_epoch: int = 8
     """B: distinct prompt draws per epoch (over all processes)."""
     samples_per_prompt: int = 4
@@ -453,13 +454,12 @@ def validate(config: Config, num_processes: int = 1) -> None:
         "log-probability; use eta=1.0 (DDPO's default)",
     )
     _check(s.sde_type in ("sde", "cps"), f"sample.sde_type='{s.sde_type}' must be 'sde' or 'cps'")
+    w = [s.sde_window[0], *s.sde_window] if s.sde_window and len(s.sde_window) == 2 else s.sde_window
     _check(
-        s.sde_window is None or (len(s.sde_window) == 2 and s.sde_window[0] >= 0
-                                 and s.sde_window[1] >= 1
-                                 and sum(s.sde_window) <= s.num_steps - 1),
-        f"sample.sde_window={s.sde_window} must be null or [start, length] with start >= 0, "
-        f"length >= 1 and start + length <= sample.num_steps - 1 = {s.num_steps - 1} (the last "
-        "step is an ODE step)",
+        w is None or (len(w) == 3 and 0 <= w[0] <= w[1] and w[2] >= 1 and w[1] + w[2] <= s.num_steps - 1),
+        f"sample.sde_window={s.sde_window} must be null, [start, length] or [first, last, length] "
+        f"(start drawn in [first, last]) with length >= 1 and start + length <= sample.num_steps - 1 "
+        f"= {s.num_steps - 1} (the last step is an ODE step)",
     )  # fmt: skip
     _check(s.guidance_scale >= 1.0, f"sample.guidance_scale={s.guidance_scale} must be >= 1")
     _check(s.prompts_per_epoch >= 1, f"sample.prompts_per_epoch={s.prompts_per_epoch} must be >= 1")

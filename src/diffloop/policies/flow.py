@@ -11,7 +11,9 @@ each step j takes the velocity v = model(x, t_j) (CFG or guidance embedding per 
     window steps:   x' = flow_sde_step_with_logprob(v, x, s_j, s_{j+1}, noise_level=eta, sde_type)
     other steps:    x' = x + (s_{j+1} - s_j) v          (ODE: no density, never trained)
 
-The window (``sample.sde_window``) is [start, length] consecutive steps; default every step but the
+The window (``sample.sde_window``) is [start, length] consecutive steps, or [first, last, length]
+with each sample's start drawn uniformly in [first, last] from its own generator (Flow-GRPO-Fast's
+random window); default every step but the
 last (s_T = 0: CPS's std is 0 there, and Flow-GRPO never trains it). eta = 0 (evaluation) makes
 every step an ODE step; the stored window then has NaN log-probs.
 
@@ -376,12 +378,24 @@ class FlowMatchPolicy:
         sigmas = self.scheduler.sigmas.to(self.device, torch.float32)
         return sigmas, self.scheduler.timesteps.to(self.device, torch.float32)
 
-    def window(self, num_steps: int) -> tuple[int, int]:
-        """[start, stop) of the stochastic, stored steps (``sample.sde_window``)."""
+    def window(self, num_steps: int) -> tuple[int, int, int]:
+        """(first, last, length) of ``sample.sde_window``: each sample's stochastic, stored steps are
+        ``length`` consecutive steps from a start in [first, last] (first = last: a fixed window)."""
         if self.sde_window is None:
-            return 0, num_steps - 1
-        start, length = self.sde_window
-        return start, start + length
+            return 0, 0, num_steps - 1
+        if len(self.sde_window) == 2:
+            start, length = self.sde_window
+            return start, start, length
+        return tuple(self.sde_window)
+
+    def window_starts(self, generators: list[torch.Generator], num_steps: int) -> torch.Tensor:
+        """(N,) long: sample i's window start, drawn from generator i alone (after its initial
+        noise) when the window's start is random, else the fixed start (no draw)."""
+        first, last, _ = self.window(num_steps)
+        if first == last:
+            return torch.full((len(generators),), first, dtype=torch.long, device=self.device)
+        draws = [torch.randint(first, last + 1, (1,), generator=g, device=g.device) for g in generators]
+        return torch.cat([d.to(self.device) for d in draws])
 
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         """Packed initial noise (N, ...): sample i's from generator i alone, drawn as the pipeline's
@@ -401,44 +415,48 @@ class FlowMatchPolicy:
         guidance_scale: float,
         negative_prompt: str = "",
     ) -> Trajectories:
-        """Sample len(prompts) trajectories (module docstring); generator i alone drives sample i."""
+        """Sample len(prompts) trajectories (module docstring); generator i alone drives sample i
+        (its initial noise, its window start when random, then one draw per window step)."""
         if len(generators) != len(prompts):
             raise ValueError(f"need one generator per prompt, got {len(generators)} for {len(prompts)}")
         n = len(prompts)
         sigmas, timesteps = self.schedule(num_steps)
-        start, stop = self.window(num_steps)
-        if not 0 <= start < stop <= num_steps:
+        first, last, length = self.window(num_steps)
+        if not (0 <= first <= last and length >= 1 and last + length <= num_steps):
             raise ValueError(f"sample.sde_window={self.sde_window} does not fit {num_steps} steps")
         embeds, negative, extra = self.conditioning(prompts, negative_prompt)
         x = self.initial_latents(generators)
-        latents, log_probs = [], []
-        for j in range(num_steps):
-            if j == start:
-                latents.append(x)
-            in_window = start <= j < stop
+        starts = self.window_starts(generators, num_steps)  # (N,)
+        rows = torch.arange(n, device=self.device)
+        latents = torch.empty(n, length + 1, *x.shape[1:], device=x.device)
+        log_probs = torch.full((n, length), float("nan"), device=x.device)
+        for j in range(last + length):  # after the last window step only ODE steps remain
+            offset = j - starts  # (N,): the window step j is for each sample, if in [0, length)
+            latents[offset == 0, 0] = x[offset == 0]
+            in_window = (offset >= 0) & (offset < length)
             s, s_next = sigmas[j].expand(n), sigmas[j + 1].expand(n)
             v = self.velocity(x, timesteps[j].expand(n), embeds, negative, extra, guidance_scale)
-            if in_window and eta > 0:
-                x, log_prob = flow_sde_step_with_logprob(
-                    v, x, s, s_next, noise_level=eta, sde_type=self.sde_type,
-                    generator=generators, logprob_reduction=self.logprob_reduction,
-                    second_sigma=sigmas[1],
+            x_next = flow_step_mean_std(v, x, s, s_next, noise_level=0.0)[0]  # the ODE step
+            noisy = rows[in_window] if eta > 0 else rows[:0]
+            if len(noisy):
+                idx = noisy.tolist()
+                x_next[noisy], log_probs[noisy, offset[noisy]] = flow_sde_step_with_logprob(
+                    v[noisy], x[noisy], s[noisy], s_next[noisy], noise_level=eta,
+                    sde_type=self.sde_type, generator=[generators[i] for i in idx],
+                    logprob_reduction=self.logprob_reduction, second_sigma=sigmas[1],
                 )  # fmt: skip
-            else:  # an ODE step: no density
-                x = flow_step_mean_std(v, x, s, s_next, noise_level=0.0)[0]
-                log_prob = torch.full((n,), float("nan"), device=x.device)
-            if in_window:
-                latents.append(x)
-                log_probs.append(log_prob)
-        extra = {
-            **extra,
-            "sigmas": sigmas[start : stop + 1].expand(n, -1).clone(),
-            "second_sigma": sigmas[1].expand(n).clone(),
-        }
+            x = x_next
+            latents[rows[in_window], offset[in_window] + 1] = x[in_window]
+        for j in range(last + length, num_steps):
+            s, s_next = sigmas[j].expand(n), sigmas[j + 1].expand(n)
+            v = self.velocity(x, timesteps[j].expand(n), embeds, negative, extra, guidance_scale)
+            x = flow_step_mean_std(v, x, s, s_next, noise_level=0.0)[0]
+        steps = starts[:, None] + torch.arange(length + 1, device=self.device)  # (N, W+1)
+        extra = {**extra, "sigmas": sigmas[steps], "second_sigma": sigmas[1].expand(n).clone()}
         return Trajectories(
-            latents=torch.stack(latents, dim=1),
-            timesteps=timesteps[start:stop].expand(n, -1).clone(),
-            log_probs=torch.stack(log_probs, dim=1).float(),
+            latents=latents,
+            timesteps=timesteps[steps[:, :-1]],
+            log_probs=log_probs,
             prompt_embeds=embeds,
             negative_prompt_embeds=negative,
             images=self.decode(x, self.performance.decode_batch_size),
@@ -465,18 +483,20 @@ class FlowMatchPolicy:
         )  # fmt: skip
 
     def step_stds(self, num_steps: int, eta: float) -> torch.Tensor:
-        """(W,) std of each window step at ``num_steps`` and noise level ``eta``."""
+        """(W',) std of every step a window may cover, [first, last + length), at ``num_steps``
+        and noise level ``eta``."""
         sigmas, _ = self.schedule(num_steps)
-        start, stop = self.window(num_steps)
-        zeros = torch.zeros(stop - start, 1, device=self.device)
+        first, last, length = self.window(num_steps)
+        stop = last + length
+        zeros = torch.zeros(stop - first, 1, device=self.device)
         return flow_step_mean_std(
-            zeros, zeros, sigmas[start:stop], sigmas[start + 1 : stop + 1], noise_level=eta,
+            zeros, zeros, sigmas[first:stop], sigmas[first + 1 : stop + 1], noise_level=eta,
             sde_type=self.sde_type, second_sigma=sigmas[1],
         )[1].reshape(-1)  # fmt: skip
 
     def check_sampling(self, num_steps: int, eta: float) -> None:
-        """Raise ConfigError unless eta is in (0, 1] and every window step has a positive finite
-        std (else its log-density is undefined)."""
+        """Raise ConfigError unless eta is in (0, 1] and every step a window may cover has a
+        positive finite std (else its log-density is undefined)."""
         from diffloop.config import ConfigError
 
         if not 0 < eta <= 1:
@@ -484,8 +504,8 @@ class FlowMatchPolicy:
                 f"sample.eta={eta} is the flow SDE's noise level and must be in (0, 1] "
                 "(Flow-GRPO: 0.7 with sde_type=sde, 0.8 with cps)"
             )
-        start, stop = self.window(num_steps)
-        if not 0 <= start < stop <= num_steps - 1:
+        first, last, length = self.window(num_steps)
+        if not (0 <= first <= last and length >= 1 and last + length <= num_steps - 1):
             raise ConfigError(
                 f"sample.sde_window={list(self.sde_window or [])} must lie in steps 0..{num_steps - 2}"
                 f" of sample.num_steps={num_steps} (the last step is an ODE step)"
@@ -495,7 +515,7 @@ class FlowMatchPolicy:
         if bad:
             raise ConfigError(
                 f"sample.num_steps={num_steps}, sample.eta={eta}, sample.sde_type={self.sde_type}: "
-                f"window step {start + bad[0]} has std {stds[bad[0]].item():.3g}, so its "
+                f"window step {first + bad[0]} has std {stds[bad[0]].item():.3g}, so its "
                 "log-probability is undefined; move sample.sde_window off it"
             )
 
