@@ -131,7 +131,8 @@ def test_without_t5_the_t5_part_is_zeros(tiny_sd3, tmp_path):
 
 @pytest.mark.parametrize(
     "component",
-    ["transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "scheduler", "vae"],
+    ["transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+     "tokenizer_3", "scheduler", "vae"],
 )
 def test_missing_component_is_named(tiny_sd3, tmp_path, component):
     path = tmp_path / "broken"
@@ -139,7 +140,7 @@ def test_missing_component_is_named(tiny_sd3, tmp_path, component):
     with pytest.raises(ModelLoadError, match=f"{component}/") as e:
         policy_for(path)
     assert "save_pretrained" in str(e.value)
-    if component == "text_encoder_3":
+    if component in ("text_encoder_3", "tokenizer_3"):
         assert "[null, null]" in str(e.value)  # how to run without T5
 
 
