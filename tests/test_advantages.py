@@ -143,3 +143,61 @@ def test_tracker_state_roundtrip_json_exact() -> None:
     assert out_a.dtype == torch.float32
     torch.testing.assert_close(out_a, out_b, atol=0, rtol=0)
     assert a.state_dict() == b.state_dict()
+
+
+# ----- per-algorithm advantage clipping (the algorithms table's adv_clip_max column) ----------------
+
+
+def _cfg(**kw):
+    from diffloop.config import TrainConfig
+
+    return TrainConfig(**kw)
+
+
+def test_only_ppo_clips_advantages_by_default() -> None:
+    from diffloop.algorithms import ALGORITHMS
+
+    defaults = {name: algo.adv_clip(_cfg()) for name, algo in ALGORITHMS.items()}
+    assert defaults == {"loop": None, "reinforce_loo": None, "grpo": None, "ppo": 5.0, "reinforce": None}
+    assert ALGORITHMS["loop"].adv_clip(_cfg(adv_clip_max=2.0)) == 2.0  # explicit beats the default
+    assert ALGORITHMS["ppo"].adv_clip(_cfg(adv_clip_max=0.0)) is None  # 0 turns clipping off
+
+
+def test_loop_keeps_kilobyte_advantages_unclipped_by_default() -> None:
+    from diffloop.algorithms import ALGORITHMS
+
+    # JPEG sizes in kB: A_i = R_i - mean of the other three = -80/3, -40/3, 0, 40.
+    r = torch.tensor([[10.0, 20.0, 30.0, 60.0]], dtype=torch.float64)
+    adv, stats = ALGORITHMS["loop"].advantages_and_stats(r, ["p"], _cfg(), None)
+    close(adv, [[-80 / 3, -40 / 3, 0.0, 40.0]])
+    assert stats == {"advantage_clipped_frac": 0.0}
+    # With DDPO's +-5 three of the four are cut to the clip: the leave-one-out signal is mostly lost.
+    adv, stats = ALGORITHMS["loop"].advantages_and_stats(r, ["p"], _cfg(adv_clip_max=5.0), None)
+    close(adv, [[-5.0, -5.0, 0.0, 5.0]])
+    assert stats == {"advantage_clipped_frac": 0.75}
+
+
+def test_ppo_clips_an_outlier_to_five_and_counts_it() -> None:
+    from diffloop.algorithms import ALGORITHMS
+
+    # 31 distinct prompts, one sample each: every buffer is below min_count, so the batch statistics
+    # apply: mean 1/31, std sqrt(30)/31. The outlier's z-score is 30/sqrt(30) = sqrt(30) = 5.48 > 5.
+    r = torch.zeros(31, 1, dtype=torch.float64)
+    r[0, 0] = 1.0
+    tracker = PerPromptStatTracker(buffer_size=32, min_count=16)
+    prompts = [f"p{i}" for i in range(31)]
+    adv, stats = ALGORITHMS["ppo"].advantages_and_stats(r, prompts, _cfg(), tracker)
+    std = math.sqrt(30) / 31
+    assert adv[0, 0].item() == 5.0
+    close(adv[1:, 0], torch.full((30,), -(1 / 31) / (std + 1e-6), dtype=torch.float64))
+    assert stats["advantage_clipped_frac"] == pytest.approx(1 / 31, abs=1e-15)
+
+
+def test_clipped_fraction_counts_valid_advantages_only() -> None:
+    from diffloop.algorithms import clipped_fraction
+
+    a = torch.tensor([NAN, 6.0, 1.0, -7.0])
+    assert clipped_fraction(a, 5.0) == pytest.approx(2 / 3)
+    assert clipped_fraction(a, None) == 0.0
+    assert clipped_fraction(torch.tensor([NAN, NAN]), 5.0) == 0.0
+    assert clipped_fraction(torch.tensor([5.0, -5.0]), 5.0) == 0.0  # at the bound: unchanged

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from diffloop.algorithms import ALGORITHMS
 from diffloop.cli import main
-from diffloop.config import ConfigError, derived_arithmetic, load_config, validate
+from diffloop.config import (
+    AlgorithmName,
+    Config,
+    ConfigError,
+    TrainConfig,
+    derived_arithmetic,
+    load_config,
+    validate,
+)
 
 CONFIG_DIR = Path(str(resources.files("diffloop") / "configs"))
 
@@ -56,6 +69,20 @@ BAD = [
     (["lora.rank=0"], "lora.rank"),
     (["prompts.source=file"], "prompts.path"),
     (["train.stat_tracking_min_count=64"], "train.stat_tracking_min_count"),
+    (["sample.eta=1.5"], "sample.eta=1.5 must be in (0, 1]"),
+    (["train.learning_rate=.inf"], "train.learning_rate=inf is not finite"),
+    (["train.learning_rate=nan"], "train.learning_rate=nan is not finite"),
+    (["seed=-1"], "seed=-1 must be in [0, "),
+    (["eval.seed=-3"], "eval.seed=-3 must be in [0, "),
+    (["train.stat_tracking_min_count=1"], "advantage (R - mean) / (std + eps) is exactly 0"),
+    (["train.adv_clip_max=-1"], "train.adv_clip_max=-1.0 must be >= 0"),
+    (["train.algorithm=lopo"], "Did you mean 'loop'?"),
+    (["train.lr_scheduler=cosin"], "Did you mean 'cosine'?"),
+    (["performance.compile=sampl"], "performance.compile='sampl' must be one of none, sampling"),
+    (["performance.attention=flash"], "performance.attention"),
+    (["sample.prompts_per_epoch=1", "sample.samples_per_prompt=1", "sample.batch_size=1",
+      "train.algorithm=reinforce", "train.batch_size=1"], "every advantage is 0"),
+    (["train.=3"], "not a dotted key"),
 ]
 
 
@@ -110,3 +137,114 @@ def test_no_is_a_string_for_string_fields_and_a_boolean_for_boolean_fields(tmp_p
                                                           "logging.tensorboard=yes"])):  # fmt: skip
         assert config.train.mixed_precision == "no"
         assert config.logging.wandb is False and config.logging.tensorboard is True
+
+
+# ----- every numeric field has a finite range, checked from one place ----------------------------
+
+
+def _leaf_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field, object]]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _leaf_fields(tp, f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, f, tp))
+    return out
+
+
+def _is_numeric(tp: object) -> bool:
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return any(a in (int, float) for a in args)
+
+
+NUMERIC = [(key, f) for key, f, tp in _leaf_fields() if _is_numeric(tp)]
+
+
+def test_every_numeric_field_declares_its_range():
+    assert len(NUMERIC) >= 35
+    missing = [key for key, f in NUMERIC if "range" not in f.metadata]
+    assert not missing, f"numeric config fields without num(..., range): {missing}"
+
+
+@pytest.mark.parametrize("key", [k for k, _ in NUMERIC])
+@pytest.mark.parametrize("bad", [".inf", "-.inf", ".nan"])
+def test_every_numeric_field_refuses_non_finite_values(key, bad):
+    with pytest.raises(ConfigError, match=rf"^{key}"):
+        load_config(None, [f"{key}={bad}"])
+
+
+@pytest.mark.parametrize("key,field_", NUMERIC, ids=[k for k, _ in NUMERIC])
+def test_every_numeric_field_refuses_values_past_its_bounds(key, field_):
+    rng = field_.metadata["range"]
+    assert rng.low is not None, f"{key}: every numeric field here has a lower bound"
+    outside = [rng.low if rng.low_open else rng.low - 1]
+    if rng.high is not None:
+        outside.append(rng.high if rng.high_open else rng.high + 1)
+    for value in outside:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=\S+ must be (in|>|<)"):
+            load_config(None, [f"{key}={value}"])
+
+
+def test_enumerations_are_literals_matching_the_tables():
+    assert set(typing.get_args(AlgorithmName)) == set(ALGORITHMS)
+    enumerated = {key for key, _, tp in _leaf_fields() if typing.get_origin(tp) is typing.Literal}
+    assert {"train.algorithm", "train.mixed_precision", "train.logprob_reduction", "train.lr_scheduler",
+            "performance.compile", "performance.compile_mode", "performance.attention"} <= enumerated
+    for key in enumerated:
+        with pytest.raises(ConfigError, match=rf"^{key}='nope' must be one of .*; 'nope' is unknown"):
+            load_config(None, [f"{key}=nope"])
+
+
+def test_validate_checks_configs_built_in_code_too():
+    config = Config()
+    config.sample.eta = float("nan")
+    with pytest.raises(ConfigError, match="sample.eta=nan is not finite"):
+        validate(config)
+    config = Config(train=TrainConfig(algorithm="dpo"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="train.algorithm='dpo'"):
+        validate(config)
+
+
+# ----- dict fields merge key by key ---------------------------------------------------------------
+
+
+def test_dict_overrides_merge_with_the_file_and_each_other(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("reward:\n  name: jpeg_compressibility\n  kwargs: {a: 0, c: 3}\n")
+    config = load_config(f, ["reward.kwargs.a=1", "reward.kwargs.b=2"])
+    assert config.reward.kwargs == {"a": 1, "b": 2, "c": 3}
+    assert config.reward.name == "jpeg_compressibility"
+
+
+def test_reward_list_shorthand_survives_other_reward_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("reward:\n  - {name: jpeg_compressibility, weight: 1.0}\n")
+    config = load_config(f, ["reward.asynchronous=true"])
+    assert config.reward.name == "multi" and config.reward.asynchronous
+    assert config.reward.components == [{"name": "jpeg_compressibility", "weight": 1.0}]
+
+
+# ----- output_dir must be creatable before any model loads -----------------------------------------
+
+
+def test_output_dir_under_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match=r"output_dir=.*cannot be created: .*/f is a file"):
+        load_config(None, [f"output_dir={tmp_path / 'f' / 'run'}"])
+
+
+def test_output_dir_that_cannot_be_created_is_refused():
+    with pytest.raises(ConfigError, match=r"output_dir=/proc/diffloop_run cannot be created: /proc is not writable"):
+        load_config(None, ["output_dir=/proc/diffloop_run"])
+
+
+def test_writable_output_dir_check_leaves_nothing_behind(tmp_path):
+    load_config(None, [f"output_dir={tmp_path / 'new' / 'run'}"])
+    assert list(tmp_path.iterdir()) == []  # the probe is removed and nothing is created
+
+
+def test_advantage_clip_default_is_null_meaning_the_algorithms():
+    assert TrainConfig().adv_clip_max is None
+    assert load_config(None, ["train.adv_clip_max=0"]).train.adv_clip_max == 0.0  # 0 = off

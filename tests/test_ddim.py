@@ -11,16 +11,16 @@ PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
 
 
 def make_scheduler(prediction_type: str = "epsilon", **overrides) -> DDIMScheduler:
-    kwargs = dict(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        steps_offset=1,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        prediction_type=prediction_type,
-    )
+    kwargs = {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "steps_offset": 1,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "prediction_type": prediction_type,
+    }
     kwargs.update(overrides)
     s = DDIMScheduler(**kwargs)
     s.set_timesteps(20)

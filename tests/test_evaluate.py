@@ -118,7 +118,7 @@ def test_seed_rule_and_determinism(shapes_run, tiny_sd, tmp_path) -> None:
     """Image j of prompt i uses eval_image_seed(seed, i, j) whatever K, batch size or target."""
     from diffloop.config import LoraConfig, ModelConfig
     from diffloop.loops import make_generators
-    from diffloop.policies.diffusers_policy import load_policy
+    from diffloop.policies.families import load_policy
 
     assert image_seeds(7, 2, 3) == [eval_image_seed(7, i, j) for i in range(2) for j in range(3)]
     model = str(tiny_sd)  # a diffusers directory (latent model with a VAE) as target

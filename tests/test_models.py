@@ -10,7 +10,8 @@ from test_trainer import run
 
 from diffloop.cli import main
 from diffloop.config import LoraConfig, ModelConfig
-from diffloop.policies.diffusers_policy import ModelLoadError, load_policy
+from diffloop.policies.diffusers_policy import ModelLoadError
+from diffloop.policies.families import load_policy
 
 
 def test_missing_directory_says_how_to_provide(tmp_path):

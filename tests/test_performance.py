@@ -13,7 +13,7 @@ from test_trainer import run
 
 from diffloop.config import ConfigError, LoraConfig, ModelConfig, PerformanceConfig, load_config
 from diffloop.loops import SamplerSettings, transition_log_prob
-from diffloop.policies.diffusers_policy import load_policy
+from diffloop.policies.families import load_policy
 
 STEPS = 3
 SAMPLER = SamplerSettings(num_steps=STEPS, eta=1.0, guidance_scale=3.0)

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffloop.prompts import PromptSource, available_prompt_sources, build_prompt_source
+from diffloop.errors import DiffloopError
+from diffloop.prompts import (
+    PromptError,
+    PromptSource,
+    available_prompt_sources,
+    build_prompt_source,
+)
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "diffloop" / "data"
 
@@ -94,14 +100,24 @@ def test_file_source_skips_blanks_and_comments(tmp_path: Path) -> None:
         (lambda p: p.mkdir(), "is not a file"),
         (lambda p: p.write_text("# only a comment\n\n   \n"), "contains no prompts"),
         (lambda p: p.write_bytes(b"\xff\xfe\x00bad"), "not readable UTF-8"),
+        (lambda p: p.write_bytes(b""), "contains no prompts"),
+        (lambda p: p.write_bytes(b"\x00" * 64), "line 1 contains the control character NUL"),
+        (lambda p: p.write_bytes(b"a cat\nPK\x03\x04zip"), "line 2 contains the control character U[+]0003"),
     ],
 )
 def test_file_errors_name_the_path(tmp_path: Path, setup, message: str) -> None:
     path = tmp_path / "prompts.txt"
     setup(path)
-    with pytest.raises(ValueError, match=message) as info:
+    with pytest.raises(PromptError, match=message) as info:
         build_prompt_source("file", path=str(path))
     assert str(path) in str(info.value)
+    assert isinstance(info.value, DiffloopError) and isinstance(info.value, ValueError)
+
+
+def test_tabs_inside_prompts_are_text(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\tsitting\n")
+    assert build_prompt_source("file", path=str(path)).prompts == ["a cat\tsitting"]
 
 
 def test_argument_errors() -> None:

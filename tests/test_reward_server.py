@@ -497,3 +497,59 @@ def test_run_keeps_checkpoint_when_server_goes_down_and_resumes(
     with reward_server(brightness, port=port):
         assert main(["train", *args, "resume=true"]) == 0
     assert latest_checkpoint(out).name == "epoch_000002"
+
+
+# ----------------------------------------------------------------------------- set-up check, 5xx
+
+
+def test_http_500_after_retries_reports_the_status_and_message_not_unreachable(
+    sleeps: list[float],
+) -> None:
+    with (
+        fake_server([(500, b'{"error": "CUDA out of memory"}')]) as server,
+        pytest.raises(RewardError) as info,
+    ):
+        RemoteReward(server.url, retries=2, backoff=0.0)(IMAGES2, PROMPTS2, META2)
+    message = str(info.value)
+    assert "failed after 3 attempts" in message and "HTTP 500: CUDA out of memory" in message
+    assert "unreachable" not in message and "serve-reward" not in message
+
+
+def test_check_servers_asks_health_of_remote_rewards_and_components(sleeps: list[float]) -> None:
+    from diffloop.rewards.composite import CompositeReward
+    from diffloop.rewards.remote import check_servers
+
+    check_servers(build_reward("jpeg_compressibility"))  # not remote: nothing to ask
+    with reward_server(build_reward("jpeg_compressibility")) as server:
+        check_servers(RemoteReward(server.url))
+    down = f"http://127.0.0.1:{free_port()}"
+    composite = CompositeReward(
+        [{"name": "jpeg_compressibility"}, {"name": "remote", "kwargs": {"url": down, "retries": 0}}]
+    )
+    with pytest.raises(RewardError, match=r"unreachable after 1 attempts \(GET /health\)"):
+        check_servers(composite)
+
+
+def test_server_down_fails_the_run_at_setup_and_leaves_its_record_untouched(
+    tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_trainer import tiny_overrides
+
+    from diffloop.cli import main
+
+    out = tmp_path / "run"
+    port = free_port()
+    kwargs = f"{{url: 'http://127.0.0.1:{port}', retries: 1, backoff: 0.01, timeout: 10}}"
+    args = tiny_overrides(tiny_sd, out, **{"reward.name": "remote", "reward.kwargs": kwargs})
+    # A fresh run: refused before anything is sampled or written.
+    assert main(["train", *args]) == 2
+    assert "GET /health" in capsys.readouterr().err
+    assert not out.exists()
+    with reward_server(build_reward("reward_fns:brightness"), port=port):
+        assert main(["train", *args, "num_epochs=1"]) == 0
+    record = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert set(record) >= {"config.yaml", "run_info.json", "sessions.jsonl", "metrics.jsonl"}
+    # A resume while the server is down: set-up fails, the record is byte for byte unchanged.
+    assert main(["train", *args, "resume=true"]) == 2
+    assert "GET /health" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == record

@@ -13,9 +13,9 @@ from test_trainer import tiny_overrides
 
 from diffloop import loops
 from diffloop.config import ConfigError, LoraConfig, ModelConfig, SampleConfig, load_config
-from diffloop.policies.diffusers_policy import ModelLoadError, load_policy
+from diffloop.policies.diffusers_policy import ModelLoadError
+from diffloop.policies.families import detect_family, load_policy
 from diffloop.policies.sd3 import SD3Policy, load_sd3_policy
-from diffloop.policies.sdxl import detect_family
 from diffloop.testing.tiny_flow import T5_TOKENS
 from diffloop.trainer import Trainer
 
@@ -209,7 +209,8 @@ def test_lora_export_reproduces_a_randomised_adapter(tiny_sd3, tmp_path):
 
 @pytest.mark.parametrize("name", ["sd35_geneval_blip_vqa.yaml", "sd35_pickscore.yaml", "sd35_fast_cps.yaml"])
 def test_shipped_sd35_configs_validate(name):
-    from diffloop.cli import main, packaged_config
+    from diffloop.cli import main
+    from diffloop.config import packaged_config
 
     assert main(["check-config", name]) == 0
     config = load_config(packaged_config(name))

@@ -11,12 +11,8 @@ from test_trainer import Killed, comparable, tiny_overrides
 from diffloop.config import LoraConfig, ModelConfig, SDXLConfig, load_config
 from diffloop.core import gaussian_log_prob
 from diffloop.policies.diffusers_policy import ModelLoadError
-from diffloop.policies.sdxl import (
-    SDXLPolicy,
-    build_sdxl_components,
-    detect_family,
-    load_sdxl_policy,
-)
+from diffloop.policies.families import detect_family
+from diffloop.policies.sdxl import SDXLPolicy, build_sdxl_components, load_sdxl_policy
 from diffloop.run_dir import read_metrics
 from diffloop.trainer import Trainer
 
@@ -413,7 +409,8 @@ def test_tiny_random_sdxl_builder_samples_and_trains():
 
 @pytest.mark.parametrize("name", ["sdxl_compressibility.yaml", "sdxl_low_memory.yaml"])
 def test_shipped_sdxl_configs_validate(name):
-    from diffloop.cli import main, packaged_config
+    from diffloop.cli import main
+    from diffloop.config import packaged_config
 
     assert main(["check-config", name]) == 0
     config = load_config(packaged_config(name))

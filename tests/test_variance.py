@@ -12,12 +12,12 @@ from diffloop.algorithms import ALGORITHMS
 from diffloop.config import ConfigError, TrainConfig
 from diffloop.core import clipped_surrogate_loss, policy_gradient_loss
 from diffloop.variance import (
-    jackknife_sems,
     AlgorithmSpec,
     MomentAccumulator,
     build_trainer,
     draw_estimate,
     gradient_statistics,
+    jackknife_sems,
     parse_algorithms,
     policy_gradient,
     toy_gaussian_analytic,

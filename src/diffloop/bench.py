@@ -41,24 +41,6 @@ SHAPES = ("tiny", "sd15", "sdxl", "tiny_xl", "sd35", "tiny_sd3")
 # flow-matching shapes: (diffloop.testing.tiny_flow.SD3_CONFIGS size, image side or None)
 SD3_SHAPES = {"sd35": ("sd35_medium", 512), "tiny_sd3": ("tiny", None)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PROMPT_WORDS = [
-    "a",
-    "photo",
-    "of",
-    "an",
-    "astronaut",
-    "riding",
-    "a",
-    "horse",
-    "on",
-    "the",
-    "moon",
-    "cat",
-    "dog",
-    "red",
-    "green",
-    "blue",
-]
 
 # DDPO's reference implementation on one H200, SD1.5 shape (see the module docstring).
 REFERENCE_SD15_H200 = {
@@ -225,7 +207,7 @@ def build_components(shape: str, device: torch.device, seed: int = 0) -> dict[st
 
     from diffloop.testing import tiny
 
-    tokenizer = tiny.make_word_tokenizer(PROMPT_WORDS)
+    tokenizer = tiny.make_word_tokenizer(tiny.PROMPT_WORDS)
     if shape == "tiny":
         return tiny.build_tiny_components(seed=seed, tokenizer=tokenizer, device=device)
     torch.manual_seed(seed)
@@ -430,6 +412,8 @@ def make_item(
 
 
 def _prompts(n: int) -> list[str]:
+    from diffloop.testing.tiny import PROMPT_WORDS
+
     return [" ".join(PROMPT_WORDS[i % 5 : i % 5 + 6]) for i in range(n)]
 
 
@@ -988,13 +972,26 @@ def compare_to_reference(items: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _device(name: str) -> torch.device:
+    """``--device`` as a torch.device that exists here, else a one-line DiffloopError."""
+    from diffloop.errors import DiffloopError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DiffloopError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DiffloopError(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False)")
+    return device
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     """``diffloop bench``: run the benchmark, print the table, optionally write JSON. Returns 0."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     import diffusers
 
-    device = torch.device(args.device)
+    device = _device(args.device)
     deadline = Deadline(args.time_limit_s)
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     matmul_rate = matmul_flops_per_s(device, matmul_dtype, args.matmul_n)

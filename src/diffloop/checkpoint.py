@@ -7,14 +7,23 @@ Layout: ``output_dir/checkpoints/epoch_000012/`` holding
     grad_scaler.pt          fp16 grad scaler state
     rng_rank<r>.pt          python / numpy / torch RNG states of each process
     state.json              epochs completed, optimizer steps, per-prompt reward statistics
+    MANIFEST.json           sha256 of every file above; whether all saved tensors were finite
     COMPLETE                written last
 Everything is first written to ``.tmp-epoch_000012`` and renamed into place (atomic on POSIX) only
 after COMPLETE exists, so a directory named ``epoch_*`` is always whole.
+
+What is loaded is verified (:func:`load`): every file's sha256 must match the manifest (bytes that
+rotted or were truncated after the save) and every tensor of the model and optimizer state must be
+finite; otherwise CheckpointError. :func:`load_newest_valid` then falls back to the previous
+complete checkpoint, with a warning, and warns about incomplete ones (no COMPLETE marker) it
+skips. Rotation (:func:`commit`) never deletes the newest checkpoint whose tensors were finite.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -27,11 +36,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffloop.errors import DiffloopError
+
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_RE = re.compile(r"^epoch_(\d{6})$")
 COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DiffloopError, RuntimeError):
     """A checkpoint is missing or unreadable; the message names the file and what to do."""
 
 
@@ -59,6 +73,17 @@ def list_complete_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if CHECKPOINT_RE.match(p.name) and (p / COMPLETE).is_file()]
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """``epoch_*`` directories without COMPLETE, and ``.tmp-*`` ones (an interrupted save)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p for p in root.iterdir()
+        if p.is_dir() and (p.name.startswith(".tmp-") or (CHECKPOINT_RE.match(p.name) and not (p / COMPLETE).is_file()))
+    )
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -108,16 +133,73 @@ def write_main(
     grad_scaler: torch.amp.GradScaler,
     state: TrainingState,
 ) -> None:
-    """(Main process.) Model, optimizer, schedulers and state, then COMPLETE."""
+    """(Main process.) Model, optimizer, schedulers and state, then MANIFEST, then COMPLETE."""
+    nonfinite = nonfinite_tensors(trainable) + nonfinite_tensors(_optimizer_tensors(optimizer.state_dict()))
+    if nonfinite:
+        logger.warning(
+            "checkpoint %s holds non-finite values (%s): it is saved, but resume will not load it "
+            "and rotation keeps the last finite checkpoint", tmp.name, ", ".join(nonfinite[:4]),
+        )
     save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
     torch.save(grad_scaler.state_dict(), tmp / "grad_scaler.pt")
     (tmp / "state.json").write_text(json.dumps(state.__dict__))
+    files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({"sha256": files, "finite": not nonfinite}, indent=1))
     for f in tmp.iterdir():  # data on disk before the rename makes the checkpoint visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     (tmp / COMPLETE).write_text("ok\n")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` holding a NaN or inf."""
+    return [
+        k for k, v in tensors.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+
+
+def _optimizer_tensors(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state_dict's per-parameter state as {"state.<param>.<key>": tensor}."""
+    return {f"state.{p}.{k}": v for p, per in state_dict.get("state", {}).items() for k, v in per.items()}
+
+
+def _manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def verify_files(path: Path) -> None:
+    """CheckpointError unless every file the manifest lists has its recorded sha256."""
+    manifest = _manifest(path)
+    if manifest is None:
+        if (path / MANIFEST).exists():
+            raise CheckpointError(f"checkpoint '{path}': {MANIFEST} is unreadable")
+        logger.warning(
+            "checkpoint %s has no %s (saved by an older diffloop): its bytes are not verified",
+            path, MANIFEST,
+        )
+        return
+    for name, expected in manifest["sha256"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file '{f}' is missing")
+        if sha256_file(f) != expected:
+            raise CheckpointError(
+                f"checkpoint file '{f}' does not match its sha256 in {MANIFEST} (corrupt bytes)"
+            )
 
 
 def commit(output_dir: str | Path, tmp: Path, epochs_completed: int, keep: int) -> Path:
@@ -126,8 +208,12 @@ def commit(output_dir: str | Path, tmp: Path, epochs_completed: int, keep: int) 
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_complete_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    complete = list_complete_checkpoints(output_dir)
+    finite = [p for p in complete if (_manifest(p) or {}).get("finite", False)]
+    protected = finite[-1] if finite else None  # a run that went NaN keeps its last good state
+    for old in complete[:-keep]:
+        if old != protected:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -138,17 +224,21 @@ def _load(path: Path, loader):
         return loader(path)
     except Exception as e:
         raise CheckpointError(
-            f"checkpoint file '{path}' is unreadable ({type(e).__name__}: {e}). Move the directory "
-            f"'{path.parent}' aside to resume from the previous checkpoint."
+            f"checkpoint file '{path}' is unreadable ({type(e).__name__}: {e})"
         ) from e
 
 
 def load(path: Path, rank: int) -> dict[str, Any]:
-    """Read a checkpoint directory into a dict of its parts (tensors on CPU)."""
+    """Read and verify a checkpoint directory into a dict of its parts (tensors on CPU).
+
+    CheckpointError if a file is missing, unreadable, differs from its manifest sha256, or a model
+    or optimizer tensor is non-finite.
+    """
+    verify_files(path)
     torch_load = lambda p: torch.load(p, map_location="cpu", weights_only=False)
     rng_file = path / f"rng_rank{rank}.pt"
     state = _load(path / "state.json", lambda p: json.loads(p.read_text()))
-    return {
+    parts = {
         "trainable": _load(path / "trainable.safetensors", lambda p: load_file(str(p))),
         "optimizer": _load(path / "optimizer.pt", torch_load),
         "lr_scheduler": _load(path / "lr_scheduler.pt", torch_load),
@@ -157,3 +247,33 @@ def load(path: Path, rank: int) -> dict[str, Any]:
         "rng": _load(rng_file, torch_load) if rng_file.exists() else None,
         "state": TrainingState(**state),
     }
+    nonfinite = nonfinite_tensors(parts["trainable"]) + nonfinite_tensors(_optimizer_tensors(parts["optimizer"]))
+    if nonfinite:
+        names = ", ".join(nonfinite[:4])
+        raise CheckpointError(f"checkpoint '{path}' holds non-finite values in {names}")
+    return parts
+
+
+def load_newest_valid(output_dir: str | Path, rank: int) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint that loads and verifies; older ones are fallbacks (warned).
+
+    None if there is no complete checkpoint; CheckpointError (naming each failure) if none is valid.
+    """
+    for p in incomplete_checkpoints(output_dir):
+        logger.warning(
+            "skipping incomplete checkpoint %s (no %s marker: a save that did not finish)", p, COMPLETE
+        )
+    candidates = list_complete_checkpoints(output_dir)[::-1]
+    failures = []
+    for path in candidates:
+        try:
+            return path, load(path, rank)
+        except CheckpointError as e:
+            failures.append(str(e))
+            logger.warning("%s; falling back to the previous checkpoint", e)
+    if not candidates:
+        return None
+    raise CheckpointError(
+        f"no checkpoint in {checkpoint_root(output_dir)} is valid ({'; '.join(failures)}); "
+        "restore one from a backup, or start afresh with overwrite=true"
+    )

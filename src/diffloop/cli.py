@@ -1,7 +1,8 @@
 """The ``diffloop`` command. ``main(argv) -> int`` is what tests call in-process.
 
     diffloop train [CONFIG.yaml] [key.sub=value ...]     fine-tune (no CONFIG: the shapes-world default)
-    diffloop check-config [CONFIG.yaml] [key=value ...]  validate and print the resolved config
+    diffloop check-config [CONFIG.yaml] [key=value ...]  check as train would; print the resolved config
+    diffloop check-config SWEEP.yaml                     check every run of a compare sweep
     diffloop sample MODEL_OR_RUN --prompt TEXT ...       generate images from a base model or a run
     diffloop shapes pretrain [...]                       pretrain the shapes-world model
     diffloop eval TARGET [--compare TARGET ...] ...      held-out rewards + image grids of models or runs
@@ -10,6 +11,8 @@
     diffloop variance [CONFIG] --algorithms loop,ppo     gradient-estimator variance at fixed parameters
     diffloop serve-reward NAME [--port P ...]            serve a registry reward over HTTP (JSON + PNG)
     diffloop bench --shape tiny|sd15|sdxl --device cuda  sampling / training throughput vs the hardware floor
+    diffloop --version                                   print the version
+``diffloop train --help`` lists every config key with its default and meaning.
 Multi-process: ``accelerate launch -m diffloop train CONFIG ...`` (or torchrun).
 """
 
@@ -17,47 +20,111 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib import resources
-from pathlib import Path
+import textwrap
 
-import yaml
+from diffloop.config import Config, load_config, split_config_args
+from diffloop.errors import DiffloopError, did_you_mean
 
-DEFAULT_CONFIG = "shapes.yaml"
-
-
-def packaged_config(name: str) -> Path:
-    return Path(str(resources.files("diffloop") / "configs" / name))
+HELP = ("-h", "--help")
 
 
-def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """``[CONFIG] [k=v ...]``: the first argument is a config file unless it is an override."""
-    if args and "=" not in args[0]:
-        path = args[0]
-        if not Path(path).exists() and (packaged := packaged_config(path)).exists():
-            path = str(packaged)  # `diffloop train sd15_aesthetic.yaml` finds shipped configs too
-        return path, args[1:]
-    return str(packaged_config(DEFAULT_CONFIG)), args
+def checked_config(args: list[str]) -> tuple[str | None, Config]:
+    """``[CONFIG] [k=v ...]`` -> (path, config) after every check train makes before a model loads."""
+    from diffloop.preflight import check_before_loading
+
+    path, overrides = split_config_args(args)
+    config = load_config(path, overrides)
+    check_before_loading(config)
+    return path, config
+
+
+def config_help(command: str, summary: str) -> str:
+    """Usage of a ``[CONFIG] [key=value ...]`` command and every config key with its default and doc
+    (from the config dataclasses' attribute docstrings; imports nothing heavy)."""
+    from diffloop.config import field_docs
+
+    lines = [f"usage: diffloop {command} [CONFIG.yaml] [key.sub=value ...]", "", summary, "",
+             "config keys (key = default):"]  # fmt: skip
+    for key, default, allowed, doc in field_docs():
+        lines.append(f"  {key} = {default}" + (f"   ({allowed})" if allowed else ""))
+        lines += textwrap.wrap(doc, width=96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+_LAYERS = (
+    "Values: defaults < CONFIG.yaml < key.sub=value overrides (values are YAML). With no CONFIG the "
+    "packaged shapes.yaml is used; a bare file name is also looked up among the shipped configs."
+)
 
 
 def cmd_train(args: list[str]) -> int:
-    from diffloop.config import load_config
+    if any(a in HELP for a in args):
+        print(config_help("train", "Fine-tune a diffusion model with RL. " + _LAYERS))
+        return 0
+    from diffloop.preflight import check_before_loading
+    from diffloop.resume import interrupted_message, train_config  # resume: the run's own config
     from diffloop.trainer import Trainer
 
-    path, overrides = _split_config_args(args)
-    config = load_config(path, overrides)
-    Trainer(config, argv=["diffloop", "train", *args]).train()
+    config = train_config(args)
+    check_before_loading(config)  # the Trainer checks again (for library use); this fails before it
+    trainer = None
+    try:
+        trainer = Trainer(config, argv=["diffloop", "train", *args])
+        trainer.train()
+    except KeyboardInterrupt:  # one line saying what was kept and how to resume, not a traceback
+        if trainer is not None:
+            trainer.run.close()  # flush TensorBoard / W&B
+        print(interrupted_message(config.output_dir), file=sys.stderr)
+        return 130
     return 0
 
 
 def cmd_check_config(args: list[str]) -> int:
-    from diffloop.config import config_to_dict, derived_arithmetic, load_config
+    """Validate a config (or every run of a ``diffloop compare`` sweep file) exactly as train would."""
+    if any(a in HELP for a in args):
+        print(config_help("check-config", "Check a config as train would before loading a model, "
+                          "then print it resolved with its per-epoch arithmetic; a sweep file "
+                          "(with runs:) has every run checked. " + _LAYERS))  # fmt: skip
+        return 0
+    if args and _is_sweep_file(args[0]):
+        return _check_sweep(args[0], args[1:])
+    import yaml
 
-    path, overrides = _split_config_args(args)
-    config = load_config(path, overrides)
+    from diffloop.config import config_to_dict, derived_arithmetic
+
+    path, config = checked_config(args)
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
     for line in derived_arithmetic(config).lines():
         print("# " + line)
     print(f"# {path}: OK")
+    return 0
+
+
+def _is_sweep_file(arg: str) -> bool:
+    """A YAML mapping with a ``runs`` key (a ``diffloop compare`` sweep, by path or packaged name)."""
+    from importlib import resources
+    from pathlib import Path
+
+    import yaml
+
+    from diffloop.config import load_yaml
+
+    packaged = Path(str(resources.files("diffloop") / "sweeps" / arg))
+    path = Path(arg) if Path(arg).is_file() else packaged
+    if "=" in arg or not path.is_file():
+        return False
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False  # not a sweep; load_config reports what is wrong with it as a config
+    return isinstance(data, dict) and "runs" in data
+
+
+def _check_sweep(path: str, overrides: list[str]) -> int:
+    from diffloop.sweep import load_sweep, plan
+
+    runs = plan(load_sweep(path), overrides)  # checks every (run, seed) as train would
+    print(f"# {path}: OK ({len(runs)} runs: {', '.join(sorted({r.name for r in runs}))})")
     return 0
 
 
@@ -68,9 +135,13 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_shapes(argv: list[str]) -> int:
+    usage = "usage: diffloop shapes pretrain [--help]   (pretrain the shapes-world model)"
+    if argv and argv[0] in HELP:
+        print(usage)
+        return 0
     if not argv or argv[0] != "pretrain":
-        print("usage: diffloop shapes pretrain [--help]", file=sys.stderr)
-        return 2
+        got = f"unknown shapes command '{argv[0]}'" if argv else "missing shapes command"
+        return _error(f"{got}; {usage}")
     from diffloop.shapes.pretrain import main as pretrain_main
 
     return pretrain_main(argv[1:])
@@ -127,21 +198,32 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; a user error (:class:`~diffloop.errors.DiffloopError`) is one line
+    ``diffloop: error: ...`` on stderr and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in HELP:
         print(__doc__.strip())
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from diffloop.checkpoint import CheckpointError
-    from diffloop.config import ConfigError
-    from diffloop.policies.diffusers_policy import ModelLoadError
-    from diffloop.rewards import RewardError
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from diffloop import __version__
 
+        print(f"diffloop {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        return _error(
+            f"unknown command '{argv[0]}'.{did_you_mean(argv[0], list(COMMANDS))} "
+            f"Commands: {', '.join(COMMANDS)} (diffloop --help)"
+        )
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, ModelLoadError, CheckpointError, RewardError) as e:
-        print(f"diffloop: error: {e}", file=sys.stderr)
-        return 2
+    except DiffloopError as e:
+        return _error(str(e))
+
+
+def _error(message: str) -> int:
+    print("diffloop: error: " + " ".join(message.split()), file=sys.stderr)  # one line
+    return 2
 
 
 if __name__ == "__main__":

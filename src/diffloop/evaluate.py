@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from diffloop import loops
+from diffloop.config import check_output_dir
 from diffloop.images import make_grid
 
 DEFAULT_STEPS = 50
@@ -113,7 +114,7 @@ def load_target(target: EvalTarget, device: torch.device):
     """(policy, run config or None, checkpoint path or None) for a target."""
     from diffloop import checkpoint
     from diffloop.config import LoraConfig, ModelConfig
-    from diffloop.policies.diffusers_policy import load_policy
+    from diffloop.policies.families import load_policy
     from diffloop.sampling import load_run_policy
 
     if target.kind == "model":
@@ -451,7 +452,7 @@ def _parse_reward_kwargs(text: str | None, rewards: list[str]) -> dict[str, dict
     except json.JSONDecodeError as e:
         raise ValueError(f"--reward-kwargs is not valid JSON: {e}") from e
     if not isinstance(value, dict):
-        raise ValueError(f"--reward-kwargs must be a JSON object, got {text!r}")
+        raise ValueError(f"--reward-kwargs must be a JSON object, got {text!r}")  # noqa: TRY004
     if len(rewards) == 1:
         return {rewards[0]: value}
     bad = [k for k, v in value.items() if k not in rewards or not isinstance(v, dict)]
@@ -508,6 +509,7 @@ def eval_main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        check_output_dir(str(args.output), "--output")  # ConfigError, a ValueError
         reward_kwargs = _parse_reward_kwargs(args.reward_kwargs, args.reward)
         result = evaluate_model(
             [args.target, *args.compare],

@@ -22,15 +22,21 @@ list, and a resumed run draws exactly what the uninterrupted run would have.
 
 from __future__ import annotations
 
-import difflib
 import importlib.resources
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from diffloop.errors import DiffloopError, did_you_mean
+
 _DATA = importlib.resources.files("diffloop") / "data"
+
+
+class PromptError(DiffloopError, ValueError):
+    """A prompt source that does not exist or holds no usable prompts; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,10 @@ class PromptSource:
 
     def __post_init__(self) -> None:
         if not self.prompts:
-            raise ValueError(f"prompt source {self.name!r} has no prompts")
+            raise PromptError(f"prompt source {self.name!r} has no prompts")
         bad = [p for p in self.prompts if not isinstance(p, str)]
         if bad:
-            raise ValueError(f"prompt source {self.name!r}: prompts must be str, got {bad[0]!r}")
+            raise PromptError(f"prompt source {self.name!r}: prompts must be str, got {bad[0]!r}")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -79,20 +85,35 @@ def parse_prompt_lines(text: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
+def _control_character(text: str) -> tuple[int, str] | None:
+    """(line number, character name) of the first control character other than tab, or None."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        for ch in line:
+            if ch != "\t" and unicodedata.category(ch) == "Cc":
+                return number, "NUL" if ch == "\0" else f"U+{ord(ch):04X}"
+    return None
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
-    """The prompts of a user file; ValueError naming the path if missing, unreadable or empty."""
+    """The prompts of a user file; PromptError naming the path if missing, unreadable, not UTF-8
+    text (binary: NUL or other control characters), or without prompts."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise ValueError(f"prompt file {str(path)!r} does not exist")
+        raise PromptError(f"prompt file {str(path)!r} does not exist")
     if not p.is_file():
-        raise ValueError(f"prompt file {str(path)!r} is not a file")
+        raise PromptError(f"prompt file {str(path)!r} is not a file")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"prompt file {str(path)!r} is not readable UTF-8 text: {exc}") from exc
+        raise PromptError(f"prompt file {str(path)!r} is not readable UTF-8 text: {exc}") from exc
+    if (bad := _control_character(text)) is not None:
+        raise PromptError(
+            f"prompt file {str(path)!r} line {bad[0]} contains the control character {bad[1]}: it "
+            "looks binary, not text (one prompt a line)"
+        )
     prompts = parse_prompt_lines(text)
     if not prompts:
-        raise ValueError(
+        raise PromptError(
             f"prompt file {str(path)!r} contains no prompts (one prompt a line; blank lines and "
             "lines starting with '#' are skipped)"
         )
@@ -155,18 +176,13 @@ def available_prompt_sources() -> list[str]:
     return sorted([*PROMPT_SOURCES, *_SPECIAL])
 
 
-def _closest(name: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
 def _shapes_prompts(split: str) -> list[str]:
     from diffloop.shapes.world import prompt_splits  # lazy: the shapes world is optional here
 
     splits = prompt_splits()
     if split not in splits:
-        raise ValueError(
-            f"unknown shapes split {split!r}.{_closest(split, sorted(splits))} "
+        raise PromptError(
+            f"unknown shapes split {split!r}.{did_you_mean(split, sorted(splits))} "
             f"Available: {', '.join('shapes/' + s for s in sorted(splits))}"
         )
     return list(splits[split])
@@ -177,22 +193,22 @@ def build_prompt_source(
 ) -> PromptSource:
     """The prompt source ``name``: ``path`` for "file", ``prompts`` for "list" (see module doc)."""
     if path is not None and name != "file":
-        raise ValueError(f"prompts path={path!r} is only used with source 'file', not {name!r}")
+        raise PromptError(f"prompts path={path!r} is only used with source 'file', not {name!r}")
     if prompts is not None and name != "list":
-        raise ValueError(f"inline prompts are only used with source 'list', not {name!r}")
+        raise PromptError(f"inline prompts are only used with source 'list', not {name!r}")
     if name == "list":
         if not prompts:
-            raise ValueError("prompt source 'list' needs a non-empty list of prompts")
+            raise PromptError("prompt source 'list' needs a non-empty list of prompts")
         return PromptSource("list", list(prompts))
     if name == "file":
         if path is None:
-            raise ValueError("prompt source 'file' needs path=<text file, one prompt a line>")
+            raise PromptError("prompt source 'file' needs path=<text file, one prompt a line>")
         return PromptSource(f"file:{path}", read_prompt_file(path))
     if name.startswith("shapes/"):
         return PromptSource(name, _shapes_prompts(name[len("shapes/") :]))
     if _resolve_alias(name) in PROMPT_SOURCES:
         return PromptSource(_resolve_alias(name), PROMPT_SOURCES[_resolve_alias(name)]())
     names = available_prompt_sources()
-    raise ValueError(
-        f"unknown prompt source {name!r}.{_closest(name, names)} Available: {', '.join(names)}"
+    raise PromptError(
+        f"unknown prompt source {name!r}.{did_you_mean(name, names)} Available: {', '.join(names)}"
     )

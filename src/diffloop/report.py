@@ -323,7 +323,7 @@ def report_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     try:
         path = write_report(args.run_dirs, args.output)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: --output cannot be written
         print(f"diffloop report: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path} (plots in {path.with_name(path.stem + '_plots')})")

@@ -1,8 +1,19 @@
 """The run directory: resolved config, versions and seed, metrics.jsonl, TensorBoard (and W&B) logs.
 
-``metrics.jsonl`` holds one JSON object per epoch, flushed and fsynced as it is written. On resume it
-is cut back to the epochs the checkpoint covers (a run killed after logging epoch e but before
-checkpointing it repeats epoch e), so a resumed run's file equals an uninterrupted run's.
+The record of a run is only ever appended to, and only once set-up has succeeded (the Trainer makes
+its RunDirectory last), so a resume that fails early leaves it untouched:
+
+    config.yaml      the resolved config of the first session (never rewritten)
+    run_info.json    seed, argv and versions of the first session (never rewritten)
+    sessions.jsonl   one line per session: start epoch, argv, versions, time, and the config keys it
+                     changed (``config_changes``; see diffloop.resume for what a resume may change)
+    metrics.jsonl    one JSON object per epoch, flushed and fsynced as it is written; a resumed
+                     session first appends ``{"session": n, "resume_from_epoch": e}``
+
+A run killed after logging epoch e but before checkpointing it repeats epoch e; :func:`read_metrics`
+resolves the markers (rows of epochs >= e logged before the marker are superseded; with e = 0 all
+are, the base evaluation included), so a resumed run reads exactly as an uninterrupted one.
+``overwrite=true`` (a new run in the same place) removes the old record (:func:`remove_run`).
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ import json
 import os
 import platform
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,6 +31,44 @@ from diffloop.config import Config, config_to_dict, save_config
 from diffloop.metrics import tensorboard_tag
 
 TIME_KEYS = ("sample_time_s", "reward_time_s", "train_time_s", "epoch_time_s", "eval_time_s")
+# What a run writes into its output_dir: a directory holding any of the first six holds a run.
+RUN_RECORD = ("checkpoints", "lora", "model", "metrics.jsonl", "config.yaml", "sessions.jsonl",
+              "run_info.json", "tensorboard", "eval")  # fmt: skip
+RESUME_MARKER = "resume_from_epoch"
+
+
+def existing_run(output_dir: str | Path) -> list[str]:
+    """The entries of ``output_dir`` that show a run was there (an empty checkpoints/ does not)."""
+    path = Path(output_dir)
+    found = [name for name in RUN_RECORD[:6] if (path / name).exists()]
+    if "checkpoints" in found and not any((path / "checkpoints").iterdir()):
+        found.remove("checkpoints")
+    return found
+
+
+def remove_run(output_dir: str | Path) -> None:
+    """(overwrite=true) Delete the record a run wrote into ``output_dir``; other files stay."""
+    import shutil
+
+    for name in RUN_RECORD:
+        p = Path(output_dir) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line, flushed and fsynced; a torn last line (killed mid-write) is ended."""
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(row) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def versions() -> dict[str, str]:
@@ -32,16 +82,16 @@ def versions() -> dict[str, str]:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Parse metrics.jsonl; a torn last line (killed mid-write) is dropped."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    rows = []
-    for line in p.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    """The epochs of metrics.jsonl as the run stands: resume markers applied, torn lines dropped."""
+    from diffloop.resume import read_jsonl
+
+    rows: list[dict[str, Any]] = []
+    for row in read_jsonl(Path(path)):
+        if RESUME_MARKER in row and "epoch" not in row:
+            start = row[RESUME_MARKER]
+            rows = [r for r in rows if start > 0 and r.get("epoch", -1) < start]
+        else:
+            rows.append(row)
     return rows
 
 
@@ -54,11 +104,7 @@ class RunDirectory:
         self._wandb = None
         if not is_main:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.path / "config.yaml")
-        info = {"seed": config.seed, "argv": argv or sys.argv, "versions": versions()}
-        (self.path / "run_info.json").write_text(json.dumps(info, indent=2))
-        self._truncate_metrics(start_epoch)
+        self._record_session(config, start_epoch, argv or sys.argv)
         if config.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -77,20 +123,29 @@ class RunDirectory:
                 id=self.path.resolve().name,
             )
 
-    def _truncate_metrics(self, start_epoch: int) -> None:
-        # From scratch (start_epoch 0) the base evaluation (epoch -1) is redone too, so nothing is kept.
-        kept = [r for r in read_metrics(self.metrics_path) if start_epoch > 0 and r.get("epoch", -1) < start_epoch]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.metrics_path)
+    def _record_session(self, config: Config, start_epoch: int, argv: list[str]) -> None:
+        """Append this session to the record (a new run first writes config.yaml, run_info.json)."""
+        from diffloop.resume import SESSIONS, config_changes, load_run_config, read_jsonl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        run = load_run_config(self.path) if config.resume else None
+        if run is None:
+            save_config(config, self.path / "config.yaml")
+            info = {"seed": config.seed, "argv": argv, "versions": versions()}
+            (self.path / "run_info.json").write_text(json.dumps(info, indent=2))
+        session = len(read_jsonl(self.path / SESSIONS)) + 1
+        changes = {k: new for k, (_, new) in config_changes(run, config).items()} if run is not None else {}
+        append_jsonl(self.path / SESSIONS, {
+            "session": session, "start_epoch": start_epoch, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "argv": argv, "versions": versions(), "config_changes": changes,
+        })  # fmt: skip
+        if config.resume:
+            append_jsonl(self.metrics_path, {"session": session, RESUME_MARKER: start_epoch})
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.metrics_path, metrics)
         step = metrics["epoch"]
         # Tags come from the metrics schema; an undeclared key raises here (diffloop.metrics).
         tags = {k: tensorboard_tag(k) for k in metrics if k != "epoch"}

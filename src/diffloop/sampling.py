@@ -44,7 +44,7 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
     """The policy of a run: its config.yaml's model and LoRA, with the newest (or given) checkpoint."""
     from diffloop import checkpoint
     from diffloop.config import load_config
-    from diffloop.policies.diffusers_policy import load_policy
+    from diffloop.policies.families import load_policy
 
     config = load_config(run_dir / "config.yaml")
     policy = load_policy(config.model, config.lora, device=device, logprob_reduction=config.train.logprob_reduction,
@@ -57,10 +57,10 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
 
 
 def sample_main(argv: list[str]) -> int:
-    from diffloop.config import LoraConfig, ModelConfig, load_config
+    from diffloop.config import LoraConfig, ModelConfig, check_output_dir, load_config
     from diffloop.images import save_grid
     from diffloop.loops import make_generators
-    from diffloop.policies.diffusers_policy import load_policy
+    from diffloop.policies.families import load_policy
     from diffloop.seeding import sample_cli_seed
 
     ap = argparse.ArgumentParser(prog="diffloop sample", description=__doc__)
@@ -81,6 +81,7 @@ def sample_main(argv: list[str]) -> int:
     ap.add_argument("--output", type=Path, default=Path("samples"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    check_output_dir(str(args.output), "--output")  # before a model loads
     device = torch.device(args.device)
     target = Path(args.model)
     run_sample = None

@@ -47,6 +47,7 @@ import yaml
 
 from diffloop import metrics
 from diffloop.config import Config, ConfigError, config_to_dict, load_config, load_yaml
+from diffloop.preflight import check_before_loading
 from diffloop.run_dir import read_metrics
 
 # The metrics.jsonl keys a sweep reads (declared in diffloop.metrics).
@@ -306,6 +307,7 @@ def plan(sweep: Sweep, extra_overrides: Sequence[str] = ()) -> list[PlannedRun]:
                 )
             try:
                 config = load_config(sweep.base, list(overrides))
+                check_before_loading(config)  # what train checks before a model loads
             except ConfigError as e:
                 raise SweepError(f"run '{run.name}' (seed {seed}): {e}") from None
             if not config.eval.prompts:

@@ -29,17 +29,20 @@ from diffloop.config import (
     PerformanceConfig,
     derived_arithmetic,
     num_trained_timesteps,
-    validate,
 )
 from diffloop.distributed import Distributed
+from diffloop.guards import NonFiniteGuard, onpolicy_error_ok
 from diffloop.loops import make_generators  # noqa: F401  (re-exported: older imports use it from here)
 from diffloop.monitors import image_statistics
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
-from diffloop.policies.diffusers_policy import load_policy
+from diffloop.policies.families import load_policy
+from diffloop.preflight import check_before_loading
 from diffloop.prompts import build_prompt_source
+from diffloop.resume import check_resume
 from diffloop.rewards import RewardScores, score
 from diffloop.rewards.composite import build_reward_from_config
-from diffloop.run_dir import RunDirectory
+from diffloop.rewards.remote import check_servers
+from diffloop.run_dir import RunDirectory, existing_run, remove_run
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +65,17 @@ class Trainer:
     def __init__(self, config: Config, dist: Distributed | None = None, argv: list[str] | None = None):
         self.dist = dist or Distributed()
         set_backend_flags(config.performance, self.dist.device, config.cpu_threads)
-        validate(config, num_processes=self.dist.world_size)
+        # Exactly what check-config checks (config, prompt files, reward names), before a model loads.
+        check_before_loading(config, num_processes=self.dist.world_size)
         self.config = config
+        check_resume(config)  # a resume continues its run's own config (diffloop.resume)
         self.algorithm = ALGORITHMS[config.train.algorithm]
         self.arithmetic = derived_arithmetic(config, self.dist.world_size)
         # Cheap, likely-to-fail parts first: a bad prompt file or reward name fails before a model loads.
         self.prompt_source = build_prompt_source(config.prompts.source, config.prompts.path, config.prompts.prompts)
         self.eval_source = build_prompt_source(config.eval.prompts) if config.eval.prompts else None
         self.reward = build_reward_from_config(config.reward)
+        check_servers(self.reward)  # a remote reward's server answers now, not after the first sampling
         self._reward_pool = ThreadPoolExecutor(1, "reward") if config.reward.asynchronous else None
         t = config.train
         self.sampler = loops.SamplerSettings.from_config(config.sample)
@@ -107,6 +113,7 @@ class Trainer:
         )
         self.grad_scaler = torch.amp.GradScaler(self.dist.device.type, enabled=t.mixed_precision == "fp16")
         self.stat_tracker = make_stat_tracker(self.algorithm, t)
+        self.nonfinite = NonFiniteGuard(t.max_consecutive_nonfinite)
         self.start_epoch = 0
         self.optimizer_steps = 0
         if config.resume:
@@ -152,9 +159,9 @@ class Trainer:
         t1 = time.perf_counter()
         rewards = self.dist.gather(scores.scores.float()).view(s.prompts_per_epoch, s.samples_per_prompt)  # (B, K)
         monitors = self._image_monitors(traj.images, local)
-        advantages = self.algorithm.advantages(rewards, prompts, cfg.train, self.stat_tracker)  # (B, K)
+        advantages, adv_stats = self.algorithm.advantages_and_stats(rewards, prompts, cfg.train, self.stat_tracker)
         train_stats = self.optimise(traj, advantages.reshape(-1)[local].to(self.dist.device), epoch)
-        if train_stats["onpolicy_logprob_err"] > cfg.train.clip_range:
+        if not onpolicy_error_ok(train_stats["onpolicy_logprob_err"], cfg.train.clip_range):
             # Sampling and training disagree by more than the clip range: PPO's clipping is then noise.
             logger.warning(
                 "on-policy |log p_theta - log p_old| = %.2e exceeds train.clip_range = %.1e: the sampler and "
@@ -165,12 +172,14 @@ class Trainer:
         return {
             "epoch": epoch,
             **reward_statistics(rewards, advantages),
+            **adv_stats,  # advantage_clipped_frac
             **self._component_means(scores),
             **monitors,
             "reward_invalid": int(self.dist.sum_scalar(scores.num_invalid)),
             "prompts_seen": (epoch + 1) * s.prompts_per_epoch,
             "reward_queries": (epoch + 1) * len(sample_prompts),
             "optimizer_steps": self.optimizer_steps,
+            "nonfinite_steps_skipped": self.nonfinite.take_epoch_count(),
             "lr": self.lr_scheduler.get_last_lr()[0],
             **train_stats,
             "sample_time_s": timing["sample"],
@@ -265,6 +274,10 @@ class Trainer:
         self.grad_scaler.unscale_(self.optimizer)
         max_norm = self.config.train.max_grad_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if not self.nonfinite.should_step(grad_norm, self.grad_scaler):  # NaN/inf: no update at all
+            self.grad_scaler.update()  # fp16: lowers the loss scale; a no-op otherwise
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm.detach()
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
         self.lr_scheduler.step()
@@ -332,15 +345,17 @@ class Trainer:
         self.dist.wait()
 
     def _resume(self) -> None:
-        path = checkpoint.latest_checkpoint(self.config.output_dir)
-        if path is None:
+        # The newest checkpoint that verifies (checksums, finite tensors); older ones are fallbacks.
+        found = checkpoint.load_newest_valid(self.config.output_dir, self.dist.rank)
+        if found is None:
             logger.warning("resume=true but no complete checkpoint in %s: starting from scratch", self.config.output_dir)
             return
-        parts = checkpoint.load(path, self.dist.rank)
+        path, parts = found
         self.policy.load_trainable_state_dict(parts["trainable"])
         self.optimizer.load_state_dict(parts["optimizer"])
         self.lr_scheduler.load_state_dict(parts["lr_scheduler"])
         self.grad_scaler.load_state_dict(parts["grad_scaler"])
+        self._apply_optimizer_config()
         if parts["rng"] is not None:
             checkpoint.set_rng_state(parts["rng"])
         state = parts["state"]
@@ -351,20 +366,27 @@ class Trainer:
         if self.dist.is_main:
             print(f"resumed from {path} ({self.start_epoch} epochs done)")
 
+    def _apply_optimizer_config(self) -> None:
+        """After loading their states, the optimizer and LR schedule follow the config again: a resume
+        may change the rate (resume_allow) or the schedule's length (num_epochs). With nothing
+        changed this sets the very values (and floats: LambdaLR's own formula) that were loaded."""
+        t, sched = self.config.train, self.lr_scheduler
+        sched.base_lrs = [t.learning_rate] * len(self.optimizer.param_groups)
+        for group, lr_lambda in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            group.update(initial_lr=t.learning_rate, lr=t.learning_rate * lr_lambda(sched.last_epoch),
+                         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def _refuse_to_clobber(self) -> None:
-        existing = checkpoint.latest_checkpoint(self.config.output_dir)
-        if existing is None:
-            return
-        if not self.config.overwrite:
+        existing = existing_run(self.config.output_dir)  # checkpoints, exports, metrics or config
+        if existing and not self.config.overwrite:
             raise ConfigError(
-                f"output_dir={self.config.output_dir} already holds a run (checkpoint {existing.name}); "
+                f"output_dir={self.config.output_dir} already holds a run ({', '.join(existing)}); "
                 "pass resume=true to continue it, overwrite=true to start afresh there, or another output_dir"
             )
-        self.dist.wait()
-        if self.dist.is_main:
-            import shutil
-
-            shutil.rmtree(checkpoint.checkpoint_root(self.config.output_dir), ignore_errors=True)
+        self.dist.wait()  # every process has looked before the main one writes this run's record
+        if existing and self.dist.is_main:
+            remove_run(self.config.output_dir)
         self.dist.wait()
 
     def export(self) -> None:

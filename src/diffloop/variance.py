@@ -27,8 +27,8 @@ dimensions with SNR << 1 the plug-in SNR is dominated by its 1/M bias: read the 
 Which numbers compare across algorithms: reinforce_loo and loop (identical on-policy) estimate the same
 gradient without bias, reinforce (batch-mean baseline) a (N-1)/N multiple of it, so their variances
 compare directly. grpo and ppo divide advantages by a standard deviation, which rescales the gradient:
-compare them by SNR, which is scale-free. All advantages are clipped to +-``train.adv_clip_max`` as in
-training. A KL-to-base penalty (``train.kl_coef``) is not part of the estimate: it is a deterministic
+compare them by SNR, which is scale-free. Advantages are clipped as in training (the algorithm's
+default, ppo +-5, unless ``train.adv_clip_max`` is set). A KL-to-base penalty (``train.kl_coef``) is not part of the estimate: it is a deterministic
 regulariser of theta, not a policy-gradient term.
 
 ppo's per-prompt stat tracker is frozen: each estimate starts from the same snapshot (empty, or the
@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from diffloop.config import ConfigError, load_yaml
+from diffloop.config import ConfigError
 
 DEFAULT_ALGORITHMS = "loop@2,loop@4,grpo@4,reinforce_loo@4,ppo@1,reinforce@1"
 WARMUP_EPOCH_OFFSET = (
@@ -362,13 +362,13 @@ def draw_estimate(trainer, index: int, seed: int, tracker=None) -> Estimate:
 def algorithm_overrides(config, spec: AlgorithmSpec, workdir: Path) -> list[str]:
     """Overrides turning the base config into spec's estimator; settings that only shape training
     (inner epochs, accumulation) are neutralised and train.batch_size (memory only) made to divide N."""
-    from diffloop.config import _largest_divisor
+    from diffloop.config import largest_divisor
 
     k = spec.samples_per_prompt or config.sample.samples_per_prompt
     n = config.sample.prompts_per_epoch * k
     return [
         f"train.algorithm={spec.name}", f"sample.samples_per_prompt={k}", "train.num_inner_epochs=1",
-        "train.gradient_accumulation_steps=1", f"train.batch_size={_largest_divisor(n, config.train.batch_size)}",
+        "train.gradient_accumulation_steps=1", f"train.batch_size={largest_divisor(n, config.train.batch_size)}",
         f"output_dir={workdir / spec.label}", "eval.prompts=null", "resume=false", "num_epochs=1",
         "logging.tensorboard=false", "logging.wandb=false", "logging.progress_bars=false",
     ]  # fmt: skip
@@ -376,13 +376,9 @@ def algorithm_overrides(config, spec: AlgorithmSpec, workdir: Path) -> list[str]
 
 def unvalidated_config(path: str | None, overrides: Sequence[str]):
     """``load_config`` without ``validate`` (defaults < YAML < overrides)."""
+    from diffloop.config import unvalidated_config as load_unvalidated
 
-    from diffloop.config import Config, _from_dict, _merge, parse_override
-
-    data = (load_yaml(Path(path).read_text()) or {}) if path is not None else {}
-    for text in overrides:
-        data = _merge(data, parse_override(text))
-    return _from_dict(Config, data)
+    return load_unvalidated(path, list(overrides))
 
 
 def build_trainer(
@@ -503,7 +499,7 @@ def variance_markdown(result: dict) -> str:
 
 def variance_main(argv: list[str]) -> int:
     """``diffloop variance [CONFIG] [k=v ...] --algorithms A@K,... --estimates M --output FILE.json``."""
-    from diffloop.cli import _split_config_args
+    from diffloop.config import split_config_args
 
     ap = argparse.ArgumentParser(
         prog="diffloop variance",
@@ -536,7 +532,7 @@ def variance_main(argv: list[str]) -> int:
         raise ConfigError(f"--estimates={args.estimates} must be >= 2")
     if args.from_run is not None and (not args.args or "=" in args.args[0]):
         args.args = [str(args.from_run / "config.yaml"), *args.args]
-    config_path, overrides = _split_config_args(args.args)
+    config_path, overrides = split_config_args(args.args)
     specs = parse_algorithms(args.algorithms)
     rows = []
     with tempfile.TemporaryDirectory(prefix="diffloop-variance-") as tmp:

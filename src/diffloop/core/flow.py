@@ -40,7 +40,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from diffloop.core.ddim import Reduction, _draw_noise, gaussian_log_prob
+from diffloop.core.ddim import Reduction, draw_noise, gaussian_log_prob
 
 __all__ = [
     "exponential_time_shift",
@@ -172,7 +172,7 @@ def flow_sde_step_with_logprob(
     if prev_sample is None:
         if generator is not None and not isinstance(generator, torch.Generator):
             generator = list(generator)
-        z = _draw_noise(sample.shape, generator, mean.device, torch.float32)
+        z = draw_noise(sample.shape, generator, mean.device, torch.float32)
         prev_sample = mean + std * z
     elif prev_sample.shape != sample.shape:
         raise ValueError(

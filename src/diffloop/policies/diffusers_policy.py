@@ -19,6 +19,7 @@ import torch
 
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SampleConfig
 from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob
+from diffloop.errors import DiffloopError
 from diffloop.policies.base import Trajectories, iter_chunks
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(DiffloopError, RuntimeError):
     """Weights could not be found or read; the message says what was looked for and how to fix it."""
 
 
@@ -322,12 +323,12 @@ class DDIMPolicy:
         cond = self.branch_kwargs(prompt_embeds, extra, negative=False)
         if guidance_scale == 1.0:
             x = latents.to(dtype=dtype, memory_format=memory_format)
-            return unet(x, timesteps, **_cat_to_dtype([cond], dtype)).sample
+            return unet(x, timesteps, **cat_branches([cond], dtype)).sample
         uncond = self.branch_kwargs(negative_prompt_embeds, extra, negative=True)
         out = unet(
             torch.cat([latents, latents]).to(dtype=dtype, memory_format=memory_format),
             torch.cat([timesteps, timesteps]),
-            **_cat_to_dtype([uncond, cond], dtype),
+            **cat_branches([uncond, cond], dtype),
         ).sample
         uncond_out, cond_out = out.float().chunk(2)
         return uncond_out + guidance_scale * (cond_out - uncond_out)
@@ -524,7 +525,7 @@ class DDIMPolicy:
             (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def load_policy(
+def load_ddim_policy(
     model: ModelConfig,
     lora: LoraConfig,
     *,
@@ -535,19 +536,8 @@ def load_policy(
     performance: PerformanceConfig | None = None,
     sample: SampleConfig | None = None,
 ) -> DDIMPolicy:
-    """The policy of ``model.pretrained``'s family (``sdxl.detect_family``); ``sample`` carries the
-    flow-matching sampler settings (sample.sde_type, sample.sde_window; defaults when None)."""
-    from diffloop.policies import flow, sdxl
-
-    family = sdxl.detect_family(model.pretrained, model.revision)
-    if family in flow.FLOW_FAMILIES:
-        return flow.load_flow_policy(family, model, lora, device=device, weight_dtype=weight_dtype,
-                                     logprob_reduction=logprob_reduction, performance=performance,
-                                     gradient_checkpointing=gradient_checkpointing, sample=sample)
-    if family == "sdxl":  # a DDIMPolicy subclass
-        return sdxl.load_sdxl_policy(model, lora, device=device, weight_dtype=weight_dtype,
-                                     logprob_reduction=logprob_reduction, performance=performance,
-                                     gradient_checkpointing=gradient_checkpointing)
+    """``load_policy`` for the sd family (SD 1.x / 2.x and the shapes model); ``sample`` (the
+    flow-matching sampler settings every family's loader is given) is not used by DDIM."""
     components = load_components(model)
     return DDIMPolicy(
         components,
@@ -560,12 +550,12 @@ def load_policy(
     )
 
 
-def _cat_to_dtype(branches: list[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
+def cat_branches(branches: list[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
     """Concatenate the CFG branches' keyword arguments (nested dicts of (N, ...) tensors) along the
     batch dimension, in ``dtype``."""
     first = branches[0]
     return {
-        k: _cat_to_dtype([b[k] for b in branches], dtype)
+        k: cat_branches([b[k] for b in branches], dtype)
         if isinstance(first[k], dict)
         else torch.cat([b[k] for b in branches]).to(dtype)
         for k in first

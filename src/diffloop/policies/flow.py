@@ -31,7 +31,6 @@ float32.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import math
 from pathlib import Path
@@ -42,14 +41,9 @@ import torch
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SampleConfig
 from diffloop.core import flow_sde_step_with_logprob, flow_step_mean_std
 from diffloop.policies.base import Trajectories, iter_chunks
-from diffloop.policies.diffusers_policy import ModelLoadError, _cat_to_dtype, resolve_pretrained
+from diffloop.policies.diffusers_policy import ModelLoadError, cat_branches, resolve_pretrained
 
 logger = logging.getLogger(__name__)
-
-# family (detect_family's name) -> "module:loader"; each loader(model, lora, **kwargs) -> policy
-FLOW_FAMILIES = {
-    "sd3": "diffloop.policies.sd3:load_sd3_policy",
-}
 
 # Attention projections (image and text stream) of a joint transformer block: Flow-GRPO's LoRA
 # targets (scripts/train_sd3.py); the feed-forward projections are added as the issue asks.
@@ -58,12 +52,6 @@ ATTENTION_TARGETS = [
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
 ]  # fmt: skip
 FEED_FORWARD_TARGETS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-
-
-def load_flow_policy(family: str, model: ModelConfig, lora: LoraConfig, **kwargs: Any):
-    """``load_policy`` for a flow-matching family of ``FLOW_FAMILIES``."""
-    module, name = FLOW_FAMILIES[family].split(":")
-    return getattr(importlib.import_module(module), name)(model, lora, **kwargs)
 
 
 def load_components(
@@ -77,13 +65,13 @@ def load_components(
     A local directory must have a folder for every component except those in ``optional`` that its
     model_index.json lists as [null, null] or omits (those come back None). Raises ModelLoadError
     naming the missing or broken component, and ``how_to_provide``."""
-    from diffloop.policies.sdxl import _looks_local, _model_index
+    from diffloop.policies.families import looks_local, model_index
 
     path = resolve_pretrained(model.pretrained)
     local = Path(path)
-    if _looks_local(path) and not local.is_dir():
+    if looks_local(path) and not local.is_dir():
         raise ModelLoadError(f"no directory at '{path}'. {how_to_provide}")
-    index = _model_index(model.pretrained, model.revision) or {}
+    index = model_index(model.pretrained, model.revision) or {}
     absent = {c for c in optional if (index.get(c) or [None])[0] is None}
     wanted = [c for c in loaders if c not in absent]
     if local.is_dir():
@@ -335,14 +323,14 @@ class FlowMatchPolicy:
         cond = self.branch_kwargs(prompt_embeds, extra, negative=False)
         with self._autocast():
             if guidance_scale == 1.0:
-                kwargs = _cat_to_dtype([cond], dtype)
+                kwargs = cat_branches([cond], dtype)
                 return self.transformer(hidden_states=x.to(dtype), timestep=t, **kwargs,
                                         return_dict=False)[0].float()  # fmt: skip
             uncond = self.branch_kwargs(negative_prompt_embeds, extra, negative=True)
             out = self.transformer(
                 hidden_states=torch.cat([x, x]).to(dtype),
                 timestep=torch.cat([t, t]),
-                **_cat_to_dtype([uncond, cond], dtype),
+                **cat_branches([uncond, cond], dtype),
                 return_dict=False,
             )[0]
         uncond_out, cond_out = out.float().chunk(2)

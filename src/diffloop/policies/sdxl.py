@@ -30,7 +30,6 @@ Per-trajectory conditioning travels in ``Trajectories.extra``:
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import torch
 
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SDXLConfig
 from diffloop.policies.diffusers_policy import DDIMPolicy, ModelLoadError, resolve_pretrained
+from diffloop.policies.families import looks_local, model_index
 from diffloop.policies.schedulers import to_ddim
 
 logger = logging.getLogger(__name__)
@@ -56,51 +56,6 @@ EXTRA_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds", "add_time
 
 
 # ---------------------------------------------------------------------------------------- loading
-
-
-def _looks_local(path: str) -> bool:
-    """A path rather than a hub id (as the SD loader decides)."""
-    return Path(path).is_absolute() or path.startswith(".") or Path(path).exists()
-
-
-def _model_index(pretrained: str, revision: str | None = None) -> dict[str, Any] | None:
-    """model_index.json of a local directory or hub id; None for a local path without one (the
-    family's loader then names what is missing)."""
-    path = resolve_pretrained(pretrained)
-    local = Path(path)
-    if _looks_local(path):
-        index = local / "model_index.json"
-        return json.loads(index.read_text()) if index.is_file() else None
-    from diffusers import DiffusionPipeline
-
-    try:
-        return dict(DiffusionPipeline.load_config(path, revision=revision))
-    except Exception as e:  # any failure: re-raised with the how-to, for either family
-        raise ModelLoadError(
-            f"could not read model_index.json of model.pretrained='{pretrained}': "
-            f"{type(e).__name__}: {e}\nGive a local directory in diffusers layout or a hub id that "
-            "is already in the Hugging Face cache (`hf download <repo>`; HF_HUB_OFFLINE=1 forbids "
-            "downloads)."
-        ) from e
-
-
-# model_index.json _class_name prefix -> family (the flow-matching ones: policies.flow.FLOW_FAMILIES)
-PIPELINE_FAMILIES = {"StableDiffusionXL": "sdxl", "StableDiffusion3": "sd3"}
-
-
-def detect_family(pretrained: str, revision: str | None = None) -> str:
-    """The family of ``PIPELINE_FAMILIES`` whose prefix starts model_index.json's ``_class_name``
-    (StableDiffusionXL* -> "sdxl", StableDiffusion3* -> "sd3"), else "sd".
-
-    A local directory without model_index.json (diffloop's shapes model) is "sdxl" only if it has a
-    ``text_encoder_2/`` folder; a missing local path is "sd" (whose loader reports it)."""
-    index = _model_index(pretrained, revision)
-    if index is None:
-        return (
-            "sdxl" if (Path(resolve_pretrained(pretrained)) / "text_encoder_2").is_dir() else "sd"
-        )
-    name = str(index.get("_class_name", ""))
-    return next((f for prefix, f in PIPELINE_FAMILIES.items() if name.startswith(prefix)), "sd")
 
 
 def _how_to_provide(name: str) -> str:
@@ -138,7 +93,7 @@ def load_sdxl_components(model: ModelConfig) -> dict[str, Any]:
 
     path = resolve_pretrained(model.pretrained)
     local = Path(path)
-    if _looks_local(path) and not local.is_dir():
+    if looks_local(path) and not local.is_dir():
         raise ModelLoadError(f"no directory at '{path}'. " + _how_to_provide(model.pretrained))
     if local.is_dir():
         required = [c for c in SDXL_COMPONENTS if not (c == "vae" and model.sdxl.vae)]
@@ -153,7 +108,7 @@ def load_sdxl_components(model: ModelConfig) -> dict[str, Any]:
                 f"'{path}' lacks the SDXL component folder(s) "
                 f"{', '.join(m + '/' for m in missing)}{hint}. " + _how_to_provide(model.pretrained)
             )
-    index = _model_index(model.pretrained, model.revision) or {}
+    index = model_index(model.pretrained, model.revision) or {}
     kw = {"revision": model.revision}
     user_scheduler_kwargs = getattr(model, "scheduler_kwargs", None)  # the field may not exist yet
     loaders = {
@@ -387,9 +342,11 @@ class SDXLPolicy(DDIMPolicy):
         pipe.save_pretrained(str(path))
 
 
-def load_sdxl_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> SDXLPolicy:
+def load_sdxl_policy(
+    model: ModelConfig, lora: LoraConfig, sample: Any = None, **kwargs: Any
+) -> SDXLPolicy:
     """``load_policy`` for the sdxl family: components from model.pretrained, settings from
-    model.sdxl."""
+    model.sdxl; ``sample`` (the flow-matching sampler settings) is not used by DDIM."""
     return SDXLPolicy(load_sdxl_components(model), lora, sdxl=model.sdxl, **kwargs)
 
 
@@ -524,8 +481,8 @@ def build_sdxl_components(
         raise ValueError(f"size must be one of {sorted(SDXL_CONFIGS)}, got {size!r}")
     configs = SDXL_CONFIGS[size]
     if tokenizer is None:
-        from diffloop.bench import PROMPT_WORDS
         from diffloop.shapes.model import build_tokenizer
+        from diffloop.testing.tiny import PROMPT_WORDS
 
         tokenizer = build_tokenizer(PROMPT_WORDS, 77)
 

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffloop.errors import DiffloopError
+
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -35,7 +37,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(DiffloopError, FileNotFoundError):
     """A reward's weights were not found locally and could not be fetched from the hub."""
 
 

@@ -30,7 +30,6 @@ Invalid-value policy (``score``)
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import logging
@@ -41,7 +40,21 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from diffloop.errors import DiffloopError, did_you_mean
+
 logger = logging.getLogger(__name__)
+
+
+class RewardSpecError(DiffloopError, ValueError):
+    """A reward name or ``package.module:attr`` spec that does not resolve (a config mistake)."""
+
+
+class RewardImportError(RewardSpecError, ImportError):
+    """The module of a ``package.module:attr`` reward spec could not be imported."""
+
+
+class RewardTypeError(RewardSpecError, TypeError):
+    """A reward spec resolved to something that is neither a function nor a class."""
 
 
 class Reward(Protocol):
@@ -108,28 +121,51 @@ def _import_attr(spec: str, reward: str) -> Any:
     """Resolve ``"package.module:attr"`` (attr may be dotted); errors name the module."""
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
-        raise ValueError(f"reward {reward!r}: {spec!r} is not of the form 'package.module:attr'")
+        raise RewardSpecError(f"reward {reward!r}: {spec!r} is not of the form 'package.module:attr'")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ImportError(
+        raise RewardImportError(
             f"reward {reward!r}: could not import module {module_name!r} ({exc})"
         ) from exc
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError as exc:
-            raise ValueError(
+            raise RewardSpecError(
                 f"reward {reward!r}: module {module_name!r} has no attribute {attr_path!r}"
             ) from exc
     return obj
 
 
-def _unknown_reward(name: str) -> ValueError:
+def _unknown_reward(name: str) -> RewardSpecError:
     names = available_rewards()
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown reward {name!r}.{hint} Available: {', '.join(names)}. {_SPEC_HELP}")
+    return RewardSpecError(
+        f"unknown reward {name!r}.{did_you_mean(name, names)} Available: {', '.join(names)}. {_SPEC_HELP}"
+    )
+
+
+def check_reward_name(name: str, kwargs: dict[str, Any] | None = None) -> None:
+    """Raise RewardSpecError unless ``name`` is registered or a 'package.module:attr' spec that
+    imports and names a class, or a function given no ``kwargs``. Builds nothing (no weights load):
+    what a config check can know before training starts."""
+    if name not in REWARDS:
+        _resolve_spec(name, kwargs or {})
+
+
+def _resolve_spec(name: str, kwargs: dict[str, Any]) -> Any:
+    """The class, or the function (which takes no kwargs), a 'package.module:attr' spec names."""
+    if ":" not in name:
+        raise _unknown_reward(name)
+    obj = _import_attr(name, name)
+    if not inspect.isclass(obj) and not callable(obj):
+        raise RewardTypeError(f"reward {name!r} is a {type(obj).__name__}, not a function or class")
+    if not inspect.isclass(obj) and kwargs:
+        raise RewardSpecError(
+            f"reward {name!r} is a function, used as the reward itself, so it takes no kwargs "
+            f"(got {sorted(kwargs)}); make it a class to configure it"
+        )
+    return obj
 
 
 def build_reward(name: str, **kwargs: Any) -> Reward:
@@ -138,22 +174,11 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
         entry = REWARDS[name]
         factory = _import_attr(entry, name) if isinstance(entry, str) else entry
         return factory(**kwargs)
-    if ":" not in name:
-        raise _unknown_reward(name)
-    obj = _import_attr(name, name)
-    if inspect.isclass(obj):
-        return obj(**kwargs)
-    if not callable(obj):
-        raise TypeError(f"reward {name!r} is a {type(obj).__name__}, not a function or class")
-    if kwargs:
-        raise ValueError(
-            f"reward {name!r} is a function, used as the reward itself, so it takes no kwargs "
-            f"(got {sorted(kwargs)}); make it a class to configure it"
-        )
-    return obj
+    obj = _resolve_spec(name, kwargs)
+    return obj(**kwargs) if inspect.isclass(obj) else obj
 
 
-class RewardError(RuntimeError):
+class RewardError(DiffloopError, RuntimeError):
     """A reward failed or returned something unusable; the run stops (see the module docstring)."""
 
 

@@ -10,15 +10,19 @@ metadata as JSON (metadata must be JSON-serialisable). Nothing is pickled.
 Failure policy (never a silent zero):
 - Connection refused / reset, a timeout, or an HTTP 5xx: retried ``retries`` times after the first
   attempt, sleeping ``backoff * 2**k`` seconds before retry k (k = 0, 1, ...: 1, 2, 4 s by default).
-  Still failing, a :class:`~diffloop.rewards.registry.RewardError` says the server is unreachable
-  (or what it answered), how to start it, and that the run keeps its last checkpoint and resumes
-  with ``resume=true``.
+  Still failing, a :class:`~diffloop.rewards.registry.RewardError` says either that the server is
+  unreachable and how to start it, or, when it did answer (5xx), its HTTP status and its message
+  (the reward failed on the server: see its log); and that the run keeps its last checkpoint and
+  resumes with ``resume=true``.
 - HTTP 4xx (a malformed or oversized request): RewardError at once, with the server's message; a
   retry would get the same answer.
 - A 200 answer that is not JSON, lacks ``scores``, has the wrong number of them, or holds anything
   but numbers and nulls: RewardError at once.
 - ``null`` scores (the server's reward gave NaN or inf) become NaN, which ``score()`` counts as
   invalid and the trainer leaves out.
+
+The trainer asks every remote reward's ``GET /health`` at set-up (:func:`check_servers`), so a
+server that is down fails the run before the first sampling, not after it.
 """
 
 from __future__ import annotations
@@ -43,7 +47,14 @@ _sleep = time.sleep  # module-level so tests can record the backoff without wait
 
 
 class _Retryable(Exception):
-    """A failure worth retrying (connection, timeout, 5xx); the message says what happened."""
+    """A failure worth retrying (connection, timeout, 5xx); the message says what happened.
+
+    ``status``: the HTTP status when the server answered (5xx), None when it could not be reached.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def encode_png_base64(images: torch.Tensor) -> list[str]:
@@ -175,7 +186,7 @@ class RemoteReward:
         except urllib.error.HTTPError as exc:
             message = _server_message(exc)
             if exc.code >= 500:
-                raise _Retryable(f"HTTP {exc.code}: {message}") from exc
+                raise _Retryable(f"HTTP {exc.code}: {message}", status=exc.code) from exc
             raise RewardError(
                 f"reward server at {self.url} refused the request with HTTP {exc.code}: {message}"
             ) from exc
@@ -195,16 +206,39 @@ class RemoteReward:
                 last = exc
                 if k + 1 < attempts:
                     _sleep(self.backoff * 2**k)
+        resume = "The run keeps its last checkpoint; resume with resume=true."
+        if last is not None and last.status is not None:  # it answered: not a reachability problem
+            raise RewardError(
+                f"reward server at {self.url} failed after {attempts} attempts ({what}) with "
+                f"{last}: the reward raised on the server (see its log). {resume}"
+            ) from last
         port = urllib.parse.urlsplit(self.url).port or 8765
         raise RewardError(
             f"reward server at {self.url} unreachable after {attempts} attempts ({what}); last "
             f"error: {last}. Start it with `diffloop serve-reward NAME --port {port}` (a reset "
             f"connection can also mean a request over the server's --max-request-mb: lower "
-            f"reward.kwargs.batch_size). The run keeps its last checkpoint; resume with resume=true."
+            f"reward.kwargs.batch_size). {resume}"
         ) from last
 
     def __repr__(self) -> str:
         return f"RemoteReward(url={self.url!r}, timeout={self.timeout}, retries={self.retries})"
+
+
+def check_servers(reward: Any) -> None:
+    """GET /health of ``reward`` if it is a RemoteReward, or of each remote component of a
+    composite.
+
+    RewardError (with the retries' message) if a server does not answer or answers anything but
+    ``{"status": "ok", ...}``.
+    """
+    for r in [reward, *getattr(reward, "rewards", [])]:
+        if not isinstance(r, RemoteReward):
+            continue
+        answer = r.health()
+        if not isinstance(answer, dict) or answer.get("status") != "ok":
+            raise RewardError(
+                f"reward server at {r.url}: GET /health answered {str(answer)[:200]}, not status ok"
+            )
 
 
 def _server_message(exc: urllib.error.HTTPError) -> str:
@@ -219,4 +253,4 @@ def _server_message(exc: urllib.error.HTTPError) -> str:
         return text[:200] or str(exc.reason)
 
 
-__all__ = ["RemoteReward", "encode_png_base64", "parse_scores"]
+__all__ = ["RemoteReward", "check_servers", "encode_png_base64", "parse_scores"]

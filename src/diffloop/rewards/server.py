@@ -311,6 +311,13 @@ def make_server(
     )
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffloop serve-reward",
@@ -322,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (0.0.0.0: all; no auth!)"
     )
-    parser.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
+    parser.add_argument("--port", type=_port, default=8765, help="port (0: any free port)")
     parser.add_argument("--max-batch", type=int, default=64, help="images per reward call")
     parser.add_argument(
         "--max-request-mb", type=float, default=64.0, help="request body limit (MB)"

@@ -161,7 +161,7 @@ def connected_components(mask: torch.Tensor) -> torch.Tensor:
     in its 3x3 neighbourhood (inside the mask) until nothing changes; the label of a component is
     the largest pixel index in it.
     """
-    n, h, w = mask.shape
+    _, h, w = mask.shape
     m = mask.to(torch.float32)
     labels = torch.arange(1, h * w + 1, dtype=torch.float32, device=mask.device).view(1, h, w) * m
     for i in range(h * w):  # bound never reached: components converge in their geodesic diameter
@@ -246,7 +246,7 @@ def analyse(x: torch.Tensor, p: RewardParams | None = None) -> Candidates:
     """Candidate objects and their soft attributes for images x (N, 3, H, W) in [0, 1]."""
     p = p or RewardParams()
     maps, comp, region = _raw_candidates(x, p)
-    n, m, h, w = region.shape
+    _, _, h, w = region.shape
     area = region.sum(dim=(2, 3))  # (N, M) soft px
     scale = h * w / _REF_AREA
     presence = _ramp(area, p.area_lo * scale, p.area_hi * scale)

@@ -23,6 +23,26 @@ TEXT_DIM = 32
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DEFAULT_WORDS = ["a", "photo", "of", "an", "astronaut", "riding", "horse", "on", "the", "moon", "cat", "dog", "red", "green", "blue", "bench", "car", "ball"]
 
+# The vocabulary of benchmark prompts (bench's word-level tokenizers, SD and SDXL shapes).
+PROMPT_WORDS = [
+    "a",
+    "photo",
+    "of",
+    "an",
+    "astronaut",
+    "riding",
+    "a",
+    "horse",
+    "on",
+    "the",
+    "moon",
+    "cat",
+    "dog",
+    "red",
+    "green",
+    "blue",
+]
+
 UNET_CONFIG: dict[str, Any] = {
     "sample_size": LATENT_SIZE,
     "in_channels": 4,

@@ -1,0 +1,47 @@
+"""Everything ``diffloop train`` checks before a model loads, as one function.
+
+``diffloop train``, ``diffloop check-config`` and ``diffloop compare`` (for every run of a sweep) call
+:func:`check_before_loading`, so what check-config accepts is exactly what train accepts up to the
+model load. Each failure is a :class:`~diffloop.config.ConfigError`, one line naming the field.
+"""
+
+from __future__ import annotations
+
+from diffloop.config import Config, ConfigError, RewardConfig, validate
+from diffloop.prompts import PromptError, build_prompt_source
+from diffloop.rewards.registry import RewardSpecError, check_reward_name
+
+
+def check_before_loading(config: Config, num_processes: int = 1) -> None:
+    """The config's invariants (:func:`~diffloop.config.validate`: ranges, enumerations, batch
+    arithmetic, a writable output_dir), the training and evaluation prompt sources (files read),
+    and every reward name (registered, or an importable ``package.module:attr``). Loads no model."""
+    validate(config, num_processes)
+    p = config.prompts
+    try:
+        build_prompt_source(p.source, p.path, p.prompts)
+    except PromptError as e:
+        raise ConfigError(f"prompts.source={p.source}: {e}") from None
+    if config.eval.prompts:
+        try:
+            build_prompt_source(config.eval.prompts)
+        except PromptError as e:
+            raise ConfigError(f"eval.prompts={config.eval.prompts}: {e}") from None
+    for where, name, kwargs in reward_specs(config.reward):
+        try:
+            check_reward_name(name, kwargs)
+        except RewardSpecError as e:
+            raise ConfigError(f"{where}={name}: {e}") from None
+
+
+def reward_specs(cfg: RewardConfig) -> list[tuple[str, str, dict]]:
+    """(config field, reward name, kwargs) of the reward, or of each component of a ``multi`` one."""
+    if cfg.name != "multi":
+        return [("reward.name", cfg.name, cfg.kwargs)]
+    from diffloop.rewards.composite import parse_components
+
+    try:
+        specs = parse_components(cfg.components)
+    except ValueError as e:
+        raise ConfigError(f"reward.components: {e}") from None
+    return [(f"reward.components[{i}].name", s.name, s.kwargs or {}) for i, s in enumerate(specs)]

@@ -1,0 +1,220 @@
+"""Resuming a run continues *that* run: its own config, and a record that is only appended to.
+
+The run's config
+    ``output_dir/config.yaml`` is the resolved config of the run's first session and is never
+    rewritten; each later session appends a line to ``output_dir/sessions.jsonl`` whose
+    ``config_changes`` ({dotted key: new value}) are applied on top, in order
+    (:func:`run_config_dict`).
+
+``diffloop train [CONFIG.yaml] [key=value ...] resume=true`` (:func:`train_config`)
+    starts from the run's config, not from defaults or the packaged default file; the values that
+    CONFIG.yaml and the overrides state explicitly are laid over it. Each must repeat the run's
+    value, except for keys a resume may change:
+    - ``num_epochs``, which may be raised (not lowered; with a linear/cosine LR schedule the
+      schedule is stretched to the new length from the resumed step on);
+    - ``RESUME_MAY_CHANGE``: output_dir (a moved run), logging.*, checkpoint bookkeeping and the
+      memory knobs that do not change results (the same list ``diffloop compare`` accepts);
+    - the keys listed in ``resume_allow=[train.learning_rate, ...]`` (a section name covers its
+      keys), for a deliberate change, which is then recorded in sessions.jsonl.
+    Any other difference is a ConfigError naming the key, both values and the fix.
+    :func:`check_resume` applies the same rule to a ``Config`` handed to ``Trainer`` directly.
+
+Interrupting (:func:`run_training`)
+    Ctrl-C ends ``diffloop train`` with exit code 130 and one line saying what was kept and the
+    exact command that resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffloop.config import (
+    Config,
+    ConfigError,
+    config_to_dict,
+    from_dict,
+    load_config,
+    load_yaml,
+    merge_dicts,
+    parse_override,
+    split_config_args,
+    validate,
+)
+
+RESUME_MAY_CHANGE = (
+    "resume", "overwrite", "resume_allow", "output_dir", "logging", "checkpoint_every",
+    "keep_checkpoints", "sample.batch_size", "eval.batch_size", "performance.decode_batch_size",
+    "train.gradient_checkpointing",
+)  # fmt: skip
+SESSION_KEYS = ("resume", "overwrite", "resume_allow")  # per-session flags, not the run's config
+SESSIONS = "sessions.jsonl"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"learning_rate": 1e-4}} -> {"train.learning_rate": 1e-4}.
+
+    ``kwargs`` mappings and lists are leaves (compared whole)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def covered(key: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """``key`` is one of ``patterns`` or lies in a section one of them names."""
+    return any(key == p or key.startswith(p + ".") for p in patterns)
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    *sections, leaf = key.split(".")
+    for s in sections:
+        d = d.setdefault(s, {})
+    d[leaf] = value
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line; a torn line (killed mid-write) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def run_config_dict(output_dir: str | Path) -> dict[str, Any] | None:
+    """The run's current config as a nested dict (config.yaml + each session's changes), or None."""
+    path = Path(output_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        data = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"the run's config '{path}' is not valid YAML: {e}") from None
+    for session in read_jsonl(Path(output_dir) / SESSIONS):
+        for key, value in (session.get("config_changes") or {}).items():
+            _set_dotted(data, key, value)
+    return data
+
+
+def load_run_config(output_dir: str | Path) -> Config | None:
+    data = run_config_dict(output_dir)
+    if data is None:
+        return None
+    try:
+        return from_dict(Config, data)
+    except ConfigError as e:
+        where = f"the run's config in {output_dir} (config.yaml, sessions.jsonl)"
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def config_changes(run: Config, config: Config) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (run's value, config's value)} for every run-config key in which they differ."""
+    a, b = flatten(config_to_dict(run)), flatten(config_to_dict(config))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not covered(k, SESSION_KEYS)}
+
+
+def check_resume(config: Config) -> dict[str, Any]:
+    """For ``resume=true``: ConfigError unless ``config`` differs from the run's only where allowed.
+
+    Returns the allowed changes {dotted key: new value} (empty when there is no run to compare to).
+    """
+    if not config.resume:
+        return {}
+    run = load_run_config(config.output_dir)
+    if run is None:
+        return {}
+    known = flatten(config_to_dict(config))
+    for key in config.resume_allow:
+        if not any(covered(k, [key]) for k in known):
+            raise ConfigError(
+                f"resume_allow names '{key}', which is not a config key (e.g. train.learning_rate)"
+            )
+    allowed = (*RESUME_MAY_CHANGE, "num_epochs", *config.resume_allow)
+    changes = config_changes(run, config)
+    errors = [
+        f"{k}={new!r} differs from the run's {k}={old!r}" for k, (old, new) in changes.items() if not covered(k, allowed)
+    ]
+    if "num_epochs" in changes and config.num_epochs < run.num_epochs and "num_epochs" not in config.resume_allow:
+        errors.append(
+            f"num_epochs={config.num_epochs} is below the run's num_epochs={run.num_epochs} "
+            "(it may only be raised)"
+        )
+    if errors:
+        keys = ",".join(k for k in changes if not covered(k, allowed)) or "num_epochs"
+        raise ConfigError(
+            f"resume=true continues the run in {config.output_dir} with its own config: "
+            f"{'; '.join(errors)}. Drop the differing value, or pass resume_allow=[{keys}] to "
+            "change it on purpose"
+        )
+    return {k: new for k, (_, new) in changes.items()}
+
+
+def train_config(args: list[str]) -> Config:
+    """The config of ``diffloop train ARGS``: as ``load_config`` gives it, except that with
+    ``resume=true`` and a run in output_dir it is the run's config with the explicitly given values
+    laid over it (then :func:`check_resume`)."""
+    path, overrides = split_config_args(args)
+    explicit_file = bool(args) and "=" not in args[0]
+    stated = _stated_values(path, overrides)  # None: load_config reports what is wrong
+    if stated is None or not _flag(stated.get("resume", False)):
+        return load_config(path, overrides)
+    run = run_config_dict(str(stated.get("output_dir", Config.output_dir)))
+    if run is None:  # nothing there yet: a fresh start (the Trainer warns)
+        return load_config(path, overrides)
+    explicit = stated if explicit_file else _stated_values(None, overrides)
+    config = from_dict(Config, merge_dicts(run, explicit))
+    validate(config)
+    check_resume(config)
+    return config
+
+
+def _stated_values(path: str | None, overrides: list[str]) -> dict[str, Any] | None:
+    """The file's mapping (if any) with the overrides merged in, as written (no defaults)."""
+    data: Any = {}
+    if path is not None:
+        try:
+            data = load_yaml(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return None
+        if not isinstance(data, dict):
+            return None
+    for text in overrides:
+        data = merge_dicts(data, parse_override(text))
+    return copy.deepcopy(data)
+
+
+def _flag(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"))
+
+
+def resume_command(output_dir: str | Path) -> str:
+    """The command that resumes the run in ``output_dir`` (its config is read from there)."""
+    return shlex.join(["diffloop", "train", f"output_dir={output_dir}", "resume=true"])
+
+
+def interrupted_message(output_dir: str | Path) -> str:
+    """One line: what an interrupted ``diffloop train`` kept, and how to resume."""
+    from diffloop import checkpoint
+
+    latest = checkpoint.latest_checkpoint(output_dir)
+    if not (Path(output_dir) / "config.yaml").is_file():
+        return f"diffloop: interrupted during set-up; nothing was written to {output_dir}"
+    if latest is None:
+        kept = "no checkpoint yet (resuming restarts from epoch 0)"
+    else:
+        done = json.loads((latest / "state.json").read_text())["epochs_completed"]
+        kept = f"checkpoint {latest} ({done} epochs done)"
+    return f"diffloop: interrupted; kept {kept}; resume with: {resume_command(output_dir)}"
