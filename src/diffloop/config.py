@@ -116,6 +116,7 @@ def load_yaml(text: str) -> Any:
 AlgorithmName = Literal["loop", "ppo", "grpo", "reinforce", "reinforce_loo"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LogprobReduction = Literal["mean", "sum"]
+SdeType = Literal["sde", "cps"]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 CompileTarget = Literal["none", "sampling", "training", "all"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -157,6 +158,9 @@ class ModelConfig:
     non-DDIM config is converted with set_alpha_to_one and clip_sample false (logged)."""
     sdxl: SDXLConfig = field(default_factory=SDXLConfig)
     """SDXL micro-conditioning, resolution and VAE (used when model.pretrained is an SDXL pipeline)."""
+    resolution: int | None = num(None, ge=8)
+    """Flow-matching models (SD3, FLUX): square image side in pixels (Flow-GRPO trains SD3.5 at 512);
+    null = the transformer's sample_size x the VAE's downsampling factor."""
 
 
 @dataclass
@@ -182,11 +186,21 @@ class SampleConfig:
         why=f"{_NO_LOGPROB}, and eta > 1 makes the DDIM variance's square root imaginary (NaN "
         "log-probabilities); use eta=1.0 (DDPO's default)",
     )  # fmt: skip
-    """DDIM eta, in (0, 1]: 0 is deterministic (no log-probability), 1 is DDPM-like (DDPO's)."""
+    """The sampler's stochasticity, in (0, 1]: DDIM's eta for DDIM models (0 is deterministic: no
+    log-probability; 1 is DDPM-like, DDPO's), the SDE noise level a for flow-matching models
+    (Flow-GRPO: 0.7 with sde_type=sde, 0.8 with cps)."""
     guidance_scale: float = num(5.0, ge=1)
     """Classifier-free guidance scale (1 = no guidance, half the UNet evaluations)."""
     negative_prompt: str = ""
     """Negative prompt used as the unconditional branch of CFG."""
+    sde_type: SdeType = "sde"
+    """Flow-matching models: the stochastic step, "sde" (Flow-GRPO's) or "cps" (coefficients-
+    preserving); see ``diffloop.core.flow``."""
+    sde_window: list[int] | None = None
+    """Flow-matching models: [start, length] makes the ``length`` consecutive steps from step
+    ``start`` (0-based) stochastic and trained, the others ODE steps (Flow-GRPO-Fast, MixGRPO);
+    [first, last, length] draws each sample's start uniformly in [first, last] (Flow-GRPO-Fast's
+    random window); null = every step but the last (an ODE step: it has no density)."""
     prompts_per_epoch: int = num(8, ge=1)
     """B: distinct prompt draws per epoch (over all processes)."""
     samples_per_prompt: int = num(4, ge=1)
@@ -672,6 +686,13 @@ def validate(config: Config, num_processes: int = 1) -> None:
     check_field_values(config)
     s, t = config.sample, config.train
     algo = ALGORITHMS[t.algorithm]
+    w = [s.sde_window[0], *s.sde_window] if s.sde_window and len(s.sde_window) == 2 else s.sde_window
+    _check(
+        w is None or (len(w) == 3 and 0 <= w[0] <= w[1] and w[2] >= 1 and w[1] + w[2] <= s.num_steps - 1),
+        f"sample.sde_window={s.sde_window} must be null, [start, length] or [first, last, length] "
+        f"(start drawn in [first, last]) with length >= 1 and start + length <= sample.num_steps - 1 "
+        f"= {s.num_steps - 1} (the last step is an ODE step)",
+    )  # fmt: skip
     _check(
         s.samples_per_prompt >= algo.min_samples_per_prompt,
         f"sample.samples_per_prompt={s.samples_per_prompt}: algorithm '{algo.name}' needs at least "

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig
+from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SampleConfig
 from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob
 from diffloop.errors import DiffloopError
 from diffloop.policies.base import Trajectories, iter_chunks
@@ -323,12 +323,12 @@ class DDIMPolicy:
         cond = self.branch_kwargs(prompt_embeds, extra, negative=False)
         if guidance_scale == 1.0:
             x = latents.to(dtype=dtype, memory_format=memory_format)
-            return unet(x, timesteps, **_cat_to_dtype([cond], dtype)).sample
+            return unet(x, timesteps, **cat_branches([cond], dtype)).sample
         uncond = self.branch_kwargs(negative_prompt_embeds, extra, negative=True)
         out = unet(
             torch.cat([latents, latents]).to(dtype=dtype, memory_format=memory_format),
             torch.cat([timesteps, timesteps]),
-            **_cat_to_dtype([uncond, cond], dtype),
+            **cat_branches([uncond, cond], dtype),
         ).sample
         uncond_out, cond_out = out.float().chunk(2)
         return uncond_out + guidance_scale * (cond_out - uncond_out)
@@ -534,8 +534,10 @@ def load_ddim_policy(
     logprob_reduction: str = "mean",
     gradient_checkpointing: bool = False,
     performance: PerformanceConfig | None = None,
+    sample: SampleConfig | None = None,
 ) -> DDIMPolicy:
-    """``load_policy`` for the sd family (SD 1.x / 2.x and the shapes model)."""
+    """``load_policy`` for the sd family (SD 1.x / 2.x and the shapes model); ``sample`` (the
+    flow-matching sampler settings every family's loader is given) is not used by DDIM."""
     components = load_components(model)
     return DDIMPolicy(
         components,
@@ -548,12 +550,12 @@ def load_ddim_policy(
     )
 
 
-def _cat_to_dtype(branches: list[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
+def cat_branches(branches: list[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
     """Concatenate the CFG branches' keyword arguments (nested dicts of (N, ...) tensors) along the
     batch dimension, in ``dtype``."""
     first = branches[0]
     return {
-        k: _cat_to_dtype([b[k] for b in branches], dtype)
+        k: cat_branches([b[k] for b in branches], dtype)
         if isinstance(first[k], dict)
         else torch.cat([b[k] for b in branches]).to(dtype)
         for k in first

@@ -342,9 +342,11 @@ class SDXLPolicy(DDIMPolicy):
         pipe.save_pretrained(str(path))
 
 
-def load_sdxl_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> SDXLPolicy:
+def load_sdxl_policy(
+    model: ModelConfig, lora: LoraConfig, sample: Any = None, **kwargs: Any
+) -> SDXLPolicy:
     """``load_policy`` for the sdxl family: components from model.pretrained, settings from
-    model.sdxl."""
+    model.sdxl; ``sample`` (the flow-matching sampler settings) is not used by DDIM."""
     return SDXLPolicy(load_sdxl_components(model), lora, sdxl=model.sdxl, **kwargs)
 
 
