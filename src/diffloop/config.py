@@ -62,6 +62,18 @@ class SDXLConfig:
 
 
 @dataclass
+class FluxConfig:
+    """FLUX.1-only settings (read by ``diffloop.policies.flux``; ignored for other families)."""
+
+    resolution: int | None = None
+    """Square image side in pixels, a multiple of 16 (VAE factor 8 x 2x2 packing); null: the VAE's
+    sample_size (1024 for FLUX.1, FluxPipeline's default). Flow-GRPO trains FLUX.1-dev at 512."""
+    max_sequence_length: int | None = None
+    """T5 tokens of the prompt (FluxPipeline's max_sequence_length, at most 512); null: the T5
+    tokenizer's model_max_length capped at 512 (512 for FLUX.1). Flow-GRPO uses 128."""
+
+
+@dataclass
 class ModelConfig:
     pretrained: str = "shapes"
     """Hub id (``stabilityai/stable-diffusion-2-base``) or local directory in diffusers layout; ``shapes``
@@ -75,6 +87,8 @@ class ModelConfig:
     non-DDIM config is converted with set_alpha_to_one and clip_sample false (logged)."""
     sdxl: SDXLConfig = field(default_factory=SDXLConfig)
     """SDXL micro-conditioning, resolution and VAE (used when model.pretrained is an SDXL pipeline)."""
+    flux: FluxConfig = field(default_factory=FluxConfig)
+    """FLUX.1 resolution and T5 length (used when model.pretrained is a FluxPipeline)."""
 
 
 @dataclass

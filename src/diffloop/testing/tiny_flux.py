@@ -10,8 +10,8 @@ Sizes (``FLUX_CONFIGS``):
   ``latent_channels=1`` (so 2x2 packing gives the transformer's 4 input channels) and no
   downsampling. Images (3, 32, 32) <-> latents (1, 32, 32) <-> packed (256, 4).
 - ``"dev"``: FLUX.1-dev's config.json values (black-forest-labs/FLUX.1-dev: transformer/,
-  text_encoder/ (CLIP ViT-L/14), text_encoder_2/ (T5 v1.1 XXL), vae/): 11.9e9 transformer
-  parameters. Images (3, 1024, 1024) <-> latents (16, 128, 128) <-> packed (4096, 64).
+  text_encoder/ (CLIP ViT-L/14), text_encoder_2/ (T5 v1.1 XXL's width, 2 of its layers), vae/):
+  11.9e9 transformer parameters. Images (3, 1024, 1024) <-> latents (16, 128, 128) <-> packed (4096, 64).
 
 ``guidance_embeds=True`` is FLUX.1-dev (guidance-distilled: the guidance value is an input of the
 transformer), ``False`` FLUX.1-schnell. The scheduler configs are the models' own
@@ -47,13 +47,17 @@ FLUX_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             "hidden_act": "quick_gelu",
             "projection_dim": 768,
             "vocab_size": 49408,
+            "layer_norm_eps": 1e-5,
         },
-        "text_encoder_2": {  # google/t5-v1_1-xxl encoder
+        # google/t5-v1_1-xxl's encoder width and heads, 2 of its 24 layers: the transformer's cost
+        # depends only on the embedding width and length, and 24 random layers (4.7e9 parameters)
+        # would only slow the benchmark's start.
+        "text_encoder_2": {
             "d_model": 4096,
             "d_ff": 10240,
             "d_kv": 64,
             "num_heads": 64,
-            "num_layers": 24,
+            "num_layers": 2,
             "feed_forward_proj": "gated-gelu",
             "relative_attention_num_buckets": 32,
             "vocab_size": 32128,
@@ -92,6 +96,7 @@ FLUX_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             "hidden_act": "gelu",
             "projection_dim": 32,
             "vocab_size": 1000,
+            "layer_norm_eps": 1e-5,
         },
         "text_encoder_2": {  # hf-internal-testing/tiny-random-t5's sizes
             "d_model": 32,
@@ -139,9 +144,6 @@ FLUX_SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
-CLIP_MAX_LENGTH = 77
-
-
 def flux_scheduler(variant: str = "dev") -> Any:
     """The ``FlowMatchEulerDiscreteScheduler`` FLUX.1-``variant`` ships ("dev" or "schnell")."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -149,44 +151,42 @@ def flux_scheduler(variant: str = "dev") -> Any:
     return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIGS[variant])
 
 
-def _special_ids(tokenizer: Any, names: tuple[str, ...]) -> dict[str, int]:
-    return {k: getattr(tokenizer, k) for k in names if getattr(tokenizer, k, None) is not None}
-
-
 def build_flux_components(
     size: str = "tiny",
     *,
     guidance_embeds: bool = True,
-    tokenizer: Any,
-    tokenizer_2: Any,
+    tokenizer: Any = None,
+    tokenizer_2: Any = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
     """Random-weight FluxPipeline components of ``size`` ("tiny" or "dev", ``FLUX_CONFIGS``).
 
     ``guidance_embeds``: True = FLUX.1-dev (its scheduler), False = FLUX.1-schnell (its scheduler).
-    ``tokenizer`` (CLIP) and ``tokenizer_2`` (T5) are the caller's; the text encoders' special-token
+    ``tokenizer`` (CLIP) and ``tokenizer_2`` (T5) default to the in-code tiny ones of
+    ``diffloop.testing.tiny_flow`` (for "dev" too: a benchmark needs no real vocabulary); the text encoders' special-token
     ids follow them and their vocabularies are at least the tokenizers' sizes. Each network is
     initialised right after ``torch.manual_seed(seed + i)`` inside ``fork_rng``: the weights are a
     pure function of ``seed`` and the caller's RNG is untouched.
     Returns {transformer, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae, scheduler}.
     """
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from diffloop.testing.tiny_flow import (
+        _clip_text_config,
+        _t5_config,
+        make_clip_tokenizer,
+        make_t5_tokenizer,
+    )
 
     if size not in FLUX_CONFIGS:
         raise ValueError(f"size must be one of {sorted(FLUX_CONFIGS)}, got {size!r}")
     configs = FLUX_CONFIGS[size]
-    clip = dict(configs["text_encoder"], vocab_size=max(configs["text_encoder"]["vocab_size"], len(tokenizer)))
-    clip_config = CLIPTextConfig(
-        **clip,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        layer_norm_eps=1e-5,
-        **_special_ids(tokenizer, ("bos_token_id", "eos_token_id", "pad_token_id")),
-    )
-    t5 = dict(configs["text_encoder_2"])
-    t5["vocab_size"] = max(t5["vocab_size"], len(tokenizer_2))
-    t5_config = T5Config(**t5, **_special_ids(tokenizer_2, ("eos_token_id", "pad_token_id")))
+    tokenizer = tokenizer if tokenizer is not None else make_clip_tokenizer()
+    tokenizer_2 = tokenizer_2 if tokenizer_2 is not None else make_t5_tokenizer()
+    clip_config = _clip_text_config(dict(configs["text_encoder"]), tokenizer)
+    t5_config = _t5_config(dict(configs["text_encoder_2"]), tokenizer_2)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(**configs["transformer"], guidance_embeds=guidance_embeds)
@@ -212,15 +212,7 @@ def build_tiny_flux(guidance_embeds: bool = True, seed: int = 0) -> Any:
     (``diffloop.testing.tiny_flow``)."""
     from diffusers import FluxPipeline
 
-    from diffloop.testing.tiny_flow import make_clip_tokenizer, make_t5_tokenizer
-
-    components = build_flux_components(
-        "tiny",
-        guidance_embeds=guidance_embeds,
-        tokenizer=make_clip_tokenizer(),
-        tokenizer_2=make_t5_tokenizer(),
-        seed=seed,
-    )
+    components = build_flux_components("tiny", guidance_embeds=guidance_embeds, seed=seed)
     return FluxPipeline(**components, image_encoder=None, feature_extractor=None)
 
 
