@@ -110,11 +110,20 @@ class SampleConfig:
     num_steps: int = 50
     """DDIM steps per trajectory (T). Cost is linear in T for both sampling and training."""
     eta: float = 1.0
-    """DDIM eta; must be > 0: a deterministic step has no log-probability."""
+    """The sampler's stochasticity, in (0, 1]: DDIM's eta for DDIM models, the SDE noise level a
+    for flow-matching models (Flow-GRPO: 0.7 sde, 0.8 cps). Must be > 0: a deterministic step has
+    no log-probability."""
     guidance_scale: float = 5.0
     """Classifier-free guidance scale (1 = no guidance, half the UNet evaluations)."""
     negative_prompt: str = ""
     """Negative prompt used as the unconditional branch of CFG."""
+    sde_type: str = "sde"
+    """Flow-matching models: the stochastic step, "sde" (Flow-GRPO's) or "cps" (coefficients-
+    preserving); see ``diffloop.core.flow``."""
+    sde_window: list[int] | None = None
+    """Flow-matching models: [start, length] makes the ``length`` consecutive steps from step
+    ``start`` (0-based) stochastic and trained, the others ODE steps (Flow-GRPO-Fast, MixGRPO);
+    null = every step but the last (an ODE step: it has no density)."""
     prompts_per_epoch: int = 8
     """B: distinct prompt draws per epoch (over all processes)."""
     samples_per_prompt: int = 4
@@ -454,6 +463,15 @@ def validate(config: Config, num_processes: int = 1) -> None:
         f"sample.eta={s.eta} must be > 0: with eta=0 the DDIM step is deterministic and has no "
         "log-probability; use eta=1.0 (DDPO's default)",
     )
+    _check(s.sde_type in ("sde", "cps"), f"sample.sde_type='{s.sde_type}' must be 'sde' or 'cps'")
+    _check(
+        s.sde_window is None or (len(s.sde_window) == 2 and s.sde_window[0] >= 0
+                                 and s.sde_window[1] >= 1
+                                 and sum(s.sde_window) <= s.num_steps - 1),
+        f"sample.sde_window={s.sde_window} must be null or [start, length] with start >= 0, "
+        f"length >= 1 and start + length <= sample.num_steps - 1 = {s.num_steps - 1} (the last "
+        "step is an ODE step)",
+    )  # fmt: skip
     _check(s.guidance_scale >= 1.0, f"sample.guidance_scale={s.guidance_scale} must be >= 1")
     _check(s.prompts_per_epoch >= 1, f"sample.prompts_per_epoch={s.prompts_per_epoch} must be >= 1")
     _check(s.samples_per_prompt >= 1, f"sample.samples_per_prompt={s.samples_per_prompt} must be >= 1")

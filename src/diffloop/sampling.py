@@ -47,7 +47,8 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
     from diffloop.policies.diffusers_policy import load_policy
 
     config = load_config(run_dir / "config.yaml")
-    policy = load_policy(config.model, config.lora, device=device, logprob_reduction=config.train.logprob_reduction)
+    policy = load_policy(config.model, config.lora, device=device, logprob_reduction=config.train.logprob_reduction,
+                         sample=config.sample)
     path = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
     if path is None:
         raise checkpoint.CheckpointError(f"run directory '{run_dir}' has no complete checkpoint")

@@ -86,6 +86,7 @@ class Trainer:
             logprob_reduction=t.logprob_reduction,
             gradient_checkpointing=t.gradient_checkpointing,
             performance=config.performance,
+            sample=config.sample,
         )
         self.policy.check_sampling(config.sample.num_steps, config.sample.eta)
         self.params = self.policy.trainable_parameters()

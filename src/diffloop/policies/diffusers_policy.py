@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig
+from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SampleConfig
 from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob
 from diffloop.policies.base import Trajectories, iter_chunks
 
@@ -533,10 +533,18 @@ def load_policy(
     logprob_reduction: str = "mean",
     gradient_checkpointing: bool = False,
     performance: PerformanceConfig | None = None,
+    sample: SampleConfig | None = None,
 ) -> DDIMPolicy:
-    from diffloop.policies import sdxl
+    """The policy of ``model.pretrained``'s family (``sdxl.detect_family``); ``sample`` carries the
+    flow-matching sampler settings (sample.sde_type, sample.sde_window; defaults when None)."""
+    from diffloop.policies import flow, sdxl
 
-    if sdxl.detect_family(model.pretrained, model.revision) == "sdxl":  # a DDIMPolicy subclass
+    family = sdxl.detect_family(model.pretrained, model.revision)
+    if family in flow.FLOW_FAMILIES:
+        return flow.load_flow_policy(family, model, lora, device=device, weight_dtype=weight_dtype,
+                                     logprob_reduction=logprob_reduction, performance=performance,
+                                     gradient_checkpointing=gradient_checkpointing, sample=sample)
+    if family == "sdxl":  # a DDIMPolicy subclass
         return sdxl.load_sdxl_policy(model, lora, device=device, weight_dtype=weight_dtype,
                                      logprob_reduction=logprob_reduction, performance=performance,
                                      gradient_checkpointing=gradient_checkpointing)

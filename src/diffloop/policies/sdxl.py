@@ -84,8 +84,13 @@ def _model_index(pretrained: str, revision: str | None = None) -> dict[str, Any]
         ) from e
 
 
+# model_index.json _class_name prefix -> family (the flow-matching ones: policies.flow.FLOW_FAMILIES)
+PIPELINE_FAMILIES = {"StableDiffusionXL": "sdxl", "StableDiffusion3": "sd3"}
+
+
 def detect_family(pretrained: str, revision: str | None = None) -> str:
-    """ "sdxl" when model_index.json's ``_class_name`` is a StableDiffusionXL* pipeline, else "sd".
+    """The family of ``PIPELINE_FAMILIES`` whose prefix starts model_index.json's ``_class_name``
+    (StableDiffusionXL* -> "sdxl", StableDiffusion3* -> "sd3"), else "sd".
 
     A local directory without model_index.json (diffloop's shapes model) is "sdxl" only if it has a
     ``text_encoder_2/`` folder; a missing local path is "sd" (whose loader reports it)."""
@@ -94,7 +99,8 @@ def detect_family(pretrained: str, revision: str | None = None) -> str:
         return (
             "sdxl" if (Path(resolve_pretrained(pretrained)) / "text_encoder_2").is_dir() else "sd"
         )
-    return "sdxl" if str(index.get("_class_name", "")).startswith("StableDiffusionXL") else "sd"
+    name = str(index.get("_class_name", ""))
+    return next((f for prefix, f in PIPELINE_FAMILIES.items() if name.startswith(prefix)), "sd")
 
 
 def _how_to_provide(name: str) -> str:

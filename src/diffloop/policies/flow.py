@@ -1,0 +1,509 @@
+"""Flow-matching transformers as Gaussian policies: what SD3 / SD3.5 and FLUX share.
+
+``FlowMatchPolicy`` owns the sampler, the training step's Gaussian, parameters (LoRA via peft on
+the transformer, or full fine-tuning), the reference model, checkpoints and export; a family
+(``policies.sd3.SD3Policy``, ``policies.flux``) supplies only its conditioning and model call
+through the hooks in the "family hooks" section.
+
+Sampling (``diffloop.core.flow``): sigmas s_0 = 1 > ... > s_T = 0 from the family's scheduler;
+each step j takes the velocity v = model(x, t_j) (CFG or guidance embedding per family) and
+
+    window steps:   x' = flow_sde_step_with_logprob(v, x, s_j, s_{j+1}, noise_level=eta, sde_type)
+    other steps:    x' = x + (s_{j+1} - s_j) v          (ODE: no density, never trained)
+
+The window (``sample.sde_window``) is [start, length] consecutive steps; default every step but the
+last (s_T = 0: CPS's std is 0 there, and Flow-GRPO never trains it). eta = 0 (evaluation) makes
+every step an ODE step; the stored window then has NaN log-probs.
+
+Trajectories hold only the window (W = its length): latents (N, W+1, ...) x before each window
+step and after the last, timesteps (N, W) float32 the model timesteps of the window steps (the
+scheduler's 0-1000 values), log_probs (N, W), and in ``extra``: sigmas (N, W+1) the window's
+sigmas, second_sigma (N,) the schedule's s_1 (Flow-GRPO's std at s = 1), plus the family's
+conditioning. ``step_distribution`` recomputes the same ``flow_step_mean_std`` from these, so the
+on-policy ratio is exactly 1.
+
+Latents are float32 throughout (the transformer sees them in the weight dtype); step math is
+float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SampleConfig
+from diffloop.core import flow_sde_step_with_logprob, flow_step_mean_std
+from diffloop.policies.base import Trajectories, iter_chunks
+from diffloop.policies.diffusers_policy import ModelLoadError, _cat_to_dtype, resolve_pretrained
+
+logger = logging.getLogger(__name__)
+
+# family (detect_family's name) -> "module:loader"; each loader(model, lora, **kwargs) -> policy
+FLOW_FAMILIES = {
+    "sd3": "diffloop.policies.sd3:load_sd3_policy",
+}
+
+# Attention projections (image and text stream) of a joint transformer block: Flow-GRPO's LoRA
+# targets (scripts/train_sd3.py); the feed-forward projections are added as the issue asks.
+ATTENTION_TARGETS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+]  # fmt: skip
+FEED_FORWARD_TARGETS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+
+
+def load_flow_policy(family: str, model: ModelConfig, lora: LoraConfig, **kwargs: Any):
+    """``load_policy`` for a flow-matching family of ``FLOW_FAMILIES``."""
+    module, name = FLOW_FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)(model, lora, **kwargs)
+
+
+def load_components(
+    model: ModelConfig,
+    loaders: dict[str, Any],
+    how_to_provide: str,
+    optional: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Load each ``loaders[name](path)`` from ``model.pretrained`` (hub id or local directory).
+
+    A local directory must have a folder for every component except those in ``optional`` that its
+    model_index.json lists as [null, null] or omits (those come back None). Raises ModelLoadError
+    naming the missing or broken component, and ``how_to_provide``."""
+    from diffloop.policies.sdxl import _looks_local, _model_index
+
+    path = resolve_pretrained(model.pretrained)
+    local = Path(path)
+    if _looks_local(path) and not local.is_dir():
+        raise ModelLoadError(f"no directory at '{path}'. {how_to_provide}")
+    index = _model_index(model.pretrained, model.revision) or {}
+    absent = {c for c in optional if (index.get(c) or [None])[0] is None}
+    wanted = [c for c in loaders if c not in absent]
+    if local.is_dir():
+        missing = [c for c in wanted if not (local / c).is_dir()]
+        if missing:
+            listed = [c for c in missing if c in optional]
+            hint = (
+                f" ({', '.join(listed)} is optional: write it as [null, null] in model_index.json "
+                "to run without it)" if listed else ""
+            )
+            raise ModelLoadError(
+                f"'{path}' lacks the component folder(s) {', '.join(m + '/' for m in missing)}"
+                f"{hint}. {how_to_provide}"
+            )
+    components: dict[str, Any] = {c: None for c in absent}
+    for name in wanted:
+        try:
+            components[name] = loaders[name](path)
+        except Exception as e:  # every loader failure gets the same how-to
+            raise ModelLoadError(
+                f"could not load the {name} of model.pretrained='{model.pretrained}' (looked in "
+                f"'{path}', {name}/): {type(e).__name__}: {e}\n{how_to_provide}"
+            ) from e
+    return components
+
+
+class DenoiserView(torch.nn.Module):
+    """A family's transformer called like a UNet, ``view(x, t, **conditioning).sample`` with t on
+    the 0-1000 scale, for callers that run the denoiser directly (export checks, FLOP counts)."""
+
+    def __init__(self, transformer: torch.nn.Module, timestep_scale: float = 1.0) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.timestep_scale = timestep_scale
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, **conditioning: Any) -> Any:
+        t = torch.as_tensor(timestep, device=x.device).float() * self.timestep_scale
+        return self.transformer(hidden_states=x, timestep=t.expand(len(x)), **conditioning)
+
+
+class FlowMatchPolicy:
+    """A flow-matching transformer sampled with the stochastic flow step; LoRA or full fine-tuning.
+
+    Frozen weights live in ``weight_dtype``; trainable parameters are fp32. ``sde_type`` and
+    ``sde_window`` are ``sample.sde_type`` / ``sample.sde_window``. LoRA targets: ``lora.
+    target_modules`` when set, else the family's ``DEFAULT_LORA_TARGETS`` (``lora.target_modules``
+    left at its SD default means "the family's default").
+    """
+
+    pipeline_class: Any = None
+    """The diffusers pipeline class (export, ``save_lora_weights``)."""
+    text_encoder_names: tuple[str, ...] = ()
+    """Component names of the (frozen) text encoders; their tokenizers are kept as given."""
+    DEFAULT_LORA_TARGETS: list[str] = ATTENTION_TARGETS + FEED_FORWARD_TARGETS
+    timestep_scale: float = 1.0
+    """The model timestep is (scheduler timestep, 0-1000) x this (SD3 1; FLUX 1/1000)."""
+
+    def __init__(
+        self,
+        components: dict[str, Any],
+        lora: LoraConfig,
+        *,
+        device: torch.device,
+        weight_dtype: torch.dtype = torch.float32,
+        logprob_reduction: str = "mean",
+        gradient_checkpointing: bool = False,
+        performance: PerformanceConfig | None = None,
+        sample: SampleConfig | None = None,
+    ) -> None:
+        self.device = device
+        self.performance = performance or PerformanceConfig()
+        self._refuse_unsupported(self.performance)
+        self.weight_dtype = weight_dtype
+        self.logprob_reduction = logprob_reduction
+        sample = sample or SampleConfig()
+        self.sde_type = sample.sde_type
+        self.sde_window = None if sample.sde_window is None else tuple(sample.sde_window)
+        self.components = components
+        self.transformer = components["transformer"]
+        self.scheduler = components["scheduler"]
+        self.lora_config = lora if lora.enabled else None
+        for name in self.text_encoder_names:
+            encoder = components.get(name)
+            if encoder is not None:
+                self._freeze(encoder, weight_dtype)
+            setattr(self, name, encoder)
+        self._freeze(self.transformer, weight_dtype)
+        vae = components["vae"]
+        # A force_upcast VAE decodes in fp32 (as the pipelines do); never cast it through fp16.
+        self.vae = self._freeze(vae, torch.float32 if vae.config.force_upcast else weight_dtype)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if self.lora_config is not None:
+            self._add_lora(lora)
+        else:
+            self.transformer.requires_grad_(True)
+        for p in self.trainable_parameters():  # fp16 Adam updates underflow
+            p.data = p.data.float()
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.transformer.train()
+        self.unet = DenoiserView(self.transformer, self.timestep_scale)
+        self._num_steps: int | None = None
+
+    @staticmethod
+    def _refuse_unsupported(perf: PerformanceConfig) -> None:
+        default = PerformanceConfig()
+        names = ("compile", "channels_last", "merge_lora_for_sampling", "attention")
+        bad = [n for n in names if getattr(perf, n) != getattr(default, n)]
+        if bad:
+            raise ValueError(
+                f"performance.{bad[0]}={getattr(perf, bad[0])!r} is not supported for "
+                f"flow-matching models; leave it at {getattr(default, bad[0])!r}"
+            )
+
+    def _freeze(self, module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+        module.requires_grad_(False)
+        if next(module.parameters()).dtype != dtype:  # diffusers warns on every .to(dtype)
+            module.to(dtype=dtype)
+        return module.to(self.device)
+
+    # ------------------------------------------------------------------ parameters
+
+    def _add_lora(self, lora: LoraConfig) -> None:
+        from peft import LoraConfig as PeftLoraConfig
+
+        targets = list(lora.target_modules)
+        if targets == LoraConfig().target_modules:
+            targets = list(self.DEFAULT_LORA_TARGETS)
+        self.peft_config = PeftLoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            init_lora_weights="gaussian",
+            target_modules=targets,
+        )
+        try:
+            self.transformer.add_adapter(self.peft_config)
+        except ValueError as e:
+            raise ValueError(
+                f"lora.target_modules={targets} matched no transformer module ({e}); use names "
+                f"such as {', '.join(self.DEFAULT_LORA_TARGETS[:4])}"
+            ) from e
+
+    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.named_trainable_parameters().values())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.named_trainable_parameters().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.named_trainable_parameters()
+        missing, unexpected = set(params) - set(state), set(state) - set(params)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match the model: {len(missing)} missing and "
+                f"{len(unexpected)} unexpected parameters (e.g. {sorted(missing or unexpected)[:3]});"
+                " was it written with other lora.* or model.* settings?"
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name].to(p.device, p.dtype))
+
+    def train(self, mode: bool = True) -> None:
+        self.transformer.train(mode)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The base model: LoRA adapters disabled (no second transformer in memory)."""
+        if self.lora_config is None:
+            raise NotImplementedError("a reference model needs LoRA (lora.enabled=true)")
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    # ------------------------------------------------------------------ family hooks
+
+    def conditioning(
+        self, prompts: list[str], negative_prompt: str
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(prompt_embeds (N, L, D), negative_prompt_embeds (N, L, D), extra {name: (N, ...)}):
+        everything the model call needs, stored with the trajectories and reused exactly."""
+        raise NotImplementedError
+
+    def branch_kwargs(
+        self, embeds: torch.Tensor, extra: dict[str, torch.Tensor], negative: bool
+    ) -> dict[str, Any]:
+        """The transformer's conditioning keyword arguments for one CFG branch."""
+        raise NotImplementedError
+
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's initial noise, as the pipeline draws it: (C, h, w)."""
+        size = self.transformer.config.sample_size
+        return (self.transformer.config.in_channels, size, size)
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) -> the tensor the step works on (identity; FLUX packs 2x2 patches)."""
+        return latents
+
+    def unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``pack``."""
+        return latents
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's (packed) latent, the state of the step."""
+        return tuple(self.pack(torch.zeros(1, *self.noise_shape()))[0].shape)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        """``scheduler.set_timesteps`` as the family's pipeline calls it (FLUX: with mu)."""
+        self.scheduler.set_timesteps(num_steps)
+
+    def velocity(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        extra: dict[str, torch.Tensor],
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The (guided) velocity (N, ...) float32 at x (N, ...), scheduler timesteps t (N,).
+
+        Real CFG: uncond + g (cond - uncond) in one transformer call on [negative; positive] (the
+        pipelines' order); g = 1 is one branch. A guidance-distilled family overrides this."""
+        dtype = self.weight_dtype
+        t = t.float() * self.timestep_scale
+        cond = self.branch_kwargs(prompt_embeds, extra, negative=False)
+        with self._autocast():
+            if guidance_scale == 1.0:
+                kwargs = _cat_to_dtype([cond], dtype)
+                return self.transformer(hidden_states=x.to(dtype), timestep=t, **kwargs,
+                                        return_dict=False)[0].float()  # fmt: skip
+            uncond = self.branch_kwargs(negative_prompt_embeds, extra, negative=True)
+            out = self.transformer(
+                hidden_states=torch.cat([x, x]).to(dtype),
+                timestep=torch.cat([t, t]),
+                **_cat_to_dtype([uncond, cond], dtype),
+                return_dict=False,
+            )[0]
+        uncond_out, cond_out = out.float().chunk(2)
+        return uncond_out + guidance_scale * (cond_out - uncond_out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Final (packed) latents -> images (N, 3, H, W) float32 in [0, 1]:
+        vae.decode(unpack(x) / scaling_factor + shift_factor)."""
+        config = self.vae.config
+        shift = config.shift_factor or 0.0
+        images = []
+        for chunk in iter_chunks(len(latents), batch_size):
+            z = self.unpack(latents[chunk].float()) / config.scaling_factor + shift
+            images.append(self.vae.decode(z.to(self.vae.dtype)).sample.float())
+        return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ sampling
+
+    def _autocast(self):
+        enabled = self.weight_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=enabled)
+
+    def schedule(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas (T+1,) float32 ending at 0, timesteps (T,) float32) on the policy's device."""
+        if self._num_steps != num_steps:
+            self.set_timesteps(num_steps)
+            self._num_steps = num_steps
+        sigmas = self.scheduler.sigmas.to(self.device, torch.float32)
+        return sigmas, self.scheduler.timesteps.to(self.device, torch.float32)
+
+    def window(self, num_steps: int) -> tuple[int, int]:
+        """[start, stop) of the stochastic, stored steps (``sample.sde_window``)."""
+        if self.sde_window is None:
+            return 0, num_steps - 1
+        start, length = self.sde_window
+        return start, start + length
+
+    def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """Packed initial noise (N, ...): sample i's from generator i alone, drawn as the pipeline's
+        ``randn_tensor`` draws it with a list of generators (each on its generator's device)."""
+        shape = self.noise_shape()
+        noise = [torch.randn(shape, generator=g, device=g.device).to(self.device) for g in generators]
+        return self.pack(torch.stack(noise))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        generators: list[torch.Generator],
+        *,
+        num_steps: int,
+        eta: float,
+        guidance_scale: float,
+        negative_prompt: str = "",
+    ) -> Trajectories:
+        """Sample len(prompts) trajectories (module docstring); generator i alone drives sample i."""
+        if len(generators) != len(prompts):
+            raise ValueError(f"need one generator per prompt, got {len(generators)} for {len(prompts)}")
+        n = len(prompts)
+        sigmas, timesteps = self.schedule(num_steps)
+        start, stop = self.window(num_steps)
+        if not 0 <= start < stop <= num_steps:
+            raise ValueError(f"sample.sde_window={self.sde_window} does not fit {num_steps} steps")
+        embeds, negative, extra = self.conditioning(prompts, negative_prompt)
+        x = self.initial_latents(generators)
+        latents, log_probs = [], []
+        for j in range(num_steps):
+            if j == start:
+                latents.append(x)
+            in_window = start <= j < stop
+            s, s_next = sigmas[j].expand(n), sigmas[j + 1].expand(n)
+            v = self.velocity(x, timesteps[j].expand(n), embeds, negative, extra, guidance_scale)
+            if in_window and eta > 0:
+                x, log_prob = flow_sde_step_with_logprob(
+                    v, x, s, s_next, noise_level=eta, sde_type=self.sde_type,
+                    generator=generators, logprob_reduction=self.logprob_reduction,
+                    second_sigma=sigmas[1],
+                )  # fmt: skip
+            else:  # an ODE step: no density
+                x = flow_step_mean_std(v, x, s, s_next, noise_level=0.0)[0]
+                log_prob = torch.full((n,), float("nan"), device=x.device)
+            if in_window:
+                latents.append(x)
+                log_probs.append(log_prob)
+        extra = {
+            **extra,
+            "sigmas": sigmas[start : stop + 1].expand(n, -1).clone(),
+            "second_sigma": sigmas[1].expand(n).clone(),
+        }
+        return Trajectories(
+            latents=torch.stack(latents, dim=1),
+            timesteps=timesteps[start:stop].expand(n, -1).clone(),
+            log_probs=torch.stack(log_probs, dim=1).float(),
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            images=self.decode(x, self.performance.decode_batch_size),
+            extra=extra,
+        )
+
+    def step_distribution(
+        self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (M, ...) and std (M, 1, ..., 1) of window step ``step`` (M,) under the current
+        parameters: the sampler's ``flow_step_mean_std`` on the stored state and sigmas."""
+        if traj.extra is None or "sigmas" not in traj.extra:
+            raise ValueError("flow trajectories need extra['sigmas'] (sampled by another policy?)")
+        rows = torch.arange(len(traj), device=step.device)
+        x = traj.latents[rows, step]
+        sigmas = traj.extra["sigmas"]
+        v = self.velocity(
+            x, traj.timesteps[rows, step], traj.prompt_embeds, traj.negative_prompt_embeds,
+            traj.extra, guidance_scale,
+        )  # fmt: skip
+        return flow_step_mean_std(
+            v, x, sigmas[rows, step], sigmas[rows, step + 1], noise_level=eta,
+            sde_type=self.sde_type, second_sigma=traj.extra["second_sigma"],
+        )  # fmt: skip
+
+    def step_stds(self, num_steps: int, eta: float) -> torch.Tensor:
+        """(W,) std of each window step at ``num_steps`` and noise level ``eta``."""
+        sigmas, _ = self.schedule(num_steps)
+        start, stop = self.window(num_steps)
+        zeros = torch.zeros(stop - start, 1, device=self.device)
+        return flow_step_mean_std(
+            zeros, zeros, sigmas[start:stop], sigmas[start + 1 : stop + 1], noise_level=eta,
+            sde_type=self.sde_type, second_sigma=sigmas[1],
+        )[1].reshape(-1)  # fmt: skip
+
+    def check_sampling(self, num_steps: int, eta: float) -> None:
+        """Raise ConfigError unless eta is in (0, 1] and every window step has a positive finite
+        std (else its log-density is undefined)."""
+        from diffloop.config import ConfigError
+
+        if not 0 < eta <= 1:
+            raise ConfigError(
+                f"sample.eta={eta} is the flow SDE's noise level and must be in (0, 1] "
+                "(Flow-GRPO: 0.7 with sde_type=sde, 0.8 with cps)"
+            )
+        start, stop = self.window(num_steps)
+        if not 0 <= start < stop <= num_steps - 1:
+            raise ConfigError(
+                f"sample.sde_window={list(self.sde_window or [])} must lie in steps 0..{num_steps - 2}"
+                f" of sample.num_steps={num_steps} (the last step is an ODE step)"
+            )
+        stds = self.step_stds(num_steps, eta)
+        bad = [j for j, v in enumerate(stds.tolist()) if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise ConfigError(
+                f"sample.num_steps={num_steps}, sample.eta={eta}, sample.sde_type={self.sde_type}: "
+                f"window step {start + bad[0]} has std {stds[bad[0]].item():.3g}, so its "
+                "log-probability is undefined; move sample.sde_window off it"
+            )
+
+    # ------------------------------------------------------------------ export
+
+    def pipeline_components(self) -> dict[str, Any]:
+        """Keyword arguments of ``pipeline_class`` for a full-model export."""
+        return {k: v for k, v in self.components.items() if k in self.pipeline_class_keys()}
+
+    def pipeline_class_keys(self) -> set[str]:
+        import inspect
+
+        return set(inspect.signature(self.pipeline_class.__init__).parameters) - {"self"}
+
+    def export(self, path: str | Path) -> None:
+        """LoRA: diffusers LoRA weights (``pipeline_class.load_lora_weights(path)`` loads them, with
+        lora_alpha in the metadata). Full fine-tuning: a complete pipeline directory."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.lora_config is None:
+            self.pipeline_class(**self.pipeline_components()).save_pretrained(str(path))
+            return
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.transformer))
+        self.pipeline_class.save_lora_weights(
+            save_directory=str(path),
+            transformer_lora_layers=layers,
+            # Without the metadata diffusers drops lora_alpha and reloads with peft's default (8).
+            transformer_lora_adapter_metadata=self.peft_config.to_dict(),
+            safe_serialization=True,
+        )
