@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 # family (detect_family's name) -> "module:loader"; each loader(model, lora, **kwargs) -> policy
 FLOW_FAMILIES = {
     "sd3": "diffloop.policies.sd3:load_sd3_policy",
+    "flux": "diffloop.policies.flux:load_flux_policy",
 }
 
 # Attention projections (image and text stream) of a joint transformer block: Flow-GRPO's LoRA

@@ -85,12 +85,12 @@ def _model_index(pretrained: str, revision: str | None = None) -> dict[str, Any]
 
 
 # model_index.json _class_name prefix -> family (the flow-matching ones: policies.flow.FLOW_FAMILIES)
-PIPELINE_FAMILIES = {"StableDiffusionXL": "sdxl", "StableDiffusion3": "sd3"}
+PIPELINE_FAMILIES = {"StableDiffusionXL": "sdxl", "StableDiffusion3": "sd3", "FluxPipeline": "flux"}
 
 
 def detect_family(pretrained: str, revision: str | None = None) -> str:
     """The family of ``PIPELINE_FAMILIES`` whose prefix starts model_index.json's ``_class_name``
-    (StableDiffusionXL* -> "sdxl", StableDiffusion3* -> "sd3"), else "sd".
+    (StableDiffusionXL* -> "sdxl", StableDiffusion3* -> "sd3", FluxPipeline -> "flux"), else "sd".
 
     A local directory without model_index.json (diffloop's shapes model) is "sdxl" only if it has a
     ``text_encoder_2/`` folder; a missing local path is "sd" (whose loader reports it)."""
