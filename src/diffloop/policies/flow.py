@@ -497,10 +497,11 @@ class FlowMatchPolicy:
         if self.lora_config is None:
             self.pipeline_class(**self.pipeline_components()).save_pretrained(str(path))
             return
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.transformer))
+        # peft's keys as they are (diffusers' SD3/FLUX LoRA training scripts save them so):
+        # convert_state_dict_to_diffusers would rename to_q's lora_A to the legacy lora.down.
+        layers = get_peft_model_state_dict(self.transformer)
         self.pipeline_class.save_lora_weights(
             save_directory=str(path),
             transformer_lora_layers=layers,
