@@ -35,10 +35,11 @@ STEPS = 4
 G = 3.5  # FLUX.1-dev's guidance (FluxPipeline's default, Flow-GRPO's setting)
 
 
-def policy_for(path, *, lora: bool = True, flux: FluxConfig | None = None, **sample) -> FluxPolicy:
+def policy_for(path, *, lora: bool = True, flux: FluxConfig | None = None, resolution=None,
+               **sample) -> FluxPolicy:  # fmt: skip
     torch.manual_seed(0)
     sample = SampleConfig(**{"num_steps": STEPS, "eta": 0.7, "guidance_scale": G, **sample})
-    model = ModelConfig(pretrained=str(path), flux=flux or FluxConfig())
+    model = ModelConfig(pretrained=str(path), flux=flux or FluxConfig(), resolution=resolution)
     return load_flux_policy(model, LoraConfig(enabled=lora), device=CPU, sample=sample)
 
 
@@ -78,7 +79,7 @@ def test_schedule_equals_flux_pipelines_at_two_resolutions(tiny_flux):
     pipe = FluxPipeline.from_pretrained(tiny_flux)
     schedules = {}
     for resolution in (32, 64):  # 256 and 1024 image tokens: mu = 0.5 and 0.63
-        policy = policy_for(tiny_flux, flux=FluxConfig(resolution=resolution))
+        policy = policy_for(tiny_flux, resolution=resolution)
         sigmas, timesteps = policy.schedule(6)
         pipe("a cat", num_inference_steps=6, guidance_scale=G, height=resolution, width=resolution,
              max_sequence_length=policy.max_sequence_length, output_type="latent")  # fmt: skip
@@ -252,11 +253,11 @@ def test_unreadable_component_and_missing_directory(tiny_flux, tmp_path):
 
 
 def test_resolution_and_t5_length_are_checked(tiny_flux):
-    with pytest.raises(ConfigError, match="model.flux.resolution=33 must be a positive multiple of 2"):
-        policy_for(tiny_flux, flux=FluxConfig(resolution=33))
+    with pytest.raises(ModelLoadError, match="model.resolution=33 must be a multiple of 2"):
+        policy_for(tiny_flux, resolution=33)  # tiny VAE factor 1 x 2x2 packing
     with pytest.raises(ConfigError, match="model.flux.max_sequence_length=1000"):
         policy_for(tiny_flux, flux=FluxConfig(max_sequence_length=1000))
-    policy = policy_for(tiny_flux, flux=FluxConfig(resolution=16, max_sequence_length=8))
+    policy = policy_for(tiny_flux, resolution=16, flux=FluxConfig(max_sequence_length=8))
     assert policy.latent_shape() == (64, 4) and policy.encode_prompts(PROMPTS).shape == (2, 8, 32)
 
 
@@ -268,11 +269,11 @@ def test_shipped_flux_configs_validate(capsys):
 
     from diffloop.cli import main
 
-    names = sorted(p.name for p in files("diffloop.configs").iterdir() if p.name.startswith("flux_"))
+    paths = sorted(p for p in files("diffloop.configs").iterdir() if p.name.startswith("flux_"))
     rewards = set()
-    for name in names:
-        assert main(["check-config", name]) == 0, name
-        config = load_config(name, [])
+    for path in paths:
+        assert main(["check-config", path.name]) == 0, path.name
+        config = load_config(str(path), [])
         rewards.add(config.reward.name)
         assert config.sample.negative_prompt == "" and config.lora.enabled
     assert {"blip_vqa", "pickscore"} <= rewards, rewards  # attribute binding and preference

@@ -151,8 +151,10 @@ class FlowMatchPolicy:
         gradient_checkpointing: bool = False,
         performance: PerformanceConfig | None = None,
         sample: SampleConfig | None = None,
+        resolution: int | None = None,
     ) -> None:
         self.device = device
+        self.resolution = resolution
         self.performance = performance or PerformanceConfig()
         self._refuse_unsupported(self.performance)
         self.weight_dtype = weight_dtype
@@ -174,6 +176,12 @@ class FlowMatchPolicy:
         # A force_upcast VAE decodes in fp32 (as the pipelines do); never cast it through fp16.
         self.vae = self._freeze(vae, torch.float32 if vae.config.force_upcast else weight_dtype)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        multiple = self.vae_scale_factor * getattr(self.transformer.config, "patch_size", 1) * self.pack_factor
+        if self.image_size() % multiple:
+            raise ModelLoadError(
+                f"model.resolution={self.image_size()} must be a multiple of {multiple} (the VAE's "
+                "downsampling x the transformer's patch size)"
+            )
         if self.lora_config is not None:
             self._add_lora(lora)
         else:
@@ -277,10 +285,20 @@ class FlowMatchPolicy:
         """The transformer's conditioning keyword arguments for one CFG branch."""
         raise NotImplementedError
 
+    pack_factor: int = 1
+    """Side of the latent patches ``pack`` folds into channels (FLUX: 2)."""
+
+    def image_size(self) -> int:
+        """Square image side (pixels): model.resolution, else sample_size x the VAE factor."""
+        if self.resolution is not None:
+            return self.resolution
+        size = self.transformer.config.sample_size
+        return (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+
     def noise_shape(self) -> tuple[int, ...]:
         """Shape of one sample's initial noise, as the pipeline draws it: (C, h, w)."""
-        size = self.transformer.config.sample_size
-        return (self.transformer.config.in_channels, size, size)
+        side = self.image_size() // self.vae_scale_factor
+        return (self.transformer.config.in_channels // self.pack_factor**2, side, side)
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) -> the tensor the step works on (identity; FLUX packs 2x2 patches)."""

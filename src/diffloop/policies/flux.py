@@ -146,7 +146,8 @@ class FluxPolicy(FlowMatchPolicy):
     """``FlowMatchPolicy`` with FLUX's CLIP-pooled + T5 conditioning, 2x2 latent packing, the
     resolution-dependent timestep shift and the guidance embedding (module docstring).
 
-    ``flux``: ``model.flux`` (resolution, T5 length). ``sample``: ``sample.*``; its guidance_scale
+    ``flux``: ``model.flux`` (T5 length); ``resolution``: ``model.resolution`` (the base's).
+    ``sample``: ``sample.*``; its guidance_scale
     is the guidance a direct transformer call (``unet_conditioning``) gets, and its negative
     prompt / guidance are checked here, before any sampling.
     """
@@ -177,7 +178,7 @@ class FluxPolicy(FlowMatchPolicy):
         self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
         self.guidance_scale = sample.guidance_scale
         self.max_sequence_length = self._max_sequence_length(flux)
-        self.height = self.width = self._latent_side(flux)
+        self.height = self.width = self.image_size() // self.vae_scale_factor  # latent h, w
         self._check_model()
         self.check_guidance(sample.guidance_scale, sample.negative_prompt)
 
@@ -192,16 +193,12 @@ class FluxPolicy(FlowMatchPolicy):
             )
         return length
 
-    def _latent_side(self, flux: FluxConfig) -> int:
-        """Latent side h = 2 (resolution // (2 vae_scale_factor)), as FluxPipeline.prepare_latents."""
-        resolution = flux.resolution or self.vae.config.sample_size
-        multiple = 2 * self.vae_scale_factor
-        if resolution % multiple or resolution < multiple:
-            raise ConfigError(
-                f"model.flux.resolution={resolution} must be a positive multiple of {multiple} "
-                f"(the VAE's factor {self.vae_scale_factor} x FLUX's 2x2 packing), e.g. 512 or 1024"
-            )
-        return resolution // self.vae_scale_factor
+    pack_factor = 2  # 2x2 latent patches per token
+
+    def image_size(self) -> int:
+        """Square image side (pixels): model.resolution, else the VAE's sample_size (FLUX's
+        transformer has no sample_size; 1024 for FLUX.1 = FluxPipeline's default 128 x 8)."""
+        return self.resolution if self.resolution is not None else self.vae.config.sample_size
 
     def _check_model(self) -> None:
         """Refuse FLUX variants this text-to-image policy would run wrongly (Fill, Depth, Kontext:
@@ -231,10 +228,6 @@ class FluxPolicy(FlowMatchPolicy):
             )
 
     # ------------------------------------------------------------------ family hooks
-
-    def noise_shape(self) -> tuple[int, ...]:
-        """(C, h, w) with C = in_channels / 4: the unpacked noise FluxPipeline.prepare_latents draws."""
-        return (self.transformer.config.in_channels // 4, self.height, self.width)
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         return pack_latents(latents)
@@ -346,5 +339,7 @@ class FluxPolicy(FlowMatchPolicy):
 
 def load_flux_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> FluxPolicy:
     """``load_policy`` for the flux family: components from model.pretrained, settings from
-    model.flux."""
-    return FluxPolicy(load_flux_components(model), lora, flux=model.flux, **kwargs)
+    model.resolution and model.flux."""
+    return FluxPolicy(
+        load_flux_components(model), lora, flux=model.flux, resolution=model.resolution, **kwargs
+    )

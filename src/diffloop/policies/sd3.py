@@ -158,4 +158,4 @@ class SD3Policy(FlowMatchPolicy):
 
 def load_sd3_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> SD3Policy:
     """``load_policy`` for the sd3 family."""
-    return SD3Policy(load_sd3_components(model), lora, **kwargs)
+    return SD3Policy(load_sd3_components(model), lora, resolution=model.resolution, **kwargs)
