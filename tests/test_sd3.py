@@ -259,3 +259,25 @@ def test_resolution_sets_the_latent_size(tiny_sd3):
     torch.testing.assert_close(traj.images, out, atol=1e-5, rtol=0)
     with pytest.raises(ModelLoadError, match="model.resolution=15"):
         load_sd3_policy(ModelConfig(pretrained=str(tiny_sd3), resolution=15), LoraConfig(), device=CPU)
+
+
+def test_bench_runs_the_sd3_policy(tmp_path):
+    from diffloop.bench import bench_main
+
+    out = tmp_path / "bench.json"
+    assert bench_main(["--shape", "tiny_sd3", "--device", "cpu", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"sample", "train", "end_to_end"} <= set(result["items"])
+    assert result["onpolicy_logprob_err"] <= 1e-5
+    assert result["floor"]["unet_flop_per_eval"] > 0
+
+
+def test_sd35_medium_builder_has_its_shapes():
+    """``bench --shape sd35``'s networks: SD3.5-medium's configs (CLIP-G is SDXL's text_encoder_2)."""
+    from diffloop.testing.tiny_flow import build_sd3_components
+
+    c = build_sd3_components("sd35_medium", device="meta")
+    counts = {k: sum(p.numel() for p in c[k].parameters()) for k in ("transformer", "text_encoder", "text_encoder_2")}
+    assert counts["text_encoder"] == 123_650_304 and counts["text_encoder_2"] == 694_659_840
+    assert 2.2e9 < counts["transformer"] < 2.6e9 and c["text_encoder_3"] is None
+    assert c["vae"].config.latent_channels == 16 and c["transformer"].config.pooled_projection_dim == 2048

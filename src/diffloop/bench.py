@@ -37,7 +37,9 @@ from typing import Any
 import torch
 from typing_extensions import Self
 
-SHAPES = ("tiny", "sd15", "sdxl", "tiny_xl")
+SHAPES = ("tiny", "sd15", "sdxl", "tiny_xl", "sd35", "tiny_sd3")
+# flow-matching shapes: (diffloop.testing.tiny_flow.SD3_CONFIGS size, image side or None)
+SD3_SHAPES = {"sd35": ("sd35_medium", 512), "tiny_sd3": ("tiny", None)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT_WORDS = [
     "a",
@@ -89,6 +91,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 # Per-shape defaults for options left unset: (sample_batch, train_batch, steps, repeats, warmup, matmul n)
 SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
+    # SD3.5-medium at 512 px (Flow-GRPO's training resolution), its 10 training steps, batch 9
+    "sd35": {"sample_batch": 9, "train_batch": 9, "steps": 10, "repeats": 3, "warmup": 1, "matmul_n": 8192},
+    "tiny_sd3": {"sample_batch": 2, "train_batch": 2, "steps": 3, "repeats": 1, "warmup": 0, "matmul_n": 256},
     "tiny": {
         "sample_batch": 2,
         "train_batch": 2,
@@ -468,14 +473,18 @@ def onpolicy_logprob_err(policy: Any, traj: Any, *, eta: float, guidance_scale: 
 
 
 def _unet_flops_per_eval_sd(policy: Any) -> int:
-    """F: FLOPs of one UNet forward at batch 1 (the policy's UNet, LoRA included)."""
-    embeds = policy.encode_prompts(_prompts(1))
+    """F: FLOPs of one UNet (or flow transformer) forward at batch 1 (the policy's, LoRA included)."""
+    if hasattr(policy, "unet_conditioning"):  # SD3: pooled embeddings too
+        cond = policy.unet_conditioning(_prompts(1))
+    else:
+        cond = {"encoder_hidden_states": policy.encode_prompts(_prompts(1))}
+    cond = {k: v.to(policy.weight_dtype) for k, v in cond.items()}
     x = torch.zeros(1, *policy.latent_shape(), device=policy.device, dtype=policy.weight_dtype)
     t = torch.tensor([500], device=policy.device)
 
     def forward() -> None:
         with torch.no_grad(), policy._autocast():
-            policy.unet(x, t, encoder_hidden_states=embeds.to(policy.weight_dtype))
+            policy.unet(x, t, **cond)
 
     return count_flops(forward)
 
@@ -493,14 +502,23 @@ def bench_sd(
 
     dtype = DTYPES[args.dtype]
     set_backend_flags(PerformanceConfig(**args.perf), device)
-    policy = DDIMPolicy(
-        build_components(args.shape, device),
+    policy_class, components, extra = DDIMPolicy, None, {}
+    if args.shape in SD3_SHAPES:  # random-weight SD3 shapes (diffloop.testing.tiny_flow)
+        from diffloop.policies.sd3 import SD3Policy
+        from diffloop.testing.tiny_flow import build_sd3_components
+
+        size, resolution = SD3_SHAPES[args.shape]
+        policy_class, extra = SD3Policy, {"resolution": resolution}
+        components = build_sd3_components(size, device=device)
+    policy = policy_class(
+        components or build_components(args.shape, device),
         LoraConfig(),
         device=device,
         weight_dtype=dtype,
         logprob_reduction="mean",
         gradient_checkpointing=args.gradient_checkpointing,
         performance=PerformanceConfig(**args.perf),
+        **extra,
     )
     out["options"] = {
         "performance": asdict(policy.performance),

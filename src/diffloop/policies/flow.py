@@ -361,6 +361,10 @@ class FlowMatchPolicy:
 
     # ------------------------------------------------------------------ sampling
 
+    def uncompiled(self):
+        """The plain modules (this policy compiles nothing: performance.compile is refused)."""
+        return contextlib.nullcontext()
+
     def _autocast(self):
         enabled = self.weight_dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=enabled)
