@@ -6,6 +6,7 @@ several minibatch sizes)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -292,3 +293,32 @@ def test_fsdp_and_deepspeed_configs_are_refused_before_anything_loads(monkeypatc
     config = load_config(None, [f"model.pretrained={tmp_path / 'no_model_here'}"])
     with pytest.raises(ShardingNotSupported):  # refused before the (missing) model is looked at
         Trainer(config)
+
+
+# ---------------------------------------------------------------------------------- bench
+
+
+def test_bench_tiny_flux_runs_through_the_policy_one_eval_per_step(tmp_path):
+    from diffloop.bench import bench_main
+
+    out = tmp_path / "bench.json"
+    assert bench_main(["--shape", "tiny_flux", "--guidance-scale", "3.5", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    sample = result["items"]["sample"]
+    assert {"sample", "train", "end_to_end"} <= set(result["items"])
+    assert result["floor"]["unet_flop_per_eval"] > 0
+    assert result["onpolicy_logprob_err"] <= 1e-5
+    # guidance-distilled: batch x steps transformer evaluations, not twice that (no CFG branch)
+    evals = sample["unet_evals_per_s"] * sample["median_s"]
+    assert evals == pytest.approx(2 * 3)
+
+
+def test_flux_dev_shape_is_flux1_dev():
+    """The bench's "dev" transformer has FLUX.1-dev's size (built on the meta device: no memory)."""
+    from diffusers import FluxTransformer2DModel
+
+    from diffloop.testing.tiny_flux import FLUX_CONFIGS
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**FLUX_CONFIGS["dev"]["transformer"], guidance_embeds=True)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(11.9e9, rel=0.01)
