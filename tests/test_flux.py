@@ -15,7 +15,14 @@ from diffusers import FluxPipeline
 from test_trainer import tiny_overrides
 
 from diffloop import loops
-from diffloop.config import ConfigError, FluxConfig, LoraConfig, ModelConfig, SampleConfig, load_config
+from diffloop.config import (
+    ConfigError,
+    FluxConfig,
+    LoraConfig,
+    ModelConfig,
+    SampleConfig,
+    load_config,
+)
 from diffloop.policies.diffusers_policy import ModelLoadError, load_policy
 from diffloop.policies.flux import (
     FLUX_COMPONENTS,

@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-
 SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
 
