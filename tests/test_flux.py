@@ -211,6 +211,32 @@ def test_training_changes_only_the_adapter(tiny_flux, tmp_path):
     assert any("lora_B" in n for _, n in changed)
 
 
+def test_lora_export_keeps_alpha_and_reproduces_the_transformer(tiny_flux, tmp_path):
+    """alpha = 2 rank (Flow-GRPO's r64 / a128): without the metadata diffusers would reload the
+    adapter at scale 1 instead of 2."""
+    torch.manual_seed(0)
+    model = ModelConfig(pretrained=str(tiny_flux))
+    policy = load_flux_policy(model, LoraConfig(rank=4, alpha=8), device=CPU,
+                              sample=SampleConfig(guidance_scale=G))  # fmt: skip
+    assert policy.peft_config.target_modules == set(policy.DEFAULT_LORA_TARGETS)
+    with torch.no_grad():
+        for name, p in policy.named_trainable_parameters().items():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    policy.export(tmp_path / "lora")
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
+    cond, t = policy.unet_conditioning(PROMPTS), torch.tensor([0.5, 0.02])
+    with torch.no_grad():
+        trained = policy.transformer(hidden_states=x, timestep=t, **cond).sample
+        got = pipe.transformer(hidden_states=x, timestep=t, **cond).sample
+        with policy.reference():
+            base = policy.transformer(hidden_states=x, timestep=t, **cond).sample
+    assert (trained - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, trained, rtol=1e-4, atol=1e-5)
+
+
 def test_full_fine_tuning_exports_a_loadable_flux_pipeline(tiny_flux, tmp_path):
     policy = policy_for(tiny_flux, lora=False)
     assert all("lora" not in n for n in policy.named_trainable_parameters())
