@@ -281,3 +281,50 @@ def test_sd35_medium_builder_has_its_shapes():
     assert counts["text_encoder"] == 123_650_304 and counts["text_encoder_2"] == 694_659_840
     assert 2.2e9 < counts["transformer"] < 2.6e9 and c["text_encoder_3"] is None
     assert c["vae"].config.latent_channels == 16 and c["transformer"].config.pooled_projection_dim == 2048
+
+
+@pytest.mark.parametrize("eta", ["0", "0.7"])
+def test_sample_command_on_an_sd3_directory(tiny_sd3, tmp_path, eta):
+    from diffloop.cli import main
+
+    out = tmp_path / "samples"
+    argv = ["sample", str(tiny_sd3), "--prompt", "a cat", "--num-per-prompt", "2", "--steps", "3"]
+    assert main([*argv, "--eta", eta, "--device", "cpu", "--output", str(out)]) == 0
+    assert list(out.rglob("*.png"))
+
+
+def test_bf16_run_trains_with_a_finite_ratio(tiny_sd3, tmp_path):
+    rows = Trainer(load_config(None, tiny_overrides(
+        tiny_sd3, tmp_path / "bf16", num_epochs=1,
+        **{"sample.num_steps": 3, "train.mixed_precision": "bf16", "train.batch_size": 4},
+    ))).train()  # fmt: skip
+    assert rows[-1]["onpolicy_logprob_err"] <= 1e-5  # the training batch = the sampling batch
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+@pytest.mark.slow
+def test_eval_report_and_variance_run_on_sd3(tiny_sd3, tmp_path):
+    from diffloop.evaluate import eval_main
+    from diffloop.report import report_main
+    from diffloop.variance import variance_main
+
+    run = tmp_path / "run"
+    rows = Trainer(load_config(None, tiny_overrides(tiny_sd3, run, num_epochs=1, **{
+        "sample.num_steps": 3, "sample.sde_type": "cps", "eval.prompts": "ddpo/simple_animals",
+        "eval.num_prompts": 2, "eval.samples_per_prompt": 1,
+    }))).train()  # fmt: skip
+    assert "eval_reward_mean" in rows[0]
+    out = tmp_path / "eval"
+    argv = [str(run), "--compare", str(tiny_sd3), "--prompts", "ddpo/simple_animals",
+            "--num-prompts", "2", "--images-per-prompt", "1", "--steps", "3", "--device", "cpu",
+            "--reward", "reward_fns:brightness", "--output", str(out)]  # fmt: skip
+    assert eval_main(argv) == 0
+    assert len(json.loads((out / "eval.json").read_text())["targets"]) == 2
+    assert report_main([str(run), "--output", str(tmp_path / "report.html")]) == 0
+    v = tmp_path / "v.json"
+    argv = [f"model.pretrained={tiny_sd3}", "sample.num_steps=3", "sample.prompts_per_epoch=2",
+            "sample.batch_size=4", "train.batch_size=2", "reward.name=reward_fns:brightness",
+            "--algorithms", "loop@2", "--estimates", "2", "--output", str(v)]  # fmt: skip
+    assert variance_main(argv) == 0
+    (result,) = json.loads(v.read_text())["results"]
+    assert result["trace_cov"] > 0
