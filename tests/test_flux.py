@@ -295,6 +295,13 @@ def test_resolution_and_t5_length_are_checked(tiny_flux):
     assert policy.latent_shape() == (64, 4) and policy.encode_prompts(PROMPTS).shape == (2, 8, 32)
 
 
+def test_truncated_prompts_are_logged(tiny_flux, caplog):
+    policy = policy_for(tiny_flux, flux=FluxConfig(max_sequence_length=4))
+    with caplog.at_level("WARNING", logger="diffloop.policies.flux"):
+        policy.encode_prompts(["a cat", "a red dog on a bench and a green car"])
+    assert "1 of 2 prompts are longer than 4 tokens" in caplog.text
+
+
 # ---------------------------------------------------------------------------------- configs, FSDP
 
 
@@ -355,3 +362,64 @@ def test_flux_dev_shape_is_flux1_dev():
     with torch.device("meta"):
         model = FluxTransformer2DModel(**FLUX_CONFIGS["dev"]["transformer"], guidance_embeds=True)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(11.9e9, rel=0.01)
+
+
+# ---------------------------------------------------------------------------------- the other tools
+
+
+def test_grpo_with_kl_and_checkpointing_runs_on_flux(tiny_flux, tmp_path):
+    rows = Trainer(load_config(None, tiny_overrides(
+        tiny_flux, tmp_path / "grpo", num_epochs=1,
+        **{"sample.num_steps": 3, "sample.guidance_scale": G, "train.algorithm": "grpo",
+           "train.kl_coef": 0.1, "train.gradient_checkpointing": True, "sample.sde_type": "cps"},
+    ))).train()  # fmt: skip
+    assert rows[-1]["onpolicy_logprob_err"] <= 1e-5 and rows[-1]["kl_to_base"] >= 0
+
+
+def test_bf16_run_trains_with_a_finite_ratio(tiny_flux, tmp_path):
+    rows = Trainer(load_config(None, tiny_overrides(
+        tiny_flux, tmp_path / "bf16", num_epochs=1,
+        **{"sample.num_steps": 3, "sample.guidance_scale": G, "train.mixed_precision": "bf16",
+           "train.batch_size": 4},
+    ))).train()  # fmt: skip
+    assert rows[-1]["onpolicy_logprob_err"] <= 1e-5  # the training batch = the sampling batch
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+@pytest.mark.parametrize("eta", ["0", "0.7"])
+def test_sample_command_on_a_flux_directory(tiny_flux, tmp_path, eta):
+    from diffloop.cli import main
+
+    out = tmp_path / "samples"
+    argv = ["sample", str(tiny_flux), "--prompt", "a cat", "--num-per-prompt", "2", "--steps", "3"]
+    assert main([*argv, "--eta", eta, "--device", "cpu", "--output", str(out)]) == 0
+    assert list(out.rglob("*.png"))
+
+
+@pytest.mark.slow
+def test_eval_report_and_variance_run_on_flux(tiny_flux, tmp_path):
+    from diffloop.evaluate import eval_main
+    from diffloop.report import report_main
+    from diffloop.variance import variance_main
+
+    run = tmp_path / "run"
+    rows = Trainer(load_config(None, tiny_overrides(tiny_flux, run, num_epochs=1, **{
+        "sample.num_steps": 3, "sample.guidance_scale": G, "eval.prompts": "ddpo/simple_animals",
+        "eval.num_prompts": 2, "eval.samples_per_prompt": 1,
+    }))).train()  # fmt: skip
+    assert "eval_reward_mean" in rows[0]
+    out = tmp_path / "eval"
+    argv = [str(run), "--compare", str(tiny_flux), "--prompts", "ddpo/simple_animals",
+            "--num-prompts", "2", "--images-per-prompt", "1", "--steps", "3", "--device", "cpu",
+            "--reward", "reward_fns:brightness", "--output", str(out)]  # fmt: skip
+    assert eval_main(argv) == 0
+    assert len(json.loads((out / "eval.json").read_text())["targets"]) == 2
+    assert report_main([str(run), "--output", str(tmp_path / "report.html")]) == 0
+    v = tmp_path / "v.json"
+    argv = [f"model.pretrained={tiny_flux}", "sample.num_steps=3", "sample.guidance_scale=3.5",
+            "sample.prompts_per_epoch=2", "sample.batch_size=4", "train.batch_size=2",
+            "reward.name=reward_fns:brightness", "--algorithms", "loop@2", "--estimates", "2",
+            "--output", str(v)]  # fmt: skip
+    assert variance_main(argv) == 0
+    (result,) = json.loads(v.read_text())["results"]
+    assert result["trace_cov"] > 0
