@@ -17,8 +17,9 @@ Flow-GRPO's FLUX trainer (yifan123/flow_grpo scripts/train_flux.py, ``compute_lo
 Guidance. FLUX.1-dev is guidance-distilled: ``sample.guidance_scale`` = g is an *input* of the
 transformer (its guidance embedding; Flow-GRPO and diffusers use 3.5), one forward per step, the
 same g when sampling and when log-probs are recomputed (both read ``sample.guidance_scale``). There
-is no negative branch: a non-empty ``sample.negative_prompt`` is refused (``check_sampling``), as
-FluxPipeline ignores it without ``true_cfg_scale``. FLUX.1-schnell has no guidance embedding: the
+is no negative branch: a non-empty ``sample.negative_prompt`` is refused (``check_guidance``, when
+the policy is built and at every sampling call), as FluxPipeline ignores it without
+``true_cfg_scale``. FLUX.1-schnell has no guidance embedding: the
 guidance value is not used (and refused unless 1, so no setting is silently ignored).
 
 Per-trajectory conditioning travels in ``Trajectories.extra``:
@@ -50,7 +51,6 @@ FLUX_COMPONENTS = (
 )
 EXTRA_KEYS = ("pooled_prompt_embeds",)
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default and upper limit of max_sequence_length
-PIPELINE_CLASS_NAME = "FluxPipeline"  # model_index.json _class_name of FLUX.1-dev and -schnell
 
 
 # ------------------------------------------------------------------------------ packing (pure)
@@ -147,13 +147,14 @@ class FluxPolicy(FlowMatchPolicy):
     resolution-dependent timestep shift and the guidance embedding (module docstring).
 
     ``flux``: ``model.flux`` (T5 length); ``resolution``: ``model.resolution`` (the base's).
-    ``sample``: ``sample.*``; its guidance_scale
-    is the guidance a direct transformer call (``unet_conditioning``) gets, and its negative
-    prompt / guidance are checked here, before any sampling.
+    ``sample``: ``sample.*``; its guidance_scale is the guidance a direct transformer call
+    (``unet_conditioning``) gets, and its negative prompt / guidance are checked here, before any
+    sampling.
     """
 
     text_encoder_names = ("text_encoder", "text_encoder_2")
     timestep_scale = 1 / 1000  # FLUX's transformer takes t / 1000 (it multiplies by 1000 inside)
+    pack_factor = 2  # 2x2 latent patches per token
 
     @property
     def pipeline_class(self) -> Any:
@@ -192,8 +193,6 @@ class FluxPolicy(FlowMatchPolicy):
                 "(FluxPipeline's limit); Flow-GRPO uses 128"
             )
         return length
-
-    pack_factor = 2  # 2x2 latent patches per token
 
     def image_size(self) -> int:
         """Square image side (pixels): model.resolution, else the VAE's sample_size (FLUX's
