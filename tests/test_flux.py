@@ -353,6 +353,16 @@ def test_bench_tiny_flux_runs_through_the_policy_one_eval_per_step(tmp_path):
     assert evals == pytest.approx(2 * 3)
 
 
+def test_frozen_encoders_are_deterministic_even_when_built_in_train_mode():
+    from diffloop.testing.tiny_flux import build_flux_components
+
+    components = build_flux_components("tiny")
+    assert components["text_encoder_2"].training  # T5 built from a config: dropout 0.1 active
+    policy = FluxPolicy(components, LoraConfig(), device=CPU, sample=SampleConfig(guidance_scale=G))
+    first, second = policy.encode_prompts(PROMPTS), policy.encode_prompts(PROMPTS)
+    assert torch.equal(first, second)
+
+
 def test_flux_dev_shape_is_flux1_dev():
     """The bench's "dev" transformer has FLUX.1-dev's size (built on the meta device: no memory)."""
     from diffusers import FluxTransformer2DModel
