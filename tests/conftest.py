@@ -50,3 +50,12 @@ def tiny_sd3(tmp_path_factory) -> Path:
     from diffloop.testing.tiny_flow import make_tiny_sd3
 
     return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"), clip_tokenizer=make_tiny_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-dev-style pipeline (guidance embedding; dev's scheduler with the dynamic
+    shift) saved in diffusers layout (``diffloop.testing.tiny_flux``)."""
+    from diffloop.testing.tiny_flux import make_tiny_flux
+
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny_flux"), guidance_embeds=True)

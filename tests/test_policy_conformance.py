@@ -66,6 +66,17 @@ def _reload_sd3_pipeline_transformer(model_dir: Path, lora_dir: Path) -> torch.n
     return DenoiserView(pipe.transformer)
 
 
+def _reload_flux_pipeline_transformer(model_dir: Path, lora_dir: Path) -> torch.nn.Module:
+    """``FluxPipeline.load_lora_weights``; the transformer called like a UNet (t / 1000 inside)."""
+    from diffusers import FluxPipeline
+
+    from diffloop.policies.flow import DenoiserView
+
+    pipe = FluxPipeline.from_pretrained(model_dir)
+    pipe.load_lora_weights(str(lora_dir))
+    return DenoiserView(pipe.transformer, timestep_scale=1 / 1000)
+
+
 @dataclass(frozen=True)
 class PolicyCase:
     """One policy under test: its model (a conftest fixture name, or a ``model.pretrained`` value),
@@ -84,6 +95,8 @@ POLICIES = [
     PolicyCase("shapes_pixel", "shapes", _reload_unet_adapter, model_is_fixture=False),
     PolicyCase("tiny_sdxl", "tiny_sdxl", _reload_sdxl_pipeline_unet),
     PolicyCase("tiny_sd3", "tiny_sd3", _reload_sd3_pipeline_transformer),
+    PolicyCase("tiny_flux_dev", "tiny_flux", _reload_flux_pipeline_transformer,
+               {"sample.guidance_scale": 3.5}),
 ]
 
 STEPS = 3

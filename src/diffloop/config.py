@@ -145,6 +145,16 @@ class SDXLConfig:
 
 
 @dataclass
+class FluxConfig:
+    """FLUX.1-only settings (read by ``diffloop.policies.flux``; ignored for other families);
+    the resolution is ``model.resolution`` (a multiple of 16 for FLUX: VAE factor 8 x 2x2 packing)."""
+
+    max_sequence_length: int | None = None
+    """T5 tokens of the prompt (FluxPipeline's max_sequence_length, at most 512); null: the T5
+    tokenizer's model_max_length capped at 512 (512 for FLUX.1). Flow-GRPO uses 128."""
+
+
+@dataclass
 class ModelConfig:
     pretrained: str = "shapes"
     """Hub id (``stabilityai/stable-diffusion-2-base``) or local directory in diffusers layout; ``shapes``
@@ -160,7 +170,10 @@ class ModelConfig:
     """SDXL micro-conditioning, resolution and VAE (used when model.pretrained is an SDXL pipeline)."""
     resolution: int | None = num(None, ge=8)
     """Flow-matching models (SD3, FLUX): square image side in pixels (Flow-GRPO trains SD3.5 at 512);
-    null = the transformer's sample_size x the VAE's downsampling factor."""
+    null = the transformer's sample_size x the VAE's downsampling factor (FLUX, whose transformer
+    has none: the VAE's sample_size, 1024 for FLUX.1, FluxPipeline's default)."""
+    flux: FluxConfig = field(default_factory=FluxConfig)
+    """FLUX.1's T5 length (used when model.pretrained is a FluxPipeline)."""
 
 
 @dataclass

@@ -32,6 +32,7 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family("sdxl", "StableDiffusionXL", "diffloop.policies.sdxl:load_sdxl_policy", "text_encoder_2"),
     Family("sd3", "StableDiffusion3", "diffloop.policies.sd3:load_sd3_policy"),
+    Family("flux", "Flux", "diffloop.policies.flux:load_flux_policy"),
     Family("sd", "StableDiffusion", "diffloop.policies.diffusers_policy:load_ddim_policy"),
 )
 DEFAULT_FAMILY = "sd"  # diffloop's shapes model and SD-layout directories without an index
