@@ -149,7 +149,7 @@ class FluxConfig:
     """FLUX.1-only settings (read by ``diffloop.policies.flux``; ignored for other families);
     the resolution is ``model.resolution`` (a multiple of 16 for FLUX: VAE factor 8 x 2x2 packing)."""
 
-    max_sequence_length: int | None = None
+    max_sequence_length: int | None = num(None, ge=1, le=512)
     """T5 tokens of the prompt (FluxPipeline's max_sequence_length, at most 512); null: the T5
     tokenizer's model_max_length capped at 512 (512 for FLUX.1). Flow-GRPO uses 128."""
 

@@ -51,7 +51,7 @@ def make_t5_tokenizer(words: list[str] = WORDS, max_length: int = T5_TOKENS) -> 
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-def _clip_text_config(c: dict[str, Any], tokenizer: Any) -> Any:
+def clip_text_config(c: dict[str, Any], tokenizer: Any) -> Any:
     from transformers import CLIPTextConfig
 
     ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -59,7 +59,7 @@ def _clip_text_config(c: dict[str, Any], tokenizer: Any) -> Any:
     return CLIPTextConfig(**c, vocab_size=vocab, max_position_embeddings=CLIP_TOKENS, **ids)
 
 
-def _t5_config(c: dict[str, Any], tokenizer: Any) -> Any:
+def t5_config(c: dict[str, Any], tokenizer: Any) -> Any:
     from transformers import T5Config
 
     vocab = max(c.pop("vocab_size", 0), len(tokenizer))
@@ -156,12 +156,12 @@ def build_sd3_components(
         out["vae"] = AutoencoderKL(**configs["vae"])
         for i, name in enumerate(("text_encoder", "text_encoder_2")):
             torch.manual_seed(seed + 2 + i)
-            config = _clip_text_config(dict(configs[name]), clip_tokenizer)
+            config = clip_text_config(dict(configs[name]), clip_tokenizer)
             out[name] = CLIPTextModelWithProjection(config)
         if with_t5:
             t5_tokenizer = t5_tokenizer if t5_tokenizer is not None else make_t5_tokenizer()
             torch.manual_seed(seed + 4)
-            out["text_encoder_3"] = T5EncoderModel(_t5_config(dict(configs["text_encoder_3"]), t5_tokenizer))
+            out["text_encoder_3"] = T5EncoderModel(t5_config(dict(configs["text_encoder_3"]), t5_tokenizer))
             out["tokenizer_3"] = t5_tokenizer
     out["scheduler"] = FlowMatchEulerDiscreteScheduler(**configs["scheduler"])
     return out

@@ -174,8 +174,8 @@ def build_flux_components(
     from transformers import CLIPTextModel, T5EncoderModel
 
     from diffloop.testing.tiny_flow import (
-        _clip_text_config,
-        _t5_config,
+        clip_text_config,
+        t5_config,
         make_clip_tokenizer,
         make_t5_tokenizer,
     )
@@ -185,8 +185,8 @@ def build_flux_components(
     configs = FLUX_CONFIGS[size]
     tokenizer = tokenizer if tokenizer is not None else make_clip_tokenizer()
     tokenizer_2 = tokenizer_2 if tokenizer_2 is not None else make_t5_tokenizer()
-    clip_config = _clip_text_config(dict(configs["text_encoder"]), tokenizer)
-    t5_config = _t5_config(dict(configs["text_encoder_2"]), tokenizer_2)
+    clip_config = clip_text_config(dict(configs["text_encoder"]), tokenizer)
+    t5_config = t5_config(dict(configs["text_encoder_2"]), tokenizer_2)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(**configs["transformer"], guidance_embeds=guidance_embeds)
