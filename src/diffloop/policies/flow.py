@@ -195,7 +195,9 @@ class FlowMatchPolicy:
             )
 
     def _freeze(self, module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-        module.requires_grad_(False)
+        """A frozen component: no gradients, eval mode (a model built in code starts in train mode,
+        and T5's dropout would then make the text conditioning random), in ``dtype`` on the device."""
+        module.requires_grad_(False).eval()
         if next(module.parameters()).dtype != dtype:  # diffusers warns on every .to(dtype)
             module.to(dtype=dtype)
         return module.to(self.device)

@@ -172,8 +172,6 @@ class FluxPolicy(FlowMatchPolicy):
         **kwargs: Any,
     ) -> None:
         super().__init__(components, lora, sample=sample, **kwargs)
-        for frozen in (self.text_encoder, self.text_encoder_2, self.vae):
-            frozen.eval()  # models built in code start in train mode: T5's dropout would be on
         flux = flux or FluxConfig()
         sample = sample or SampleConfig(guidance_scale=3.5)
         self.tokenizer = components["tokenizer"]
