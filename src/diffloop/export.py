@@ -173,7 +173,7 @@ def card_text(config: Config, family: str, held_out: HeldOut | None, command: st
         "",
         f"- base model: {base_name} ({family} family)",
         (f"- algorithm: `train.algorithm={t.algorithm}`, {config.sample.samples_per_prompt} samples per "
-        f"prompt, {config.num_epochs} epochs of {config.sample.prompts_per_epoch} prompts"),
+        f"prompt, {_count(config.num_epochs, 'epoch')} of {config.sample.prompts_per_epoch} prompts"),
         f"- reward: `{config.reward.name}`" + (f" with kwargs `{json.dumps(config.reward.kwargs)}`"
                                              if config.reward.kwargs else ""),
         f"- training prompts: `{config.prompts.source}`",
@@ -191,7 +191,7 @@ def card_text(config: Config, family: str, held_out: HeldOut | None, command: st
             "| model | held-out reward |",
             "|---|---|",
             f"| base | {held_out.before:.4f} |",
-            f"| trained ({held_out.after_epoch} epochs) | {held_out.after:.4f} ({delta:+.4f}) |",
+            f"| trained ({_count(held_out.after_epoch, 'epoch')}) | {held_out.after:.4f} ({delta:+.4f}) |",
             "",
             (f"`{config.reward.name}` on {e.num_prompts} held-out prompts of `{e.prompts}` x "
             f"{e.samples_per_prompt} images, the same fixed noise before and after (eval.seed={e.seed})."),
@@ -215,6 +215,10 @@ def card_text(config: Config, family: str, held_out: HeldOut | None, command: st
         lines += ["", "## How it was made", "", "```bash", command, "```",
                   "", "The run's full configuration is `config.yaml` in its run directory."]
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def card_tags(config: Config, family: str) -> list[str]:
