@@ -43,6 +43,22 @@ def run_overrides(model, out: Path, **extra) -> list[str]:
     )  # fmt: skip
 
 
+def assert_same_unet(policy, unet) -> None:
+    """``unet`` (a pipeline's, LoRA loaded) gives the trained policy's UNet outputs, which differ
+    from the base model's (else the comparison proves nothing)."""
+    policy.train(False)
+    x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
+    cond = policy.unet_conditioning(["a cat", "a red ball"])
+    ts = torch.tensor([500, 20])
+    with torch.no_grad():
+        trained_out = policy.unet(x, ts, **cond).sample
+        got = unet(x, ts, **cond).sample
+        with policy.reference():
+            base = policy.unet(x, ts, **cond).sample
+    assert (trained_out - base).abs().max() > 1e-4, "training did not move the model"
+    torch.testing.assert_close(got, trained_out, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_sd, tmp_path_factory):
     """(trainer, run directory) of one finished tiny SD LoRA run with held-out evaluation."""
@@ -62,7 +78,7 @@ def test_the_lora_directory_holds_weights_kohya_copy_card_and_image(trained):
 def test_the_card_states_base_algorithm_reward_scores_command_and_tags(trained, tiny_sd):
     from huggingface_hub import ModelCard
 
-    t, out = trained
+    _, out = trained
     card = ModelCard.load(out / "lora" / "README.md")
     evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_reward_mean" in r]
     before, after = evals[0]["eval_reward_mean"], evals[-1]["eval_reward_mean"]
@@ -136,18 +152,7 @@ def test_kohya_copy_loaded_in_a_pipeline_reproduces_the_trained_unet(trained, ti
     t, out = trained
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(out / "lora"), weight_name="my_run.safetensors")
-    policy = t.policy
-    policy.train(False)
-    x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
-    cond = policy.unet_conditioning(["a cat", "a red ball"])
-    ts = torch.tensor([500, 20])
-    with torch.no_grad():
-        trained_out = policy.unet(x, ts, **cond).sample
-        got = pipe.unet(x, ts, **cond).sample
-        with policy.reference():
-            base = policy.unet(x, ts, **cond).sample
-    assert (trained_out - base).abs().max() > 1e-4, "training did not move the model: the check proves nothing"
-    torch.testing.assert_close(got, trained_out, rtol=1e-4, atol=1e-5)
+    assert_same_unet(t.policy, pipe.unet)
 
 
 def test_kohya_alpha_is_given_not_the_rank():
@@ -171,7 +176,7 @@ def test_export_imports_no_pipeline_class(tmp_path):
         f"save_lora(p, {str(tmp_path)!r})\n"
         "print(sorted(m for m in sys.modules if m.startswith('diffusers.pipelines.stable_diffusion')))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert (tmp_path / LORA_WEIGHT_NAME).is_file()
@@ -184,7 +189,7 @@ def test_export_imports_no_pipeline_class(tmp_path):
 def test_upload_to_an_unreachable_hub_fails_with_one_line_and_loses_nothing(trained, monkeypatch, offline):
     from huggingface_hub import constants
 
-    t, out = trained
+    _, out = trained
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
@@ -230,3 +235,17 @@ def test_hub_settings_are_checked_when_push_is_on(overrides, match, tmp_path):
     validate(config)  # push off: model_id is not looked at
     with pytest.raises(ConfigError, match=match):
         load_config(None, [f"output_dir={tmp_path}", *overrides])
+
+
+def test_sdxl_kohya_copy_loaded_in_its_pipeline_reproduces_the_trained_unet(tiny_sdxl, tmp_path):
+    """SDXL plugs in with its loader mixin alone: same files, and its kohya copy reloads exactly."""
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "sdxl_run"
+    t = Trainer(load_config(None, run_overrides(tiny_sdxl, out, **{"eval.prompts": None})))
+    t.train()
+    assert {p.name for p in (out / "lora").iterdir()} == {LORA_WEIGHT_NAME, "sdxl_run.safetensors", "README.md"}
+    assert "sdxl" in (out / "lora" / "README.md").read_text()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, add_watermarker=False)
+    pipe.load_lora_weights(str(out / "lora"), weight_name="sdxl_run.safetensors")
+    assert_same_unet(t.policy, pipe.unet)

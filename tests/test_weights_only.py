@@ -12,7 +12,13 @@ import torch
 from safetensors.torch import load_file
 from test_trainer import tiny_overrides
 
-from diffloop.checkpoint import EMA_WEIGHTS, WEIGHTS, CheckpointError, latest_checkpoint, load_weights
+from diffloop.checkpoint import (
+    EMA_WEIGHTS,
+    WEIGHTS,
+    CheckpointError,
+    latest_checkpoint,
+    load_weights,
+)
 from diffloop.cli import main
 from diffloop.config import load_config
 from diffloop.trainer import Trainer
