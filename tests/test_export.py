@@ -249,3 +249,16 @@ def test_sdxl_kohya_copy_loaded_in_its_pipeline_reproduces_the_trained_unet(tiny
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, add_watermarker=False)
     pipe.load_lora_weights(str(out / "lora"), weight_name="sdxl_run.safetensors")
     assert_same_unet(t.policy, pipe.unet)
+
+
+def test_the_shapes_cards_usage_code_runs_and_loads_the_trained_lora(tmp_path):
+    """The card's own snippet, executed (the shapes model has no pipeline class: its UNet)."""
+    out = tmp_path / "shapes_run"
+    t = Trainer(load_config(None, run_overrides("shapes", out, **{"eval.prompts": None})))
+    t.train()
+    text = (out / "lora" / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "path/to/this/directory" in code
+    scope: dict = {}
+    exec(code.replace("path/to/this/directory", str(out / "lora")), scope)  # noqa: S102 - our own card
+    assert_same_unet(t.policy, scope["unet"])

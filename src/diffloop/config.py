@@ -265,7 +265,8 @@ class TrainConfig:
     device and full fine-tuning, lora.enabled=false; LoRA tensors are too small for its 8-bit state)."""
     ema_decay: float | None = num(None, gt=0, lt=1)
     """EMA of the trainable weights, shadow <- d shadow + (1 - d) theta after every optimizer step
-    (Flow-GRPO uses 0.9); evaluation and export use it. null: off (diffloop.ema)."""
+    (Flow-GRPO uses 0.9); evaluation, export, ``diffloop sample`` and ``diffloop eval`` use it.
+    Costs one more fp32 copy of the trainable weights. null: off (diffloop.ema)."""
 
 
 @dataclass

@@ -164,57 +164,78 @@ def is_hub_id(name: str) -> bool:
 def card_text(config: Config, family: str, held_out: HeldOut | None, command: str | None,
               kohya_name: str | None, has_image: bool) -> str:
     """The model card's markdown body (pure: everything it states is an argument)."""
-    t, lora, base = config.train, config.lora, config.model.pretrained
-    where = config.hub.model_id if config.hub.push and config.hub.model_id else "path/to/this/directory"
-    base_name = "diffloop's shapes-world model (shipped in the diffloop package)" if base == "shapes" else f"`{base}`"
-    kind = "LoRA" if lora.enabled else "Full fine-tune"
+    lines = _summary_lines(config, family) + ["", "## Held-out reward", ""]
+    lines += _held_out_lines(config, held_out)
+    if has_image:
+        lines += ["", f"![before (top) and after (bottom) training]({IMAGE_NAME})",
+                  "", "Held-out prompts before (top) and after (bottom) training, same noise."]
+    lines += ["", "## Use it", "", "```python", *_usage_lines(config), "```", "",
+              "or `diffloop sample RUN_DIR --prompt ...` from the run directory."]
+    if kohya_name is not None:
+        lines += ["", (f"ComfyUI / AUTOMATIC1111: `{kohya_name}` (kohya keys, alpha {config.lora.alpha:g}) "
+                       "goes in `models/loras`; strength 1 is the trained strength.")]
+    if command is not None:
+        lines += ["", "## How it was made", "", "```bash", command, "```",
+                  "", "The run's full configuration is `config.yaml` in its run directory."]
+    return "\n".join(lines)
+
+
+def _base_name(base: str) -> str:
+    return "diffloop's shapes-world model (shipped in the diffloop package)" if base == "shapes" else f"`{base}`"
+
+
+def _summary_lines(config: Config, family: str) -> list[str]:
+    """Title and what was trained: base model, algorithm, reward, prompts, LoRA, EMA."""
+    t, lora, base_name = config.train, config.lora, _base_name(config.model.pretrained)
+    kwargs = f" with kwargs `{json.dumps(config.reward.kwargs)}`" if config.reward.kwargs else ""
     lines = [
-        f"# {kind} of {base_name}, trained with {t.algorithm.upper()} by diffloop",
+        (f"# {'LoRA' if lora.enabled else 'Full fine-tune'} of {base_name}, trained with "
+        f"{t.algorithm.upper()} by diffloop"),
         "",
         f"- base model: {base_name} ({family} family)",
         (f"- algorithm: `train.algorithm={t.algorithm}`, {config.sample.samples_per_prompt} samples per "
         f"prompt, {_count(config.num_epochs, 'epoch')} of {config.sample.prompts_per_epoch} prompts"),
-        f"- reward: `{config.reward.name}`" + (f" with kwargs `{json.dumps(config.reward.kwargs)}`"
-                                             if config.reward.kwargs else ""),
+        f"- reward: `{config.reward.name}`{kwargs}",
         f"- training prompts: `{config.prompts.source}`",
-    ]
+    ]  # fmt: skip
     if lora.enabled:
         lines.append(f"- LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.alpha / lora.rank:g}), "
                      f"on {', '.join(lora.target_modules)}")
     if t.ema_decay is not None:
         lines.append(f"- weights: the EMA of the trained weights (decay {t.ema_decay:g})")
-    lines += ["", "## Held-out reward", ""]
-    if held_out is not None:
-        e = config.eval
-        delta = held_out.after - held_out.before
-        lines += [
-            "| model | held-out reward |",
-            "|---|---|",
-            f"| base | {held_out.before:.4f} |",
-            f"| trained ({_count(held_out.after_epoch, 'epoch')}) | {held_out.after:.4f} ({delta:+.4f}) |",
-            "",
-            (f"`{config.reward.name}` on {e.num_prompts} held-out prompts of `{e.prompts}` x "
-            f"{e.samples_per_prompt} images, the same fixed noise before and after (eval.seed={e.seed})."),
-        ]
-    else:
-        lines.append("Not measured (the run had no eval.prompts).")
-    if has_image:
-        lines += ["", f"![before (top) and after (bottom) training]({IMAGE_NAME})",
-                  "", "Held-out prompts before (top) and after (bottom) training, same noise."]
-    lines += ["", "## Use it", "", "```python", "from diffusers import DiffusionPipeline", ""]
-    if lora.enabled:
-        lines += [f'pipe = DiffusionPipeline.from_pretrained("{base}")',
-                  f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHT_NAME}")']
-    else:
-        lines.append(f'pipe = DiffusionPipeline.from_pretrained("{where}")')
-    lines += ["```"]
-    if kohya_name is not None:
-        lines += ["", (f"ComfyUI / AUTOMATIC1111: `{kohya_name}` (kohya keys, alpha {lora.alpha:g}) goes in "
-                      "`models/loras`; strength 1 is the trained strength.")]
-    if command is not None:
-        lines += ["", "## How it was made", "", "```bash", command, "```",
-                  "", "The run's full configuration is `config.yaml` in its run directory."]
-    return "\n".join(lines)
+    return lines
+
+
+def _held_out_lines(config: Config, held_out: HeldOut | None) -> list[str]:
+    if held_out is None:
+        return ["Not measured (the run had no eval.prompts)."]
+    e, delta = config.eval, held_out.after - held_out.before
+    return [
+        "| model | held-out reward |",
+        "|---|---|",
+        f"| base | {held_out.before:.4f} |",
+        f"| trained ({_count(held_out.after_epoch, 'epoch')}) | {held_out.after:.4f} ({delta:+.4f}) |",
+        "",
+        (f"`{config.reward.name}` on {e.num_prompts} held-out prompts of `{e.prompts}` x "
+        f"{e.samples_per_prompt} images, the same fixed noise before and after (eval.seed={e.seed})."),
+    ]  # fmt: skip
+
+
+def _usage_lines(config: Config) -> list[str]:
+    """Python that loads the export: a pipeline + LoRA, a full pipeline, or (the shapes model:
+    pixel space, no pipeline class) its UNet."""
+    base, lora = config.model.pretrained, config.lora.enabled
+    where = config.hub.model_id if config.hub.push and config.hub.model_id else "path/to/this/directory"
+    if base == "shapes":
+        load = (f'unet.load_lora_adapter("{where}", prefix="unet", weight_name="{LORA_WEIGHT_NAME}")' if lora
+                else f'unet = UNet2DConditionModel.from_pretrained("{where}", subfolder="unet")')
+        return ["from diffusers import UNet2DConditionModel",
+                "from diffloop.shapes.model import SHIPPED_WEIGHTS_DIR", "",
+                'unet = UNet2DConditionModel.from_pretrained(SHIPPED_WEIGHTS_DIR, subfolder="unet")', load]
+    if not lora:
+        return ["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{where}")']
+    return ["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{base}")',
+            f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHT_NAME}")']
 
 
 def _count(n: int, noun: str) -> str:
