@@ -262,3 +262,19 @@ def test_the_shapes_cards_usage_code_runs_and_loads_the_trained_lora(tmp_path):
     scope: dict = {}
     exec(code.replace("path/to/this/directory", str(out / "lora")), scope)  # noqa: S102 - our own card
     assert_same_unet(t.policy, scope["unet"])
+
+
+def test_a_policy_that_does_not_name_its_loader_is_refused_before_training():
+    from diffloop.export import ExportError, check_exportable
+
+    class Bare:
+        unet = None
+
+    check_exportable(Bare(), lora_enabled=False)  # full fine-tuning: the policy's own export
+    with pytest.raises(ExportError, match="Bare cannot export a LoRA: it needs the class attributes lora_loader"):
+        check_exportable(Bare(), lora_enabled=True)
+    Bare.lora_loader, Bare.lora_component = "NoSuchLoraLoaderMixin", "unet"
+    with pytest.raises(ExportError, match="got 'NoSuchLoraLoaderMixin'"):
+        check_exportable(Bare(), lora_enabled=True)
+    Bare.lora_loader = "SD3LoraLoaderMixin"
+    check_exportable(Bare(), lora_enabled=True)

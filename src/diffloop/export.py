@@ -50,6 +50,10 @@ IMAGE_NAME = "before_after.png"
 CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ model_description }}\n"
 
 
+class ExportError(DiffloopError, TypeError):
+    """A policy does not say how its LoRA is saved (diffloop's own bug, or a new policy's)."""
+
+
 class HubUploadError(DiffloopError, RuntimeError):
     """The upload to the hub failed; the run directory is complete and the message says how to retry."""
 
@@ -60,6 +64,22 @@ def export_dir(config: Config) -> Path:
 
 
 # ----------------------------------------------------------------------------------- LoRA files
+
+
+def check_exportable(policy: Any, lora_enabled: bool) -> None:
+    """Before training: a LoRA policy names a diffusers loader mixin and an adapted component
+    (else the export at the end of the run would fail). Raises ExportError."""
+    if not lora_enabled:
+        return
+    import diffusers.loaders
+
+    name, component = getattr(policy, "lora_loader", None), getattr(policy, "lora_component", None)
+    if not (isinstance(name, str) and hasattr(diffusers.loaders, name)) or not hasattr(policy, str(component)):
+        raise ExportError(
+            f"{type(policy).__name__} cannot export a LoRA: it needs the class attributes lora_loader "
+            f"(a loader mixin of diffusers.loaders, got {name!r}) and lora_component (its adapted "
+            f"module's attribute, got {component!r})"
+        )
 
 
 def lora_module(policy: Any) -> torch.nn.Module:

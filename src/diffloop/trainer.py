@@ -97,6 +97,7 @@ class Trainer:
         )
         self.policy.check_sampling(config.sample.num_steps, config.sample.eta)
         self.params = self.policy.trainable_parameters()
+        export.check_exportable(self.policy, config.lora.enabled)  # now, not after training
         self.optimizer = build_optimizer(self.params, t, self.dist.device)
         self.ema = EMA(self.policy.named_trainable_parameters(), t.ema_decay) if t.ema_decay else None
         from diffusers.optimization import get_scheduler
