@@ -31,6 +31,8 @@ LAYERS: dict[str, int] = {
     "diffloop.rewards": 2,
     "diffloop.prompts": 2,
     "diffloop.checkpoint": 2,
+    "diffloop.ema": 2,  # the EMA of the trainable weights
+    "diffloop.export": 2,  # LoRA files, model card, kohya copy, hub upload (policies call it)
     "diffloop.run_dir": 2,
     "diffloop.distributed": 2,
     "diffloop.monitors": 2,

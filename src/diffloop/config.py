@@ -121,6 +121,7 @@ LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 CompileTarget = Literal["none", "sampling", "training", "all"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 AttentionBackend = Literal["sdpa", "eager"]
+OptimizerName = Literal["adamw", "adamw_8bit"]
 
 COMPILE_TARGETS: tuple[str, ...] = typing.get_args(CompileTarget)
 COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
@@ -286,6 +287,13 @@ class TrainConfig:
     max_consecutive_nonfinite: int = num(3, ge=1)
     """An optimizer step whose gradient is NaN/inf is skipped and counted (``nonfinite_steps_skipped``);
     this many skipped in a row stop the run, keeping its last checkpoint (see diffloop.guards)."""
+    optimizer: OptimizerName = "adamw"
+    """adamw (torch) or adamw_8bit (bitsandbytes' 8-bit AdamW: ``pip install diffloop[bnb]``, a CUDA
+    device and full fine-tuning, lora.enabled=false; LoRA tensors are too small for its 8-bit state)."""
+    ema_decay: float | None = num(None, gt=0, lt=1)
+    """EMA of the trainable weights, shadow <- d shadow + (1 - d) theta after every optimizer step
+    (Flow-GRPO uses 0.9); evaluation, export, ``diffloop sample`` and ``diffloop eval`` use it.
+    Costs one more fp32 copy of the trainable weights. null: off (diffloop.ema)."""
 
 
 @dataclass
@@ -338,6 +346,23 @@ class LoggingConfig:
     """Weights & Biases project name."""
     progress_bars: bool = True
     """Show tqdm progress bars for sampling and training."""
+
+
+@dataclass
+class HubConfig:
+    """Upload of the exported LoRA (or model) and its model card to the Hugging Face Hub at the end
+    of a run, after everything is written (diffloop.export.push_to_hub)."""
+
+    push: bool = False
+    """Upload output_dir/lora (or model) with its README.md model card when the run ends."""
+    model_id: str | None = None
+    """Hub repository to create or update, ``namespace/name`` (needed with push=true)."""
+    private: bool = True
+    """Create the repository private (an existing repository keeps its visibility)."""
+    token_env: str | None = None
+    """Name of the environment variable holding the hub token (a token itself is never put in the
+    config: config.yaml is saved in the run directory); null: huggingface_hub's own (HF_TOKEN, or
+    ``hf auth login``)."""
 
 
 @dataclass
@@ -402,6 +427,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -766,6 +792,8 @@ def validate(config: Config, num_processes: int = 1) -> None:
     _check(bool(config.output_dir), "output_dir must name a directory")
     check_output_dir(config.output_dir)
     _validate_performance(config)
+    _validate_optimizer(config)
+    _validate_hub(config.hub)
     p = config.prompts
     if p.source == "file":
         _check(p.path is not None, "prompts.source=file needs prompts.path=<text file, one prompt a line>")
@@ -802,6 +830,55 @@ def _validate_performance(config: Config) -> None:
             "a LoRA update merged into fp16/bf16 weights is rounded away (W + dW == W for small dW), so the "
             "sampled policy would not be the trained one; set performance.merge_lora_for_sampling=false "
             "(torch.compile fuses the adapter matmuls instead) or train.mixed_precision=no",
+        )
+
+
+def _validate_optimizer(config: Config) -> None:
+    """adamw_8bit only where bitsandbytes can run it and it saves memory (refused otherwise)."""
+    if config.train.optimizer != "adamw_8bit":
+        return
+    import importlib.util
+
+    _check(
+        not config.lora.enabled,
+        "train.optimizer=adamw_8bit is for full fine-tuning (lora.enabled=false): bitsandbytes keeps "
+        "tensors under 4096 elements (most LoRA matrices) in 32-bit, and a LoRA's Adam state is "
+        "small anyway; use train.optimizer=adamw with LoRA",
+    )
+    _check(
+        importlib.util.find_spec("bitsandbytes") is not None,
+        "train.optimizer=adamw_8bit needs bitsandbytes, which is not installed: "
+        "pip install 'diffloop[bnb]' (or train.optimizer=adamw)",
+    )
+    import torch
+
+    _check(
+        torch.cuda.is_available(),
+        "train.optimizer=adamw_8bit needs a CUDA device (bitsandbytes' 8-bit optimizers have no CPU "
+        "kernels) and none is available; use train.optimizer=adamw",
+    )
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def _validate_hub(hub: HubConfig) -> None:
+    if not hub.push:
+        return
+    _check(
+        hub.model_id is not None,
+        "hub.push=true needs hub.model_id=<namespace/name>, the hub repository to upload to",
+    )
+    _check(
+        bool(_REPO_ID.match(hub.model_id)) and ".." not in hub.model_id and "--" not in hub.model_id,
+        f"hub.model_id={hub.model_id} must be a hub repository id namespace/name (letters, digits, "
+        "'-', '_', '.'; no '--' or '..'), e.g. hub.model_id=my-user/shapes-loop-lora",
+    )
+    if hub.token_env is not None:
+        _check(
+            bool(os.environ.get(hub.token_env)),
+            f"hub.token_env={hub.token_env}: that environment variable is unset or empty; export it "
+            "or set hub.token_env=null to use huggingface_hub's own login",
         )
 
 

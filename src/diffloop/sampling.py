@@ -41,7 +41,9 @@ def sampling_settings(args: argparse.Namespace, run_sample: SampleConfig | None)
 
 
 def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path | None = None):
-    """The policy of a run: its config.yaml's model and LoRA, with the newest (or given) checkpoint."""
+    """The policy of a run: its config.yaml's model and LoRA, with the newest (or given) checkpoint's
+    weights (its EMA when the run kept one). Only safetensors weights are read
+    (``checkpoint.load_weights``): nothing is unpickled."""
     from diffloop import checkpoint
     from diffloop.config import load_config
     from diffloop.policies.families import load_policy
@@ -52,7 +54,7 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
     path = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
     if path is None:
         raise checkpoint.CheckpointError(f"run directory '{run_dir}' has no complete checkpoint")
-    policy.load_trainable_state_dict(checkpoint.load(path, rank=0)["trainable"])
+    policy.load_trainable_state_dict(checkpoint.load_weights(path)[0])
     return policy, config
 
 

@@ -118,6 +118,11 @@ class DDIMPolicy:
     reduced over latent elements; the PPO clip range must agree with it.
     """
 
+    lora_loader = "StableDiffusionLoraLoaderMixin"
+    """The diffusers loader mixin (in diffusers.loaders) whose save_lora_weights writes the LoRA."""
+    lora_component = "unet"
+    """The attribute holding the adapted module, also the loader's key prefix (diffloop.export)."""
+
     def __init__(
         self,
         components: dict[str, Any],
@@ -487,23 +492,15 @@ class DDIMPolicy:
     # ------------------------------------------------------------------ export
 
     def export(self, path: str | Path) -> None:
-        """LoRA: diffusers LoRA weights (``StableDiffusionPipeline.load_lora_weights(path)`` loads them).
-        Full fine-tuning: a complete pipeline directory (``from_pretrained(path)``)."""
+        """LoRA: diffusers LoRA weights (``StableDiffusionPipeline.load_lora_weights(path)`` loads them),
+        written by ``diffloop.export.save_lora`` through ``lora_loader``. Full fine-tuning: a complete
+        pipeline directory (``from_pretrained(path)``)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.lora_config is not None:
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
+            from diffloop.export import save_lora
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-            StableDiffusionPipeline.save_lora_weights(
-                save_directory=str(path),
-                unet_lora_layers=layers,
-                # Without the metadata diffusers drops lora_alpha and reloads with peft's default (8).
-                unet_lora_adapter_metadata=self.peft_config.to_dict(),
-                safe_serialization=True,
-            )
+            save_lora(self, path)
             return
         self.unet.save_pretrained(path / "unet")
         self.text_encoder.save_pretrained(path / "text_encoder")

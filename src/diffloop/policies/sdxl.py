@@ -160,6 +160,8 @@ class SDXLPolicy(DDIMPolicy):
     conditioning of ``conditioning()`` threaded through to the UNet as ``added_cond_kwargs``.
     """
 
+    lora_loader = "StableDiffusionXLLoraLoaderMixin"
+
     def __init__(
         self,
         components: dict[str, Any],
