@@ -108,7 +108,12 @@ def save_lora(policy: Any, directory: str | Path) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     module, prefix = lora_module(policy), policy.lora_component
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    layers = get_peft_model_state_dict(module)
+    if prefix == "unet":
+        # UNet LoRAs in diffusers' own key names (as its SD / SDXL training scripts write them); the
+        # transformer families keep peft's names, as diffusers' SD3 / FLUX scripts do (the converter
+        # would rename lora_A to the legacy lora.down there).
+        layers = convert_state_dict_to_diffusers(layers)
     lora_loader(policy).save_lora_weights(
         save_directory=str(directory),
         **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": peft_config(module).to_dict()},

@@ -122,7 +122,11 @@ class FlowMatchPolicy:
     """
 
     pipeline_class: Any = None
-    """The diffusers pipeline class (export, ``save_lora_weights``)."""
+    """The diffusers pipeline class (export of a full fine-tune)."""
+    lora_loader: str = ""
+    """The diffusers LoRA loader mixin whose ``save_lora_weights`` writes the adapter (diffloop.export)."""
+    lora_component = "transformer"
+    """The adapted module (and the prefix of its keys in the LoRA file)."""
     text_encoder_names: tuple[str, ...] = ()
     """Component names of the (frozen) text encoders; their tokenizers are kept as given."""
     DEFAULT_LORA_TARGETS: list[str] = ATTENTION_TARGETS + FEED_FORWARD_TARGETS
@@ -528,15 +532,6 @@ class FlowMatchPolicy:
         if self.lora_config is None:
             self.pipeline_class(**self.pipeline_components()).save_pretrained(str(path))
             return
-        from peft.utils import get_peft_model_state_dict
+        from diffloop.export import save_lora
 
-        # peft's keys as they are (diffusers' SD3/FLUX LoRA training scripts save them so):
-        # convert_state_dict_to_diffusers would rename to_q's lora_A to the legacy lora.down.
-        layers = get_peft_model_state_dict(self.transformer)
-        self.pipeline_class.save_lora_weights(
-            save_directory=str(path),
-            transformer_lora_layers=layers,
-            # Without the metadata diffusers drops lora_alpha and reloads with peft's default (8).
-            transformer_lora_adapter_metadata=self.peft_config.to_dict(),
-            safe_serialization=True,
-        )
+        save_lora(self, path)

@@ -152,6 +152,8 @@ class FluxPolicy(FlowMatchPolicy):
     sampling.
     """
 
+    lora_loader = "FluxLoraLoaderMixin"
+
     text_encoder_names = ("text_encoder", "text_encoder_2")
     timestep_scale = 1 / 1000  # FLUX's transformer takes t / 1000 (it multiplies by 1000 inside)
     pack_factor = 2  # 2x2 latent patches per token

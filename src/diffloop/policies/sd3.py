@@ -80,6 +80,8 @@ def load_sd3_components(model: ModelConfig) -> dict[str, Any]:
 class SD3Policy(FlowMatchPolicy):
     """``FlowMatchPolicy`` with SD3's three text encoders, pooled embeddings and real CFG."""
 
+    lora_loader = "SD3LoraLoaderMixin"
+
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     timestep_scale = 1.0  # SD3's transformer takes the 0-1000 timestep
 

@@ -175,9 +175,9 @@ def build_flux_components(
 
     from diffloop.testing.tiny_flow import (
         clip_text_config,
-        t5_config,
         make_clip_tokenizer,
         make_t5_tokenizer,
+        t5_config,
     )
 
     if size not in FLUX_CONFIGS:
