@@ -20,7 +20,7 @@ import torch
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SampleConfig
 from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob
 from diffloop.errors import DiffloopError
-from diffloop.policies.base import Trajectories, iter_chunks
+from diffloop.policies.base import TrainableDenoiser, Trajectories, iter_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
     return components
 
 
-class DDIMPolicy:
+class DDIMPolicy(TrainableDenoiser):
     """A conditional UNet sampled with stochastic DDIM + classifier-free guidance, LoRA or full fine-tuning.
 
     Frozen weights live in ``weight_dtype`` (fp16/bf16 under mixed precision); trainable parameters are
@@ -203,43 +203,6 @@ class DDIMPolicy:
                 f"lora.target_modules={lora.target_modules} matched no UNet module ({e}); use names such "
                 "as to_q, to_k, to_v, to_out.0"
             ) from e
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.named_trainable_parameters().items()}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = self.named_trainable_parameters()
-        missing = set(params) - set(state)
-        unexpected = set(state) - set(params)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint does not match the model: {len(missing)} missing and {len(unexpected)} "
-                f"unexpected parameters (e.g. {sorted(missing or unexpected)[:3]}); was it written with "
-                "other lora.* or model.* settings?"
-            )
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state[name].to(p.device, p.dtype))
-
-    def train(self, mode: bool = True) -> None:
-        self.unet.train(mode)
-
-    @contextlib.contextmanager
-    def reference(self):
-        """The base model: LoRA adapters disabled (no second UNet copy in memory)."""
-        if self.lora_config is None:
-            raise NotImplementedError("a reference model needs LoRA (lora.enabled=true)")
-        self.unet.disable_adapters()
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
 
     # ------------------------------------------------------------------ model calls
 

@@ -40,7 +40,7 @@ import torch
 
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SampleConfig
 from diffloop.core import flow_sde_step_with_logprob, flow_step_mean_std
-from diffloop.policies.base import Trajectories, iter_chunks
+from diffloop.policies.base import TrainableDenoiser, Trajectories, iter_chunks
 from diffloop.policies.diffusers_policy import ModelLoadError, cat_branches, resolve_pretrained
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class DenoiserView(torch.nn.Module):
         return self.transformer(hidden_states=x, timestep=t.expand(len(x)), **conditioning)
 
 
-class FlowMatchPolicy:
+class FlowMatchPolicy(TrainableDenoiser):
     """A flow-matching transformer sampled with the stochastic flow step; LoRA or full fine-tuning.
 
     Frozen weights live in ``weight_dtype``; trainable parameters are fp32. ``sde_type`` and
@@ -228,42 +228,6 @@ class FlowMatchPolicy:
                 f"lora.target_modules={targets} matched no transformer module ({e}); use names "
                 f"such as {', '.join(self.DEFAULT_LORA_TARGETS[:4])}"
             ) from e
-
-    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.named_trainable_parameters().values())
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.named_trainable_parameters().items()}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = self.named_trainable_parameters()
-        missing, unexpected = set(params) - set(state), set(state) - set(params)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint does not match the model: {len(missing)} missing and "
-                f"{len(unexpected)} unexpected parameters (e.g. {sorted(missing or unexpected)[:3]});"
-                " was it written with other lora.* or model.* settings?"
-            )
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state[name].to(p.device, p.dtype))
-
-    def train(self, mode: bool = True) -> None:
-        self.transformer.train(mode)
-
-    @contextlib.contextmanager
-    def reference(self):
-        """The base model: LoRA adapters disabled (no second transformer in memory)."""
-        if self.lora_config is None:
-            raise NotImplementedError("a reference model needs LoRA (lora.enabled=true)")
-        self.transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            self.transformer.enable_adapters()
 
     # ------------------------------------------------------------------ family hooks
 
