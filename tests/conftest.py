@@ -39,3 +39,23 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     from tiny_sdxl import tiny_sdxl_dir
 
     return tiny_sdxl_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny SD3 pipeline (CLIP BPE fixture tokenizer, in-code T5) saved in diffusers layout
+    (``diffloop.testing.tiny_flow``)."""
+    from tiny_models import make_tiny_tokenizer
+
+    from diffloop.testing.tiny_flow import make_tiny_sd3
+
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"), clip_tokenizer=make_tiny_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-dev-style pipeline (guidance embedding; dev's scheduler with the dynamic
+    shift) saved in diffusers layout (``diffloop.testing.tiny_flux``)."""
+    from diffloop.testing.tiny_flux import make_tiny_flux
+
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny_flux"), guidance_embeds=True)

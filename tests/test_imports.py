@@ -31,6 +31,8 @@ LAYERS: dict[str, int] = {
     "diffloop.rewards": 2,
     "diffloop.prompts": 2,
     "diffloop.checkpoint": 2,
+    "diffloop.ema": 2,  # the EMA of the trainable weights
+    "diffloop.export": 2,  # LoRA files, model card, kohya copy, hub upload (policies call it)
     "diffloop.run_dir": 2,
     "diffloop.tracking": 2,  # accelerate's experiment trackers (logging.report_to)
     "diffloop.distributed": 2,

@@ -55,6 +55,28 @@ def _reload_sdxl_pipeline_unet(model_dir: Path, lora_dir: Path) -> torch.nn.Modu
     return pipe.unet
 
 
+def _reload_sd3_pipeline_transformer(model_dir: Path, lora_dir: Path) -> torch.nn.Module:
+    """``StableDiffusion3Pipeline.load_lora_weights``; the transformer called like a UNet."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffloop.policies.flow import DenoiserView
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir)
+    pipe.load_lora_weights(str(lora_dir))
+    return DenoiserView(pipe.transformer)
+
+
+def _reload_flux_pipeline_transformer(model_dir: Path, lora_dir: Path) -> torch.nn.Module:
+    """``FluxPipeline.load_lora_weights``; the transformer called like a UNet (t / 1000 inside)."""
+    from diffusers import FluxPipeline
+
+    from diffloop.policies.flow import DenoiserView
+
+    pipe = FluxPipeline.from_pretrained(model_dir)
+    pipe.load_lora_weights(str(lora_dir))
+    return DenoiserView(pipe.transformer, timestep_scale=1 / 1000)
+
+
 @dataclass(frozen=True)
 class PolicyCase:
     """One policy under test: its model (a conftest fixture name, or a ``model.pretrained`` value),
@@ -72,6 +94,9 @@ POLICIES = [
     PolicyCase("tiny_sd_v_prediction", "tiny_sd_v", _reload_sd_pipeline_unet),
     PolicyCase("shapes_pixel", "shapes", _reload_unet_adapter, model_is_fixture=False),
     PolicyCase("tiny_sdxl", "tiny_sdxl", _reload_sdxl_pipeline_unet),
+    PolicyCase("tiny_sd3", "tiny_sd3", _reload_sd3_pipeline_transformer),
+    PolicyCase("tiny_flux_dev", "tiny_flux", _reload_flux_pipeline_transformer,
+               {"sample.guidance_scale": 3.5}),
 ]
 
 STEPS = 3
@@ -103,7 +128,7 @@ def test_ratio_is_exactly_one_on_policy(case, tmp_path, minibatch):
     with torch.no_grad():
         for start in range(0, 4, minibatch):
             batch = traj.index(slice(start, start + minibatch))
-            for j in range(STEPS):
+            for j in range(batch.timesteps.shape[1]):  # every stored step (a flow window: T - 1)
                 step = torch.full((len(batch),), j, dtype=torch.long)
                 log_prob = loops.transition_log_prob(t.policy, batch, step, t.sampler)[0]
                 assert torch.isfinite(log_prob).all()

@@ -14,7 +14,10 @@ Shapes: ``tiny`` (a (32, 64)-channel UNet, for the CPU test suite), ``sd15`` (SD
 (320, 640, 1280, 1280), CLIP ViT-L text encoder, SD VAE, 64x64 latents), ``sdxl`` and ``tiny_xl``
 (SDXL's UNet, 128x128 latents, text_time conditioning). diffloop has no SDXL policy yet, so for the
 SDXL shapes only the raw UNet forward (sampling-like, CFG-doubled batch) and forward + backward with
-LoRA (training-like) are timed; the output says so.
+LoRA (training-like) are timed; the output says so. ``flux`` builds a FLUX.1-dev-shaped policy
+(``FluxPolicy``: the real transformer config, 11.9e9 parameters, at Flow-GRPO's 512 px and 6 steps;
+T5-XXL's width with 2 of its layers) and ``tiny_flux`` the test suite's tiny FLUX; a FLUX step is one
+transformer evaluation whatever ``--guidance-scale`` (the guidance embedding's input, no CFG).
 
 Reference (DDPO's code on one H200, SD1.5 shape): sampling 2.42 images/s at batch 16 (50 DDIM steps,
 CFG 5, i.e. 242 UNet evals/s), training 1.91 s per sample at train batch 4, 0.803 TFLOP per UNet eval.
@@ -37,7 +40,11 @@ from typing import Any
 import torch
 from typing_extensions import Self
 
-SHAPES = ("tiny", "sd15", "sdxl", "tiny_xl")
+SHAPES = ("tiny", "sd15", "sdxl", "tiny_xl", "sd35", "tiny_sd3", "flux", "tiny_flux")
+# flow-matching shapes: (diffloop.testing.tiny_flow.SD3_CONFIGS size, image side or None)
+SD3_SHAPES = {"sd35": ("sd35_medium", 512), "tiny_sd3": ("tiny", None)}
+# (diffloop.testing.tiny_flux.FLUX_CONFIGS size, image side or None): FLUX.1-dev at 512 px
+FLUX_SHAPES = {"flux": ("dev", 512), "tiny_flux": ("tiny", None)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # DDPO's reference implementation on one H200, SD1.5 shape (see the module docstring).
@@ -71,6 +78,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 # Per-shape defaults for options left unset: (sample_batch, train_batch, steps, repeats, warmup, matmul n)
 SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
+    # SD3.5-medium at 512 px (Flow-GRPO's training resolution), its 10 training steps, batch 9
+    "sd35": {"sample_batch": 9, "train_batch": 9, "steps": 10, "repeats": 3, "warmup": 1, "matmul_n": 8192},
+    "tiny_sd3": {"sample_batch": 2, "train_batch": 2, "steps": 3, "repeats": 1, "warmup": 0, "matmul_n": 256},
+    # FLUX.1-dev at 512 px with Flow-GRPO's 6 training steps and its sampling batch 3
+    "flux": {"sample_batch": 3, "train_batch": 3, "steps": 6, "repeats": 3, "warmup": 1, "matmul_n": 8192},
+    "tiny_flux": {"sample_batch": 2, "train_batch": 2, "steps": 3, "repeats": 1, "warmup": 0, "matmul_n": 256},
     "tiny": {
         "sample_batch": 2,
         "train_batch": 2,
@@ -452,14 +465,18 @@ def onpolicy_logprob_err(policy: Any, traj: Any, *, eta: float, guidance_scale: 
 
 
 def _unet_flops_per_eval_sd(policy: Any) -> int:
-    """F: FLOPs of one UNet forward at batch 1 (the policy's UNet, LoRA included)."""
-    embeds = policy.encode_prompts(_prompts(1))
+    """F: FLOPs of one UNet (or flow transformer) forward at batch 1 (the policy's, LoRA included)."""
+    if hasattr(policy, "unet_conditioning"):  # SD3: pooled embeddings too
+        cond = policy.unet_conditioning(_prompts(1))
+    else:
+        cond = {"encoder_hidden_states": policy.encode_prompts(_prompts(1))}
+    cond = {k: v.to(policy.weight_dtype) for k, v in cond.items()}
     x = torch.zeros(1, *policy.latent_shape(), device=policy.device, dtype=policy.weight_dtype)
     t = torch.tensor([500], device=policy.device)
 
     def forward() -> None:
         with torch.no_grad(), policy._autocast():
-            policy.unet(x, t, encoder_hidden_states=embeds.to(policy.weight_dtype))
+            policy.unet(x, t, **cond)
 
     return count_flops(forward)
 
@@ -477,14 +494,32 @@ def bench_sd(
 
     dtype = DTYPES[args.dtype]
     set_backend_flags(PerformanceConfig(**args.perf), device)
-    policy = DDIMPolicy(
-        build_components(args.shape, device),
+    policy_class, components, extra = DDIMPolicy, None, {}
+    if args.shape in SD3_SHAPES:  # random-weight SD3 shapes (diffloop.testing.tiny_flow)
+        from diffloop.policies.sd3 import SD3Policy
+        from diffloop.testing.tiny_flow import build_sd3_components
+
+        size, resolution = SD3_SHAPES[args.shape]
+        policy_class, extra = SD3Policy, {"resolution": resolution}
+        components = build_sd3_components(size, device=device)
+    elif args.shape in FLUX_SHAPES:  # random-weight FLUX.1-dev shapes (diffloop.testing.tiny_flux)
+        from diffloop.config import SampleConfig
+        from diffloop.policies.flux import FluxPolicy
+        from diffloop.testing.tiny_flux import build_flux_components
+
+        size, resolution = FLUX_SHAPES[args.shape]
+        sample = SampleConfig(guidance_scale=args.guidance_scale)  # the guidance embedding's input
+        policy_class, extra = FluxPolicy, {"resolution": resolution, "sample": sample}
+        components = build_flux_components(size, device=device)
+    policy = policy_class(
+        components or build_components(args.shape, device),
         LoraConfig(rank=4, alpha=4.0),  # DDPO's adapter, as docs/performance.md measured
         device=device,
         weight_dtype=dtype,
         logprob_reduction="mean",
         gradient_checkpointing=args.gradient_checkpointing,
         performance=PerformanceConfig(**args.perf),
+        **extra,
     )
     out["options"] = {
         "performance": asdict(policy.performance),
@@ -494,7 +529,8 @@ def bench_sd(
     }
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-6)
     steps, cfg, eta = args.steps, args.guidance_scale, 1.0
-    evals_per_step = 1 if cfg == 1.0 else 2  # CFG runs the UNet on a doubled batch
+    # CFG runs the UNet on a doubled batch; a guidance-distilled model (FLUX) runs it once
+    evals_per_step = getattr(policy, "model_evals_per_step", lambda g: 1 if g == 1.0 else 2)(cfg)
     out["floor"]["unet_flop_per_eval"] = _unet_flops_per_eval_sd(policy)
     sb, tb = args.sample_batch, args.train_batch
     prompts = _prompts(sb)

@@ -2,6 +2,7 @@
 
 Layout: ``output_dir/checkpoints/epoch_000012/`` holding
     trainable.safetensors   trainable parameters (LoRA or the full UNet), fp32
+    ema.safetensors         their EMA (only with train.ema_decay), fp32
     optimizer.pt            optimizer state
     lr_scheduler.pt         LR scheduler state
     grad_scaler.pt          fp16 grad scaler state
@@ -17,6 +18,10 @@ rotted or were truncated after the save) and every tensor of the model and optim
 finite; otherwise CheckpointError. :func:`load_newest_valid` then falls back to the previous
 complete checkpoint, with a warning, and warns about incomplete ones (no COMPLETE marker) it
 skips. Rotation (:func:`commit`) never deletes the newest checkpoint whose tensors were finite.
+
+:func:`load_weights` (``diffloop sample`` / ``diffloop eval``) reads only the safetensors weights,
+verified the same way, and never unpickles a ``.pt`` file (optimizer, schedulers, RNG states):
+loading a checkpoint somebody sent you runs no code from it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^epoch_(\d{6})$")
 COMPLETE = "COMPLETE"
 MANIFEST = "MANIFEST.json"
+WEIGHTS = "trainable.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
 
 
 class CheckpointError(DiffloopError, RuntimeError):
@@ -132,15 +139,20 @@ def write_main(
     lr_scheduler: Any,
     grad_scaler: torch.amp.GradScaler,
     state: TrainingState,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """(Main process.) Model, optimizer, schedulers and state, then MANIFEST, then COMPLETE."""
+    """(Main process.) Model (and its EMA), optimizer, schedulers and state, then MANIFEST, then
+    COMPLETE."""
     nonfinite = nonfinite_tensors(trainable) + nonfinite_tensors(_optimizer_tensors(optimizer.state_dict()))
+    nonfinite += [f"ema.{k}" for k in nonfinite_tensors(ema or {})]
     if nonfinite:
         logger.warning(
             "checkpoint %s holds non-finite values (%s): it is saved, but resume will not load it "
             "and rotation keeps the last finite checkpoint", tmp.name, ", ".join(nonfinite[:4]),
         )
-    save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / WEIGHTS))
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / EMA_WEIGHTS))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
     torch.save(grad_scaler.state_dict(), tmp / "grad_scaler.pt")
@@ -181,8 +193,9 @@ def _manifest(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def verify_files(path: Path) -> None:
-    """CheckpointError unless every file the manifest lists has its recorded sha256."""
+def verify_files(path: Path, only: tuple[str, ...] | None = None) -> None:
+    """CheckpointError unless every file the manifest lists (or those of it named in ``only``) has
+    its recorded sha256."""
     manifest = _manifest(path)
     if manifest is None:
         if (path / MANIFEST).exists():
@@ -193,6 +206,8 @@ def verify_files(path: Path) -> None:
         )
         return
     for name, expected in manifest["sha256"].items():
+        if only is not None and name not in only:
+            continue
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint file '{f}' is missing")
@@ -239,7 +254,8 @@ def load(path: Path, rank: int) -> dict[str, Any]:
     rng_file = path / f"rng_rank{rank}.pt"
     state = _load(path / "state.json", lambda p: json.loads(p.read_text()))
     parts = {
-        "trainable": _load(path / "trainable.safetensors", lambda p: load_file(str(p))),
+        "trainable": _load(path / WEIGHTS, lambda p: load_file(str(p))),
+        "ema": _load(path / EMA_WEIGHTS, lambda p: load_file(str(p))) if (path / EMA_WEIGHTS).exists() else None,
         "optimizer": _load(path / "optimizer.pt", torch_load),
         "lr_scheduler": _load(path / "lr_scheduler.pt", torch_load),
         "grad_scaler": _load(path / "grad_scaler.pt", torch_load),
@@ -248,10 +264,30 @@ def load(path: Path, rank: int) -> dict[str, Any]:
         "state": TrainingState(**state),
     }
     nonfinite = nonfinite_tensors(parts["trainable"]) + nonfinite_tensors(_optimizer_tensors(parts["optimizer"]))
+    nonfinite += [f"ema.{k}" for k in nonfinite_tensors(parts["ema"] or {})]
     if nonfinite:
         names = ", ".join(nonfinite[:4])
         raise CheckpointError(f"checkpoint '{path}' holds non-finite values in {names}")
     return parts
+
+
+def load_weights(path: Path, *, ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of checkpoint ``path`` for inference: (state dict on CPU, the file it came from).
+
+    ``ema``: the EMA weights when the checkpoint has them (a run with train.ema_decay evaluates and
+    exports its EMA), else the trained weights. Only that safetensors file is read and checked
+    (its manifest sha256, finite values); no pickle (optimizer, schedulers, RNG) is opened, so a
+    damaged or untrusted ``.pt`` file cannot matter. Raises CheckpointError.
+    """
+    name = EMA_WEIGHTS if ema and (path / EMA_WEIGHTS).is_file() else WEIGHTS
+    if not (path / COMPLETE).is_file():
+        raise CheckpointError(f"checkpoint '{path}' is incomplete (no {COMPLETE} marker)")
+    verify_files(path, only=(name,))
+    weights = _load(path / name, lambda p: load_file(str(p)))
+    nonfinite = nonfinite_tensors(weights)
+    if nonfinite:
+        raise CheckpointError(f"checkpoint '{path / name}' holds non-finite values in {', '.join(nonfinite[:4])}")
+    return weights, name
 
 
 def load_newest_valid(output_dir: str | Path, rank: int) -> tuple[Path, dict[str, Any]] | None:

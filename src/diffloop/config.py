@@ -120,10 +120,12 @@ def load_yaml(text: str) -> Any:
 AlgorithmName = Literal["loop", "ppo", "grpo", "reinforce", "reinforce_loo"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LogprobReduction = Literal["mean", "sum"]
+SdeType = Literal["sde", "cps"]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 CompileTarget = Literal["none", "sampling", "training", "all"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 AttentionBackend = Literal["sdpa", "eager"]
+OptimizerName = Literal["adamw", "adamw_8bit"]
 
 # Prompt sources read from a path (diffloop.prompts), and what the path must be.
 PATH_SOURCES = {
@@ -160,6 +162,16 @@ class SDXLConfig:
 
 
 @dataclass
+class FluxConfig:
+    """FLUX.1-only settings (read by ``diffloop.policies.flux``; ignored for other families);
+    the resolution is ``model.resolution`` (a multiple of 16 for FLUX: VAE factor 8 x 2x2 packing)."""
+
+    max_sequence_length: int | None = num(None, ge=1, le=512)
+    """T5 tokens of the prompt (FluxPipeline's max_sequence_length, at most 512); null: the T5
+    tokenizer's model_max_length capped at 512 (512 for FLUX.1). Flow-GRPO uses 128."""
+
+
+@dataclass
 class ModelConfig:
     pretrained: str = "shapes"
     """Hub id (``stabilityai/stable-diffusion-2-base``) or local directory in diffusers layout; ``shapes``
@@ -173,6 +185,12 @@ class ModelConfig:
     non-DDIM config is converted with set_alpha_to_one and clip_sample false (logged)."""
     sdxl: SDXLConfig = field(default_factory=SDXLConfig)
     """SDXL micro-conditioning, resolution and VAE (used when model.pretrained is an SDXL pipeline)."""
+    resolution: int | None = num(None, ge=8)
+    """Flow-matching models (SD3, FLUX): square image side in pixels (Flow-GRPO trains SD3.5 at 512);
+    null = the transformer's sample_size x the VAE's downsampling factor (FLUX, whose transformer
+    has none: the VAE's sample_size, 1024 for FLUX.1, FluxPipeline's default)."""
+    flux: FluxConfig = field(default_factory=FluxConfig)
+    """FLUX.1's T5 length (used when model.pretrained is a FluxPipeline)."""
 
 
 @dataclass
@@ -199,11 +217,21 @@ class SampleConfig:
         why=f"{_NO_LOGPROB}, and eta > 1 makes the DDIM variance's square root imaginary (NaN "
         "log-probabilities); use eta=1.0 (DDPO's default)",
     )  # fmt: skip
-    """DDIM eta, in (0, 1]: 0 is deterministic (no log-probability), 1 is DDPM-like (DDPO's)."""
+    """The sampler's stochasticity, in (0, 1]: DDIM's eta for DDIM models (0 is deterministic: no
+    log-probability; 1 is DDPM-like, DDPO's), the SDE noise level a for flow-matching models
+    (Flow-GRPO: 0.7 with sde_type=sde, 0.8 with cps)."""
     guidance_scale: float = num(3.0, ge=1)
     """Classifier-free guidance scale (1 = no guidance, half the UNet evaluations)."""
     negative_prompt: str = ""
     """Negative prompt used as the unconditional branch of CFG."""
+    sde_type: SdeType = "sde"
+    """Flow-matching models: the stochastic step, "sde" (Flow-GRPO's) or "cps" (coefficients-
+    preserving); see ``diffloop.core.flow``."""
+    sde_window: list[int] | None = None
+    """Flow-matching models: [start, length] makes the ``length`` consecutive steps from step
+    ``start`` (0-based) stochastic and trained, the others ODE steps (Flow-GRPO-Fast, MixGRPO);
+    [first, last, length] draws each sample's start uniformly in [first, last] (Flow-GRPO-Fast's
+    random window); null = every step but the last (an ODE step: it has no density)."""
     prompts_per_epoch: int = num(16, ge=1)
     """B: distinct prompt draws per epoch (over all processes)."""
     samples_per_prompt: int = num(4, ge=1)
@@ -276,6 +304,13 @@ class TrainConfig:
     max_consecutive_nonfinite: int = num(3, ge=1)
     """An optimizer step whose gradient is NaN/inf is skipped and counted (``nonfinite_steps_skipped``);
     this many skipped in a row stop the run, keeping its last checkpoint (see diffloop.guards)."""
+    optimizer: OptimizerName = "adamw"
+    """adamw (torch) or adamw_8bit (bitsandbytes' 8-bit AdamW: ``pip install diffloop[bnb]``, a CUDA
+    device and full fine-tuning, lora.enabled=false; LoRA tensors are too small for its 8-bit state)."""
+    ema_decay: float | None = num(None, gt=0, lt=1)
+    """EMA of the trainable weights, shadow <- d shadow + (1 - d) theta after every optimizer step
+    (Flow-GRPO uses 0.9); evaluation, export, ``diffloop sample`` and ``diffloop eval`` use it.
+    Costs one more fp32 copy of the trainable weights. null: off (diffloop.ema)."""
 
 
 @dataclass
@@ -361,6 +396,23 @@ class LoggingConfig:
 
 
 @dataclass
+class HubConfig:
+    """Upload of the exported LoRA (or model) and its model card to the Hugging Face Hub at the end
+    of a run, after everything is written (diffloop.export.push_to_hub)."""
+
+    push: bool = False
+    """Upload output_dir/lora (or model) with its README.md model card when the run ends."""
+    model_id: str | None = None
+    """Hub repository to create or update, ``namespace/name`` (needed with push=true)."""
+    private: bool = True
+    """Create the repository private (an existing repository keeps its visibility)."""
+    token_env: str | None = None
+    """Name of the environment variable holding the hub token (a token itself is never put in the
+    config: config.yaml is saved in the run directory); null: huggingface_hub's own (HF_TOKEN, or
+    ``hf auth login``)."""
+
+
+@dataclass
 class PerformanceConfig:
     """Speed options (docs/performance.md lists them and how to measure each). None changes the algorithm: the
     on-policy ratio stays 1 within the tolerance the run logs as ``onpolicy_logprob_err``."""
@@ -422,6 +474,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -719,6 +772,13 @@ def validate(config: Config, num_processes: int = 1) -> None:
     check_field_values(config)
     s, t = config.sample, config.train
     algo = ALGORITHMS[t.algorithm]
+    w = [s.sde_window[0], *s.sde_window] if s.sde_window and len(s.sde_window) == 2 else s.sde_window
+    _check(
+        w is None or (len(w) == 3 and 0 <= w[0] <= w[1] and w[2] >= 1 and w[1] + w[2] <= s.num_steps - 1),
+        f"sample.sde_window={s.sde_window} must be null, [start, length] or [first, last, length] "
+        f"(start drawn in [first, last]) with length >= 1 and start + length <= sample.num_steps - 1 "
+        f"= {s.num_steps - 1} (the last step is an ODE step)",
+    )  # fmt: skip
     _check(
         s.samples_per_prompt >= algo.min_samples_per_prompt,
         f"sample.samples_per_prompt={s.samples_per_prompt}: algorithm '{algo.name}' needs at least "
@@ -780,6 +840,8 @@ def validate(config: Config, num_processes: int = 1) -> None:
     check_output_dir(config.output_dir)
     _validate_performance(config)
     _validate_logging(config.logging)
+    _validate_optimizer(config)
+    _validate_hub(config.hub)
     p = config.prompts
     if p.source in PATH_SOURCES:
         _check(p.path is not None, f"prompts.source={p.source} needs prompts.path=<{PATH_SOURCES[p.source]}>")
@@ -839,6 +901,55 @@ def _validate_performance(config: Config) -> None:
             "a LoRA update merged into fp16/bf16 weights is rounded away (W + dW == W for small dW), so the "
             "sampled policy would not be the trained one; set performance.merge_lora_for_sampling=false "
             "(torch.compile fuses the adapter matmuls instead) or train.mixed_precision=no",
+        )
+
+
+def _validate_optimizer(config: Config) -> None:
+    """adamw_8bit only where bitsandbytes can run it and it saves memory (refused otherwise)."""
+    if config.train.optimizer != "adamw_8bit":
+        return
+    import importlib.util
+
+    _check(
+        not config.lora.enabled,
+        "train.optimizer=adamw_8bit is for full fine-tuning (lora.enabled=false): bitsandbytes keeps "
+        "tensors under 4096 elements (most LoRA matrices) in 32-bit, and a LoRA's Adam state is "
+        "small anyway; use train.optimizer=adamw with LoRA",
+    )
+    _check(
+        importlib.util.find_spec("bitsandbytes") is not None,
+        "train.optimizer=adamw_8bit needs bitsandbytes, which is not installed: "
+        "pip install 'diffloop[bnb]' (or train.optimizer=adamw)",
+    )
+    import torch
+
+    _check(
+        torch.cuda.is_available(),
+        "train.optimizer=adamw_8bit needs a CUDA device (bitsandbytes' 8-bit optimizers have no CPU "
+        "kernels) and none is available; use train.optimizer=adamw",
+    )
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def _validate_hub(hub: HubConfig) -> None:
+    if not hub.push:
+        return
+    _check(
+        hub.model_id is not None,
+        "hub.push=true needs hub.model_id=<namespace/name>, the hub repository to upload to",
+    )
+    _check(
+        bool(_REPO_ID.match(hub.model_id)) and ".." not in hub.model_id and "--" not in hub.model_id,
+        f"hub.model_id={hub.model_id} must be a hub repository id namespace/name (letters, digits, "
+        "'-', '_', '.'; no '--' or '..'), e.g. hub.model_id=my-user/shapes-loop-lora",
+    )
+    if hub.token_env is not None:
+        _check(
+            bool(os.environ.get(hub.token_env)),
+            f"hub.token_env={hub.token_env}: that environment variable is unset or empty; export it "
+            "or set hub.token_env=null to use huggingface_hub's own login",
         )
 
 

@@ -13,12 +13,19 @@ scaled by 1 / (that count)), then averages them across processes with one all-re
 clipping and stepping. That makes synchronisation under accumulation explicit and impossible to
 skip (the bug DDPO shipped), works unchanged for LoRA and full fine-tuning, and since every process
 holds the same number of samples the average equals the single-process gradient of the whole batch.
+
+Sharding: none. Every process holds a full copy of the trained model, so an accelerate configuration
+that asks for FSDP or DeepSpeed (``accelerate config`` / ``accelerate launch --use_fsdp``, which set
+``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``) is refused before anything loads instead of
+being silently ignored (docs/flow_matching.md: LoRA fits FLUX.1 unsharded; full fine-tuning of a
+FLUX-size transformer needs sharding diffloop does not do).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -52,11 +59,46 @@ def warn_on_mixed_precision_conflict(configured: str) -> None:
     if message is not None:
         logger.warning(message)
 
+SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+class ShardingNotSupported(RuntimeError):
+    """accelerate is configured to shard the model (FSDP / DeepSpeed), which diffloop does not do."""
+
+
+def requested_sharding(environ: Mapping[str, str] = os.environ) -> str | None:
+    """ "FSDP" or "DeepSpeed" when accelerate's launch environment asks for it, else None.
+
+    ``accelerate launch`` exports ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED = "true" when the
+    accelerate config's distributed_type is FSDP / DEEPSPEED (or --use_fsdp / --use_deepspeed is
+    given); ``Accelerator()`` then builds the plugin from those variables."""
+    for var, name in SHARDING_ENV.items():
+        if environ.get(var, "false").lower() in ("true", "1", "yes"):
+            return name
+    return None
+
+
+def refuse_sharding(environ: Mapping[str, str] = os.environ) -> None:
+    """Raise ShardingNotSupported when accelerate asks for FSDP / DeepSpeed (see the module doc)."""
+    name = requested_sharding(environ)
+    if name is None:
+        return
+    var = next(v for v, n in SHARDING_ENV.items() if n == name)
+    raise ShardingNotSupported(
+        f"accelerate is configured for {name} ({var}=true, from `accelerate config` or "
+        f"`accelerate launch`), but diffloop does not shard models: each process would train a full "
+        f"unsharded copy and the {name} setting would be ignored. Launch without it (`accelerate "
+        "launch --multi_gpu ...`, or an accelerate config with distributed_type: MULTI_GPU) and "
+        "train a LoRA adapter (lora.enabled=true), which fits FLUX.1 and SD3.5 unsharded; full "
+        "fine-tuning of a FLUX-size transformer is not supported (docs/flow_matching.md)."
+    )
+
 
 class Distributed:
     """A thin view of accelerate's process state for the trainer."""
 
     def __init__(self, cpu: bool = False) -> None:
+        refuse_sharding()  # before Accelerator() builds an FSDP / DeepSpeed plugin we would not use
         # Mixed precision is handled by the policy (frozen weights in low precision, fp32 trainables),
         # so accelerate is only asked for the process group and the device. Under torchrun on a machine
         # without CUDA, accelerate only builds the gloo group when told cpu=True.

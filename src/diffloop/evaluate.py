@@ -6,7 +6,8 @@
 
 A TARGET is a training run directory (config.yaml + checkpoints/: its newest checkpoint), one
 checkpoint directory of a run (``RUN/checkpoints/epoch_000012``), or a model (a diffusers directory,
-a hub id, or ``shapes``). ``--prompts`` takes a prompt-source name (``diffloop.prompts``) or a text
+a hub id, or ``shapes``). A checkpoint contributes only its safetensors weights (its EMA when the
+run kept one; ``checkpoint.load_weights``): no pickled file of it is opened. ``--prompts`` takes a prompt-source name (``diffloop.prompts``) or a text
 file (one prompt a line); the first N prompts are used, in order.
 
 Fixed noise: image j of prompt i starts from (and, with eta > 0, is driven by) a generator seeded

@@ -48,7 +48,7 @@ from diffloop.config import (
 )
 
 RESUME_MAY_CHANGE = (
-    "resume", "overwrite", "resume_allow", "output_dir", "logging", "checkpoint_every",
+    "resume", "overwrite", "resume_allow", "output_dir", "logging", "hub", "checkpoint_every",
     "keep_checkpoints", "sample.batch_size", "eval.batch_size", "performance.decode_batch_size",
     "train.gradient_checkpointing",
 )  # fmt: skip

@@ -41,17 +41,20 @@ def sampling_settings(args: argparse.Namespace, run_sample: SampleConfig | None)
 
 
 def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path | None = None):
-    """The policy of a run: its config.yaml's model and LoRA, with the newest (or given) checkpoint."""
+    """The policy of a run: its config.yaml's model and LoRA, with the newest (or given) checkpoint's
+    weights (its EMA when the run kept one). Only safetensors weights are read
+    (``checkpoint.load_weights``): nothing is unpickled."""
     from diffloop import checkpoint
     from diffloop.config import load_config
     from diffloop.policies.families import load_policy
 
     config = load_config(run_dir / "config.yaml")
-    policy = load_policy(config.model, config.lora, device=device, logprob_reduction=config.train.logprob_reduction)
+    policy = load_policy(config.model, config.lora, device=device, logprob_reduction=config.train.logprob_reduction,
+                         sample=config.sample)
     path = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
     if path is None:
         raise checkpoint.CheckpointError(f"run directory '{run_dir}' has no complete checkpoint")
-    policy.load_trainable_state_dict(checkpoint.load(path, rank=0)["trainable"])
+    policy.load_trainable_state_dict(checkpoint.load_weights(path)[0])
     return policy, config
 
 

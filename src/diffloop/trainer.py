@@ -23,21 +23,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffloop import checkpoint, loops, seeding
+from diffloop import checkpoint, export, loops, seeding
 from diffloop.algorithms import ALGORITHMS, make_stat_tracker
 from diffloop.config import (
     Config,
     ConfigError,
     PerformanceConfig,
+    TrainConfig,
     derived_arithmetic,
     num_trained_timesteps,
 )
 from diffloop.distributed import Distributed
+from diffloop.ema import EMA, maybe_applied
 from diffloop.guards import NonFiniteGuard, onpolicy_error_ok
 from diffloop.loops import make_generators  # noqa: F401  (re-exported: older imports use it from here)
 from diffloop.monitors import image_statistics
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
-from diffloop.policies.families import load_policy
+from diffloop.policies.families import detect_family, load_policy
 from diffloop.preflight import check_before_loading
 from diffloop.prompts import (
     PromptSource,
@@ -115,16 +117,13 @@ class Trainer:
             logprob_reduction=t.logprob_reduction,
             gradient_checkpointing=t.gradient_checkpointing,
             performance=config.performance,
+            sample=config.sample,
         )
         self.policy.check_sampling(config.sample.num_steps, config.sample.eta)
         self.params = self.policy.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=t.learning_rate,
-            betas=(t.adam_beta1, t.adam_beta2),
-            eps=t.adam_epsilon,
-            weight_decay=t.weight_decay,
-        )
+        export.check_exportable(self.policy, config.lora.enabled)  # now, not after training
+        self.optimizer = build_optimizer(self.params, t, self.dist.device)
+        self.ema = EMA(self.policy.named_trainable_parameters(), t.ema_decay) if t.ema_decay else None
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -163,9 +162,10 @@ class Trainer:
             self._print_epoch(metrics)
             if last or (epoch + 1) % cfg.checkpoint_every == 0:
                 self.save_checkpoint(epoch + 1)
+        self._print_summary()  # writes eval/before_after.png, which the model card shows
         self.export()
-        self._print_summary()
         self.run.close()
+        self.push_to_hub()  # last: a failed upload loses nothing
         return history
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
@@ -309,6 +309,8 @@ class Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
+        if self.ema is not None:
+            self.ema.update()
         return grad_norm.detach()
 
     # ------------------------------------------------------------------ evaluation
@@ -316,7 +318,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, tag: str, step: int = 0) -> dict[str, Any]:
         """Held-out reward on fixed prompts and fixed noise (``loops.eval_seeds``, the rule
-        ``diffloop eval`` uses); writes an image grid ``eval/<tag>.png``."""
+        ``diffloop eval`` uses) of the EMA weights when train.ema_decay is set; writes an image grid
+        ``eval/<tag>.png``."""
+        with maybe_applied(self.ema):
+            return self._evaluate(tag, step)
+
+    def _evaluate(self, tag: str, step: int) -> dict[str, Any]:
         e = self.config.eval
         t0 = time.perf_counter()
         k = e.samples_per_prompt
@@ -367,6 +374,7 @@ class Trainer:
                 lr_scheduler=self.lr_scheduler,
                 grad_scaler=self.grad_scaler,
                 state=state,
+                ema=self.ema.state_dict() if self.ema is not None else None,
             )
             checkpoint.commit(out, tmp, epochs_completed, self.config.keep_checkpoints)
         self.dist.wait()
@@ -383,6 +391,7 @@ class Trainer:
         self.lr_scheduler.load_state_dict(parts["lr_scheduler"])
         self.grad_scaler.load_state_dict(parts["grad_scaler"])
         self._apply_optimizer_config()
+        self._resume_ema(path, parts.get("ema"))
         if parts["rng"] is not None:
             checkpoint.set_rng_state(parts["rng"])
         state = parts["state"]
@@ -392,6 +401,15 @@ class Trainer:
         self.optimizer_steps = state.optimizer_steps
         if self.dist.is_main:
             print(f"resumed from {path} ({self.start_epoch} epochs done)")
+
+    def _resume_ema(self, path: Path, state: dict[str, torch.Tensor] | None) -> None:
+        if self.ema is None:
+            return
+        if state is not None:
+            self.ema.load_state_dict(state)
+            return
+        logger.warning("train.ema_decay is set but %s holds no EMA: it restarts from the loaded weights", path)
+        self.ema = EMA(self.policy.named_trainable_parameters(), self.config.train.ema_decay)
 
     def _apply_optimizer_config(self) -> None:
         """After loading their states, the optimizer and LR schedule follow the config again: a resume
@@ -417,10 +435,20 @@ class Trainer:
         self.dist.wait()
 
     def export(self) -> None:
+        """The LoRA (or model) of ``diffloop.export.export_run``: weights, kohya copy, model card;
+        the EMA weights when train.ema_decay is set."""
         if self.dist.is_main:
-            target = Path(self.config.output_dir) / ("lora" if self.config.lora.enabled else "model")
-            self.policy.export(target)
+            family = detect_family(self.config.model.pretrained, self.config.model.revision)
+            with maybe_applied(self.ema):
+                export.export_run(self.policy, self.config, family)
         self.dist.wait()
+
+    def push_to_hub(self) -> None:
+        """hub.push: upload the exported directory with its card (main process; HubUploadError)."""
+        hub = self.config.hub
+        if hub.push and self.dist.is_main:
+            url = export.push_to_hub(export.export_dir(self.config), hub)
+            print(f"uploaded {export.export_dir(self.config)} to {url}")
 
     # ------------------------------------------------------------------ helpers
 
@@ -501,6 +529,20 @@ def _with_python_arguments(
         register_reward(name, reward, replace=True)
         config = dataclasses.replace(config, reward=dataclasses.replace(config.reward, name=name, kwargs={}, components=None))
     return config, source
+
+
+def build_optimizer(params: list[torch.nn.Parameter], t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (torch) or, with train.optimizer=adamw_8bit, bitsandbytes' AdamW8bit (validate() has
+    checked that it is installed and that the run has CUDA and no LoRA)."""
+    kwargs = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon,
+              "weight_decay": t.weight_decay}
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if device.type != "cuda":
+        raise ConfigError(f"train.optimizer=adamw_8bit needs a CUDA device, not {device}; use train.optimizer=adamw")
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, **kwargs)
 
 
 def concat_scores(results: list[RewardScores]) -> RewardScores:

@@ -1,4 +1,5 @@
-"""The algorithm core: pure functions for advantages, policy losses and the DDIM Gaussian step."""
+"""The algorithm core: pure functions for advantages, policy losses, and the DDIM and flow-matching
+Gaussian steps."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ from diffloop.core.advantages import (
     scale_by_group_std,
 )
 from diffloop.core.ddim import ddim_step_mean_std, ddim_step_with_logprob, gaussian_log_prob
+from diffloop.core.flow import (
+    exponential_time_shift,
+    flow_sde_step_with_logprob,
+    flow_step_mean_std,
+    flux_calculate_shift,
+    flux_sigmas,
+    sd3_shift_sigmas,
+)
 from diffloop.core.losses import (
     approx_kl,
     clip_fraction,
@@ -28,10 +37,16 @@ __all__ = [
     "clipped_surrogate_loss",
     "ddim_step_mean_std",
     "ddim_step_with_logprob",
+    "exponential_time_shift",
+    "flow_sde_step_with_logprob",
+    "flow_step_mean_std",
+    "flux_calculate_shift",
+    "flux_sigmas",
     "gaussian_kl",
     "gaussian_log_prob",
     "group_normalized_advantages",
     "leave_one_out_advantages",
     "policy_gradient_loss",
     "scale_by_group_std",
+    "sd3_shift_sigmas",
 ]

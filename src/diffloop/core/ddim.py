@@ -164,7 +164,7 @@ def ddim_step_mean_std(
     return mean, std, x0
 
 
-def _draw_noise(
+def draw_noise(
     shape: torch.Size,
     generator: torch.Generator | Sequence[torch.Generator] | None,
     device: torch.device,
@@ -228,7 +228,7 @@ def ddim_step_with_logprob(
     if prev_sample is None:
         if generator is not None and not isinstance(generator, torch.Generator):
             generator = list(generator)
-        z = _draw_noise(sample.shape, generator, mean.device, mean.dtype)
+        z = draw_noise(sample.shape, generator, mean.device, mean.dtype)
         prev_sample = (mean + std * z).to(sample.dtype)
     elif prev_sample.shape != sample.shape:
         raise ValueError(

@@ -150,6 +150,55 @@ class DiffusionPolicy(Protocol):
         ...
 
 
+class TrainableDenoiser:
+    """The parameter side of a policy, shared by every family: the trainable parameters of the
+    denoiser (``getattr(self, self.lora_component)``: the UNet or the transformer), their state,
+    train/eval mode, and the reference model (LoRA disabled, so no second copy in memory)."""
+
+    lora_component: str = "unet"
+    lora_config: object | None = None
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self, self.lora_component)
+
+    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.denoiser.named_parameters() if p.requires_grad}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.named_trainable_parameters().values())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.named_trainable_parameters().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.named_trainable_parameters()
+        missing, unexpected = set(params) - set(state), set(state) - set(params)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match the model: {len(missing)} missing and {len(unexpected)} "
+                f"unexpected parameters (e.g. {sorted(missing or unexpected)[:3]}); was it written with "
+                "other lora.* or model.* settings?"
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name].to(p.device, p.dtype))
+
+    def train(self, mode: bool = True) -> None:
+        self.denoiser.train(mode)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The base model: LoRA adapters disabled (no second denoiser copy in memory)."""
+        if self.lora_config is None:
+            raise NotImplementedError("a reference model needs LoRA (lora.enabled=true)")
+        self.denoiser.disable_adapters()
+        try:
+            yield
+        finally:
+            self.denoiser.enable_adapters()
+
+
 def iter_chunks(n: int, size: int) -> Iterator[slice]:
     """Slices [0:size], [size:2 size], ... covering range(n)."""
     for start in range(0, n, size):

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig
+from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SampleConfig
 from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob
 from diffloop.errors import DiffloopError
-from diffloop.policies.base import Trajectories, iter_chunks
+from diffloop.policies.base import TrainableDenoiser, Trajectories, iter_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +110,18 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
     return components
 
 
-class DDIMPolicy:
+class DDIMPolicy(TrainableDenoiser):
     """A conditional UNet sampled with stochastic DDIM + classifier-free guidance, LoRA or full fine-tuning.
 
     Frozen weights live in ``weight_dtype`` (fp16/bf16 under mixed precision); trainable parameters are
     always fp32. ``logprob_reduction`` ("mean" as DDPO, or "sum") is how each step's log-density is
     reduced over latent elements; the PPO clip range must agree with it.
     """
+
+    lora_loader = "StableDiffusionLoraLoaderMixin"
+    """The diffusers loader mixin (in diffusers.loaders) whose save_lora_weights writes the LoRA."""
+    lora_component = "unet"
+    """The attribute holding the adapted module, also the loader's key prefix (diffloop.export)."""
 
     def __init__(
         self,
@@ -198,43 +203,6 @@ class DDIMPolicy:
                 f"lora.target_modules={lora.target_modules} matched no UNet module ({e}); use names such "
                 "as to_q, to_k, to_v, to_out.0"
             ) from e
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.named_trainable_parameters().items()}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = self.named_trainable_parameters()
-        missing = set(params) - set(state)
-        unexpected = set(state) - set(params)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint does not match the model: {len(missing)} missing and {len(unexpected)} "
-                f"unexpected parameters (e.g. {sorted(missing or unexpected)[:3]}); was it written with "
-                "other lora.* or model.* settings?"
-            )
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state[name].to(p.device, p.dtype))
-
-    def train(self, mode: bool = True) -> None:
-        self.unet.train(mode)
-
-    @contextlib.contextmanager
-    def reference(self):
-        """The base model: LoRA adapters disabled (no second UNet copy in memory)."""
-        if self.lora_config is None:
-            raise NotImplementedError("a reference model needs LoRA (lora.enabled=true)")
-        self.unet.disable_adapters()
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
 
     # ------------------------------------------------------------------ model calls
 
@@ -323,12 +291,12 @@ class DDIMPolicy:
         cond = self.branch_kwargs(prompt_embeds, extra, negative=False)
         if guidance_scale == 1.0:
             x = latents.to(dtype=dtype, memory_format=memory_format)
-            return unet(x, timesteps, **_cat_to_dtype([cond], dtype)).sample
+            return unet(x, timesteps, **cat_branches([cond], dtype)).sample
         uncond = self.branch_kwargs(negative_prompt_embeds, extra, negative=True)
         out = unet(
             torch.cat([latents, latents]).to(dtype=dtype, memory_format=memory_format),
             torch.cat([timesteps, timesteps]),
-            **_cat_to_dtype([uncond, cond], dtype),
+            **cat_branches([uncond, cond], dtype),
         ).sample
         uncond_out, cond_out = out.float().chunk(2)
         return uncond_out + guidance_scale * (cond_out - uncond_out)
@@ -487,23 +455,15 @@ class DDIMPolicy:
     # ------------------------------------------------------------------ export
 
     def export(self, path: str | Path) -> None:
-        """LoRA: diffusers LoRA weights (``StableDiffusionPipeline.load_lora_weights(path)`` loads them).
-        Full fine-tuning: a complete pipeline directory (``from_pretrained(path)``)."""
+        """LoRA: diffusers LoRA weights (``StableDiffusionPipeline.load_lora_weights(path)`` loads them),
+        written by ``diffloop.export.save_lora`` through ``lora_loader``. Full fine-tuning: a complete
+        pipeline directory (``from_pretrained(path)``)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.lora_config is not None:
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
+            from diffloop.export import save_lora
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-            StableDiffusionPipeline.save_lora_weights(
-                save_directory=str(path),
-                unet_lora_layers=layers,
-                # Without the metadata diffusers drops lora_alpha and reloads with peft's default (8).
-                unet_lora_adapter_metadata=self.peft_config.to_dict(),
-                safe_serialization=True,
-            )
+            save_lora(self, path)
             return
         self.unet.save_pretrained(path / "unet")
         self.text_encoder.save_pretrained(path / "text_encoder")
@@ -534,8 +494,10 @@ def load_ddim_policy(
     logprob_reduction: str = "mean",
     gradient_checkpointing: bool = False,
     performance: PerformanceConfig | None = None,
+    sample: SampleConfig | None = None,
 ) -> DDIMPolicy:
-    """``load_policy`` for the sd family (SD 1.x / 2.x and the shapes model)."""
+    """``load_policy`` for the sd family (SD 1.x / 2.x and the shapes model); ``sample`` (the
+    flow-matching sampler settings every family's loader is given) is not used by DDIM."""
     components = load_components(model)
     return DDIMPolicy(
         components,
@@ -548,12 +510,12 @@ def load_ddim_policy(
     )
 
 
-def _cat_to_dtype(branches: list[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
+def cat_branches(branches: list[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
     """Concatenate the CFG branches' keyword arguments (nested dicts of (N, ...) tensors) along the
     batch dimension, in ``dtype``."""
     first = branches[0]
     return {
-        k: _cat_to_dtype([b[k] for b in branches], dtype)
+        k: cat_branches([b[k] for b in branches], dtype)
         if isinstance(first[k], dict)
         else torch.cat([b[k] for b in branches]).to(dtype)
         for k in first

@@ -31,6 +31,8 @@ class Family:
 # Longest prefix first: StableDiffusionXL* and StableDiffusion3* before StableDiffusion*.
 FAMILIES: tuple[Family, ...] = (
     Family("sdxl", "StableDiffusionXL", "diffloop.policies.sdxl:load_sdxl_policy", "text_encoder_2"),
+    Family("sd3", "StableDiffusion3", "diffloop.policies.sd3:load_sd3_policy"),
+    Family("flux", "Flux", "diffloop.policies.flux:load_flux_policy"),
     Family("sd", "StableDiffusion", "diffloop.policies.diffusers_policy:load_ddim_policy"),
 )
 DEFAULT_FAMILY = "sd"  # diffloop's shapes model and SD-layout directories without an index
@@ -81,7 +83,7 @@ def detect_family(pretrained: str, revision: str | None = None) -> str:
 
 def load_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any):
     """The policy for ``model.pretrained``, built by its family's loader (``kwargs``: device,
-    weight_dtype, logprob_reduction, gradient_checkpointing, performance)."""
+    weight_dtype, logprob_reduction, gradient_checkpointing, performance, sample)."""
     name = detect_family(model.pretrained, model.revision)
     family = next(f for f in FAMILIES if f.name == name)
     module, function = family.loader.split(":")

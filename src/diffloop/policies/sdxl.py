@@ -160,6 +160,8 @@ class SDXLPolicy(DDIMPolicy):
     conditioning of ``conditioning()`` threaded through to the UNet as ``added_cond_kwargs``.
     """
 
+    lora_loader = "StableDiffusionXLLoraLoaderMixin"
+
     def __init__(
         self,
         components: dict[str, Any],
@@ -342,9 +344,11 @@ class SDXLPolicy(DDIMPolicy):
         pipe.save_pretrained(str(path))
 
 
-def load_sdxl_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> SDXLPolicy:
+def load_sdxl_policy(
+    model: ModelConfig, lora: LoraConfig, sample: Any = None, **kwargs: Any
+) -> SDXLPolicy:
     """``load_policy`` for the sdxl family: components from model.pretrained, settings from
-    model.sdxl."""
+    model.sdxl; ``sample`` (the flow-matching sampler settings) is not used by DDIM."""
     return SDXLPolicy(load_sdxl_components(model), lora, sdxl=model.sdxl, **kwargs)
 
 
