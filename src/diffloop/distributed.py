@@ -19,6 +19,10 @@ that asks for FSDP or DeepSpeed (``accelerate config`` / ``accelerate launch --u
 ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``) is refused before anything loads instead of
 being silently ignored (docs/flow_matching.md: LoRA fits FLUX.1 unsharded; full fine-tuning of a
 FLUX-size transformer needs sharding diffloop does not do).
+
+Mixed precision: the policy's own (train.mixed_precision: frozen weights in low precision, fp32
+trainables); accelerate is never asked to autocast. A launcher that asks for another one
+(``ACCELERATE_MIXED_PRECISION``) is warned about, naming both settings (:func:`mixed_precision_conflict`).
 """
 
 from __future__ import annotations
@@ -37,12 +41,12 @@ logger = logging.getLogger(__name__)
 ACCELERATE_MIXED_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
-def mixed_precision_conflict(configured: str, environ: dict[str, str] | None = None) -> str | None:
+def mixed_precision_conflict(configured: str, environ: Mapping[str, str] = os.environ) -> str | None:
     """The warning to give when accelerate's launcher asks for a mixed precision other than
     ``train.mixed_precision`` (``configured``), else None. diffloop applies its own precision
     (frozen weights in low precision, fp32 trainables), never accelerate's autocast, so accelerate's
     setting would otherwise be silently ignored."""
-    asked = (environ if environ is not None else os.environ).get(ACCELERATE_MIXED_PRECISION_ENV)
+    asked = environ.get(ACCELERATE_MIXED_PRECISION_ENV)
     if asked is None or asked.lower() == configured:
         return None
     return (
