@@ -35,7 +35,7 @@ def test_train_help_lists_config_keys_with_their_docs(capsys):
     code, out, _ = run_cli(capsys, "train", "--help")
     assert code == 0
     assert out.startswith("usage: diffloop train [CONFIG.yaml] [key.sub=value ...]")
-    assert "  sample.eta = 1.0   (in (0, 1])\n      DDIM eta, in (0, 1]" in out
+    assert "  sample.eta = 1.0   (in (0, 1])\n      The sampler's stochasticity, in (0, 1]: DDIM's eta" in out
     assert "  train.adv_clip_max = null   (>= 0)\n      Clip advantages to +-this. null: the algorithm's" in out
     assert "  performance.compile = none   (one of none, sampling, training, all)\n" in out
     for key in ("seed", "train.learning_rate", "reward.kwargs", "eval.prompts", "lora.target_modules"):
