@@ -29,6 +29,7 @@ from diffloop.config import (
     PerformanceConfig,
     derived_arithmetic,
     num_trained_timesteps,
+    resolve_cpu_threads,
 )
 from diffloop.distributed import Distributed
 from diffloop.guards import NonFiniteGuard, onpolicy_error_ok
@@ -49,14 +50,20 @@ logger = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def set_backend_flags(performance: PerformanceConfig, device: torch.device, cpu_threads: int | None = None) -> None:
+def set_backend_flags(
+    performance: PerformanceConfig, device: torch.device, cpu_threads: int | str | None = None
+) -> int | None:
     """Process-wide backend settings: TF32 matmuls/convolutions on CUDA (``performance.allow_tf32``)
-    and the number of CPU threads (``cpu_threads``). Set here, once, not by building a policy."""
-    if cpu_threads is not None:
-        torch.set_num_threads(cpu_threads)
+    and the number of CPU threads (``cpu_threads``: an int, "auto" = the available cores, see
+    ``config.resolve_cpu_threads``, or None = unchanged). Set here, once, not by building a policy.
+    Returns the thread count set (None: unchanged)."""
+    threads = resolve_cpu_threads(cpu_threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = performance.allow_tf32
         torch.backends.cudnn.allow_tf32 = performance.allow_tf32
+    return threads
 
 
 class Trainer:
