@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Declared for trainer changes made in parallel (advantage clipping, non-finite step skipping);
 # once they are merged the tiny run writes them too and this set should be emptied.
 PENDING = {"advantage_clipped_frac", "nonfinite_steps_skipped"}
+PENDING |= set(metrics.SHAPES_EVAL_KEYS)  # shapes_binding reward only: tests/test_summary.py checks them
 MULTI_REWARD = """reward:
   name: multi
   components:
