@@ -43,8 +43,12 @@ def test_labels_are_drawn_where_they_belong():
     heading_rows = np.nonzero((base != no_heading).any(axis=(1, 2)))[0]
     assert heading_rows.size and heading_rows.max() < 20  # only the top band changed
     assert ink(base[: heading_rows.max() + 1]) > ink(no_heading[: heading_rows.max() + 1])
-    # the prompts: only the left column changes (its width follows the longest prompt)
-    assert ink(base) > ink(no_prompts[:, : base.shape[1]]) if no_prompts.shape == base.shape else True
+    # the prompts: a left column as wide as the longest prompt, with text in each row
+    label_w = base.shape[1] - 2 * 2 * (32 + 4) - 3 * 4 - 4  # width - 2 halves - gap - pad
+    assert label_w > 100 and no_prompts.shape[1] == base.shape[1] - label_w + 2 * 4
+    text_rows = np.nonzero((base[:, :label_w] < 250).any(axis=(1, 2)))[0]
+    assert text_rows.min() > 20 and text_rows.max() > base.shape[0] // 2  # beside both rows
+    assert ink(no_prompts[:, : 2 * 4]) == 0
     # the scores: only the bands under the images change, and only under the changed images
     diff_rows = np.nonzero((base != other_scores).any(axis=(1, 2)))[0]
     diff_cols = np.nonzero((base != other_scores).any(axis=(0, 2)))[0]
