@@ -444,7 +444,8 @@ class Trainer:
         cfg = self.config
         print(
             f"diffloop: {self.algorithm.name} on {cfg.model.pretrained}, reward {cfg.reward.name}, "
-            f"{self.dist.world_size} process(es) on {self.dist.device}, output {cfg.output_dir}"
+            f"{self.dist.world_size} process(es) on {self.dist.device} ({torch.get_num_threads()} CPU thread(s), "
+            f"cpu_threads={cfg.cpu_threads}), output {cfg.output_dir}"
         )
         for line in self.arithmetic.lines():
             print("  " + line)
@@ -467,7 +468,7 @@ class Trainer:
         after = eval_dir / f"epoch_{evals[-1]['epoch'] + 1:04d}"
         if (eval_dir / "base.npz").is_file() and after.with_suffix(".npz").is_file():
             rows = write_before_after(eval_dir / "base.npz", after.with_suffix(".npz"), eval_dir / "before_after.png",
-                                      e.samples_per_prompt)  # fmt: skip
+                                      e.samples_per_prompt, f"after: epoch {evals[-1]['epoch'] + 1}")  # fmt: skip
             print(f"  {eval_dir / 'before_after.png'}: {rows} of {e.num_prompts} prompts, before | after, "
                   f"each image's {self.config.reward.name} score under it")  # fmt: skip
         elif (eval_dir / "base.png").is_file() and after.with_suffix(".png").is_file():
@@ -518,7 +519,7 @@ def summary_lines(
     return lines
 
 
-def write_before_after(before: Path, after: Path, out: Path, k: int) -> int:
+def write_before_after(before: Path, after: Path, out: Path, k: int, after_heading: str = "after") -> int:
     """eval/<tag>.npz of the base and the last evaluation -> the labelled grid at ``out``
     (``diffloop.images.labelled_before_after``); returns the number of prompt rows."""
     from PIL import Image
@@ -531,7 +532,8 @@ def write_before_after(before: Path, after: Path, out: Path, k: int) -> int:
     as_float = lambda x: torch.from_numpy(x[:n]).float() / 255.0
     grid = labelled_before_after(as_float(b["images"]), as_float(a["images"]), [str(p) for p in b["prompts"][:rows]],
                                  b["scores"][:n].tolist(), a["scores"][:n].tolist(), per_row=k,
-                                 upscale=max(1, 128 // b["images"].shape[-1]))  # fmt: skip
+                                 upscale=max(1, 128 // b["images"].shape[-1]),
+                                 headings=("before: base model", after_heading))  # fmt: skip
     Image.fromarray(grid).save(out)
     return rows
 
