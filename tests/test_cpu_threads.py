@@ -67,3 +67,22 @@ def test_parallel_shard_commands_cover_every_shard_once(tmp_path):
     shards = [c[c.index("--shard") + 1] for c in commands]
     assert shards == ["0/3", "1/3", "2/3"]
     assert all("--no-summary" in c and c[-1] == "eval.num_prompts=2" for c in commands)
+
+
+def test_run_parallel_gives_each_child_its_share_and_reports_failures(tmp_path, monkeypatch):
+    import sys
+
+    s = sweep.load_sweep("shapes_algorithms.yaml", tmp_path / "out")
+    monkeypatch.setattr("diffloop.config.available_cores", lambda: 4)
+
+    def child(_sweep, index, jobs, overrides):  # stands in for `diffloop compare --shard`
+        code = f"import os, sys; print(os.environ['OMP_NUM_THREADS'], '{index}/{jobs}'); sys.exit({index})"
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(sweep, "shard_command", child)
+    logged: list[str] = []
+    assert sweep.run_parallel(s, 2, [], log=logged.append) == 1  # shard 1 exits 1
+    logs = sorted((tmp_path / "out" / "jobs").glob("shard_*.log"))
+    assert [p.read_text().split() for p in logs] == [["2", "0/2"], ["2", "1/2"]]  # 4 cores / 2 jobs
+    assert logged[0] == "2 parallel jobs x 2 thread(s) on 4 cores"
+    assert any("shard 1/2 failed (exit 1)" in line for line in logged)
