@@ -1074,7 +1074,7 @@ def format_threads(result: dict[str, Any]) -> str:
     """One row per thread count: the matmul floor, sampling and training throughput, each as a
     fraction of that floor, and the end-to-end speed-up over the first count."""
     head = (f"{'threads':>7}{'matmul GFLOP/s':>16}{'sample img/s':>14}{'UNet ev/s':>11}{'of matmul':>10}"
-            f"{'train smp/s':>13}{'of matmul':>10}{'e2e smp/s':>11}{'e2e x':>7}")  # fmt: skip
+            f"{'train smp/s':>13}{'of matmul':>10}{'e2e smp/s':>11}{'e2e x':>7}{'logp err':>10}")  # fmt: skip
     lines = ["", "per thread count (each fraction is of that thread count's own matmul rate):", head, "-" * len(head)]
     first_e2e = None
     for n, sub in result["threads"].items():
@@ -1091,7 +1091,8 @@ def format_threads(result: dict[str, Any]) -> str:
         e2e = it.get("end_to_end", {}).get("samples_per_s")
         first_e2e = first_e2e or e2e
         row += f"{e2e:>11.4g}{e2e / first_e2e:>6.2f}x" if e2e else f"{'-':>11}{'-':>7}"
-        lines.append(row)
+        err = sub.get("onpolicy_logprob_err")  # with --variants: each variant's, in its own table
+        lines.append(row + (f"{err:>10.2g}" if err is not None else f"{'-':>10}"))
     return "\n".join(lines)
 
 

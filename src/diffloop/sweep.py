@@ -22,6 +22,10 @@ Budgets are matched explicitly. With ``prompts: N`` every run trains on N prompt
 K x N reward queries); with ``reward_queries: N`` every run queries the reward N times,
 ``num_epochs = N / (prompts_per_epoch * samples_per_prompt)``. A budget that does not divide is an error.
 
+``--jobs N`` trains N shards (``--shard i/N``) at once as child processes, each with
+``OMP_NUM_THREADS = max(1, cores // N)`` (which ``cpu_threads: auto`` reads), so that N runs never ask
+for more threads than the machine has cores; N = cores gives single-thread runs.
+
 The summary (``summary.json``, ``summary.md``, three plots) compares held-out reward (``eval_reward_mean``,
 fixed prompts and noise) per run name, as mean +- standard error over seeds.
 """
