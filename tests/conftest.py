@@ -15,6 +15,8 @@ import torch
 
 # One thread: OpenMP spin-waiting makes two threads 10-40x slower whenever the CPU is shared.
 torch.set_num_threads(1)
+# ... and cpu_threads: auto (the default) resolves to OMP_NUM_THREADS, so Trainers keep that one thread.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

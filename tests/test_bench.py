@@ -211,3 +211,52 @@ def test_bench_rejects_bad_performance_options() -> None:
         parse_args(["--shape", "tiny", "--variants", "eager,warp_speed"])
     assert parse_args(["--shape", "tiny", "--dtype", "fp32", "--perf", "merge_lora_for_sampling=true"]).perf[
         "merge_lora_for_sampling"]
+
+
+def test_bench_shapes_per_thread_count_through_the_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`diffloop bench --shape shapes`: the shipped model through the real policy and loops, at
+    each --threads count with that count's own matmul floor; the defaults are shapes.yaml's."""
+    from diffloop.bench import shapes_defaults
+    from diffloop.config import DEFAULT_CONFIG, load_config, packaged_config
+
+    c = load_config(packaged_config(DEFAULT_CONFIG))
+    args = parse_args(["--shape", "shapes"])
+    assert (args.sample_batch, args.train_batch, args.steps, args.guidance_scale) == (
+        c.sample.batch_size, c.train.batch_size, c.sample.num_steps, c.sample.guidance_scale)
+    assert shapes_defaults()["steps"] == c.sample.num_steps
+    out = tmp_path / "shapes.json"
+    argv = ["--shape", "shapes", "--device", "cpu", "--threads", "1,1", "--steps", "2", "--sample-batch", "2",
+            "--train-batch", "2", "--repeats", "1", "--warmup", "1", "--matmul-n", "128", "--output", str(out)]
+    before = torch.get_num_threads()
+    assert bench_main(argv) == 0
+    assert torch.get_num_threads() == before  # the bench restores the process's thread count
+    result = json.loads(out.read_text())
+    assert list(result["threads"]) == ["1"]  # each count once
+    sub = result["threads"]["1"]
+    assert set(sub["items"]) == {"sample", "train", "end_to_end"}  # pixel space: no decode
+    assert result["items"] == sub["items"]
+    # FLOPs per evaluation: the shapes UNet (about 0.2 GFLOP), counted on the policy's own UNet
+    assert 5e7 < result["floor"]["unet_flop_per_eval"] < 1e9
+    sample = sub["items"]["sample"]
+    assert sample["unet_evals_per_s"] == pytest.approx(2 * 2 * 2 / sample["median_s"], rel=1e-12)
+    rate = sub["floor"]["matmul_tflops_per_s"] * 1e12
+    assert sample["fraction_of_matmul"] == pytest.approx(sample["flops"] / sample["median_s"] / rate, rel=1e-9)
+    assert sub["onpolicy_logprob_err"] < 1e-5  # the ratio check ran on the shapes policy
+    table = capsys.readouterr().out
+    assert "per thread count" in table and "GFLOP per eval" in table
+
+
+def test_parse_threads() -> None:
+    from diffloop.bench import parse_threads
+
+    assert parse_threads(None) is None
+    assert parse_threads("1,2, 4") == [1, 2, 4]
+    assert parse_threads("2,1,2") == [2, 1]
+    assert parse_threads("all", cores=3) == [1, 2, 3]
+    for bad in ("0", "two", ""):
+        with pytest.raises(ValueError, match="--threads"):
+            parse_threads(bad)
+    with pytest.raises(SystemExit):
+        parse_args(["--shape", "shapes", "--threads", "0"])

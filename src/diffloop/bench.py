@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from typing_extensions import Self
 
-SHAPES = ("tiny", "sd15", "sdxl", "tiny_xl", "sd35", "tiny_sd3", "flux", "tiny_flux")
+SHAPES = ("tiny", "sd15", "sdxl", "tiny_xl", "sd35", "tiny_sd3", "flux", "tiny_flux", "shapes")
 # flow-matching shapes: (diffloop.testing.tiny_flow.SD3_CONFIGS size, image side or None)
 SD3_SHAPES = {"sd35": ("sd35_medium", 512), "tiny_sd3": ("tiny", None)}
 # (diffloop.testing.tiny_flux.FLUX_CONFIGS size, image side or None): FLUX.1-dev at 512 px
@@ -116,7 +116,23 @@ SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
         "warmup": 1,
         "matmul_n": 8192,
     },
+    # The embedded default (configs/shapes.yaml): sample.batch_size, train.batch_size, num_steps,
+    # guidance_scale are read from that file (shapes_defaults); a 1024^2 matmul is the CPU floor.
+    "shapes": {"repeats": 3, "warmup": 1, "matmul_n": 1024},
 }
+
+
+def shapes_defaults() -> dict[str, Any]:
+    """The shapes world's bench settings from the packaged shapes.yaml (the default run's shapes)."""
+    from diffloop.config import DEFAULT_CONFIG, load_config, packaged_config
+
+    c = load_config(packaged_config(DEFAULT_CONFIG))
+    return {
+        "sample_batch": c.sample.batch_size,
+        "train_batch": c.train.batch_size,
+        "steps": c.sample.num_steps,
+        "guidance_scale": c.sample.guidance_scale,
+    }
 
 
 # ---------------------------------------------------------------------------------------- model configs
@@ -306,14 +322,22 @@ class Deadline:
 
 
 def median_seconds(
-    fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int, deadline: Deadline
+    fn: Callable[[], Any],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    deadline: Deadline,
+    warmup_times: list[float] | None = None,
 ) -> tuple[float, list[float]]:
-    """Median over ``repeats`` timed calls after ``warmup`` untimed ones. Stops early at the deadline
+    """Median over ``repeats`` timed calls after ``warmup`` untimed ones (their times appended to
+    ``warmup_times``: the first includes torch.compile's compilation). Stops early at the deadline
     once at least one call is timed; raises TimeoutError if none could be."""
     for _ in range(warmup):
         if deadline.exceeded():
             break
-        time_once(fn, device)
+        seconds = time_once(fn, device)
+        if warmup_times is not None:
+            warmup_times.append(seconds)
     times: list[float] = []
     for _ in range(repeats):
         if times and deadline.exceeded():
@@ -419,7 +443,13 @@ def make_item(
 # ---------------------------------------------------------------------------------------- SD policy path
 
 
-def _prompts(n: int) -> list[str]:
+def _prompts(n: int, shape: str = "tiny") -> list[str]:
+    """n prompts the shape's tokenizer knows: shapes/val_pair captions for the shapes world."""
+    if shape == "shapes":
+        from diffloop.shapes.world import prompt_splits
+
+        pool = prompt_splits()["val_pair"]
+        return [pool[i % len(pool)] for i in range(n)]
     from diffloop.testing.tiny import PROMPT_WORDS
 
     return [" ".join(PROMPT_WORDS[i % 5 : i % 5 + 6]) for i in range(n)]
@@ -464,12 +494,12 @@ def onpolicy_logprob_err(policy: Any, traj: Any, *, eta: float, guidance_scale: 
     return loops.onpolicy_logprob_err(policy, traj, sampler)
 
 
-def _unet_flops_per_eval_sd(policy: Any) -> int:
+def _unet_flops_per_eval_sd(policy: Any, shape: str) -> int:
     """F: FLOPs of one UNet (or flow transformer) forward at batch 1 (the policy's, LoRA included)."""
-    if hasattr(policy, "unet_conditioning"):  # SD3: pooled embeddings too
-        cond = policy.unet_conditioning(_prompts(1))
+    if hasattr(policy, "unet_conditioning"):  # SDXL / SD3 / FLUX: pooled embeddings too
+        cond = policy.unet_conditioning(_prompts(1, shape))
     else:
-        cond = {"encoder_hidden_states": policy.encode_prompts(_prompts(1))}
+        cond = {"encoder_hidden_states": policy.encode_prompts(_prompts(1, shape))}
     cond = {k: v.to(policy.weight_dtype) for k, v in cond.items()}
     x = torch.zeros(1, *policy.latent_shape(), device=policy.device, dtype=policy.weight_dtype)
     t = torch.tensor([500], device=policy.device)
@@ -494,33 +524,39 @@ def bench_sd(
 
     dtype = DTYPES[args.dtype]
     set_backend_flags(PerformanceConfig(**args.perf), device)
-    policy_class, components, extra = DDIMPolicy, None, {}
-    if args.shape in SD3_SHAPES:  # random-weight SD3 shapes (diffloop.testing.tiny_flow)
-        from diffloop.policies.sd3 import SD3Policy
-        from diffloop.testing.tiny_flow import build_sd3_components
+    kwargs = {"device": device, "weight_dtype": dtype, "logprob_reduction": "mean",
+              "gradient_checkpointing": args.gradient_checkpointing, "performance": PerformanceConfig(**args.perf)}
+    if args.shape == "shapes":  # the shipped model with the default run's LoRA, loaded as train does
+        from diffloop.config import DEFAULT_CONFIG, load_config, packaged_config
+        from diffloop.policies.families import load_policy
 
-        size, resolution = SD3_SHAPES[args.shape]
-        policy_class, extra = SD3Policy, {"resolution": resolution}
-        components = build_sd3_components(size, device=device)
-    elif args.shape in FLUX_SHAPES:  # random-weight FLUX.1-dev shapes (diffloop.testing.tiny_flux)
-        from diffloop.config import SampleConfig
-        from diffloop.policies.flux import FluxPolicy
-        from diffloop.testing.tiny_flux import build_flux_components
+        default = load_config(packaged_config(DEFAULT_CONFIG))
+        torch.manual_seed(0)
+        policy = load_policy(default.model, default.lora, **kwargs)
+    else:
+        policy_class, components, extra = DDIMPolicy, None, {}
+        if args.shape in SD3_SHAPES:  # random-weight SD3 shapes (diffloop.testing.tiny_flow)
+            from diffloop.policies.sd3 import SD3Policy
+            from diffloop.testing.tiny_flow import build_sd3_components
 
-        size, resolution = FLUX_SHAPES[args.shape]
-        sample = SampleConfig(guidance_scale=args.guidance_scale)  # the guidance embedding's input
-        policy_class, extra = FluxPolicy, {"resolution": resolution, "sample": sample}
-        components = build_flux_components(size, device=device)
-    policy = policy_class(
-        components or build_components(args.shape, device),
-        LoraConfig(rank=4, alpha=4.0),  # DDPO's adapter, as docs/performance.md measured
-        device=device,
-        weight_dtype=dtype,
-        logprob_reduction="mean",
-        gradient_checkpointing=args.gradient_checkpointing,
-        performance=PerformanceConfig(**args.perf),
-        **extra,
-    )
+            size, resolution = SD3_SHAPES[args.shape]
+            policy_class, extra = SD3Policy, {"resolution": resolution}
+            components = build_sd3_components(size, device=device)
+        elif args.shape in FLUX_SHAPES:  # random-weight FLUX.1-dev shapes (diffloop.testing.tiny_flux)
+            from diffloop.config import SampleConfig
+            from diffloop.policies.flux import FluxPolicy
+            from diffloop.testing.tiny_flux import build_flux_components
+
+            size, resolution = FLUX_SHAPES[args.shape]
+            sample = SampleConfig(guidance_scale=args.guidance_scale)  # the guidance embedding's input
+            policy_class, extra = FluxPolicy, {"resolution": resolution, "sample": sample}
+            components = build_flux_components(size, device=device)
+        policy = policy_class(
+            components or build_components(args.shape, device),
+            LoraConfig(rank=4, alpha=4.0),  # DDPO's adapter, as docs/performance.md measured
+            **kwargs,
+            **extra,
+        )
     out["options"] = {
         "performance": asdict(policy.performance),
         "gradient_checkpointing": args.gradient_checkpointing,
@@ -531,9 +567,9 @@ def bench_sd(
     steps, cfg, eta = args.steps, args.guidance_scale, 1.0
     # CFG runs the UNet on a doubled batch; a guidance-distilled model (FLUX) runs it once
     evals_per_step = getattr(policy, "model_evals_per_step", lambda g: 1 if g == 1.0 else 2)(cfg)
-    out["floor"]["unet_flop_per_eval"] = _unet_flops_per_eval_sd(policy)
+    out["floor"]["unet_flop_per_eval"] = _unet_flops_per_eval_sd(policy, args.shape)
     sb, tb = args.sample_batch, args.train_batch
-    prompts = _prompts(sb)
+    prompts = _prompts(sb, args.shape)
 
     def sample() -> Any:
         return policy.sample(
@@ -592,7 +628,7 @@ def bench_sd(
         if not traj:
             traj.append(
                 policy.sample(
-                    _prompts(tb),
+                    _prompts(tb, args.shape),
                     _generators(tb, device, 1000),
                     num_steps=steps,
                     eta=eta,
@@ -607,7 +643,7 @@ def bench_sd(
 
     if not deadline.exceeded():  # the training trajectories, checked on-policy before any update
         traj.append(
-            policy.sample(_prompts(tb), _generators(tb, device, 1000), num_steps=steps, eta=eta, guidance_scale=cfg)
+            policy.sample(_prompts(tb, args.shape), _generators(tb, device, 1000), num_steps=steps, eta=eta, guidance_scale=cfg)
         )
         out["onpolicy_logprob_err"] = onpolicy_logprob_err(policy, traj[0], eta=eta, guidance_scale=cfg)
     trained = item(
@@ -659,8 +695,9 @@ def run_item(
         return None
     try:
         counted = float(flops())
+        warm: list[float] = []
         with PeakMemory(device) as mem:
-            med, times = median_seconds(fn, device, args.repeats, args.warmup, deadline)
+            med, times = median_seconds(fn, device, args.repeats, args.warmup, deadline, warm)
     except TimeoutError as e:
         out["skipped"].append(f"{name}: {e}")
         return None
@@ -670,6 +707,8 @@ def run_item(
             torch.cuda.empty_cache()
         return None
     result = make_item(name, what, samples, med, times, counted, matmul_rate, unet_evals, mem)
+    if warm:  # compiled variants: the first call compiles; compile_s = first call - a timed call
+        result.extra.update(first_call_s=warm[0], compile_s=max(0.0, warm[0] - med))
     out["items"][name] = asdict(result)
     return result
 
@@ -806,7 +845,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sample-batch", type=int, default=None)
     p.add_argument("--train-batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="DDIM steps T")
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--guidance-scale", type=float, default=None, help="5 (shapes: shapes.yaml's)")
+    p.add_argument(
+        "--threads",
+        default=None,
+        help="torch CPU thread counts to run the whole bench at, one after another, each with its own "
+        "matmul floor: comma-separated (1,2,4) or 'all' (1 .. the available cores); default: as set",
+    )
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument(
@@ -837,7 +882,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="skip the remaining items (each keeps what it timed) once exceeded",
     )
     args = p.parse_args(argv)
-    for key, value in SHAPE_DEFAULTS[args.shape].items():
+    defaults = {**(shapes_defaults() if args.shape == "shapes" else {}), **SHAPE_DEFAULTS[args.shape]}
+    if args.guidance_scale is None:
+        args.guidance_scale = defaults.pop("guidance_scale", 5.0)
+    defaults.pop("guidance_scale", None)
+    try:
+        args.threads = parse_threads(args.threads)
+    except ValueError as e:
+        p.error(str(e))
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.device is None:
@@ -859,6 +912,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     except ValueError as e:  # ConfigError names the field and the fix
         p.error(str(e))
     return args
+
+
+def parse_threads(text: str | None, cores: int | None = None) -> list[int] | None:
+    """``--threads``: "1,2,4" -> [1, 2, 4]; "all" -> [1, ..., available cores]; None -> None."""
+    from diffloop.config import available_cores
+
+    if text is None:
+        return None
+    if text.strip() == "all":
+        return list(range(1, (cores or available_cores()) + 1))
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--threads must be 'all' or comma-separated counts >= 1 (e.g. 1,2), got {text!r}")
+    return list(dict.fromkeys(counts))  # each count once, in the order given
 
 
 def performance_options(items: list[str], dtype: str) -> dict[str, Any]:
@@ -902,8 +972,8 @@ def format_table(result: dict[str, Any]) -> str:
         ),
         (
             f"floor: matmul {result['floor']['matmul_tflops_per_s']:.3g} TFLOP/s "
-            f"(n={result['settings']['matmul_n']}), UNet {result['floor'].get('unet_flop_per_eval', 0) / 1e12:.4g} "
-            "TFLOP per eval (batch 1)"
+            f"(n={result['settings']['matmul_n']}, {result['torch_threads']} thread(s) unless per thread count below), "
+            f"UNet {result['floor'].get('unet_flop_per_eval', 0) / 1e9:.4g} GFLOP per eval (batch 1)"
         ),
         head,
         "-" * len(head),
@@ -964,7 +1034,7 @@ def format_variants(result: dict[str, Any]) -> str:
     """One row per variant: per-sample cost of each item, speed-up over the first, peak memory, ratio check."""
     items = ("sample", "train", "end_to_end")
     head = f"{'variant':<18}" + "".join(f"{i + ' s/sample':>20}{'x':>7}" for i in items)
-    head += f"{'peak MiB':>10}{'logp err':>10}"
+    head += f"{'peak MiB':>10}{'logp err':>10}{'compile s':>10}"
     lines = ["", "variants (s/sample and speed-up over the first row):", head, "-" * len(head)]
     for name, sub in result["variants"].items():
         row = f"{name:<18}"
@@ -975,6 +1045,8 @@ def format_variants(result: dict[str, Any]) -> str:
         row += f"{max(peaks):>10.0f}" if peaks else f"{'-':>10}"
         err = sub.get("onpolicy_logprob_err")
         row += f"{err:>10.2g}" if err is not None else f"{'-':>10}"
+        compile_s = [it["extra"].get("compile_s", 0.0) for it in sub["items"].values()]
+        row += f"{sum(compile_s):>10.3g}" if compile_s else f"{'-':>10}"  # first calls minus steady ones
         lines.append(row + (f"  error: {sub['error']}" if "error" in sub else ""))
     return "\n".join(lines)
 
@@ -1003,6 +1075,67 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def run_shape(
+    args: argparse.Namespace, device: torch.device, matmul_rate: float, deadline: Deadline, out: dict[str, Any]
+) -> None:
+    """The items of ``args.shape`` (and its ``--variants``) into ``out``, at the current thread count."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if args.shape in ("sdxl", "tiny_xl"):
+            bench_sdxl_unet(args, device, matmul_rate, deadline, out)
+        elif args.variants:
+            run_variants(args, device, matmul_rate, deadline, out)
+        else:
+            bench_sd(args, device, matmul_rate, deadline, out)
+
+
+def run_thread_counts(
+    args: argparse.Namespace, device: torch.device, matmul_dtype: torch.dtype, deadline: Deadline, out: dict[str, Any]
+) -> None:
+    """The whole bench at each ``--threads`` count, into ``out["threads"][str(n)]``, each with its own
+    matmul floor at that count (so each fraction is of the same threads' matmul rate); the first
+    count's results are also the top-level ones."""
+    out["threads"] = {}
+    for n in args.threads:
+        torch.set_num_threads(n)
+        rate = matmul_flops_per_s(device, matmul_dtype, args.matmul_n)
+        sub: dict[str, Any] = {"floor": {"matmul_tflops_per_s": rate / 1e12}, "items": {}, "skipped": [], "notes": []}
+        run_shape(args, device, rate, deadline, sub)
+        out["threads"][str(n)] = sub
+        out["skipped"] += [f"threads={n}/{s}" for s in sub["skipped"]]
+    first = out["threads"][str(args.threads[0])]
+    out["items"] = first["items"]
+    out["floor"].update(first["floor"])
+    out["notes"] += first["notes"]
+    if "variants" in first:
+        out["variants"] = first["variants"]
+
+
+def format_threads(result: dict[str, Any]) -> str:
+    """One row per thread count: the matmul floor, sampling and training throughput, each as a
+    fraction of that floor, and the end-to-end speed-up over the first count."""
+    head = (f"{'threads':>7}{'matmul GFLOP/s':>16}{'sample img/s':>14}{'UNet ev/s':>11}{'of matmul':>10}"
+            f"{'train smp/s':>13}{'of matmul':>10}{'e2e smp/s':>11}{'e2e x':>7}{'logp err':>10}")  # fmt: skip
+    lines = ["", "per thread count (each fraction is of that thread count's own matmul rate):", head, "-" * len(head)]
+    first_e2e = None
+    for n, sub in result["threads"].items():
+        it = sub["items"]
+        row = f"{n:>7}{sub['floor']['matmul_tflops_per_s'] * 1e3:>16.4g}"
+        for name, width in (("sample", 14), ("train", 13)):
+            if name not in it:
+                row += f"{'-':>{width}}" + (f"{'-':>11}" if name == "sample" else "") + f"{'-':>10}"
+                continue
+            row += f"{it[name]['samples_per_s']:>{width}.4g}"
+            if name == "sample":
+                row += f"{it[name]['unet_evals_per_s']:>11.4g}"
+            row += f"{it[name]['fraction_of_matmul']:>10.2%}"
+        e2e = it.get("end_to_end", {}).get("samples_per_s")
+        first_e2e = first_e2e or e2e
+        row += f"{e2e:>11.4g}{e2e / first_e2e:>6.2f}x" if e2e else f"{'-':>11}{'-':>7}"
+        err = sub.get("onpolicy_logprob_err")  # with --variants: each variant's, in its own table
+        lines.append(row + (f"{err:>10.2g}" if err is not None else f"{'-':>10}"))
+    return "\n".join(lines)
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     """``diffloop bench``: run the benchmark, print the table, optionally write JSON. Returns 0."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -1012,7 +1145,6 @@ def bench_main(argv: list[str] | None = None) -> int:
     device = _device(args.device)
     deadline = Deadline(args.time_limit_s)
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    matmul_rate = matmul_flops_per_s(device, matmul_dtype, args.matmul_n)
     result: dict[str, Any] = {
         "device_name": device_name(device),
         "torch": torch.__version__,
@@ -1020,7 +1152,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "settings": vars(args).copy(),
-        "floor": {"matmul_tflops_per_s": matmul_rate / 1e12, "matmul_dtype": str(matmul_dtype)},
+        "floor": {"matmul_dtype": str(matmul_dtype)},
         "memory_kind": PeakMemory(device).kind,
         "items": {},
         "notes": [],
@@ -1028,18 +1160,25 @@ def bench_main(argv: list[str] | None = None) -> int:
     }
     if args.shape == "sd15":
         result["reference_sd15_h200"] = REFERENCE_SD15_H200
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if args.shape in ("sdxl", "tiny_xl"):
-            bench_sdxl_unet(args, device, matmul_rate, deadline, result)
-        elif args.variants:
-            run_variants(args, device, matmul_rate, deadline, result)
+    before = torch.get_num_threads()
+    try:
+        if args.threads:
+            run_thread_counts(args, device, matmul_dtype, deadline, result)
         else:
-            bench_sd(args, device, matmul_rate, deadline, result)
+            result["floor"]["matmul_tflops_per_s"] = matmul_flops_per_s(device, matmul_dtype, args.matmul_n) / 1e12
+            run_shape(args, device, result["floor"]["matmul_tflops_per_s"] * 1e12, deadline, result)
+    finally:
+        torch.set_num_threads(before)
     result["wall_s"] = time.perf_counter() - deadline.start
     if args.shape == "sd15":
         result["vs_reference_sd15_h200"] = compare_to_reference(result["items"])
     print(format_table(result))
-    if args.variants:
+    if args.threads:
+        print(format_threads(result))
+        if args.variants:
+            for n, sub in result["threads"].items():
+                print(f"\nthreads={n}:" + format_variants(sub))
+    elif args.variants:
         print(format_variants(result))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

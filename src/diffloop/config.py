@@ -456,9 +456,11 @@ class Config:
     such a directory is an error, so a finished run is never clobbered by accident."""
     checkpoint_every: int = num(1, ge=1)
     """Save a checkpoint every N epochs (and always after the last)."""
-    cpu_threads: int | None = num(1, ge=1)
-    """torch CPU threads (null: torch's default). Small models on a shared or 2-core CPU run several
-    times faster with 1: OpenMP threads spin-wait when the cores are busy."""
+    cpu_threads: int | Literal["auto"] | None = num("auto", ge=1)
+    """torch CPU threads. auto: the cores this process may use (``resolve_cpu_threads``: the CPU
+    affinity mask, or OMP_NUM_THREADS when set, as GNU nproc does); an integer: exactly that many;
+    null: leave torch's setting alone. On a CPU shared with other busy processes, fewer threads can
+    be faster: OpenMP threads spin-wait for the busy cores."""
     keep_checkpoints: int = num(2, ge=1)
     """Newest checkpoints kept; older ones are deleted after a new one is complete."""
     resume_allow: list[str] = field(default_factory=list)
@@ -733,8 +735,17 @@ def check_field_values(obj: Any, path: str = "") -> None:
                 f"{where}='{value}' must be one of {', '.join(choices)}; '{value}' is unknown."
                 f"{did_you_mean(str(value), choices)}",
             )
+        elif isinstance(value, str) and (words := _literal_words(tp)):  # int | Literal["auto"]
+            _check(value in words, f"{where}={value!r} must be a number {f.metadata['range'].describe()} "
+                   f"or one of {', '.join(words)}")
         elif "range" in f.metadata:
             _check_number(value, f.metadata["range"], where, optional=type(None) in typing.get_args(tp))
+
+
+def _literal_words(tp: Any) -> tuple[str, ...]:
+    """The words of the ``Literal[...]`` members of a union annotation (``int | Literal["auto"]``)."""
+    return tuple(w for arg in typing.get_args(tp) if typing.get_origin(arg) is Literal
+                 for w in typing.get_args(arg))
 
 
 def _check_number(value: Any, rng: Range, where: str, optional: bool) -> None:
@@ -1025,3 +1036,38 @@ def derived_arithmetic(config: Config, num_processes: int = 1) -> Arithmetic:
 def num_trained_timesteps(num_steps: int, timestep_fraction: float) -> int:
     """Steps of each trajectory trained on: max(1, int(T * timestep_fraction)) (DDPO's rule)."""
     return max(1, int(num_steps * timestep_fraction))
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on: its affinity mask (taskset, cgroup cpusets), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity masks
+        return os.cpu_count() or 1
+
+
+def resolve_cpu_threads(
+    setting: int | str | None, environ: typing.Mapping[str, str] | None = None, cores: int | None = None
+) -> int | None:
+    """The torch thread count of ``cpu_threads`` (None: leave torch's own setting alone).
+
+    ``auto`` = OMP_NUM_THREADS when it is set (its first entry), as GNU ``nproc`` reads it and as
+    launchers (torchrun, ``diffloop compare --jobs``) set it to give each process its share; else
+    max(1, cores // LOCAL_WORLD_SIZE): the cores of the affinity mask split between the processes
+    of this machine, so that processes never ask for more threads than there are cores.
+    An integer is used as given. A malformed OMP_NUM_THREADS is an error, not ignored.
+    """
+    if setting is None or isinstance(setting, int):
+        return setting
+    env = os.environ if environ is None else environ
+    cores = available_cores() if cores is None else cores
+    omp = env.get("OMP_NUM_THREADS", "").strip()
+    if omp:
+        first = omp.split(",")[0].strip()
+        _check(first.isdigit() and int(first) >= 1,
+               f"cpu_threads=auto reads OMP_NUM_THREADS={omp!r}, which is not a positive integer; "
+               "unset OMP_NUM_THREADS or set cpu_threads=N")
+        return int(first)
+    local = env.get("LOCAL_WORLD_SIZE", "1").strip()
+    processes = int(local) if local.isdigit() and int(local) >= 1 else 1
+    return max(1, cores // processes)

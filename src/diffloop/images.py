@@ -50,3 +50,62 @@ def stack_vertically(paths: list[str | Path], out: str | Path, gap: int = 8) -> 
         canvas.paste(im, (0, y))
         y += im.height + gap
     canvas.save(out)
+
+
+def _to_uint8(images: torch.Tensor, upscale: int) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> (N, H*upscale, W*upscale, 3) uint8, nearest-neighbour upscaled."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return arr.repeat(upscale, axis=1).repeat(upscale, axis=2) if upscale > 1 else arr
+
+
+def labelled_before_after(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    prompts: list[str],
+    before_scores: list[float],
+    after_scores: list[float],
+    per_row: int,
+    upscale: int = 1,
+    headings: tuple[str, str] = ("before", "after"),
+    pad: int = 4,
+) -> np.ndarray:
+    """The before/after comparison a person reads: one row per prompt (its text on the left), the
+    ``per_row`` images of that prompt before training, then after, each image's score under it,
+    "before" / "after" headings on top. PIL's default font; no other dependency.
+
+    before, after: (N, 3, H, W) in [0, 1], N = rows x per_row, prompt-major (image i shows
+    ``prompts[i // per_row]``); prompts: N // per_row row labels; scores: N each (NaN -> "n/a").
+    Returns (text_h + rows (H' + text_h + pad) + pad, label_w + 2 per_row (W' + pad) + gap + pad, 3)
+    uint8 with H' = H upscale, W' = W upscale, text_h = font line height + 4.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    n = before.shape[0]
+    if after.shape != before.shape or n % per_row or len(prompts) != n // per_row:
+        raise ValueError(f"before {tuple(before.shape)}, after {tuple(after.shape)}, {len(prompts)} prompts "
+                         f"and {per_row} images per row do not describe the same grid")  # fmt: skip
+    if len(before_scores) != n or len(after_scores) != n:
+        raise ValueError(f"{n} images need {n} scores each, got {len(before_scores)} and {len(after_scores)}")
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_h = probe.textbbox((0, 0), "Ag0.", font=font)[3] + 4
+    label_w = max(probe.textbbox((0, 0), p, font=font)[2] for p in prompts) + 2 * pad
+    tiles = [_to_uint8(before, upscale), _to_uint8(after, upscale)]
+    h, w = tiles[0].shape[1:3]
+    block_w, gap = per_row * (w + pad), 3 * pad  # the gap separates before from after
+    canvas = Image.new("RGB", (label_w + 2 * block_w + gap + pad, text_h + (n // per_row) * (h + text_h + pad) + pad),
+                       "white")  # fmt: skip
+    draw = ImageDraw.Draw(canvas)
+    for half, (heading, scores) in enumerate(zip(headings, (before_scores, after_scores), strict=True)):
+        x0 = label_w + half * (block_w + gap)
+        draw.text((x0 + block_w // 2, 2), heading, fill="black", font=font, anchor="ma")
+        for i in range(n):
+            row, col = divmod(i, per_row)
+            x, y = x0 + col * (w + pad), text_h + row * (h + text_h + pad)
+            canvas.paste(Image.fromarray(tiles[half][i]), (x, y))
+            label = "n/a" if math.isnan(scores[i]) else f"{scores[i]:.3f}"
+            draw.text((x + w // 2, y + h + 1), label, fill="black", font=font, anchor="ma")
+    for row, prompt in enumerate(prompts):
+        y = text_h + row * (h + text_h + pad) + h // 2
+        draw.text((pad, y), prompt, fill="black", font=font, anchor="lm")
+    return np.asarray(canvas)

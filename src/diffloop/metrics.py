@@ -174,7 +174,23 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
        "eval", when="evaluated epochs and epoch -1"),
     _m("eval_time_s", "seconds the evaluation took", "main", "sum", None, "eval", "eval",
        when="evaluated epochs and epoch -1"),
+    # --- the shapes world's breakdown of the evaluation (diffloop.shapes.reward.eval_breakdown)
+    *(_m(f"eval_binding_{a}_mean", f"mean over eval images of the {a} binding: mean over the caption's "
+         f"phrases naming a {a} of presence x P(the object matched to the phrase has that {a})",
+         "gathered", None, True, "eval", "eval",
+         when="reward.name=shapes_binding, evaluated epochs and epoch -1"
+              + (", captions naming a texture" if a == "texture" else ""))
+      for a in ("colour", "shape", "texture")),
+    _m("eval_reward_seen_mean", "mean eval reward of captions made only of training (colour, shape) "
+       "combinations", "gathered", None, True, "eval", "eval",
+       when="reward.name=shapes_binding, eval prompts with such captions"),
+    _m("eval_reward_unseen_mean", "mean eval reward of captions naming a held-out (colour, shape) "
+       "combination (shapes.world.UNSEEN_COMBINATIONS)", "gathered", None, True, "eval", "eval",
+       when="reward.name=shapes_binding, eval prompts with such captions"),
 )}
+# Written only with the shapes world's reward (BindingReward.attribute_scores).
+SHAPES_EVAL_KEYS = ("eval_binding_colour_mean", "eval_binding_shape_mean", "eval_binding_texture_mean",
+                    "eval_reward_seen_mean", "eval_reward_unseen_mean")
 
 PATTERNS: tuple[Metric, ...] = (
     _m("reward_<component>_mean", "mean score of one component of a composite (multi) reward over "

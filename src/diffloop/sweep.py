@@ -22,6 +22,10 @@ Budgets are matched explicitly. With ``prompts: N`` every run trains on N prompt
 K x N reward queries); with ``reward_queries: N`` every run queries the reward N times,
 ``num_epochs = N / (prompts_per_epoch * samples_per_prompt)``. A budget that does not divide is an error.
 
+``--jobs N`` trains N shards (``--shard i/N``) at once as child processes, each with
+``OMP_NUM_THREADS = max(1, cores // N)`` (which ``cpu_threads: auto`` reads), so that N runs never ask
+for more threads than the machine has cores; N = cores gives single-thread runs.
+
 The summary (``summary.json``, ``summary.md``, three plots) compares held-out reward (``eval_reward_mean``,
 fixed prompts and noise) per run name, as mean +- standard error over seeds.
 """
@@ -64,7 +68,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 # Settings that change speed or memory but not what a run computes: a resumed run may differ in these.
 RESUME_COMPATIBLE = (
     "resume", "num_epochs", "output_dir", "logging.", "sample.batch_size", "eval.batch_size",
-    "train.gradient_checkpointing", "checkpoint_every", "keep_checkpoints",
+    "train.gradient_checkpointing", "checkpoint_every", "keep_checkpoints", "cpu_threads",
 )  # fmt: skip
 
 
@@ -703,6 +707,60 @@ def shard_runs(runs: Sequence[PlannedRun], index: int, count: int) -> list[Plann
     return [r for j, r in enumerate(runs) if owner[j] == index]
 
 
+def threads_per_job(cores: int, jobs: int) -> int:
+    """Torch threads for each of ``jobs`` parallel runs on ``cores`` cores: max(1, cores // jobs).
+
+    jobs x threads <= cores whenever jobs <= cores, so the runs never oversubscribe the CPU (an
+    OpenMP thread spin-waiting for a busy core makes everyone slower); jobs = cores gives
+    single-thread runs, the fastest use of a CPU for a small model (no synchronisation at all).
+    """
+    if cores < 1 or jobs < 1:
+        raise ValueError(f"cores and jobs must be >= 1, got cores={cores}, jobs={jobs}")
+    return max(1, cores // jobs)
+
+
+def shard_command(sweep: Sweep, index: int, jobs: int, overrides: Sequence[str]) -> list[str]:
+    """The ``diffloop compare --shard index/jobs`` child process one ``--jobs`` job runs."""
+    import sys
+
+    return [sys.executable, "-m", "diffloop", "compare", str(sweep.path), "--shard", f"{index}/{jobs}",
+            "--output-dir", str(sweep.output_dir), "--no-summary", *overrides]  # fmt: skip
+
+
+def run_parallel(
+    sweep: Sweep, jobs: int, overrides: Sequence[str], log: Callable[[str], None] = print
+) -> int:
+    """Train the sweep as ``jobs`` shard processes at once (``shard_runs`` balances them), each with
+    OMP_NUM_THREADS = ``threads_per_job`` (read by ``cpu_threads: auto``); each writes its own log
+    ``<output_dir>/jobs/shard_<i>.log``. Returns the number of shards that failed."""
+    import subprocess
+
+    from diffloop.config import available_cores
+
+    cores = available_cores()
+    threads = threads_per_job(cores, jobs)
+    if jobs > cores:
+        log(f"warning: --jobs {jobs} runs more processes than the {cores} available cores; "
+            f"they will share cores (use --jobs {cores} or fewer)")  # fmt: skip
+    log(f"{jobs} parallel jobs x {threads} thread(s) on {cores} cores")
+    log_dir = sweep.output_dir / "jobs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    children = []
+    for i in range(jobs):
+        path = log_dir / f"shard_{i}.log"
+        with open(path, "w", encoding="utf-8") as out:  # the child keeps its own descriptor
+            children.append((i, path, subprocess.Popen(
+                shard_command(sweep, i, jobs, overrides), stdout=out, stderr=subprocess.STDOUT, env=env,
+            )))  # fmt: skip
+    failed = 0
+    for i, path, child in children:
+        if child.wait() != 0:
+            failed += 1
+            log(f"shard {i}/{jobs} failed (exit {child.returncode}); see {path}")
+    return failed
+
+
 def compare_main(argv: list[str]) -> int:
     """``diffloop compare SWEEP.yaml [--dry-run | --summary-only] [--output-dir DIR] [--shard I/N] [k=v ...]``."""
     ap = argparse.ArgumentParser(
@@ -731,13 +789,28 @@ def compare_main(argv: list[str]) -> int:
         help="I/N: train only shard I of N, shards balanced by reward queries (several "
         "processes sharing a GPU or CPU cores); the summary covers whatever has finished",
     )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train N shards at once as child processes, each with cores // N threads (N = the "
+        "number of cores: single-thread runs); never more threads than cores",
+    )
+    ap.add_argument("--no-summary", action="store_true",
+                    help="train only, write no summary (the --jobs children: their parent writes it)")
     args = ap.parse_intermixed_args(argv)
+    if args.jobs < 1 or (args.jobs > 1 and args.shard):
+        raise SweepError(f"--jobs must be >= 1 and cannot be combined with --shard (got --jobs {args.jobs})")
     sweep = load_sweep(args.sweep, args.output_dir)
     runs = plan(sweep, args.overrides)
     if args.dry_run:
         print_plan(sweep, runs)
         return 0
-    if not args.summary_only:
+    failed = 0
+    if args.jobs > 1 and not args.summary_only:
+        print(f"budget: {sweep.budget.describe()}")
+        failed = run_parallel(sweep, args.jobs, args.overrides)
+    elif not args.summary_only:
         todo = runs
         if args.shard:
             i, n = _parse_shard(args.shard)
@@ -747,9 +820,11 @@ def compare_main(argv: list[str]) -> int:
         print(
             f"sweep: {counts['finished']} already finished, {counts['resume']} resumed, {counts['new']} started"
         )
+    if args.no_summary:
+        return 0
     summary = write_summary(sweep, runs)
     print(
         f"wrote {sweep.output_dir / 'summary.md'} ({sum(len(r['seeds']) for r in summary['runs'])}/{len(runs)} "
         "runs finished)"
     )
-    return 0
+    return 1 if failed else 0

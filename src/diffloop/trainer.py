@@ -32,6 +32,7 @@ from diffloop.config import (
     TrainConfig,
     derived_arithmetic,
     num_trained_timesteps,
+    resolve_cpu_threads,
 )
 from diffloop.distributed import Distributed
 from diffloop.ema import EMA, maybe_applied
@@ -57,16 +58,23 @@ from diffloop.run_dir import RunDirectory, existing_run, remove_run
 logger = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_LABELLED_ROWS = 16  # prompts (rows) the labelled eval/before_after.png shows
 
 
-def set_backend_flags(performance: PerformanceConfig, device: torch.device, cpu_threads: int | None = None) -> None:
+def set_backend_flags(
+    performance: PerformanceConfig, device: torch.device, cpu_threads: int | str | None = None
+) -> int | None:
     """Process-wide backend settings: TF32 matmuls/convolutions on CUDA (``performance.allow_tf32``)
-    and the number of CPU threads (``cpu_threads``). Set here, once, not by building a policy."""
-    if cpu_threads is not None:
-        torch.set_num_threads(cpu_threads)
+    and the number of CPU threads (``cpu_threads``: an int, "auto" = the available cores, see
+    ``config.resolve_cpu_threads``, or None = unchanged). Set here, once, not by building a policy.
+    Returns the thread count set (None: unchanged)."""
+    threads = resolve_cpu_threads(cpu_threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = performance.allow_tf32
         torch.backends.cudnn.allow_tf32 = performance.allow_tf32
+    return threads
 
 
 class Trainer:
@@ -340,8 +348,16 @@ class Trainer:
             metadata=metadata[local],
         )
         local_rewards = scores["reward"]
-        all_rewards = local_rewards if len(prompts) % self.dist.world_size else self.dist.gather(local_rewards)
-        out = {**loops.eval_summary(all_rewards), "eval_time_s": time.perf_counter() - t0}
+        gathered = not len(prompts) % self.dist.world_size
+        all_rewards = self.dist.gather(local_rewards) if gathered else local_rewards
+        breakdown = self._eval_breakdown(images, prompts, local, all_rewards, gathered)
+        out = {**loops.eval_summary(all_rewards), **breakdown, "eval_time_s": time.perf_counter() - t0}
+        if self.dist.is_main and len(images) and (tag == "base" or step == self.config.num_epochs):
+            (Path(self.config.output_dir) / "eval").mkdir(parents=True, exist_ok=True)
+            keep = min(len(images), k * MAX_LABELLED_ROWS)  # the rows the labelled before/after shows
+            np.savez_compressed(Path(self.config.output_dir) / "eval" / f"{tag}.npz",
+                                images=(images[:keep].clamp(0, 1) * 255).round().to(torch.uint8).numpy(),
+                                scores=all_rewards[:keep].float().numpy(), prompts=np.array(fixed[: keep // k]))
         if self.dist.is_main and len(images):
             from diffloop.images import save_grid
 
@@ -350,6 +366,21 @@ class Trainer:
                              upscale=max(1, 128 // images.shape[-1]))  # tiny images stay viewable
             self.run.log_image("eval/images", grid, step=step)
         return out
+
+    def _eval_breakdown(
+        self, images: torch.Tensor, prompts: list[str], local: slice, rewards: torch.Tensor, gathered: bool
+    ) -> dict[str, float]:
+        """For a reward that scores attributes (the shapes world's): binding per attribute and seen
+        vs unseen combinations (``diffloop.shapes.reward.eval_breakdown``); {} for other rewards."""
+        attribute_scores = getattr(self.reward, "attribute_scores", None)
+        if attribute_scores is None:
+            return {}
+        from diffloop.shapes.reward import eval_breakdown
+
+        attributes = attribute_scores(images, prompts[local])
+        if gathered:
+            attributes = {name: self.dist.gather(v.to(self.dist.device)).cpu() for name, v in attributes.items()}
+        return eval_breakdown(rewards, attributes, prompts if gathered else prompts[local])
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -469,13 +500,15 @@ class Trainer:
         cfg = self.config
         print(
             f"diffloop: {self.algorithm.name} on {cfg.model.pretrained}, reward {cfg.reward.name}, "
-            f"{self.dist.world_size} process(es) on {self.dist.device}, output {cfg.output_dir}"
+            f"{self.dist.world_size} process(es) on {self.dist.device} ({torch.get_num_threads()} CPU thread(s), "
+            f"cpu_threads={cfg.cpu_threads}), output {cfg.output_dir}"
         )
         for line in self.arithmetic.lines():
             print("  " + line)
 
     def _print_summary(self) -> None:
-        """The one-line verdict (base -> trained held-out reward) and a before/after image grid."""
+        """The verdict (base -> trained held-out reward, and for the shapes world per attribute and
+        seen / unseen combinations) and the labelled before/after image grid."""
         if not self.dist.is_main or self.eval_source is None:
             return
         from diffloop.run_dir import read_metrics
@@ -483,18 +516,21 @@ class Trainer:
         evals = [r for r in read_metrics(self.run.metrics_path) if "eval_reward_mean" in r]
         if len(evals) < 2 or evals[0]["epoch"] != -1:
             return
-        label = "binding reward" if self.config.reward.name == "shapes_binding" else f"{self.config.reward.name} reward"
-        print(
-            f"{label} on held-out prompts: base {evals[0]['eval_reward_mean']:.4f} -> trained "
-            f"{evals[-1]['eval_reward_mean']:.4f} ({self.config.eval.prompts}, "
-            f"{self.config.eval.num_prompts} prompts x {self.config.eval.samples_per_prompt} images)"
-        )
+        e = self.config.eval
+        for line in summary_lines(evals[0], evals[-1], self.config.reward.name, e.prompts, e.num_prompts,
+                                  e.samples_per_prompt, self.eval_source.iterate_fixed(e.num_prompts)):
+            print(line)  # fmt: skip
         eval_dir = Path(self.config.output_dir) / "eval"
-        before, after = eval_dir / "base.png", eval_dir / f"epoch_{evals[-1]['epoch'] + 1:04d}.png"
-        if before.is_file() and after.is_file():
-            from diffloop.images import stack_vertically
+        after = eval_dir / f"epoch_{evals[-1]['epoch'] + 1:04d}"
+        if (eval_dir / "base.npz").is_file() and after.with_suffix(".npz").is_file():
+            rows = write_before_after(eval_dir / "base.npz", after.with_suffix(".npz"), eval_dir / "before_after.png",
+                                      e.samples_per_prompt, f"after: epoch {evals[-1]['epoch'] + 1}")  # fmt: skip
+            print(f"  {eval_dir / 'before_after.png'}: {rows} of {e.num_prompts} prompts, before | after, "
+                  f"each image's {self.config.reward.name} score under it")  # fmt: skip
+        elif (eval_dir / "base.png").is_file() and after.with_suffix(".png").is_file():
+            from diffloop.images import stack_vertically  # a run resumed from before the .npz files
 
-            stack_vertically([before, after], eval_dir / "before_after.png")
+            stack_vertically([eval_dir / "base.png", after.with_suffix(".png")], eval_dir / "before_after.png")
 
     def _print_epoch(self, m: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -543,6 +579,56 @@ def build_optimizer(params: list[torch.nn.Parameter], t: TrainConfig, device: to
     import bitsandbytes as bnb
 
     return bnb.optim.AdamW8bit(params, **kwargs)
+
+def summary_lines(
+    base: dict[str, Any], trained: dict[str, Any], reward: str, source: str, num_prompts: int, k: int,
+    prompts: list[str],
+) -> list[str]:
+    """The end-of-run verdict from the base (epoch -1) and last evaluation rows: the held-out
+    reward, then whichever per-attribute and seen / unseen means the rows hold
+    (``diffloop.shapes.reward.eval_breakdown``), as base -> trained (difference)."""
+    label = "binding reward" if reward == "shapes_binding" else f"{reward} reward"
+    verdict = (f"{label} on held-out prompts: base {base['eval_reward_mean']:.4f} -> trained "
+               f"{trained['eval_reward_mean']:.4f} ({source}, {num_prompts} prompts x {k} images)")  # fmt: skip
+    lines = [verdict]
+
+    def change(key: str, name: str) -> str:
+        if key not in base or key not in trained:
+            return f"    {name:<30} n/a"
+        b, t = base[key], trained[key]
+        return f"    {name:<30} base {b:.4f} -> trained {t:.4f} ({t - b:+.4f})"
+
+    if any(key.startswith("eval_binding_") for key in base):
+        lines.append("  per attribute (the matched object is there and has the named attribute):")
+        lines += [change(f"eval_binding_{a}_mean", a) for a in ("colour", "shape", "texture")]
+    if "eval_reward_seen_mean" in base or "eval_reward_unseen_mean" in base:
+        from diffloop.shapes.world import uses_unseen_combination
+
+        unseen = sum(uses_unseen_combination(p) for p in prompts)
+        lines.append("  by combination (binding reward):")
+        lines.append(change("eval_reward_seen_mean", f"seen ({len(prompts) - unseen} prompts)"))
+        lines.append(change("eval_reward_unseen_mean", f"unseen ({unseen} prompts)")
+                     + ("" if unseen else ": no eval prompt names a held-out combination"))  # fmt: skip
+    return lines
+
+
+def write_before_after(before: Path, after: Path, out: Path, k: int, after_heading: str = "after") -> int:
+    """eval/<tag>.npz of the base and the last evaluation -> the labelled grid at ``out``
+    (``diffloop.images.labelled_before_after``); returns the number of prompt rows."""
+    from PIL import Image
+
+    from diffloop.images import labelled_before_after
+
+    b, a = np.load(before), np.load(after)
+    rows = min(len(b["prompts"]), len(a["prompts"]))
+    n = rows * k
+    as_float = lambda x: torch.from_numpy(x[:n]).float() / 255.0
+    grid = labelled_before_after(as_float(b["images"]), as_float(a["images"]), [str(p) for p in b["prompts"][:rows]],
+                                 b["scores"][:n].tolist(), a["scores"][:n].tolist(), per_row=k,
+                                 upscale=max(1, 128 // b["images"].shape[-1]),
+                                 headings=("before: base model", after_heading))  # fmt: skip
+    Image.fromarray(grid).save(out)
+    return rows
 
 
 def concat_scores(results: list[RewardScores]) -> RewardScores:

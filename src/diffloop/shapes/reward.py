@@ -341,17 +341,76 @@ def aggregate_assignment(scores: torch.Tensor, used: torch.Tensor, aggregate: st
     scores (N, P, M), used (N, P) bool; unused phrase slots count 1 (product) or are left out
     (mean).
     """
-    n, n_phr, m = scores.shape
-    best = torch.zeros(n, dtype=scores.dtype, device=scores.device)
+    values, _ = assignment_values(scores, used, aggregate)
+    best = torch.zeros(scores.shape[0], dtype=scores.dtype, device=scores.device)
+    return torch.maximum(best, values.max(dim=0).values)
+
+
+def assignment_values(
+    scores: torch.Tensor, used: torch.Tensor, aggregate: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every injective phrase -> candidate assignment a: (A, N) values prod_p (or mean_p)
+    F_p,a(p), and the (A, P) long table of the assignments (a[p] = the candidate of phrase p)."""
+    _, n_phr, m = scores.shape
     n_used = used.sum(dim=1).clamp_min(1).to(scores.dtype)
-    for assign in itertools.permutations(range(m), n_phr):
+    assigns = list(itertools.permutations(range(m), n_phr))
+    values = []
+    for assign in assigns:
         picked = scores[:, torch.arange(n_phr), torch.tensor(assign)]  # (N, P)
         if aggregate == "product":
-            value = torch.where(used, picked, torch.ones_like(picked)).prod(dim=1)
+            values.append(torch.where(used, picked, torch.ones_like(picked)).prod(dim=1))
         else:
-            value = torch.where(used, picked, torch.zeros_like(picked)).sum(dim=1) / n_used
-        best = torch.maximum(best, value)
-    return best
+            values.append(torch.where(used, picked, torch.zeros_like(picked)).sum(dim=1) / n_used)
+    return torch.stack(values), torch.tensor(assigns, dtype=torch.long).view(len(assigns), n_phr)
+
+
+ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "texture")
+
+
+def attribute_binding(c: Candidates, prompts: list[str], aggregate: str, beta: float) -> dict[str, torch.Tensor]:
+    """Per-attribute binding of N images: {"colour", "shape", "texture"} -> (N,) in [0, 1].
+
+    With m(p) the candidate the best assignment (the one that gives the image its score) gives
+    phrase p, the attribute score of an image is the mean over the phrases that name the attribute
+    of presence_m(p) * P(candidate m(p) has the phrase's value), e.g. colour_m(p),c(p): "the red
+    circle is there and is red". NaN for an image whose caption names no such attribute (an
+    unspecified texture). Raw probabilities: no partial credit beta.
+    """
+    scores, used = phrase_candidate_scores(c, prompts, beta)
+    values, assigns = assignment_values(scores, used, aggregate)
+    best = assigns[values.argmax(dim=0)].to(c.presence.device)  # (N, P) candidate of each phrase
+    present = torch.gather(c.presence, 1, best)  # (N, P)
+    tables = _phrase_tables(prompts, scores.shape[1])
+    out = {}
+    for name, probs, index in zip(ATTRIBUTES, (c.colour, c.shape, c.texture), tables[:3], strict=True):
+        index = index.to(best.device)
+        of_assigned = torch.gather(probs, 1, best[..., None].expand(-1, -1, probs.shape[2]))  # (N, P, A)
+        value = present * torch.gather(of_assigned, 2, index.clamp_min(0)[..., None])[..., 0]
+        named = used.to(best.device) & (index >= 0)
+        out[name] = (value * named).sum(dim=1) / named.sum(dim=1)  # 0 / 0 = NaN: none named
+    return out
+
+
+def eval_breakdown(
+    rewards: torch.Tensor, attributes: dict[str, torch.Tensor], prompts: list[str]
+) -> dict[str, float]:
+    """What improved, for the trainer's evaluation: rewards (N,), attributes from
+    ``attribute_binding`` ({name: (N,)}), prompts N captions -> eval metrics
+
+        eval_binding_<colour|shape|texture>_mean = nanmean over images of the attribute score
+        eval_reward_seen_mean   = nanmean of the rewards of captions made of training combinations
+        eval_reward_unseen_mean = ... of captions naming a held-out combination (world.UNSEEN_COMBINATIONS)
+
+    A key whose images are all absent or NaN (no unseen caption among the prompts) is left out."""
+    out = {}
+    unseen = torch.tensor([world.uses_unseen_combination(p) for p in prompts], dtype=torch.bool)
+    groups = {f"eval_binding_{k}_mean": v.cpu().float() for k, v in attributes.items()}
+    groups["eval_reward_seen_mean"] = rewards.cpu().float()[~unseen]
+    groups["eval_reward_unseen_mean"] = rewards.cpu().float()[unseen]
+    for key, values in groups.items():
+        if bool((~torch.isnan(values)).any()):
+            out[key] = float(torch.nanmean(values))
+    return out
 
 
 @contextlib.contextmanager
@@ -414,6 +473,17 @@ class BindingReward:
             out = aggregate_assignment(scores, used, self.aggregate).clamp(0.0, 1.0)
         return out.to(images.device)
 
+    @torch.no_grad()
+    def attribute_scores(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """images (N, 3, H, W) in [0, 1], N captions -> ``attribute_binding``'s {attribute: (N,)}
+        (on the CPU): the trainer's per-attribute evaluation."""
+        if len(prompts) == 0:
+            return {name: torch.zeros(0) for name in ATTRIBUTES}
+        x = images.detach().to(device="cpu", dtype=torch.float32).clamp(0.0, 1.0).contiguous()
+        with _torch_threads(self.num_threads):
+            cands = analyse(x, self.params)
+            return attribute_binding(cands, list(prompts), self.aggregate, self.params.partial_credit)
+
 
 _DEFAULT = BindingReward()
 
@@ -428,14 +498,18 @@ def binding_score(image: np.ndarray, text: str) -> float:
 
 
 __all__ = [
+    "ATTRIBUTES",
     "BindingReward",
     "Candidates",
     "RewardParams",
     "aggregate_assignment",
     "analyse",
+    "assignment_values",
+    "attribute_binding",
     "binding_score",
     "candidate_regions",
     "connected_components",
+    "eval_breakdown",
     "max3x3",
     "phrase_candidate_scores",
     "pixel_maps",

@@ -339,6 +339,12 @@ def prompt_splits() -> dict[str, list[str]]:
     return {k: list(v) for k, v in _splits().items()}
 
 
+def uses_unseen_combination(text: str) -> bool:
+    """Whether caption ``text`` names a held-out (colour, shape) combination (UNSEEN_COMBINATIONS):
+    the "unseen" half of the T2I-CompBench-style split; ValueError outside the grammar."""
+    return any((o.color, o.shape) in UNSEEN_COMBINATIONS for o in parse_caption(text))
+
+
 def training_combinations() -> frozenset[tuple[str, str]]:
     """(colour, shape) pairs allowed in training captions and renders."""
     return frozenset(_combinations()) - UNSEEN_COMBINATIONS
