@@ -2,7 +2,7 @@
 # The issue-7 measurements in one device call (fits the 15-minute GPU budget with room for one rerun):
 #   bash scripts/fetch_wheels.sh wheels          # here, once: diffusers/peft wheels for the offline GPU box
 #   run(command="bash scripts/gpu_bench.sh", carry=["wheels"], timeout_s=560)
-# Writes $OUT/bench_sd15.{json,txt} and $OUT/bench_sdxl.{json,txt}; docs/performance.md reads them.
+# Writes $OUT/bench_{sd15,sdxl,sd35,flux}.{json,txt}; docs/performance.md reads them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -16,6 +16,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 # fresh policy, the first the baseline; the time limit keeps whatever finished.
 python -m diffloop.bench --shape sd15 --device cuda --dtype bf16 --repeats 2 --warmup 1 \
     --variants "${VARIANTS:-eager,fast,compile_all,low_memory,channels_last,eager_attention}" \
-    --time-limit-s "${SD15_LIMIT_S:-360}" --output "$OUT/bench_sd15.json" | tee "$OUT/bench_sd15.txt"
+    --time-limit-s "${SD15_LIMIT_S:-300}" --output "$OUT/bench_sd15.json" | tee "$OUT/bench_sd15.txt"
 python -m diffloop.bench --shape sdxl --device cuda --dtype bf16 --repeats 2 --warmup 1 \
     --time-limit-s "${SDXL_LIMIT_S:-90}" --output "$OUT/bench_sdxl.json" | tee "$OUT/bench_sdxl.txt"
+# The flow-matching transformers through their policies (random weights from the real configs).
+python -m diffloop.bench --shape sd35 --device cuda --dtype bf16 --repeats 2 --warmup 1 \
+    --time-limit-s "${SD35_LIMIT_S:-60}" --output "$OUT/bench_sd35.json" | tee "$OUT/bench_sd35.txt"
+python -m diffloop.bench --shape flux --device cuda --dtype bf16 --repeats 2 --warmup 1 \
+    --time-limit-s "${FLUX_LIMIT_S:-60}" --output "$OUT/bench_flux.json" | tee "$OUT/bench_flux.txt"

@@ -12,8 +12,9 @@ from diffloop.config import LoraConfig, ModelConfig, SDXLConfig, load_config
 from diffloop.core import gaussian_log_prob
 from diffloop.policies.diffusers_policy import ModelLoadError
 from diffloop.policies.families import detect_family
-from diffloop.policies.sdxl import SDXLPolicy, build_sdxl_components, load_sdxl_policy
+from diffloop.policies.sdxl import SDXLPolicy, load_sdxl_policy
 from diffloop.run_dir import read_metrics
+from diffloop.testing.tiny_sdxl import build_sdxl_components
 from diffloop.trainer import Trainer
 
 CPU = torch.device("cpu")

@@ -2,7 +2,7 @@
 
 The sizes are diffusers' own SDXL fast test (tests/pipelines/stable_diffusion_xl/
 test_stable_diffusion_xl.py, ``get_dummy_components``), kept in
-``diffloop.policies.sdxl.SDXL_CONFIGS["tiny"]``: a (2, 4)-channel UNet with
+``diffloop.testing.tiny_sdxl.SDXL_CONFIGS["tiny"]``: a (2, 4)-channel UNet with
 ``addition_embed_type="text_time"`` (6 time ids x 8 + pooled 32 = 80 inputs), two 5-layer CLIP
 text encoders of width 32 (the second with a 32-wide projection), a 2-level VAE. Both encoders
 use the committed CLIP BPE fixture tokenizer (tests/fixtures/tiny_tokenizer), as diffusers' test
@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from tiny_models import make_tiny_tokenizer
 
-from diffloop.policies.sdxl import build_sdxl_components
+from diffloop.testing.tiny_sdxl import build_sdxl_components
 
 IMAGE_SIZE = 64
 LATENT_SHAPE = (4, 32, 32)

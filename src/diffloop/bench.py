@@ -1,7 +1,7 @@
 """Throughput benchmark (`diffloop bench`): sampling, training and end-to-end cost per sample.
 
 Builds SD1.5- or SDXL-shaped models with random weights from configs (nothing downloaded), runs the
-real code paths (``DDIMPolicy.sample``, the trainer's gradient pass ``loops.minibatch_backward``) and
+real code paths (the policy's ``sample``, the trainer's gradient pass ``loops.minibatch_backward``) and
 reports medians over ``--repeats`` after ``--warmup`` untimed runs, peak memory, and the ratio to a
 hardware floor measured in the same process:
 
@@ -11,10 +11,9 @@ hardware floor measured in the same process:
     fraction      A / R      (1.0 would mean the work ran at the speed of one large matmul)
 
 Shapes: ``tiny`` (a (32, 64)-channel UNet, for the CPU test suite), ``sd15`` (SD 1.5: UNet
-(320, 640, 1280, 1280), CLIP ViT-L text encoder, SD VAE, 64x64 latents), ``sdxl`` and ``tiny_xl``
-(SDXL's UNet, 128x128 latents, text_time conditioning). diffloop has no SDXL policy yet, so for the
-SDXL shapes only the raw UNet forward (sampling-like, CFG-doubled batch) and forward + backward with
-LoRA (training-like) are timed; the output says so. ``flux`` builds a FLUX.1-dev-shaped policy
+(320, 640, 1280, 1280), CLIP ViT-L text encoder, SD VAE, 64x64 latents), ``sdxl`` (``SDXLPolicy`` on
+SDXL base 1.0's shapes: UNet, both text encoders, VAE, 1024 px) and ``tiny_xl`` (the test suite's
+tiny SDXL), ``sd35`` (``SD3Policy`` on SD3.5-medium's shapes at 512 px) and ``tiny_sd3``, ``flux`` builds a FLUX.1-dev-shaped policy
 (``FluxPolicy``: the real transformer config, 11.9e9 parameters, at Flow-GRPO's 512 px and 6 steps;
 T5-XXL's width with 2 of its layers) and ``tiny_flux`` the test suite's tiny FLUX; a FLUX step is one
 transformer evaluation whatever ``--guidance-scale`` (the guidance embedding's input, no CFG).
@@ -41,6 +40,8 @@ import torch
 from typing_extensions import Self
 
 SHAPES = ("tiny", "sd15", "sdxl", "tiny_xl", "sd35", "tiny_sd3", "flux", "tiny_flux", "shapes")
+# SDXL shapes: diffloop.testing.tiny_sdxl.SDXL_CONFIGS size (base 1.0 at 1024 px; the fast-test one)
+SDXL_SHAPES = {"sdxl": "base", "tiny_xl": "tiny"}
 # flow-matching shapes: (diffloop.testing.tiny_flow.SD3_CONFIGS size, image side or None)
 SD3_SHAPES = {"sd35": ("sd35_medium", 512), "tiny_sd3": ("tiny", None)}
 # (diffloop.testing.tiny_flux.FLUX_CONFIGS size, image side or None): FLUX.1-dev at 512 px
@@ -154,33 +155,7 @@ def unet_config(shape: str) -> dict[str, Any]:
             "cross_attention_dim": 768,
             "attention_head_dim": 8,
         }
-    if shape in ("sdxl", "tiny_xl"):
-        tiny = shape == "tiny_xl"
-        return {
-            "sample_size": 16 if tiny else 128,
-            "block_out_channels": (32, 64) if tiny else (320, 640, 1280),
-            "layers_per_block": 2,
-            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D")
-            if tiny
-            else ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D")
-            if tiny
-            else ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            "transformer_layers_per_block": (1, 2) if tiny else (1, 2, 10),
-            "attention_head_dim": (2, 4) if tiny else (5, 10, 20),
-            "cross_attention_dim": 32 if tiny else 2048,
-            "use_linear_projection": True,
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": 8 if tiny else 256,
-            # pooled text (1280 / 16) + 6 time ids x addition_time_embed_dim
-            "projection_class_embeddings_input_dim": 16 + 6 * 8 if tiny else 1280 + 6 * 256,
-            "norm_num_groups": 32,
-        }
     raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
-
-
-def _sdxl_pooled_dim(shape: str) -> int:
-    return 16 if shape == "tiny_xl" else 1280
 
 
 def _sd15_text_config(tokenizer: Any) -> Any:
@@ -500,7 +475,9 @@ def _unet_flops_per_eval_sd(policy: Any, shape: str) -> int:
         cond = policy.unet_conditioning(_prompts(1, shape))
     else:
         cond = {"encoder_hidden_states": policy.encode_prompts(_prompts(1, shape))}
-    cond = {k: v.to(policy.weight_dtype) for k, v in cond.items()}
+    from diffloop.policies.diffusers_policy import cat_branches
+
+    cond = cat_branches([cond], policy.weight_dtype)  # nested dicts (SDXL's added_cond_kwargs) too
     x = torch.zeros(1, *policy.latent_shape(), device=policy.device, dtype=policy.weight_dtype)
     t = torch.tensor([500], device=policy.device)
 
@@ -535,7 +512,13 @@ def bench_sd(
         policy = load_policy(default.model, default.lora, **kwargs)
     else:
         policy_class, components, extra = DDIMPolicy, None, {}
-        if args.shape in SD3_SHAPES:  # random-weight SD3 shapes (diffloop.testing.tiny_flow)
+        if args.shape in SDXL_SHAPES:  # random-weight SDXL shapes (diffloop.testing.tiny_sdxl)
+            from diffloop.policies.sdxl import SDXLPolicy
+            from diffloop.testing.tiny_sdxl import build_sdxl_components
+
+            policy_class = SDXLPolicy
+            components = build_sdxl_components(SDXL_SHAPES[args.shape], device=device)
+        elif args.shape in SD3_SHAPES:  # random-weight SD3 shapes (diffloop.testing.tiny_flow)
             from diffloop.policies.sd3 import SD3Policy
             from diffloop.testing.tiny_flow import build_sd3_components
 
@@ -711,127 +694,6 @@ def run_item(
         result.extra.update(first_call_s=warm[0], compile_s=max(0.0, warm[0] - med))
     out["items"][name] = asdict(result)
     return result
-
-
-# ---------------------------------------------------------------------------------------- SDXL raw UNet path
-
-
-def bench_sdxl_unet(
-    args: argparse.Namespace,
-    device: torch.device,
-    matmul_rate: float,
-    deadline: Deadline,
-    out: dict[str, Any],
-) -> None:
-    """Raw SDXL UNet: no-grad forward at batch 2*sample_batch (one CFG step of sampling), and
-    forward + backward with LoRA at batch 2*train_batch (one training step). diffloop has no SDXL
-    policy yet, so these stand in for sampling and training cost per step."""
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig as PeftLoraConfig
-
-    from diffloop.config import LoraConfig
-
-    out["notes"].append(
-        "SDXL: diffloop has no SDXL policy yet; timed raw UNet forward (CFG batch) "
-        "and forward+backward with LoRA only, per denoising step"
-    )
-    dtype = DTYPES[args.dtype]
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**unet_config(args.shape))
-    unet.requires_grad_(False)
-    if dtype != torch.float32:
-        unet.to(dtype=dtype)
-    lora = LoraConfig(rank=4, alpha=4.0)  # DDPO's adapter, as docs/performance.md measured
-    unet.add_adapter(
-        PeftLoraConfig(
-            r=lora.rank,
-            lora_alpha=lora.alpha,
-            init_lora_weights="gaussian",
-            target_modules=list(lora.target_modules),
-        )
-    )
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    for p in trainable:
-        p.data = p.data.float()  # trainable weights in fp32, as DDIMPolicy keeps them
-    unet.train()
-    optimizer = torch.optim.AdamW(trainable, lr=1e-6)
-    cfg = unet.config
-    size = cfg.sample_size
-    text_dim, pooled = cfg.cross_attention_dim, _sdxl_pooled_dim(args.shape)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    def inputs(b: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
-        g = torch.Generator(device).manual_seed(0)
-        x = torch.randn(b, cfg.in_channels, size, size, device=device, generator=g, dtype=dtype)
-        emb = torch.randn(b, 77, text_dim, device=device, generator=g, dtype=dtype)
-        cond = {
-            "text_embeds": torch.randn(b, pooled, device=device, generator=g, dtype=dtype),
-            "time_ids": torch.tensor(
-                [[1024.0, 1024, 0, 0, 1024, 1024]] * b, device=device, dtype=dtype
-            ),
-        }
-        return (x, torch.full((b,), 500, device=device), emb), cond
-
-    def forward(b: int) -> Callable[[], Any]:
-        pos, cond = inputs(b)
-
-        def run() -> Any:
-            with torch.no_grad(), autocast:
-                return unet(
-                    pos[0], pos[1], encoder_hidden_states=pos[2], added_cond_kwargs=cond
-                ).sample
-
-        return run
-
-    def fwd_bwd(b: int) -> Callable[[], Any]:
-        pos, cond = inputs(b)
-
-        def run() -> None:
-            with autocast:
-                y = unet(
-                    pos[0], pos[1], encoder_hidden_states=pos[2], added_cond_kwargs=cond
-                ).sample
-            y.float().pow(2).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return run
-
-    out["floor"]["unet_flop_per_eval"] = count_flops(forward(1))
-    mult = 1 if args.guidance_scale == 1.0 else 2
-    for name, make, b, what in (
-        (
-            "unet_forward",
-            forward,
-            args.sample_batch,
-            "no-grad UNet forward = one CFG sampling step",
-        ),
-        (
-            "unet_train_step",
-            fwd_bwd,
-            args.train_batch,
-            "UNet fwd+bwd with LoRA + AdamW = one training step",
-        ),
-    ):
-        fn = make(b * mult)
-        done = run_item(
-            args,
-            device,
-            matmul_rate,
-            deadline,
-            out,
-            name,
-            fn,
-            b,
-            lambda fn=fn: count_flops(fn),  # bound now: the lambda runs inside this iteration
-            b * mult,
-            f"{what}, {b} samples x {mult} (CFG)",
-        )
-        if done is not None:
-            out["items"][name]["extra"]["s_per_sample_for_all_steps"] = (
-                done.per_sample_s * args.steps
-            )
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -1080,9 +942,7 @@ def run_shape(
 ) -> None:
     """The items of ``args.shape`` (and its ``--variants``) into ``out``, at the current thread count."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if args.shape in ("sdxl", "tiny_xl"):
-            bench_sdxl_unet(args, device, matmul_rate, deadline, out)
-        elif args.variants:
+        if args.variants:
             run_variants(args, device, matmul_rate, deadline, out)
         else:
             bench_sd(args, device, matmul_rate, deadline, out)
