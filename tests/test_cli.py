@@ -137,14 +137,16 @@ def test_every_bad_input_is_one_line_error(capsys, tmp_path):
 
 
 def _argparse_style_error(capsys, argv: list[str]) -> str:
-    """Commands built on argparse report as ``diffloop <cmd>: error: ...`` (after a usage line)."""
+    """Commands built on argparse report bad input as the one line ``diffloop: error: <cmd>: ...``."""
     try:
         code = main(argv)
     except SystemExit as e:
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
-    return err.strip().splitlines()[-1]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 def test_argparse_commands_report_bad_input_without_tracebacks(capsys, tmp_path):
@@ -152,12 +154,12 @@ def test_argparse_commands_report_bad_input_without_tracebacks(capsys, tmp_path)
     run.mkdir()
     (run / "config.yaml").write_text("seed: 0\n")
     cases = [
-        (["report", str(tmp_path / "missing")], "diffloop report: error: ", "is not a run directory"),
-        (["report", str(run), "--output", "/proc/diffloop/report.html"], "diffloop report: error: ",
+        (["report", str(tmp_path / "missing")], "diffloop: error: report: ", "is not a run directory"),
+        (["report", str(run), "--output", "/proc/diffloop/report.html"], "diffloop: error: report: ",
          "No such file or directory"),
         (["eval", "shapes", "--prompts", "shapes/val", "--reward", "shapes_binding", "--output",
-          "/proc/diffloop_eval"], "diffloop eval: error: ", "--output=/proc/diffloop_eval cannot be created"),
-        (["serve-reward", "jpeg_compressibility", "--port", "-5"], "diffloop serve-reward: error: ",
+          "/proc/diffloop_eval"], "diffloop: error: eval: ", "--output=/proc/diffloop_eval cannot be created"),
+        (["serve-reward", "jpeg_compressibility", "--port", "-5"], "diffloop: error: serve-reward: ",
          "-5 is not a TCP port"),
     ]  # fmt: skip
     for argv, prefix, expected in cases:

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from typing_extensions import Self
 
+from diffloop.errors import CommandParser
+
 SHAPES = ("tiny", "sd15", "sdxl", "tiny_xl", "sd35", "tiny_sd3", "flux", "tiny_flux", "shapes")
 # SDXL shapes: diffloop.testing.tiny_sdxl.SDXL_CONFIGS size (base 1.0 at 1024 px; the fast-test one)
 SDXL_SHAPES = {"sdxl": "base", "tiny_xl": "tiny"}
@@ -700,7 +702,7 @@ def run_item(
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="diffloop bench", description=__doc__.split("\n")[0])
+    p = CommandParser(prog="diffloop bench", description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=SHAPES, default="tiny")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="bf16 on CUDA, fp32 on CPU")

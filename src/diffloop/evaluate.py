@@ -52,6 +52,7 @@ import torch
 
 from diffloop import loops
 from diffloop.config import check_output_dir
+from diffloop.errors import CommandParser
 from diffloop.images import make_grid
 
 DEFAULT_STEPS = 50
@@ -466,7 +467,7 @@ def _parse_reward_kwargs(text: str | None, rewards: list[str]) -> dict[str, dict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = CommandParser(
         prog="diffloop eval",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -530,7 +531,7 @@ def eval_main(argv: list[str]) -> int:
             grid_prompts=args.grid_prompts,
         )
     except ValueError as e:  # bad prompts, reward names or kwargs, settings: a usage error
-        print(f"diffloop eval: error: {e}", file=sys.stderr)
+        print(f"diffloop: error: eval: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
     print(f"wrote {args.output / 'eval.json'} and image grids")

@@ -21,7 +21,6 @@ versions) are listed on the page, not plotted.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import math
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from diffloop import metrics
+from diffloop.errors import CommandParser
 
 REWARD_MEAN = metrics.key("reward_mean")
 EVAL_REWARD_MEAN = metrics.key("eval_reward_mean")
@@ -355,14 +355,14 @@ def report_main(argv: list[str]) -> int:
     """``diffloop report``; returns the exit code (2 on a usage error, message on stderr)."""
     import sys
 
-    ap = argparse.ArgumentParser(prog="diffloop report", description=__doc__.split("\n\n")[0])
+    ap = CommandParser(prog="diffloop report", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     ap.add_argument("--output", type=Path, default=Path("report.html"))
     args = ap.parse_args(argv)
     try:
         path = write_report(args.run_dirs, args.output)
     except (ValueError, OSError) as e:  # OSError: --output cannot be written
-        print(f"diffloop report: error: {e}", file=sys.stderr)
+        print(f"diffloop: error: report: {e}", file=sys.stderr)
         return 2
     if not plots_available():
         print(f"diffloop report: warning: {MISSING_MATPLOTLIB}", file=sys.stderr)

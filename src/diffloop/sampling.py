@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from diffloop.config import SampleConfig
+from diffloop.errors import CommandParser
 
 # Command-line flag -> the sample.* field it overrides.
 SETTING_FLAGS = {
@@ -65,7 +66,7 @@ def sample_main(argv: list[str]) -> int:
     from diffloop.policies.families import load_policy
     from diffloop.seeding import sample_cli_seed
 
-    ap = argparse.ArgumentParser(prog="diffloop sample", description=__doc__)
+    ap = CommandParser(prog="diffloop sample", description=__doc__)
     ap.add_argument("model", help="a training run directory, a diffusers model directory, a hub id, or 'shapes'")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     ap.add_argument("--num-per-prompt", type=int, default=4)

@@ -51,6 +51,7 @@ import yaml
 
 from diffloop import metrics
 from diffloop.config import Config, ConfigError, config_to_dict, load_config, load_yaml
+from diffloop.errors import CommandParser
 from diffloop.preflight import check_before_loading
 from diffloop.run_dir import read_metrics
 
@@ -763,7 +764,7 @@ def run_parallel(
 
 def compare_main(argv: list[str]) -> int:
     """``diffloop compare SWEEP.yaml [--dry-run | --summary-only] [--output-dir DIR] [--shard I/N] [k=v ...]``."""
-    ap = argparse.ArgumentParser(
+    ap = CommandParser(
         prog="diffloop compare",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

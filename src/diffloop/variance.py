@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from diffloop.config import ConfigError
+from diffloop.errors import CommandParser
 
 DEFAULT_ALGORITHMS = "loop@2,loop@4,grpo@4,reinforce_loo@4,ppo@1,reinforce@1"
 WARMUP_EPOCH_OFFSET = (
@@ -501,7 +502,7 @@ def variance_main(argv: list[str]) -> int:
     """``diffloop variance [CONFIG] [k=v ...] --algorithms A@K,... --estimates M --output FILE.json``."""
     from diffloop.config import split_config_args
 
-    ap = argparse.ArgumentParser(
+    ap = CommandParser(
         prog="diffloop variance",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

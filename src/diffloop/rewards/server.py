@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffloop.errors import CommandParser
 from diffloop.rewards.model_loading import ModelReward
 from diffloop.rewards.registry import (
     RewardError,
@@ -499,7 +500,7 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="diffloop serve-reward",
         description="Serve a reward over HTTP (POST /score, GET /health, GET /schema); use it in "
         "training with reward.name=remote reward.kwargs.url=http://HOST:PORT",

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffloop.errors import CommandParser
 from diffloop.shapes import model as shapes_model
 from diffloop.shapes import world
 
@@ -51,7 +52,7 @@ from diffloop.shapes import world
 # ------------------------------------------------------------------------------------- args
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments of ``diffloop shapes pretrain``."""
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="diffloop shapes pretrain",
         description="Pretrain the shapes-world text-to-image diffusion model on rendered scenes.",
     )
