@@ -22,7 +22,7 @@ from pathlib import Path
 
 from diffloop import metrics
 from diffloop.run_dir import read_metrics
-from diffloop.sweep import mean_sem, trapezoid_auc
+from diffloop.tools.sweep import mean_sem, trapezoid_auc
 
 # Two-sided 5% critical values of Student's t by degrees of freedom (seeds - 1).
 T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,

@@ -14,13 +14,13 @@ export HF_HUB_OFFLINE=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 # SD1.5 shape, DDPO's settings (50 steps, CFG 5, sample batch 16, train batch 4): each variant on a
 # fresh policy, the first the baseline; the time limit keeps whatever finished.
-python -m diffloop.bench --shape sd15 --device cuda --dtype bf16 --repeats 2 --warmup 1 \
+python -m diffloop.tools.bench --shape sd15 --device cuda --dtype bf16 --repeats 2 --warmup 1 \
     --variants "${VARIANTS:-eager,fast,compile_all,low_memory,channels_last,eager_attention}" \
     --time-limit-s "${SD15_LIMIT_S:-300}" --output "$OUT/bench_sd15.json" | tee "$OUT/bench_sd15.txt"
-python -m diffloop.bench --shape sdxl --device cuda --dtype bf16 --repeats 2 --warmup 1 \
+python -m diffloop.tools.bench --shape sdxl --device cuda --dtype bf16 --repeats 2 --warmup 1 \
     --time-limit-s "${SDXL_LIMIT_S:-90}" --output "$OUT/bench_sdxl.json" | tee "$OUT/bench_sdxl.txt"
 # The flow-matching transformers through their policies (random weights from the real configs).
-python -m diffloop.bench --shape sd35 --device cuda --dtype bf16 --repeats 2 --warmup 1 \
+python -m diffloop.tools.bench --shape sd35 --device cuda --dtype bf16 --repeats 2 --warmup 1 \
     --time-limit-s "${SD35_LIMIT_S:-60}" --output "$OUT/bench_sd35.json" | tee "$OUT/bench_sd35.txt"
-python -m diffloop.bench --shape flux --device cuda --dtype bf16 --repeats 2 --warmup 1 \
+python -m diffloop.tools.bench --shape flux --device cuda --dtype bf16 --repeats 2 --warmup 1 \
     --time-limit-s "${FLUX_LIMIT_S:-60}" --output "$OUT/bench_flux.json" | tee "$OUT/bench_flux.txt"

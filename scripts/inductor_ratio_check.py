@@ -14,7 +14,7 @@ import time
 import torch
 
 from diffloop import loops
-from diffloop.bench import build_components
+from diffloop.tools.bench import build_components
 from diffloop.config import LoraConfig, PerformanceConfig
 from diffloop.policies.diffusers_policy import DDIMPolicy
 

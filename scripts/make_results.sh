@@ -94,7 +94,7 @@ NOTES
     echo "## Gradient variance (Proposition 4.1 of the LOOP paper)"
     echo
     echo "At fixed parameters, independent batches drawn under each estimator's own sampling scheme"
-    echo "(\`diffloop variance\`; the method is described in \`src/diffloop/variance.py\`)."
+    echo "(\`diffloop variance\`; the method is described in \`src/diffloop/tools/variance.py\`)."
     echo
     echo "### At the initial parameters"
     echo

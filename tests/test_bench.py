@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffloop.bench import Deadline, bench_main, build_components, count_flops, parse_args, run_item
+from diffloop.tools.bench import Deadline, bench_main, build_components, count_flops, parse_args, run_item
 
 torch.set_num_threads(1)
 
@@ -218,7 +218,7 @@ def test_bench_shapes_per_thread_count_through_the_policy(
 ) -> None:
     """`diffloop bench --shape shapes`: the shipped model through the real policy and loops, at
     each --threads count with that count's own matmul floor; the defaults are shapes.yaml's."""
-    from diffloop.bench import shapes_defaults
+    from diffloop.tools.bench import shapes_defaults
     from diffloop.config import DEFAULT_CONFIG, load_config, packaged_config
 
     c = load_config(packaged_config(DEFAULT_CONFIG))
@@ -249,7 +249,7 @@ def test_bench_shapes_per_thread_count_through_the_policy(
 
 
 def test_parse_threads() -> None:
-    from diffloop.bench import parse_threads
+    from diffloop.tools.bench import parse_threads
 
     assert parse_threads(None) is None
     assert parse_threads("1,2, 4") == [1, 2, 4]

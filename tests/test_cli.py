@@ -204,7 +204,7 @@ def test_user_errors_share_one_base_class():
     from diffloop.rewards import RewardError
     from diffloop.rewards.model_loading import MissingWeightsError
     from diffloop.rewards.registry import RewardSpecError
-    from diffloop.sweep import SweepError
+    from diffloop.tools.sweep import SweepError
 
     for cls in (CheckpointError, ConfigError, ModelLoadError, PromptError, RewardError, MissingWeightsError,
                 RewardSpecError, SweepError):  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffloop import sweep
+from diffloop.tools import sweep
 from diffloop.config import ConfigError, PerformanceConfig, load_config, resolve_cpu_threads
 from diffloop.trainer import set_backend_flags
 

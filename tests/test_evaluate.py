@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from diffloop.cli import main as cli_main
-from diffloop.evaluate import (
+from diffloop.tools.evaluate import (
     _parse_reward_kwargs,
     eval_main,
     image_seeds,

@@ -16,7 +16,7 @@ import torch
 from diffloop.config import LoraConfig, ModelConfig
 from diffloop.policies.diffusers_policy import ModelLoadError
 from diffloop.policies.families import load_policy
-from diffloop.report import report_main
+from diffloop.tools.report import report_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "diffloop"

@@ -339,7 +339,7 @@ def test_fsdp_and_deepspeed_configs_are_refused_before_anything_loads(monkeypatc
 
 
 def test_bench_tiny_flux_runs_through_the_policy_one_eval_per_step(tmp_path):
-    from diffloop.bench import bench_main
+    from diffloop.tools.bench import bench_main
 
     out = tmp_path / "bench.json"
     assert bench_main(["--shape", "tiny_flux", "--guidance-scale", "3.5", "--output", str(out)]) == 0
@@ -408,9 +408,9 @@ def test_sample_command_on_a_flux_directory(tiny_flux, tmp_path, eta):
 
 @pytest.mark.slow
 def test_eval_report_and_variance_run_on_flux(tiny_flux, tmp_path):
-    from diffloop.evaluate import eval_main
-    from diffloop.report import report_main
-    from diffloop.variance import variance_main
+    from diffloop.tools.evaluate import eval_main
+    from diffloop.tools.report import report_main
+    from diffloop.tools.variance import variance_main
 
     run = tmp_path / "run"
     rows = Trainer(load_config(None, tiny_overrides(tiny_flux, run, num_epochs=1, **{

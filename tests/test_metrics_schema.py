@@ -17,7 +17,8 @@ import pytest
 from test_claims import claims
 from test_trainer import tiny_overrides
 
-from diffloop import metrics, report, sweep
+from diffloop import metrics
+from diffloop.tools import report, sweep
 from diffloop.config import load_config
 from diffloop.run_dir import TIME_KEYS, RunDirectory, read_metrics
 from diffloop.trainer import Trainer
@@ -135,7 +136,7 @@ def test_report_sweep_and_claims_read_only_declared_keys(run, tmp_path, monkeypa
 
 def test_report_spells_keys_only_through_the_schema():
     """Every string literal in report.py that is a metric key is the argument of metrics.key()."""
-    tree = ast.parse((ROOT / "src" / "diffloop" / "report.py").read_text())
+    tree = ast.parse((ROOT / "src" / "diffloop" / "tools" / "report.py").read_text())
     through_key = {
         id(node.args[0])
         for node in ast.walk(tree)

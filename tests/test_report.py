@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from diffloop.cli import main as cli_main
-from diffloop.report import report_main, series, unique_names, x_offset
+from diffloop.tools.report import report_main, series, unique_names, x_offset
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -270,7 +270,7 @@ def test_old_and_tensorboard_style_metrics_read_alike(runs, tmp_path) -> None:
     """A run written with flat keys and the same run with namespaced aliases (reward/mean) give the
     same rows and the same plots; a key the schema does not know is named on the page, not plotted."""
     from diffloop.metrics import tensorboard_tag
-    from diffloop.report import load_run
+    from diffloop.tools.report import load_run
 
     rows = [json.loads(line) for line in OLD_METRICS.read_text().splitlines()]
     aliased = [{("epoch" if k == "epoch" else tensorboard_tag(k)): v for k, v in r.items()} for r in rows]

@@ -11,7 +11,7 @@ from test_trainer import tiny_overrides
 from diffloop.cli import main
 from diffloop.config import SampleConfig
 from diffloop.policies.diffusers_policy import DDIMPolicy
-from diffloop.sampling import SampleUsageError, sampling_settings
+from diffloop.tools.sampling import SampleUsageError, sampling_settings
 
 RUN_SAMPLE = {"sample.num_steps": 3, "sample.eta": 0.5, "sample.guidance_scale": 2.0,
               "sample.negative_prompt": "'blurry, dark'"}  # fmt: skip

@@ -264,7 +264,7 @@ def test_resolution_sets_the_latent_size(tiny_sd3):
 
 
 def test_bench_runs_the_sd3_policy(tmp_path):
-    from diffloop.bench import bench_main
+    from diffloop.tools.bench import bench_main
 
     out = tmp_path / "bench.json"
     assert bench_main(["--shape", "tiny_sd3", "--device", "cpu", "--output", str(out)]) == 0
@@ -306,9 +306,9 @@ def test_bf16_run_trains_with_a_finite_ratio(tiny_sd3, tmp_path):
 
 @pytest.mark.slow
 def test_eval_report_and_variance_run_on_sd3(tiny_sd3, tmp_path):
-    from diffloop.evaluate import eval_main
-    from diffloop.report import report_main
-    from diffloop.variance import variance_main
+    from diffloop.tools.evaluate import eval_main
+    from diffloop.tools.report import report_main
+    from diffloop.tools.variance import variance_main
 
     run = tmp_path / "run"
     rows = Trainer(load_config(None, tiny_overrides(tiny_sd3, run, num_epochs=1, **{

@@ -438,9 +438,9 @@ def test_base_builder_has_sdxl_base_parameter_counts():
 def test_eval_report_variance_and_bf16_run_on_sdxl(tiny_sdxl, tmp_path, capsys):
     import json
 
-    from diffloop.evaluate import eval_main
-    from diffloop.report import report_main
-    from diffloop.variance import variance_main
+    from diffloop.tools.evaluate import eval_main
+    from diffloop.tools.report import report_main
+    from diffloop.tools.variance import variance_main
 
     run = tmp_path / "run"
     rows = sdxl_run(
@@ -546,7 +546,7 @@ def test_compare_sweep_runs_on_sdxl(tiny_sdxl, tmp_path):
 
     import yaml
 
-    from diffloop.sweep import compare_main
+    from diffloop.tools.sweep import compare_main
 
     common = [
         o

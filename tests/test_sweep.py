@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from diffloop.run_dir import read_metrics
-from diffloop.sweep import (
+from diffloop.tools.sweep import (
     SweepError,
     compare_main,
     curve_from_metrics,

@@ -11,7 +11,7 @@ import torch
 from diffloop.algorithms import ALGORITHMS
 from diffloop.config import ConfigError, TrainConfig
 from diffloop.core import clipped_surrogate_loss, policy_gradient_loss
-from diffloop.variance import (
+from diffloop.tools.variance import (
     AlgorithmSpec,
     MomentAccumulator,
     build_trainer,

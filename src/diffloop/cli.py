@@ -121,7 +121,7 @@ def _is_sweep_file(arg: str) -> bool:
 
 
 def _check_sweep(path: str, overrides: list[str]) -> int:
-    from diffloop.sweep import load_sweep, plan
+    from diffloop.tools.sweep import load_sweep, plan
 
     runs = plan(load_sweep(path), overrides)  # checks every (run, seed) as train would
     print(f"# {path}: OK ({len(runs)} runs: {', '.join(sorted({r.name for r in runs}))})")
@@ -129,7 +129,7 @@ def _check_sweep(path: str, overrides: list[str]) -> int:
 
 
 def cmd_sample(argv: list[str]) -> int:
-    from diffloop.sampling import sample_main
+    from diffloop.tools.sampling import sample_main
 
     return sample_main(argv)
 
@@ -154,31 +154,31 @@ def cmd_serve_reward(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from diffloop.evaluate import eval_main
+    from diffloop.tools.evaluate import eval_main
 
     return eval_main(argv)
 
 
 def cmd_report(argv: list[str]) -> int:
-    from diffloop.report import report_main
+    from diffloop.tools.report import report_main
 
     return report_main(argv)
 
 
 def cmd_compare(argv: list[str]) -> int:
-    from diffloop.sweep import compare_main
+    from diffloop.tools.sweep import compare_main
 
     return compare_main(argv)
 
 
 def cmd_variance(argv: list[str]) -> int:
-    from diffloop.variance import variance_main
+    from diffloop.tools.variance import variance_main
 
     return variance_main(argv)
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from diffloop.bench import bench_main
+    from diffloop.tools.bench import bench_main
 
     return bench_main(argv)
 

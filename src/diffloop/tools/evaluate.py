@@ -117,7 +117,7 @@ def load_target(target: EvalTarget, device: torch.device):
     from diffloop import checkpoint
     from diffloop.config import LoraConfig, ModelConfig
     from diffloop.policies.families import load_policy
-    from diffloop.sampling import load_run_policy
+    from diffloop.tools.sampling import load_run_policy
 
     if target.kind == "model":
         return (
