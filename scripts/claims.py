@@ -106,20 +106,66 @@ def variance_rows(variance: dict) -> list[str]:
     def ratio(a: str, b: str, key: str, what: str, better: str) -> None:
         if a in by and b in by:
             (x, sx), (y, sy) = value(a, key), value(b, key)
-            lines.append(f"| {what} | {a}: {fmt(x, sx)}, {b}: {fmt(y, sy)} | {x / y:.2f} | {better} |")
+            lines.append(
+                f"| {what} | {a}: {fmt(x, sx)}, {b}: {fmt(y, sy)} | {x / y:.2f} | {better} |"
+            )
 
-    ratio("loop@4", "reinforce@1", "trace_cov", "variance per estimate at equal prompts (same gradient scale)",
-          "lower is better")
-    ratio("loop@2", "reinforce@1", "trace_cov", "variance per estimate at equal prompts (same gradient scale)",
-          "lower is better")
-    ratio("loop@4", "reinforce@1", "variance_per_query", "variance per reward query (same gradient scale)",
-          "lower is better")
-    ratio("loop@2", "reinforce@1", "variance_per_query", "variance per reward query (same gradient scale)",
-          "lower is better")
-    ratio("loop@4", "loop@2", "variance_per_query", "variance per reward query, K=4 vs K=2", "lower is better")
-    ratio("loop@4", "ppo@1", "snr_unbiased", "SNR per reward query vs PPO (scale-free)", "higher is better")
-    ratio("loop@4", "grpo@4", "snr_unbiased", "SNR per reward query vs GRPO (scale-free)", "higher is better")
-    ratio("loop@4", "reinforce@1", "snr_unbiased", "SNR per reward query vs REINFORCE", "higher is better")
+    ratio(
+        "loop@4",
+        "reinforce@1",
+        "trace_cov",
+        "variance per estimate at equal prompts (same gradient scale)",
+        "lower is better",
+    )
+    ratio(
+        "loop@2",
+        "reinforce@1",
+        "trace_cov",
+        "variance per estimate at equal prompts (same gradient scale)",
+        "lower is better",
+    )
+    ratio(
+        "loop@4",
+        "reinforce@1",
+        "variance_per_query",
+        "variance per reward query (same gradient scale)",
+        "lower is better",
+    )
+    ratio(
+        "loop@2",
+        "reinforce@1",
+        "variance_per_query",
+        "variance per reward query (same gradient scale)",
+        "lower is better",
+    )
+    ratio(
+        "loop@4",
+        "loop@2",
+        "variance_per_query",
+        "variance per reward query, K=4 vs K=2",
+        "lower is better",
+    )
+    ratio(
+        "loop@4",
+        "ppo@1",
+        "snr_unbiased",
+        "SNR per reward query vs PPO (scale-free)",
+        "higher is better",
+    )
+    ratio(
+        "loop@4",
+        "grpo@4",
+        "snr_unbiased",
+        "SNR per reward query vs GRPO (scale-free)",
+        "higher is better",
+    )
+    ratio(
+        "loop@4",
+        "reinforce@1",
+        "snr_unbiased",
+        "SNR per reward query vs REINFORCE",
+        "higher is better",
+    )
     noisy = [r["label"] for r in variance["results"]
              if "snr_unbiased_sem" in r and abs(r["snr_unbiased"]) < 2 * r["snr_unbiased_sem"]]  # fmt: skip
     if noisy:
@@ -165,7 +211,9 @@ def update_rows(summary: dict, runs_dir: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     summary = json.loads(Path(argv[0]).read_text())
-    variance = json.loads(Path(argv[1]).read_text()) if len(argv) > 1 and Path(argv[1]).exists() else None
+    variance = (
+        json.loads(Path(argv[1]).read_text()) if len(argv) > 1 and Path(argv[1]).exists() else None
+    )
     final = gain
     budget = summary["budget"]
     lines = [
@@ -176,39 +224,69 @@ def main(argv: list[str]) -> int:
         "",
         "| claim (difference a − b) | difference | seeds | verdict |",
         "|---|---|---|---|",
-        row("(a) equal prompts: gain of loop K=4 − ppo (DDPO)", paired(summary, "loop_k4", "ppo_k1", final)),
-        row("(a) equal prompts, equal updates: gain of loop K=4 − ppo with 4 updates/epoch (ppo_k1_b4)",
-            paired(summary, "loop_k4", "ppo_k1_b4", final)),
-        row("(a) equal prompts: gain of loop K=2 − ppo (DDPO)", paired(summary, "loop_k2", "ppo_k1", final)),
+        row(
+            "(a) equal prompts: gain of loop K=4 − ppo (DDPO)",
+            paired(summary, "loop_k4", "ppo_k1", final),
+        ),
+        row(
+            "(a) equal prompts, equal updates: gain of loop K=4 − ppo with 4 updates/epoch (ppo_k1_b4)",
+            paired(summary, "loop_k4", "ppo_k1_b4", final),
+        ),
+        row(
+            "(a) equal prompts: gain of loop K=2 − ppo (DDPO)",
+            paired(summary, "loop_k2", "ppo_k1", final),
+        ),
         row("(a) equal prompts: AUC of loop K=4 − ppo", paired(summary, "loop_k4", "ppo_k1", auc)),
-        row("(a) more so as K grows: gain of loop K=4 − loop K=2", paired(summary, "loop_k4", "loop_k2", final)),
-        row("equal prompts: gain of loop K=4 − reinforce_loo K=4 (PPO's clipped reuse vs one step)",
-            paired(summary, "loop_k4", "reinforce_loo_k4", final)),
-        row("equal prompts: gain of loop K=4 − grpo K=4 (std-normalised advantages)",
-            paired(summary, "loop_k4", "grpo_k4", final)),
-        row("equal prompts: gain of loop K=4 − reinforce K=1", paired(summary, "loop_k4", "reinforce_k1", final)),
+        row(
+            "(a) more so as K grows: gain of loop K=4 − loop K=2",
+            paired(summary, "loop_k4", "loop_k2", final),
+        ),
+        row(
+            "equal prompts: gain of loop K=4 − reinforce_loo K=4 (PPO's clipped reuse vs one step)",
+            paired(summary, "loop_k4", "reinforce_loo_k4", final),
+        ),
+        row(
+            "equal prompts: gain of loop K=4 − grpo K=4 (std-normalised advantages)",
+            paired(summary, "loop_k4", "grpo_k4", final),
+        ),
+        row(
+            "equal prompts: gain of loop K=4 − reinforce K=1",
+            paired(summary, "loop_k4", "reinforce_k1", final),
+        ),
     ]
     # Equal reward queries: loop K=4's eval point at the queries a K=1 run spends in its whole budget.
     k1_queries = budget["amount"] if budget["kind"] == "prompts" else None
     if k1_queries:
+
         def loop_at(c):
             r = reward_at(c, "reward_queries", k1_queries)
             return None if r is None else r - c["reward"][0]
 
-        lines.append(row(f"equal reward queries ({k1_queries}): gain of loop K=4 (at {k1_queries} queries) − ppo",
-                         paired(summary, "loop_k4", "ppo_k1", loop_at, final)))
+        lines.append(
+            row(
+                f"equal reward queries ({k1_queries}): gain of loop K=4 (at {k1_queries} queries) − ppo",
+                paired(summary, "loop_k4", "ppo_k1", loop_at, final),
+            )
+        )
     if variance:
         lines += [
             "",
-            (f"Gradient variance ({variance['parameters']}, {variance['estimates']} estimates each; "
-             "Proposition 4.1 says LOOP's estimator has lower variance than PPO's):"),
+            (
+                f"Gradient variance ({variance['parameters']}, {variance['estimates']} estimates each; "
+                "Proposition 4.1 says LOOP's estimator has lower variance than PPO's):"
+            ),
             "",
             "| quantity | values | ratio (first / second) | |",
             "|---|---|---|---|",
             *variance_rows(variance),
         ]
     if len(argv) > 2:
-        lines += ["", "What each setting did (its runs' metrics.jsonl):", "", *update_rows(summary, Path(argv[2]))]
+        lines += [
+            "",
+            "What each setting did (its runs' metrics.jsonl):",
+            "",
+            *update_rows(summary, Path(argv[2])),
+        ]
     print("\n".join(lines))
     return 0
 

@@ -14,9 +14,9 @@ import time
 import torch
 
 from diffloop import loops
-from diffloop.tools.bench import build_components
 from diffloop.config import LoraConfig, PerformanceConfig
 from diffloop.policies.diffusers_policy import DDIMPolicy
+from diffloop.tools.bench import build_components
 
 
 def main() -> None:
@@ -31,10 +31,15 @@ def main() -> None:
         return traj, time.perf_counter() - start
 
     torch.manual_seed(0)
-    eager, t_eager = sample(DDIMPolicy(build_components("tiny", device), LoraConfig(), device=device))
+    eager, t_eager = sample(
+        DDIMPolicy(build_components("tiny", device), LoraConfig(), device=device)
+    )
     torch.manual_seed(0)
     compiled_policy = DDIMPolicy(
-        build_components("tiny", device), LoraConfig(), device=device, performance=PerformanceConfig(compile="all")
+        build_components("tiny", device),
+        LoraConfig(),
+        device=device,
+        performance=PerformanceConfig(compile="all"),
     )
     compiled, t_first = sample(compiled_policy)
     _, t_second = sample(compiled_policy)
@@ -44,10 +49,16 @@ def main() -> None:
     log_prob = loops.transition_log_prob(compiled_policy, compiled, step, sampler)[0]
     log_prob.sum().backward()
     t_train = time.perf_counter() - start
-    print(f"sampling: eager {t_eager:.2f} s, compiled first call {t_first:.1f} s, second {t_second:.2f} s")
+    print(
+        f"sampling: eager {t_eager:.2f} s, compiled first call {t_first:.1f} s, second {t_second:.2f} s"
+    )
     print(f"training path, first call (compile + backward): {t_train:.1f} s")
-    print(f"max |sampled log p, compiled - eager|: {(compiled.log_probs - eager.log_probs).abs().max():.2e}")
-    print(f"max |training-path log p - sampled log p|: {(log_prob.detach() - compiled.log_probs[:, 0]).abs().max():.2e}")
+    print(
+        f"max |sampled log p, compiled - eager|: {(compiled.log_probs - eager.log_probs).abs().max():.2e}"
+    )
+    print(
+        f"max |training-path log p - sampled log p|: {(log_prob.detach() - compiled.log_probs[:, 0]).abs().max():.2e}"
+    )
 
 
 if __name__ == "__main__":

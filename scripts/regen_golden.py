@@ -15,7 +15,9 @@ import tempfile
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
-sys.path.insert(0, str(TESTS))  # test_golden (the run definitions), reward_fns (the tiny SD's reward)
+sys.path.insert(
+    0, str(TESTS)
+)  # test_golden (the run definitions), reward_fns (the tiny SD's reward)
 
 
 def main() -> int:

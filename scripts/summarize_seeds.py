@@ -31,7 +31,9 @@ def main(run_dirs: list[str]) -> int:
         print(f"{run}: eval {curve}  change {delta:+.4f}  ({seconds:.0f} s training + eval)")
     if len(deltas) > 1:
         sem = statistics.stdev(deltas) / len(deltas) ** 0.5
-        print(f"mean change {statistics.mean(deltas):+.4f} +- {sem:.4f} (standard error, {len(deltas)} runs)")
+        print(
+            f"mean change {statistics.mean(deltas):+.4f} +- {sem:.4f} (standard error, {len(deltas)} runs)"
+        )
     return 0
 
 

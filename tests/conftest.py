@@ -8,7 +8,9 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a failed hub lookup costs ~50 s; tests never need the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny_models.py, tests/helper modules
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent)
+)  # tests/tiny_models.py, tests/helper modules
 
 import pytest
 import torch

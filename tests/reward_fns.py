@@ -19,7 +19,9 @@ def nan_on_odd(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -
     return out
 
 
-def fails_at_epoch_1(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+def fails_at_epoch_1(
+    images: torch.Tensor, prompts: list[str], metadata: list[dict]
+) -> torch.Tensor:
     if metadata and metadata[0].get("epoch") == 1:
         raise ConnectionError("reward server unreachable")
     return images.mean(dim=(1, 2, 3))

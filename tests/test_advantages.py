@@ -158,7 +158,13 @@ def test_only_ppo_clips_advantages_by_default() -> None:
     from diffloop.algorithms import ALGORITHMS
 
     defaults = {name: algo.adv_clip(_cfg()) for name, algo in ALGORITHMS.items()}
-    assert defaults == {"loop": None, "reinforce_loo": None, "grpo": None, "ppo": 5.0, "reinforce": None}
+    assert defaults == {
+        "loop": None,
+        "reinforce_loo": None,
+        "grpo": None,
+        "ppo": 5.0,
+        "reinforce": None,
+    }
     assert ALGORITHMS["loop"].adv_clip(_cfg(adv_clip_max=2.0)) == 2.0  # explicit beats the default
     assert ALGORITHMS["ppo"].adv_clip(_cfg(adv_clip_max=0.0)) is None  # 0 turns clipping off
 

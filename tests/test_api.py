@@ -27,7 +27,11 @@ def test_config_defaults_are_what_diffloop_train_runs():
     assert train_config([]) == Config()  # `diffloop train` with no arguments
     assert load_config(packaged_config("shapes.yaml")) == Config()  # the file spelling them out
     default = Config()
-    assert (default.model.pretrained, default.train.algorithm, default.sample.samples_per_prompt) == ("shapes", "loop", 4)
+    assert (
+        default.model.pretrained,
+        default.train.algorithm,
+        default.sample.samples_per_prompt,
+    ) == ("shapes", "loop", 4)
 
 
 def test_top_level_exports_are_lazy():
@@ -38,7 +42,9 @@ def test_top_level_exports_are_lazy():
     from diffloop.trainer import Trainer
 
     assert diffloop.Trainer is Trainer and diffloop.register_reward is register_reward
-    assert {"Config", "Trainer", "register_reward", "read_metrics", "load_config"} <= set(diffloop.__all__)
+    assert {"Config", "Trainer", "register_reward", "read_metrics", "load_config"} <= set(
+        diffloop.__all__
+    )
 
 
 def constant(images, prompts, metadata):
@@ -90,8 +96,13 @@ def test_trainer_takes_a_reward_callable_and_prompt_rows(tmp_path, clean_registr
         assert meta.get("colour") == ("red" if prompt == "a red circle" else None)
     recorded = load_config(tmp_path / "run" / "config.yaml")
     assert recorded.reward.name == "python:likes_red"
-    assert (recorded.prompts.source, recorded.prompts.prompts) == ("list", ["a red circle", "a blue square"])
-    assert config.reward.name == "shapes_binding" and config.prompts.source == "shapes/train_pair"  # caller's copy
+    assert (recorded.prompts.source, recorded.prompts.prompts) == (
+        "list",
+        ["a red circle", "a blue square"],
+    )
+    assert (
+        config.reward.name == "shapes_binding" and config.prompts.source == "shapes/train_pair"
+    )  # caller's copy
     from diffloop.preflight import check_before_loading
 
     assert build_reward("python:likes_red") is likes_red  # registered for this session
@@ -116,7 +127,9 @@ def test_the_python_api_doc_example_runs(tmp_path, monkeypatch, clean_registry):
     def small(self, config, *args, **kwargs):
         config = dataclasses.replace(
             config,
-            sample=dataclasses.replace(config.sample, num_steps=2, prompts_per_epoch=2, samples_per_prompt=2),
+            sample=dataclasses.replace(
+                config.sample, num_steps=2, prompts_per_epoch=2, samples_per_prompt=2
+            ),
             train=dataclasses.replace(config.train, batch_size=4),
             logging=dataclasses.replace(config.logging, report_to=["none"]),
         )
@@ -130,6 +143,8 @@ def test_the_python_api_doc_example_runs(tmp_path, monkeypatch, clean_registry):
     for block in blocks:
         exec(compile(block, str(DOC), "exec"), namespace)  # noqa: S102 (the doc is ours)
     rows = read_metrics(tmp_path / "runs" / "notebook_colour" / "metrics.jsonl")
-    assert [r["epoch"] for r in rows] == [0] and torch.isfinite(torch.tensor(rows[0]["reward_mean"]))
+    assert [r["epoch"] for r in rows] == [0] and torch.isfinite(
+        torch.tensor(rows[0]["reward_mean"])
+    )
     assert namespace["config"].reward.name == "colour_match"
     assert build_reward("colour_match") is namespace["colour_match"]

@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffloop.tools.bench import Deadline, bench_main, build_components, count_flops, parse_args, run_item
+from diffloop.tools.bench import (
+    Deadline,
+    bench_main,
+    build_components,
+    count_flops,
+    parse_args,
+    run_item,
+)
 
 torch.set_num_threads(1)
 
@@ -40,7 +47,9 @@ def _manual_unet_flops() -> int:
     from diffloop.policies.diffusers_policy import DDIMPolicy
 
     device = torch.device("cpu")
-    policy = DDIMPolicy(build_components("tiny", device), LoraConfig(rank=4, alpha=4.0), device=device)  # what bench builds
+    policy = DDIMPolicy(
+        build_components("tiny", device), LoraConfig(rank=4, alpha=4.0), device=device
+    )  # what bench builds
     policy.unet.set_attn_processor(AttnProcessor())
     embeds = policy.encode_prompts(["a photo of a cat"])
     x = torch.zeros(1, *policy.latent_shape())
@@ -130,7 +139,9 @@ def test_bench_tiny_xl_runs_the_sdxl_policy(tmp_path: Path) -> None:
     assert _finite_positive(result["floor"]["unet_flop_per_eval"])
     # Forward + backward of 2 steps x 2 (CFG): 2x a forward for input gradients, up to 3x here
     # because the tiny SDXL's rank-4 LoRA is as wide as its 2- and 4-channel layers.
-    assert 1.8 < result["items"]["train"]["flops"] / (4 * result["floor"]["unet_flop_per_eval"]) < 3.2
+    assert (
+        1.8 < result["items"]["train"]["flops"] / (4 * result["floor"]["unet_flop_per_eval"]) < 3.2
+    )
 
 
 def test_bench_time_limit_skips_items(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -195,7 +206,8 @@ def test_bench_variants_run_the_trainer_options_and_check_the_ratio(
     # Per-sample speed-up: the low-memory variant samples 4 per call where the baseline samples 2.
     s0, s2 = variants["eager"]["items"]["sample"], variants["low_memory"]["items"]["sample"]
     assert variants["low_memory"]["speedup_vs_first"]["sample"] == pytest.approx(
-        s0["per_sample_s"] / s2["per_sample_s"], rel=1e-9)
+        s0["per_sample_s"] / s2["per_sample_s"], rel=1e-9
+    )
     # The correctness check ran for every variant, on the training path: ratio 1.
     assert all(v["onpolicy_logprob_err"] < 1e-5 for v in variants.values())
     table = capsys.readouterr().out
@@ -209,8 +221,9 @@ def test_bench_rejects_bad_performance_options() -> None:
         parse_args(["--shape", "tiny", "--dtype", "bf16", "--perf", "merge_lora_for_sampling=true"])
     with pytest.raises(SystemExit):
         parse_args(["--shape", "tiny", "--variants", "eager,warp_speed"])
-    assert parse_args(["--shape", "tiny", "--dtype", "fp32", "--perf", "merge_lora_for_sampling=true"]).perf[
-        "merge_lora_for_sampling"]
+    assert parse_args(
+        ["--shape", "tiny", "--dtype", "fp32", "--perf", "merge_lora_for_sampling=true"]
+    ).perf["merge_lora_for_sampling"]
 
 
 def test_bench_shapes_per_thread_count_through_the_policy(
@@ -218,17 +231,41 @@ def test_bench_shapes_per_thread_count_through_the_policy(
 ) -> None:
     """`diffloop bench --shape shapes`: the shipped model through the real policy and loops, at
     each --threads count with that count's own matmul floor; the defaults are shapes.yaml's."""
-    from diffloop.tools.bench import shapes_defaults
     from diffloop.config import DEFAULT_CONFIG, load_config, packaged_config
+    from diffloop.tools.bench import shapes_defaults
 
     c = load_config(packaged_config(DEFAULT_CONFIG))
     args = parse_args(["--shape", "shapes"])
     assert (args.sample_batch, args.train_batch, args.steps, args.guidance_scale) == (
-        c.sample.batch_size, c.train.batch_size, c.sample.num_steps, c.sample.guidance_scale)
+        c.sample.batch_size,
+        c.train.batch_size,
+        c.sample.num_steps,
+        c.sample.guidance_scale,
+    )
     assert shapes_defaults()["steps"] == c.sample.num_steps
     out = tmp_path / "shapes.json"
-    argv = ["--shape", "shapes", "--device", "cpu", "--threads", "1,1", "--steps", "2", "--sample-batch", "2",
-            "--train-batch", "2", "--repeats", "1", "--warmup", "1", "--matmul-n", "128", "--output", str(out)]
+    argv = [
+        "--shape",
+        "shapes",
+        "--device",
+        "cpu",
+        "--threads",
+        "1,1",
+        "--steps",
+        "2",
+        "--sample-batch",
+        "2",
+        "--train-batch",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--matmul-n",
+        "128",
+        "--output",
+        str(out),
+    ]
     before = torch.get_num_threads()
     assert bench_main(argv) == 0
     assert torch.get_num_threads() == before  # the bench restores the process's thread count
@@ -242,7 +279,9 @@ def test_bench_shapes_per_thread_count_through_the_policy(
     sample = sub["items"]["sample"]
     assert sample["unet_evals_per_s"] == pytest.approx(2 * 2 * 2 / sample["median_s"], rel=1e-12)
     rate = sub["floor"]["matmul_tflops_per_s"] * 1e12
-    assert sample["fraction_of_matmul"] == pytest.approx(sample["flops"] / sample["median_s"] / rate, rel=1e-9)
+    assert sample["fraction_of_matmul"] == pytest.approx(
+        sample["flops"] / sample["median_s"] / rate, rel=1e-9
+    )
     assert sub["onpolicy_logprob_err"] < 1e-5  # the ratio check ran on the shapes policy
     table = capsys.readouterr().out
     assert "per thread count" in table and "GFLOP per eval" in table

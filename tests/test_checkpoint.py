@@ -34,7 +34,9 @@ def save(out: Path, epoch: int, value: float = 1.0, keep: int = 10) -> Path:
         optimizer=optimizer,
         lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
         grad_scaler=torch.amp.GradScaler("cpu", enabled=False),
-        state=checkpoint.TrainingState(epochs_completed=epoch, optimizer_steps=epoch, stat_tracker=None),
+        state=checkpoint.TrainingState(
+            epochs_completed=epoch, optimizer_steps=epoch, stat_tracker=None
+        ),
     )
     return checkpoint.commit(out, tmp, epoch, keep)
 
@@ -58,7 +60,9 @@ def test_manifest_holds_each_files_sha256_and_a_clean_checkpoint_loads(tmp_path)
 def test_corrupt_tensor_bytes_are_refused(tmp_path):
     path = save(tmp_path, 1)
     corrupt_tensor_bytes(path)
-    assert torch.isnan(load_file(str(path / "trainable.safetensors"))["w"]).any()  # it would load, as NaN
+    assert torch.isnan(
+        load_file(str(path / "trainable.safetensors"))["w"]
+    ).any()  # it would load, as NaN
     with pytest.raises(CheckpointError, match="trainable.safetensors' does not match its sha256"):
         checkpoint.load(path, rank=0)
 
@@ -70,7 +74,9 @@ def test_non_finite_tensors_are_refused_even_with_matching_checksums(tmp_path):
         checkpoint.load(path, rank=0)
 
 
-def test_load_falls_back_to_the_previous_checkpoint_and_warns_about_incomplete_ones(tmp_path, caplog):
+def test_load_falls_back_to_the_previous_checkpoint_and_warns_about_incomplete_ones(
+    tmp_path, caplog
+):
     save(tmp_path, 1, value=1.0)
     corrupt_tensor_bytes(save(tmp_path, 2, value=2.0))
     half = checkpoint.checkpoint_root(tmp_path) / "epoch_000003"
@@ -79,7 +85,9 @@ def test_load_falls_back_to_the_previous_checkpoint_and_warns_about_incomplete_o
         path, parts = checkpoint.load_newest_valid(tmp_path, rank=0)
     assert path.name == "epoch_000001" and torch.equal(parts["trainable"]["w"], torch.ones(4))
     assert "skipping incomplete checkpoint" in caplog.text and "epoch_000003" in caplog.text
-    assert "epoch_000002" in caplog.text and "falling back to the previous checkpoint" in caplog.text
+    assert (
+        "epoch_000002" in caplog.text and "falling back to the previous checkpoint" in caplog.text
+    )
 
 
 def test_no_valid_checkpoint_is_an_error_naming_each(tmp_path):

@@ -50,7 +50,9 @@ def test_paired_difference_and_verdicts_by_hand():
 
 
 def test_report_marks_missing_runs_and_equal_query_point(tmp_path, capsys):
-    s = summary({"loop_k4/seed_0": curve([0.2, 0.3, 0.4]), "ppo_k1/seed_0": curve([0.2, 0.22, 0.25])})
+    s = summary(
+        {"loop_k4/seed_0": curve([0.2, 0.3, 0.4]), "ppo_k1/seed_0": curve([0.2, 0.22, 0.25])}
+    )
     path = tmp_path / "summary.json"
     path.write_text(json.dumps(s))
     assert claims.main([str(path)]) == 0

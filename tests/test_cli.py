@@ -35,19 +35,36 @@ def test_train_help_lists_config_keys_with_their_docs(capsys):
     code, out, _ = run_cli(capsys, "train", "--help")
     assert code == 0
     assert out.startswith("usage: diffloop train [CONFIG.yaml] [key.sub=value ...]")
-    assert "  sample.eta = 1.0   (in (0, 1])\n      The sampler's stochasticity, in (0, 1]: DDIM's eta" in out
-    assert "  train.adv_clip_max = null   (>= 0)\n      Clip advantages to +-this. null: the algorithm's" in out
+    assert (
+        "  sample.eta = 1.0   (in (0, 1])\n      The sampler's stochasticity, in (0, 1]: DDIM's eta"
+        in out
+    )
+    assert (
+        "  train.adv_clip_max = null   (>= 0)\n      Clip advantages to +-this. null: the algorithm's"
+        in out
+    )
     assert "  performance.compile = none   (one of none, sampling, training, all)\n" in out
-    for key in ("seed", "train.learning_rate", "reward.kwargs", "eval.prompts", "lora.target_modules"):
+    for key in (
+        "seed",
+        "train.learning_rate",
+        "reward.kwargs",
+        "eval.prompts",
+        "lora.target_modules",
+    ):
         assert f"  {key} = " in out, key
 
 
 def test_check_config_help_is_the_same_key_list(capsys):
     code, out, _ = run_cli(capsys, "check-config", "-h")
-    assert code == 0 and "  train.algorithm = loop   (one of loop, ppo, grpo, reinforce, reinforce_loo)\n" in out
+    assert (
+        code == 0
+        and "  train.algorithm = loop   (one of loop, ppo, grpo, reinforce, reinforce_loo)\n" in out
+    )
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["check-config", "--help"], ["--version"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["train", "--help"], ["check-config", "--help"], ["--version"]]
+)
 def test_help_and_version_do_not_import_torch(argv):
     code = (
         "import sys; from diffloop.cli import main; "
@@ -56,7 +73,9 @@ def test_help_and_version_do_not_import_torch(argv):
         "assert rc == 0 and not heavy, heavy"
     )
     env = {"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -183,8 +202,12 @@ def test_train_and_check_config_run_the_same_checks(capsys, monkeypatch):
     import diffloop.trainer
 
     seen = []
-    monkeypatch.setattr(diffloop.preflight, "check_before_loading", lambda config: seen.append(config.seed))
-    monkeypatch.setattr(diffloop.trainer, "Trainer", lambda *a, **k: pytest.fail("stop before training"))
+    monkeypatch.setattr(
+        diffloop.preflight, "check_before_loading", lambda config: seen.append(config.seed)
+    )
+    monkeypatch.setattr(
+        diffloop.trainer, "Trainer", lambda *a, **k: pytest.fail("stop before training")
+    )
     run_cli(capsys, "check-config", "seed=11")
     with pytest.raises(pytest.fail.Exception):
         main(["train", "seed=12"])

@@ -55,9 +55,20 @@ BAD = [
     (["train.timestep_fraction=0"], "train.timestep_fraction"),
     (["train.timestep_fraction=1.5"], "(0, 1]"),
     (["sample.batch_size=0"], "sample.batch_size"),
-    (["sample.prompts_per_epoch=2", "sample.samples_per_prompt=2", "train.batch_size=3"], "train.batch_size"),
-    (["sample.prompts_per_epoch=2", "sample.samples_per_prompt=2", "sample.batch_size=4",
-      "train.batch_size=1", "train.gradient_accumulation_steps=3"], "train.gradient_accumulation_steps"),
+    (
+        ["sample.prompts_per_epoch=2", "sample.samples_per_prompt=2", "train.batch_size=3"],
+        "train.batch_size",
+    ),
+    (
+        [
+            "sample.prompts_per_epoch=2",
+            "sample.samples_per_prompt=2",
+            "sample.batch_size=4",
+            "train.batch_size=1",
+            "train.gradient_accumulation_steps=3",
+        ],
+        "train.gradient_accumulation_steps",
+    ),
     (["train.algorithm=reinforce", "train.num_inner_epochs=2"], "one gradient step"),
     (["train.algorithm=dpo"], "train.algorithm"),
     (["train.mixed_precision=fp8"], "train.mixed_precision"),
@@ -80,8 +91,16 @@ BAD = [
     (["train.lr_scheduler=cosin"], "Did you mean 'cosine'?"),
     (["performance.compile=sampl"], "performance.compile='sampl' must be one of none, sampling"),
     (["performance.attention=flash"], "performance.attention"),
-    (["sample.prompts_per_epoch=1", "sample.samples_per_prompt=1", "sample.batch_size=1",
-      "train.algorithm=reinforce", "train.batch_size=1"], "every advantage is 0"),
+    (
+        [
+            "sample.prompts_per_epoch=1",
+            "sample.samples_per_prompt=1",
+            "sample.batch_size=1",
+            "train.algorithm=reinforce",
+            "train.batch_size=1",
+        ],
+        "every advantage is 0",
+    ),
     (["train.=3"], "not a dotted key"),
 ]
 
@@ -94,8 +113,16 @@ def test_bad_config_error_names_field(overrides, expected):
 
 
 def test_batch_must_divide_over_processes():
-    config = load_config(None, ["sample.prompts_per_epoch=3", "sample.samples_per_prompt=1", "sample.batch_size=1",
-                                "train.algorithm=ppo", "train.batch_size=1"])
+    config = load_config(
+        None,
+        [
+            "sample.prompts_per_epoch=3",
+            "sample.samples_per_prompt=1",
+            "sample.batch_size=1",
+            "train.algorithm=ppo",
+            "train.batch_size=1",
+        ],
+    )
     with pytest.raises(ConfigError, match="divide evenly over 2 processes"):
         validate(config, num_processes=2)
 
@@ -118,11 +145,25 @@ def test_missing_config_file(capsys):
 
 
 def test_derived_arithmetic():
-    config = load_config(None, ["sample.prompts_per_epoch=8", "sample.samples_per_prompt=4", "sample.batch_size=8",
-                                "train.batch_size=4", "train.gradient_accumulation_steps=2",
-                                "train.num_inner_epochs=2", "sample.num_steps=10", "train.timestep_fraction=0.5"])
+    config = load_config(
+        None,
+        [
+            "sample.prompts_per_epoch=8",
+            "sample.samples_per_prompt=4",
+            "sample.batch_size=8",
+            "train.batch_size=4",
+            "train.gradient_accumulation_steps=2",
+            "train.num_inner_epochs=2",
+            "sample.num_steps=10",
+            "train.timestep_fraction=0.5",
+        ],
+    )
     a = derived_arithmetic(config)
-    assert (a.samples_per_epoch, a.reward_queries_per_epoch, a.trained_timesteps_per_sample) == (32, 32, 5)
+    assert (a.samples_per_epoch, a.reward_queries_per_epoch, a.trained_timesteps_per_sample) == (
+        32,
+        32,
+        5,
+    )
     assert a.gradient_updates_per_epoch == 2 * (32 // 4) // 2
     config.train.algorithm = "reinforce_loo"
     config.train.num_inner_epochs = 1
@@ -142,7 +183,9 @@ def test_no_is_a_string_for_string_fields_and_a_boolean_for_boolean_fields(tmp_p
 # ----- every numeric field has a finite range, checked from one place ----------------------------
 
 
-def _leaf_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field, object]]:
+def _leaf_fields(
+    cls: type = Config, prefix: str = ""
+) -> list[tuple[str, dataclasses.Field, object]]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -155,7 +198,9 @@ def _leaf_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, datacl
 
 
 def _is_numeric(tp: object) -> bool:
-    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    args = (
+        typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    )
     return any(a in (int, float) for a in args)
 
 
@@ -190,10 +235,19 @@ def test_every_numeric_field_refuses_values_past_its_bounds(key, field_):
 def test_enumerations_are_literals_matching_the_tables():
     assert set(typing.get_args(AlgorithmName)) == set(ALGORITHMS)
     enumerated = {key for key, _, tp in _leaf_fields() if typing.get_origin(tp) is typing.Literal}
-    assert {"train.algorithm", "train.mixed_precision", "train.logprob_reduction", "train.lr_scheduler",
-            "performance.compile", "performance.compile_mode", "performance.attention"} <= enumerated
+    assert {
+        "train.algorithm",
+        "train.mixed_precision",
+        "train.logprob_reduction",
+        "train.lr_scheduler",
+        "performance.compile",
+        "performance.compile_mode",
+        "performance.attention",
+    } <= enumerated
     for key in enumerated:
-        with pytest.raises(ConfigError, match=rf"^{key}='nope' must be one of .*; 'nope' is unknown"):
+        with pytest.raises(
+            ConfigError, match=rf"^{key}='nope' must be one of .*; 'nope' is unknown"
+        ):
             load_config(None, [f"{key}=nope"])
 
 
@@ -236,7 +290,9 @@ def test_output_dir_under_a_file_is_refused(tmp_path):
 
 
 def test_output_dir_that_cannot_be_created_is_refused():
-    with pytest.raises(ConfigError, match=r"output_dir=/proc/diffloop_run cannot be created: /proc is not writable"):
+    with pytest.raises(
+        ConfigError, match=r"output_dir=/proc/diffloop_run cannot be created: /proc is not writable"
+    ):
         load_config(None, ["output_dir=/proc/diffloop_run"])
 
 

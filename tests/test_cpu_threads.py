@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffloop.tools import sweep
 from diffloop.config import ConfigError, PerformanceConfig, load_config, resolve_cpu_threads
+from diffloop.tools import sweep
 from diffloop.trainer import set_backend_flags
 
 
@@ -54,7 +54,8 @@ def test_set_backend_flags_applies_the_resolved_count(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("cores", "jobs", "threads"), [(2, 1, 2), (2, 2, 1), (16, 4, 4), (16, 16, 1), (16, 3, 5), (4, 8, 1)]
+    ("cores", "jobs", "threads"),
+    [(2, 1, 2), (2, 2, 1), (16, 4, 4), (16, 16, 1), (16, 3, 5), (4, 8, 1)],
 )
 def test_parallel_jobs_never_oversubscribe(cores, jobs, threads):
     assert sweep.threads_per_job(cores, jobs) == threads

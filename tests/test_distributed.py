@@ -18,8 +18,15 @@ WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 
 
 def launch(nproc: int, overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKER),
+        *overrides,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -30,10 +37,23 @@ def test_two_processes_match_one(tiny_sd, tmp_path):
     # B=3 prompts x K=2 = 6 samples: on 2 processes prompt 1's two samples sit on different ranks,
     # so its leave-one-out baselines need the gathered rewards. Each rank accumulates 3 minibatches
     # of 1 into its step; the single process accumulates 6: the averaged gradients must agree.
-    common = {"sample.prompts_per_epoch": 3, "sample.samples_per_prompt": 2, "sample.batch_size": 3,
-              "train.batch_size": 1, "num_epochs": 2}
-    launch(2, tiny_overrides(tiny_sd, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 3}))
-    single = {**common, "train.gradient_accumulation_steps": 6}  # same sampling batches as each rank
+    common = {
+        "sample.prompts_per_epoch": 3,
+        "sample.samples_per_prompt": 2,
+        "sample.batch_size": 3,
+        "train.batch_size": 1,
+        "num_epochs": 2,
+    }
+    launch(
+        2,
+        tiny_overrides(
+            tiny_sd, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 3}
+        ),
+    )
+    single = {
+        **common,
+        "train.gradient_accumulation_steps": 6,
+    }  # same sampling batches as each rank
     launch(1, tiny_overrides(tiny_sd, tmp_path / "one", **single))
     rank0 = load_file(str(tmp_path / "two" / "params_rank0.safetensors"))
     rank1 = load_file(str(tmp_path / "two" / "params_rank1.safetensors"))
@@ -43,9 +63,14 @@ def test_two_processes_match_one(tiny_sd, tmp_path):
         assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"
         # Adam normalises each element, so float-order noise in near-zero gradient elements shows up
         # at ~1e-6; a missing sync or a baseline over local rewards only moves parameters by ~lr = 1e-2.
-        torch.testing.assert_close(rank0[name], one[name], rtol=0, atol=2e-5, msg=f"2 procs != 1 on {name}")
+        torch.testing.assert_close(
+            rank0[name], one[name], rtol=0, atol=2e-5, msg=f"2 procs != 1 on {name}"
+        )
     # Adam is blind to a gradient's scale; the logged pre-clip norm of the averaged gradient is not.
-    two_rows, one_rows = read_metrics(tmp_path / "two" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
+    two_rows, one_rows = (
+        read_metrics(tmp_path / "two" / "metrics.jsonl"),
+        read_metrics(tmp_path / "one" / "metrics.jsonl"),
+    )
     for a, b in zip(two_rows, one_rows, strict=True):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
         assert a["advantage_abs_mean"] == pytest.approx(b["advantage_abs_mean"], rel=1e-3)

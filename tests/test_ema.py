@@ -144,7 +144,9 @@ def test_export_is_the_ema(tiny_sd, tmp_path):
     shadow, live = t.ema.state_dict(), t.policy.trainable_state_dict()
 
     def matches(values):  # every exported tensor is one of these, by value
-        return all(any(v.shape == w.shape and torch.equal(v, w) for w in values) for v in exported.values())
+        return all(
+            any(v.shape == w.shape and torch.equal(v, w) for w in values) for v in exported.values()
+        )
 
     assert matches(list(shadow.values())) and not matches(list(live.values()))
 
@@ -178,7 +180,9 @@ def test_resume_from_a_checkpoint_without_ema_warns_and_starts_from_the_loaded_w
     tiny_sd, tmp_path, caplog
 ):
     out = tmp_path / "run"
-    Trainer(load_config(None, overrides(tiny_sd, out, num_epochs=1, **{"train.ema_decay": None}))).train()
+    Trainer(
+        load_config(None, overrides(tiny_sd, out, num_epochs=1, **{"train.ema_decay": None}))
+    ).train()
     (latest_checkpoint(out) / EMA_WEIGHTS).unlink(missing_ok=True)
     args = overrides(tiny_sd, out, num_epochs=2, resume=True, resume_allow="[train.ema_decay]")
     t = Trainer(load_config(None, args))

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from diffloop.cli import main as cli_main
+from diffloop.seeding import eval_image_seed
 from diffloop.tools.evaluate import (
     _parse_reward_kwargs,
     eval_main,
@@ -19,7 +20,6 @@ from diffloop.tools.evaluate import (
     summarise,
     unique_labels,
 )
-from diffloop.seeding import eval_image_seed
 
 STEPS = ["--steps", "3", "--guidance-scale", "3.0"]
 
@@ -279,4 +279,5 @@ def test_eval_of_a_run_reproduces_its_final_evaluation_exactly(tmp_path) -> None
     scores = torch.tensor([v for r in rows for v in r["scores"]], dtype=torch.float32)
     assert eval_summary(scores)["eval_reward_mean"] == final["eval_reward_mean"]
     assert result["targets"][0]["rewards"]["shapes_binding"]["mean"] == pytest.approx(
-        final["eval_reward_mean"], rel=1e-6)  # the same scores, averaged in float64
+        final["eval_reward_mean"], rel=1e-6
+    )  # the same scores, averaged in float64

@@ -84,18 +84,29 @@ def test_the_card_states_base_algorithm_reward_scores_command_and_tags(trained, 
     before, after = evals[0]["eval_reward_mean"], evals[-1]["eval_reward_mean"]
     assert evals[0]["epoch"] == -1 and before != after
     text = card.text
-    assert str(tiny_sd) in text and "train.algorithm=loop" in text and "reward_fns:brightness" in text
+    assert (
+        str(tiny_sd) in text and "train.algorithm=loop" in text and "reward_fns:brightness" in text
+    )
     assert f"| base | {before:.4f} |" in text and f"{after:.4f} ({after - before:+.4f})" in text
     assert "![before (top) and after (bottom) training](before_after.png)" in text
     assert "diffloop train model.pretrained=" in text and "lora.alpha=3.0" in text  # run_info argv
     assert "rank 2, alpha 3 (scale 1.5)" in text and "`my_run.safetensors`" in text
-    assert card.data.tags == ["lora", "diffloop", "reinforcement-learning", "loop", "text-to-image", "sd"]
+    assert card.data.tags == [
+        "lora",
+        "diffloop",
+        "reinforcement-learning",
+        "loop",
+        "text-to-image",
+        "sd",
+    ]
     assert card.data.library_name == "diffusers"
     assert card.data.base_model is None  # a local directory is no hub id
 
 
 def test_card_base_model_is_set_for_hub_ids_and_says_when_nothing_was_measured():
-    config = load_config(None, ["model.pretrained=org/some-model", "hub.push=true", "hub.model_id=me/x"])
+    config = load_config(
+        None, ["model.pretrained=org/some-model", "hub.push=true", "hub.model_id=me/x"]
+    )
     text = card_text(config, "sd", None, None, None, has_image=False)
     assert "Not measured" in text and 'pipe.load_lora_weights("me/x"' in text
     assert 'DiffusionPipeline.from_pretrained("org/some-model")' in text
@@ -104,8 +115,10 @@ def test_card_base_model_is_set_for_hub_ids_and_says_when_nothing_was_measured()
 
 def test_held_out_scores_are_the_base_row_and_the_last_evaluation(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"epoch": -1, "eval_reward_mean": 0.25}\n{"epoch": 0, "reward_mean": 1}\n'
-                    '{"epoch": 1, "eval_reward_mean": 0.3}\n{"epoch": 3, "eval_reward_mean": 0.5}\n')
+    path.write_text(
+        '{"epoch": -1, "eval_reward_mean": 0.25}\n{"epoch": 0, "reward_mean": 1}\n'
+        '{"epoch": 1, "eval_reward_mean": 0.3}\n{"epoch": 3, "eval_reward_mean": 0.5}\n'
+    )
     got = held_out_scores(path)
     assert (got.before, got.after, got.after_epoch) == (0.25, 0.5, 4)
     path.write_text('{"epoch": 3, "eval_reward_mean": 0.5}\n')  # no base evaluation: no claim
@@ -117,7 +130,9 @@ def test_kohya_copy_has_webui_keys_and_the_runs_alpha(trained):
     diffusers_sd = load_file(str(out / "lora" / LORA_WEIGHT_NAME))
     kohya = load_file(str(out / "lora" / "my_run.safetensors"))
     modules = {k.split(".")[0] for k in kohya}
-    assert all(m.startswith("lora_unet_") for m in modules) and len(modules) == len(diffusers_sd) // 2
+    assert (
+        all(m.startswith("lora_unet_") for m in modules) and len(modules) == len(diffusers_sd) // 2
+    )
     for m in modules:
         assert {f"{m}.lora_down.weight", f"{m}.lora_up.weight", f"{m}.alpha"} <= set(kohya)
         assert kohya[f"{m}.alpha"].item() == ALPHA  # diffusers' converter would write the rank (2)
@@ -138,7 +153,9 @@ def test_kohya_copy_converts_back_to_the_diffusers_weights(trained):
 
     _, out = trained
     expected = as_peft(load_file(str(out / "lora" / LORA_WEIGHT_NAME)))
-    converted, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(out / "lora" / "my_run.safetensors"))
+    converted, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(
+        str(out / "lora" / "my_run.safetensors")
+    )
     state = as_peft(converted)
     assert set(state) == set(expected) and any(".lora_A." in k for k in state)
     for k, v in expected.items():
@@ -150,7 +167,9 @@ def test_kohya_copy_loaded_in_a_pipeline_reproduces_the_trained_unet(trained, ti
     from diffusers import StableDiffusionPipeline
 
     t, out = trained
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_sd, safety_checker=None, requires_safety_checker=False
+    )
     pipe.load_lora_weights(str(out / "lora"), weight_name="my_run.safetensors")
     assert_same_unet(t.policy, pipe.unet)
 
@@ -158,8 +177,15 @@ def test_kohya_copy_loaded_in_a_pipeline_reproduces_the_trained_unet(trained, ti
 def test_kohya_alpha_is_given_not_the_rank():
     sd = {"unet.a.b.lora_A.weight": torch.ones(4, 8), "unet.a.b.lora_B.weight": torch.zeros(8, 4)}
     kohya = kohya_state_dict(sd, alpha=16.0)
-    assert set(kohya) == {"lora_unet_a_b.lora_down.weight", "lora_unet_a_b.lora_up.weight", "lora_unet_a_b.alpha"}
-    assert kohya["lora_unet_a_b.alpha"].item() == 16.0 and kohya["lora_unet_a_b.alpha"].dtype == torch.float32
+    assert set(kohya) == {
+        "lora_unet_a_b.lora_down.weight",
+        "lora_unet_a_b.lora_up.weight",
+        "lora_unet_a_b.alpha",
+    }
+    assert (
+        kohya["lora_unet_a_b.alpha"].item() == 16.0
+        and kohya["lora_unet_a_b.alpha"].dtype == torch.float32
+    )
 
 
 def test_export_imports_no_pipeline_class(tmp_path):
@@ -176,7 +202,9 @@ def test_export_imports_no_pipeline_class(tmp_path):
         f"save_lora(p, {str(tmp_path)!r})\n"
         "print(sorted(m for m in sys.modules if m.startswith('diffusers.pipelines.stable_diffusion')))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert (tmp_path / LORA_WEIGHT_NAME).is_file()
@@ -186,7 +214,9 @@ def test_export_imports_no_pipeline_class(tmp_path):
 
 
 @pytest.mark.parametrize("offline", [False, True], ids=["unreachable", "offline"])
-def test_upload_to_an_unreachable_hub_fails_with_one_line_and_loses_nothing(trained, monkeypatch, offline):
+def test_upload_to_an_unreachable_hub_fails_with_one_line_and_loses_nothing(
+    trained, monkeypatch, offline
+):
     from huggingface_hub import constants
 
     _, out = trained
@@ -205,7 +235,9 @@ def test_upload_to_an_unreachable_hub_fails_with_one_line_and_loses_nothing(trai
     assert read_metrics(out / "metrics.jsonl") == rows
 
 
-def test_a_run_with_hub_push_ends_with_the_upload_error_after_writing_everything(tiny_sd, tmp_path, monkeypatch):
+def test_a_run_with_hub_push_ends_with_the_upload_error_after_writing_everything(
+    tiny_sd, tmp_path, monkeypatch
+):
     from huggingface_hub import constants
 
     from diffloop.cli import main
@@ -213,8 +245,11 @@ def test_a_run_with_hub_push_ends_with_the_upload_error_after_writing_everything
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     out = tmp_path / "run"
-    argv = run_overrides(tiny_sd, out, **{"hub.push": "true", "hub.model_id": "someone/my-lora",
-                                          "eval.prompts": None})
+    argv = run_overrides(
+        tiny_sd,
+        out,
+        **{"hub.push": "true", "hub.model_id": "someone/my-lora", "eval.prompts": None},
+    )
     assert main(["train", *argv]) != 0
     assert (out / "lora" / "README.md").is_file() and (out / "lora" / LORA_WEIGHT_NAME).is_file()
     assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [0]
@@ -225,9 +260,15 @@ def test_a_run_with_hub_push_ends_with_the_upload_error_after_writing_everything
     ("overrides", "match"),
     [
         (["hub.push=true"], "hub.push=true needs hub.model_id"),
-        (["hub.push=true", "hub.model_id=no spaces/x"], "hub.model_id=no spaces/x must be a hub repository id"),
+        (
+            ["hub.push=true", "hub.model_id=no spaces/x"],
+            "hub.model_id=no spaces/x must be a hub repository id",
+        ),
         (["hub.push=true", "hub.model_id=justaname"], "must be a hub repository id namespace/name"),
-        (["hub.push=true", "hub.model_id=a/b", "hub.token_env=DIFFLOOP_TEST_UNSET_TOKEN"], "hub.token_env"),
+        (
+            ["hub.push=true", "hub.model_id=a/b", "hub.token_env=DIFFLOOP_TEST_UNSET_TOKEN"],
+            "hub.token_env",
+        ),
     ],
 )
 def test_hub_settings_are_checked_when_push_is_on(overrides, match, tmp_path):
@@ -244,7 +285,11 @@ def test_sdxl_kohya_copy_loaded_in_its_pipeline_reproduces_the_trained_unet(tiny
     out = tmp_path / "sdxl_run"
     t = Trainer(load_config(None, run_overrides(tiny_sdxl, out, **{"eval.prompts": None})))
     t.train()
-    assert {p.name for p in (out / "lora").iterdir()} == {LORA_WEIGHT_NAME, "sdxl_run.safetensors", "README.md"}
+    assert {p.name for p in (out / "lora").iterdir()} == {
+        LORA_WEIGHT_NAME,
+        "sdxl_run.safetensors",
+        "README.md",
+    }
     assert "sdxl" in (out / "lora" / "README.md").read_text()
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, add_watermarker=False)
     pipe.load_lora_weights(str(out / "lora"), weight_name="sdxl_run.safetensors")
@@ -271,7 +316,9 @@ def test_a_policy_that_does_not_name_its_loader_is_refused_before_training():
         unet = None
 
     check_exportable(Bare(), lora_enabled=False)  # full fine-tuning: the policy's own export
-    with pytest.raises(ExportError, match="Bare cannot export a LoRA: it needs the class attributes lora_loader"):
+    with pytest.raises(
+        ExportError, match="Bare cannot export a LoRA: it needs the class attributes lora_loader"
+    ):
         check_exportable(Bare(), lora_enabled=True)
     Bare.lora_loader, Bare.lora_component = "NoSuchLoraLoaderMixin", "unet"
     with pytest.raises(ExportError, match="got 'NoSuchLoraLoaderMixin'"):

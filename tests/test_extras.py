@@ -27,7 +27,9 @@ def synthetic_run(root: Path) -> Path:
     """A run directory the report reads: a config and three epochs of metrics."""
     run = root / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("train: {algorithm: loop}\nreward: {name: jpeg_compressibility}\n")
+    (run / "config.yaml").write_text(
+        "train: {algorithm: loop}\nreward: {name: jpeg_compressibility}\n"
+    )
     rows = [{"epoch": -1, "eval_reward_mean": 0.2}]
     rows += [{"epoch": e, "reward_mean": 0.1 * e, "eval_reward_mean": 0.3 + e} for e in range(3)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

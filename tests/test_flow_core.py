@@ -35,7 +35,13 @@ def test_noise_level_zero_is_the_schedulers_euler_step(sde_type):
         sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
         expected = sched.step(v, sched.timesteps[i], x, return_dict=False)[0]
         mean, std = flow_step_mean_std(
-            v, x, sigma, sigma_next, noise_level=0.0, sde_type=sde_type, second_sigma=sched.sigmas[1]
+            v,
+            x,
+            sigma,
+            sigma_next,
+            noise_level=0.0,
+            sde_type=sde_type,
+            second_sigma=sched.sigmas[1],
         )
         assert float(std.abs().max()) == 0.0
         if sde_type == "sde":  # the same float32 expression: bit-exact

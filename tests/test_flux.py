@@ -55,7 +55,9 @@ def generators(seeds=SEEDS):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def settings(policy: FluxPolicy, eta: float = 0.7, guidance_scale: float = G) -> loops.SamplerSettings:
+def settings(
+    policy: FluxPolicy, eta: float = 0.7, guidance_scale: float = G
+) -> loops.SamplerSettings:
     return loops.SamplerSettings(STEPS, eta, guidance_scale)
 
 
@@ -135,10 +137,14 @@ def test_guidance_is_an_input_one_forward_per_step_and_the_same_g_when_recompute
         assert len(calls) == STEPS  # one forward per step: no negative branch, no doubled batch
         step = torch.zeros(len(traj), dtype=torch.long)
         same = loops.transition_log_prob(policy, traj, step, settings(policy))[0]
-        other = loops.transition_log_prob(policy, traj, step, settings(policy, guidance_scale=1.5))[0]
+        other = loops.transition_log_prob(policy, traj, step, settings(policy, guidance_scale=1.5))[
+            0
+        ]
     finally:
         handle.remove()
-    assert all(n == len(PROMPTS) and torch.equal(g, torch.full((n,), G)) for n, g in calls[:STEPS + 1])
+    assert all(
+        n == len(PROMPTS) and torch.equal(g, torch.full((n,), G)) for n, g in calls[: STEPS + 1]
+    )
     assert torch.equal(calls[-1][1], torch.full((2,), 1.5))
     assert (same - traj.log_probs[:, 0]).abs().max() <= 1e-6  # the same g: ratio 1
     # another g is another policy: a log-ratio far beyond float noise (clip ranges are ~1e-4)
@@ -203,11 +209,15 @@ def test_training_changes_only_the_adapter(tiny_flux, tmp_path):
     policy = trainer.policy
     modules = {name: getattr(policy, name)
                for name in ("transformer", "text_encoder", "text_encoder_2", "vae")}  # fmt: skip
-    before = {(m, n): p.detach().clone() for m, mod in modules.items() for n, p in mod.named_parameters()}
+    before = {
+        (m, n): p.detach().clone() for m, mod in modules.items() for n, p in mod.named_parameters()
+    }
     trainer.train()
     after = {(m, n): p for m, mod in modules.items() for n, p in mod.named_parameters()}
     changed = {k for k, p in after.items() if not torch.equal(p, before[k])}
-    assert changed and all(m == "transformer" and "lora_" in n for m, n in changed), sorted(changed)[:3]
+    assert changed and all(m == "transformer" and "lora_" in n for m, n in changed), sorted(
+        changed
+    )[:3]
     assert any("lora_B" in n for _, n in changed)
 
 
@@ -247,7 +257,9 @@ def test_full_fine_tuning_exports_a_loadable_flux_pipeline(tiny_flux, tmp_path):
     x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
     cond = policy.unet_conditioning(PROMPTS)
     with torch.no_grad():
-        trained = policy.transformer(hidden_states=x, timestep=torch.tensor([0.5, 0.02]), **cond).sample
+        trained = policy.transformer(
+            hidden_states=x, timestep=torch.tensor([0.5, 0.02]), **cond
+        ).sample
         got = pipe.transformer(hidden_states=x, timestep=torch.tensor([0.5, 0.02]), **cond).sample
     torch.testing.assert_close(got, trained, rtol=0, atol=1e-6)
     images = pipe("a cat", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
@@ -270,8 +282,11 @@ def test_missing_component_is_a_clear_error(tiny_flux, tmp_path, component):
     broken = tmp_path / "flux"
     shutil.copytree(tiny_flux, broken)
     shutil.rmtree(broken / component)
-    with pytest.raises(ModelLoadError, match=rf"lacks the component folder\(s\) {component}/\. "
-                       r".*FluxPipeline.save_pretrained.*hf download black-forest-labs/FLUX.1-dev"):
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"lacks the component folder\(s\) {component}/\. "
+        r".*FluxPipeline.save_pretrained.*hf download black-forest-labs/FLUX.1-dev",
+    ):
         policy_for(broken)
 
 
@@ -342,7 +357,9 @@ def test_bench_tiny_flux_runs_through_the_policy_one_eval_per_step(tmp_path):
     from diffloop.tools.bench import bench_main
 
     out = tmp_path / "bench.json"
-    assert bench_main(["--shape", "tiny_flux", "--guidance-scale", "3.5", "--output", str(out)]) == 0
+    assert (
+        bench_main(["--shape", "tiny_flux", "--guidance-scale", "3.5", "--output", str(out)]) == 0
+    )
     result = json.loads(out.read_text())
     sample = result["items"]["sample"]
     assert {"sample", "train", "end_to_end"} <= set(result["items"])

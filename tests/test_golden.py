@@ -85,7 +85,10 @@ def golden_run(name: str, out: Path, model_dir: Path | None = None) -> list[dict
         settings["model.pretrained"] = model_dir
     overrides = [f"{k}={'null' if v is None else v}" for k, v in settings.items()]
     Trainer(load_config(None, overrides)).train()
-    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in read_metrics(out / "metrics.jsonl")]
+    return [
+        {k: v for k, v in row.items() if k not in TIME_KEYS}
+        for row in read_metrics(out / "metrics.jsonl")
+    ]
 
 
 def fixture_path(name: str) -> Path:

@@ -51,13 +51,17 @@ def test_fp16_overflow_counts_towards_the_limit_only_once_the_scale_is_down_to_1
 def test_nan_onpolicy_error_is_a_failure():
     assert onpolicy_error_ok(1e-6, 1e-4)
     assert not onpolicy_error_ok(1e-3, 1e-4)
-    assert not onpolicy_error_ok(math.nan, 1e-4)  # `nan > clip_range` is False: was never warned about
+    assert not onpolicy_error_ok(
+        math.nan, 1e-4
+    )  # `nan > clip_range` is False: was never warned about
 
 
 # ----------------------------------------------------------------------------- in the trainer
 
 
-def inject_nan_gradients(monkeypatch, on_calls: set[int] | None = None, from_call: int | None = None) -> list[dict]:
+def inject_nan_gradients(
+    monkeypatch, on_calls: set[int] | None = None, from_call: int | None = None
+) -> list[dict]:
     """Make optimizer step number c (1-based) see a NaN gradient for c in ``on_calls`` or c >= ``from_call``.
 
     Returns a log of {"call", "injected", "unchanged"} per step (unchanged: params equal before/after).
@@ -67,20 +71,29 @@ def inject_nan_gradients(monkeypatch, on_calls: set[int] | None = None, from_cal
 
     def step(self):
         call = len(log) + 1
-        inject = (on_calls is not None and call in on_calls) or (from_call is not None and call >= from_call)
+        inject = (on_calls is not None and call in on_calls) or (
+            from_call is not None and call >= from_call
+        )
         if inject:
             self.params[0].grad.fill_(float("nan"))
         before = [p.detach().clone() for p in self.params]
         out = original(self)
-        log.append({"call": call, "injected": inject,
-                    "unchanged": all(torch.equal(a, p) for a, p in zip(before, self.params))})
+        log.append(
+            {
+                "call": call,
+                "injected": inject,
+                "unchanged": all(torch.equal(a, p) for a, p in zip(before, self.params)),
+            }
+        )
         return out
 
     monkeypatch.setattr(Trainer, "_optimizer_step", step)
     return log
 
 
-def test_nan_gradient_step_is_skipped_counted_and_leaves_the_model_alone(tiny_sd, tmp_path, monkeypatch):
+def test_nan_gradient_step_is_skipped_counted_and_leaves_the_model_alone(
+    tiny_sd, tmp_path, monkeypatch
+):
     log = inject_nan_gradients(monkeypatch, on_calls={3})  # the first of epoch 1's two steps
     config_rows = run(tiny_sd, tmp_path / "run", num_epochs=2)
     assert [r["nonfinite_steps_skipped"] for r in config_rows] == [0, 1]
@@ -93,7 +106,9 @@ def test_nan_gradient_step_is_skipped_counted_and_leaves_the_model_alone(tiny_sd
     assert all(bool(torch.isfinite(t).all()) for t in state["trainable"].values())
 
 
-def test_consecutive_nonfinite_steps_stop_the_run_and_resume_continues(tiny_sd, tmp_path, monkeypatch, capsys):
+def test_consecutive_nonfinite_steps_stop_the_run_and_resume_continues(
+    tiny_sd, tmp_path, monkeypatch, capsys
+):
     assert main(["train", *tiny_overrides(tiny_sd, tmp_path / "full", num_epochs=2)]) == 0
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     out = tmp_path / "run"
@@ -101,7 +116,11 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_resume_continues(tiny_sd, 
     inject_nan_gradients(monkeypatch, from_call=3)  # every step from epoch 1 on
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith("diffloop: error: 2 optimizer steps in a row had non-finite")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("diffloop: error: 2 optimizer steps in a row had non-finite")
+    )
     assert "Traceback" not in err
     # The checkpoint written before the failure survives, verified, and the run resumes from it.
     assert checkpoint.latest_checkpoint(out).name == "epoch_000001"
@@ -116,7 +135,9 @@ def test_nan_onpolicy_error_is_warned_about(tiny_sd, tmp_path, monkeypatch, capl
     from diffloop.config import load_config
 
     trainer = Trainer(load_config(None, tiny_overrides(tiny_sd, tmp_path / "run", num_epochs=1)))
-    monkeypatch.setattr(Trainer, "optimise", lambda self, traj, adv, epoch: {"onpolicy_logprob_err": math.nan})
+    monkeypatch.setattr(
+        Trainer, "optimise", lambda self, traj, adv, epoch: {"onpolicy_logprob_err": math.nan}
+    )
     with caplog.at_level(logging.WARNING, logger="diffloop.trainer"):
         trainer.run_epoch(0)
     assert "on-policy |log p_theta - log p_old| = nan exceeds train.clip_range" in caplog.text

@@ -81,9 +81,13 @@ def imports_of(module: str) -> list[tuple[str, list[str], int]]:
         elif isinstance(node, ast.ImportFrom):
             target = node.module or ""
             if node.level:
-                target = _resolve_relative(module, path.name == "__init__.py", node.level, node.module)
+                target = _resolve_relative(
+                    module, path.name == "__init__.py", node.level, node.module
+                )
             out.append((target, [alias.name for alias in node.names], node.lineno))
-    return [(t, names, line) for t, names, line in out if t == "diffloop" or t.startswith("diffloop.")]
+    return [
+        (t, names, line) for t, names, line in out if t == "diffloop" or t.startswith("diffloop.")
+    ]
 
 
 def edges() -> dict[str, set[str]]:
@@ -187,4 +191,6 @@ def test_no_private_names_from_other_modules(module: str) -> None:
         if name.startswith("_") and not name.startswith("__") and f"{target}.{name}" not in MODULES
         and _known(target) != module
     ]  # fmt: skip
-    assert not bad, "private names used across modules (make them public or move them): " + ", ".join(bad)
+    assert not bad, (
+        "private names used across modules (make them public or move them): " + ", ".join(bad)
+    )

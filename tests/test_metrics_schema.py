@@ -18,9 +18,9 @@ from test_claims import claims
 from test_trainer import tiny_overrides
 
 from diffloop import metrics
-from diffloop.tools import report, sweep
 from diffloop.config import load_config
 from diffloop.run_dir import TIME_KEYS, RunDirectory, read_metrics
+from diffloop.tools import report, sweep
 from diffloop.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,9 @@ def test_tensorboard_tags_are_the_schema_tags(run):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     rows = read_metrics(run / "metrics.jsonl")
-    numeric = {k for r in rows for k, v in r.items() if k != "epoch" and isinstance(v, (int, float))}
+    numeric = {
+        k for r in rows for k, v in r.items() if k != "epoch" and isinstance(v, (int, float))
+    }
     assert tags == {metrics.tensorboard_tag(k) for k in numeric}
     assert {metrics.canonical(t) for t in tags} == numeric  # every tag names its key back
     assert "reward/mean" in tags and "policy/approx_kl" in tags and "time/sample_time_s" in tags

@@ -16,7 +16,9 @@ from diffloop.policies.families import load_policy
 
 def test_missing_directory_says_how_to_provide(tmp_path):
     with pytest.raises(ModelLoadError, match="diffusers layout") as err:
-        load_policy(ModelConfig(pretrained=str(tmp_path / "nope")), LoraConfig(), device=torch.device("cpu"))
+        load_policy(
+            ModelConfig(pretrained=str(tmp_path / "nope")), LoraConfig(), device=torch.device("cpu")
+        )
     assert "nope" in str(err.value)
 
 
@@ -40,12 +42,22 @@ def test_uncached_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE"):
-        load_policy(ModelConfig(pretrained="someone/not-cached-model"), LoraConfig(), device=torch.device("cpu"))
+        load_policy(
+            ModelConfig(pretrained="someone/not-cached-model"),
+            LoraConfig(),
+            device=torch.device("cpu"),
+        )
 
 
 def test_missing_model_fails_cli_cleanly(tmp_path, capsys):
-    code = main(["train", f"model.pretrained={tmp_path / 'nope'}", f"output_dir={tmp_path / 'run'}",
-                 "reward.name=jpeg_compressibility"])
+    code = main(
+        [
+            "train",
+            f"model.pretrained={tmp_path / 'nope'}",
+            f"output_dir={tmp_path / 'run'}",
+            "reward.name=jpeg_compressibility",
+        ]
+    )
     assert code == 2
     assert "diffusers layout" in capsys.readouterr().err
 
@@ -57,10 +69,19 @@ def test_mixed_precision_keeps_trainables_fp32(tiny_sd, tmp_path, precision):
     from diffloop.config import load_config
     from diffloop.trainer import Trainer
 
-    trainer = Trainer(load_config(None, tiny_overrides(tiny_sd, tmp_path / "run", num_epochs=1,
-                                                       **{"train.mixed_precision": precision})))
+    trainer = Trainer(
+        load_config(
+            None,
+            tiny_overrides(
+                tiny_sd, tmp_path / "run", num_epochs=1, **{"train.mixed_precision": precision}
+            ),
+        )
+    )
     rows = trainer.train()
-    assert trainer.policy.unet.conv_in.weight.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert (
+        trainer.policy.unet.conv_in.weight.dtype
+        == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    )
     assert all(p.dtype == torch.float32 for p in trainer.policy.trainable_parameters())
     assert all(torch.isfinite(p).all() for p in trainer.policy.trainable_parameters())
     assert rows[0]["onpolicy_logprob_err"] < 1e-3
@@ -77,8 +98,12 @@ def test_full_finetuning_exports_a_loadable_pipeline(tiny_sd, tmp_path):
 
     out = tmp_path / "run"
     run(tiny_sd, out, num_epochs=1, **{"lora.enabled": False, "train.learning_rate": 1e-3})
-    pipe = StableDiffusionPipeline.from_pretrained(out / "model", safety_checker=None, requires_safety_checker=False)
-    base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        out / "model", safety_checker=None, requires_safety_checker=False
+    )
+    base = StableDiffusionPipeline.from_pretrained(
+        tiny_sd, safety_checker=None, requires_safety_checker=False
+    )
     w = pipe.unet.conv_in.weight
     assert not torch.equal(w, base.unet.conv_in.weight), "full fine-tuning did not change the UNet"
 
@@ -86,10 +111,44 @@ def test_full_finetuning_exports_a_loadable_pipeline(tiny_sd, tmp_path):
 def test_sample_command_from_run_and_from_base(tiny_sd, tmp_path):
     out = tmp_path / "run"
     run(tiny_sd, out, num_epochs=1)
-    assert main(["sample", str(out), "--prompt", "a cat", "--num-per-prompt", "2", "--steps", "3",
-                 "--output", str(tmp_path / "s1"), "--device", "cpu"]) == 0
-    assert main(["sample", str(tiny_sd), "--prompt", "a cat", "--num-per-prompt", "2", "--steps", "3",
-                 "--output", str(tmp_path / "s2"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(out),
+                "--prompt",
+                "a cat",
+                "--num-per-prompt",
+                "2",
+                "--steps",
+                "3",
+                "--output",
+                str(tmp_path / "s1"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "sample",
+                str(tiny_sd),
+                "--prompt",
+                "a cat",
+                "--num-per-prompt",
+                "2",
+                "--steps",
+                "3",
+                "--output",
+                str(tmp_path / "s2"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     from PIL import Image
 
     for d in ("s1", "s2"):

@@ -93,7 +93,9 @@ def test_merged_lora_restores_the_exact_base_weights_and_is_the_adapted_policy(t
     base = {n: p.detach().clone() for n, p in policy.unet.named_parameters() if not p.requires_grad}
     traj = sample(policy)
     after = {n: p.detach() for n, p in policy.unet.named_parameters() if not p.requires_grad}
-    assert all(torch.equal(base[n], after[n]) for n in base), "base weights drifted after merge/unmerge"
+    assert all(torch.equal(base[n], after[n]) for n in base), (
+        "base weights drifted after merge/unmerge"
+    )
     # The merged sampler includes the adapter: it differs from the base model (adapter disabled).
     with policy.reference():
         base_traj = sample(policy)
@@ -118,7 +120,9 @@ def test_invalid_performance_options_name_the_field(override, message):
 
 def test_merged_lora_in_half_precision_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="rounded away"):
-        load_config(None, ["performance.merge_lora_for_sampling=true", "train.mixed_precision=bf16"])
+        load_config(
+            None, ["performance.merge_lora_for_sampling=true", "train.mixed_precision=bf16"]
+        )
     with pytest.raises(ConfigError, match="lora.enabled=true"):
         load_config(None, ["performance.merge_lora_for_sampling=true", "lora.enabled=false"])
 
@@ -135,7 +139,11 @@ def test_trainer_with_every_option_stays_on_policy(tiny_sd, tmp_path):
 def test_backend_flags_are_set_by_the_trainer_function_not_by_a_policy(tiny_sd):
     from diffloop.trainer import set_backend_flags
 
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads()
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_num_threads(),
+    )
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         make_policy(tiny_sd, allow_tf32=False)  # building a policy leaves process-wide flags alone

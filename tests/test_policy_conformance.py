@@ -31,7 +31,9 @@ def _reload_sd_pipeline_unet(model_dir: Path, lora_dir: Path) -> torch.nn.Module
     """The way a user loads the export: ``StableDiffusionPipeline.load_lora_weights``."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False
+    )
     pipe.load_lora_weights(str(lora_dir))
     return pipe.unet
 
@@ -42,8 +44,12 @@ def _reload_unet_adapter(model_dir: Path, lora_dir: Path) -> torch.nn.Module:
 
     from diffloop.policies.diffusers_policy import resolve_pretrained
 
-    unet = UNet2DConditionModel.from_pretrained(resolve_pretrained(str(model_dir)), subfolder="unet")
-    unet.load_lora_adapter(str(lora_dir), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(
+        resolve_pretrained(str(model_dir)), subfolder="unet"
+    )
+    unet.load_lora_adapter(
+        str(lora_dir), prefix="unet", weight_name="pytorch_lora_weights.safetensors"
+    )
     return unet
 
 
@@ -95,8 +101,12 @@ POLICIES = [
     PolicyCase("shapes_pixel", "shapes", _reload_unet_adapter, model_is_fixture=False),
     PolicyCase("tiny_sdxl", "tiny_sdxl", _reload_sdxl_pipeline_unet),
     PolicyCase("tiny_sd3", "tiny_sd3", _reload_sd3_pipeline_transformer),
-    PolicyCase("tiny_flux_dev", "tiny_flux", _reload_flux_pipeline_transformer,
-               {"sample.guidance_scale": 3.5}),
+    PolicyCase(
+        "tiny_flux_dev",
+        "tiny_flux",
+        _reload_flux_pipeline_transformer,
+        {"sample.guidance_scale": 3.5},
+    ),
 ]
 
 STEPS = 3
@@ -123,7 +133,9 @@ def test_ratio_is_exactly_one_on_policy(case, tmp_path, minibatch):
     t = trainer(case, tmp_path / "run")
     assert isinstance(t.policy, DiffusionPolicy)  # the protocol is all the trainer and loops use
     seeds = list(range(4))
-    traj = next(loops.sample_batches(t.policy, ["a cat", "a dog on a bench"] * 2, seeds, t.sampler, 4))[1]
+    traj = next(
+        loops.sample_batches(t.policy, ["a cat", "a dog on a bench"] * 2, seeds, t.sampler, 4)
+    )[1]
     worst = 0.0
     with torch.no_grad():
         for start in range(0, 4, minibatch):
@@ -143,10 +155,17 @@ def test_only_adapter_weights_change(case, tmp_path):
               for n, p in mod.named_parameters()}  # fmt: skip
     t.train()
     assert t.optimizer_steps >= 1
-    after = {(m, n): p for m, mod in modules.items() if mod is not None for n, p in mod.named_parameters()}
+    after = {
+        (m, n): p
+        for m, mod in modules.items()
+        if mod is not None
+        for n, p in mod.named_parameters()
+    }
     changed = {k for k, p in after.items() if not torch.equal(p, before[k])}
     adapter = {k for k in before if k[0] == "unet" and "lora_" in k[1]}
-    assert changed and changed <= adapter, f"frozen weights changed: {sorted(changed - adapter)[:3]}"
+    assert changed and changed <= adapter, (
+        f"frozen weights changed: {sorted(changed - adapter)[:3]}"
+    )
     assert any("lora_B" in n for _, n in changed)
 
 
@@ -159,15 +178,20 @@ def test_export_reloads_in_diffusers_and_reproduces_the_trained_model(case, tmp_
     policy.train(False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *policy.latent_shape(), generator=g)
-    cond = (policy.unet_conditioning(["a cat", "a red ball"]) if hasattr(policy, "unet_conditioning")
-            else {"encoder_hidden_states": policy.encode_prompts(["a cat", "a red ball"])})
+    cond = (
+        policy.unet_conditioning(["a cat", "a red ball"])
+        if hasattr(policy, "unet_conditioning")
+        else {"encoder_hidden_states": policy.encode_prompts(["a cat", "a red ball"])}
+    )
     ts = torch.tensor([500, 20])
     with torch.no_grad():
         trained = policy.unet(x, ts, **cond).sample
         got = reloaded(x, ts, **cond).sample
         with policy.reference():
             base = policy.unet(x, ts, **cond).sample
-    assert (trained - base).abs().max() > 1e-4, "training did not move the model: the check proves nothing"
+    assert (trained - base).abs().max() > 1e-4, (
+        "training did not move the model: the check proves nothing"
+    )
     torch.testing.assert_close(got, trained, rtol=1e-4, atol=1e-5)
 
 

@@ -102,7 +102,10 @@ def test_file_source_skips_blanks_and_comments(tmp_path: Path) -> None:
         (lambda p: p.write_bytes(b"\xff\xfe\x00bad"), "not readable UTF-8"),
         (lambda p: p.write_bytes(b""), "contains no prompts"),
         (lambda p: p.write_bytes(b"\x00" * 64), "line 1 contains the control character NUL"),
-        (lambda p: p.write_bytes(b"a cat\nPK\x03\x04zip"), "line 2 contains the control character U[+]0003"),
+        (
+            lambda p: p.write_bytes(b"a cat\nPK\x03\x04zip"),
+            "line 2 contains the control character U[+]0003",
+        ),
     ],
 )
 def test_file_errors_name_the_path(tmp_path: Path, setup, message: str) -> None:
@@ -150,8 +153,21 @@ def test_shapes_splits_resolve_lazily() -> None:
         build_prompt_source("shapes/trian")
 
 
-T2I_CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex", "numeracy", "3d_spatial")
-SEEN_UNSEEN = ("color", "shape", "texture")  # the attribute-binding categories have val_seen / val_unseen
+T2I_CATEGORIES = (
+    "color",
+    "shape",
+    "texture",
+    "spatial",
+    "non_spatial",
+    "complex",
+    "numeracy",
+    "3d_spatial",
+)
+SEEN_UNSEEN = (
+    "color",
+    "shape",
+    "texture",
+)  # the attribute-binding categories have val_seen / val_unseen
 
 
 def test_t2i_compbench_name_pattern_reaches_every_file() -> None:
@@ -160,7 +176,12 @@ def test_t2i_compbench_name_pattern_reaches_every_file() -> None:
     pairs += [(c, s) for c in SEEN_UNSEEN for s in ("val_seen", "val_unseen")]
     shipped = {f"t2i-compbench/{p.stem}" for p in (DATA / "t2i-compbench").glob("*.txt")}
     assert {f"t2i-compbench/{c}_{s}" for c, s in pairs} == shipped and len(pairs) == 22
-    counts = {"train": 700, "val": 300, "val_seen": 200, "val_unseen": 100}  # T2I-CompBench's splits
+    counts = {
+        "train": 700,
+        "val": 300,
+        "val_seen": 200,
+        "val_unseen": 100,
+    }  # T2I-CompBench's splits
     for c, s in pairs:
         assert len(build_prompt_source(f"t2i-compbench/{c}_{s}")) == counts[s], (c, s)
 
@@ -178,17 +199,30 @@ def test_animals_activities_is_ddpo_cross_product() -> None:
     assert len(source) == 45 * 3
     # DDPO: f"{IE.a(animal)} {activity}"; "ant" is the list's only vowel-initial animal
     assert source.prompts[:4] == [
-        "a cat washing the dishes", "a cat riding a bike", "a cat playing chess", "a dog washing the dishes",
+        "a cat washing the dishes",
+        "a cat riding a bike",
+        "a cat playing chess",
+        "a dog washing the dishes",
     ]
     assert [p for p in source.prompts if p.startswith("an ")] == [
-        "an ant washing the dishes", "an ant riding a bike", "an ant playing chess",
+        "an ant washing the dishes",
+        "an ant riding a bike",
+        "an ant playing chess",
     ]
     assert len(set(source.prompts)) == 135
 
 
 def test_shapes_split_counts() -> None:
-    counts = {"train_single": 72, "train_pair": 404, "train": 476, "val_single": 12,
-              "val_seen": 100, "val_unseen": 216, "val_pair": 316, "val": 328}
+    counts = {
+        "train_single": 72,
+        "train_pair": 404,
+        "train": 476,
+        "val_single": 12,
+        "val_seen": 100,
+        "val_unseen": 216,
+        "val_pair": 316,
+        "val": 328,
+    }
     for split, count in counts.items():
         assert len(build_prompt_source(f"shapes/{split}")) == count, split
 

@@ -273,7 +273,9 @@ def test_old_and_tensorboard_style_metrics_read_alike(runs, tmp_path) -> None:
     from diffloop.tools.report import load_run
 
     rows = [json.loads(line) for line in OLD_METRICS.read_text().splitlines()]
-    aliased = [{("epoch" if k == "epoch" else tensorboard_tag(k)): v for k, v in r.items()} for r in rows]
+    aliased = [
+        {("epoch" if k == "epoch" else tensorboard_tag(k)): v for k, v in r.items()} for r in rows
+    ]
     aliased[1]["ratio_max_dev"] = 0.5  # an undeclared key (another version's)
     dirs = []
     for name, content in (("flat", rows), ("aliased", aliased)):

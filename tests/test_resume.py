@@ -32,7 +32,9 @@ def sessions(out: Path) -> list[dict]:
 
 
 def saved_run(tmp_path: Path, **changes) -> Config:
-    config = load_config(None, [f"output_dir={tmp_path}", *[f"{k}={v}" for k, v in changes.items()]])
+    config = load_config(
+        None, [f"output_dir={tmp_path}", *[f"{k}={v}" for k, v in changes.items()]]
+    )
     save_config(config, tmp_path / "config.yaml")
     return config
 
@@ -45,17 +47,31 @@ def test_check_resume_allows_only_repeated_values_and_the_listed_changes(tmp_pat
     saved_run(tmp_path, num_epochs=5)
     assert check_resume(resumed(tmp_path, "num_epochs=5")) == {}
     assert check_resume(resumed(tmp_path, "num_epochs=8", "logging.tensorboard=false")) == {
-        "logging.tensorboard": False, "num_epochs": 8,
+        "logging.tensorboard": False,
+        "num_epochs": 8,
     }
-    with pytest.raises(ConfigError, match=r"train.algorithm='ppo' differs from the run's train.algorithm='loop'"
-                                          r".*resume_allow=\[sample.samples_per_prompt,train.algorithm\]"):
-        check_resume(resumed(tmp_path, "num_epochs=5", "train.algorithm=ppo", "sample.samples_per_prompt=1"))
+    with pytest.raises(
+        ConfigError,
+        match=r"train.algorithm='ppo' differs from the run's train.algorithm='loop'"
+        r".*resume_allow=\[sample.samples_per_prompt,train.algorithm\]",
+    ):
+        check_resume(
+            resumed(tmp_path, "num_epochs=5", "train.algorithm=ppo", "sample.samples_per_prompt=1")
+        )
     with pytest.raises(ConfigError, match="num_epochs=3 is below the run's num_epochs=5"):
         check_resume(resumed(tmp_path, "num_epochs=3"))
     # resume_allow: one key, or a whole section
-    assert check_resume(resumed(tmp_path, "num_epochs=5", "train.learning_rate=1e-5",
-                                "resume_allow=[train.learning_rate]")) == {"train.learning_rate": 1e-5}
-    assert check_resume(resumed(tmp_path, "num_epochs=5", "train.learning_rate=1e-5", "resume_allow=[train]"))
+    assert check_resume(
+        resumed(
+            tmp_path,
+            "num_epochs=5",
+            "train.learning_rate=1e-5",
+            "resume_allow=[train.learning_rate]",
+        )
+    ) == {"train.learning_rate": 1e-5}
+    assert check_resume(
+        resumed(tmp_path, "num_epochs=5", "train.learning_rate=1e-5", "resume_allow=[train]")
+    )
     with pytest.raises(ConfigError, match="resume_allow names 'train.learning_rat'"):
         check_resume(resumed(tmp_path, "num_epochs=5", "resume_allow=[train.learning_rat]"))
 
@@ -81,7 +97,9 @@ def test_resume_without_the_yaml_continues_with_the_runs_own_config(tiny_sd, tmp
     # No CONFIG, no model/reward/prompt overrides: all of it comes from the run directory.
     assert main(["train", f"output_dir={out}", "resume=true", "num_epochs=2"]) == 0
     assert latest_checkpoint(out).name == "epoch_000002"
-    assert (out / "config.yaml").read_bytes() == config_yaml and (out / "run_info.json").read_bytes() == run_info
+    assert (out / "config.yaml").read_bytes() == config_yaml and (
+        out / "run_info.json"
+    ).read_bytes() == run_info
     assert [s["config_changes"] for s in sessions(out)] == [{}, {"num_epochs": 2}]
     # The raised num_epochs is part of the run now: a plain resume keeps it and adds nothing.
     assert main(["train", f"output_dir={out}", "resume=true"]) == 0
@@ -96,7 +114,18 @@ def test_resume_allow_changes_the_run_and_later_resumes_keep_the_change(tiny_sd,
     out = tmp_path / "run"
     run(tiny_sd, out, num_epochs=1)
     args = tiny_overrides(tiny_sd, out, num_epochs=2)
-    assert main(["train", *args, "resume=true", "train.learning_rate=0.001", "resume_allow=[train.learning_rate]"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *args,
+                "resume=true",
+                "train.learning_rate=0.001",
+                "resume_allow=[train.learning_rate]",
+            ]
+        )
+        == 0
+    )
     assert read_metrics(out / "metrics.jsonl")[-1]["lr"] == pytest.approx(1e-3)
     assert sessions(out)[-1]["config_changes"] == {"num_epochs": 2, "train.learning_rate": 0.001}
     # Repeating the first session's value now differs from the run (whose rate is 1e-3).
@@ -110,8 +139,12 @@ def test_library_resume_with_another_algorithm_is_refused(tiny_sd, tmp_path):
 
     out = tmp_path / "run"
     run(tiny_sd, out, num_epochs=1)
-    config = load_config(None, tiny_overrides(tiny_sd, out, num_epochs=1, resume=True,
-                                              **{"train.algorithm": "reinforce_loo"}))
+    config = load_config(
+        None,
+        tiny_overrides(
+            tiny_sd, out, num_epochs=1, resume=True, **{"train.algorithm": "reinforce_loo"}
+        ),
+    )
     with pytest.raises(ConfigError, match="train.algorithm='reinforce_loo' differs"):
         Trainer(config)
 
@@ -121,23 +154,31 @@ def test_library_resume_with_another_algorithm_is_refused(tiny_sd, tmp_path):
 INTERRUPT = {"at_epoch": 1}
 
 
-def interrupt_at_epoch(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+def interrupt_at_epoch(
+    images: torch.Tensor, prompts: list[str], metadata: list[dict]
+) -> torch.Tensor:
     """Brightness, but Ctrl-C (KeyboardInterrupt) while scoring epoch INTERRUPT["at_epoch"]."""
     if metadata and metadata[0].get("epoch") == INTERRUPT["at_epoch"]:
         raise KeyboardInterrupt
     return images.mean(dim=(1, 2, 3))
 
 
-def test_ctrl_c_prints_one_line_with_what_was_kept_and_the_resume_command(tiny_sd, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_prints_one_line_with_what_was_kept_and_the_resume_command(
+    tiny_sd, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "run"
-    args = tiny_overrides(tiny_sd, out, num_epochs=2, **{"reward.name": "test_resume:interrupt_at_epoch"})
+    args = tiny_overrides(
+        tiny_sd, out, num_epochs=2, **{"reward.name": "test_resume:interrupt_at_epoch"}
+    )
     assert main(["train", *args]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
     command = f"diffloop train output_dir={out} resume=true"
-    assert line == (f"diffloop: interrupted; kept checkpoint {out / 'checkpoints' / 'epoch_000001'} (1 epochs done); "
-                    f"resume with: {command}")
+    assert line == (
+        f"diffloop: interrupted; kept checkpoint {out / 'checkpoints' / 'epoch_000001'} (1 epochs done); "
+        f"resume with: {command}"
+    )
     monkeypatch.setitem(INTERRUPT, "at_epoch", None)
     assert main(shlex.split(command)[1:]) == 0  # the printed command, as is
     assert latest_checkpoint(out).name == "epoch_000002"

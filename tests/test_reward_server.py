@@ -543,7 +543,10 @@ def test_check_servers_asks_health_of_remote_rewards_and_components(sleeps: list
         check_servers(RemoteReward(server.url))
     down = f"http://127.0.0.1:{free_port()}"
     composite = CompositeReward(
-        [{"name": "jpeg_compressibility"}, {"name": "remote", "kwargs": {"url": down, "retries": 0}}]
+        [
+            {"name": "jpeg_compressibility"},
+            {"name": "remote", "kwargs": {"url": down, "retries": 0}},
+        ]
     )
     with pytest.raises(RewardError, match=r"unreachable after 1 attempts \(GET /health\)"):
         check_servers(composite)
@@ -844,7 +847,9 @@ def test_the_device_reaches_a_constructor_that_takes_one(monkeypatch: pytest.Mon
         RemoteReward(server.url)(IMAGES2, PROMPTS2, META2)
     assert probe.seen == [torch.device("cpu")]
     # kwargs naming the same device are fine; another device is refused (images would differ)
-    assert build_served_reward("device_probe", {"device": "cpu"}, torch.device("cpu")).device == "cpu"
+    assert (
+        build_served_reward("device_probe", {"device": "cpu"}, torch.device("cpu")).device == "cpu"
+    )
     assert build_served_reward("device_probe", {"device": "cpu:0"}, torch.device("cpu"))
     with pytest.raises(ValueError, match="--kwargs device meta: the meta device holds no data"):
         build_served_reward("device_probe", {"device": "meta"}, torch.device("cpu"))

@@ -37,7 +37,9 @@ def test_run_settings_are_defaults_and_flags_override():
 @pytest.fixture(scope="module")
 def run_dir(tiny_sd, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample") / "run"
-    args = tiny_overrides(tiny_sd, out, num_epochs=1, **{**RUN_SAMPLE, "logging.tensorboard": "false"})
+    args = tiny_overrides(
+        tiny_sd, out, num_epochs=1, **{**RUN_SAMPLE, "logging.tensorboard": "false"}
+    )
     assert main(["train", *args]) == 0
     return out
 
@@ -60,7 +62,9 @@ def test_sample_run_uses_the_runs_settings(run_dir, sample_calls, tmp_path, caps
     assert main([*argv, "--output", str(tmp_path / "a")]) == 0
     assert sample_calls[-1] == {"num_steps": 3, "eta": 0.5, "guidance_scale": 2.0,
                                 "negative_prompt": "blurry, dark"}  # fmt: skip
-    assert "3 steps, eta 0.5, guidance 2.0, negative prompt 'blurry, dark'" in capsys.readouterr().out
+    assert (
+        "3 steps, eta 0.5, guidance 2.0, negative prompt 'blurry, dark'" in capsys.readouterr().out
+    )
     assert (tmp_path / "a" / "grid.png").is_file() and (tmp_path / "a" / "0001.png").is_file()
 
     override = ["--steps", "2", "--eta", "0", "--guidance-scale", "1.5", "--negative-prompt", ""]
@@ -71,6 +75,17 @@ def test_sample_run_uses_the_runs_settings(run_dir, sample_calls, tmp_path, caps
 
 def test_bad_flag_fails_before_loading_a_model(run_dir, sample_calls, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["sample", str(run_dir), "--prompt", "a cat", "--eta", "-0.5", "--output", str(tmp_path)])
+        main(
+            [
+                "sample",
+                str(run_dir),
+                "--prompt",
+                "a cat",
+                "--eta",
+                "-0.5",
+                "--output",
+                str(tmp_path),
+            ]
+        )
     assert exc.value.code == 2
     assert "--eta=-0.5 must be >= 0" in capsys.readouterr().err and not sample_calls

@@ -43,11 +43,21 @@ def test_euler_config_trains_with_finite_lora_weights(tiny_sd_euler, tmp_path):
 
 def test_set_alpha_to_one_is_a_clear_config_error(tiny_sd, tmp_path):
     with pytest.raises(ConfigError, match=r"model\.scheduler_kwargs\.set_alpha_to_one=false") as e:
-        run(tiny_sd, tmp_path / "run", num_epochs=1, **{"model.scheduler_kwargs.set_alpha_to_one": True})
+        run(
+            tiny_sd,
+            tmp_path / "run",
+            num_epochs=1,
+            **{"model.scheduler_kwargs.set_alpha_to_one": True},
+        )
     assert "sample.num_steps=4" in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
 def test_timestep_zero_sampled_is_a_clear_config_error(tiny_sd, tmp_path):
     # linspace spacing samples timestep 0, whose previous alpha is its own: std 0.
     with pytest.raises(ConfigError, match=r"model\.scheduler_kwargs\.timestep_spacing=leading"):
-        run(tiny_sd, tmp_path / "run", num_epochs=1, **{"model.scheduler_kwargs.timestep_spacing": "linspace"})
+        run(
+            tiny_sd,
+            tmp_path / "run",
+            num_epochs=1,
+            **{"model.scheduler_kwargs.timestep_spacing": "linspace"},
+        )

@@ -109,7 +109,9 @@ def test_ratio_is_exactly_one_at_any_minibatch_size(tiny_sd3, sde_type, window):
     other = loops.SamplerSettings(num_steps=4, eta=0.5, guidance_scale=3.0)
     step = torch.zeros(4, dtype=torch.long)
     with torch.no_grad():
-        assert (loops.transition_log_prob(policy, traj, step, other)[0] - traj.log_probs[:, 0]).abs().max() > 1e-3
+        assert (
+            loops.transition_log_prob(policy, traj, step, other)[0] - traj.log_probs[:, 0]
+        ).abs().max() > 1e-3
 
 
 def test_without_t5_the_t5_part_is_zeros(tiny_sd3, tmp_path):
@@ -124,15 +126,26 @@ def test_without_t5_the_t5_part_is_zeros(tiny_sd3, tmp_path):
     embeds, pooled = policy.encode_prompts_with_pooled(PROMPTS[:2])
     assert embeds.shape[1] == 77 + 256 and not embeds[:, 77:].any()
     pipe = StableDiffusion3Pipeline.from_pretrained(path, **no_t5)
-    ref, _, ref_pooled, _ = pipe.encode_prompt(PROMPTS[:2], None, None, do_classifier_free_guidance=False)
+    ref, _, ref_pooled, _ = pipe.encode_prompt(
+        PROMPTS[:2], None, None, do_classifier_free_guidance=False
+    )
     torch.testing.assert_close(embeds, ref, atol=0, rtol=0)
     torch.testing.assert_close(pooled, ref_pooled, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(
     "component",
-    ["transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-     "tokenizer_3", "scheduler", "vae"],
+    [
+        "transformer",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+        "scheduler",
+        "vae",
+    ],
 )
 def test_missing_component_is_named(tiny_sd3, tmp_path, component):
     path = tmp_path / "broken"
@@ -165,10 +178,19 @@ def test_only_adapter_weights_change_in_a_run(tiny_sd3, tmp_path):
     t = Trainer(load_config(None, tiny_overrides(tiny_sd3, tmp_path / "run", num_epochs=1,
                                                  **{"sample.num_steps": 3})))  # fmt: skip
     p = t.policy
-    modules = {n: getattr(p, n) for n in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")}
-    before = {(m, n): w.detach().clone() for m, mod in modules.items() for n, w in mod.named_parameters()}
+    modules = {
+        n: getattr(p, n)
+        for n in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+    }
+    before = {
+        (m, n): w.detach().clone() for m, mod in modules.items() for n, w in mod.named_parameters()
+    }
     t.train()
-    changed = {k for k, w in before.items() if not torch.equal(dict(modules[k[0]].named_parameters())[k[1]], w)}
+    changed = {
+        k
+        for k, w in before.items()
+        if not torch.equal(dict(modules[k[0]].named_parameters())[k[1]], w)
+    }
     assert changed and all(m == "transformer" and "lora_" in n for m, n in changed)
     targets = {n.split(".lora_")[0].split("transformer_blocks.0.")[-1] for _, n in changed}
     # (the one block is the last, context_pre_only: it has no ff_context)
@@ -183,7 +205,9 @@ def test_full_fine_tuning_exports_a_loadable_pipeline(tiny_sd3, tmp_path):
         policy.transformer.pos_embed.proj.weight.add_(0.1)  # a "trained" weight
     policy.export(tmp_path / "full")
     pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "full")
-    for (name, a), b in zip(policy.transformer.state_dict().items(), pipe.transformer.state_dict().values()):
+    for (name, a), b in zip(
+        policy.transformer.state_dict().items(), pipe.transformer.state_dict().values()
+    ):
         assert torch.equal(a, b), name
 
 
@@ -207,7 +231,9 @@ def test_lora_export_reproduces_a_randomised_adapter(tiny_sd3, tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["sd35_geneval_blip_vqa.yaml", "sd35_pickscore.yaml", "sd35_fast_cps.yaml"])
+@pytest.mark.parametrize(
+    "name", ["sd35_geneval_blip_vqa.yaml", "sd35_pickscore.yaml", "sd35_fast_cps.yaml"]
+)
 def test_shipped_sd35_configs_validate(name):
     from diffloop.cli import main
     from diffloop.config import packaged_config
@@ -233,8 +259,18 @@ def test_two_processes_match_one_on_sd3(tiny_sd3, tmp_path):
 
     common = {"sample.prompts_per_epoch": 2, "sample.samples_per_prompt": 2, "sample.batch_size": 2,
               "train.batch_size": 1, "num_epochs": 1, "sample.num_steps": 3}  # fmt: skip
-    launch(2, tiny_overrides(tiny_sd3, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 2}))
-    launch(1, tiny_overrides(tiny_sd3, tmp_path / "one", **common, **{"train.gradient_accumulation_steps": 4}))
+    launch(
+        2,
+        tiny_overrides(
+            tiny_sd3, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 2}
+        ),
+    )
+    launch(
+        1,
+        tiny_overrides(
+            tiny_sd3, tmp_path / "one", **common, **{"train.gradient_accumulation_steps": 4}
+        ),
+    )
     rank0, rank1, one = (
         load_file(str(tmp_path / d / f"params_rank{r}.safetensors"))
         for d, r in (("two", 0), ("two", 1), ("one", 0))
@@ -260,7 +296,9 @@ def test_resolution_sets_the_latent_size(tiny_sd3):
     assert traj.images.shape == out.shape == (1, 3, 16, 16)
     torch.testing.assert_close(traj.images, out, atol=1e-5, rtol=0)
     with pytest.raises(ModelLoadError, match="model.resolution=15"):
-        load_sd3_policy(ModelConfig(pretrained=str(tiny_sd3), resolution=15), LoraConfig(), device=CPU)
+        load_sd3_policy(
+            ModelConfig(pretrained=str(tiny_sd3), resolution=15), LoraConfig(), device=CPU
+        )
 
 
 def test_bench_runs_the_sd3_policy(tmp_path):
@@ -279,10 +317,16 @@ def test_sd35_medium_builder_has_its_shapes():
     from diffloop.testing.tiny_flow import build_sd3_components
 
     c = build_sd3_components("sd35_medium", device="meta")
-    counts = {k: sum(p.numel() for p in c[k].parameters()) for k in ("transformer", "text_encoder", "text_encoder_2")}
+    counts = {
+        k: sum(p.numel() for p in c[k].parameters())
+        for k in ("transformer", "text_encoder", "text_encoder_2")
+    }
     assert counts["text_encoder"] == 123_650_304 and counts["text_encoder_2"] == 694_659_840
     assert 2.2e9 < counts["transformer"] < 2.6e9 and c["text_encoder_3"] is None
-    assert c["vae"].config.latent_channels == 16 and c["transformer"].config.pooled_projection_dim == 2048
+    assert (
+        c["vae"].config.latent_channels == 16
+        and c["transformer"].config.pooled_projection_dim == 2048
+    )
 
 
 @pytest.mark.parametrize("eta", ["0", "0.7"])
@@ -348,9 +392,13 @@ def test_random_window_start_per_sample(tiny_sd3):
     assert torch.isfinite(traj.log_probs).all() and torch.isfinite(traj.latents).all()
     sampler = loops.SamplerSettings(num_steps=6, eta=0.7, guidance_scale=3.0)
     assert loops.onpolicy_logprob_err(policy, traj, sampler) <= 1e-5
-    alone = policy.sample(PROMPTS[3:4], generators(1, base=14), num_steps=6, eta=0.7, guidance_scale=3.0)
+    alone = policy.sample(
+        PROMPTS[3:4], generators(1, base=14), num_steps=6, eta=0.7, guidance_scale=3.0
+    )
     torch.testing.assert_close(alone.latents[0], traj.latents[3], atol=1e-5, rtol=0)
     torch.testing.assert_close(alone.images[0], traj.images[3], atol=1e-5, rtol=0)
     with pytest.raises(ConfigError, match="sample.sde_window"):
         load_config(None, ["sample.num_steps=6", "sample.sde_window=[0, 4, 2]"])
-    assert load_config(None, ["sample.num_steps=6", "sample.sde_window=[0, 3, 2]"]).sample.sde_window == [0, 3, 2]
+    assert load_config(
+        None, ["sample.num_steps=6", "sample.sde_window=[0, 3, 2]"]
+    ).sample.sde_window == [0, 3, 2]

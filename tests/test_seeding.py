@@ -46,7 +46,9 @@ def test_every_named_stream_is_distinct_from_every_other():
         for args in {(s, a, b)[:arity] for s, a, b in itertools.product(SEEDS, range(3), range(3))}:
             value = fn(*args)
             assert 0 <= value < 2**63
-            assert draws.setdefault(value, (name, *args)) == (name, *args), f"{(name, *args)} == {draws[value]}"
+            assert draws.setdefault(value, (name, *args)) == (name, *args), (
+                f"{(name, *args)} == {draws[value]}"
+            )
 
 
 def test_part_count_and_word_boundaries_are_part_of_the_stream():

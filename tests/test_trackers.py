@@ -45,13 +45,19 @@ def test_tracker_names_are_accelerates():
     ],
 )
 def test_report_to_and_its_aliases(tmp_path, overrides, expected):
-    assert resolve_report_to(config_for(tmp_path, *overrides).logging, available=["tensorboard"]) == expected
+    assert (
+        resolve_report_to(config_for(tmp_path, *overrides).logging, available=["tensorboard"])
+        == expected
+    )
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("logging.report_to=tensorbord", "unknown tracker 'tensorbord'. Did you mean 'tensorboard'"),
+        (
+            "logging.report_to=tensorbord",
+            "unknown tracker 'tensorbord'. Did you mean 'tensorboard'",
+        ),
         ("logging.report_to=[none,wandb]", "lists 'none' with trackers"),
         ("logging.tracker_kwargs.wandbb.mode=offline", "logging.tracker_kwargs.wandbb must be"),
     ],
@@ -63,24 +69,35 @@ def test_bad_report_to_is_one_line_naming_the_field(tmp_path, override, message)
 
 @pytest.mark.skipif(HAS_WANDB, reason="wandb is installed")
 def test_wandb_without_wandb_is_one_clear_error_at_check_config(tmp_path, capsys):
-    with pytest.raises(ConfigError, match=r"asks for wandb but the wandb package is not installed: pip install 'diffloop\[wandb\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"asks for wandb but the wandb package is not installed: pip install 'diffloop\[wandb\]'",
+    ):
         check_trackers(config_for(tmp_path, "logging.report_to=wandb").logging)
     assert main(["check-config", f"output_dir={tmp_path / 'run'}", "logging.wandb=true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "logging.report_to asks for wandb" in err[0]
-    check_trackers(config_for(tmp_path, "logging.report_to=all").logging)  # all: the installed ones, no error
+    check_trackers(
+        config_for(tmp_path, "logging.report_to=all").logging
+    )  # all: the installed ones, no error
 
 
 def test_run_id_is_made_once_per_run_and_differs_between_runs(tmp_path):
-    first = RunDirectory(config_for(tmp_path / "a" / "run", "logging.report_to=none"), is_main=True, start_epoch=0)
+    first = RunDirectory(
+        config_for(tmp_path / "a" / "run", "logging.report_to=none"), is_main=True, start_epoch=0
+    )
     resumed = RunDirectory(config_for(tmp_path / "a" / "run", "logging.report_to=none", "resume=true"),
                            is_main=True, start_epoch=1)  # fmt: skip
-    same_name = RunDirectory(config_for(tmp_path / "b" / "run", "logging.report_to=none"), is_main=True, start_epoch=0)
+    same_name = RunDirectory(
+        config_for(tmp_path / "b" / "run", "logging.report_to=none"), is_main=True, start_epoch=0
+    )
     assert resumed.run_id == first.run_id  # a resume continues its own W&B run
     assert same_name.run_id != first.run_id  # a directory of the same name is another run
     assert (tmp_path / "a" / "run" / "run_id").read_text().strip() == first.run_id
     remove_run(tmp_path / "a" / "run")  # overwrite=true: a new run, a new id
-    again = RunDirectory(config_for(tmp_path / "a" / "run", "logging.report_to=none"), is_main=True, start_epoch=0)
+    again = RunDirectory(
+        config_for(tmp_path / "a" / "run", "logging.report_to=none"), is_main=True, start_epoch=0
+    )
     assert again.run_id != first.run_id
 
 
@@ -90,12 +107,20 @@ def test_wandb_arguments_carry_the_run_id_entity_name_tags_and_tracker_kwargs(tm
                         "logging.tracker_kwargs.wandb.mode=offline")  # fmt: skip
     args, kwargs = init_arguments("wandb", config, out, "abc123", start_epoch=0)
     assert args == ("proj",)
-    assert (kwargs["id"], kwargs["resume"], kwargs["entity"], kwargs["tags"]) == ("abc123", "allow", "team", ["a", "b"])
+    assert (kwargs["id"], kwargs["resume"], kwargs["entity"], kwargs["tags"]) == (
+        "abc123",
+        "allow",
+        "team",
+        ["a", "b"],
+    )
     assert kwargs["name"] == "exp1" and kwargs["mode"] == "offline" and kwargs["dir"] == str(out)
     assert kwargs["config"]["logging"]["wandb_project"] == "proj"
     named = config_for(out, "logging.wandb_name=my-name")
     assert init_arguments("wandb", named, out, "abc123", 0)[1]["name"] == "my-name"
-    assert init_arguments("tensorboard", config, out, "abc123", 3) == (("tensorboard", str(out)), {"purge_step": 3})
+    assert init_arguments("tensorboard", config, out, "abc123", 3) == (
+        ("tensorboard", str(out)),
+        {"purge_step": 3},
+    )
 
 
 def _scalars(tb_dir):

@@ -18,8 +18,15 @@ from diffloop.run_dir import TIME_KEYS, read_metrics
 from diffloop.trainer import Trainer
 
 REQUIRED_METRICS = {
-    "epoch", "reward_mean", "reward_std", "prompts_seen", "reward_queries",
-    "approx_kl", "clipfrac", "sample_time_s", "train_time_s",
+    "epoch",
+    "reward_mean",
+    "reward_std",
+    "prompts_seen",
+    "reward_queries",
+    "approx_kl",
+    "clipfrac",
+    "sample_time_s",
+    "train_time_s",
 }
 
 
@@ -75,8 +82,12 @@ def test_run_directory_holds_everything(tiny_sd, tmp_path):
 
 @pytest.mark.parametrize("train_batch", [1, 2, 4])
 def test_ratio_is_one_on_policy_at_any_minibatch_size(tiny_sd, tmp_path, train_batch):
-    rows = run(tiny_sd, tmp_path / "run", num_epochs=1,
-               **{"train.batch_size": train_batch, "train.gradient_accumulation_steps": 4 // train_batch})
+    rows = run(
+        tiny_sd,
+        tmp_path / "run",
+        num_epochs=1,
+        **{"train.batch_size": train_batch, "train.gradient_accumulation_steps": 4 // train_batch},
+    )
     # One optimizer step per epoch: every recomputed log-prob is on-policy.
     assert rows[0]["optimizer_steps"] == 1
     assert rows[0]["onpolicy_logprob_err"] < 1e-5
@@ -87,9 +98,15 @@ class Killed(Exception):
 
 
 def test_kill_and_resume_equals_uninterrupted(tiny_sd, tmp_path, monkeypatch):
-    extra = {"num_epochs": 4, "train.algorithm": "ppo", "sample.samples_per_prompt": 1,
-             "sample.prompts_per_epoch": 4, "train.stat_tracking_min_count": 2,
-             "train.stat_tracking_buffer": 4, "train.num_inner_epochs": 2}
+    extra = {
+        "num_epochs": 4,
+        "train.algorithm": "ppo",
+        "sample.samples_per_prompt": 1,
+        "sample.prompts_per_epoch": 4,
+        "train.stat_tracking_min_count": 2,
+        "train.stat_tracking_buffer": 4,
+        "train.num_inner_epochs": 2,
+    }
     full = run(tiny_sd, tmp_path / "full", **extra)
 
     out = tmp_path / "killed"
@@ -133,16 +150,26 @@ def test_crash_while_checkpointing_resumes_from_previous(tiny_sd, tmp_path, monk
 
 
 def test_nan_rewards_are_excluded_and_counted(tiny_sd, tmp_path):
-    rows = run(tiny_sd, tmp_path / "run", num_epochs=1,
-               **{"reward.name": "reward_fns:nan_on_odd", "sample.samples_per_prompt": 4,
-                  "sample.batch_size": 8, "train.batch_size": 4})
+    rows = run(
+        tiny_sd,
+        tmp_path / "run",
+        num_epochs=1,
+        **{
+            "reward.name": "reward_fns:nan_on_odd",
+            "sample.samples_per_prompt": 4,
+            "sample.batch_size": 8,
+            "train.batch_size": 4,
+        },
+    )
     assert rows[0]["reward_invalid"] == 4
     assert rows[0]["reward_mean"] == rows[0]["reward_mean"]  # not NaN: invalid ones left out
 
 
 def test_failing_reward_keeps_last_checkpoint(tiny_sd, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", *tiny_overrides(tiny_sd, out, **{"reward.name": "reward_fns:fails_at_epoch_1"})])
+    code = main(
+        ["train", *tiny_overrides(tiny_sd, out, **{"reward.name": "reward_fns:fails_at_epoch_1"})]
+    )
     assert code == 2
     assert "reward server unreachable" in capsys.readouterr().err
     assert latest_checkpoint(out).name == "epoch_000001"
@@ -160,7 +187,9 @@ def test_composite_reward_components_are_logged(tiny_sd, tmp_path):
 
     overrides = tiny_overrides(tiny_sd, tmp_path / "run", num_epochs=1)
     overrides = [o for o in overrides if not o.startswith("reward.name")]
-    overrides.append("reward=[{name: 'reward_fns:brightness', weight: 2.0}, {name: jpeg_compressibility, weight: 0.5}]")
+    overrides.append(
+        "reward=[{name: 'reward_fns:brightness', weight: 2.0}, {name: jpeg_compressibility, weight: 0.5}]"
+    )
     rows = Trainer(load_config(None, overrides)).train()
     r = rows[0]
     bright_key, jpeg_key = "reward_reward_fns:brightness_mean", "reward_jpeg_compressibility_mean"
@@ -172,7 +201,11 @@ def test_kl_to_base_is_zero_at_start_and_penalty_pulls_back(tiny_sd, tmp_path):
     # A fresh adapter (lora_B = 0) adds exactly zero: the policy IS the base model until its first
     # update. With one optimizer step per epoch (accumulation over both minibatches), every KL of
     # epoch 0 is computed before that step: exactly 0; epoch 1's, after it: positive.
-    extra = {"train.log_kl_to_base": True, "train.learning_rate": 0.05, "train.gradient_accumulation_steps": 2}
+    extra = {
+        "train.log_kl_to_base": True,
+        "train.learning_rate": 0.05,
+        "train.gradient_accumulation_steps": 2,
+    }
     rows = run(tiny_sd, tmp_path / "a", num_epochs=2, **extra)
     assert rows[0]["optimizer_steps"] == 1
     assert rows[0]["kl_to_base"] == 0.0 and rows[1]["kl_to_base"] > 0
@@ -200,17 +233,29 @@ def test_lora_dropout_is_refused_for_ratio_algorithms(tiny_sd, tmp_path):
         load_config(None, tiny_overrides(tiny_sd, tmp_path / "a", **{"lora.dropout": 0.1}))
     assert len(str(e.value).splitlines()) == 1
     # One update per batch (no ratio): dropout is allowed.
-    load_config(None, tiny_overrides(tiny_sd, tmp_path / "b", **{"lora.dropout": 0.1, "train.algorithm": "reinforce"}))
+    load_config(
+        None,
+        tiny_overrides(
+            tiny_sd, tmp_path / "b", **{"lora.dropout": 0.1, "train.algorithm": "reinforce"}
+        ),
+    )
 
 
 def test_evaluation_samples_in_eval_mode(tiny_sd, tmp_path):
     """With LoRA dropout active in train mode, two evaluations still see the same network."""
     from diffloop.loops import make_generators
 
-    extra = {"lora.dropout": 0.5, "train.algorithm": "reinforce", "eval.prompts": "shapes/val_pair",
-             "eval.num_prompts": 2, "eval.samples_per_prompt": 1}
+    extra = {
+        "lora.dropout": 0.5,
+        "train.algorithm": "reinforce",
+        "eval.prompts": "shapes/val_pair",
+        "eval.num_prompts": 2,
+        "eval.samples_per_prompt": 1,
+    }
     trainer = Trainer(load_config(None, tiny_overrides(tiny_sd, tmp_path / "run", **extra)))
-    with torch.no_grad():  # lora_B starts at 0, which would hide dropout: give the adapter an update
+    with (
+        torch.no_grad()
+    ):  # lora_B starts at 0, which would hide dropout: give the adapter an update
         for name, p in trainer.policy.named_trainable_parameters().items():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.5)
     first, second = trainer.evaluate("a"), trainer.evaluate("b")

@@ -131,7 +131,7 @@ class Algorithm:
 def clipped_fraction(advantages: torch.Tensor, max_abs: float | None) -> float:
     """Fraction of the valid (non-NaN) advantages that clipping to +-max_abs changes.
 
-        f = #{i : |A_i| > max_abs} / #{i : A_i not NaN}     (0 when max_abs is None or none is valid)
+    f = #{i : |A_i| > max_abs} / #{i : A_i not NaN}     (0 when max_abs is None or none is valid)
     """
     valid = ~torch.isnan(advantages)
     if max_abs is None or not bool(valid.any()):
@@ -145,7 +145,9 @@ ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in [
         Algorithm("loop", _leave_one_out, _clipped, 2, _GROUP, one_update_per_batch=False),
-        Algorithm("reinforce_loo", _leave_one_out, _policy_gradient, 2, _GROUP, one_update_per_batch=True),
+        Algorithm(
+            "reinforce_loo", _leave_one_out, _policy_gradient, 2, _GROUP, one_update_per_batch=True
+        ),
         Algorithm("grpo", _group_normalized, _clipped, 2, _GROUP, one_update_per_batch=False),
         Algorithm(
             "ppo",
@@ -165,4 +167,6 @@ ALGORITHMS: dict[str, Algorithm] = {
 def make_stat_tracker(algorithm: Algorithm, cfg: AdvantageOptions) -> PerPromptStatTracker | None:
     if not algorithm.uses_stat_tracker:
         return None
-    return PerPromptStatTracker(buffer_size=cfg.stat_tracking_buffer, min_count=cfg.stat_tracking_min_count)
+    return PerPromptStatTracker(
+        buffer_size=cfg.stat_tracking_buffer, min_count=cfg.stat_tracking_min_count
+    )

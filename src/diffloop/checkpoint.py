@@ -88,8 +88,13 @@ def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(
-        p for p in root.iterdir()
-        if p.is_dir() and (p.name.startswith(".tmp-") or (CHECKPOINT_RE.match(p.name) and not (p / COMPLETE).is_file()))
+        p
+        for p in root.iterdir()
+        if p.is_dir()
+        and (
+            p.name.startswith(".tmp-")
+            or (CHECKPOINT_RE.match(p.name) and not (p / COMPLETE).is_file())
+        )
     )
 
 
@@ -99,7 +104,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -143,12 +152,16 @@ def write_main(
 ) -> None:
     """(Main process.) Model (and its EMA), optimizer, schedulers and state, then MANIFEST, then
     COMPLETE."""
-    nonfinite = nonfinite_tensors(trainable) + nonfinite_tensors(_optimizer_tensors(optimizer.state_dict()))
+    nonfinite = nonfinite_tensors(trainable) + nonfinite_tensors(
+        _optimizer_tensors(optimizer.state_dict())
+    )
     nonfinite += [f"ema.{k}" for k in nonfinite_tensors(ema or {})]
     if nonfinite:
         logger.warning(
             "checkpoint %s holds non-finite values (%s): it is saved, but resume will not load it "
-            "and rotation keeps the last finite checkpoint", tmp.name, ", ".join(nonfinite[:4]),
+            "and rotation keeps the last finite checkpoint",
+            tmp.name,
+            ", ".join(nonfinite[:4]),
         )
     save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / WEIGHTS))
     if ema is not None:
@@ -176,14 +189,21 @@ def sha256_file(path: Path) -> str:
 def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
     """Names of the floating-point tensors in ``tensors`` holding a NaN or inf."""
     return [
-        k for k, v in tensors.items()
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+        k
+        for k, v in tensors.items()
+        if isinstance(v, torch.Tensor)
+        and v.is_floating_point()
+        and not bool(torch.isfinite(v).all())
     ]
 
 
 def _optimizer_tensors(state_dict: dict[str, Any]) -> dict[str, Any]:
     """An optimizer state_dict's per-parameter state as {"state.<param>.<key>": tensor}."""
-    return {f"state.{p}.{k}": v for p, per in state_dict.get("state", {}).items() for k, v in per.items()}
+    return {
+        f"state.{p}.{k}": v
+        for p, per in state_dict.get("state", {}).items()
+        for k, v in per.items()
+    }
 
 
 def _manifest(path: Path) -> dict[str, Any] | None:
@@ -202,7 +222,8 @@ def verify_files(path: Path, only: tuple[str, ...] | None = None) -> None:
             raise CheckpointError(f"checkpoint '{path}': {MANIFEST} is unreadable")
         logger.warning(
             "checkpoint %s has no %s (saved by an older diffloop): its bytes are not verified",
-            path, MANIFEST,
+            path,
+            MANIFEST,
         )
         return
     for name, expected in manifest["sha256"].items():
@@ -255,7 +276,9 @@ def load(path: Path, rank: int) -> dict[str, Any]:
     state = _load(path / "state.json", lambda p: json.loads(p.read_text()))
     parts = {
         "trainable": _load(path / WEIGHTS, lambda p: load_file(str(p))),
-        "ema": _load(path / EMA_WEIGHTS, lambda p: load_file(str(p))) if (path / EMA_WEIGHTS).exists() else None,
+        "ema": _load(path / EMA_WEIGHTS, lambda p: load_file(str(p)))
+        if (path / EMA_WEIGHTS).exists()
+        else None,
         "optimizer": _load(path / "optimizer.pt", torch_load),
         "lr_scheduler": _load(path / "lr_scheduler.pt", torch_load),
         "grad_scaler": _load(path / "grad_scaler.pt", torch_load),
@@ -263,7 +286,9 @@ def load(path: Path, rank: int) -> dict[str, Any]:
         "rng": _load(rng_file, torch_load) if rng_file.exists() else None,
         "state": TrainingState(**state),
     }
-    nonfinite = nonfinite_tensors(parts["trainable"]) + nonfinite_tensors(_optimizer_tensors(parts["optimizer"]))
+    nonfinite = nonfinite_tensors(parts["trainable"]) + nonfinite_tensors(
+        _optimizer_tensors(parts["optimizer"])
+    )
     nonfinite += [f"ema.{k}" for k in nonfinite_tensors(parts["ema"] or {})]
     if nonfinite:
         names = ", ".join(nonfinite[:4])
@@ -286,7 +311,9 @@ def load_weights(path: Path, *, ema: bool = True) -> tuple[dict[str, torch.Tenso
     weights = _load(path / name, lambda p: load_file(str(p)))
     nonfinite = nonfinite_tensors(weights)
     if nonfinite:
-        raise CheckpointError(f"checkpoint '{path / name}' holds non-finite values in {', '.join(nonfinite[:4])}")
+        raise CheckpointError(
+            f"checkpoint '{path / name}' holds non-finite values in {', '.join(nonfinite[:4])}"
+        )
     return weights, name
 
 
@@ -297,7 +324,9 @@ def load_newest_valid(output_dir: str | Path, rank: int) -> tuple[Path, dict[str
     """
     for p in incomplete_checkpoints(output_dir):
         logger.warning(
-            "skipping incomplete checkpoint %s (no %s marker: a save that did not finish)", p, COMPLETE
+            "skipping incomplete checkpoint %s (no %s marker: a save that did not finish)",
+            p,
+            COMPLETE,
         )
     candidates = list_complete_checkpoints(output_dir)[::-1]
     failures = []

@@ -137,7 +137,17 @@ PATH_SOURCES = {
 
 # accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS; tests/test_trackers.py checks),
 # named here so the config is checked without importing accelerate.
-TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
+TRACKERS = (
+    "tensorboard",
+    "wandb",
+    "comet_ml",
+    "aim",
+    "mlflow",
+    "clearml",
+    "dvclive",
+    "swanlab",
+    "trackio",
+)
 
 COMPILE_TARGETS: tuple[str, ...] = typing.get_args(CompileTarget)
 COMPILE_MODES: tuple[str, ...] = typing.get_args(CompileMode)
@@ -285,7 +295,9 @@ class TrainConfig:
     lr_warmup_steps: int = num(0, ge=0)
     """Optimizer steps of linear warmup (for the *_with_warmup, linear and cosine schedules)."""
     stat_tracking_buffer: int = num(
-        32, ge=2, why="a buffer of one reward has std 0 and mean equal to it: every advantage would be 0"
+        32,
+        ge=2,
+        why="a buffer of one reward has std 0 and mean equal to it: every advantage would be 0",
     )
     """ppo: per-prompt reward buffer length (>= 2: a buffer of one reward gives advantage 0)."""
     stat_tracking_min_count: int = num(
@@ -532,7 +544,16 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "false",
+            "yes",
+            "no",
+            "on",
+            "off",
+            "1",
+            "0",
+        ):
             return value.lower() in ("true", "yes", "on", "1")
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
     if tp is int:
@@ -602,11 +623,15 @@ def parse_override(text: str) -> dict[str, Any]:
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"override '{text}': '{key}' is not a dotted key like train.learning_rate")
+        raise ConfigError(
+            f"override '{text}': '{key}' is not a dotted key like train.learning_rate"
+        )
     try:
         value = load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': the value is not valid YAML ({_one_line(e)})") from None
+        raise ConfigError(
+            f"override '{text}': the value is not valid YAML ({_one_line(e)})"
+        ) from None
     node: dict[str, Any] = {}
     cursor = node
     for part in parts[:-1]:
@@ -629,11 +654,15 @@ def _read_config_file(path: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file '{p}' is not valid YAML: {_one_line(e)}") from None
     if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"config file '{p}' must hold a mapping of keys, got {type(loaded).__name__}")
+        raise ConfigError(
+            f"config file '{p}' must hold a mapping of keys, got {type(loaded).__name__}"
+        )
     return loaded or {}
 
 
-def unvalidated_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def unvalidated_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> Config:
     """Defaults < YAML file at ``path`` < ``overrides``, types checked but not :func:`validate`-d."""
     data = _expand_reward_list(_read_config_file(path)) if path is not None else {}
     for text in overrides or []:
@@ -686,8 +715,12 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str
             out += field_docs(tp, f"{prefix}{f.name}.")
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        default_yaml = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...")
-        out.append((prefix + f.name, default_yaml, _allowed(f, tp), docs.get((cls.__name__, f.name), "")))
+        default_yaml = (
+            yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...")
+        )
+        out.append(
+            (prefix + f.name, default_yaml, _allowed(f, tp), docs.get((cls.__name__, f.name), ""))
+        )
     return out
 
 
@@ -706,8 +739,16 @@ def _attribute_docstrings() -> dict[tuple[str, str], str]:
         if not isinstance(node, ast.ClassDef):
             continue
         for stmt, nxt in itertools.pairwise(node.body):
-            doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else None
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(doc, str):
+            doc = (
+                nxt.value.value
+                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                else None
+            )
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(doc, str)
+            ):
                 out[(node.name, stmt.target.id)] = " ".join(doc.split())
     return out
 
@@ -736,16 +777,25 @@ def check_field_values(obj: Any, path: str = "") -> None:
                 f"{did_you_mean(str(value), choices)}",
             )
         elif isinstance(value, str) and (words := _literal_words(tp)):  # int | Literal["auto"]
-            _check(value in words, f"{where}={value!r} must be a number {f.metadata['range'].describe()} "
-                   f"or one of {', '.join(words)}")
+            _check(
+                value in words,
+                f"{where}={value!r} must be a number {f.metadata['range'].describe()} "
+                f"or one of {', '.join(words)}",
+            )
         elif "range" in f.metadata:
-            _check_number(value, f.metadata["range"], where, optional=type(None) in typing.get_args(tp))
+            _check_number(
+                value, f.metadata["range"], where, optional=type(None) in typing.get_args(tp)
+            )
 
 
 def _literal_words(tp: Any) -> tuple[str, ...]:
     """The words of the ``Literal[...]`` members of a union annotation (``int | Literal["auto"]``)."""
-    return tuple(w for arg in typing.get_args(tp) if typing.get_origin(arg) is Literal
-                 for w in typing.get_args(arg))
+    return tuple(
+        w
+        for arg in typing.get_args(tp)
+        if typing.get_origin(arg) is Literal
+        for w in typing.get_args(arg)
+    )
 
 
 def _check_number(value: Any, rng: Range, where: str, optional: bool) -> None:
@@ -756,7 +806,10 @@ def _check_number(value: Any, rng: Range, where: str, optional: bool) -> None:
         isinstance(value, (int, float)) and not isinstance(value, bool),
         f"{where}={value!r} must be a number {rng.describe()}",
     )
-    _check(math.isfinite(value), f"{where}={value} is not finite; it must be a number {rng.describe()}{why}")
+    _check(
+        math.isfinite(value),
+        f"{where}={value} is not finite; it must be a number {rng.describe()}{why}",
+    )
     _check(rng.contains(value), f"{where}={value} must be {rng.describe()}{why}")
 
 
@@ -783,7 +836,11 @@ def validate(config: Config, num_processes: int = 1) -> None:
     check_field_values(config)
     s, t = config.sample, config.train
     algo = ALGORITHMS[t.algorithm]
-    w = [s.sde_window[0], *s.sde_window] if s.sde_window and len(s.sde_window) == 2 else s.sde_window
+    w = (
+        [s.sde_window[0], *s.sde_window]
+        if s.sde_window and len(s.sde_window) == 2
+        else s.sde_window
+    )
     _check(
         w is None or (len(w) == 3 and 0 <= w[0] <= w[1] and w[2] >= 1 and w[1] + w[2] <= s.num_steps - 1),
         f"sample.sde_window={s.sde_window} must be null, [start, length] or [first, last, length] "
@@ -842,8 +899,13 @@ def validate(config: Config, num_processes: int = 1) -> None:
         f"lora.dropout={config.lora.dropout}: '{algo.name}' reuses samples through the importance ratio, and "
         "dropout in training but not in sampling makes it differ from 1 on-policy; set lora.dropout=0",
     )
-    _check(not (config.resume and config.overwrite), "resume=true and overwrite=true contradict; pick one")
-    _check(bool(config.model.pretrained), "model.pretrained must name a hub id or a local directory")
+    _check(
+        not (config.resume and config.overwrite),
+        "resume=true and overwrite=true contradict; pick one",
+    )
+    _check(
+        bool(config.model.pretrained), "model.pretrained must name a hub id or a local directory"
+    )
     _validate_sdxl(config.model.sdxl)
     _check(bool(config.reward.name), "reward.name must name a registry reward or module:function")
     _validate_reward(config.reward)
@@ -855,12 +917,20 @@ def validate(config: Config, num_processes: int = 1) -> None:
     _validate_hub(config.hub)
     p = config.prompts
     if p.source in PATH_SOURCES:
-        _check(p.path is not None, f"prompts.source={p.source} needs prompts.path=<{PATH_SOURCES[p.source]}>")
+        _check(
+            p.path is not None,
+            f"prompts.source={p.source} needs prompts.path=<{PATH_SOURCES[p.source]}>",
+        )
     if p.source == "list":
-        _check(bool(p.prompts), "prompts.source=list needs prompts.prompts=[...] (at least one prompt)")
+        _check(
+            bool(p.prompts), "prompts.source=list needs prompts.prompts=[...] (at least one prompt)"
+        )
     e = config.eval
     if e.prompts in PATH_SOURCES:
-        _check(e.path is not None, f"eval.prompts={e.prompts} needs eval.path=<{PATH_SOURCES[e.prompts]}>")
+        _check(
+            e.path is not None,
+            f"eval.prompts={e.prompts} needs eval.path=<{PATH_SOURCES[e.prompts]}>",
+        )
     _check(e.path is None or e.prompts in PATH_SOURCES,
            f"eval.path={e.path} is only read by eval.prompts={'/'.join(PATH_SOURCES)}, not {e.prompts}")  # fmt: skip
 
@@ -900,7 +970,9 @@ def _validate_reward(r: RewardConfig) -> None:
 
 def _validate_performance(config: Config) -> None:
     perf = config.performance
-    _check(bool(perf.compile_backend), "performance.compile_backend must name a torch.compile backend")
+    _check(
+        bool(perf.compile_backend), "performance.compile_backend must name a torch.compile backend"
+    )
     if perf.merge_lora_for_sampling:
         _check(
             config.lora.enabled,
@@ -952,7 +1024,9 @@ def _validate_hub(hub: HubConfig) -> None:
         "hub.push=true needs hub.model_id=<namespace/name>, the hub repository to upload to",
     )
     _check(
-        bool(_REPO_ID.match(hub.model_id)) and ".." not in hub.model_id and "--" not in hub.model_id,
+        bool(_REPO_ID.match(hub.model_id))
+        and ".." not in hub.model_id
+        and "--" not in hub.model_id,
         f"hub.model_id={hub.model_id} must be a hub repository id namespace/name (letters, digits, "
         "'-', '_', '.'; no '--' or '..'), e.g. hub.model_id=my-user/shapes-loop-lora",
     )
@@ -1047,7 +1121,9 @@ def available_cores() -> int:
 
 
 def resolve_cpu_threads(
-    setting: int | str | None, environ: typing.Mapping[str, str] | None = None, cores: int | None = None
+    setting: int | str | None,
+    environ: typing.Mapping[str, str] | None = None,
+    cores: int | None = None,
 ) -> int | None:
     """The torch thread count of ``cpu_threads`` (None: leave torch's own setting alone).
 
@@ -1064,9 +1140,11 @@ def resolve_cpu_threads(
     omp = env.get("OMP_NUM_THREADS", "").strip()
     if omp:
         first = omp.split(",")[0].strip()
-        _check(first.isdigit() and int(first) >= 1,
-               f"cpu_threads=auto reads OMP_NUM_THREADS={omp!r}, which is not a positive integer; "
-               "unset OMP_NUM_THREADS or set cpu_threads=N")
+        _check(
+            first.isdigit() and int(first) >= 1,
+            f"cpu_threads=auto reads OMP_NUM_THREADS={omp!r}, which is not a positive integer; "
+            "unset OMP_NUM_THREADS or set cpu_threads=N",
+        )
         return int(first)
     local = env.get("LOCAL_WORLD_SIZE", "1").strip()
     processes = int(local) if local.isdigit() and int(local) >= 1 else 1

@@ -41,7 +41,9 @@ logger = logging.getLogger(__name__)
 ACCELERATE_MIXED_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
-def mixed_precision_conflict(configured: str, environ: Mapping[str, str] = os.environ) -> str | None:
+def mixed_precision_conflict(
+    configured: str, environ: Mapping[str, str] = os.environ
+) -> str | None:
     """The warning to give when accelerate's launcher asks for a mixed precision other than
     ``train.mixed_precision`` (``configured``), else None. diffloop applies its own precision
     (frozen weights in low precision, fp32 trainables), never accelerate's autocast, so accelerate's
@@ -62,6 +64,7 @@ def warn_on_mixed_precision_conflict(configured: str) -> None:
     message = mixed_precision_conflict(configured)
     if message is not None:
         logger.warning(message)
+
 
 SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 

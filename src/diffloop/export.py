@@ -74,7 +74,9 @@ def check_exportable(policy: Any, lora_enabled: bool) -> None:
     import diffusers.loaders
 
     name, component = getattr(policy, "lora_loader", None), getattr(policy, "lora_component", None)
-    if not (isinstance(name, str) and hasattr(diffusers.loaders, name)) or not hasattr(policy, str(component)):
+    if not (isinstance(name, str) and hasattr(diffusers.loaders, name)) or not hasattr(
+        policy, str(component)
+    ):
         raise ExportError(
             f"{type(policy).__name__} cannot export a LoRA: it needs the class attributes lora_loader "
             f"(a loader mixin of diffusers.loaders, got {name!r}) and lora_component (its adapted "
@@ -116,14 +118,19 @@ def save_lora(policy: Any, directory: str | Path) -> Path:
         layers = convert_state_dict_to_diffusers(layers)
     lora_loader(policy).save_lora_weights(
         save_directory=str(directory),
-        **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": peft_config(module).to_dict()},
+        **{
+            f"{prefix}_lora_layers": layers,
+            f"{prefix}_lora_adapter_metadata": peft_config(module).to_dict(),
+        },
         weight_name=LORA_WEIGHT_NAME,
         safe_serialization=True,
     )
     return Path(directory) / LORA_WEIGHT_NAME
 
 
-def kohya_state_dict(diffusers_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def kohya_state_dict(
+    diffusers_state: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
     """diffusers LoRA keys (``unet.<module>.lora_A.weight``) -> kohya keys
     (``lora_unet_<module with _>.lora_down.weight``, ``lora_up``), with one scalar float32
     ``<module>.alpha`` = ``alpha`` per adapted module (scale alpha / rank, as trained)."""
@@ -131,7 +138,9 @@ def kohya_state_dict(diffusers_state: dict[str, torch.Tensor], alpha: float) -> 
 
     kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(diffusers_state))
     alpha_t = torch.tensor(float(alpha), dtype=torch.float32)
-    return {k: alpha_t.clone() if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
+    return {
+        k: alpha_t.clone() if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()
+    }
 
 
 def write_kohya_copy(lora_file: Path, target: Path, *, rank: int, alpha: float) -> Path:
@@ -139,7 +148,11 @@ def write_kohya_copy(lora_file: Path, target: Path, *, rank: int, alpha: float) 
     from safetensors.torch import load_file, save_file
 
     state = kohya_state_dict(load_file(str(lora_file)), alpha)
-    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+    }
     save_file(state, str(target), metadata=metadata)
     return target
 
@@ -147,7 +160,11 @@ def write_kohya_copy(lora_file: Path, target: Path, *, rank: int, alpha: float) 
 def kohya_file_name(config: Config) -> str:
     """``<run name>.safetensors`` (the name WebUIs show), never the diffusers file's name."""
     name = Path(config.output_dir).resolve().name or "diffloop_lora"
-    return f"{name}_kohya.safetensors" if f"{name}.safetensors" == LORA_WEIGHT_NAME else f"{name}.safetensors"
+    return (
+        f"{name}_kohya.safetensors"
+        if f"{name}.safetensors" == LORA_WEIGHT_NAME
+        else f"{name}.safetensors"
+    )
 
 
 # ----------------------------------------------------------------------------------- model card
@@ -169,7 +186,9 @@ def held_out_scores(metrics_path: Path) -> HeldOut | None:
     evals = [r for r in read_metrics(metrics_path) if "eval_reward_mean" in r]
     if len(evals) < 2 or evals[0]["epoch"] != -1:
         return None
-    return HeldOut(evals[0]["eval_reward_mean"], evals[-1]["eval_reward_mean"], evals[-1]["epoch"] + 1)
+    return HeldOut(
+        evals[0]["eval_reward_mean"], evals[-1]["eval_reward_mean"], evals[-1]["epoch"] + 1
+    )
 
 
 def run_command(output_dir: Path) -> str | None:
@@ -186,27 +205,62 @@ def is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
 
 
-def card_text(config: Config, family: str, held_out: HeldOut | None, command: str | None,
-              kohya_name: str | None, has_image: bool) -> str:
+def card_text(
+    config: Config,
+    family: str,
+    held_out: HeldOut | None,
+    command: str | None,
+    kohya_name: str | None,
+    has_image: bool,
+) -> str:
     """The model card's markdown body (pure: everything it states is an argument)."""
     lines = _summary_lines(config, family) + ["", "## Held-out reward", ""]
     lines += _held_out_lines(config, held_out)
     if has_image:
-        lines += ["", f"![before (top) and after (bottom) training]({IMAGE_NAME})",
-                  "", "Held-out prompts before (top) and after (bottom) training, same noise."]
-    lines += ["", "## Use it", "", "```python", *_usage_lines(config), "```", "",
-              "or `diffloop sample RUN_DIR --prompt ...` from the run directory."]
+        lines += [
+            "",
+            f"![before (top) and after (bottom) training]({IMAGE_NAME})",
+            "",
+            "Held-out prompts before (top) and after (bottom) training, same noise.",
+        ]
+    lines += [
+        "",
+        "## Use it",
+        "",
+        "```python",
+        *_usage_lines(config),
+        "```",
+        "",
+        "or `diffloop sample RUN_DIR --prompt ...` from the run directory.",
+    ]
     if kohya_name is not None:
-        lines += ["", (f"ComfyUI / AUTOMATIC1111: `{kohya_name}` (kohya keys, alpha {config.lora.alpha:g}) "
-                       "goes in `models/loras`; strength 1 is the trained strength.")]
+        lines += [
+            "",
+            (
+                f"ComfyUI / AUTOMATIC1111: `{kohya_name}` (kohya keys, alpha {config.lora.alpha:g}) "
+                "goes in `models/loras`; strength 1 is the trained strength."
+            ),
+        ]
     if command is not None:
-        lines += ["", "## How it was made", "", "```bash", command, "```",
-                  "", "The run's full configuration is `config.yaml` in its run directory."]
+        lines += [
+            "",
+            "## How it was made",
+            "",
+            "```bash",
+            command,
+            "```",
+            "",
+            "The run's full configuration is `config.yaml` in its run directory.",
+        ]
     return "\n".join(lines)
 
 
 def _base_name(base: str) -> str:
-    return "diffloop's shapes-world model (shipped in the diffloop package)" if base == "shapes" else f"`{base}`"
+    return (
+        "diffloop's shapes-world model (shipped in the diffloop package)"
+        if base == "shapes"
+        else f"`{base}`"
+    )
 
 
 def _summary_lines(config: Config, family: str) -> list[str]:
@@ -224,8 +278,10 @@ def _summary_lines(config: Config, family: str) -> list[str]:
         f"- training prompts: `{config.prompts.source}`",
     ]  # fmt: skip
     if lora.enabled:
-        lines.append(f"- LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.alpha / lora.rank:g}), "
-                     f"on {', '.join(lora.target_modules)}")
+        lines.append(
+            f"- LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.alpha / lora.rank:g}), "
+            f"on {', '.join(lora.target_modules)}"
+        )
     if t.ema_decay is not None:
         lines.append(f"- weights: the EMA of the trained weights (decay {t.ema_decay:g})")
     return lines
@@ -250,17 +306,34 @@ def _usage_lines(config: Config) -> list[str]:
     """Python that loads the export: a pipeline + LoRA, a full pipeline, or (the shapes model:
     pixel space, no pipeline class) its UNet."""
     base, lora = config.model.pretrained, config.lora.enabled
-    where = config.hub.model_id if config.hub.push and config.hub.model_id else "path/to/this/directory"
+    where = (
+        config.hub.model_id if config.hub.push and config.hub.model_id else "path/to/this/directory"
+    )
     if base == "shapes":
-        load = (f'unet.load_lora_adapter("{where}", prefix="unet", weight_name="{LORA_WEIGHT_NAME}")' if lora
-                else f'unet = UNet2DConditionModel.from_pretrained("{where}", subfolder="unet")')
-        return ["from diffusers import UNet2DConditionModel",
-                "from diffloop.shapes.model import SHIPPED_WEIGHTS_DIR", "",
-                'unet = UNet2DConditionModel.from_pretrained(SHIPPED_WEIGHTS_DIR, subfolder="unet")', load]
+        load = (
+            f'unet.load_lora_adapter("{where}", prefix="unet", weight_name="{LORA_WEIGHT_NAME}")'
+            if lora
+            else f'unet = UNet2DConditionModel.from_pretrained("{where}", subfolder="unet")'
+        )
+        return [
+            "from diffusers import UNet2DConditionModel",
+            "from diffloop.shapes.model import SHIPPED_WEIGHTS_DIR",
+            "",
+            'unet = UNet2DConditionModel.from_pretrained(SHIPPED_WEIGHTS_DIR, subfolder="unet")',
+            load,
+        ]
     if not lora:
-        return ["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{where}")']
-    return ["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{base}")',
-            f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHT_NAME}")']
+        return [
+            "from diffusers import DiffusionPipeline",
+            "",
+            f'pipe = DiffusionPipeline.from_pretrained("{where}")',
+        ]
+    return [
+        "from diffusers import DiffusionPipeline",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{base}")',
+        f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHT_NAME}")',
+    ]
 
 
 def _count(n: int, noun: str) -> str:
@@ -295,7 +368,9 @@ def write_model_card(directory: Path, config: Config, family: str, kohya_name: s
         pipeline_tag="text-to-image",
         inference=True,
     )
-    card = ModelCard.from_template(card_data=data, template_str=CARD_TEMPLATE, model_description=text)
+    card = ModelCard.from_template(
+        card_data=data, template_str=CARD_TEMPLATE, model_description=text
+    )
     card = populate_model_card(card, tags=card_tags(config, family))
     card.save(str(directory / CARD_NAME))
     return directory / CARD_NAME
@@ -318,7 +393,10 @@ def export_run(policy: Any, config: Config, family: str) -> Path:
             cfg = peft_config(lora_module(policy))
             write_kohya_copy(lora_file, target / kohya_name, rank=cfg.r, alpha=cfg.lora_alpha)
         else:  # kohya's transformer keys follow the original checkpoints, not diffusers' modules
-            logger.info("no kohya copy for a %s LoRA: ComfyUI reads the diffusers file", policy.lora_component)
+            logger.info(
+                "no kohya copy for a %s LoRA: ComfyUI reads the diffusers file",
+                policy.lora_component,
+            )
     else:
         policy.export(target)
     write_model_card(target, config, family, kohya_name)
@@ -342,9 +420,15 @@ def push_to_hub(directory: Path, hub: HubConfig) -> str:
 
     token = os.environ.get(hub.token_env) if hub.token_env else None
     try:
-        repo = create_repo(hub.model_id, private=hub.private, exist_ok=True, token=token, repo_type="model")
-        upload_folder(repo_id=repo.repo_id, folder_path=str(directory), token=token,
-                      commit_message="diffloop: upload LoRA and model card")
+        repo = create_repo(
+            hub.model_id, private=hub.private, exist_ok=True, token=token, repo_type="model"
+        )
+        upload_folder(
+            repo_id=repo.repo_id,
+            folder_path=str(directory),
+            token=token,
+            commit_message="diffloop: upload LoRA and model card",
+        )
     except Exception as e:  # noqa: BLE001 - network, auth, offline mode: all end the same way
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise HubUploadError(

@@ -57,7 +57,9 @@ class NonFiniteGuard:
         self.consecutive = 0
         self.epoch_skipped = 0
 
-    def should_step(self, grad_norm: torch.Tensor, grad_scaler: torch.amp.GradScaler | None = None) -> bool:
+    def should_step(
+        self, grad_norm: torch.Tensor, grad_scaler: torch.amp.GradScaler | None = None
+    ) -> bool:
         """``grad_norm``: the global gradient norm of the step (0-dim). False: skip this step.
 
         Raises NonFiniteError on the ``max_consecutive``-th skip in a row.
@@ -67,13 +69,18 @@ class NonFiniteGuard:
             self.consecutive = 0
             return True
         self.epoch_skipped += 1
-        scaling = grad_scaler is not None and grad_scaler.is_enabled() and grad_scaler.get_scale() > 1
+        scaling = (
+            grad_scaler is not None and grad_scaler.is_enabled() and grad_scaler.get_scale() > 1
+        )
         if not scaling:
             self.consecutive += 1
         logger.warning(
             "non-finite gradient (norm %s): optimizer step skipped%s (%d in a row; the run "
             "stops at train.max_consecutive_nonfinite=%d)",
-            norm, " (fp16 loss-scale overflow)" if scaling else "", self.consecutive, self.max_consecutive,
+            norm,
+            " (fp16 loss-scale overflow)" if scaling else "",
+            self.consecutive,
+            self.max_consecutive,
         )
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteError(

@@ -16,7 +16,14 @@ def make_grid(images: torch.Tensor, ncols: int | None = None, pad: int = 2) -> n
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
     grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        (images.detach().float().clamp(0, 1) * 255)
+        .round()
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
     for i in range(n):
         r, c = divmod(i, ncols)
         y, x = pad + r * (h + pad), pad + c * (w + pad)
@@ -24,7 +31,9 @@ def make_grid(images: torch.Tensor, ncols: int | None = None, pad: int = 2) -> n
     return grid
 
 
-def save_grid(images: torch.Tensor, path: str | Path, ncols: int | None = None, upscale: int = 1) -> np.ndarray:
+def save_grid(
+    images: torch.Tensor, path: str | Path, ncols: int | None = None, upscale: int = 1
+) -> np.ndarray:
     """Write a PNG grid (optionally upscaled with nearest neighbour, for tiny images) and return it."""
     from PIL import Image
 
@@ -44,7 +53,9 @@ def stack_vertically(paths: list[str | Path], out: str | Path, gap: int = 8) -> 
 
     images = [Image.open(p).convert("RGB") for p in paths]
     width = max(im.width for im in images)
-    canvas = Image.new("RGB", (width, sum(im.height for im in images) + gap * (len(images) - 1)), "white")
+    canvas = Image.new(
+        "RGB", (width, sum(im.height for im in images) + gap * (len(images) - 1)), "white"
+    )
     y = 0
     for im in images:
         canvas.paste(im, (0, y))
@@ -54,7 +65,14 @@ def stack_vertically(paths: list[str | Path], out: str | Path, gap: int = 8) -> 
 
 def _to_uint8(images: torch.Tensor, upscale: int) -> np.ndarray:
     """(N, 3, H, W) in [0, 1] -> (N, H*upscale, W*upscale, 3) uint8, nearest-neighbour upscaled."""
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        (images.detach().float().clamp(0, 1) * 255)
+        .round()
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .cpu()
+        .numpy()
+    )
     return arr.repeat(upscale, axis=1).repeat(upscale, axis=2) if upscale > 1 else arr
 
 
@@ -85,7 +103,9 @@ def labelled_before_after(
         raise ValueError(f"before {tuple(before.shape)}, after {tuple(after.shape)}, {len(prompts)} prompts "
                          f"and {per_row} images per row do not describe the same grid")  # fmt: skip
     if len(before_scores) != n or len(after_scores) != n:
-        raise ValueError(f"{n} images need {n} scores each, got {len(before_scores)} and {len(after_scores)}")
+        raise ValueError(
+            f"{n} images need {n} scores each, got {len(before_scores)} and {len(after_scores)}"
+        )
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_h = probe.textbbox((0, 0), "Ag0.", font=font)[3] + 4
@@ -96,7 +116,9 @@ def labelled_before_after(
     canvas = Image.new("RGB", (label_w + 2 * block_w + gap + pad, text_h + (n // per_row) * (h + text_h + pad) + pad),
                        "white")  # fmt: skip
     draw = ImageDraw.Draw(canvas)
-    for half, (heading, scores) in enumerate(zip(headings, (before_scores, after_scores), strict=True)):
+    for half, (heading, scores) in enumerate(
+        zip(headings, (before_scores, after_scores), strict=True)
+    ):
         x0 = label_w + half * (block_w + gap)
         draw.text((x0 + block_w // 2, 2), heading, fill="black", font=font, anchor="ma")
         for i in range(n):

@@ -92,7 +92,9 @@ def sample_batches(
 # ----------------------------------------------------------------------------- timesteps
 
 
-def choose_timesteps(num_trajectories: int, num_steps: int, steps_trained: int, generator) -> torch.Tensor:
+def choose_timesteps(
+    num_trajectories: int, num_steps: int, steps_trained: int, generator
+) -> torch.Tensor:
     """(N, S) long: each trajectory's own random subset of S of its T steps, in random order (DDPO)."""
     perms = [torch.randperm(num_steps, generator=generator) for _ in range(num_trajectories)]
     return torch.stack(perms)[:, :steps_trained]
@@ -109,14 +111,18 @@ def transition_log_prob(
     Returns (log_prob (M,), mean (M, C, H, W), std (broadcastable)); log_prob reduced over latent
     elements by the policy's ``logprob_reduction``, exactly as the sampler recorded it.
     """
-    mean, std = policy.step_distribution(traj, step, eta=sampler.eta, guidance_scale=sampler.guidance_scale)
+    mean, std = policy.step_distribution(
+        traj, step, eta=sampler.eta, guidance_scale=sampler.guidance_scale
+    )
     rows = torch.arange(len(traj), device=step.device)
     x_prev = traj.latents[rows, step + 1]
     return gaussian_log_prob(x_prev, mean, std, policy.logprob_reduction), mean, std
 
 
 @torch.no_grad()
-def onpolicy_logprob_err(policy: DiffusionPolicy, traj: Trajectories, sampler: SamplerSettings) -> float:
+def onpolicy_logprob_err(
+    policy: DiffusionPolicy, traj: Trajectories, sampler: SamplerSettings
+) -> float:
     """max over every step of |log p recomputed by the training path - log p recorded while sampling|,
     at the sampling parameters (0 = the ratio is exactly 1)."""
     worst = 0.0
@@ -172,7 +178,9 @@ def step_loss(
     kl = None
     if loss.kl_coef > 0 or loss.log_kl:
         with torch.no_grad(), policy.reference():
-            ref_mean, _ = policy.step_distribution(batch, step, eta=sampler.eta, guidance_scale=sampler.guidance_scale)
+            ref_mean, _ = policy.step_distribution(
+                batch, step, eta=sampler.eta, guidance_scale=sampler.guidance_scale
+            )
         kl = gaussian_kl(mean, ref_mean, std, policy.logprob_reduction)  # (M,)
         if loss.kl_coef > 0:
             value = value + loss.kl_coef * kl.mean()
@@ -211,7 +219,9 @@ def minibatch_backward(
     ``backward`` lets the trainer scale for fp16 (``GradScaler.scale(loss).backward()``).
     """
     for j in range(steps.shape[1]):
-        value, stats = step_loss(policy, batch, adv, steps[:, j], sampler, loss, on_policy=on_policy)
+        value, stats = step_loss(
+            policy, batch, adv, steps[:, j], sampler, loss, on_policy=on_policy
+        )
         backward(value / scale)
         yield stats
 
@@ -226,7 +236,11 @@ def eval_seed_rule() -> str:
 
 def eval_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[int]:
     """Seeds of the P*K evaluation images, prompt-major (image j of prompt i at index i K + j)."""
-    return [seeding.eval_image_seed(seed, i, j) for i in range(num_prompts) for j in range(images_per_prompt)]
+    return [
+        seeding.eval_image_seed(seed, i, j)
+        for i in range(num_prompts)
+        for j in range(images_per_prompt)
+    ]
 
 
 @torch.no_grad()
@@ -254,7 +268,9 @@ def score_fixed_noise(
     kept: list[torch.Tensor] = []
     for chunk, traj in sample_batches(policy, prompts, seeds, sampler, batch_size):
         for name, reward in rewards.items():
-            scores[name].append(score(reward, traj.images, list(prompts[chunk]), metadata[chunk]).scores)
+            scores[name].append(
+                score(reward, traj.images, list(prompts[chunk]), metadata[chunk]).scores
+            )
         n_keep = max(0, min(chunk.stop, keep) - chunk.start)
         if n_keep:
             kept.append(traj.images[:n_keep].float().cpu())

@@ -332,7 +332,7 @@ def replace_readme_block(text: str) -> str:
     start, end = text.find(README_BEGIN), text.find(README_END)
     if start < 0 or end < start:
         raise ValueError(f"no '{README_BEGIN}' ... '{README_END}' block to regenerate")
-    return text[:start] + readme_block() + text[end + len(README_END):]
+    return text[:start] + readme_block() + text[end + len(README_END) :]
 
 
 def main(argv: list[str]) -> int:

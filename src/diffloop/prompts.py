@@ -172,7 +172,9 @@ def _read_text(path: str | Path, what: str) -> str:
     """The UTF-8 text of a user's prompt file; PromptError naming it if missing or unreadable."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise PromptError(f"{what} {str(path)!r} {'is not a file' if p.exists() else 'does not exist'}")
+        raise PromptError(
+            f"{what} {str(path)!r} {'is not a file' if p.exists() else 'does not exist'}"
+        )
     try:
         return p.read_text(encoding="utf-8-sig")  # -sig: spreadsheet CSVs start with a BOM
     except (OSError, UnicodeDecodeError) as exc:
@@ -190,7 +192,9 @@ def rows_to_source(name: str, rows: Iterable[Any], column: str = "prompt") -> Pr
             metadata.append({})
             continue
         if not isinstance(row, dict):
-            raise PromptError(f"prompt source {name!r} row {i}: expected a string or a mapping, got {row!r}")
+            raise PromptError(
+                f"prompt source {name!r} row {i}: expected a string or a mapping, got {row!r}"
+            )
         prompt = row.get(column)
         if not isinstance(prompt, str) or not prompt.strip():
             fields = ", ".join(map(str, row)) or "none"
@@ -213,9 +217,13 @@ def read_jsonl_prompts(path: str | Path, column: str = "prompt") -> PromptSource
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise PromptError(f"JSONL prompt file {str(path)!r} line {number} is not JSON: {exc}") from None
+            raise PromptError(
+                f"JSONL prompt file {str(path)!r} line {number} is not JSON: {exc}"
+            ) from None
     if not rows:
-        raise PromptError(f"JSONL prompt file {str(path)!r} contains no rows (one JSON object a line)")
+        raise PromptError(
+            f"JSONL prompt file {str(path)!r} contains no rows (one JSON object a line)"
+        )
     return rows_to_source(f"jsonl:{path}", rows, column)
 
 
@@ -231,7 +239,9 @@ def read_csv_prompts(path: str | Path, column: str = "prompt") -> PromptSource:
     rows = list(reader)
     ragged = next((i for i, r in enumerate(rows, start=2) if None in r or None in r.values()), None)
     if ragged is not None:
-        raise PromptError(f"CSV prompt file {str(path)!r} line {ragged} has a different number of cells than the header")
+        raise PromptError(
+            f"CSV prompt file {str(path)!r} line {ragged} has a different number of cells than the header"
+        )
     if not rows:
         raise PromptError(f"CSV prompt file {str(path)!r} contains no rows below its header")
     return rows_to_source(f"csv:{path}", rows, column)
@@ -248,14 +258,22 @@ def load_dataset_prompts(path: str, column: str = "prompt", split: str = "train"
             "(or use source jsonl / csv)"
         ) from None
     local = Path(path).expanduser()
-    saved = local.is_dir() and any((local / f).is_file() for f in ("state.json", "dataset_dict.json"))
+    saved = local.is_dir() and any(
+        (local / f).is_file() for f in ("state.json", "dataset_dict.json")
+    )
     try:
-        data = datasets.load_from_disk(str(local)) if saved else datasets.load_dataset(path, split=split)
+        data = (
+            datasets.load_from_disk(str(local))
+            if saved
+            else datasets.load_dataset(path, split=split)
+        )
     except Exception as exc:  # datasets raises many types (hub, file, format errors): one line each
         raise PromptError(f"dataset {path!r} (split {split!r}) could not be loaded: {exc}") from exc
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise PromptError(f"dataset {path!r} has no split {split!r}; its splits: {', '.join(data)}")
+            raise PromptError(
+                f"dataset {path!r} has no split {split!r}; its splits: {', '.join(data)}"
+            )
         data = data[split]
     if column not in data.column_names:
         raise PromptError(
@@ -273,7 +291,7 @@ def _packaged(folder: str, filename: str) -> Callable[[], list[str]]:
 
 
 def indefinite_article(noun: str) -> str:
-    """"an" before a vowel letter, else "a" (enough for DDPO's animal list; inflect is not needed)."""
+    """ "an" before a vowel letter, else "a" (enough for DDPO's animal list; inflect is not needed)."""
     return "an" if noun[:1].lower() in "aeiou" else "a"
 
 
@@ -371,8 +389,6 @@ def build_prompt_source(
     raise PromptError(
         f"unknown prompt source {name!r}.{did_you_mean(name, names)} Available: {', '.join(names)}"
     )
-
-
 
 
 def training_prompt_source(p: PromptConfig) -> PromptSource:

@@ -123,7 +123,11 @@ def load_run_config(output_dir: str | Path) -> Config | None:
 def config_changes(run: Config, config: Config) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (run's value, config's value)} for every run-config key in which they differ."""
     a, b = flatten(config_to_dict(run)), flatten(config_to_dict(config))
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not covered(k, SESSION_KEYS)}
+    return {
+        k: (a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and not covered(k, SESSION_KEYS)
+    }
 
 
 def check_resume(config: Config) -> dict[str, Any]:
@@ -145,9 +149,15 @@ def check_resume(config: Config) -> dict[str, Any]:
     allowed = (*RESUME_MAY_CHANGE, "num_epochs", *config.resume_allow)
     changes = config_changes(run, config)
     errors = [
-        f"{k}={new!r} differs from the run's {k}={old!r}" for k, (old, new) in changes.items() if not covered(k, allowed)
+        f"{k}={new!r} differs from the run's {k}={old!r}"
+        for k, (old, new) in changes.items()
+        if not covered(k, allowed)
     ]
-    if "num_epochs" in changes and config.num_epochs < run.num_epochs and "num_epochs" not in config.resume_allow:
+    if (
+        "num_epochs" in changes
+        and config.num_epochs < run.num_epochs
+        and "num_epochs" not in config.resume_allow
+    ):
         errors.append(
             f"num_epochs={config.num_epochs} is below the run's num_epochs={run.num_epochs} "
             "(it may only be raised)"

@@ -114,7 +114,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class RunDirectory:
-    def __init__(self, config: Config, *, is_main: bool, start_epoch: int, argv: list[str] | None = None):
+    def __init__(
+        self, config: Config, *, is_main: bool, start_epoch: int, argv: list[str] | None = None
+    ):
         self.path = Path(config.output_dir)
         self.is_main = is_main
         self.metrics_path = self.path / "metrics.jsonl"
@@ -139,7 +141,11 @@ class RunDirectory:
             info = {"seed": config.seed, "argv": argv, "versions": versions()}
             (self.path / "run_info.json").write_text(json.dumps(info, indent=2))
         session = len(read_jsonl(self.path / SESSIONS)) + 1
-        changes = {k: new for k, (_, new) in config_changes(run, config).items()} if run is not None else {}
+        changes = (
+            {k: new for k, (_, new) in config_changes(run, config).items()}
+            if run is not None
+            else {}
+        )
         append_jsonl(self.path / SESSIONS, {
             "session": session, "start_epoch": start_epoch, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "argv": argv, "versions": versions(), "config_changes": changes,
@@ -154,7 +160,9 @@ class RunDirectory:
         append_jsonl(self.metrics_path, metrics)
         # Tags come from the metrics schema; an undeclared key raises here (diffloop.metrics).
         tags = {k: tensorboard_tag(k) for k in metrics if k != "epoch"}
-        scalars = {tags[k]: v for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float))}
+        scalars = {
+            tags[k]: v for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float))
+        }
         self.trackers.log(scalars, step=metrics["epoch"])
 
     def log_image(self, tag: str, image_hwc, step: int) -> None:

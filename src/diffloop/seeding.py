@@ -42,7 +42,9 @@ def stream_seed(stream: str, *parts: int) -> int:
     for p in parts:
         p = int(p)
         if not 0 <= p < 2**64:
-            raise ValueError(f"seed parts must be integers in [0, 2^64), got {p} (a seed must be >= 0)")
+            raise ValueError(
+                f"seed parts must be integers in [0, 2^64), got {p} (a seed must be >= 0)"
+            )
         words += [p & 0xFFFFFFFF, p >> 32]
     state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1

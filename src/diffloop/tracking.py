@@ -43,7 +43,9 @@ def available_trackers() -> list[str]:
     return sorted(str(t) for t in get_available_trackers())
 
 
-def resolve_report_to(logging_config: LoggingConfig, available: list[str] | None = None) -> list[str]:
+def resolve_report_to(
+    logging_config: LoggingConfig, available: list[str] | None = None
+) -> list[str]:
     """The tracker names a run starts, in report_to's order: ``all`` -> every available one (then
     the names also listed), ``none`` -> none, then the tensorboard / wandb aliases applied."""
     names: list[str] = []
@@ -82,7 +84,11 @@ def flat_config(config: Config) -> dict[str, Any]:
 
     def walk(node: Mapping[str, Any], prefix: str) -> None:
         for key, value in node.items():
-            if isinstance(value, Mapping) and key not in ("kwargs", "scheduler_kwargs", "tracker_kwargs"):
+            if isinstance(value, Mapping) and key not in (
+                "kwargs",
+                "scheduler_kwargs",
+                "tracker_kwargs",
+            ):
                 walk(value, f"{prefix}{key}.")
             elif value is None or isinstance(value, (bool, int, float, str)):
                 out[prefix + key] = value
@@ -138,7 +144,10 @@ class Trackers:
             try:
                 tracker = LOGGER_TYPE_TO_CLASS[name](*args, **kwargs)
                 tracker.start()
-                if name not in ("tensorboard", "wandb"):  # wandb: given at init; tensorboard: config.yaml
+                if name not in (
+                    "tensorboard",
+                    "wandb",
+                ):  # wandb: given at init; tensorboard: config.yaml
                     tracker.store_init_configuration(flat_config(config))
             except Exception as exc:
                 cls(started).finish()
@@ -161,7 +170,11 @@ class Trackers:
             if self.failures[tracker.name] == 1:
                 logger.warning(
                     "tracker %s failed to %s (%s: %s); metrics.jsonl still holds every row, further "
-                    "failures are counted", tracker.name, what, type(exc).__name__, exc,
+                    "failures are counted",
+                    tracker.name,
+                    what,
+                    type(exc).__name__,
+                    exc,
                 )
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -176,7 +189,9 @@ class Trackers:
                 self._call(tracker, "log an image", tracker.log_images, {tag: image_hwc[None]}, step=step,
                            dataformats="NHWC")  # fmt: skip
             elif hasattr(tracker, "log_images"):
-                self._call(tracker, "log an image", tracker.log_images, {tag: [image_hwc]}, step=step)
+                self._call(
+                    tracker, "log an image", tracker.log_images, {tag: [image_hwc]}, step=step
+                )
 
     def finish(self) -> None:
         """Finish every tracker (once; later calls do nothing) and sum up their failures."""

@@ -108,7 +108,9 @@ class Trainer:
         self.prompt_source = user_source or training_prompt_source(config.prompts)
         self.eval_source = eval_prompt_source(config)
         self.reward = build_reward_from_config(config.reward)
-        check_servers(self.reward)  # a remote reward's server answers now, not after the first sampling
+        check_servers(
+            self.reward
+        )  # a remote reward's server answers now, not after the first sampling
         self._reward_pool = ThreadPoolExecutor(1, "reward") if config.reward.asynchronous else None
         t = config.train
         self.sampler = loops.SamplerSettings.from_config(config.sample)
@@ -131,7 +133,9 @@ class Trainer:
         self.params = self.policy.trainable_parameters()
         export.check_exportable(self.policy, config.lora.enabled)  # now, not after training
         self.optimizer = build_optimizer(self.params, t, self.dist.device)
-        self.ema = EMA(self.policy.named_trainable_parameters(), t.ema_decay) if t.ema_decay else None
+        self.ema = (
+            EMA(self.policy.named_trainable_parameters(), t.ema_decay) if t.ema_decay else None
+        )
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -140,7 +144,9 @@ class Trainer:
             num_warmup_steps=t.lr_warmup_steps,
             num_training_steps=config.num_epochs * self.arithmetic.gradient_updates_per_epoch,
         )
-        self.grad_scaler = torch.amp.GradScaler(self.dist.device.type, enabled=t.mixed_precision == "fp16")
+        self.grad_scaler = torch.amp.GradScaler(
+            self.dist.device.type, enabled=t.mixed_precision == "fp16"
+        )
         self.stat_tracker = make_stat_tracker(self.algorithm, t)
         self.nonfinite = NonFiniteGuard(t.max_consecutive_nonfinite)
         self.start_epoch = 0
@@ -149,7 +155,9 @@ class Trainer:
             self._resume()
         else:
             self._refuse_to_clobber()
-        self.run = RunDirectory(config, is_main=self.dist.is_main, start_epoch=self.start_epoch, argv=argv)
+        self.run = RunDirectory(
+            config, is_main=self.dist.is_main, start_epoch=self.start_epoch, argv=argv
+        )
 
     # ------------------------------------------------------------------ main loop
 
@@ -180,27 +188,36 @@ class Trainer:
         cfg, s = self.config, self.config.sample
         self._seed_globals(epoch)
         t0 = time.perf_counter()
-        drawn = self.prompt_source.draw(s.prompts_per_epoch, cfg.seed, epoch)  # (B,) same on all ranks
+        drawn = self.prompt_source.draw(
+            s.prompts_per_epoch, cfg.seed, epoch
+        )  # (B,) same on all ranks
         prompts = [self.prompt_source.prompts[i] for i in drawn]
         rows = [i for i in drawn for _ in range(s.samples_per_prompt)]  # (B*K,) prompt-major
         sample_prompts = [self.prompt_source.prompts[i] for i in rows]
         local = self.dist.local_slice(len(sample_prompts))
-        seeds = [seeding.training_noise_seed(cfg.seed, epoch, g) for g in range(local.start, local.stop)]
+        seeds = [
+            seeding.training_noise_seed(cfg.seed, epoch, g) for g in range(local.start, local.stop)
+        ]
         # The row's own fields (a dataset's objects, categories, ...) and where the sample stands.
         metadata = [{**self.prompt_source.fields(rows[g]), "epoch": epoch, "sample_index": g}
                     for g in range(local.start, local.stop)]  # fmt: skip
         traj, scores, timing = self.sample_and_score(sample_prompts[local], seeds, metadata)
         t1 = time.perf_counter()
-        rewards = self.dist.gather(scores.scores.float()).view(s.prompts_per_epoch, s.samples_per_prompt)  # (B, K)
+        rewards = self.dist.gather(scores.scores.float()).view(
+            s.prompts_per_epoch, s.samples_per_prompt
+        )  # (B, K)
         monitors = self._image_monitors(traj.images, local)
-        advantages, adv_stats = self.algorithm.advantages_and_stats(rewards, prompts, cfg.train, self.stat_tracker)
+        advantages, adv_stats = self.algorithm.advantages_and_stats(
+            rewards, prompts, cfg.train, self.stat_tracker
+        )
         train_stats = self.optimise(traj, advantages.reshape(-1)[local].to(self.dist.device), epoch)
         if not onpolicy_error_ok(train_stats["onpolicy_logprob_err"], cfg.train.clip_range):
             # Sampling and training disagree by more than the clip range: PPO's clipping is then noise.
             logger.warning(
                 "on-policy |log p_theta - log p_old| = %.2e exceeds train.clip_range = %.1e: the sampler and "
                 "the training forward pass disagree (precision, nondeterministic kernels?)",
-                train_stats["onpolicy_logprob_err"], cfg.train.clip_range,
+                train_stats["onpolicy_logprob_err"],
+                cfg.train.clip_range,
             )
         t2 = time.perf_counter()
         return {
@@ -235,7 +252,9 @@ class Trainer:
         """
         parts, pending, reward_wait = [], [], 0.0
         t0 = time.perf_counter()
-        batches = loops.sample_batches(self.policy, prompts, seeds, self.sampler, self.config.sample.batch_size)
+        batches = loops.sample_batches(
+            self.policy, prompts, seeds, self.sampler, self.config.sample.batch_size
+        )
         for chunk, traj in self._progress(batches, "sampling"):
             parts.append(traj)
             job = (self.reward, traj.images, prompts[chunk], metadata[chunk])
@@ -256,7 +275,11 @@ class Trainer:
         k = self.config.sample.samples_per_prompt
         aligned = local.start % k == 0 and (local.stop - local.start) % k == 0
         stats = image_statistics(images, group_size=k if aligned else 1)
-        if self.dist.world_size > 1 and "monitor_group_diversity" in stats and not self.dist.all_true(aligned):
+        if (
+            self.dist.world_size > 1
+            and "monitor_group_diversity" in stats
+            and not self.dist.all_true(aligned)
+        ):
             del stats["monitor_group_diversity"]
         return {key: self.dist.mean_scalar(value) for key, value in stats.items()}
 
@@ -268,7 +291,9 @@ class Trainer:
             out[f"reward_{name}_mean"] = float(torch.nanmean(gathered))
         return out
 
-    def optimise(self, traj: Trajectories, advantages: torch.Tensor, epoch: int) -> dict[str, float]:
+    def optimise(
+        self, traj: Trajectories, advantages: torch.Tensor, epoch: int
+    ) -> dict[str, float]:
         """``num_inner_epochs`` passes of minibatch updates over this process's trajectories.
 
         advantages: (n,), NaN for samples whose reward failed: those get advantage 0, hence no gradient.
@@ -279,7 +304,9 @@ class Trainer:
         n, num_steps = traj.timesteps.shape
         steps_trained = num_trained_timesteps(num_steps, t.timestep_fraction)
         minibatches = n // t.batch_size
-        accumulate = minibatches if self.algorithm.one_update_per_batch else t.gradient_accumulation_steps
+        accumulate = (
+            minibatches if self.algorithm.one_update_per_batch else t.gradient_accumulation_steps
+        )
         advantages = torch.nan_to_num(advantages, nan=0.0)
         gen = torch.Generator().manual_seed(seeding.timestep_seed(cfg.seed, epoch, self.dist.rank))
         stats = StatAccumulator()
@@ -288,12 +315,21 @@ class Trainer:
         for _ in range(t.num_inner_epochs):
             order = torch.randperm(n, generator=gen)
             step_order = loops.choose_timesteps(n, num_steps, steps_trained, gen)  # (n, S)
-            for b, chunk in enumerate(self._progress(list(iter_chunks(n, t.batch_size)), "training")):
+            for b, chunk in enumerate(
+                self._progress(list(iter_chunks(n, t.batch_size)), "training")
+            ):
                 idx = order[chunk].to(self.dist.device)
                 steps = step_order[order[chunk]].to(self.dist.device)  # (M, S)
                 for step_stats in loops.minibatch_backward(
-                    self.policy, traj.index(idx), advantages[idx], steps, self.sampler, self.loss_settings,
-                    scale=steps_trained * accumulate, on_policy=on_policy, backward=backward,
+                    self.policy,
+                    traj.index(idx),
+                    advantages[idx],
+                    steps,
+                    self.sampler,
+                    self.loss_settings,
+                    scale=steps_trained * accumulate,
+                    on_policy=on_policy,
+                    backward=backward,
                 ):
                     stats.add(step_stats)
                 if (b + 1) % accumulate == 0:
@@ -344,31 +380,53 @@ class Trainer:
         if len(prompts) % self.dist.world_size:
             local = slice(0, len(prompts)) if self.dist.is_main else slice(0, 0)
         scores, images = loops.score_fixed_noise(
-            self.policy, prompts[local], seeds[local], {"reward": self.reward}, self.sampler, e.batch_size,
+            self.policy,
+            prompts[local],
+            seeds[local],
+            {"reward": self.reward},
+            self.sampler,
+            e.batch_size,
             metadata=metadata[local],
         )
         local_rewards = scores["reward"]
         gathered = not len(prompts) % self.dist.world_size
         all_rewards = self.dist.gather(local_rewards) if gathered else local_rewards
         breakdown = self._eval_breakdown(images, prompts, local, all_rewards, gathered)
-        out = {**loops.eval_summary(all_rewards), **breakdown, "eval_time_s": time.perf_counter() - t0}
+        out = {
+            **loops.eval_summary(all_rewards),
+            **breakdown,
+            "eval_time_s": time.perf_counter() - t0,
+        }
         if self.dist.is_main and len(images) and (tag == "base" or step == self.config.num_epochs):
             (Path(self.config.output_dir) / "eval").mkdir(parents=True, exist_ok=True)
-            keep = min(len(images), k * MAX_LABELLED_ROWS)  # the rows the labelled before/after shows
-            np.savez_compressed(Path(self.config.output_dir) / "eval" / f"{tag}.npz",
-                                images=(images[:keep].clamp(0, 1) * 255).round().to(torch.uint8).numpy(),
-                                scores=all_rewards[:keep].float().numpy(), prompts=np.array(fixed[: keep // k]))
+            keep = min(
+                len(images), k * MAX_LABELLED_ROWS
+            )  # the rows the labelled before/after shows
+            np.savez_compressed(
+                Path(self.config.output_dir) / "eval" / f"{tag}.npz",
+                images=(images[:keep].clamp(0, 1) * 255).round().to(torch.uint8).numpy(),
+                scores=all_rewards[:keep].float().numpy(),
+                prompts=np.array(fixed[: keep // k]),
+            )
         if self.dist.is_main and len(images):
             from diffloop.images import save_grid
 
-            grid = save_grid(images, Path(self.config.output_dir) / "eval" / f"{tag}.png",
-                             ncols=e.samples_per_prompt * max(1, min(4, e.num_prompts)),
-                             upscale=max(1, 128 // images.shape[-1]))  # tiny images stay viewable
+            grid = save_grid(
+                images,
+                Path(self.config.output_dir) / "eval" / f"{tag}.png",
+                ncols=e.samples_per_prompt * max(1, min(4, e.num_prompts)),
+                upscale=max(1, 128 // images.shape[-1]),
+            )  # tiny images stay viewable
             self.run.log_image("eval/images", grid, step=step)
         return out
 
     def _eval_breakdown(
-        self, images: torch.Tensor, prompts: list[str], local: slice, rewards: torch.Tensor, gathered: bool
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        local: slice,
+        rewards: torch.Tensor,
+        gathered: bool,
     ) -> dict[str, float]:
         """For a reward that scores attributes (the shapes world's): binding per attribute and seen
         vs unseen combinations (``diffloop.shapes.reward.eval_breakdown``); {} for other rewards."""
@@ -379,7 +437,10 @@ class Trainer:
 
         attributes = attribute_scores(images, prompts[local])
         if gathered:
-            attributes = {name: self.dist.gather(v.to(self.dist.device)).cpu() for name, v in attributes.items()}
+            attributes = {
+                name: self.dist.gather(v.to(self.dist.device)).cpu()
+                for name, v in attributes.items()
+            }
         return eval_breakdown(rewards, attributes, prompts if gathered else prompts[local])
 
     # ------------------------------------------------------------------ checkpoints
@@ -414,7 +475,10 @@ class Trainer:
         # The newest checkpoint that verifies (checksums, finite tensors); older ones are fallbacks.
         found = checkpoint.load_newest_valid(self.config.output_dir, self.dist.rank)
         if found is None:
-            logger.warning("resume=true but no complete checkpoint in %s: starting from scratch", self.config.output_dir)
+            logger.warning(
+                "resume=true but no complete checkpoint in %s: starting from scratch",
+                self.config.output_dir,
+            )
             return
         path, parts = found
         self.policy.load_trainable_state_dict(parts["trainable"])
@@ -439,7 +503,9 @@ class Trainer:
         if state is not None:
             self.ema.load_state_dict(state)
             return
-        logger.warning("train.ema_decay is set but %s holds no EMA: it restarts from the loaded weights", path)
+        logger.warning(
+            "train.ema_decay is set but %s holds no EMA: it restarts from the loaded weights", path
+        )
         self.ema = EMA(self.policy.named_trainable_parameters(), self.config.train.ema_decay)
 
     def _apply_optimizer_config(self) -> None:
@@ -449,8 +515,13 @@ class Trainer:
         t, sched = self.config.train, self.lr_scheduler
         sched.base_lrs = [t.learning_rate] * len(self.optimizer.param_groups)
         for group, lr_lambda in zip(self.optimizer.param_groups, sched.lr_lambdas):
-            group.update(initial_lr=t.learning_rate, lr=t.learning_rate * lr_lambda(sched.last_epoch),
-                         betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+            group.update(
+                initial_lr=t.learning_rate,
+                lr=t.learning_rate * lr_lambda(sched.last_epoch),
+                betas=(t.adam_beta1, t.adam_beta2),
+                eps=t.adam_epsilon,
+                weight_decay=t.weight_decay,
+            )
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _refuse_to_clobber(self) -> None:
@@ -517,8 +588,15 @@ class Trainer:
         if len(evals) < 2 or evals[0]["epoch"] != -1:
             return
         e = self.config.eval
-        for line in summary_lines(evals[0], evals[-1], self.config.reward.name, e.prompts, e.num_prompts,
-                                  e.samples_per_prompt, self.eval_source.iterate_fixed(e.num_prompts)):
+        for line in summary_lines(
+            evals[0],
+            evals[-1],
+            self.config.reward.name,
+            e.prompts,
+            e.num_prompts,
+            e.samples_per_prompt,
+            self.eval_source.iterate_fixed(e.num_prompts),
+        ):
             print(line)  # fmt: skip
         eval_dir = Path(self.config.output_dir) / "eval"
         after = eval_dir / f"epoch_{evals[-1]['epoch'] + 1:04d}"
@@ -530,7 +608,9 @@ class Trainer:
         elif (eval_dir / "base.png").is_file() and after.with_suffix(".png").is_file():
             from diffloop.images import stack_vertically  # a run resumed from before the .npz files
 
-            stack_vertically([eval_dir / "base.png", after.with_suffix(".png")], eval_dir / "before_after.png")
+            stack_vertically(
+                [eval_dir / "base.png", after.with_suffix(".png")], eval_dir / "before_after.png"
+            )
 
     def _print_epoch(self, m: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -556,32 +636,53 @@ def _with_python_arguments(
     if prompts is not None:
         source = rows_to_source("python", list(prompts), config.prompts.prompt_column)
         config = dataclasses.replace(
-            config, prompts=dataclasses.replace(config.prompts, source="list", path=None, prompts=source.prompts)
+            config,
+            prompts=dataclasses.replace(
+                config.prompts, source="list", path=None, prompts=source.prompts
+            ),
         )
     if reward is not None:
         if not callable(reward):
-            raise TypeError(f"reward must be a callable (images, prompts, metadata) -> scores, got {reward!r}")
+            raise TypeError(
+                f"reward must be a callable (images, prompts, metadata) -> scores, got {reward!r}"
+            )
         name = f"{PYTHON_REWARD_PREFIX}{reward_name(reward)}"
         register_reward(name, reward, replace=True)
-        config = dataclasses.replace(config, reward=dataclasses.replace(config.reward, name=name, kwargs={}, components=None))
+        config = dataclasses.replace(
+            config, reward=dataclasses.replace(config.reward, name=name, kwargs={}, components=None)
+        )
     return config, source
 
 
-def build_optimizer(params: list[torch.nn.Parameter], t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[torch.nn.Parameter], t: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW (torch) or, with train.optimizer=adamw_8bit, bitsandbytes' AdamW8bit (validate() has
     checked that it is installed and that the run has CUDA and no LoRA)."""
-    kwargs = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon,
-              "weight_decay": t.weight_decay}
+    kwargs = {
+        "lr": t.learning_rate,
+        "betas": (t.adam_beta1, t.adam_beta2),
+        "eps": t.adam_epsilon,
+        "weight_decay": t.weight_decay,
+    }
     if t.optimizer == "adamw":
         return torch.optim.AdamW(params, **kwargs)
     if device.type != "cuda":
-        raise ConfigError(f"train.optimizer=adamw_8bit needs a CUDA device, not {device}; use train.optimizer=adamw")
+        raise ConfigError(
+            f"train.optimizer=adamw_8bit needs a CUDA device, not {device}; use train.optimizer=adamw"
+        )
     import bitsandbytes as bnb
 
     return bnb.optim.AdamW8bit(params, **kwargs)
 
+
 def summary_lines(
-    base: dict[str, Any], trained: dict[str, Any], reward: str, source: str, num_prompts: int, k: int,
+    base: dict[str, Any],
+    trained: dict[str, Any],
+    reward: str,
+    source: str,
+    num_prompts: int,
+    k: int,
     prompts: list[str],
 ) -> list[str]:
     """The end-of-run verdict from the base (epoch -1) and last evaluation rows: the held-out
@@ -612,7 +713,9 @@ def summary_lines(
     return lines
 
 
-def write_before_after(before: Path, after: Path, out: Path, k: int, after_heading: str = "after") -> int:
+def write_before_after(
+    before: Path, after: Path, out: Path, k: int, after_heading: str = "after"
+) -> int:
     """eval/<tag>.npz of the base and the last evaluation -> the labelled grid at ``out``
     (``diffloop.images.labelled_before_after``); returns the number of prompt rows."""
     from PIL import Image
@@ -635,7 +738,9 @@ def concat_scores(results: list[RewardScores]) -> RewardScores:
     """Concatenate per-batch reward results (scores and any per-component scores)."""
     components = None
     if getattr(results[0], "components", None):
-        components = {k: torch.cat([r.components[k] for r in results]) for k in results[0].components}
+        components = {
+            k: torch.cat([r.components[k] for r in results]) for k in results[0].components
+        }
     out = RewardScores(torch.cat([r.scores for r in results]), sum(r.num_invalid for r in results))
     if components is not None:
         out.components = components
@@ -674,12 +779,16 @@ class StatAccumulator:
         for k, v in values.items():
             v = torch.as_tensor(v, dtype=torch.float64)
             if k == "onpolicy_logprob_err":
-                self.onpolicy_err = v if self.onpolicy_err is None else torch.maximum(self.onpolicy_err, v)
+                self.onpolicy_err = (
+                    v if self.onpolicy_err is None else torch.maximum(self.onpolicy_err, v)
+                )
                 continue
             self.sums[k] = self.sums[k] + v if k in self.sums else v
             self.counts[k] = self.counts.get(k, 0) + 1
 
     def result(self) -> dict[str, float]:
         out = {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
-        out["onpolicy_logprob_err"] = float(self.onpolicy_err) if self.onpolicy_err is not None else 0.0
+        out["onpolicy_logprob_err"] = (
+            float(self.onpolicy_err) if self.onpolicy_err is not None else 0.0
+        )
         return out

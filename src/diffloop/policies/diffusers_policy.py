@@ -59,7 +59,9 @@ def _has_vae(path: str, model: ModelConfig) -> bool:
     try:
         index = DiffusionPipeline.load_config(path, revision=model.revision)
     except Exception as e:  # any failure: re-raised with the how-to
-        raise ModelLoadError(f"could not read model_index.json of '{path}': {e}\n{_how_to_provide(path)}") from e
+        raise ModelLoadError(
+            f"could not read model_index.json of '{path}': {e}\n{_how_to_provide(path)}"
+        ) from e
     return "vae" in index
 
 
@@ -84,7 +86,9 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
             )
     kw = {"revision": model.revision}
     loaders = {
-        "unet": lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=model.variant, **kw),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(
+            path, subfolder="unet", variant=model.variant, **kw
+        ),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(
             path, subfolder="text_encoder", variant=model.variant, **kw
         ),
@@ -96,7 +100,9 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
         ),
     }
     if _has_vae(path, model):
-        loaders["vae"] = lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", variant=model.variant, **kw)
+        loaders["vae"] = lambda: AutoencoderKL.from_pretrained(
+            path, subfolder="vae", variant=model.variant, **kw
+        )
     components: dict[str, Any] = {"vae": None}
     for name, load in loaders.items():
         try:
@@ -162,7 +168,9 @@ class DDIMPolicy(TrainableDenoiser):
         self.unet.train()
         self._num_steps: int | None = None
         if perf.merge_lora_for_sampling and self.lora_config is None:
-            raise ValueError("performance.merge_lora_for_sampling needs a LoRA adapter (lora.enabled=true)")
+            raise ValueError(
+                "performance.merge_lora_for_sampling needs a LoRA adapter (lora.enabled=true)"
+            )
         if perf.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self._unet_for = self._compiled_unets(perf)
@@ -180,7 +188,11 @@ class DDIMPolicy(TrainableDenoiser):
         for use in ("sampling", "training"):
             if perf.compile in (use, "all"):
                 mode = perf.compile_mode if use == "sampling" else "default"
-                options = {"mode": mode} if perf.compile_backend == "inductor" and mode != "default" else {}
+                options = (
+                    {"mode": mode}
+                    if perf.compile_backend == "inductor" and mode != "default"
+                    else {}
+                )
                 uses[use] = torch.compile(self.unet, backend=perf.compile_backend, **options)
         return uses
 
@@ -234,7 +246,9 @@ class DDIMPolicy(TrainableDenoiser):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
-        if not layers or any(layer.disable_adapters for layer in layers):  # reference(): nothing to merge
+        if not layers or any(
+            layer.disable_adapters for layer in layers
+        ):  # reference(): nothing to merge
             yield
             return
         saved = [m.get_base_layer().weight.detach().clone() for m in layers]
@@ -287,7 +301,9 @@ class DDIMPolicy(TrainableDenoiser):
         ``use`` picks the sampling or the training UNet callable (the same module, maybe compiled)."""
         dtype = self.weight_dtype
         unet = self._unet_for[use]
-        memory_format = torch.channels_last if self.performance.channels_last else torch.preserve_format
+        memory_format = (
+            torch.channels_last if self.performance.channels_last else torch.preserve_format
+        )
         cond = self.branch_kwargs(prompt_embeds, extra, negative=False)
         if guidance_scale == 1.0:
             x = latents.to(dtype=dtype, memory_format=memory_format)
@@ -326,7 +342,9 @@ class DDIMPolicy(TrainableDenoiser):
 
         eta = 0 gives deterministic DDIM (for evaluation); its log-probs are NaN (a point mass)."""
         if len(generators) != len(prompts):
-            raise ValueError(f"need one generator per prompt, got {len(generators)} for {len(prompts)}")
+            raise ValueError(
+                f"need one generator per prompt, got {len(generators)} for {len(prompts)}"
+            )
         self._set_steps(num_steps)
         n = len(prompts)
         prompt_embeds, negative_embeds, extra = self.conditioning(prompts, negative_prompt)
@@ -335,12 +353,21 @@ class DDIMPolicy(TrainableDenoiser):
         x = x * self.scheduler.init_noise_sigma
         latents, log_probs = [x], []
         timesteps = self.scheduler.timesteps
-        merged = self.performance.merge_lora_for_sampling  # the constructor checked there is an adapter
+        merged = (
+            self.performance.merge_lora_for_sampling
+        )  # the constructor checked there is an adapter
         with self._lora_merged() if merged else contextlib.nullcontext():
             for t in timesteps:
                 t_batch = t.expand(n).to(self.device)
                 x, log_prob = self._sample_step(
-                    x, t_batch, prompt_embeds, negative_embeds, extra, guidance_scale, eta, generators
+                    x,
+                    t_batch,
+                    prompt_embeds,
+                    negative_embeds,
+                    extra,
+                    guidance_scale,
+                    eta,
+                    generators,
                 )
                 latents.append(x)
                 log_probs.append(log_prob)
@@ -399,7 +426,13 @@ class DDIMPolicy(TrainableDenoiser):
         t = traj.timesteps[rows, step]
         with self._autocast():
             model_output = self._guided_prediction(
-                x_t, t, traj.prompt_embeds, traj.negative_prompt_embeds, guidance_scale, "training", traj.extra
+                x_t,
+                t,
+                traj.prompt_embeds,
+                traj.negative_prompt_embeds,
+                guidance_scale,
+                "training",
+                traj.extra,
             )
         mean, std, _ = ddim_step_mean_std(self.scheduler, model_output.float(), t, x_t, eta)
         return mean, std

@@ -30,7 +30,9 @@ class Family:
 
 # Longest prefix first: StableDiffusionXL* and StableDiffusion3* before StableDiffusion*.
 FAMILIES: tuple[Family, ...] = (
-    Family("sdxl", "StableDiffusionXL", "diffloop.policies.sdxl:load_sdxl_policy", "text_encoder_2"),
+    Family(
+        "sdxl", "StableDiffusionXL", "diffloop.policies.sdxl:load_sdxl_policy", "text_encoder_2"
+    ),
     Family("sd3", "StableDiffusion3", "diffloop.policies.sd3:load_sd3_policy"),
     Family("flux", "Flux", "diffloop.policies.flux:load_flux_policy"),
     Family("sd", "StableDiffusion", "diffloop.policies.diffusers_policy:load_ddim_policy"),

@@ -80,7 +80,9 @@ def load_components(
             listed = [c for c in missing if c in optional]
             hint = (
                 f" ({', '.join(listed)} is optional: write it as [null, null] in model_index.json "
-                "to run without it)" if listed else ""
+                "to run without it)"
+                if listed
+                else ""
             )
             raise ModelLoadError(
                 f"'{path}' lacks the component folder(s) {', '.join(m + '/' for m in missing)}"
@@ -169,7 +171,11 @@ class FlowMatchPolicy(TrainableDenoiser):
         # A force_upcast VAE decodes in fp32 (as the pipelines do); never cast it through fp16.
         self.vae = self._freeze(vae, torch.float32 if vae.config.force_upcast else weight_dtype)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        multiple = self.vae_scale_factor * getattr(self.transformer.config, "patch_size", 1) * self.pack_factor
+        multiple = (
+            self.vae_scale_factor
+            * getattr(self.transformer.config, "patch_size", 1)
+            * self.pack_factor
+        )
         if self.image_size() % multiple:
             raise ModelLoadError(
                 f"model.resolution={self.image_size()} must be a multiple of {multiple} (the VAE's "
@@ -352,14 +358,18 @@ class FlowMatchPolicy(TrainableDenoiser):
         first, last, _ = self.window(num_steps)
         if first == last:
             return torch.full((len(generators),), first, dtype=torch.long, device=self.device)
-        draws = [torch.randint(first, last + 1, (1,), generator=g, device=g.device) for g in generators]
+        draws = [
+            torch.randint(first, last + 1, (1,), generator=g, device=g.device) for g in generators
+        ]
         return torch.cat([d.to(self.device) for d in draws])
 
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         """Packed initial noise (N, ...): sample i's from generator i alone, drawn as the pipeline's
         ``randn_tensor`` draws it with a list of generators (each on its generator's device)."""
         shape = self.noise_shape()
-        noise = [torch.randn(shape, generator=g, device=g.device).to(self.device) for g in generators]
+        noise = [
+            torch.randn(shape, generator=g, device=g.device).to(self.device) for g in generators
+        ]
         return self.pack(torch.stack(noise))
 
     @torch.no_grad()
@@ -376,7 +386,9 @@ class FlowMatchPolicy(TrainableDenoiser):
         """Sample len(prompts) trajectories (module docstring); generator i alone drives sample i
         (its initial noise, its window start when random, then one draw per window step)."""
         if len(generators) != len(prompts):
-            raise ValueError(f"need one generator per prompt, got {len(generators)} for {len(prompts)}")
+            raise ValueError(
+                f"need one generator per prompt, got {len(generators)} for {len(prompts)}"
+            )
         n = len(prompts)
         sigmas, timesteps = self.schedule(num_steps)
         first, last, length = self.window(num_steps)

@@ -61,7 +61,9 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     ordered (c, dy, dx), patches row-major (FluxPipeline._pack_latents). h, w must be even."""
     n, c, h, w = latents.shape
     if h % 2 or w % 2:
-        raise ValueError(f"FLUX packs 2x2 patches: latent height and width must be even, got {h}x{w}")
+        raise ValueError(
+            f"FLUX packs 2x2 patches: latent height and width must be even, got {h}x{w}"
+        )
     x = latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(n, (h // 2) * (w // 2), c * 4)
 
@@ -125,7 +127,9 @@ def load_flux_components(model: ModelConfig) -> dict[str, Any]:
         "transformer": lambda p: FluxTransformer2DModel.from_pretrained(
             p, subfolder="transformer", **weights
         ),
-        "text_encoder": lambda p: CLIPTextModel.from_pretrained(p, subfolder="text_encoder", **weights),
+        "text_encoder": lambda p: CLIPTextModel.from_pretrained(
+            p, subfolder="text_encoder", **weights
+        ),
         "text_encoder_2": lambda p: T5EncoderModel.from_pretrained(
             p, subfolder="text_encoder_2", **weights
         ),
@@ -242,7 +246,9 @@ class FluxPolicy(FlowMatchPolicy):
         config has use_dynamic_shifting (dev) and refuses to set timesteps without mu then."""
         from diffloop.core import flux_sigmas
 
-        sigmas, mu = flux_sigmas(num_steps, image_seq_len(self.height, self.width), self.scheduler.config)
+        sigmas, mu = flux_sigmas(
+            num_steps, image_seq_len(self.height, self.width), self.scheduler.config
+        )
         self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=self.device)
 
     def _truncation_warning(self, ids: torch.Tensor, tokenizer: Any, prompts: list[str]) -> None:
@@ -256,7 +262,11 @@ class FluxPolicy(FlowMatchPolicy):
 
     def _ids(self, tokenizer: Any, prompts: list[str], max_length: int) -> torch.Tensor:
         ids = tokenizer(
-            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+            prompts,
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         self._truncation_warning(ids, tokenizer, prompts)
         return ids.to(self.device)
@@ -292,7 +302,9 @@ class FluxPolicy(FlowMatchPolicy):
         if negative:
             raise ValueError("FLUX.1 has no negative branch (guidance-distilled)")
         if extra is None or any(k not in extra for k in EXTRA_KEYS):
-            raise ValueError(f"FLUX trajectories need extra={list(EXTRA_KEYS)} (sampled by another policy?)")
+            raise ValueError(
+                f"FLUX trajectories need extra={list(EXTRA_KEYS)} (sampled by another policy?)"
+            )
         return {
             "encoder_hidden_states": embeds,
             "pooled_projections": extra["pooled_prompt_embeds"],

@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 SAFE_DDIM_DEFAULTS = {"set_alpha_to_one": False, "clip_sample": False}
 
 
-def ddim_config_from(source: Mapping[str, Any], user_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def ddim_config_from(
+    source: Mapping[str, Any], user_kwargs: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The DDIMScheduler config for a model whose scheduler config is ``source``.
 
     A DDIM source keeps its own values for the keys it sets; any other source (or a DDIM config that

@@ -52,22 +52,31 @@ def load_sd3_components(model: ModelConfig) -> dict[str, Any]:
     kw = {"revision": model.revision}
     weights = {"variant": model.variant, **kw}
     loaders = {
-        "transformer": lambda p: SD3Transformer2DModel.from_pretrained(p, subfolder="transformer", **weights),
+        "transformer": lambda p: SD3Transformer2DModel.from_pretrained(
+            p, subfolder="transformer", **weights
+        ),
         "text_encoder": lambda p: CLIPTextModelWithProjection.from_pretrained(
             p, subfolder="text_encoder", **weights
         ),
         "text_encoder_2": lambda p: CLIPTextModelWithProjection.from_pretrained(
             p, subfolder="text_encoder_2", **weights
         ),
-        "text_encoder_3": lambda p: T5EncoderModel.from_pretrained(p, subfolder="text_encoder_3", **weights),
+        "text_encoder_3": lambda p: T5EncoderModel.from_pretrained(
+            p, subfolder="text_encoder_3", **weights
+        ),
         "tokenizer": lambda p: AutoTokenizer.from_pretrained(p, subfolder="tokenizer", **kw),
         "tokenizer_2": lambda p: AutoTokenizer.from_pretrained(p, subfolder="tokenizer_2", **kw),
         "tokenizer_3": lambda p: AutoTokenizer.from_pretrained(p, subfolder="tokenizer_3", **kw),
-        "scheduler": lambda p: FlowMatchEulerDiscreteScheduler.from_pretrained(p, subfolder="scheduler", **kw),
+        "scheduler": lambda p: FlowMatchEulerDiscreteScheduler.from_pretrained(
+            p, subfolder="scheduler", **kw
+        ),
         "vae": lambda p: AutoencoderKL.from_pretrained(p, subfolder="vae", **weights),
     }
     components = load_components(
-        model, loaders, _how_to_provide(model.pretrained), optional=("text_encoder_3", "tokenizer_3")
+        model,
+        loaders,
+        _how_to_provide(model.pretrained),
+        optional=("text_encoder_3", "tokenizer_3"),
     )
     if (components["text_encoder_3"] is None) != (components["tokenizer_3"] is None):
         raise ModelLoadError(
@@ -101,7 +110,9 @@ class SD3Policy(FlowMatchPolicy):
             self.max_sequence_length = min(MAX_SEQUENCE_LENGTH, self.tokenizer_3.model_max_length)
 
     @torch.no_grad()
-    def _clip(self, prompts: list[str], tokenizer: Any, encoder: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _clip(
+        self, prompts: list[str], tokenizer: Any, encoder: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ids = tokenizer(
             prompts, padding="max_length", max_length=tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
@@ -139,7 +150,9 @@ class SD3Policy(FlowMatchPolicy):
         self, prompts: list[str], negative_prompt: str
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         embeds, pooled = self.encode_prompts_with_pooled(prompts)
-        negative, negative_pooled = self.encode_prompts_with_pooled([negative_prompt] * len(prompts))
+        negative, negative_pooled = self.encode_prompts_with_pooled(
+            [negative_prompt] * len(prompts)
+        )
         extra = {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
         return embeds, negative, extra
 
@@ -148,7 +161,9 @@ class SD3Policy(FlowMatchPolicy):
     ) -> dict[str, Any]:
         """encoder_hidden_states (N, L, D) and pooled_projections (N, P) of one CFG branch."""
         if extra is None or any(k not in extra for k in EXTRA_KEYS):
-            raise ValueError(f"SD3 trajectories need extra={list(EXTRA_KEYS)} (sampled by another policy?)")
+            raise ValueError(
+                f"SD3 trajectories need extra={list(EXTRA_KEYS)} (sampled by another policy?)"
+            )
         pooled = extra["negative_pooled_prompt_embeds" if negative else "pooled_prompt_embeds"]
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 

@@ -158,7 +158,9 @@ def _import_attr(spec: str, reward: str) -> Any:
     """Resolve ``"package.module:attr"`` (attr may be dotted); errors name the module."""
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
-        raise RewardSpecError(f"reward {reward!r}: {spec!r} is not of the form 'package.module:attr'")
+        raise RewardSpecError(
+            f"reward {reward!r}: {spec!r} is not of the form 'package.module:attr'"
+        )
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:

@@ -209,7 +209,10 @@ class RemoteReward:
         if self._token is not None:
             headers["Authorization"] = f"Bearer {self._token}"
         request = urllib.request.Request(
-            self.url + path, data=body, headers=headers, method="POST" if body is not None else "GET"
+            self.url + path,
+            data=body,
+            headers=headers,
+            method="POST" if body is not None else "GET",
         )
         try:
             with self._opener.open(request, timeout=self.timeout) as response:

@@ -297,7 +297,9 @@ class RewardHTTPServer(ThreadingHTTPServer):
         if self._token is None:
             return True
         scheme, _, sent = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(sent.strip().encode(), self._token)
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            sent.strip().encode(), self._token
+        )
 
     def score_batch(
         self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]

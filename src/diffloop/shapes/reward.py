@@ -367,7 +367,9 @@ def assignment_values(
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "texture")
 
 
-def attribute_binding(c: Candidates, prompts: list[str], aggregate: str, beta: float) -> dict[str, torch.Tensor]:
+def attribute_binding(
+    c: Candidates, prompts: list[str], aggregate: str, beta: float
+) -> dict[str, torch.Tensor]:
     """Per-attribute binding of N images: {"colour", "shape", "texture"} -> (N,) in [0, 1].
 
     With m(p) the candidate the best assignment (the one that gives the image its score) gives
@@ -382,9 +384,13 @@ def attribute_binding(c: Candidates, prompts: list[str], aggregate: str, beta: f
     present = torch.gather(c.presence, 1, best)  # (N, P)
     tables = _phrase_tables(prompts, scores.shape[1])
     out = {}
-    for name, probs, index in zip(ATTRIBUTES, (c.colour, c.shape, c.texture), tables[:3], strict=True):
+    for name, probs, index in zip(
+        ATTRIBUTES, (c.colour, c.shape, c.texture), tables[:3], strict=True
+    ):
         index = index.to(best.device)
-        of_assigned = torch.gather(probs, 1, best[..., None].expand(-1, -1, probs.shape[2]))  # (N, P, A)
+        of_assigned = torch.gather(
+            probs, 1, best[..., None].expand(-1, -1, probs.shape[2])
+        )  # (N, P, A)
         value = present * torch.gather(of_assigned, 2, index.clamp_min(0)[..., None])[..., 0]
         named = used.to(best.device) & (index >= 0)
         out[name] = (value * named).sum(dim=1) / named.sum(dim=1)  # 0 / 0 = NaN: none named
@@ -482,7 +488,9 @@ class BindingReward:
         x = images.detach().to(device="cpu", dtype=torch.float32).clamp(0.0, 1.0).contiguous()
         with _torch_threads(self.num_threads):
             cands = analyse(x, self.params)
-            return attribute_binding(cands, list(prompts), self.aggregate, self.params.partial_credit)
+            return attribute_binding(
+                cands, list(prompts), self.aggregate, self.params.partial_credit
+            )
 
 
 _DEFAULT = BindingReward()

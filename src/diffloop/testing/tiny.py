@@ -21,7 +21,26 @@ LATENT_SIZE = 16
 IMAGE_SIZE = 32  # LATENT_SIZE * 2 (VAE with two blocks -> one downsampling)
 TEXT_DIM = 32
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-DEFAULT_WORDS = ["a", "photo", "of", "an", "astronaut", "riding", "horse", "on", "the", "moon", "cat", "dog", "red", "green", "blue", "bench", "car", "ball"]
+DEFAULT_WORDS = [
+    "a",
+    "photo",
+    "of",
+    "an",
+    "astronaut",
+    "riding",
+    "horse",
+    "on",
+    "the",
+    "moon",
+    "cat",
+    "dog",
+    "red",
+    "green",
+    "blue",
+    "bench",
+    "car",
+    "ball",
+]
 
 # The vocabulary of benchmark prompts (bench's word-level tokenizers, SD and SDXL shapes).
 PROMPT_WORDS = [
@@ -124,7 +143,10 @@ def sd_ddim_scheduler(prediction_type: str = "epsilon") -> Any:
 
 
 def build_tiny_components(
-    prediction_type: str = "epsilon", seed: int = 0, tokenizer: Any = None, device: torch.device | None = None
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    tokenizer: Any = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """{"unet", "text_encoder", "tokenizer", "scheduler", "vae"}; weights a pure function of ``seed``.
 
@@ -132,7 +154,9 @@ def build_tiny_components(
     the weights do not depend on the caller's RNG state and the caller's RNG is left untouched.
     """
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        raise ValueError(
+            f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+        )
     tokenizer = tokenizer if tokenizer is not None else make_word_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -164,7 +188,9 @@ def build_tiny_sd(prediction_type: str = "epsilon", seed: int = 0, tokenizer: An
     )
 
 
-def make_tiny_sd(path: str | Path, prediction_type: str = "epsilon", seed: int = 0, tokenizer: Any = None) -> Path:
+def make_tiny_sd(
+    path: str | Path, prediction_type: str = "epsilon", seed: int = 0, tokenizer: Any = None
+) -> Path:
     """Build the tiny pipeline and ``save_pretrained`` it to ``path`` (loads back offline)."""
     path = Path(path)
     build_tiny_sd(prediction_type, seed, tokenizer).save_pretrained(path)

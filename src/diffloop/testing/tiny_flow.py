@@ -161,7 +161,9 @@ def build_sd3_components(
         if with_t5:
             t5_tokenizer = t5_tokenizer if t5_tokenizer is not None else make_t5_tokenizer()
             torch.manual_seed(seed + 4)
-            out["text_encoder_3"] = T5EncoderModel(t5_config(dict(configs["text_encoder_3"]), t5_tokenizer))
+            out["text_encoder_3"] = T5EncoderModel(
+                t5_config(dict(configs["text_encoder_3"]), t5_tokenizer)
+            )
             out["tokenizer_3"] = t5_tokenizer
     out["scheduler"] = FlowMatchEulerDiscreteScheduler(**configs["scheduler"])
     return out

@@ -144,6 +144,7 @@ FLUX_SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
+
 def flux_scheduler(variant: str = "dev") -> Any:
     """The ``FlowMatchEulerDiscreteScheduler`` FLUX.1-``variant`` ships ("dev" or "schnell")."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -189,7 +190,9 @@ def build_flux_components(
     t5_config = t5_config(dict(configs["text_encoder_2"]), tokenizer_2)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(**configs["transformer"], guidance_embeds=guidance_embeds)
+        transformer = FluxTransformer2DModel(
+            **configs["transformer"], guidance_embeds=guidance_embeds
+        )
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(in_channels=3, out_channels=3, **configs["vae"])
         torch.manual_seed(seed + 2)

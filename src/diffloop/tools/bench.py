@@ -70,7 +70,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "compile_all": {"perf": {"compile": "all"}},
     # The issue's reference measurements found compiled LoRA training slower than eager (95 vs 105
     # samples/s): "fast" compiles the sampling loop (with CUDA graphs) and keeps training eager.
-    "fast": {"perf": {"compile": "sampling", "compile_mode": "reduce-overhead", "channels_last": True}},
+    "fast": {
+        "perf": {"compile": "sampling", "compile_mode": "reduce-overhead", "channels_last": True}
+    },
     "low_memory": {
         "perf": {"decode_batch_size": 1},
         "gradient_checkpointing": True,
@@ -82,11 +84,39 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # Per-shape defaults for options left unset: (sample_batch, train_batch, steps, repeats, warmup, matmul n)
 SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
     # SD3.5-medium at 512 px (Flow-GRPO's training resolution), its 10 training steps, batch 9
-    "sd35": {"sample_batch": 9, "train_batch": 9, "steps": 10, "repeats": 3, "warmup": 1, "matmul_n": 8192},
-    "tiny_sd3": {"sample_batch": 2, "train_batch": 2, "steps": 3, "repeats": 1, "warmup": 0, "matmul_n": 256},
+    "sd35": {
+        "sample_batch": 9,
+        "train_batch": 9,
+        "steps": 10,
+        "repeats": 3,
+        "warmup": 1,
+        "matmul_n": 8192,
+    },
+    "tiny_sd3": {
+        "sample_batch": 2,
+        "train_batch": 2,
+        "steps": 3,
+        "repeats": 1,
+        "warmup": 0,
+        "matmul_n": 256,
+    },
     # FLUX.1-dev at 512 px with Flow-GRPO's 6 training steps and its sampling batch 3
-    "flux": {"sample_batch": 3, "train_batch": 3, "steps": 6, "repeats": 3, "warmup": 1, "matmul_n": 8192},
-    "tiny_flux": {"sample_batch": 2, "train_batch": 2, "steps": 3, "repeats": 1, "warmup": 0, "matmul_n": 256},
+    "flux": {
+        "sample_batch": 3,
+        "train_batch": 3,
+        "steps": 6,
+        "repeats": 3,
+        "warmup": 1,
+        "matmul_n": 8192,
+    },
+    "tiny_flux": {
+        "sample_batch": 2,
+        "train_batch": 2,
+        "steps": 3,
+        "repeats": 1,
+        "warmup": 0,
+        "matmul_n": 256,
+    },
     "tiny": {
         "sample_batch": 2,
         "train_batch": 2,
@@ -449,13 +479,17 @@ def train_pass(
 
     num_steps = traj.timesteps.shape[1]
     sampler = loops.SamplerSettings(num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)
-    loss = loops.LossSettings(lambda lp, old, adv, eps: policy_gradient_loss(lp, old, adv), 1.0, ratio_to_self=True)
+    loss = loops.LossSettings(
+        lambda lp, old, adv, eps: policy_gradient_loss(lp, old, adv), 1.0, ratio_to_self=True
+    )
     for chunk in iter_chunks(len(traj), train_batch):
         mb = traj.index(chunk)
         device = mb.latents.device
         steps = torch.arange(num_steps, device=device).expand(len(mb), -1)  # (M, T): every step
         ones = torch.ones(len(mb), device=device)
-        for _ in loops.minibatch_backward(policy, mb, ones, steps, sampler, loss, scale=1, on_policy=False):
+        for _ in loops.minibatch_backward(
+            policy, mb, ones, steps, sampler, loss, scale=1, on_policy=False
+        ):
             pass
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -467,7 +501,9 @@ def onpolicy_logprob_err(policy: Any, traj: Any, *, eta: float, guidance_scale: 
     sampling vs eager or compiled training, merged LoRA, channels-last)."""
     from diffloop import loops
 
-    sampler = loops.SamplerSettings(num_steps=traj.timesteps.shape[1], eta=eta, guidance_scale=guidance_scale)
+    sampler = loops.SamplerSettings(
+        num_steps=traj.timesteps.shape[1], eta=eta, guidance_scale=guidance_scale
+    )
     return loops.onpolicy_logprob_err(policy, traj, sampler)
 
 
@@ -503,9 +539,16 @@ def bench_sd(
 
     dtype = DTYPES[args.dtype]
     set_backend_flags(PerformanceConfig(**args.perf), device)
-    kwargs = {"device": device, "weight_dtype": dtype, "logprob_reduction": "mean",
-              "gradient_checkpointing": args.gradient_checkpointing, "performance": PerformanceConfig(**args.perf)}
-    if args.shape == "shapes":  # the shipped model with the default run's LoRA, loaded as train does
+    kwargs = {
+        "device": device,
+        "weight_dtype": dtype,
+        "logprob_reduction": "mean",
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "performance": PerformanceConfig(**args.perf),
+    }
+    if (
+        args.shape == "shapes"
+    ):  # the shipped model with the default run's LoRA, loaded as train does
         from diffloop.config import DEFAULT_CONFIG, load_config, packaged_config
         from diffloop.policies.families import load_policy
 
@@ -527,13 +570,17 @@ def bench_sd(
             size, resolution = SD3_SHAPES[args.shape]
             policy_class, extra = SD3Policy, {"resolution": resolution}
             components = build_sd3_components(size, device=device)
-        elif args.shape in FLUX_SHAPES:  # random-weight FLUX.1-dev shapes (diffloop.testing.tiny_flux)
+        elif (
+            args.shape in FLUX_SHAPES
+        ):  # random-weight FLUX.1-dev shapes (diffloop.testing.tiny_flux)
             from diffloop.config import SampleConfig
             from diffloop.policies.flux import FluxPolicy
             from diffloop.testing.tiny_flux import build_flux_components
 
             size, resolution = FLUX_SHAPES[args.shape]
-            sample = SampleConfig(guidance_scale=args.guidance_scale)  # the guidance embedding's input
+            sample = SampleConfig(
+                guidance_scale=args.guidance_scale
+            )  # the guidance embedding's input
             policy_class, extra = FluxPolicy, {"resolution": resolution, "sample": sample}
             components = build_flux_components(size, device=device)
         policy = policy_class(
@@ -574,7 +621,17 @@ def bench_sd(
                 return flops()
 
         return run_item(
-            args, device, matmul_rate, deadline, out, name, fn, samples, eager_flops, unet_evals, what
+            args,
+            device,
+            matmul_rate,
+            deadline,
+            out,
+            name,
+            fn,
+            samples,
+            eager_flops,
+            unet_evals,
+            what,
         )
 
     # Sampling (policy.sample includes text encoding and VAE decoding). Each item's FLOPs are counted
@@ -628,9 +685,17 @@ def bench_sd(
 
     if not deadline.exceeded():  # the training trajectories, checked on-policy before any update
         traj.append(
-            policy.sample(_prompts(tb, args.shape), _generators(tb, device, 1000), num_steps=steps, eta=eta, guidance_scale=cfg)
+            policy.sample(
+                _prompts(tb, args.shape),
+                _generators(tb, device, 1000),
+                num_steps=steps,
+                eta=eta,
+                guidance_scale=cfg,
+            )
         )
-        out["onpolicy_logprob_err"] = onpolicy_logprob_err(policy, traj[0], eta=eta, guidance_scale=cfg)
+        out["onpolicy_logprob_err"] = onpolicy_logprob_err(
+            policy, traj[0], eta=eta, guidance_scale=cfg
+        )
     trained = item(
         "train",
         train,
@@ -730,7 +795,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--perf channels_last=true",
     )
     p.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward"
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute UNet activations in backward",
     )
     p.add_argument(
         "--variants",
@@ -746,7 +813,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="skip the remaining items (each keeps what it timed) once exceeded",
     )
     args = p.parse_args(argv)
-    defaults = {**(shapes_defaults() if args.shape == "shapes" else {}), **SHAPE_DEFAULTS[args.shape]}
+    defaults = {
+        **(shapes_defaults() if args.shape == "shapes" else {}),
+        **SHAPE_DEFAULTS[args.shape],
+    }
     if args.guidance_scale is None:
         args.guidance_scale = defaults.pop("guidance_scale", 5.0)
     defaults.pop("guidance_scale", None)
@@ -791,7 +861,9 @@ def parse_threads(text: str | None, cores: int | None = None) -> list[int] | Non
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
-        raise ValueError(f"--threads must be 'all' or comma-separated counts >= 1 (e.g. 1,2), got {text!r}")
+        raise ValueError(
+            f"--threads must be 'all' or comma-separated counts >= 1 (e.g. 1,2), got {text!r}"
+        )
     return list(dict.fromkeys(counts))  # each count once, in the order given
 
 
@@ -864,7 +936,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run_variants(
-    args: argparse.Namespace, device: torch.device, matmul_rate: float, deadline: Deadline, out: dict[str, Any]
+    args: argparse.Namespace,
+    device: torch.device,
+    matmul_rate: float,
+    deadline: Deadline,
+    out: dict[str, Any],
 ) -> None:
     """Each variant on a fresh policy, results under ``out["variants"][name]``; the first variant's
     items are also the top-level ``items``, and each variant gets its speed-ups over it."""
@@ -888,7 +964,9 @@ def run_variants(
     out["floor"].update(first["floor"])
     for sub in out["variants"].values():
         sub["speedup_vs_first"] = {
-            k: first["items"][k]["median_s"] / it["median_s"] * (it["samples"] / first["items"][k]["samples"])
+            k: first["items"][k]["median_s"]
+            / it["median_s"]
+            * (it["samples"] / first["items"][k]["samples"])
             for k, it in sub["items"].items()
             if k in first["items"]
         }
@@ -904,13 +982,23 @@ def format_variants(result: dict[str, Any]) -> str:
         row = f"{name:<18}"
         for i in items:
             it = sub["items"].get(i)
-            row += f"{it['per_sample_s']:>20.4g}{sub['speedup_vs_first'][i]:>6.2f}x" if it else f"{'-':>20}{'-':>7}"
-        peaks = [it["peak_memory_mib"] for it in sub["items"].values() if it["peak_memory_mib"] is not None]
+            row += (
+                f"{it['per_sample_s']:>20.4g}{sub['speedup_vs_first'][i]:>6.2f}x"
+                if it
+                else f"{'-':>20}{'-':>7}"
+            )
+        peaks = [
+            it["peak_memory_mib"]
+            for it in sub["items"].values()
+            if it["peak_memory_mib"] is not None
+        ]
         row += f"{max(peaks):>10.0f}" if peaks else f"{'-':>10}"
         err = sub.get("onpolicy_logprob_err")
         row += f"{err:>10.2g}" if err is not None else f"{'-':>10}"
         compile_s = [it["extra"].get("compile_s", 0.0) for it in sub["items"].values()]
-        row += f"{sum(compile_s):>10.3g}" if compile_s else f"{'-':>10}"  # first calls minus steady ones
+        row += (
+            f"{sum(compile_s):>10.3g}" if compile_s else f"{'-':>10}"
+        )  # first calls minus steady ones
         lines.append(row + (f"  error: {sub['error']}" if "error" in sub else ""))
     return "\n".join(lines)
 
@@ -933,14 +1021,22 @@ def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise DiffloopError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        raise DiffloopError(
+            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DiffloopError(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False)")
+        raise DiffloopError(
+            f"--device {name}: no CUDA device here (torch.cuda.is_available() is False)"
+        )
     return device
 
 
 def run_shape(
-    args: argparse.Namespace, device: torch.device, matmul_rate: float, deadline: Deadline, out: dict[str, Any]
+    args: argparse.Namespace,
+    device: torch.device,
+    matmul_rate: float,
+    deadline: Deadline,
+    out: dict[str, Any],
 ) -> None:
     """The items of ``args.shape`` (and its ``--variants``) into ``out``, at the current thread count."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -951,7 +1047,11 @@ def run_shape(
 
 
 def run_thread_counts(
-    args: argparse.Namespace, device: torch.device, matmul_dtype: torch.dtype, deadline: Deadline, out: dict[str, Any]
+    args: argparse.Namespace,
+    device: torch.device,
+    matmul_dtype: torch.dtype,
+    deadline: Deadline,
+    out: dict[str, Any],
 ) -> None:
     """The whole bench at each ``--threads`` count, into ``out["threads"][str(n)]``, each with its own
     matmul floor at that count (so each fraction is of the same threads' matmul rate); the first
@@ -960,7 +1060,12 @@ def run_thread_counts(
     for n in args.threads:
         torch.set_num_threads(n)
         rate = matmul_flops_per_s(device, matmul_dtype, args.matmul_n)
-        sub: dict[str, Any] = {"floor": {"matmul_tflops_per_s": rate / 1e12}, "items": {}, "skipped": [], "notes": []}
+        sub: dict[str, Any] = {
+            "floor": {"matmul_tflops_per_s": rate / 1e12},
+            "items": {},
+            "skipped": [],
+            "notes": [],
+        }
         run_shape(args, device, rate, deadline, sub)
         out["threads"][str(n)] = sub
         out["skipped"] += [f"threads={n}/{s}" for s in sub["skipped"]]
@@ -977,7 +1082,12 @@ def format_threads(result: dict[str, Any]) -> str:
     fraction of that floor, and the end-to-end speed-up over the first count."""
     head = (f"{'threads':>7}{'matmul GFLOP/s':>16}{'sample img/s':>14}{'UNet ev/s':>11}{'of matmul':>10}"
             f"{'train smp/s':>13}{'of matmul':>10}{'e2e smp/s':>11}{'e2e x':>7}{'logp err':>10}")  # fmt: skip
-    lines = ["", "per thread count (each fraction is of that thread count's own matmul rate):", head, "-" * len(head)]
+    lines = [
+        "",
+        "per thread count (each fraction is of that thread count's own matmul rate):",
+        head,
+        "-" * len(head),
+    ]
     first_e2e = None
     for n, sub in result["threads"].items():
         it = sub["items"]
@@ -1027,7 +1137,9 @@ def bench_main(argv: list[str] | None = None) -> int:
         if args.threads:
             run_thread_counts(args, device, matmul_dtype, deadline, result)
         else:
-            result["floor"]["matmul_tflops_per_s"] = matmul_flops_per_s(device, matmul_dtype, args.matmul_n) / 1e12
+            result["floor"]["matmul_tflops_per_s"] = (
+                matmul_flops_per_s(device, matmul_dtype, args.matmul_n) / 1e12
+            )
             run_shape(args, device, result["floor"]["matmul_tflops_per_s"] * 1e12, deadline, result)
     finally:
         torch.set_num_threads(before)

@@ -208,8 +208,14 @@ def generate_and_score(
     metadata = [{"prompt_index": i, "image_index": j} for i in range(p) for j in range(k)]
     sampler = loops.SamplerSettings(num_steps, eta, guidance_scale, negative_prompt)
     scores, kept = loops.score_fixed_noise(
-        policy, flat, image_seeds(seed, p, k), rewards, sampler, batch_size,
-        metadata=metadata, keep_images=keep_prompts * k,
+        policy,
+        flat,
+        image_seeds(seed, p, k),
+        rewards,
+        sampler,
+        batch_size,
+        metadata=metadata,
+        keep_images=keep_prompts * k,
     )
     images = (kept.clamp(0, 1) * 255).round().to(torch.uint8)
     return {name: v.view(p, k) for name, v in scores.items()}, images

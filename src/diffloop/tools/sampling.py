@@ -50,8 +50,13 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
     from diffloop.policies.families import load_policy
 
     config = load_config(run_dir / "config.yaml")
-    policy = load_policy(config.model, config.lora, device=device, logprob_reduction=config.train.logprob_reduction,
-                         sample=config.sample)
+    policy = load_policy(
+        config.model,
+        config.lora,
+        device=device,
+        logprob_reduction=config.train.logprob_reduction,
+        sample=config.sample,
+    )
     path = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
     if path is None:
         raise checkpoint.CheckpointError(f"run directory '{run_dir}' has no complete checkpoint")
@@ -67,7 +72,9 @@ def sample_main(argv: list[str]) -> int:
     from diffloop.seeding import sample_cli_seed
 
     ap = CommandParser(prog="diffloop sample", description=__doc__)
-    ap.add_argument("model", help="a training run directory, a diffusers model directory, a hub id, or 'shapes'")
+    ap.add_argument(
+        "model", help="a training run directory, a diffusers model directory, a hub id, or 'shapes'"
+    )
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     ap.add_argument("--num-per-prompt", type=int, default=4)
     default = {f.name: f.default for f in fields(SampleConfig)}
@@ -80,7 +87,9 @@ def sample_main(argv: list[str]) -> int:
         help_text = f"{what} (default: the run's sample.{field}, else {default[field]!r})"
         ap.add_argument(flag, type=kind, default=None, help=help_text)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--checkpoint", type=Path, default=None, help="a specific checkpoint directory of the run")
+    ap.add_argument(
+        "--checkpoint", type=Path, default=None, help="a specific checkpoint directory of the run"
+    )
     ap.add_argument("--output", type=Path, default=Path("samples"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -97,7 +106,9 @@ def sample_main(argv: list[str]) -> int:
     if run_sample is not None:
         policy, _ = load_run_policy(target, device, args.checkpoint)
     else:
-        policy = load_policy(ModelConfig(pretrained=args.model), LoraConfig(enabled=False), device=device)
+        policy = load_policy(
+            ModelConfig(pretrained=args.model), LoraConfig(enabled=False), device=device
+        )
     prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
     seeds = [sample_cli_seed(args.seed, i) for i in range(len(prompts))]
     policy.train(False)

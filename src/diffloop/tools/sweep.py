@@ -797,11 +797,16 @@ def compare_main(argv: list[str]) -> int:
         help="train N shards at once as child processes, each with cores // N threads (N = the "
         "number of cores: single-thread runs); never more threads than cores",
     )
-    ap.add_argument("--no-summary", action="store_true",
-                    help="train only, write no summary (the --jobs children: their parent writes it)")
+    ap.add_argument(
+        "--no-summary",
+        action="store_true",
+        help="train only, write no summary (the --jobs children: their parent writes it)",
+    )
     args = ap.parse_intermixed_args(argv)
     if args.jobs < 1 or (args.jobs > 1 and args.shard):
-        raise SweepError(f"--jobs must be >= 1 and cannot be combined with --shard (got --jobs {args.jobs})")
+        raise SweepError(
+            f"--jobs must be >= 1 and cannot be combined with --shard (got --jobs {args.jobs})"
+        )
     sweep = load_sweep(args.sweep, args.output_dir)
     runs = plan(sweep, args.overrides)
     if args.dry_run:

@@ -146,11 +146,15 @@ def jackknife_sems(grads: torch.Tensor, queries_per_estimate: int) -> dict[str, 
     if m < 3:
         raise ValueError(f"the jackknife needs at least 3 estimates, got {m}")
     g = grads.double()
-    loo = [gradient_statistics(torch.cat([g[:i], g[i + 1 :]]), queries_per_estimate) for i in range(m)]
+    loo = [
+        gradient_statistics(torch.cat([g[:i], g[i + 1 :]]), queries_per_estimate) for i in range(m)
+    ]
     out = {}
     for key in JACKKNIFE_KEYS:
         values = torch.tensor([getattr(st, key) for st in loo], dtype=torch.float64)
-        out[f"{key}_sem"] = float(math.sqrt((m - 1) / m * float((values - values.mean()).pow(2).sum())))
+        out[f"{key}_sem"] = float(
+            math.sqrt((m - 1) / m * float((values - values.mean()).pow(2).sum()))
+        )
     return out
 
 
@@ -321,8 +325,14 @@ def policy_gradient(
     for chunk in iter_chunks(n, batch_size):
         size = chunk.stop - chunk.start  # mean over the chunk / (S N / size) = sum / (N S)
         for stats in loops.minibatch_backward(
-            policy, traj.index(chunk), adv[chunk], steps[chunk].to(policy.device), sampler, settings,
-            scale=s * n / size, on_policy=True,
+            policy,
+            traj.index(chunk),
+            adv[chunk],
+            steps[chunk].to(policy.device),
+            sampler,
+            settings,
+            scale=s * n / size,
+            on_policy=True,
         ):
             err = max(err, float(stats["onpolicy_logprob_err"]))
     grad = torch.cat(
@@ -352,7 +362,9 @@ def draw_estimate(trainer, index: int, seed: int, tracker=None) -> Estimate:
     n, num_steps = traj.timesteps.shape
     gen = torch.Generator().manual_seed(seeding.variance_timestep_seed(seed, index))
     # As the trainer: each trajectory trains on its own random subset of steps (all when fraction = 1).
-    steps = loops.choose_timesteps(n, num_steps, num_trained_timesteps(num_steps, t.timestep_fraction), gen)
+    steps = loops.choose_timesteps(
+        n, num_steps, num_trained_timesteps(num_steps, t.timestep_fraction), gen
+    )
     grad, err = policy_gradient(
         trainer.policy, traj, advantages.reshape(-1), trainer.algorithm.loss_fn, steps,
         clip_range=t.clip_range, eta=s.eta, guidance_scale=s.guidance_scale, batch_size=t.batch_size,
@@ -418,7 +430,9 @@ def warm_stat_tracker(trainer, num_batches: int, seed: int) -> None:
     for w in range(num_batches):
         prompts = trainer.prompt_source.sample(s.prompts_per_epoch, seed, WARMUP_EPOCH_OFFSET + w)
         flat = [p for p in prompts for _ in range(s.samples_per_prompt)]
-        seeds = [seeding.variance_noise_seed(seed, WARMUP_EPOCH_OFFSET + w, g) for g in range(len(flat))]
+        seeds = [
+            seeding.variance_noise_seed(seed, WARMUP_EPOCH_OFFSET + w, g) for g in range(len(flat))
+        ]
         _, scores, _ = trainer.sample_and_score(flat, seeds, [{}] * len(flat))
         trainer.stat_tracker.update(flat, scores.scores.float().cpu())
 
