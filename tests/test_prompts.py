@@ -82,7 +82,24 @@ def test_sample_is_uniform_with_replacement() -> None:
 def test_iterate_fixed_cycles_in_order() -> None:
     source = build_prompt_source("list", prompts=["a", "b", "c"])
     assert source.iterate_fixed(7) == ["a", "b", "c", "a", "b", "c", "a"]
-    assert source.iterate_fixed(2) == ["a", "b"]
+    assert source.iterate_fixed(3) == ["a", "b", "c"]
+
+
+def test_iterate_fixed_spreads_a_subset_over_the_whole_list() -> None:
+    source = build_prompt_source("list", prompts=[str(i) for i in range(10)])
+    assert source.iterate_fixed(4) == ["0", "2", "5", "7"]  # floor(i * 10 / 4)
+    assert source.iterate_fixed(1) == ["0"]
+    assert source.iterate_fixed(0) == []
+
+
+def test_default_evaluation_covers_seen_and_unseen_combinations() -> None:
+    from diffloop.config import Config
+    from diffloop.shapes.world import uses_unseen_combination
+
+    e = Config().eval
+    prompts = build_prompt_source(e.prompts).iterate_fixed(e.num_prompts)
+    unseen = sum(uses_unseen_combination(p) for p in prompts)
+    assert 0 < unseen < len(prompts), (unseen, len(prompts))
 
 
 def test_file_source_skips_blanks_and_comments(tmp_path: Path) -> None:

@@ -112,13 +112,19 @@ class PromptSource:
         return [self.prompts[i] for i in self.draw(n, seed, epoch)]
 
     def fixed_indices(self, n: int) -> list[int]:
-        """0, 1, ..., n - 1 modulo len: the first n prompts in order, cycling past the end."""
+        """n fixed indices spread evenly over the whole list (floor(i len / n), i < n), or every
+        index in order, cycling, when n >= len. Evenly spread, not the first n: a split sorted by
+        kind (shapes/val_pair lists its seen combinations before the unseen ones) is then evaluated
+        on all its kinds."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        return [i % len(self.prompts) for i in range(n)]
+        size = len(self.prompts)
+        if n >= size:
+            return [i % size for i in range(n)]
+        return [i * size // n for i in range(n)]
 
     def iterate_fixed(self, n: int) -> list[str]:
-        """The first n prompts in order, cycling past the end (the same for every evaluation)."""
+        """The ``fixed_indices(n)`` prompts (the same for every evaluation)."""
         return [self.prompts[i] for i in self.fixed_indices(n)]
 
     def fields(self, index: int) -> dict[str, Any]:
