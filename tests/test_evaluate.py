@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from diffloop.cli import main as cli_main
+from diffloop.prompts import build_prompt_source
 from diffloop.seeding import eval_image_seed
 from diffloop.tools.evaluate import (
     _parse_reward_kwargs,
@@ -93,7 +94,12 @@ def test_eval_of_a_run_writes_valid_eval_json(shapes_run, tmp_path, capsys) -> N
     assert target["kind"] == "run" and target["label"] == "run_a"
     assert target["checkpoint"].endswith("epoch_000002")  # the newest checkpoint
     assert result["settings"]["num_steps"] == 3 and result["settings"]["eta"] == 0.0
-    prompts = ["a red circle and a yellow cross", "a solid red circle and a striped yellow cross"]
+    # --num-prompts 2 of val_pair: its prompts 0 and 158 (spread over the split, as training's eval)
+    prompts = [
+        "a red circle and a yellow cross",
+        build_prompt_source("shapes/val_pair").prompts[158],
+    ]
+    assert prompts == build_prompt_source("shapes/val_pair").iterate_fixed(2)
     for name in ("reward_fns:brightness", "shapes_binding"):
         rows = target["per_prompt"][name]
         assert [r["prompt"] for r in rows] == prompts

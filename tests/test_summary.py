@@ -10,6 +10,7 @@ import torch
 
 from diffloop import metrics
 from diffloop.config import load_config
+from diffloop.prompts import build_prompt_source
 from diffloop.run_dir import read_metrics
 from diffloop.shapes import reward, world
 from diffloop.trainer import Trainer, summary_lines, write_before_after
@@ -111,7 +112,7 @@ def test_tiny_shapes_run_logs_and_prints_the_breakdown(shapes_run, capsys):
         assert metrics.undeclared(row) == []
         for key in metrics.SHAPES_EVAL_KEYS:
             assert 0.0 <= row[key] <= 1.0
-    prompts = world.prompt_splits()["val"][:14]
+    prompts = build_prompt_source("shapes/val").iterate_fixed(14)  # the trainer's eval prompts
     unseen = [world.uses_unseen_combination(p) for p in prompts]
     assert any(unseen) and not all(unseen)
     # the seen / unseen means recombine into the overall mean (2 images per prompt)
@@ -127,6 +128,8 @@ def test_labelled_before_after_uses_the_eval_scores(shapes_run):
 
     saved = np.load(shapes_run / "eval" / "base.npz")
     assert saved["images"].shape == (28, 3, 32, 32) and len(saved["prompts"]) == 14
+    # the row labels are the prompts' text, in evaluation order
+    assert saved["prompts"].tolist() == build_prompt_source("shapes/val").iterate_fixed(14)
     rows = read_metrics(shapes_run / "metrics.jsonl")
     assert float(np.mean(saved["scores"])) == pytest.approx(rows[0]["eval_reward_mean"], abs=1e-6)
     grid = np.asarray(Image.open(shapes_run / "eval" / "before_after.png"))

@@ -406,7 +406,9 @@ class Trainer:
                 Path(self.config.output_dir) / "eval" / f"{tag}.npz",
                 images=(images[:keep].clamp(0, 1) * 255).round().to(torch.uint8).numpy(),
                 scores=all_rewards[:keep].float().numpy(),
-                prompts=np.array(fixed[: keep // k]),
+                prompts=np.array(
+                    [self.eval_source.prompts[i] for i in fixed[: keep // k]]
+                ),  # the row labels
             )
         if self.dist.is_main and len(images):
             from diffloop.images import save_grid
