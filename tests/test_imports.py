@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "diffloop.images": 2,
     "diffloop.shapes": 2,  # the shapes world, model and reward
     "diffloop.testing": 2,  # tiny random-weight models for tests and bench
+    "diffloop.summary": 2,  # the end-of-run verdict and before/after grid
     "diffloop.loops": 3,  # the inner loops the trainer and the tools share
     "diffloop.trainer": 3,
     "diffloop.preflight": 3,

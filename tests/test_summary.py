@@ -13,7 +13,8 @@ from diffloop.config import load_config
 from diffloop.prompts import build_prompt_source
 from diffloop.run_dir import read_metrics
 from diffloop.shapes import reward, world
-from diffloop.trainer import Trainer, summary_lines, write_before_after
+from diffloop.summary import summary_lines, write_before_after
+from diffloop.trainer import Trainer
 
 SHORT = [
     "sample.num_steps=3",
