@@ -50,9 +50,10 @@ from typing import Any
 import yaml
 
 from diffloop import metrics
-from diffloop.config import Config, ConfigError, config_to_dict, load_config, load_yaml
+from diffloop.config import Config, ConfigError, load_config, load_yaml
 from diffloop.errors import CommandParser
 from diffloop.preflight import check_before_loading
+from diffloop.resume import RESUME_MAY_CHANGE, config_changes, covered
 from diffloop.run_dir import read_metrics
 
 # The metrics.jsonl keys a sweep reads (declared in diffloop.metrics).
@@ -67,10 +68,9 @@ RUN_KEYS = ("name", "overrides", "grid")
 BUDGET_KINDS = ("prompts", "reward_queries")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 # Settings that change speed or memory but not what a run computes: a resumed run may differ in these.
-RESUME_COMPATIBLE = (
-    "resume", "num_epochs", "output_dir", "logging.", "sample.batch_size", "eval.batch_size",
-    "train.gradient_checkpointing", "checkpoint_every", "keep_checkpoints", "cpu_threads",
-)  # fmt: skip
+# A sweep also reruns a run with more epochs and another thread count (diffloop.resume.covered's
+# section names: "logging" covers logging.*).
+RESUME_COMPATIBLE = (*RESUME_MAY_CHANGE, "num_epochs", "cpu_threads")
 
 
 class SweepError(ConfigError):
@@ -351,25 +351,12 @@ def run_status(run: PlannedRun) -> str:
     return "resume" if latest_checkpoint(run.output_dir) is not None else "new"
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(saved: Config, wanted: Config) -> list[str]:
     """Settings (other than speed/memory knobs) in which a run directory's config differs from the plan."""
-    a, b = _flatten(config_to_dict(saved)), _flatten(config_to_dict(wanted))
-    keys = sorted(set(a) | set(b))
     return [
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in keys
-        if a.get(k) != b.get(k)
-        and not any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUME_COMPATIBLE)
+        f"{k}: {old!r} -> {new!r}"
+        for k, (old, new) in config_changes(saved, wanted).items()
+        if not covered(k, RESUME_COMPATIBLE)
     ]
 
 
