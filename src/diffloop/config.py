@@ -908,7 +908,7 @@ def validate(config: Config, num_processes: int = 1) -> None:
     )
     _validate_sdxl(config.model.sdxl)
     _check(bool(config.reward.name), "reward.name must name a registry reward or module:function")
-    _validate_reward(config.reward)
+    validate_reward_form(config.reward)
     _check(bool(config.output_dir), "output_dir must name a directory")
     check_output_dir(config.output_dir)
     _validate_performance(config)
@@ -953,7 +953,8 @@ def _validate_logging(lg: LoggingConfig) -> None:
                f"{', '.join(TRACKERS)}")  # fmt: skip
 
 
-def _validate_reward(r: RewardConfig) -> None:
+def validate_reward_form(r: RewardConfig) -> None:
+    """multi takes components and no kwargs; any other name takes kwargs and no components."""
     if r.name == "multi":
         _check(
             not r.kwargs,

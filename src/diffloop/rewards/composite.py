@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from diffloop.config import validate_reward_form
 from diffloop.rewards.registry import Reward, build_reward, score
 
 if TYPE_CHECKING:
@@ -176,19 +177,11 @@ class CompositeReward:
 
 
 def build_reward_from_config(cfg: RewardConfig) -> Reward:
-    """``reward:`` config -> reward: ``multi`` combines ``cfg.components``; else ``build_reward``."""
+    """``reward:`` config -> reward: ``multi`` combines ``cfg.components``; else ``build_reward``.
+    The form is checked by the same ``validate_reward_form`` that ``config.validate`` runs."""
+    validate_reward_form(cfg)
     if cfg.name == "multi":
-        if cfg.kwargs:
-            raise ValueError(
-                f"reward.name=multi takes its settings from reward.components, not reward.kwargs "
-                f"(got {sorted(cfg.kwargs)}); put kwargs inside each component"
-            )
         return CompositeReward(cfg.components)  # type: ignore[arg-type]  (None -> ValueError)
-    if cfg.components:
-        raise ValueError(
-            f"reward.components is set but reward.name={cfg.name!r}; use reward.name=multi "
-            "(or write reward: as a YAML list) to combine rewards"
-        )
     return build_reward(cfg.name, **cfg.kwargs)
 
 
