@@ -31,7 +31,7 @@ def test_config_defaults_are_what_diffloop_train_runs():
         default.model.pretrained,
         default.train.algorithm,
         default.sample.samples_per_prompt,
-    ) == ("shapes", "loop", 4)
+    ) == ("shapes", "loop", 8)
 
 
 def test_top_level_exports_are_lazy():
@@ -101,7 +101,7 @@ def test_trainer_takes_a_reward_callable_and_prompt_rows(tmp_path, clean_registr
         ["a red circle", "a blue square"],
     )
     assert (
-        config.reward.name == "shapes_binding" and config.prompts.source == "shapes/train_pair"
+        config.reward.name == "shapes_binding_mean" and config.prompts.source == "shapes/train_pair"
     )  # caller's copy
     from diffloop.preflight import check_before_loading
 

@@ -54,6 +54,10 @@ BAD = [
     (["sample.eta=-1"], "deterministic"),
     (["train.timestep_fraction=0"], "train.timestep_fraction"),
     (["train.timestep_fraction=1.5"], "(0, 1]"),
+    (["train.timestep_window=[5,5]"], "0 <= start < stop"),
+    (["train.timestep_window=[0,11]"], "sample.num_steps = 10"),
+    (["train.timestep_window=[2]"], "train.timestep_window"),
+    (["train.timestep_window=[0,4]", "sample.sde_window=[0,3]"], "sample.sde_window"),
     (["sample.batch_size=0"], "sample.batch_size"),
     (
         ["sample.prompts_per_epoch=2", "sample.samples_per_prompt=2", "train.batch_size=3"],
@@ -128,7 +132,8 @@ def test_batch_must_divide_over_processes():
 
 
 def test_check_config_cli_prints_arithmetic(capsys, tmp_path):
-    assert main(["check-config", "sample.prompts_per_epoch=4", "sample.samples_per_prompt=4"]) == 0
+    args = ["sample.prompts_per_epoch=4", "sample.samples_per_prompt=4", "train.batch_size=16"]
+    assert main(["check-config", *args]) == 0
     out = capsys.readouterr().out
     assert "samples per epoch:             16" in out and "gradient updates per epoch" in out
 
@@ -159,11 +164,21 @@ def test_derived_arithmetic():
         ],
     )
     a = derived_arithmetic(config)
+    # the shapes model trains its noisiest half by default: 0.5 of steps 0-4 -> 2 steps
     assert (a.samples_per_epoch, a.reward_queries_per_epoch, a.trained_timesteps_per_sample) == (
         32,
         32,
-        5,
+        2,
     )
+    assert "2 (of steps 0-4: the shapes model's default)" in "\n".join(a.lines())
+    config.train.timestep_window = [0, 10]  # every step, stated: DDPO's int(10 x 0.5)
+    assert derived_arithmetic(config).trained_timesteps_per_sample == 5
+    config.train.timestep_window = None
+    config.model.pretrained = (
+        "runwayml/stable-diffusion-v1-5"  # other models: every step by default
+    )
+    assert derived_arithmetic(config).trained_timesteps_per_sample == 5
+    config.model.pretrained = "shapes"
     assert a.gradient_updates_per_epoch == 2 * (32 // 4) // 2
     config.train.algorithm = "reinforce_loo"
     config.train.num_inner_epochs = 1

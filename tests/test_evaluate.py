@@ -262,7 +262,8 @@ def test_usage_errors_exit_2_before_loading_a_model(tmp_path, capsys, extra, mes
 
 
 def test_eval_of_a_run_reproduces_its_final_evaluation_exactly(tmp_path) -> None:
-    """The trainer's evaluation and ``diffloop eval`` are one loop with one seed rule."""
+    """The trainer's evaluation and ``diffloop eval`` are one loop with one seed rule (the run trains
+    on the default shapes_binding_mean, so equality also shows it evaluated with shapes_binding)."""
     from diffloop.loops import eval_summary
     from diffloop.run_dir import read_metrics
 
@@ -287,3 +288,15 @@ def test_eval_of_a_run_reproduces_its_final_evaluation_exactly(tmp_path) -> None
     assert result["targets"][0]["rewards"]["shapes_binding"]["mean"] == pytest.approx(
         final["eval_reward_mean"], rel=1e-6
     )  # the same scores, averaged in float64
+
+
+def test_base_model_first_still_samples_as_the_run(shapes_run, tmp_path, capsys) -> None:
+    # `eval shapes --compare RUN` once used 50 steps / guidance 5 (the first target has no config):
+    # the defaults now come from the first run whatever its position, and the CLI prints them.
+    argv = ["shapes", "--compare", str(shapes_run), "--prompts", "shapes/val_pair", "--num-prompts",
+            "1", "--images-per-prompt", "1", "--output", str(tmp_path / "e"), "--device", "cpu",
+            "--reward", "reward_fns:brightness"]  # fmt: skip
+    assert eval_main(argv) == 0
+    settings = json.loads((tmp_path / "e" / "eval.json").read_text())["settings"]
+    assert (settings["num_steps"], settings["guidance_scale"]) == (3, 3.0)  # the run's sample.*
+    assert "sampled with 3 steps, guidance 3.0" in capsys.readouterr().out

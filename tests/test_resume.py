@@ -56,7 +56,7 @@ def test_check_resume_allows_only_repeated_values_and_the_listed_changes(tmp_pat
         r".*resume_allow=\[sample.samples_per_prompt,train.algorithm\]",
     ):
         check_resume(
-            resumed(tmp_path, "num_epochs=5", "train.algorithm=ppo", "sample.samples_per_prompt=1")
+            resumed(tmp_path, "num_epochs=5", "train.algorithm=ppo", "sample.samples_per_prompt=2")
         )
     with pytest.raises(ConfigError, match="num_epochs=3 is below the run's num_epochs=5"):
         check_resume(resumed(tmp_path, "num_epochs=3"))
@@ -83,9 +83,9 @@ def test_a_changed_value_refused_at_the_command_line_leaves_the_record_untouched
     (out / "run_info.json").write_text("{}")
     before = snapshot(out)
     # No model loads: the packaged default config is not what is compared, the run's own is.
-    assert main(["train", f"output_dir={out}", "resume=true", "sample.samples_per_prompt=8"]) == 2
+    assert main(["train", f"output_dir={out}", "resume=true", "sample.samples_per_prompt=4"]) == 2
     err = capsys.readouterr().err
-    assert "sample.samples_per_prompt=8 differs from the run's sample.samples_per_prompt=4" in err
+    assert "sample.samples_per_prompt=4 differs from the run's sample.samples_per_prompt=8" in err
     assert snapshot(out) == before
 
 

@@ -237,3 +237,19 @@ def test_score_checks_prompt_and_metadata_lengths() -> None:
     images, prompts, metadata = _batch(3)
     with pytest.raises(ValueError, match="3 images but 2 prompts"):
         score(lambda *_: [0.0] * 3, images, prompts[:2], metadata)
+
+
+def test_evaluation_reward_is_eval_reward_else_the_declared_counterpart():
+    from diffloop.rewards.registry import evaluation_reward_name
+    from diffloop.shapes.reward import BindingReward, PhraseMeanBindingReward
+
+    # the shapes default trains on the phrase mean and is judged by the product (T2I-CompBench's)
+    assert evaluation_reward_name("shapes_binding_mean", None) == "shapes_binding"
+    assert (
+        evaluation_reward_name("shapes_binding_mean", "jpeg_compressibility")
+        == "jpeg_compressibility"
+    )
+    assert evaluation_reward_name("jpeg_compressibility", None) == "jpeg_compressibility"
+    assert evaluation_reward_name("reward_fns:brightness", None) == "reward_fns:brightness"
+    mean, product = PhraseMeanBindingReward(), BindingReward()
+    assert (mean.aggregate, product.aggregate) == ("mean", "product")

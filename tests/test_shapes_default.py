@@ -12,7 +12,7 @@ from diffloop.trainer import Trainer
 
 SHORT = [
     "sample.num_steps=3",
-    "sample.prompts_per_epoch=2",
+    "sample.prompts_per_epoch=1",  # x K = 8 samples
     "sample.batch_size=8",
     "train.batch_size=4",
     "eval.num_prompts=2",
@@ -21,13 +21,13 @@ SHORT = [
 ]
 
 
-def test_default_command_runs_loop_k4_on_shapes_and_writes_everything(tmp_path, capsys):
+def test_default_command_runs_loop_k8_on_shapes_and_writes_everything(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "num_epochs=2", f"output_dir={out}", *SHORT]) == 0
     config = load_config(out / "config.yaml")
     assert (config.train.algorithm, config.sample.samples_per_prompt, config.model.pretrained) == (
         "loop",
-        4,
+        8,
         "shapes",
     )
     rows = read_metrics(out / "metrics.jsonl")

@@ -266,3 +266,24 @@ def test_evaluation_samples_in_eval_mode(tiny_sd, tmp_path):
     a = trainer.policy.sample(["a cat"], make_generators(torch.device("cpu"), [0]), **kw).images
     b = trainer.policy.sample(["a cat"], make_generators(torch.device("cpu"), [0]), **kw).images
     assert not torch.equal(a, b)
+
+
+def test_eval_reward_scores_evaluation_only(tiny_sd, tmp_path):
+    # eval.reward: training still uses reward.name (brightness, spread over samples); every held-out
+    # evaluation, and the model card, uses the evaluation's own reward.
+    rows = run(tiny_sd, tmp_path / "run", **{
+        "eval.prompts": "shapes/val_pair", "eval.num_prompts": 2, "eval.samples_per_prompt": 1,
+        "eval.every_n_epochs": 1, "eval.reward": "reward_fns:constant_half",
+    })  # fmt: skip
+    evals = [r["eval_reward_mean"] for r in rows if "eval_reward_mean" in r]
+    assert len(evals) >= 2 and all(v == 0.5 for v in evals)  # base and after training
+    assert all(r["reward_mean"] != 0.5 for r in rows if "reward_mean" in r)
+
+
+def test_eval_reward_kwargs_need_eval_reward(tiny_sd, tmp_path):
+    from diffloop.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.reward_kwargs"):
+        load_config(
+            None, tiny_overrides(tiny_sd, tmp_path / "r", **{"eval.reward_kwargs": "{a: 1}"})
+        )

@@ -1,7 +1,7 @@
 """Typed run configuration: dataclass defaults < YAML file < ``a.b=c`` overrides.
 
 The defaults are the shapes-world run, so ``Config()`` is exactly what ``diffloop train`` runs with no
-arguments (LOOP, K = 4, on the packaged model; ``configs/shapes.yaml`` spells the same values out,
+arguments (LOOP, K = 8, on the packaged model; ``configs/shapes.yaml`` spells the same values out,
 and a test keeps the two equal). A config for another model states what it needs over them.
 
 Every invariant is checked by :func:`validate` before any model loads; each error names the field and
@@ -244,7 +244,7 @@ class SampleConfig:
     random window); null = every step but the last (an ODE step: it has no density)."""
     prompts_per_epoch: int = num(16, ge=1)
     """B: distinct prompt draws per epoch (over all processes)."""
-    samples_per_prompt: int = num(4, ge=1)
+    samples_per_prompt: int = num(8, ge=1)
     """K: trajectories per prompt (LOOP's group size; >= 2 for leave-one-out and GRPO)."""
     batch_size: int = num(32, ge=1)
     """Trajectories sampled at once per process (a memory knob: each sample has its own noise
@@ -255,7 +255,7 @@ class SampleConfig:
 class TrainConfig:
     algorithm: AlgorithmName = "loop"
     """One of loop, ppo, grpo, reinforce, reinforce_loo (see diffloop.algorithms.ALGORITHMS)."""
-    batch_size: int = num(16, ge=1)
+    batch_size: int = num(32, ge=1)
     """Trajectories per training minibatch per process."""
     gradient_accumulation_steps: int = num(1, ge=1)
     """Minibatches accumulated into one optimizer step (each minibatch spans its trained timesteps)."""
@@ -284,8 +284,16 @@ class TrainConfig:
     others: see diffloop.algorithms); 0: no clipping. The clipped fraction is logged."""
     normalize_advantages: bool = False
     """Divide leave-one-out advantages by their group's reward std (docs/method.md: an option, off)."""
-    timestep_fraction: float = num(0.5, gt=0, le=1)
-    """Fraction of each trajectory's steps trained on (random subset per trajectory)."""
+    timestep_fraction: float = num(1.0, gt=0, le=1)
+    """Fraction of the trained window's steps each trajectory trains on (its own random subset)."""
+    timestep_window: list[int] | None = None
+    """[start, stop): train only on the stored sampling steps start..stop-1 (0 = the noisiest).
+    null: the model's default -- every stored step, except for the packaged shapes model
+    (model.pretrained=shapes), which trains on its noisiest half, [0, ceil(T / 2)). DDIM with
+    eta = 1 at few steps ends with a near-clean step whose std is tiny (10 steps: 0.015), so its
+    log-prob gradient is ~10x the others' while its noise barely changes the image: it swamps the
+    reward signal (docs/method.md, "Which steps to train"). The run header prints the steps
+    trained. Flow-matching models choose their stored steps with sample.sde_window instead."""
     mixed_precision: MixedPrecision = "no"
     """no (fp32), fp16 (with a grad scaler) or bf16. Trainable parameters always stay fp32."""
     gradient_checkpointing: bool = False
@@ -327,7 +335,7 @@ class TrainConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "shapes_binding"
+    name: str = "shapes_binding_mean"
     """Registry name (jpeg_compressibility, shapes_binding, ...) or ``package.module:function``.
     ``multi`` combines ``components``; writing ``reward:`` as a YAML list means the same."""
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -367,16 +375,23 @@ class EvalConfig:
     """Prompt field of a jsonl/csv/dataset eval source; null: prompts.prompt_column."""
     split: str = "train"
     """Dataset split (eval.prompts=dataset)."""
-    num_prompts: int = num(48, ge=1)
+    num_prompts: int = num(96, ge=1)
     """First N prompts of the source (in order, cycling), the same every evaluation."""
     samples_per_prompt: int = num(2, ge=1)
     """Images per evaluation prompt; seeds are fixed so every evaluation sees the same noise."""
-    every_n_epochs: int = num(4, ge=0)
+    every_n_epochs: int = num(6, ge=0)
     """Evaluate every N epochs (0: only before training and after the last epoch)."""
     seed: int = num(12345, ge=0, le=_MAX_SEED)
     """Seed of the evaluation noise (independent of the training seed)."""
     batch_size: int = num(16, ge=1)
     """Images generated at once per process during evaluation."""
+    reward: str | None = None
+    """The evaluation's reward (registry name or ``package.module:attr``); null: the training
+    reward, or the one it declares it is judged by (``shapes_binding_mean``, the shapes default's
+    phrase-mean training reward, is evaluated with ``shapes_binding``, the product). Lets a run
+    train on a shaped reward and be judged on the target one; the run header names it."""
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of eval.reward (only with eval.reward set)."""
 
 
 @dataclass
@@ -848,6 +863,22 @@ def validate(config: Config, num_processes: int = 1) -> None:
         f"= {s.num_steps - 1} (the last step is an ODE step)",
     )  # fmt: skip
     _check(
+        config.eval.reward is not None or not config.eval.reward_kwargs,
+        f"eval.reward_kwargs={config.eval.reward_kwargs} without eval.reward: the evaluation uses the "
+        "training reward (reward.kwargs); set eval.reward too, or drop eval.reward_kwargs",
+    )
+    tw = t.timestep_window
+    _check(
+        tw is None or (len(tw) == 2 and 0 <= tw[0] < tw[1] <= s.num_steps),
+        f"train.timestep_window={tw} must be null or [start, stop) with 0 <= start < stop <= "
+        f"sample.num_steps = {s.num_steps}, e.g. [0, {max(1, s.num_steps // 2)}] for the first half",
+    )
+    _check(
+        tw is None or s.sde_window is None,
+        f"train.timestep_window={tw} and sample.sde_window={s.sde_window}: a flow-matching model "
+        "trains on the steps sample.sde_window makes stochastic; set train.timestep_window=null",
+    )
+    _check(
         s.samples_per_prompt >= algo.min_samples_per_prompt,
         f"sample.samples_per_prompt={s.samples_per_prompt}: algorithm '{algo.name}' needs at least "
         f"{algo.min_samples_per_prompt} samples per prompt ({algo.why_min_samples}); set "
@@ -1071,6 +1102,7 @@ class Arithmetic:
     minibatches_per_inner_epoch: int
     gradient_updates_per_epoch: int
     unet_evals_per_sample: int
+    trained_window: str = ""
 
     def lines(self) -> list[str]:
         return [
@@ -1079,7 +1111,7 @@ class Arithmetic:
                 f"({self.samples_per_process} per process)"
             ),
             f"reward queries per epoch:      {self.reward_queries_per_epoch}",
-            f"trained timesteps per sample:  {self.trained_timesteps_per_sample}",
+            f"trained timesteps per sample:  {self.trained_timesteps_per_sample}{self.trained_window}",
             f"gradient updates per epoch:    {self.gradient_updates_per_epoch}",
             f"UNet evaluations per sample:   {self.unet_evals_per_sample} (sampling)",
         ]
@@ -1101,16 +1133,46 @@ def derived_arithmetic(config: Config, num_processes: int = 1) -> Arithmetic:
         samples_per_epoch=total,
         samples_per_process=local,
         reward_queries_per_epoch=total,
-        trained_timesteps_per_sample=num_trained_timesteps(s.num_steps, t.timestep_fraction),
+        trained_timesteps_per_sample=num_trained_timesteps(
+            len(trained_step_range(effective_timestep_window(config), s.num_steps)),
+            t.timestep_fraction,
+        ),
         minibatches_per_inner_epoch=minibatches,
         gradient_updates_per_epoch=updates,
         unet_evals_per_sample=s.num_steps * cfg_factor,
+        trained_window=_window_words(config),
     )
 
 
+def _window_words(config: Config) -> str:
+    """' (of steps a-b: ...)' for the header when a window restricts the trained steps."""
+    window = effective_timestep_window(config)
+    if window is None:
+        return ""
+    why = "train.timestep_window" if config.train.timestep_window else "the shapes model's default"
+    return f" (of steps {window[0]}-{window[1] - 1}: {why})"
+
+
 def num_trained_timesteps(num_steps: int, timestep_fraction: float) -> int:
-    """Steps of each trajectory trained on: max(1, int(T * timestep_fraction)) (DDPO's rule)."""
+    """Steps of each trajectory trained on: max(1, int(T * timestep_fraction)) (DDPO's rule), T
+    the length of the trained window (``trained_step_range``)."""
     return max(1, int(num_steps * timestep_fraction))
+
+
+def effective_timestep_window(config: Config) -> list[int] | None:
+    """``train.timestep_window``, or when it is null the model's default: [0, ceil(T / 2)) for the
+    packaged shapes model (its 10-step DDPM sampler; docs/method.md "Which steps to train"),
+    None (every stored step) for every other model."""
+    window = config.train.timestep_window
+    if window is not None or config.model.pretrained != "shapes":
+        return window
+    return [0, math.ceil(config.sample.num_steps / 2)]
+
+
+def trained_step_range(timestep_window: list[int] | None, stored_steps: int) -> range:
+    """The stored steps training draws from: a window [start, stop) (``effective_timestep_window``),
+    or all ``stored_steps`` when it is None (validated: stop <= stored steps)."""
+    return range(stored_steps) if timestep_window is None else range(*timestep_window)
 
 
 def available_cores() -> int:

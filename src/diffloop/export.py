@@ -287,6 +287,12 @@ def _summary_lines(config: Config, family: str) -> list[str]:
     return lines
 
 
+def _evaluation_reward(config: Config) -> str:
+    from diffloop.rewards.registry import evaluation_reward_name
+
+    return evaluation_reward_name(config.reward.name, config.eval.reward)
+
+
 def _held_out_lines(config: Config, held_out: HeldOut | None) -> list[str]:
     if held_out is None:
         return ["Not measured (the run had no eval.prompts)."]
@@ -297,7 +303,7 @@ def _held_out_lines(config: Config, held_out: HeldOut | None) -> list[str]:
         f"| base | {held_out.before:.4f} |",
         f"| trained ({_count(held_out.after_epoch, 'epoch')}) | {held_out.after:.4f} ({delta:+.4f}) |",
         "",
-        (f"`{config.reward.name}` on {e.num_prompts} held-out prompts of `{e.prompts}` x "
+        (f"`{_evaluation_reward(config)}` on {e.num_prompts} held-out prompts of `{e.prompts}` x "
         f"{e.samples_per_prompt} images, the same fixed noise before and after (eval.seed={e.seed})."),
     ]  # fmt: skip
 

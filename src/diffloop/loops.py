@@ -93,11 +93,14 @@ def sample_batches(
 
 
 def choose_timesteps(
-    num_trajectories: int, num_steps: int, steps_trained: int, generator
+    num_trajectories: int, window: range, steps_trained: int, generator
 ) -> torch.Tensor:
-    """(N, S) long: each trajectory's own random subset of S of its T steps, in random order (DDPO)."""
-    perms = [torch.randperm(num_steps, generator=generator) for _ in range(num_trajectories)]
-    return torch.stack(perms)[:, :steps_trained]
+    """(N, S) long: each trajectory's own random subset of S of the stored steps in ``window``
+    (``config.trained_step_range``), in random order (DDPO's rule when the window is every step)."""
+    if not 1 <= steps_trained <= len(window):
+        raise ValueError(f"cannot train {steps_trained} steps of a {len(window)}-step window")
+    perms = [torch.randperm(len(window), generator=generator) for _ in range(num_trajectories)]
+    return torch.stack(perms)[:, :steps_trained] + window.start
 
 
 # ----------------------------------------------------------------------------- log-probabilities

@@ -28,7 +28,10 @@ def check_before_loading(config: Config, num_processes: int = 1) -> None:
         eval_prompt_source(config)
     except PromptError as e:
         raise ConfigError(f"eval.prompts={config.eval.prompts}: {e}") from None
-    for where, name, kwargs in reward_specs(config.reward):
+    specs = reward_specs(config.reward)
+    if config.eval.reward is not None:
+        specs.append(("eval.reward", config.eval.reward, config.eval.reward_kwargs))
+    for where, name, kwargs in specs:
         try:
             check_reward_name(name, kwargs)
         except RewardSpecError as e:

@@ -31,8 +31,10 @@ from diffloop.config import (
     PerformanceConfig,
     TrainConfig,
     derived_arithmetic,
+    effective_timestep_window,
     num_trained_timesteps,
     resolve_cpu_threads,
+    trained_step_range,
 )
 from diffloop.distributed import Distributed
 from diffloop.ema import EMA, maybe_applied
@@ -49,9 +51,9 @@ from diffloop.prompts import (
     training_prompt_source,
 )
 from diffloop.resume import check_resume
-from diffloop.rewards import RewardScores, register_reward, reward_name, score
+from diffloop.rewards import RewardScores, build_reward, register_reward, reward_name, score
 from diffloop.rewards.composite import build_reward_from_config
-from diffloop.rewards.registry import PYTHON_REWARD_PREFIX
+from diffloop.rewards.registry import PYTHON_REWARD_PREFIX, evaluation_reward_name
 from diffloop.rewards.remote import check_servers
 from diffloop.run_dir import RunDirectory, existing_run, remove_run
 from diffloop.summary import summary_lines, write_before_after
@@ -76,6 +78,20 @@ def set_backend_flags(
         torch.backends.cuda.matmul.allow_tf32 = performance.allow_tf32
         torch.backends.cudnn.allow_tf32 = performance.allow_tf32
     return threads
+
+
+def check_timestep_window(policy, config: Config) -> None:
+    """ConfigError unless ``train.timestep_window`` ends within the steps the policy stores (every
+    DDIM step; a flow-matching model stores num_steps - 1: its last step is an ODE step)."""
+    window = config.train.timestep_window  # the shapes model's default always fits
+    if window is None:
+        return
+    stored = len(policy.step_stds(config.sample.num_steps, config.sample.eta))
+    if window[1] > stored:
+        raise ConfigError(
+            f"train.timestep_window={window}: this model stores {stored} steps per trajectory at "
+            f"sample.num_steps={config.sample.num_steps}; set its stop to at most {stored}"
+        )
 
 
 class Trainer:
@@ -112,6 +128,7 @@ class Trainer:
         check_servers(
             self.reward
         )  # a remote reward's server answers now, not after the first sampling
+        self.eval_reward = self._evaluation_reward()
         self._reward_pool = ThreadPoolExecutor(1, "reward") if config.reward.asynchronous else None
         t = config.train
         self.sampler = loops.SamplerSettings.from_config(config.sample)
@@ -131,6 +148,7 @@ class Trainer:
             sample=config.sample,
         )
         self.policy.check_sampling(config.sample.num_steps, config.sample.eta)
+        check_timestep_window(self.policy, config)
         self.params = self.policy.trainable_parameters()
         export.check_exportable(self.policy, config.lora.enabled)  # now, not after training
         self.optimizer = build_optimizer(self.params, t, self.dist.device)
@@ -240,6 +258,15 @@ class Trainer:
             "epoch_time_s": t2 - t0,
         }
 
+    def _evaluation_reward(self):
+        """eval.reward, else the training reward's declared counterpart (``evaluated_with``: the
+        shapes default trains on the phrase mean, evaluates the product), else the reward itself."""
+        cfg = self.config
+        name = evaluation_reward_name(cfg.reward.name, cfg.eval.reward)
+        if name == cfg.reward.name and not cfg.eval.reward:
+            return self.reward
+        return build_reward(name, **(cfg.eval.reward_kwargs if cfg.eval.reward else {}))
+
     # ------------------------------------------------------------------ phases
 
     def sample_and_score(
@@ -303,7 +330,8 @@ class Trainer:
         """
         cfg, t = self.config, self.config.train
         n, num_steps = traj.timesteps.shape
-        steps_trained = num_trained_timesteps(num_steps, t.timestep_fraction)
+        window = trained_step_range(effective_timestep_window(cfg), num_steps)
+        steps_trained = num_trained_timesteps(len(window), t.timestep_fraction)
         minibatches = n // t.batch_size
         accumulate = (
             minibatches if self.algorithm.one_update_per_batch else t.gradient_accumulation_steps
@@ -315,7 +343,7 @@ class Trainer:
         backward = lambda loss: self.grad_scaler.scale(loss).backward()
         for _ in range(t.num_inner_epochs):
             order = torch.randperm(n, generator=gen)
-            step_order = loops.choose_timesteps(n, num_steps, steps_trained, gen)  # (n, S)
+            step_order = loops.choose_timesteps(n, window, steps_trained, gen)  # (n, S)
             for b, chunk in enumerate(
                 self._progress(list(iter_chunks(n, t.batch_size)), "training")
             ):
@@ -384,7 +412,7 @@ class Trainer:
             self.policy,
             prompts[local],
             seeds[local],
-            {"reward": self.reward},
+            {"reward": self.eval_reward},
             self.sampler,
             e.batch_size,
             metadata=metadata[local],
@@ -433,7 +461,7 @@ class Trainer:
     ) -> dict[str, float]:
         """For a reward that scores attributes (the shapes world's): binding per attribute and seen
         vs unseen combinations (``diffloop.shapes.reward.eval_breakdown``); {} for other rewards."""
-        attribute_scores = getattr(self.reward, "attribute_scores", None)
+        attribute_scores = getattr(self.eval_reward, "attribute_scores", None)
         if attribute_scores is None:
             return {}
         from diffloop.shapes.reward import eval_breakdown
@@ -579,6 +607,9 @@ class Trainer:
         )
         for line in self.arithmetic.lines():
             print("  " + line)
+        if self.eval_source is not None:
+            name = evaluation_reward_name(cfg.reward.name, cfg.eval.reward)
+            print(f"  held-out evaluation reward:    {name}")
 
     def _print_summary(self) -> None:
         """The verdict (base -> trained held-out reward, and for the shapes world per attribute and
@@ -594,7 +625,7 @@ class Trainer:
         for line in summary_lines(
             evals[0],
             evals[-1],
-            self.config.reward.name,
+            evaluation_reward_name(self.config.reward.name, self.config.eval.reward),
             e.prompts,
             e.num_prompts,
             e.samples_per_prompt,
@@ -607,7 +638,7 @@ class Trainer:
             rows = write_before_after(eval_dir / "base.npz", after.with_suffix(".npz"), eval_dir / "before_after.png",
                                       e.samples_per_prompt, f"after: epoch {evals[-1]['epoch'] + 1}")  # fmt: skip
             print(f"  {eval_dir / 'before_after.png'}: {rows} of {e.num_prompts} prompts, before | after, "
-                  f"each image's {self.config.reward.name} score under it")  # fmt: skip
+                  f"each image's {evaluation_reward_name(self.config.reward.name, self.config.eval.reward)} score under it")  # fmt: skip
         elif (eval_dir / "base.png").is_file() and after.with_suffix(".png").is_file():
             from diffloop.images import stack_vertically  # a run resumed from before the .npz files
 

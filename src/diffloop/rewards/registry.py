@@ -70,6 +70,7 @@ REWARDS: dict[str, str | Callable[..., Reward]] = {
     "jpeg_compressibility": "diffloop.rewards.jpeg:jpeg_compressibility",
     "jpeg_incompressibility": "diffloop.rewards.jpeg:jpeg_incompressibility",
     "shapes_binding": "diffloop.shapes.reward:BindingReward",
+    "shapes_binding_mean": "diffloop.shapes.reward:PhraseMeanBindingReward",
     "multi": "diffloop.rewards.composite:CompositeReward",
     "remote": "diffloop.rewards.remote:RemoteReward",
     "aesthetic": "diffloop.rewards.aesthetic:AestheticReward",
@@ -234,6 +235,19 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
     """A reward from a registered name (factory(**kwargs)) or a 'package.module:attr' spec."""
     factory, construct = reward_factory(name, kwargs)
     return factory(**kwargs) if construct else factory
+
+
+def evaluated_with(name: str) -> str | None:
+    """The reward a training reward declares it is judged by (its ``evaluated_with`` attribute:
+    a shaped training reward names its target), or None."""
+    factory, _ = reward_factory(name, {})
+    return getattr(factory, "evaluated_with", None)
+
+
+def evaluation_reward_name(reward_name_: str, eval_reward: str | None) -> str:
+    """The name held-out evaluation scores with: ``eval.reward`` when set, else the training
+    reward's declared counterpart (``evaluated_with``), else the training reward itself."""
+    return eval_reward or evaluated_with(reward_name_) or reward_name_
 
 
 class RewardError(DiffloopError, RuntimeError):

@@ -112,6 +112,17 @@ def unique_labels(targets: list[EvalTarget]) -> list[EvalTarget]:
     return out
 
 
+def first_run_sampling(targets: list[EvalTarget]):
+    """``sample.*`` of the first run or checkpoint target, in any position (``shapes --compare RUN``
+    samples as RUN was trained), or None when every target is a model."""
+    from diffloop.config import load_config
+
+    for target in targets:
+        if target.run_dir is not None:
+            return load_config(target.run_dir / "config.yaml").sample
+    return None
+
+
 def load_target(target: EvalTarget, device: torch.device):
     """(policy, run config or None, checkpoint path or None) for a target."""
     from diffloop import checkpoint
@@ -335,8 +346,9 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Evaluate each target on the same prompts and noise; returns (and writes) the eval.json dict.
 
-    ``num_steps`` / ``guidance_scale`` / ``negative_prompt`` default to the first run target's
-    training config (``sample.*``), else 50 / 5.0 / "": every target uses the same values.
+    ``num_steps`` / ``guidance_scale`` / ``negative_prompt`` default to the first run (or
+    checkpoint) target's training config (``sample.*``), wherever it is among the targets, else
+    50 / 5.0 / "": every target uses the same values (printed by the CLI).
     ``reward_kwargs``: reward name -> kwargs. With ``output_dir`` writes eval.json and the grids.
     """
     specs = [targets] if isinstance(targets, str) else list(targets)
@@ -356,10 +368,10 @@ def evaluate_model(
     entries: list[dict[str, Any]] = []
     grid_images: list[torch.Tensor] = []
     first_scores: dict[str, torch.Tensor] = {}
+    sample_cfg = first_run_sampling(resolved)  # whatever the run's position among the targets
     for target in resolved:
-        policy, config, ckpt = load_target(target, device)
-        if settings is None:  # fixed by the first target, so that every target samples alike
-            sample_cfg = config.sample if config is not None else None
+        policy, _config, ckpt = load_target(target, device)
+        if settings is None:  # fixed once, so that every target samples alike
             settings = {
                 "prompts": source_name,
                 "num_prompts": len(prompt_list),
@@ -540,5 +552,10 @@ def eval_main(argv: list[str]) -> int:
         print(f"diffloop: error: eval: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
+    st = result["settings"]
+    print(
+        f"sampled with {st['num_steps']} steps, guidance {st['guidance_scale']}, eta {st['eta']}, "
+        f"seed {st['seed']} (steps and guidance: flags, else the first run's, else 50 / 5.0)"
+    )
     print(f"wrote {args.output / 'eval.json'} and image grids")
     return 0
