@@ -69,3 +69,18 @@ def test_window_past_a_flow_models_stored_steps_is_refused(tiny_sd3, tmp_path):
     with pytest.raises(ConfigError, match="stores 2 steps"):
         Trainer(config)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_near_clean_step_dominates_the_score_weights():
+    # docs/method.md's table (scripts/step_weights.py): at 10 steps, eta 1, the shapes model's
+    # schedule puts step 8 at >10x the median weight, and the default window [0, 5) excludes it.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "step_weights.py"
+    spec = importlib.util.spec_from_file_location("step_weights", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    w = module.step_weights({"beta_schedule": "linear"}, 10)
+    assert int(w.argmax()) == 8 and float(w[8]) == pytest.approx(23.29, abs=0.01)
+    assert float(w[8]) > 10 * float(w.median()) and int(w[:5].argmax()) == 0

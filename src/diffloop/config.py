@@ -1133,10 +1133,7 @@ def derived_arithmetic(config: Config, num_processes: int = 1) -> Arithmetic:
         samples_per_epoch=total,
         samples_per_process=local,
         reward_queries_per_epoch=total,
-        trained_timesteps_per_sample=num_trained_timesteps(
-            len(trained_step_range(effective_timestep_window(config), s.num_steps)),
-            t.timestep_fraction,
-        ),
+        trained_timesteps_per_sample=trained_steps(config, s.num_steps)[1],
         minibatches_per_inner_epoch=minibatches,
         gradient_updates_per_epoch=updates,
         unet_evals_per_sample=s.num_steps * cfg_factor,
@@ -1167,6 +1164,13 @@ def effective_timestep_window(config: Config) -> list[int] | None:
     if window is not None or config.model.pretrained != "shapes":
         return window
     return [0, math.ceil(config.sample.num_steps / 2)]
+
+
+def trained_steps(config: Config, stored_steps: int) -> tuple[range, int]:
+    """(the stored steps training draws from, how many each trajectory trains) for trajectories of
+    ``stored_steps`` steps: the one rule the trainer, ``diffloop variance`` and the header share."""
+    window = trained_step_range(effective_timestep_window(config), stored_steps)
+    return window, num_trained_timesteps(len(window), config.train.timestep_fraction)
 
 
 def trained_step_range(timestep_window: list[int] | None, stored_steps: int) -> range:

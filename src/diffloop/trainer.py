@@ -31,10 +31,8 @@ from diffloop.config import (
     PerformanceConfig,
     TrainConfig,
     derived_arithmetic,
-    effective_timestep_window,
-    num_trained_timesteps,
     resolve_cpu_threads,
-    trained_step_range,
+    trained_steps,
 )
 from diffloop.distributed import Distributed
 from diffloop.ema import EMA, maybe_applied
@@ -53,7 +51,11 @@ from diffloop.prompts import (
 from diffloop.resume import check_resume
 from diffloop.rewards import RewardScores, build_reward, register_reward, reward_name, score
 from diffloop.rewards.composite import build_reward_from_config
-from diffloop.rewards.registry import PYTHON_REWARD_PREFIX, evaluation_reward_name
+from diffloop.rewards.registry import (
+    PYTHON_REWARD_PREFIX,
+    evaluated_with,
+    evaluation_reward_name,
+)
 from diffloop.rewards.remote import check_servers
 from diffloop.run_dir import RunDirectory, existing_run, remove_run
 from diffloop.summary import summary_lines, write_before_after
@@ -261,11 +263,11 @@ class Trainer:
     def _evaluation_reward(self):
         """eval.reward, else the training reward's declared counterpart (``evaluated_with``: the
         shapes default trains on the phrase mean, evaluates the product), else the reward itself."""
-        cfg = self.config
-        name = evaluation_reward_name(cfg.reward.name, cfg.eval.reward)
-        if name == cfg.reward.name and not cfg.eval.reward:
-            return self.reward
-        return build_reward(name, **(cfg.eval.reward_kwargs if cfg.eval.reward else {}))
+        e = self.config.eval
+        if e.reward:
+            return build_reward(e.reward, **e.reward_kwargs)
+        counterpart = evaluated_with(self.config.reward.name)
+        return build_reward(counterpart) if counterpart else self.reward
 
     # ------------------------------------------------------------------ phases
 
@@ -330,8 +332,7 @@ class Trainer:
         """
         cfg, t = self.config, self.config.train
         n, num_steps = traj.timesteps.shape
-        window = trained_step_range(effective_timestep_window(cfg), num_steps)
-        steps_trained = num_trained_timesteps(len(window), t.timestep_fraction)
+        window, steps_trained = trained_steps(cfg, num_steps)
         minibatches = n // t.batch_size
         accumulate = (
             minibatches if self.algorithm.one_update_per_batch else t.gradient_accumulation_steps

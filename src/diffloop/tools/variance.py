@@ -347,11 +347,7 @@ def draw_estimate(trainer, index: int, seed: int, tracker=None) -> Estimate:
     """Estimate ``index`` under the trainer's algorithm and config (B prompts x K samples), at the
     policy's current parameters. Prompts and noise are pure functions of (seed, index)."""
     from diffloop import loops, seeding
-    from diffloop.config import (
-        effective_timestep_window,
-        num_trained_timesteps,
-        trained_step_range,
-    )
+    from diffloop.config import trained_steps
 
     cfg = trainer.config
     s, t = cfg.sample, cfg.train
@@ -366,10 +362,7 @@ def draw_estimate(trainer, index: int, seed: int, tracker=None) -> Estimate:
     n, num_steps = traj.timesteps.shape
     gen = torch.Generator().manual_seed(seeding.variance_timestep_seed(seed, index))
     # As the trainer: each trajectory trains on its own random subset of steps (all when fraction = 1).
-    window = trained_step_range(effective_timestep_window(cfg), num_steps)
-    steps = loops.choose_timesteps(
-        n, window, num_trained_timesteps(len(window), t.timestep_fraction), gen
-    )
+    steps = loops.choose_timesteps(n, *trained_steps(cfg, num_steps), gen)
     grad, err = policy_gradient(
         trainer.policy, traj, advantages.reshape(-1), trainer.algorithm.loss_fn, steps,
         clip_range=t.clip_range, eta=s.eta, guidance_scale=s.guidance_scale, batch_size=t.batch_size,
