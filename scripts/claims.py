@@ -69,8 +69,9 @@ def gain(curve: dict) -> float:
     return curve["reward"][-1] - curve["reward"][0]
 
 
-def auc(curve: dict) -> float:
-    return trapezoid_auc(curve["prompts"], curve["reward"], curve["prompts"][-1])
+def auc(curve: dict, axis: str = "prompts") -> float:
+    """Area under the held-out reward curve against ``axis`` (the budget's kind), over its extent."""
+    return trapezoid_auc(curve[axis], curve["reward"], curve[axis][-1])
 
 
 def paired(summary: dict, a: str, b: str, metric, metric_b=None) -> tuple[float, float, int] | None:
@@ -209,6 +210,28 @@ def update_rows(summary: dict, runs_dir: Path) -> list[str]:
     return lines
 
 
+# The paper's claims as paired comparisons: (run a, run b, what the difference tests).
+COMPARISONS = (
+    ("loop_k4", "ppo_k1", "(a) gain of loop K=4 − ppo (DDPO)"),
+    ("loop_k2", "ppo_k1", "(a) gain of loop K=2 − ppo (DDPO)"),
+    ("loop_k4", "loop_k2", "(a) more so as K grows: gain of loop K=4 − loop K=2"),
+    ("loop_k4", "reinforce_loo_k4", "gain of loop K=4 − reinforce_loo K=4 (PPO's clipped reuse vs one step)"),
+    ("loop_k4", "grpo_k4", "gain of loop K=4 − grpo K=4 (std-normalised advantages)"),
+    ("loop_k4", "reinforce_k1", "gain of loop K=4 − reinforce K=1"),
+)  # fmt: skip
+
+
+def matched(summary: dict, a: str, b: str) -> str:
+    """What two runs have equal: "equal prompts and reward queries", "equal reward queries" or "equal
+    prompts", from the sweep summary's per-run totals (the budget's kind when they are absent)."""
+    totals = {r["name"]: r for r in summary.get("runs", [])}
+    if a not in totals or b not in totals:
+        return "equal " + summary["budget"]["kind"].replace("_", " ")
+    same = [what for key, what in (("prompts", "prompts"), ("reward_queries", "reward queries"))
+            if totals[a][key] == totals[b][key]]  # fmt: skip
+    return "equal " + " and ".join(same) if same else "unequal prompts and reward queries"
+
+
 def main(argv: list[str]) -> int:
     summary = json.loads(Path(argv[0]).read_text())
     variance = (
@@ -224,36 +247,13 @@ def main(argv: list[str]) -> int:
         "",
         "| claim (difference a − b) | difference | seeds | verdict |",
         "|---|---|---|---|",
+        *(row(f"{what} ({matched(summary, a, b)})", paired(summary, a, b, final))
+          for a, b, what in COMPARISONS),
         row(
-            "(a) equal prompts: gain of loop K=4 − ppo (DDPO)",
-            paired(summary, "loop_k4", "ppo_k1", final),
+            f"(a) AUC of loop K=4 − ppo ({matched(summary, 'loop_k4', 'ppo_k1')})",
+            paired(summary, "loop_k4", "ppo_k1", lambda c: auc(c, budget["kind"])),
         ),
-        row(
-            "(a) equal prompts, equal updates: gain of loop K=4 − ppo with 4 updates/epoch (ppo_k1_b4)",
-            paired(summary, "loop_k4", "ppo_k1_b4", final),
-        ),
-        row(
-            "(a) equal prompts: gain of loop K=2 − ppo (DDPO)",
-            paired(summary, "loop_k2", "ppo_k1", final),
-        ),
-        row("(a) equal prompts: AUC of loop K=4 − ppo", paired(summary, "loop_k4", "ppo_k1", auc)),
-        row(
-            "(a) more so as K grows: gain of loop K=4 − loop K=2",
-            paired(summary, "loop_k4", "loop_k2", final),
-        ),
-        row(
-            "equal prompts: gain of loop K=4 − reinforce_loo K=4 (PPO's clipped reuse vs one step)",
-            paired(summary, "loop_k4", "reinforce_loo_k4", final),
-        ),
-        row(
-            "equal prompts: gain of loop K=4 − grpo K=4 (std-normalised advantages)",
-            paired(summary, "loop_k4", "grpo_k4", final),
-        ),
-        row(
-            "equal prompts: gain of loop K=4 − reinforce K=1",
-            paired(summary, "loop_k4", "reinforce_k1", final),
-        ),
-    ]
+    ]  # fmt: skip
     # Equal reward queries: loop K=4's eval point at the queries a K=1 run spends in its whole budget.
     k1_queries = budget["amount"] if budget["kind"] == "prompts" else None
     if k1_queries:

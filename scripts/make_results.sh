@@ -12,8 +12,7 @@
 # (also measure at the trained loop_k4 seed-0 parameters), VAR_OVERRIDES (space-separated key=value for
 # the variance measurements), SHARDS (N sweep processes in parallel, balanced by reward queries),
 # TRAIN=0 (no training: summarise the finished runs, e.g. after stopping a sweep early), PYTHON.
-# Cost on this project's 2-core CPU (OMP_NUM_THREADS=1, SHARDS=2): the 18 runs of 3 seeds took 76 min,
-# all 35 of 5 seeds about 2.5 h; one variance measurement (64 estimates) ~35 min; minutes on one GPU. On a shared CPU set OMP_NUM_THREADS=1:
+# Cost on this project's 2-core CPU (OMP_NUM_THREADS=1, SHARDS=2): COST_LINE On a shared CPU set OMP_NUM_THREADS=1:
 # oversubscribed OpenMP threads are 10-40x slower.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,15 +72,18 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
     echo "($(getconf _NPROCESSORS_ONLN 2>/dev/null || echo "?") cores); with several processes per core they include contention."
     echo
     cat <<'NOTES'
-How to read the comparison. Every run draws the same 192 training prompts (12 epochs of 16) from
-the shapes world's training pairs and is evaluated on the same 48 held-out pair prompts x 2 images
-with fixed noise; everything else is `configs/shapes.yaml` (LoRA r8, lr 3e-3, train batch 16,
-timestep_fraction 0.5, clip 1e-4 on mean-reduced log-probs). Equal prompts is not equal work: a run
-with K samples per prompt spends K x the reward queries, and the number of gradient steps the prompts
-buy differs by algorithm (table "What each setting did" below). In particular ppo_k1 makes one
-on-policy update per epoch, so its ratio is always 1 and the clip never acts (it is REINFORCE with
-DDPO's per-prompt / batch std normalisation); ppo_k1_b4 is PPO with 4 clipped updates per epoch, as
-many as loop_k4. reinforce and reinforce_loo make one update per batch by definition (method.md).
+How to read the comparison. Every run queries the reward 768 times: 12 epochs of 64 samples, drawn
+as 16 prompts x K = 4 (loop_k4, grpo_k4, reinforce_loo_k4: the same 192 training prompts), 32 x 2
+(loop_k2: 384 prompts) or 64 x 1 (ppo_k1, reinforce_k1: 768 prompts), from the shapes world's
+training pairs. loop, grpo and ppo make 2 clipped updates of 32 samples per epoch (24 optimizer
+steps), reinforce and reinforce_loo one score-function step on the epoch's 64 (12 steps). Every run
+is evaluated on the same 96 held-out pair prompts x 2 images with fixed noise (seen and unseen
+attribute-object combinations), scored by the product binding reward; everything else is
+`configs/shapes.yaml` (LoRA r8, lr 3e-3, the [0, 5) timestep window, clip 1e-4 on mean-reduced
+log-probs, trained on the phrase-mean binding reward). So the K = 4 comparisons are at equal prompts
+AND equal reward queries; the comparisons with loop_k2 and the K = 1 runs are at equal reward queries,
+where the smaller K sees more distinct prompts. The second update of an epoch is off-policy, so the
+clip can act for loop, grpo and ppo.
 
 NOTES
     echo

@@ -57,9 +57,26 @@ def test_report_marks_missing_runs_and_equal_query_point(tmp_path, capsys):
     path.write_text(json.dumps(s))
     assert claims.main([str(path)]) == 0
     out = capsys.readouterr().out
-    assert "reinforce_loo K=4 (PPO's clipped reuse vs one step) | - | - | runs missing" in out
+    assert (
+        "reinforce_loo K=4 (PPO's clipped reuse vs one step) (equal prompts) | - | - | runs missing"
+        in out
+    )
     # loop K=4 at 192 queries is its first eval point after the base: gain 0.1 vs ppo's final 0.05.
     assert "equal reward queries (192): gain of loop K=4 (at 192 queries) − ppo | +0.0500" in out
+
+
+def test_comparisons_name_what_the_two_runs_have_equal():
+    runs = [{"name": "loop_k4", "prompts": 192, "reward_queries": 768},
+            {"name": "grpo_k4", "prompts": 192, "reward_queries": 768},
+            {"name": "ppo_k1", "prompts": 768, "reward_queries": 768},
+            {"name": "reinforce_k1", "prompts": 192, "reward_queries": 192}]  # fmt: skip
+    s = {"budget": {"kind": "reward_queries", "amount": 768}, "runs": runs}
+    assert claims.matched(s, "loop_k4", "grpo_k4") == "equal prompts and reward queries"
+    assert claims.matched(s, "loop_k4", "ppo_k1") == "equal reward queries"
+    assert claims.matched(s, "loop_k4", "reinforce_k1") == "equal prompts"
+    assert claims.matched(s, "ppo_k1", "reinforce_k1") == "unequal prompts and reward queries"
+    # loop_k2 is not in runs: the budget's kind.
+    assert claims.matched(s, "loop_k4", "loop_k2") == "equal reward queries"
 
 
 def test_update_rows_reduce_each_key_by_its_schema_reduction(tmp_path):

@@ -136,6 +136,11 @@ def test_check_config_cli_prints_arithmetic(capsys, tmp_path):
     assert main(["check-config", *args]) == 0
     out = capsys.readouterr().out
     assert "samples per epoch:             16" in out and "gradient updates per epoch" in out
+    assert "by the DDIM rules" not in out  # the shapes model: its numbers are exact
+    # Another model is not loaded by check-config: the model-dependent lines say which rule they use.
+    assert main(["check-config", "flux_pickscore.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "UNet evaluations per sample:   12 (sampling)" in out and "by the DDIM rules" in out
 
 
 def test_cli_bad_config_is_a_clean_error(capsys):

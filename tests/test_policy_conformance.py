@@ -211,3 +211,33 @@ def test_kill_and_resume_equals_uninterrupted(case, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "run_epoch", original)
     trainer(case, tmp_path / "killed", resume=True, **extra).train()
     assert comparable(read_metrics(tmp_path / "killed" / "metrics.jsonl")) == comparable(full)
+
+
+def test_header_counts_are_what_sampling_does(case, tmp_path):
+    """``stored_steps`` is the number of log-probs a sampled trajectory holds and
+    ``evaluations_per_step`` the denoiser rows one step runs per sample (counted by a forward
+    pre-hook: 2 with CFG, 1 for guidance-distilled FLUX); the run header prints both."""
+    from diffloop.config import trained_steps
+
+    t = trainer(case, tmp_path / "run")
+    rows: list[int] = []
+
+    def count_rows(_module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        rows.append(x.shape[0])
+
+    handle = t.policy.denoiser.register_forward_pre_hook(count_rows, with_kwargs=True)
+    try:
+        traj = next(loops.sample_batches(t.policy, ["a cat", "a dog"], [0, 1], t.sampler, 2))[1]
+    finally:
+        handle.remove()
+    g = t.config.sample.guidance_scale
+    per_step = t.policy.evaluations_per_step(g)
+    assert per_step == (1 if case[0].name == "tiny_flux_dev" or g == 1.0 else 2)
+    assert sum(rows) == 2 * STEPS * per_step
+    assert traj.log_probs.shape[1] == t.policy.stored_steps(STEPS)
+    assert t.arithmetic.unet_evals_per_sample == STEPS * per_step
+    assert (
+        t.arithmetic.trained_timesteps_per_sample
+        == trained_steps(t.config, traj.log_probs.shape[1])[1]
+    )

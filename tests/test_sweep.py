@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from diffloop.config import Config
 from diffloop.run_dir import read_metrics
 from diffloop.tools.sweep import (
     SweepError,
@@ -114,12 +115,17 @@ def test_dry_run_prints_the_grid(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_shipped_sweep_matches_prompts():
+def test_shipped_sweep_matches_reward_queries_and_updates():
     runs = plan(load_sweep("shapes_algorithms.yaml"))
-    assert len(runs) == 35 and {r.prompts for r in runs} == {192}
-    assert {(r.name, r.algorithm, r.samples_per_prompt) for r in runs} == {
-        ("loop_k2", "loop", 2), ("loop_k4", "loop", 4), ("ppo_k1", "ppo", 1), ("ppo_k1_b4", "ppo", 1),
-        ("grpo_k4", "grpo", 4), ("reinforce_k1", "reinforce", 1), ("reinforce_loo_k4", "reinforce_loo", 4)}  # fmt: skip
+    assert len(runs) == 30 and {r.reward_queries for r in runs} == {768}
+    assert {(r.name, r.algorithm, r.samples_per_prompt, r.prompts) for r in runs} == {
+        ("loop_k2", "loop", 2, 384), ("loop_k4", "loop", 4, 192), ("ppo_k1", "ppo", 1, 768),
+        ("grpo_k4", "grpo", 4, 192), ("reinforce_k1", "reinforce", 1, 768),
+        ("reinforce_loo_k4", "reinforce_loo", 4, 192)}  # fmt: skip
+    # Equal samples per epoch (64) and train batch: every run makes the same 2 updates per epoch.
+    assert {r.prompts_per_epoch * r.samples_per_prompt for r in runs} == {64}
+    assert not any(o.startswith("train.batch_size") for r in runs for o in r.overrides)
+    assert Config().train.batch_size == 32
 
 
 def test_shards_partition_the_shipped_sweep_balanced_by_queries():
@@ -129,10 +135,9 @@ def test_shards_partition_the_shipped_sweep_balanced_by_queries():
     # A partition: every run exactly once, grid order kept within a shard.
     assert sorted(keys[0] + keys[1]) == sorted((r.name, r.seed) for r in runs)
     assert all(k == sorted(k, key=[(r.name, r.seed) for r in runs].index) for k in keys)
-    # Balanced by reward queries to within the smallest run (5 seeds x (3 K=4 runs of 768, one K=2 of
-    # 384, 3 K=1 of 192) = 16320: 8256 + 8064); runs[i::2] gives 8640 + 7680.
-    loads = sorted(sum(r.reward_queries for r in s) for s in shards)
-    assert loads == [8064, 8256]
+    # Every run costs 768 queries: 15 runs each, and each shard finishes whole seeds in order.
+    assert [sum(r.reward_queries for r in s) for s in shards] == [11520, 11520]
+    assert all([r.seed for r in s] == sorted(r.seed for r in s) for s in shards)
     assert shard_runs(runs, 0, 1) == runs
 
 

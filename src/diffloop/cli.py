@@ -96,6 +96,12 @@ def cmd_check_config(args: list[str]) -> int:
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
     for line in derived_arithmetic(config).lines():
         print("# " + line)
+    if config.model.pretrained != "shapes":  # the model is not loaded here
+        print(
+            "# (timesteps and evaluations by the DDIM rules, exact for SD and SDXL; `diffloop train` "
+            "prints the loaded model's: a flow-matching model stores its SDE window's steps, FLUX.1 "
+            "runs one evaluation per step)"
+        )
     print(f"# {path}: OK")
     return 0
 

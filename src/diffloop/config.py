@@ -1103,6 +1103,7 @@ class Arithmetic:
     gradient_updates_per_epoch: int
     unet_evals_per_sample: int
     trained_window: str = ""
+    denoiser: str = "UNet"
 
     def lines(self) -> list[str]:
         return [
@@ -1113,14 +1114,28 @@ class Arithmetic:
             f"reward queries per epoch:      {self.reward_queries_per_epoch}",
             f"trained timesteps per sample:  {self.trained_timesteps_per_sample}{self.trained_window}",
             f"gradient updates per epoch:    {self.gradient_updates_per_epoch}",
-            f"UNet evaluations per sample:   {self.unet_evals_per_sample} (sampling)",
+            f"{self.denoiser + ' evaluations per sample:':<31}{self.unet_evals_per_sample} (sampling)",
         ]
 
 
-def derived_arithmetic(config: Config, num_processes: int = 1) -> Arithmetic:
+def derived_arithmetic(
+    config: Config,
+    num_processes: int = 1,
+    *,
+    stored_steps: int | None = None,
+    evaluations_per_step: int | None = None,
+    denoiser: str = "UNet",
+) -> Arithmetic:
+    """The per-epoch numbers. The model-dependent ones come from the loaded policy when given
+    (``policy.stored_steps`` / ``policy.evaluations_per_step``: the trainer's header); without a
+    model they follow the DDIM rules: every step stored, 2 evaluations per step with CFG."""
     from diffloop.algorithms import ALGORITHMS
 
     s, t = config.sample, config.train
+    if stored_steps is None:
+        stored_steps = s.num_steps
+    if evaluations_per_step is None:
+        evaluations_per_step = 1 if s.guidance_scale == 1.0 else 2
     total = s.prompts_per_epoch * s.samples_per_prompt
     local = total // num_processes
     minibatches = local // t.batch_size
@@ -1128,16 +1143,16 @@ def derived_arithmetic(config: Config, num_processes: int = 1) -> Arithmetic:
         updates = 1
     else:
         updates = t.num_inner_epochs * minibatches // t.gradient_accumulation_steps
-    cfg_factor = 2 if s.guidance_scale > 1.0 else 1
     return Arithmetic(
         samples_per_epoch=total,
         samples_per_process=local,
         reward_queries_per_epoch=total,
-        trained_timesteps_per_sample=trained_steps(config, s.num_steps)[1],
+        trained_timesteps_per_sample=trained_steps(config, stored_steps)[1],
         minibatches_per_inner_epoch=minibatches,
         gradient_updates_per_epoch=updates,
-        unet_evals_per_sample=s.num_steps * cfg_factor,
+        unet_evals_per_sample=s.num_steps * evaluations_per_step,
         trained_window=_window_words(config),
+        denoiser=denoiser,
     )
 
 

@@ -88,7 +88,7 @@ def check_timestep_window(policy, config: Config) -> None:
     window = config.train.timestep_window  # the shapes model's default always fits
     if window is None:
         return
-    stored = len(policy.step_stds(config.sample.num_steps, config.sample.eta))
+    stored = policy.stored_steps(config.sample.num_steps)
     if window[1] > stored:
         raise ConfigError(
             f"train.timestep_window={window}: this model stores {stored} steps per trajectory at "
@@ -122,7 +122,6 @@ class Trainer:
         self.config = config
         check_resume(config)  # a resume continues its run's own config (diffloop.resume)
         self.algorithm = ALGORITHMS[config.train.algorithm]
-        self.arithmetic = derived_arithmetic(config, self.dist.world_size)
         # Cheap, likely-to-fail parts first: a bad prompt file or reward name fails before a model loads.
         self.prompt_source = user_source or training_prompt_source(config.prompts)
         self.eval_source = eval_prompt_source(config)
@@ -151,6 +150,13 @@ class Trainer:
         )
         self.policy.check_sampling(config.sample.num_steps, config.sample.eta)
         check_timestep_window(self.policy, config)
+        self.arithmetic = derived_arithmetic(
+            config,
+            self.dist.world_size,
+            stored_steps=self.policy.stored_steps(config.sample.num_steps),
+            evaluations_per_step=self.policy.evaluations_per_step(config.sample.guidance_scale),
+            denoiser="UNet" if self.policy.lora_component == "unet" else "transformer",
+        )
         self.params = self.policy.trainable_parameters()
         export.check_exportable(self.policy, config.lora.enabled)  # now, not after training
         self.optimizer = build_optimizer(self.params, t, self.dist.device)

@@ -130,6 +130,16 @@ class DiffusionPolicy(Protocol):
         ``num_steps`` and ``eta`` is a Gaussian with a positive finite std (a log-density exists)."""
         ...
 
+    def stored_steps(self, num_steps: int) -> int:
+        """Steps with a log-prob each trajectory sampled at ``num_steps`` stores (the steps training
+        draws from): every step for DDIM, the SDE window's length for a flow-matching model."""
+        ...
+
+    def evaluations_per_step(self, guidance_scale: float) -> int:
+        """Denoiser evaluations per sample in one step: 2 with classifier-free guidance (both
+        branches, one doubled batch), 1 at guidance_scale 1 or for a guidance-distilled model."""
+        ...
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
 
     def reference(self) -> contextlib.AbstractContextManager:
@@ -157,6 +167,12 @@ class TrainableDenoiser:
 
     lora_component: str = "unet"
     lora_config: object | None = None
+    guidance_distilled: bool = False
+    """The guidance scale is a model input (FLUX.1-dev), not a second, unconditional branch."""
+
+    def evaluations_per_step(self, guidance_scale: float) -> int:
+        """2 with classifier-free guidance (the policies' ``guidance_scale == 1.0`` test), else 1."""
+        return 1 if self.guidance_distilled or guidance_scale == 1.0 else 2
 
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -437,6 +437,10 @@ class DDIMPolicy(TrainableDenoiser):
         mean, std, _ = ddim_step_mean_std(self.scheduler, model_output.float(), t, x_t, eta)
         return mean, std
 
+    def stored_steps(self, num_steps: int) -> int:
+        """Every DDIM step is stochastic and stored."""
+        return num_steps
+
     def step_stds(self, num_steps: int, eta: float) -> torch.Tensor:
         """(T,) sigma_t of each sampled step at ``num_steps`` and ``eta`` (``core.ddim_step_mean_std``)."""
         self._set_steps(num_steps)

@@ -452,6 +452,10 @@ class FlowMatchPolicy(TrainableDenoiser):
             sde_type=self.sde_type, second_sigma=traj.extra["second_sigma"],
         )  # fmt: skip
 
+    def stored_steps(self, num_steps: int) -> int:
+        """The SDE window's length (``window``): the last step is an ODE step and never stored."""
+        return self.window(num_steps)[2]
+
     def step_stds(self, num_steps: int, eta: float) -> torch.Tensor:
         """(W',) std of every step a window may cover, [first, last + length), at ``num_steps``
         and noise level ``eta``."""

@@ -157,6 +157,7 @@ class FluxPolicy(FlowMatchPolicy):
     """
 
     lora_loader = "FluxLoraLoaderMixin"
+    guidance_distilled = True
 
     text_encoder_names = ("text_encoder", "text_encoder_2")
     timestep_scale = 1 / 1000  # FLUX's transformer takes t / 1000 (it multiplies by 1000 inside)
