@@ -187,14 +187,20 @@ EPOCH = metrics.key("epoch")
 
 
 def update_rows(summary: dict, runs_dir: Path) -> list[str]:
-    """Per setting, from its runs' metrics.jsonl: optimizer steps per run, mean clip fraction and
-    the largest on-policy log-prob error ("-" where no run logged the key)."""
+    """Per setting, from its finished runs' metrics.jsonl (the seeds in the summary's curves):
+    optimizer steps per run, mean clip fraction and the largest on-policy log-prob error ("-"
+    where no run logged the key)."""
     lines = ["| run | " + " | ".join(h for _, h, _ in UPDATE_COLUMNS) + " |",
              "|---|" + "---|" * len(UPDATE_COLUMNS)]  # fmt: skip
-    for name in dict.fromkeys(k.rsplit("/seed_", 1)[0] for k in summary["curves"]):
+    # name -> its finished seeds (a seed still training is not counted)
+    finished: dict[str, list[str]] = {}
+    for key in summary["curves"]:
+        name, seed = key.rsplit("/seed_", 1)
+        finished.setdefault(name, []).append(seed)
+    for name, seeds in finished.items():
         per_run: dict[str, list[float]] = {key: [] for key, _, _ in UPDATE_COLUMNS}
         found = False
-        for path in sorted((runs_dir / name).glob("seed_*/metrics.jsonl")):
+        for path in [runs_dir / name / f"seed_{seed}" / "metrics.jsonl" for seed in seeds]:
             rows = [metrics.canonical_row(r) for r in read_metrics(path) if r.get(EPOCH, -1) >= 0]
             found = found or bool(rows)
             for key, values in per_run.items():

@@ -98,6 +98,11 @@ def test_update_rows_reduce_each_key_by_its_schema_reduction(tmp_path):
     (tmp_path / "reinforce_k1" / "seed_0" / "metrics.jsonl").write_text(
         json.dumps({"epoch": 0, "optimizer_steps": 1}) + "\n"
     )
+    # A seed still training (not in the summary's curves) is not counted.
+    (tmp_path / "loop_k4" / "seed_2").mkdir(parents=True)
+    (tmp_path / "loop_k4" / "seed_2" / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 0, "optimizer_steps": 100, "clipfrac": 0.9}) + "\n"
+    )
     s = summary({"loop_k4/seed_0": {}, "loop_k4/seed_1": {}, "reinforce_k1/seed_0": {}})
     lines = claims.update_rows(s, tmp_path)
     # steps (4 + 8) / 2 = 6; clip ((0.1 + 0.3) / 2 + (0.0 + 0.2) / 2) / 2 = 0.15; err max 5e-7

@@ -182,3 +182,19 @@ def test_ctrl_c_prints_one_line_with_what_was_kept_and_the_resume_command(
     monkeypatch.setitem(INTERRUPT, "at_epoch", None)
     assert main(shlex.split(command)[1:]) == 0  # the printed command, as is
     assert latest_checkpoint(out).name == "epoch_000002"
+
+
+def test_ctrl_c_line_comes_from_the_main_rank_only(monkeypatch):
+    """Ctrl-C reaches every process of a launch; only rank 0 prints the resume line."""
+    from types import SimpleNamespace
+
+    from diffloop.cli import is_main_process
+
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main_process(None)  # interrupted before the trainer existed: the launcher's rank
+    monkeypatch.setenv("RANK", "0")
+    assert is_main_process(None)
+    monkeypatch.delenv("RANK")
+    assert is_main_process(None)  # a plain single-process run
+    assert not is_main_process(SimpleNamespace(dist=SimpleNamespace(is_main=False)))
+    assert is_main_process(SimpleNamespace(dist=SimpleNamespace(is_main=True)))

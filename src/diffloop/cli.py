@@ -57,6 +57,13 @@ _LAYERS = (
 )
 
 
+def is_main_process(trainer) -> bool:
+    """The trainer's main rank; before a trainer exists, the launcher's RANK (accelerate, torchrun)."""
+    if trainer is not None:
+        return trainer.dist.is_main
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_train(args: list[str]) -> int:
     if any(a in HELP for a in args):
         print(config_help("train", "Fine-tune a diffusion model with RL. " + _LAYERS))
@@ -74,7 +81,8 @@ def cmd_train(args: list[str]) -> int:
     except KeyboardInterrupt:  # one line saying what was kept and how to resume, not a traceback
         if trainer is not None:
             trainer.run.close()  # flush TensorBoard / W&B
-        print(interrupted_message(config.output_dir), file=sys.stderr)
+        if is_main_process(trainer):  # Ctrl-C reaches every rank of a launch: one line, not N
+            print(interrupted_message(config.output_dir), file=sys.stderr)
         return 130
     return 0
 
