@@ -12,7 +12,10 @@
 # (also measure at the trained loop_k4 seed-0 parameters), VAR_OVERRIDES (space-separated key=value for
 # the variance measurements), SHARDS (N sweep processes in parallel, balanced by reward queries),
 # TRAIN=0 (no training: summarise the finished runs, e.g. after stopping a sweep early), PYTHON.
-# Cost on this project's 2-core CPU (OMP_NUM_THREADS=1, SHARDS=2): COST_LINE On a shared CPU set OMP_NUM_THREADS=1:
+# Cost on this project's 2-core CPU (OMP_NUM_THREADS=1, SHARDS=2, VAR_ESTIMATES=32): the 30 runs of
+# 5 seeds took 2 h 17 min (about 7.4 min a run alone on its core; part of the time other processes
+# shared the cores), the two variance measurements side by side ~20 min; minutes on one GPU.
+# On a shared CPU set OMP_NUM_THREADS=1:
 # oversubscribed OpenMP threads are 10-40x slower.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,11 +53,19 @@ fi
 # 2. Gradient variance at the initial parameters and at the trained loop_k4 (seed 0) parameters.
 # shellcheck disable=SC2206  # VAR_OVERRIDES is a space-separated list on purpose
 var_args=(--algorithms "$VAR_ALGORITHMS" --estimates "$VAR_ESTIMATES" "sample.prompts_per_epoch=$VAR_PROMPTS" ${VAR_OVERRIDES:-})
-[ -f "$RUNS/variance_init.json" ] || variance "${var_args[@]}" --output "$RUNS/variance_init.json"
+# With SHARDS > 1 the two measurements run side by side (one process each), else one after the other.
+var_pids=()
+if [ ! -f "$RUNS/variance_init.json" ]; then
+    variance "${var_args[@]}" --output "$RUNS/variance_init.json" > "$RUNS/variance_init.log" 2>&1 &
+    var_pids+=($!)
+    [ "$SHARDS" -gt 1 ] || { wait "${var_pids[0]}"; var_pids=(); }
+fi
 if [ "$VAR_TRAINED" = 1 ] && [ ! -f "$RUNS/variance_trained.json" ]; then
     variance "$TRAINED_RUN/config.yaml" "${var_args[@]}" --from-run "$TRAINED_RUN" \
-        --output "$RUNS/variance_trained.json"
+        --output "$RUNS/variance_trained.json" > "$RUNS/variance_trained.log" 2>&1 &
+    var_pids+=($!)
 fi
+for pid in "${var_pids[@]}"; do wait "$pid"; done  # set -e: a failed measurement stops the script here
 
 # 3. docs/results.md from the pieces.
 mkdir -p docs/results
