@@ -1118,6 +1118,12 @@ class Arithmetic:
         ]
 
 
+def cfg_evaluations_per_step(guidance_scale: float) -> int:
+    """Denoiser evaluations per sample per step under classifier-free guidance: 1 at scale 1 (one
+    branch), else 2 (conditional and unconditional, one doubled batch), as every CFG policy runs it."""
+    return 1 if guidance_scale == 1.0 else 2
+
+
 def derived_arithmetic(
     config: Config,
     num_processes: int = 1,
@@ -1135,7 +1141,7 @@ def derived_arithmetic(
     if stored_steps is None:
         stored_steps = s.num_steps
     if evaluations_per_step is None:
-        evaluations_per_step = 1 if s.guidance_scale == 1.0 else 2
+        evaluations_per_step = cfg_evaluations_per_step(s.guidance_scale)
     total = s.prompts_per_epoch * s.samples_per_prompt
     local = total // num_processes
     minibatches = local // t.batch_size

@@ -21,6 +21,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from diffloop.config import cfg_evaluations_per_step
+
 
 @dataclass
 class Trajectories:
@@ -171,8 +173,8 @@ class TrainableDenoiser:
     """The guidance scale is a model input (FLUX.1-dev), not a second, unconditional branch."""
 
     def evaluations_per_step(self, guidance_scale: float) -> int:
-        """2 with classifier-free guidance (the policies' ``guidance_scale == 1.0`` test), else 1."""
-        return 1 if self.guidance_distilled or guidance_scale == 1.0 else 2
+        """``config.cfg_evaluations_per_step``, or 1 for a guidance-distilled model."""
+        return 1 if self.guidance_distilled else cfg_evaluations_per_step(guidance_scale)
 
     @property
     def denoiser(self) -> torch.nn.Module:
