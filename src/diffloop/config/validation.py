@@ -1,0 +1,339 @@
+"""Every invariant of a config, checked before any model loads (:func:`validate`); each error
+names the field and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from diffloop.config.arithmetic import largest_divisor
+from diffloop.config.schema import (
+    PATH_SOURCES,
+    TRACKERS,
+    Config,
+    ConfigError,
+    HubConfig,
+    LoggingConfig,
+    Range,
+    RewardConfig,
+    SDXLConfig,
+    field_types,
+    is_dataclass_type,
+    require,
+)
+from diffloop.errors import did_you_mean
+
+
+def check_field_values(obj: Any, path: str = "") -> None:
+    """Every field against its annotation: a numeric field is finite and in its :class:`Range`
+    (``num(...)`` metadata), a ``Literal`` field is one of its choices (closest name suggested)."""
+    hints = field_types(type(obj))
+    for f in dataclasses.fields(obj):
+        value, where, tp = getattr(obj, f.name), f"{path}{f.name}", hints[f.name]
+        if is_dataclass_type(tp):
+            check_field_values(value, where + ".")
+        elif typing.get_origin(tp) is Literal:
+            choices = typing.get_args(tp)
+            require(
+                value in choices,
+                f"{where}='{value}' must be one of {', '.join(choices)}; '{value}' is unknown."
+                f"{did_you_mean(str(value), choices)}",
+            )
+        elif isinstance(value, str) and (words := _literal_words(tp)):  # int | Literal["auto"]
+            require(
+                value in words,
+                f"{where}={value!r} must be a number {f.metadata['range'].describe()} "
+                f"or one of {', '.join(words)}",
+            )
+        elif "range" in f.metadata:
+            _check_number(
+                value, f.metadata["range"], where, optional=type(None) in typing.get_args(tp)
+            )
+
+
+def _literal_words(tp: Any) -> tuple[str, ...]:
+    """The words of the ``Literal[...]`` members of a union annotation (``int | Literal["auto"]``)."""
+    return tuple(
+        w
+        for arg in typing.get_args(tp)
+        if typing.get_origin(arg) is Literal
+        for w in typing.get_args(arg)
+    )
+
+
+def _check_number(value: Any, rng: Range, where: str, optional: bool) -> None:
+    if value is None and optional:
+        return
+    why = f": {rng.why}" if rng.why else ""
+    require(
+        isinstance(value, (int, float)) and not isinstance(value, bool),
+        f"{where}={value!r} must be a number {rng.describe()}",
+    )
+    require(
+        math.isfinite(value),
+        f"{where}={value} is not finite; it must be a number {rng.describe()}{why}",
+    )
+    require(rng.contains(value), f"{where}={value} must be {rng.describe()}{why}")
+
+
+def check_output_dir(output_dir: str, name: str = "output_dir") -> None:
+    """``output_dir`` (the setting ``name``) is a writable directory, or can be created: a probe
+    directory is created and removed in it, or in its nearest existing parent (permissions,
+    read-only mounts and /proc all count). Raises ConfigError."""
+    p = Path(output_dir).expanduser().absolute()
+    existing = next(a for a in (p, *p.parents) if a.exists())
+    what = f"{name}={output_dir} cannot be {'written' if existing == p else 'created'}"
+    require(existing.is_dir(), f"{what}: {existing} is a file; choose another {name}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".diffloop-write-probe-", dir=existing))
+    except OSError as e:
+        raise ConfigError(
+            f"{what}: {existing} is not writable ({e.strerror}); choose another {name}"
+        ) from None
+
+
+def validate(config: Config, num_processes: int = 1) -> None:
+    """Check every invariant before any model loads. Raises ConfigError naming the field and fix."""
+    from diffloop.algorithms import ALGORITHMS
+
+    check_field_values(config)
+    s, t = config.sample, config.train
+    algo = ALGORITHMS[t.algorithm]
+    w = (
+        [s.sde_window[0], *s.sde_window]
+        if s.sde_window and len(s.sde_window) == 2
+        else s.sde_window
+    )
+    require(
+        w is None or (len(w) == 3 and 0 <= w[0] <= w[1] and w[2] >= 1 and w[1] + w[2] <= s.num_steps - 1),
+        f"sample.sde_window={s.sde_window} must be null, [start, length] or [first, last, length] "
+        f"(start drawn in [first, last]) with length >= 1 and start + length <= sample.num_steps - 1 "
+        f"= {s.num_steps - 1} (the last step is an ODE step)",
+    )  # fmt: skip
+    require(
+        config.eval.reward is not None or not config.eval.reward_kwargs,
+        f"eval.reward_kwargs={config.eval.reward_kwargs} without eval.reward: the evaluation uses the "
+        "training reward (reward.kwargs); set eval.reward too, or drop eval.reward_kwargs",
+    )
+    tw = t.timestep_window
+    require(
+        tw is None or (len(tw) == 2 and 0 <= tw[0] < tw[1] <= s.num_steps),
+        f"train.timestep_window={tw} must be null or [start, stop) with 0 <= start < stop <= "
+        f"sample.num_steps = {s.num_steps}, e.g. [0, {max(1, s.num_steps // 2)}] for the first half",
+    )
+    require(
+        tw is None or s.sde_window is None,
+        f"train.timestep_window={tw} and sample.sde_window={s.sde_window}: a flow-matching model "
+        "trains on the steps sample.sde_window makes stochastic; set train.timestep_window=null",
+    )
+    require(
+        s.samples_per_prompt >= algo.min_samples_per_prompt,
+        f"sample.samples_per_prompt={s.samples_per_prompt}: algorithm '{algo.name}' needs at least "
+        f"{algo.min_samples_per_prompt} samples per prompt ({algo.why_min_samples}); set "
+        f"sample.samples_per_prompt={max(4, algo.min_samples_per_prompt)}",
+    )
+    total = s.prompts_per_epoch * s.samples_per_prompt
+    require(
+        total >= 2,
+        "sample.prompts_per_epoch * sample.samples_per_prompt = 1 sample per epoch: every baseline is "
+        "then that sample's own reward and every advantage is 0; raise sample.prompts_per_epoch",
+    )
+    require(
+        total % num_processes == 0,
+        f"sample.prompts_per_epoch * sample.samples_per_prompt = {total} samples per epoch must divide "
+        f"evenly over {num_processes} processes; change sample.prompts_per_epoch",
+    )
+    local = total // num_processes
+    require(
+        local % t.batch_size == 0,
+        f"train.batch_size={t.batch_size} must divide the {local} samples each process holds per epoch; "
+        f"try train.batch_size={largest_divisor(local, t.batch_size)}",
+    )
+    minibatches = local // t.batch_size
+    if not algo.one_update_per_batch:
+        require(
+            minibatches % t.gradient_accumulation_steps == 0,
+            f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} must divide the {minibatches} "
+            f"minibatches per inner epoch (samples per process / train.batch_size) so no step is partial",
+        )
+    if algo.one_update_per_batch:
+        require(
+            t.num_inner_epochs == 1,
+            f"train.num_inner_epochs={t.num_inner_epochs}: algorithm '{algo.name}' makes one gradient step "
+            "per batch of samples (no importance ratio); set train.num_inner_epochs=1 or use loop/ppo",
+        )
+    require(
+        not ((t.kl_coef > 0 or t.log_kl_to_base) and not config.lora.enabled),
+        "train.kl_coef / train.log_kl_to_base need lora.enabled=true: the base model is the UNet with "
+        "its LoRA adapter disabled",
+    )
+    require(
+        t.stat_tracking_min_count <= t.stat_tracking_buffer,
+        f"train.stat_tracking_min_count={t.stat_tracking_min_count} must be <= "
+        f"train.stat_tracking_buffer={t.stat_tracking_buffer}: a buffer never holds more rewards",
+    )
+    require(
+        len(config.lora.target_modules) > 0, "lora.target_modules must name at least one module"
+    )
+    require(
+        config.lora.dropout == 0 or algo.one_update_per_batch,
+        f"lora.dropout={config.lora.dropout}: '{algo.name}' reuses samples through the importance ratio, and "
+        "dropout in training but not in sampling makes it differ from 1 on-policy; set lora.dropout=0",
+    )
+    require(
+        not (config.resume and config.overwrite),
+        "resume=true and overwrite=true contradict; pick one",
+    )
+    require(
+        bool(config.model.pretrained), "model.pretrained must name a hub id or a local directory"
+    )
+    _validate_sdxl(config.model.sdxl)
+    require(bool(config.reward.name), "reward.name must name a registry reward or module:function")
+    validate_reward_form(config.reward)
+    require(bool(config.output_dir), "output_dir must name a directory")
+    check_output_dir(config.output_dir)
+    _validate_performance(config)
+    _validate_logging(config.logging)
+    _validate_optimizer(config)
+    _validate_hub(config.hub)
+    p = config.prompts
+    if p.source in PATH_SOURCES:
+        require(
+            p.path is not None,
+            f"prompts.source={p.source} needs prompts.path=<{PATH_SOURCES[p.source]}>",
+        )
+    if p.source == "list":
+        require(
+            bool(p.prompts), "prompts.source=list needs prompts.prompts=[...] (at least one prompt)"
+        )
+    e = config.eval
+    if e.prompts in PATH_SOURCES:
+        require(
+            e.path is not None,
+            f"eval.prompts={e.prompts} needs eval.path=<{PATH_SOURCES[e.prompts]}>",
+        )
+    require(e.path is None or e.prompts in PATH_SOURCES,
+           f"eval.path={e.path} is only read by eval.prompts={'/'.join(PATH_SOURCES)}, not {e.prompts}")  # fmt: skip
+
+
+def _validate_logging(lg: LoggingConfig) -> None:
+    choices = (*TRACKERS, "all", "none")
+    for name in lg.report_to:
+        require(
+            name in choices,
+            f"logging.report_to: unknown tracker '{name}'.{did_you_mean(name, choices)} Choose from "
+            f"{', '.join(choices)}",
+        )
+    require(
+        "none" not in lg.report_to or len(lg.report_to) == 1,
+        f"logging.report_to={lg.report_to} lists 'none' with trackers; give the trackers or none",
+    )
+    for name, kwargs in lg.tracker_kwargs.items():
+        require(name in TRACKERS and isinstance(kwargs, dict),
+               f"logging.tracker_kwargs.{name} must be a mapping of keywords for one of the trackers "
+               f"{', '.join(TRACKERS)}")  # fmt: skip
+
+
+def validate_reward_form(r: RewardConfig) -> None:
+    """multi takes components and no kwargs; any other name takes kwargs and no components."""
+    if r.name == "multi":
+        require(
+            not r.kwargs,
+            f"reward.name=multi takes its settings from reward.components, not reward.kwargs (got "
+            f"{sorted(r.kwargs)}); put kwargs inside each component",
+        )
+    else:
+        require(
+            not r.components,
+            f"reward.components is set but reward.name={r.name}; use reward.name=multi (or write "
+            "reward: as a YAML list) to combine rewards",
+        )
+
+
+def _validate_performance(config: Config) -> None:
+    perf = config.performance
+    require(
+        bool(perf.compile_backend), "performance.compile_backend must name a torch.compile backend"
+    )
+    if perf.merge_lora_for_sampling:
+        require(
+            config.lora.enabled,
+            "performance.merge_lora_for_sampling=true needs lora.enabled=true (there is no adapter to merge)",
+        )
+        require(
+            config.train.mixed_precision == "no",
+            f"performance.merge_lora_for_sampling=true with train.mixed_precision={config.train.mixed_precision}: "
+            "a LoRA update merged into fp16/bf16 weights is rounded away (W + dW == W for small dW), so the "
+            "sampled policy would not be the trained one; set performance.merge_lora_for_sampling=false "
+            "(torch.compile fuses the adapter matmuls instead) or train.mixed_precision=no",
+        )
+
+
+def _validate_optimizer(config: Config) -> None:
+    """adamw_8bit only where bitsandbytes can run it and it saves memory (refused otherwise)."""
+    if config.train.optimizer != "adamw_8bit":
+        return
+    import importlib.util
+
+    require(
+        not config.lora.enabled,
+        "train.optimizer=adamw_8bit is for full fine-tuning (lora.enabled=false): bitsandbytes keeps "
+        "tensors under 4096 elements (most LoRA matrices) in 32-bit, and a LoRA's Adam state is "
+        "small anyway; use train.optimizer=adamw with LoRA",
+    )
+    require(
+        importlib.util.find_spec("bitsandbytes") is not None,
+        "train.optimizer=adamw_8bit needs bitsandbytes, which is not installed: "
+        "pip install 'diffloop[bnb]' (or train.optimizer=adamw)",
+    )
+    import torch
+
+    require(
+        torch.cuda.is_available(),
+        "train.optimizer=adamw_8bit needs a CUDA device (bitsandbytes' 8-bit optimizers have no CPU "
+        "kernels) and none is available; use train.optimizer=adamw",
+    )
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def _validate_hub(hub: HubConfig) -> None:
+    if not hub.push:
+        return
+    require(
+        hub.model_id is not None,
+        "hub.push=true needs hub.model_id=<namespace/name>, the hub repository to upload to",
+    )
+    require(
+        bool(_REPO_ID.match(hub.model_id))
+        and ".." not in hub.model_id
+        and "--" not in hub.model_id,
+        f"hub.model_id={hub.model_id} must be a hub repository id namespace/name (letters, digits, "
+        "'-', '_', '.'; no '--' or '..'), e.g. hub.model_id=my-user/shapes-loop-lora",
+    )
+    if hub.token_env is not None:
+        require(
+            bool(os.environ.get(hub.token_env)),
+            f"hub.token_env={hub.token_env}: that environment variable is unset or empty; export it "
+            "or set hub.token_env=null to use huggingface_hub's own login",
+        )
+
+
+def _validate_sdxl(x: SDXLConfig) -> None:
+    require(
+        x.resolution is None or (x.resolution >= 64 and x.resolution % 8 == 0),
+        f"model.sdxl.resolution={x.resolution} must be a multiple of 8 (the VAE's factor), >= 64, or null",
+    )
+    for name in ("original_size", "crops_coords_top_left", "target_size"):
+        value = getattr(x, name)
+        require(
+            value is None or (len(value) == 2 and min(value) >= 0),
+            f"model.sdxl.{name}={value} must be two non-negative integers [height, width] (or [top, left])",
+        )
