@@ -144,6 +144,18 @@ def test_bench_tiny_xl_runs_the_sdxl_policy(tmp_path: Path) -> None:
     )
 
 
+def test_bench_tiny_flux_counts_one_evaluation_per_step(tmp_path: Path) -> None:
+    """FLUX.1-dev is guidance-distilled: the guidance is a model input, so the bench counts one
+    transformer evaluation per sample and step (``policy.evaluations_per_step``), not CFG's two."""
+    out = tmp_path / "bench_flux.json"
+    argv = ["--shape", "tiny_flux", "--device", "cpu", "--steps", "2", "--sample-batch", "1",
+            "--train-batch", "1", "--repeats", "1", "--warmup", "0", "--guidance-scale", "3.5",
+            "--output", str(out)]  # fmt: skip
+    assert bench_main(argv) == 0
+    sample = json.loads(out.read_text())["items"]["sample"]
+    assert sample["unet_evals_per_s"] == pytest.approx(1 * 2 * 1 / sample["median_s"], rel=1e-12)
+
+
 def test_bench_time_limit_skips_items(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     assert (

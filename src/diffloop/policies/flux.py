@@ -342,10 +342,6 @@ class FluxPolicy(FlowMatchPolicy):
             )[0]
         return out.float()
 
-    def model_evals_per_step(self, guidance_scale: float) -> int:
-        """Transformer evaluations per sample and step: 1 whatever the guidance (no CFG branch)."""
-        return 1
-
     def unet_conditioning(self, prompts: list[str]) -> dict[str, Any]:
         """The transformer's keyword arguments for ``self.unet`` (export checks, FLOP counts),
         with guidance ``sample.guidance_scale`` for a guidance-distilled model."""

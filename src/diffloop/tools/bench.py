@@ -526,13 +526,9 @@ def _unet_flops_per_eval_sd(policy: Any, shape: str) -> int:
     return count_flops(forward)
 
 
-def bench_sd(
-    args: argparse.Namespace,
-    device: torch.device,
-    matmul_rate: float,
-    deadline: Deadline,
-    out: dict[str, Any],
-) -> None:
+def bench_policy(args: argparse.Namespace, device: torch.device) -> Any:
+    """The policy ``--shape`` names: the shipped shapes model with the default run's LoRA (loaded as
+    train loads it), or random-weight SD / SDXL / SD3 / FLUX shapes with DDPO's rank-4 adapter."""
     from diffloop.config import LoraConfig, PerformanceConfig
     from diffloop.policies.diffusers_policy import DDIMPolicy
     from diffloop.trainer import set_backend_flags
@@ -554,41 +550,46 @@ def bench_sd(
 
         default = load_config(packaged_config(DEFAULT_CONFIG))
         torch.manual_seed(0)
-        policy = load_policy(default.model, default.lora, **kwargs)
-    else:
-        policy_class, components, extra = DDIMPolicy, None, {}
-        if args.shape in SDXL_SHAPES:  # random-weight SDXL shapes (diffloop.testing.tiny_sdxl)
-            from diffloop.policies.sdxl import SDXLPolicy
-            from diffloop.testing.tiny_sdxl import build_sdxl_components
+        return load_policy(default.model, default.lora, **kwargs)
+    policy_class, components, extra = DDIMPolicy, None, {}
+    if args.shape in SDXL_SHAPES:  # random-weight SDXL shapes (diffloop.testing.tiny_sdxl)
+        from diffloop.policies.sdxl import SDXLPolicy
+        from diffloop.testing.tiny_sdxl import build_sdxl_components
 
-            policy_class = SDXLPolicy
-            components = build_sdxl_components(SDXL_SHAPES[args.shape], device=device)
-        elif args.shape in SD3_SHAPES:  # random-weight SD3 shapes (diffloop.testing.tiny_flow)
-            from diffloop.policies.sd3 import SD3Policy
-            from diffloop.testing.tiny_flow import build_sd3_components
+        policy_class = SDXLPolicy
+        components = build_sdxl_components(SDXL_SHAPES[args.shape], device=device)
+    elif args.shape in SD3_SHAPES:  # random-weight SD3 shapes (diffloop.testing.tiny_flow)
+        from diffloop.policies.sd3 import SD3Policy
+        from diffloop.testing.tiny_flow import build_sd3_components
 
-            size, resolution = SD3_SHAPES[args.shape]
-            policy_class, extra = SD3Policy, {"resolution": resolution}
-            components = build_sd3_components(size, device=device)
-        elif (
-            args.shape in FLUX_SHAPES
-        ):  # random-weight FLUX.1-dev shapes (diffloop.testing.tiny_flux)
-            from diffloop.config import SampleConfig
-            from diffloop.policies.flux import FluxPolicy
-            from diffloop.testing.tiny_flux import build_flux_components
+        size, resolution = SD3_SHAPES[args.shape]
+        policy_class, extra = SD3Policy, {"resolution": resolution}
+        components = build_sd3_components(size, device=device)
+    elif args.shape in FLUX_SHAPES:  # random-weight FLUX.1-dev shapes (diffloop.testing.tiny_flux)
+        from diffloop.config import SampleConfig
+        from diffloop.policies.flux import FluxPolicy
+        from diffloop.testing.tiny_flux import build_flux_components
 
-            size, resolution = FLUX_SHAPES[args.shape]
-            sample = SampleConfig(
-                guidance_scale=args.guidance_scale
-            )  # the guidance embedding's input
-            policy_class, extra = FluxPolicy, {"resolution": resolution, "sample": sample}
-            components = build_flux_components(size, device=device)
-        policy = policy_class(
-            components or build_components(args.shape, device),
-            LoraConfig(rank=4, alpha=4.0),  # DDPO's adapter, as docs/performance.md measured
-            **kwargs,
-            **extra,
-        )
+        size, resolution = FLUX_SHAPES[args.shape]
+        sample = SampleConfig(guidance_scale=args.guidance_scale)  # the guidance embedding's input
+        policy_class, extra = FluxPolicy, {"resolution": resolution, "sample": sample}
+        components = build_flux_components(size, device=device)
+    return policy_class(
+        components or build_components(args.shape, device),
+        LoraConfig(rank=4, alpha=4.0),  # DDPO's adapter, as docs/performance.md measured
+        **kwargs,
+        **extra,
+    )
+
+
+def bench_sd(
+    args: argparse.Namespace,
+    device: torch.device,
+    matmul_rate: float,
+    deadline: Deadline,
+    out: dict[str, Any],
+) -> None:
+    policy = bench_policy(args, device)
     out["options"] = {
         "performance": asdict(policy.performance),
         "gradient_checkpointing": args.gradient_checkpointing,
@@ -597,8 +598,7 @@ def bench_sd(
     }
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-6)
     steps, cfg, eta = args.steps, args.guidance_scale, 1.0
-    # CFG runs the UNet on a doubled batch; a guidance-distilled model (FLUX) runs it once
-    evals_per_step = getattr(policy, "model_evals_per_step", lambda g: 1 if g == 1.0 else 2)(cfg)
+    evals_per_step = policy.evaluations_per_step(cfg)  # 2 with CFG; 1 for FLUX (distilled)
     out["floor"]["unet_flop_per_eval"] = _unet_flops_per_eval_sd(policy, args.shape)
     sb, tb = args.sample_batch, args.train_batch
     prompts = _prompts(sb, args.shape)
