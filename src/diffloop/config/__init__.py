@@ -11,7 +11,7 @@ must be finite and inside its range; every enumerated field is a ``Literal[...]`
 its values (the closest is suggested). Cross-field invariants follow in :func:`validate`.
 Dict-valued fields (``reward.kwargs``) merge key by key across the file and each override.
 ``derived_arithmetic`` gives the per-epoch numbers the run prints at start; ``field_docs`` the
-documentation of every key (``diffloop train --help``), read from the attribute docstrings below.
+documentation of every key (``diffloop train --help``), read from the attribute docstrings in :mod:`.schema`.
 
 Modules: :mod:`.schema` (the dataclasses and ranges), :mod:`.loading` (YAML, overrides, docs),
 :mod:`.validation` (the invariants), :mod:`.arithmetic` (derived numbers, thread count).
