@@ -12,9 +12,10 @@
 # (also measure at the trained loop_k4 seed-0 parameters), VAR_OVERRIDES (space-separated key=value for
 # the variance measurements), SHARDS (N sweep processes in parallel, balanced by reward queries),
 # TRAIN=0 (no training: summarise the finished runs, e.g. after stopping a sweep early), PYTHON.
-# Cost on this project's 2-core CPU (OMP_NUM_THREADS=1, SHARDS=2, VAR_ESTIMATES=32): the 30 runs of
-# 5 seeds took 2 h 17 min (about 7.4 min a run alone on its core; part of the time other processes
-# shared the cores), the two variance measurements side by side ~20 min; minutes on one GPU.
+# Cost on this project's 2-core CPU (OMP_NUM_THREADS=1, SHARDS=2, VAR_ESTIMATES=32): the 48 runs of
+# 8 seeds took 3 h 54 min (seeds 0-4: 2 h 17 min; seeds 5-7: 1 h 37 min), about 9 min a run on its
+# own core (6 min training, 3 min for the 5 held-out evaluations; part of the time other processes
+# shared the cores); the two variance measurements side by side ~20 min; minutes on one GPU.
 # On a shared CPU set OMP_NUM_THREADS=1:
 # oversubscribed OpenMP threads are 10-40x slower.
 set -euo pipefail
