@@ -164,6 +164,8 @@ def bench_sd(
     deadline: Deadline,
     out: dict[str, Any],
 ) -> None:
+    """Time and count sampling, decoding (latent models), training and end to end on
+    ``bench_policy``'s policy, with the on-policy log-prob check, into ``out["items"]``."""
     policy = bench_policy(args, device)
     out["options"] = {
         "performance": asdict(policy.performance),
