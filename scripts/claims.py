@@ -1,7 +1,11 @@
 """Verdicts on the LOOP paper's claims from a finished sweep and a variance measurement (markdown).
 
-    python scripts/claims.py SUMMARY.json [VARIANCE.json [RUNS_DIR]]
+    python scripts/claims.py SUMMARY.json [VARIANCE.json [RUNS_DIR]] [--broad EVAL.json ...]
     e.g. runs/shapes_algorithms/summary.json runs/shapes_algorithms/variance_init.json runs/shapes_algorithms
+
+With --broad, the same comparisons on a second, larger evaluation of every trained model
+(``diffloop eval`` of the base model and the runs on all held-out prompts with other noise; see
+broad_lines) and, for each, how much of the seed-to-seed spread is that evaluation's own noise.
 
 With RUNS_DIR, a table of what each setting did per run (optimizer steps, mean clip fraction) is added:
 the settings differ in how many gradient steps the same prompts buy, which the verdicts must be read with.
@@ -15,13 +19,19 @@ noise). scripts/make_results.sh appends the output to docs/results.md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from diffloop import metrics
 from diffloop.run_dir import read_metrics
+from diffloop.shapes.world import uses_unseen_combination
 from diffloop.tools.sweep import mean_sem, trapezoid_auc
 
 # Two-sided 5% critical values of Student's t by degrees of freedom (seeds - 1).
@@ -42,7 +52,11 @@ def verdict(mean: float, sem: float, n: int) -> str:
         return f"**holds** (> {t:.2f} s.e.)"
     if mean < -t * sem:
         return f"**contradicted** (< -{t:.2f} s.e.)"
-    return f"not resolved at this budget (within ±{t:.2f} s.e.)"
+    # the interval says which sizes of difference this budget rules out (e.g. a lead seen earlier)
+    return (
+        f"not resolved at this budget (within ±{t:.2f} s.e.: 95% interval "
+        f"{mean - t * sem:+.4f} to {mean + t * sem:+.4f})"
+    )
 
 
 def reward_at(curve: dict, axis: str, x: float) -> float | None:
@@ -75,7 +89,11 @@ def auc(curve: dict, axis: str = "prompts") -> float:
 
 
 def paired(summary: dict, a: str, b: str, metric, metric_b=None) -> tuple[float, float, int] | None:
-    va, vb = per_seed(summary, a, metric), per_seed(summary, b, metric_b or metric)
+    return paired_values(per_seed(summary, a, metric), per_seed(summary, b, metric_b or metric))
+
+
+def paired_values(va: dict[int, float], vb: dict[int, float]) -> tuple[float, float, int] | None:
+    """Mean and standard error over the seeds both have of va[seed] - vb[seed] (None: no seed)."""
     seeds = sorted(set(va) & set(vb))
     if not seeds:
         return None
@@ -238,11 +256,162 @@ def matched(summary: dict, a: str, b: str) -> str:
     return "equal " + " and ".join(same) if same else "unequal prompts and reward queries"
 
 
-def main(argv: list[str]) -> int:
-    summary = json.loads(Path(argv[0]).read_text())
-    variance = (
-        json.loads(Path(argv[1]).read_text()) if len(argv) > 1 and Path(argv[1]).exists() else None
+# --- The broad check: every run rescored on all held-out prompts with other noise -----------------
+
+BROAD_REWARD = "shapes_binding"
+SETTINGS_THAT_MAY_DIFFER = (
+    "device",
+    "batch_size",
+)  # no effect on the images (per-image noise streams)
+
+
+@dataclass
+class BroadScores:
+    """Per-image scores of one ``diffloop eval`` setting, merged over several eval.json files.
+
+    prompts: the P prompts, in order; base: (P, K) scores of the first target (the base model);
+    runs: run name -> seed -> (P, K) scores (NaN = invalid image). Image (i, j) of every target
+    used the same noise, so differences are paired image by image.
+    """
+
+    settings: dict
+    prompts: list[str]
+    base: np.ndarray
+    runs: dict[str, dict[int, np.ndarray]]
+
+
+def _score_matrix(target: dict) -> np.ndarray:
+    rows = target["per_prompt"][BROAD_REWARD]
+    return np.array([[np.nan if v is None else v for v in r["scores"]] for r in rows], dtype=float)
+
+
+def load_broad(paths: list[Path]) -> BroadScores:
+    """Merge eval.json files whose first target is the base model and whose other targets are runs
+    ``.../<name>/seed_<s>``; every file must have the same settings and the same base scores
+    (SystemExit naming the file otherwise: a mixed-up file would pair unrelated images)."""
+    merged: BroadScores | None = None
+    for path in paths:
+        data = json.loads(path.read_text())
+        base, *targets = data["targets"]
+        if base["kind"] != "model":
+            raise SystemExit(
+                f"{path}: the first target must be the base model, got {base['target']!r}"
+            )
+        settings = {k: v for k, v in data["settings"].items() if k not in SETTINGS_THAT_MAY_DIFFER}
+        if merged is None:
+            prompts = [r["prompt"] for r in base["per_prompt"][BROAD_REWARD]]
+            merged = BroadScores(settings, prompts, _score_matrix(base), {})
+        elif settings != merged.settings:
+            raise SystemExit(
+                f"{path}: settings differ from {paths[0]}: {settings} vs {merged.settings}"
+            )
+        elif not np.array_equal(_score_matrix(base), merged.base, equal_nan=True):
+            raise SystemExit(f"{path}: its base scores differ from {paths[0]}'s (same settings)")
+        for target in targets:
+            run_dir = Path(target["target"])
+            if not re.fullmatch(r"seed_\d+", run_dir.name):
+                raise SystemExit(
+                    f"{path}: target {target['target']!r} is not a sweep run .../NAME/seed_N"
+                )
+            seed = int(run_dir.name.removeprefix("seed_"))
+            merged.runs.setdefault(run_dir.parent.name, {})[seed] = _score_matrix(target)
+    if merged is None:
+        raise SystemExit("no eval.json given")
+    return merged
+
+
+def mean_gain(scores: np.ndarray, base: np.ndarray, rows: np.ndarray | None = None) -> float:
+    """Mean over valid images of scores - base (the same noise), over the prompts in ``rows``."""
+    diff = scores - base
+    return float(np.nanmean(diff if rows is None else diff[rows]))
+
+
+def per_prompt_sem(diff: np.ndarray) -> float:
+    """Standard error of the mean over prompts of each prompt's mean paired difference (images of
+    one prompt are correlated, so prompts are the independent units)."""
+    means = np.nanmean(diff, axis=1)
+    means = means[~np.isnan(means)]
+    return float(np.std(means, ddof=1) / math.sqrt(len(means)))
+
+
+def broad_lines(broad: BroadScores, summary: dict) -> list[str]:
+    """Markdown: per run the broad gain (all, seen, unseen) next to the run's own evaluation, then
+    the paired comparisons on the broad gains with their evaluation noise next to their spread."""
+    unseen = np.array([uses_unseen_combination(p) for p in broad.prompts])
+    st = broad.settings
+    gains = {
+        n: {s: mean_gain(x, broad.base) for s, x in by.items()} for n, by in broad.runs.items()
+    }
+
+    def cell(values: list[float]) -> str:
+        m, se = mean_sem(values)
+        return f"{m:+.4f}" if se is None else f"{m:+.4f} ± {se:.4f}"
+
+    lines = [
+        (
+            f"Every trained model and the base rescored on all {len(broad.prompts)} prompts of "
+            f"`{st['prompts']}` ({int((~unseen).sum())} seen, {int(unseen.sum())} unseen combinations) x "
+            f"{st['images_per_prompt']} images, with noise seed {st['seed']} (the runs' own evaluation: "
+            f"96 of these prompts, other noise), {st['num_steps']} steps, eta {st['eta']}, CFG "
+            f"{st['guidance_scale']}; base {np.nanmean(broad.base):.4f}. Gain = trained - base on the same "
+            "noise, mean ± s.e. over seeds:"
+        ),
+        "",
+        "| run | seeds | broad gain | seen | unseen | own evaluation's gain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, by_seed in broad.runs.items():
+        seeds = sorted(by_seed)
+        own = per_seed(summary, name, gain)
+        lines.append(
+            f"| {name} | {len(seeds)} | {cell([gains[name][s] for s in seeds])} | "
+            f"{cell([mean_gain(by_seed[s], broad.base, ~unseen) for s in seeds])} | "
+            f"{cell([mean_gain(by_seed[s], broad.base, unseen) for s in seeds])} | "
+            f"{cell([own[s] for s in seeds if s in own])} |"
+        )
+    lines += [
+        "",
+        (
+            "Paired by seed on the broad gains; *evaluation noise* is the root mean square over seeds of "
+            "one seed's standard error of the difference (over prompts), *spread* the standard deviation "
+            "over seeds of the per-seed differences. Where the spread is close to the evaluation noise, "
+            "most of the seed-to-seed variation is the evaluation's, not training's."
+        ),
+        "",
+        "| claim (difference a − b) | difference | seeds | verdict | evaluation noise | spread |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a, b, what in COMPARISONS:
+        if a not in broad.runs or b not in broad.runs:
+            lines.append(f"| {what} | - | - | runs missing | | |")
+            continue
+        seeds = sorted(set(broad.runs[a]) & set(broad.runs[b]))
+        noise = [per_prompt_sem(broad.runs[a][s] - broad.runs[b][s]) for s in seeds]
+        result = paired_values(gains[a], gains[b])
+        _, se, n = result
+        spread = se * math.sqrt(n) if n > 1 else math.nan
+        rms = math.sqrt(sum(x * x for x in noise) / len(noise))
+        lines.append(f"{row(what, result)} {rms:.4f} | {spread:.4f} |")
+    return lines
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("summary", type=Path, help="the sweep's summary.json")
+    parser.add_argument(
+        "variance", type=Path, nargs="?", help="a variance json (skipped if absent)"
     )
+    parser.add_argument("runs_dir", type=Path, nargs="?", help="the sweep's output directory")
+    parser.add_argument("--broad", type=Path, nargs="+", default=[], metavar="EVAL_JSON",
+                        help="eval.json files of the broad check (base model first in each)")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    summary = json.loads(args.summary.read_text())
+    has_variance = args.variance is not None and args.variance.exists()
+    variance = json.loads(args.variance.read_text()) if has_variance else None
     final = gain
     budget = summary["budget"]
     lines = [
@@ -286,13 +455,15 @@ def main(argv: list[str]) -> int:
             "|---|---|---|---|",
             *variance_rows(variance),
         ]
-    if len(argv) > 2:
+    if args.runs_dir is not None:
         lines += [
             "",
             "What each setting did (its runs' metrics.jsonl):",
             "",
-            *update_rows(summary, Path(argv[2])),
+            *update_rows(summary, args.runs_dir),
         ]
+    if args.broad:
+        lines += ["", "### The broad check", "", *broad_lines(load_broad(args.broad), summary)]
     print("\n".join(lines))
     return 0
 

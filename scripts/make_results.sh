@@ -11,11 +11,14 @@
 # without reinforce_loo: at the on-policy point its estimator is loop's, term for term), VAR_TRAINED=1
 # (also measure at the trained loop_k4 seed-0 parameters), VAR_OVERRIDES (space-separated key=value for
 # the variance measurements), SHARDS (N sweep processes in parallel, balanced by reward queries),
-# TRAIN=0 (no training: summarise the finished runs, e.g. after stopping a sweep early), PYTHON.
+# TRAIN=0 (no training: summarise the finished runs, e.g. after stopping a sweep early), BROAD=0
+# (no broad check, step 3), BROAD_IMAGES (images per prompt, default 2), BROAD_SEED (default 777),
+# PYTHON.
 # Cost on this project's 2-core CPU (OMP_NUM_THREADS=1, SHARDS=2, VAR_ESTIMATES=32): the 48 runs of
 # 8 seeds took 3 h 54 min (seeds 0-4: 2 h 17 min; seeds 5-7: 1 h 37 min), about 9 min a run on its
 # own core (6 min training, 3 min for the 5 held-out evaluations; part of the time other processes
-# shared the cores); the two variance measurements side by side ~20 min; minutes on one GPU.
+# shared the cores); the two variance measurements side by side ~20 min; the broad check (step 3,
+# 48 runs + the base x 632 images) 63 min in 2 parts; minutes on one GPU.
 # On a shared CPU set OMP_NUM_THREADS=1:
 # oversubscribed OpenMP threads are 10-40x slower.
 set -euo pipefail
@@ -68,7 +71,36 @@ if [ "$VAR_TRAINED" = 1 ] && [ ! -f "$RUNS/variance_trained.json" ]; then
 fi
 for pid in "${var_pids[@]}"; do wait "$pid"; done  # set -e: a failed measurement stops the script here
 
-# 3. docs/results.md from the pieces.
+# 3. The broad check: the base model and every finished run rescored on all val_pair prompts x
+# BROAD_IMAGES with noise seed BROAD_SEED (the runs' own evaluation: 96 prompts, other noise). The
+# runs are split into SHARDS parts of consecutive seeds (scripts/broad_parts.py), one `diffloop eval`
+# process each; a part whose eval.json already lists exactly its targets is kept (adding seeds
+# regroups them, so it reruns).
+BROAD=${BROAD:-1}
+BROAD_IMAGES=${BROAD_IMAGES:-2}
+BROAD_SEED=${BROAD_SEED:-777}
+broad_args=()
+if [ "$BROAD" = 1 ]; then
+    part=0
+    broad_pids=()
+    while read -r -a targets; do
+        dir="$RUNS/broad_eval/part_$part"
+        broad_args+=("$dir/eval.json")
+        if ! "$PYTHON" scripts/broad_parts.py done "$dir/eval.json" "${targets[@]}"; then
+            rm -rf "$dir" && mkdir -p "$dir"
+            "$PYTHON" -m diffloop eval shapes --compare "${targets[@]}" --prompts shapes/val_pair \
+                --reward shapes_binding --images-per-prompt "$BROAD_IMAGES" --steps 10 \
+                --guidance-scale 3.0 --eta 1.0 --seed "$BROAD_SEED" --batch-size 32 \
+                --output "$dir" > "$dir.log" 2>&1 &
+            broad_pids+=($!)
+        fi
+        part=$((part + 1))
+    done < <("$PYTHON" scripts/broad_parts.py plan "$RUNS" "$SHARDS")
+    for pid in "${broad_pids[@]}"; do wait "$pid"; done  # set -e: a failed part stops the script here
+    broad_args=(--broad "${broad_args[@]}")
+fi
+
+# 4. docs/results.md from the pieces.
 mkdir -p docs/results
 cp "$RUNS"/eval_vs_*.png docs/results/
 device=$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU")')
@@ -97,9 +129,14 @@ AND equal reward queries; the comparisons with loop_k2 and the K = 1 runs are at
 where the smaller K sees more distinct prompts. The second update of an epoch is off-policy, so the
 clip can act for loop, grpo and ppo.
 
+Every trained model is scored twice: by its run's own evaluation (the curves and the first table
+below) and by the broad check at the end (all 316 val_pair prompts x 2 images, other noise: 3.3x
+the images). The broad check's table says how much of each difference's seed-to-seed spread is
+evaluation noise; where the two are close, more images (BROAD_IMAGES) tighten it more than seeds.
+
 NOTES
     echo
-    "$PYTHON" scripts/claims.py "$RUNS/summary.json" "$RUNS/variance_init.json" "$RUNS"
+    "$PYTHON" scripts/claims.py "$RUNS/summary.json" "$RUNS/variance_init.json" "$RUNS" "${broad_args[@]}"
     echo
     echo "## Held-out reward at a matched budget"
     echo

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ SPEC = importlib.util.spec_from_file_location(
     "claims", Path(__file__).resolve().parents[1] / "scripts" / "claims.py"
 )
 claims = importlib.util.module_from_spec(SPEC)
+sys.modules["claims"] = claims  # its dataclasses look their module up there
 SPEC.loader.exec_module(claims)
 
 
@@ -39,6 +41,9 @@ def test_paired_difference_and_verdicts_by_hand():
     assert claims.verdict(m, se, n) == "**holds** (> 4.30 s.e.)"
     assert claims.verdict(-m, se, n).startswith("**contradicted**")
     assert claims.verdict(0.04, 0.01, 3).startswith("not resolved")  # t = 4 < 4.303
+    assert claims.verdict(0.04, 0.01, 3).endswith(
+        "(within ±4.30 s.e.: 95% interval -0.0030 to +0.0830)"
+    )
     assert claims.verdict(0.04, 0.01, 5).startswith("**holds**")  # t = 4 > 2.776
     assert claims.verdict(0.5, math.nan, 1).startswith("one seed")
     assert claims.t_critical(12) == 2.228  # between table entries: the smaller dof's (conservative)
@@ -108,3 +113,77 @@ def test_update_rows_reduce_each_key_by_its_schema_reduction(tmp_path):
     # steps (4 + 8) / 2 = 6; clip ((0.1 + 0.3) / 2 + (0.0 + 0.2) / 2) / 2 = 0.15; err max 5e-7
     assert lines[2] == "| loop_k4 | 6 | 0.150 | 5.0e-07 |"
     assert lines[3] == "| reinforce_k1 | 1 | - | - |"
+
+
+# The broad check: per-image scores of eval.json files, base first. Prompts 0 and 2 name only
+# training combinations, 1 and 3 a held-out one (red triangle, blue circle).
+BROAD_PROMPTS = ["a red circle and a blue square", "a red triangle and a blue square",
+                 "a green square", "a blue circle and a yellow cross"]  # fmt: skip
+BASE = [[0.1, 0.2], [0.3, 0.4], [0.0, 0.2], [0.5, 0.5]]
+
+
+def eval_json(path: Path, targets: dict[str, list[list[float]]], seed: int = 777) -> Path:
+    """An eval.json as ``diffloop eval`` writes it: the base model first, then run directories."""
+
+    def entry(spec, kind, scores):
+        rows = [
+            {"prompt": p, "scores": s, "mean": sum(s) / len(s)}
+            for p, s in zip(BROAD_PROMPTS, scores)
+        ]
+        return {"target": spec, "label": Path(spec).name, "kind": kind,
+                "per_prompt": {"shapes_binding": rows}}  # fmt: skip
+
+    settings = {"prompts": "shapes/val_pair", "images_per_prompt": 2, "seed": seed, "num_steps": 10,
+                "eta": 1.0, "guidance_scale": 3.0, "device": "cpu", "batch_size": 16}  # fmt: skip
+    data = {"targets": [entry("shapes", "model", BASE)]
+            + [entry(spec, "run", scores) for spec, scores in targets.items()], "settings": settings}  # fmt: skip
+    path.write_text(json.dumps(data))
+    return path
+
+
+def shifted(per_prompt: list[float]) -> list[list[float]]:
+    return [[x + d for x in row] for row, d in zip(BASE, per_prompt)]
+
+
+def test_broad_check_gains_split_and_paired_differences_by_hand(tmp_path):
+    # loop_k4 seed s: +0.1 on the seen prompts, +0.2 on the unseen ones, + 0.01 s everywhere
+    # (gain 0.15 + 0.01 s); ppo_k1: +0.05 everywhere. Paired d_s = 0.10, 0.11, 0.12.
+    loop = {s: shifted([0.1 + 0.01 * s, 0.2 + 0.01 * s] * 2) for s in range(3)}
+    ppo = shifted([0.05] * 4)
+    first = eval_json(tmp_path / "a.json", {f"r/loop_k4/seed_{s}": loop[s] for s in (0, 1)}
+                      | {f"r/ppo_k1/seed_{s}": ppo for s in (0, 1)})  # fmt: skip
+    second = eval_json(tmp_path / "b.json", {"r/loop_k4/seed_2": loop[2], "r/ppo_k1/seed_2": ppo})
+    broad = claims.load_broad([first, second])
+    assert sorted(broad.runs) == ["loop_k4", "ppo_k1"] and sorted(broad.runs["ppo_k1"]) == [0, 1, 2]
+    assert claims.mean_gain(broad.runs["loop_k4"][1], broad.base) == pytest.approx(0.16, abs=1e-12)
+    lines = claims.broad_lines(broad, summary({}))
+    table = "\n".join(lines)
+    # seen 0.11 +- 0.01/sqrt(3), unseen 0.21 +- the same; no own-evaluation curves in the summary
+    assert "| loop_k4 | 3 | +0.1600 ± 0.0058 | +0.1100 ± 0.0058 | +0.2100 ± 0.0058 |" in table
+    assert "| ppo_k1 | 3 | +0.0500 ± 0.0000 | +0.0500 ± 0.0000 | +0.0500 ± 0.0000 |" in table
+    # loop - ppo per prompt: 0.05, 0.15, 0.05, 0.15 (+0.01 s): s.e. over prompts
+    # std(ddof=1) / 2 = 0.057735 / 2 = 0.028868 every seed; spread = sd(0.10, 0.11, 0.12) = 0.01
+    row = next(line for line in lines if line.startswith("| (a) gain of loop K=4 − ppo"))
+    assert "+0.1100 ± 0.0058 | 3 | **holds** (> 4.30 s.e.) | 0.0289 | 0.0100 |" in row
+    assert any(
+        line.startswith(
+            "| (a) more so as K grows: gain of loop K=4 − loop K=2 | - | - | runs missing"
+        )
+        for line in lines
+    )
+
+
+def test_broad_check_refuses_files_that_would_pair_unrelated_images(tmp_path):
+    run = {"r/loop_k4/seed_0": shifted([0.1] * 4)}
+    good = eval_json(tmp_path / "a.json", run)
+    other_noise = eval_json(tmp_path / "b.json", run, seed=778)
+    with pytest.raises(SystemExit, match="settings differ"):
+        claims.load_broad([good, other_noise])
+    moved = json.loads(good.read_text())
+    moved["targets"][0]["per_prompt"]["shapes_binding"][0]["scores"] = [0.9, 0.9]
+    (tmp_path / "c.json").write_text(json.dumps(moved))
+    with pytest.raises(SystemExit, match="base scores differ"):
+        claims.load_broad([good, tmp_path / "c.json"])
+    not_a_sweep = eval_json(tmp_path / "d.json", {"runs/my_run": shifted([0.1] * 4)})
+    with pytest.raises(SystemExit, match="not a sweep run"):
+        claims.load_broad([not_a_sweep])

@@ -300,3 +300,32 @@ def test_base_model_first_still_samples_as_the_run(shapes_run, tmp_path, capsys)
     settings = json.loads((tmp_path / "e" / "eval.json").read_text())["settings"]
     assert (settings["num_steps"], settings["guidance_scale"]) == (3, 3.0)  # the run's sample.*
     assert "sampled with 3 steps, guidance 3.0" in capsys.readouterr().out
+
+
+def test_an_interrupted_eval_keeps_the_targets_it_finished(shapes_run, tmp_path, monkeypatch):
+    from diffloop.tools import evaluate
+
+    real_load = evaluate.load_target
+
+    def load_or_stop(target, device):
+        if target.kind == "run":
+            raise KeyboardInterrupt  # as a user's Ctrl-C on the second target
+        return real_load(target, device)
+
+    monkeypatch.setattr(evaluate, "load_target", load_or_stop)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate_model(
+            ["shapes", str(shapes_run)],
+            prompts="shapes/val_pair",
+            rewards=["reward_fns:brightness"],
+            num_prompts=2,
+            images_per_prompt=2,
+            num_steps=3,
+            output_dir=out,
+        )
+    kept = json.loads((out / "eval.json").read_text())
+    assert [t["label"] for t in kept["targets"]] == ["shapes"]
+    assert len(kept["targets"][0]["per_prompt"]["reward_fns:brightness"]) == 2
+    assert kept["settings"]["num_steps"] == 3
+    assert not list(out.glob("*.tmp"))

@@ -16,7 +16,8 @@ evaluation too, whose ``eval.seed`` reproduces here). Base and fine-tuned models
 same initial noise, and the difference between two targets can be measured image by image (paired).
 eta = 0 (the default) is deterministic DDIM: the image is a function of the model and the seed.
 
-Outputs in ``--output``: ``eval.json``, ``grid_<label>.png`` per target (rows = prompts, columns =
+Outputs in ``--output``: ``eval.json`` (rewritten after each target, so that an interrupted
+evaluation keeps the targets it finished), ``grid_<label>.png`` per target (rows = prompts, columns =
 images; the first ``--grid-prompts`` prompts), and with several targets ``compare.png`` (per prompt,
 the targets side by side). Tiny images are upscaled (nearest neighbour) to be viewable.
 
@@ -424,6 +425,8 @@ def evaluate_model(
         grid_images.append(images)
         if out_dir is not None:
             save_target_grid(images, images_per_prompt, out_dir / entry["grid"])
+            if len(entries) < len(resolved):  # an interruption keeps the targets already scored
+                _write_json(out_dir / "eval.json", {"targets": entries, "settings": settings})
     result = {"targets": entries, "settings": settings}
     if out_dir is not None:
         if len(entries) > 1:
@@ -434,8 +437,15 @@ def evaluate_model(
                 out_dir / "compare.png",
             )
             result["compare_grid"] = "compare.png"
-        (out_dir / "eval.json").write_text(json.dumps(result, indent=2, allow_nan=False))
+        _write_json(out_dir / "eval.json", result)
     return result
+
+
+def _write_json(path: Path, result: Mapping[str, Any]) -> None:
+    """Write through a temporary file, so that eval.json is never half written."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
+    tmp.replace(path)
 
 
 def format_table(result: Mapping[str, Any]) -> str:
