@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffloop.tools.bench import (
+    BenchRun,
     Deadline,
     bench_main,
     build_components,
@@ -183,13 +184,13 @@ def test_bench_rejects_bad_settings() -> None:
 def test_run_item_records_out_of_memory_and_goes_on() -> None:
     args = parse_args(["--shape", "tiny", "--device", "cpu", "--repeats", "3"])
     out: dict = {"items": {}, "skipped": []}
-    common = (args, torch.device("cpu"), 1e9, Deadline(None), out)
+    run = BenchRun(args, torch.device("cpu"), 1e9, Deadline(None), out)
 
     def oom() -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    assert run_item(*common, "big", oom, 4, lambda: 1.0, None, "too big") is None
-    done = run_item(*common, "small", lambda: None, 4, lambda: 2e6, 8, "fits")
+    assert run_item(run, "big", oom, 4, lambda: 1.0, None, "too big") is None
+    done = run_item(run, "small", lambda: None, 4, lambda: 2e6, 8, "fits")
     assert out["skipped"] == ["big: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)"]
     assert list(out["items"]) == ["small"] and len(done.times_s) == 3
     assert done.per_sample_s == pytest.approx(done.median_s / 4, rel=1e-12)

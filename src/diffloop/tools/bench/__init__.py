@@ -23,12 +23,13 @@ CFG 5, i.e. 242 UNet evals/s), training 1.91 s per sample at train batch 4, 0.80
 """
 
 from diffloop.tools.bench.main import bench_main, parse_args, parse_threads
-from diffloop.tools.bench.measure import Deadline, count_flops, matmul_flops_per_s
+from diffloop.tools.bench.measure import BenchRun, Deadline, count_flops, matmul_flops_per_s
 from diffloop.tools.bench.models import SHAPES, build_components, shapes_defaults
 from diffloop.tools.bench.policy_bench import bench_policy, bench_sd, run_item
 
 __all__ = [
     "SHAPES",
+    "BenchRun",
     "Deadline",
     "bench_main",
     "bench_policy",

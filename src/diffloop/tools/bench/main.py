@@ -6,13 +6,13 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
 from diffloop.errors import CommandParser
-from diffloop.tools.bench.measure import Deadline, PeakMemory, matmul_flops_per_s
+from diffloop.tools.bench.measure import BenchRun, Deadline, PeakMemory, matmul_flops_per_s
 from diffloop.tools.bench.models import (
     DTYPES,
     REFERENCE_SD15_H200,
@@ -193,22 +193,17 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_variants(
-    args: argparse.Namespace,
-    device: torch.device,
-    matmul_rate: float,
-    deadline: Deadline,
-    out: dict[str, Any],
-) -> None:
+def run_variants(run: BenchRun) -> None:
     """Each variant on a fresh policy, results under ``out["variants"][name]``; the first variant's
     items are also the top-level ``items``, and each variant gets its speed-ups over it."""
     import gc
 
+    args, device, out = run.args, run.device, run.out
     out["variants"] = {}
     for name in args.variants:
         sub: dict[str, Any] = {"floor": {}, "items": {}, "skipped": [], "notes": []}
         try:
-            bench_sd(variant_args(args, name), device, matmul_rate, deadline, sub)
+            bench_sd(replace(run, args=variant_args(args, name), out=sub))
         except Exception as e:  # noqa: BLE001 - a failed variant must not lose the others' numbers
             sub["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         out["variants"][name] = sub
@@ -289,19 +284,11 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def run_shape(
-    args: argparse.Namespace,
-    device: torch.device,
-    matmul_rate: float,
-    deadline: Deadline,
-    out: dict[str, Any],
-) -> None:
-    """The items of ``args.shape`` (and its ``--variants``) into ``out``, at the current thread count."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if args.variants:
-            run_variants(args, device, matmul_rate, deadline, out)
-        else:
-            bench_sd(args, device, matmul_rate, deadline, out)
+def run_shape(run: BenchRun) -> None:
+    """The items of ``args.shape`` (and its ``--variants``) into ``run.out``, at the current thread
+    count."""
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        (run_variants if run.args.variants else bench_sd)(run)
 
 
 def run_thread_counts(
@@ -324,7 +311,7 @@ def run_thread_counts(
             "skipped": [],
             "notes": [],
         }
-        run_shape(args, device, rate, deadline, sub)
+        run_shape(BenchRun(args, device, rate, deadline, sub))
         out["threads"][str(n)] = sub
         out["skipped"] += [f"threads={n}/{s}" for s in sub["skipped"]]
     first = out["threads"][str(args.threads[0])]
@@ -398,7 +385,8 @@ def bench_main(argv: list[str] | None = None) -> int:
             result["floor"]["matmul_tflops_per_s"] = (
                 matmul_flops_per_s(device, matmul_dtype, args.matmul_n) / 1e12
             )
-            run_shape(args, device, result["floor"]["matmul_tflops_per_s"] * 1e12, deadline, result)
+            rate = result["floor"]["matmul_tflops_per_s"] * 1e12
+            run_shape(BenchRun(args, device, rate, deadline, result))
     finally:
         torch.set_num_threads(before)
     result["wall_s"] = time.perf_counter() - deadline.start

@@ -1,6 +1,7 @@
 """Measurement: FLOP counts, medians of timed calls under a deadline, peak memory, the matmul
 rate of the hardware floor, and one item's result."""
 
+import argparse
 import resource
 import statistics
 import sys
@@ -80,6 +81,20 @@ class Deadline:
 
     def exceeded(self) -> bool:
         return self.limit_s is not None and time.perf_counter() - self.start > self.limit_s
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """What every item of one measurement shares: the settings (``args``), the device, the matmul
+    rate measured on it (FLOP/s: each item's fraction is its FLOP/s over this), the run's time
+    limit, and the result dict the items fill (``out["items"]``, ``out["skipped"]``, ``out["floor"]``).
+    A variant is ``dataclasses.replace(run, args=..., out=...)``."""
+
+    args: argparse.Namespace
+    device: torch.device
+    matmul_rate: float
+    deadline: Deadline
+    out: dict[str, Any]
 
 
 def median_seconds(

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from diffloop.tools.bench.measure import (
-    Deadline,
+    BenchRun,
     ItemResult,
     PeakMemory,
     count_flops,
@@ -157,15 +157,10 @@ def bench_policy(args: argparse.Namespace, device: torch.device) -> Any:
     )
 
 
-def bench_sd(
-    args: argparse.Namespace,
-    device: torch.device,
-    matmul_rate: float,
-    deadline: Deadline,
-    out: dict[str, Any],
-) -> None:
+def bench_sd(run: BenchRun) -> None:
     """Time and count sampling, decoding (latent models), training and end to end on
-    ``bench_policy``'s policy, with the on-policy log-prob check, into ``out["items"]``."""
+    ``bench_policy``'s policy, with the on-policy log-prob check, into ``run.out["items"]``."""
+    args, device, out = run.args, run.device, run.out
     policy = bench_policy(args, device)
     out["options"] = {
         "performance": asdict(policy.performance),
@@ -185,40 +180,22 @@ def bench_sd(
             prompts, _generators(sb, device), num_steps=steps, eta=eta, guidance_scale=cfg
         )
 
-    def item(
-        name: str,
-        fn: Callable[[], Any],
-        samples: int,
-        flops: Callable[[], float],
-        unet_evals: int | None,
-        what: str,
-    ) -> ItemResult | None:
-        def eager_flops() -> float:  # FLOPs are the work's, counted on the uncompiled modules
+    def eager(flops: Callable[[], float]) -> Callable[[], float]:
+        def counted() -> float:  # FLOPs are the work's, counted on the uncompiled modules
             with policy.uncompiled():
                 return flops()
 
-        return run_item(
-            args,
-            device,
-            matmul_rate,
-            deadline,
-            out,
-            name,
-            fn,
-            samples,
-            eager_flops,
-            unet_evals,
-            what,
-        )
+        return counted
 
     # Sampling (policy.sample includes text encoding and VAE decoding). Each item's FLOPs are counted
     # on one extra untimed call of exactly the timed function, so the fraction of matmul is honest.
     sample_evals = sb * steps * evals_per_step
-    sampled = item(
+    sampled = run_item(
+        run,
         "sample",
         sample,
         sb,
-        lambda: count_flops(sample),
+        eager(lambda: count_flops(sample)),
         sample_evals,
         f"policy.sample: batch {sb}, {steps} DDIM steps, CFG {cfg}, eta {eta}, incl. decode",
     )
@@ -231,11 +208,12 @@ def bench_sd(
             device=device,
             generator=torch.Generator(device).manual_seed(0),
         )
-        item(
+        run_item(
+            run,
             "decode",
             lambda: policy.decode(z),
             sb,
-            lambda: count_flops(lambda: policy.decode(z)),
+            eager(lambda: count_flops(lambda: policy.decode(z))),
             None,
             f"policy.decode: batch {sb}",
         )
@@ -243,7 +221,7 @@ def bench_sd(
     # Training on trajectories of train_batch samples (sampled once, untimed, inside the item).
     traj: list[Any] = []
 
-    def train() -> None:
+    def training_trajectories() -> Any:
         if not traj:
             traj.append(
                 policy.sample(
@@ -254,30 +232,28 @@ def bench_sd(
                     guidance_scale=cfg,
                 )
             )
-        train_pass(policy, traj[0], tb, eta=eta, guidance_scale=cfg, optimizer=optimizer)
+        return traj[0]
+
+    def train() -> None:
+        train_pass(
+            policy, training_trajectories(), tb, eta=eta, guidance_scale=cfg, optimizer=optimizer
+        )
 
     def train_flops() -> float:
-        train()  # samples the trajectories outside the counter: count training only
+        training_trajectories()  # sampled outside the counter: count training only
         return count_flops(train)
 
-    if not deadline.exceeded():  # the training trajectories, checked on-policy before any update
-        traj.append(
-            policy.sample(
-                _prompts(tb, args.shape),
-                _generators(tb, device, 1000),
-                num_steps=steps,
-                eta=eta,
-                guidance_scale=cfg,
-            )
-        )
+    # The training trajectories, checked on-policy before any update.
+    if not run.deadline.exceeded():
         out["onpolicy_logprob_err"] = onpolicy_logprob_err(
-            policy, traj[0], eta=eta, guidance_scale=cfg
+            policy, training_trajectories(), eta=eta, guidance_scale=cfg
         )
-    trained = item(
+    trained = run_item(
+        run,
         "train",
         train,
         tb,
-        train_flops,
+        eager(train_flops),
         tb * steps * evals_per_step,
         f"log-prob + backward over {steps} steps, train batch {tb}, CFG {cfg}, AdamW step",
     )
@@ -292,22 +268,19 @@ def bench_sd(
             return float(count_flops(end_to_end))
         return sampled.flops + trained.flops / tb * sb
 
-    item(
+    run_item(
+        run,
         "end_to_end",
         end_to_end,
         sb,
-        e2e_flops,
+        eager(e2e_flops),
         2 * sb * steps * evals_per_step,
         f"sample {sb} (incl. decode) + train on them (batch {tb})",
     )
 
 
 def run_item(
-    args: argparse.Namespace,
-    device: torch.device,
-    matmul_rate: float,
-    deadline: Deadline,
-    out: dict[str, Any],
+    run: BenchRun,
     name: str,
     fn: Callable[[], Any],
     samples: int,
@@ -317,6 +290,7 @@ def run_item(
 ) -> ItemResult | None:
     """Count ``fn``'s FLOPs (``flops()``), time it, store the result in ``out["items"][name]``. An item
     past the deadline or out of device memory is listed in ``out["skipped"]`` and the run goes on."""
+    args, device, deadline, out = run.args, run.device, run.deadline, run.out
     if deadline.exceeded():
         out["skipped"].append(f"{name}: time limit {args.time_limit_s} s reached")
         return None
@@ -333,7 +307,7 @@ def run_item(
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return None
-    result = make_item(name, what, samples, med, times, counted, matmul_rate, unet_evals, mem)
+    result = make_item(name, what, samples, med, times, counted, run.matmul_rate, unet_evals, mem)
     if warm:  # compiled variants: the first call compiles; compile_s = first call - a timed call
         result.extra.update(first_call_s=warm[0], compile_s=max(0.0, warm[0] - med))
     out["items"][name] = asdict(result)
