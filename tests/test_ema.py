@@ -14,7 +14,7 @@ from test_trainer import Killed, comparable, tiny_overrides
 
 from diffloop.checkpoint import EMA_WEIGHTS, latest_checkpoint
 from diffloop.config import ConfigError, load_config
-from diffloop.ema import EMA, maybe_applied
+from diffloop.ema import EMA, ema_decay_at, ema_updates_at, maybe_applied
 from diffloop.export import LORA_WEIGHT_NAME
 from diffloop.run_dir import read_metrics
 from diffloop.trainer import Trainer
@@ -87,6 +87,61 @@ def test_state_dict_round_trip_and_mismatch():
     assert torch.equal(other.shadow["w"], torch.ones(2))
     with pytest.raises(ValueError, match="1 missing, 1 unexpected"):
         other.load_state_dict({"v": torch.ones(2)})
+
+
+def test_warmup_decay_by_hand():
+    """d_n = min((1 + n) / (10 + n), d): 2/11 after step 1, 3/12 after step 2, then d."""
+    assert ema_decay_at(1, 0.9, warmup=True) == 2 / 11
+    assert ema_decay_at(7, 0.9, warmup=True) == 8 / 17
+    assert ema_decay_at(80, 0.9, warmup=True) == 0.9 and ema_decay_at(79, 0.9, True) == 80 / 89
+    assert ema_decay_at(1, 0.9, warmup=False) == 0.9
+    p = torch.nn.Parameter(torch.tensor([0.0]))
+    ema = EMA({"w": p}, decay=0.3, warmup=True)
+    values = [1.0, 2.0, 4.0]  # theta after steps 1, 2, 3; d_1 = 2/11, d_2 = 3/12, d_3 = 0.3 < 4/13
+    for n, theta in enumerate(values, start=1):
+        with torch.no_grad():
+            p.fill_(theta)
+        assert ema.update(n)
+    s1 = 2 / 11 * 0.0 + 9 / 11 * 1.0
+    s2 = 0.25 * s1 + 0.75 * 2.0
+    s3 = 0.3 * s2 + 0.7 * 4.0
+    torch.testing.assert_close(ema.shadow["w"], torch.tensor([s3]), rtol=1e-7, atol=0)
+
+
+def test_update_interval_by_hand():
+    """Interval 3: only steps n with (n + 1) % 3 == 0 (2, 5, 8, ...) blend, as Flow-GRPO's wrapper;
+    with the warm-up, d_2 = 3/12 and d_5 = 6/15."""
+    assert [n for n in range(1, 17) if ema_updates_at(n, 8)] == [7, 15]
+    p = torch.nn.Parameter(torch.tensor([0.0]))
+    ema = EMA({"w": p}, decay=0.9, warmup=True, update_interval=3)
+    updated = []
+    for n in range(1, 7):  # theta_n = n after step n
+        with torch.no_grad():
+            p.fill_(float(n))
+        updated.append(ema.update(n))
+    assert updated == [False, True, False, False, True, False]
+    s2 = 0.25 * 0.0 + 0.75 * 2.0  # d_2 = 3/12
+    s5 = 0.4 * s2 + 0.6 * 5.0  # d_5 = 6/15
+    torch.testing.assert_close(ema.shadow["w"], torch.tensor([s5]), rtol=1e-7, atol=0)
+    with pytest.raises(ValueError, match="needs the step number"):
+        ema.update()
+
+
+def test_matches_flow_grpo_wrapper_transcribed():
+    """flow_grpo/ema.py EMAModuleWrapper(decay=0.9, update_step_interval=8).step(params, n), called
+    once after each optimizer step n (one micro-batch per step): the same shadow."""
+    p = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
+    ema = EMA({"w": p}, decay=0.9, warmup=True, update_interval=8)
+    theirs = p.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    for n in range(1, 120):
+        with torch.no_grad():
+            p.add_(torch.randn(2, generator=g))
+        ema.update(n)
+        one_minus_decay = 1 - min((1 + n) / (10 + n), 0.9)  # get_current_decay
+        if (n + 1) % 8 == 0:
+            theirs.add_(one_minus_decay * (p.detach() - theirs))
+    torch.testing.assert_close(ema.shadow["w"], theirs, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("decay", ["0.0", "1.0", "1.5", "-0.1"])
@@ -174,6 +229,63 @@ def test_kill_and_resume_equals_uninterrupted_with_ema(tiny_sd, tmp_path, monkey
     a, b = full_trainer.ema.state_dict(), resumed.ema.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(full) == 3
+
+
+# updates after optimizer steps 2, 5, 8, ...
+WARM = {"train.ema_warmup": True, "train.ema_update_interval": 3}
+
+
+def test_trainer_ema_with_warmup_and_interval_is_the_hand_recursion(tiny_sd, tmp_path, monkeypatch):
+    """The trainer passes its optimizer_steps: n-th step blends with d_n only when (n + 1) % 3 == 0."""
+    t = trainer(tiny_sd, tmp_path / "run", num_epochs=3, **{"eval.prompts": None, **WARM})
+    expected = t.policy.trainable_state_dict()
+    original = Trainer._optimizer_step
+
+    def step_and_record(self):
+        out = original(self)
+        nonlocal expected
+        n = self.optimizer_steps
+        if (n + 1) % 3 == 0:
+            d = min((1 + n) / (10 + n), DECAY)
+            now = self.policy.trainable_state_dict()
+            expected = {k: d * expected[k] + (1 - d) * now[k] for k in now}
+        return out
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_and_record)
+    t.train()
+    assert t.optimizer_steps == 6  # 2 per epoch: updates after steps 2 and 5
+    got = t.ema.state_dict()
+    for k in expected:  # fp32 lerp vs d a + (1 - d) b: one rounding apart
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7)
+
+
+def test_kill_and_resume_equals_uninterrupted_with_warmup_and_interval(
+    tiny_sd, tmp_path, monkeypatch
+):
+    """Killed after step 4 (epoch 2 not run): the next update, after step 5, needs the restored step
+    counter (both for (n + 1) % 3 and for d_5 = 6/15)."""
+    extra = {"num_epochs": 3, "eval.prompts": None, **WARM}
+    full_trainer = trainer(tiny_sd, tmp_path / "full", **extra)
+    full_trainer.train()
+    original = Trainer.run_epoch
+
+    def die_at_epoch_2(self, epoch):
+        if epoch == 2:
+            raise Killed
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "run_epoch", die_at_epoch_2)
+    with pytest.raises(Killed):
+        trainer(tiny_sd, tmp_path / "killed", **extra).train()
+    monkeypatch.setattr(Trainer, "run_epoch", original)
+    resumed = trainer(tiny_sd, tmp_path / "killed", resume=True, **extra)
+    assert resumed.optimizer_steps == 4
+    resumed.train()
+    assert resumed.optimizer_steps == full_trainer.optimizer_steps == 6
+    a, b = full_trainer.ema.state_dict(), resumed.ema.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    assert comparable(rows) == comparable(read_metrics(tmp_path / "full" / "metrics.jsonl"))
 
 
 def test_resume_from_a_checkpoint_without_ema_warns_and_starts_from_the_loaded_weights(

@@ -93,7 +93,8 @@ def test_eval_of_a_run_writes_valid_eval_json(shapes_run, tmp_path, capsys) -> N
     (target,) = result["targets"]
     assert target["kind"] == "run" and target["label"] == "run_a"
     assert target["checkpoint"].endswith("epoch_000002")  # the newest checkpoint
-    assert result["settings"]["num_steps"] == 3 and result["settings"]["eta"] == 0.0
+    # no --eta: the run's evaluation sampler, which for a DDIM model is its training sampler (eta 1)
+    assert result["settings"]["num_steps"] == 3 and result["settings"]["eta"] == 1.0
     # --num-prompts 2 of val_pair: its prompts 0 and 158 (spread over the split, as training's eval)
     prompts = [
         "a red circle and a yellow cross",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from diffloop import seeding
-from diffloop.core import gaussian_kl, gaussian_log_prob
+from diffloop.core import flow_grpo_kl, gaussian_kl, gaussian_log_prob
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
 
 # (log_prob (M,), old_log_prob (M,), advantages (M,), clip_range) -> per-element loss (M,)
@@ -136,12 +136,56 @@ def onpolicy_logprob_err(
     return worst
 
 
+# ----------------------------------------------------------------------------- KL to the base model
+
+# (policy, batch, step (M,), mean, ref_mean, std) -> the step's KL penalty per trajectory (M,)
+KlFn = Callable[
+    [DiffusionPolicy, Trajectories, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    torch.Tensor,
+]
+
+
+def gaussian_step_kl(
+    policy: DiffusionPolicy,
+    batch: Trajectories,
+    step: torch.Tensor,
+    mean: torch.Tensor,
+    ref_mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
+    """train.kl_form=gaussian: the true KL of the two step Gaussians, reduced as the log-probs
+    (``core.gaussian_kl``): sum_d (mu - mu_ref)^2 / (2 std^2), divided by D under "mean"."""
+    return gaussian_kl(mean, ref_mean, std, policy.logprob_reduction)
+
+
+def flow_grpo_step_kl(
+    policy: DiffusionPolicy,
+    batch: Trajectories,
+    step: torch.Tensor,
+    mean: torch.Tensor,
+    ref_mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
+    """train.kl_form=flow_grpo: Flow-GRPO's mean_d (mu - mu_ref)^2 / (2 std_dev_t^2)
+    (``core.flow_grpo_kl``), std_dev_t from the flow policy (``flow_grpo_std_dev``)."""
+    return flow_grpo_kl(mean, ref_mean, policy.flow_grpo_std_dev(batch, step, std))
+
+
+KL_FORMS: dict[str, KlFn] = {"gaussian": gaussian_step_kl, "flow_grpo": flow_grpo_step_kl}
+
+
+def supports_kl_form(policy: DiffusionPolicy, kl_form: str) -> bool:
+    """Whether ``policy`` can compute ``kl_form`` (flow_grpo needs a flow-matching policy's std_t)."""
+    return kl_form != "flow_grpo" or hasattr(policy, "flow_grpo_std_dev")
+
+
 # ----------------------------------------------------------------------------- the gradient pass
 
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The per-(trajectory, step) loss: ``loss_fn`` of the algorithm table, plus a KL-to-base term.
+    """The per-(trajectory, step) loss: ``loss_fn`` of the algorithm table, plus a KL-to-base term
+    of form ``kl_form`` (a key of ``KL_FORMS``).
 
     ``ratio_to_self``: the old log-prob is the recomputed one, detached (ratio exactly 1 by
     construction: the gradient at the sampling parameters, used by ``diffloop variance``); otherwise
@@ -153,6 +197,7 @@ class LossSettings:
     kl_coef: float = 0.0
     log_kl: bool = False
     ratio_to_self: bool = False
+    kl_form: str = "gaussian"
 
 
 def step_loss(
@@ -169,6 +214,8 @@ def step_loss(
 
         L = mean_i loss_fn(log p_theta(x^i_{t-1} | x^i_t), log p_old, A_i) + kl_coef mean_i KL_i
 
+    KL_i is ``KL_FORMS[loss.kl_form]`` (the true Gaussian KL, or Flow-GRPO's form).
+
     Statistics are device tensors (no host sync): loss, approx_kl = 0.5 mean(log ratio^2), clipfrac,
     ratio_mean, kl_to_base (when computed), onpolicy_logprob_err = max |log p - recorded| (when
     ``on_policy``: no optimizer step since sampling).
@@ -184,7 +231,7 @@ def step_loss(
             ref_mean, _ = policy.step_distribution(
                 batch, step, eta=sampler.eta, guidance_scale=sampler.guidance_scale
             )
-        kl = gaussian_kl(mean, ref_mean, std, policy.logprob_reduction)  # (M,)
+        kl = KL_FORMS[loss.kl_form](policy, batch, step, mean, ref_mean, std)  # (M,)
         if loss.kl_coef > 0:
             value = value + loss.kl_coef * kl.mean()
     with torch.no_grad():

@@ -153,7 +153,8 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
        "policy"),
     _m("nonfinite_steps_skipped", "updates skipped this epoch because the loss or gradient was "
        "NaN/inf (counted, never applied)", "same", "sum", False, "update", "policy"),
-    _m("kl_to_base", "mean per-step KL(p_theta || p_base) (base: the LoRA adapter disabled)",
+    _m("kl_to_base", "mean per-step KL(p_theta || p_base) in the form train.kl_form (base: the "
+       "LoRA adapter disabled)",
        "mean", "mean", None, "samples", "train", section="Over-optimisation monitors",
        when="train.kl_coef > 0 or train.log_kl_to_base"),
     # --- wall-clock

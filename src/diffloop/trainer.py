@@ -10,10 +10,12 @@ whichever process draws it and whether or not the run was resumed in between.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import random
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffloop import checkpoint, export, loops, seeding
+from diffloop import checkpoint, export, loops, run_lock, seeding
 from diffloop.algorithms import ALGORITHMS, make_stat_tracker
 from diffloop.config import (
     Config,
@@ -96,9 +98,110 @@ def check_timestep_window(policy, config: Config) -> None:
         )
 
 
+def check_kl_form(policy, config: Config) -> None:
+    """ConfigError unless the loaded model can compute train.kl_form (the model family is read from
+    the model, so check-config cannot tell): flow_grpo divides by a flow step's std_t, which a DDIM
+    step does not have."""
+    if not loops.supports_kl_form(policy, config.train.kl_form):
+        raise ConfigError(
+            f"train.kl_form={config.train.kl_form} is Flow-GRPO's KL for flow-matching models (SD3, "
+            f"FLUX) and {type(policy).__name__} is not one; use train.kl_form=gaussian"
+        )
+
+
+def _releases_run_lock_on_failure(init: Callable[..., None]) -> Callable[..., None]:
+    """(Trainer.__init__) A set-up that fails releases the run directory's lock it took."""
+
+    @functools.wraps(init)
+    def wrapper(self: Trainer, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            self.close()
+            raise
+
+    return wrapper
+
+
+def _holding_run_lock(train: Callable[..., Any]) -> Callable[..., Any]:
+    """(Trainer.train) Holds the run directory's lock (again, for a second call) while training,
+    and releases it when training ends, however it ends."""
+
+    @functools.wraps(train)
+    def wrapper(self: Trainer, *args: Any, **kwargs: Any) -> Any:
+        if self._run_lock_released:  # the same on every rank (a rank other than 0 holds none)
+            self._hold_run_lock()
+        try:
+            return train(self, *args, **kwargs)
+        finally:
+            self.close()
+
+    return wrapper
+
+
+def _first_set(*candidates: tuple[Any, str]) -> tuple[Any, str]:
+    """The first (value, where it came from) whose value is not None."""
+    return next(c for c in candidates if c[0] is not None)
+
+
+def _evaluation_settings(config: Config, policy) -> dict[str, tuple[Any, str]]:
+    """num_steps and eta of the evaluation sampler, each with the setting it came from."""
+    e, s = config.eval, config.sample
+    convention = "the model's convention"
+    return {
+        "num_steps": _first_set(
+            (e.num_steps, "eval.num_steps"),
+            (getattr(policy, "eval_num_steps", None), convention),
+            (s.num_steps, "sample.num_steps"),
+        ),
+        "eta": _first_set(
+            (e.eta, "eval.eta"),
+            (getattr(policy, "eval_eta", None), convention),
+            (s.eta, "sample.eta"),
+        ),
+    }
+
+
+def evaluation_sampler(config: Config, policy) -> loops.SamplerSettings:
+    """The held-out evaluation's sampler (the trainer's, and ``diffloop eval RUN``'s default).
+
+    steps = eval.num_steps, else the policy's ``eval_num_steps``, else sample.num_steps;
+    eta   = eval.eta, else the policy's ``eval_eta``, else sample.eta.
+    A flow-matching family declares Flow-GRPO's evaluation (SD3 40, FLUX 28 steps, noise level 0:
+    the ODE); a DDIM family declares none, so its evaluation samples as training does. Guidance
+    and negative prompt are sample.*'s (Flow-GRPO evaluates with the training guidance)."""
+    settings = _evaluation_settings(config, policy)
+    s = config.sample
+    return loops.SamplerSettings(
+        settings["num_steps"][0], settings["eta"][0], s.guidance_scale, s.negative_prompt
+    )
+
+
+def describe_evaluation_sampler(config: Config, policy) -> str:
+    """The evaluation sampler in words, each value with its source, for the run header."""
+    settings = _evaluation_settings(config, policy)
+    (steps, steps_from), (eta, eta_from) = settings["num_steps"], settings["eta"]
+    kind = "deterministic" if eta == 0 else "stochastic"
+    return (
+        f"{steps} steps ({steps_from}), eta {eta:g}: {kind} ({eta_from}), guidance "
+        f"{config.sample.guidance_scale:g} (sample.guidance_scale)"
+    )
+
+
+def check_evaluation_sampler(policy, sampler: loops.SamplerSettings) -> None:
+    """ConfigError (naming eval.*) unless the policy can sample the evaluation sampler; a policy
+    without ``check_evaluation_sampling`` (DDIM: any steps, eta in [0, 1], validated) needs none."""
+    check = getattr(policy, "check_evaluation_sampling", None)
+    if check is not None:
+        check(sampler.num_steps, sampler.eta)
+
+
 class Trainer:
     policy: DiffusionPolicy
+    _run_lock: run_lock.RunLock | None = None  # the main process's hold on output_dir
+    _run_lock_released = False  # by close(), on every rank
 
+    @_releases_run_lock_on_failure
     def __init__(
         self,
         config: Config,
@@ -120,6 +223,7 @@ class Trainer:
         # Exactly what check-config checks (config, prompt files, reward names), before a model loads.
         check_before_loading(config, num_processes=self.dist.world_size)
         self.config = config
+        self._hold_run_lock()  # before anything in output_dir is read: one process per run
         check_resume(config)  # a resume continues its run's own config (diffloop.resume)
         self.algorithm = ALGORITHMS[config.train.algorithm]
         # Cheap, likely-to-fail parts first: a bad prompt file or reward name fails before a model loads.
@@ -134,8 +238,9 @@ class Trainer:
         t = config.train
         self.sampler = loops.SamplerSettings.from_config(config.sample)
         self.loss_settings = loops.LossSettings(
-            self.algorithm.loss_fn, t.clip_range, kl_coef=t.kl_coef, log_kl=t.log_kl_to_base
-        )
+            self.algorithm.loss_fn, t.clip_range, kl_coef=t.kl_coef, log_kl=t.log_kl_to_base,
+            kl_form=t.kl_form,
+        )  # fmt: skip
         # The LoRA initialisation draws from the global RNG: same seed, same start, on every process.
         torch.manual_seed(seeding.lora_init_seed(config.seed))
         self.policy = load_policy(
@@ -150,6 +255,10 @@ class Trainer:
         )
         self.policy.check_sampling(config.sample.num_steps, config.sample.eta)
         check_timestep_window(self.policy, config)
+        self.eval_sampler = evaluation_sampler(config, self.policy)
+        if self.eval_source is not None:
+            check_evaluation_sampler(self.policy, self.eval_sampler)
+        check_kl_form(self.policy, config)
         self.arithmetic = derived_arithmetic(
             config,
             self.dist.world_size,
@@ -160,9 +269,7 @@ class Trainer:
         self.params = self.policy.trainable_parameters()
         export.check_exportable(self.policy, config.lora.enabled)  # now, not after training
         self.optimizer = build_optimizer(self.params, t, self.dist.device)
-        self.ema = (
-            EMA(self.policy.named_trainable_parameters(), t.ema_decay) if t.ema_decay else None
-        )
+        self.ema = self._new_ema()
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -188,6 +295,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
 
+    @_holding_run_lock
     def train(self) -> list[dict[str, Any]]:
         cfg = self.config
         self._print_header()
@@ -390,7 +498,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
         if self.ema is not None:
-            self.ema.update()
+            self.ema.update(self.optimizer_steps)  # n = the steps taken, this one included
         return grad_norm.detach()
 
     # ------------------------------------------------------------------ evaluation
@@ -398,8 +506,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, tag: str, step: int = 0) -> dict[str, Any]:
         """Held-out reward on fixed prompts and fixed noise (``loops.eval_seeds``, the rule
-        ``diffloop eval`` uses) of the EMA weights when train.ema_decay is set; writes an image grid
-        ``eval/<tag>.png``."""
+        ``diffloop eval`` uses), sampled with the evaluation sampler (``evaluation_sampler``: the
+        default of ``diffloop eval RUN`` too), of the EMA weights when train.ema_decay is set;
+        writes an image grid ``eval/<tag>.png``."""
         with maybe_applied(self.ema):
             return self._evaluate(tag, step)
 
@@ -420,7 +529,7 @@ class Trainer:
             prompts[local],
             seeds[local],
             {"reward": self.eval_reward},
-            self.sampler,
+            self.eval_sampler,
             e.batch_size,
             metadata=metadata[local],
         )
@@ -489,25 +598,51 @@ class Trainer:
             optimizer_steps=self.optimizer_steps,
             stat_tracker=self.stat_tracker.state_dict() if self.stat_tracker is not None else None,
         )
-        out = self.config.output_dir
+        out, is_main = self.config.output_dir, self.dist.is_main
         tmp = checkpoint.tmp_dir_for(out, epochs_completed)
+        trainable = self.policy.trainable_state_dict() if is_main else {}
+        ema = self.ema.state_dict() if self.ema is not None and is_main else None
+        needed = checkpoint.needed_bytes(out, trainable, ema, self.optimizer.state_dict())
+        # A failed or interrupted save removes its temporary directory; a full disk is one line.
+        with checkpoint.writing(out, epochs_completed, needed, is_main=is_main):
+            if is_main:
+                checkpoint.begin(out, epochs_completed)
+            self.dist.wait()
+            checkpoint.write_rank_rng(tmp, self.dist.rank)
+            self.dist.wait()
+            if is_main:
+                checkpoint.write_main(
+                    tmp,
+                    trainable=trainable,
+                    optimizer=self.optimizer,
+                    lr_scheduler=self.lr_scheduler,
+                    grad_scaler=self.grad_scaler,
+                    state=state,
+                    ema=ema,
+                )
+                checkpoint.commit(out, tmp, epochs_completed, self.config.keep_checkpoints)
+        self.dist.wait()
+
+    def _hold_run_lock(self) -> None:
+        """The main process locks output_dir (diffloop.run_lock; re-entrant, so under
+        ``diffloop train``, which locked it first, this only counts); the other ranks take no lock
+        but learn when it was refused, so a refused launch ends on every rank with the same line."""
+        refused, self._run_lock_released = None, False
         if self.dist.is_main:
-            checkpoint.begin(out, epochs_completed)
-        self.dist.wait()
-        checkpoint.write_rank_rng(tmp, self.dist.rank)
-        self.dist.wait()
-        if self.dist.is_main:
-            checkpoint.write_main(
-                tmp,
-                trainable=self.policy.trainable_state_dict(),
-                optimizer=self.optimizer,
-                lr_scheduler=self.lr_scheduler,
-                grad_scaler=self.grad_scaler,
-                state=state,
-                ema=self.ema.state_dict() if self.ema is not None else None,
-            )
-            checkpoint.commit(out, tmp, epochs_completed, self.config.keep_checkpoints)
-        self.dist.wait()
+            try:
+                self._run_lock = run_lock.acquire(self.config.output_dir)
+                weakref.finalize(self, self._run_lock.release)  # a Trainer never trained
+            except run_lock.RunLockedError as e:
+                refused = str(e)
+        refused = self.dist.broadcast_object(refused)
+        if refused is not None:
+            raise run_lock.RunLockedError(refused)
+
+    def close(self) -> None:
+        """Release the run directory's lock (``train`` does when it ends); again: nothing."""
+        self._run_lock_released = True
+        if self._run_lock is not None:
+            self._run_lock.release()
 
     def _resume(self) -> None:
         # The newest checkpoint that verifies (checksums, finite tensors); older ones are fallbacks.
@@ -544,7 +679,19 @@ class Trainer:
         logger.warning(
             "train.ema_decay is set but %s holds no EMA: it restarts from the loaded weights", path
         )
-        self.ema = EMA(self.policy.named_trainable_parameters(), self.config.train.ema_decay)
+        self.ema = self._new_ema()
+
+    def _new_ema(self) -> EMA | None:
+        """The EMA of the current trainable weights as train.ema_* say (None without ema_decay)."""
+        t = self.config.train
+        if t.ema_decay is None:
+            return None
+        return EMA(
+            self.policy.named_trainable_parameters(),
+            t.ema_decay,
+            warmup=t.ema_warmup,
+            update_interval=t.ema_update_interval,
+        )
 
     def _apply_optimizer_config(self) -> None:
         """After loading their states, the optimizer and LR schedule follow the config again: a resume
@@ -617,6 +764,8 @@ class Trainer:
         if self.eval_source is not None:
             name = evaluation_reward_name(cfg.reward.name, cfg.eval.reward)
             print(f"  held-out evaluation reward:    {name}")
+            sampler = describe_evaluation_sampler(cfg, self.policy)
+            print(f"  held-out evaluation sampler:   {sampler}")
 
     def _print_summary(self) -> None:
         """The verdict (base -> trained held-out reward, and for the shapes world per attribute and

@@ -21,10 +21,33 @@ from diffloop.config.validation import validate
 from diffloop.errors import did_you_mean
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping states one key twice; PyYAML would silently keep the last value."""
+
+
 class _Yaml12BoolLoader(yaml.SafeLoader):
     """SafeLoader whose booleans are YAML 1.2's (true/false only): under YAML 1.1 rules
     ``train.mixed_precision=no`` would arrive as False. Bool fields still accept yes/no/on/off
-    (:func:`_coerce` converts those strings)."""
+    (:func:`_coerce` converts those strings). A key stated twice in one mapping is an error
+    (YAML 1.2 requires unique keys; PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges are meant to be overridden by the keys beside them
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise DuplicateKeyError(
+                        f"duplicate key '{key}' on line {line} (first on line {first_line[key]}): "
+                        "YAML would keep only the last value; remove one of them"
+                    )
+                first_line[key] = line
+            except TypeError:
+                pass  # an unhashable key: the base class reports it
+        return super().construct_mapping(node, deep=deep)
 
 
 _Yaml12BoolLoader.yaml_implicit_resolvers = {
@@ -189,7 +212,7 @@ def _one_line(e: Exception) -> str:
 def _read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file '{p}' does not exist")
+        raise ConfigError(f"config file '{p}' does not exist.{_similar_config_name(p)}")
     try:
         loaded = load_yaml(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -199,6 +222,24 @@ def _read_config_file(path: str | Path) -> dict[str, Any]:
             f"config file '{p}' must hold a mapping of keys, got {type(loaded).__name__}"
         )
     return loaded or {}
+
+
+def _similar_config_name(p: Path) -> str:
+    """`` Did you mean 'x'?`` for a YAML file beside ``p`` or, for a bare name, a shipped config
+    (else, for a bare name, the list of shipped configs)."""
+    bare = p.parent == Path(".")
+    beside = (
+        [str(p.with_name(f.name)) for f in p.parent.glob("*.y*ml")] if p.parent.is_dir() else []
+    )
+    close = did_you_mean(str(p), sorted({*beside, *(shipped_configs() if bare else [])}))
+    if close or not bare:
+        return close
+    return f" It is not a shipped config either: {', '.join(shipped_configs())}"
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs in ``diffloop/configs`` (``diffloop train NAME`` finds them)."""
+    return sorted(f.name for f in packaged_config("").glob("*.yaml"))
 
 
 def unvalidated_config(

@@ -81,6 +81,7 @@ AlgorithmName = Literal["loop", "ppo", "grpo", "reinforce", "reinforce_loo"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LogprobReduction = Literal["mean", "sum"]
 SdeType = Literal["sde", "cps"]
+KlForm = Literal["gaussian", "flow_grpo"]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 CompileTarget = Literal["none", "sampling", "training", "all"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -142,6 +143,17 @@ class FluxConfig:
 
 
 @dataclass
+class SD3Config:
+    """SD3 / SD3.5-only settings (read by ``diffloop.policies.sd3``; ignored for other families)."""
+
+    max_sequence_length: int | None = num(None, ge=1, le=512)
+    """T5 tokens of the prompt (StableDiffusion3Pipeline's max_sequence_length, at most 512): the
+    T5 part of the text embeddings is this long, so the transformer attends over 77 + this many
+    text tokens (the cost of each step grows with it); null: the pipeline's default 256 (capped at
+    the T5 tokenizer's model_max_length). Flow-GRPO's SD3 scripts use 128."""
+
+
+@dataclass
 class ModelConfig:
     pretrained: str = "shapes"
     """Hub id (``stabilityai/stable-diffusion-2-base``) or local directory in diffusers layout; ``shapes``
@@ -161,6 +173,8 @@ class ModelConfig:
     has none: the VAE's sample_size, 1024 for FLUX.1, FluxPipeline's default)."""
     flux: FluxConfig = field(default_factory=FluxConfig)
     """FLUX.1's T5 length (used when model.pretrained is a FluxPipeline)."""
+    sd3: SD3Config = field(default_factory=SD3Config)
+    """SD3's T5 length (used when model.pretrained is a StableDiffusion3Pipeline)."""
 
 
 @dataclass
@@ -278,7 +292,17 @@ class TrainConfig:
     """grpo: added to the group std (> 0: a group of equal rewards has std 0)."""
     kl_coef: float = num(0.0, ge=0)
     """Weight of a KL(policy || base model) penalty per step (the base is the UNet with its LoRA adapter
-    disabled: no second copy). Costs one extra forward per trained step. 0 disables."""
+    disabled: no second copy), in the form train.kl_form. Costs one extra forward per trained step.
+    0 disables."""
+    kl_form: KlForm = "gaussian"
+    """What train.kl_coef weights (and kl_to_base reports), per trained step with means mu, mu_base:
+    gaussian: the true KL of the two step Gaussians, sum_d (mu - mu_base)^2 / (2 std^2) over the
+    step's D latent elements, divided by D under logprob_reduction=mean (std: the whole step std,
+    std_t sqrt(-dt) for a flow sde step). flow_grpo: Flow-GRPO's form (scripts/train_sd3.py),
+    mean_d (mu - mu_base)^2 / (2 std_dev_t^2) with std_dev_t = std_t, without sqrt(-dt), for sde
+    steps (= gaussian-mean x (-dt): 1/25 .. 1/3.7 of it over SD3.5's 10 steps) and the step std for
+    cps steps (= gaussian-mean); use it to carry a Flow-GRPO beta over unchanged. Flow-matching
+    models only (a DDIM model has no dt: refused when it loads). Costs nothing extra."""
     log_kl_to_base: bool = False
     """Log ``kl_to_base`` each epoch even when kl_coef is 0 (one extra forward per trained step)."""
     max_consecutive_nonfinite: int = num(3, ge=1)
@@ -288,9 +312,20 @@ class TrainConfig:
     """adamw (torch) or adamw_8bit (bitsandbytes' 8-bit AdamW: ``pip install diffloop[bnb]``, a CUDA
     device and full fine-tuning, lora.enabled=false; LoRA tensors are too small for its 8-bit state)."""
     ema_decay: float | None = num(None, gt=0, lt=1)
-    """EMA of the trainable weights, shadow <- d shadow + (1 - d) theta after every optimizer step
-    (Flow-GRPO uses 0.9); evaluation, export, ``diffloop sample`` and ``diffloop eval`` use it.
-    Costs one more fp32 copy of the trainable weights. null: off (diffloop.ema)."""
+    """EMA of the trainable weights: after optimizer step n (n = 1, 2, ...), when it is an update
+    step (train.ema_update_interval), shadow <- d_n shadow + (1 - d_n) theta, with d_n = this value,
+    or min((1 + n) / (10 + n), this value) with train.ema_warmup. Evaluation, export, ``diffloop
+    sample`` and ``diffloop eval`` use it. Flow-GRPO's 0.9 goes with its warm-up and interval 8: 0.9
+    alone at every step averages over ~10 steps instead of ~80 (diffloop.ema). Costs one more fp32
+    copy of the trainable weights. null: off."""
+    ema_warmup: bool = False
+    """EMA decay warm-up d_n = min((1 + n) / (10 + n), train.ema_decay) at optimizer step n, Flow-GRPO's
+    (flow_grpo/ema.py): 0.18 at n = 1, 0.47 at n = 7, the full 0.9 from n = 80, so early averages
+    do not hold on to the starting weights. Needs train.ema_decay. Costs nothing."""
+    ema_update_interval: int = num(1, ge=1)
+    """Update the EMA only after optimizer steps n with (n + 1) % interval == 0 (Flow-GRPO's
+    ``update_step_interval``; its train scripts use 8: steps 7, 15, 23, ...). 1: every step. Needs
+    train.ema_decay when > 1. Larger values cost less (one pass over the weights per update)."""
 
 
 @dataclass
@@ -352,6 +387,19 @@ class EvalConfig:
     train on a shaped reward and be judged on the target one; the run header names it."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of eval.reward (only with eval.reward set)."""
+    num_steps: int | None = num(None, ge=1)
+    """Sampler steps of the evaluation; null: the model's convention, which for flow-matching
+    models is Flow-GRPO's evaluation (SD3: 40, FLUX: 28 steps) and for DDIM models (SD, SDXL, the
+    shapes model) ``sample.num_steps``. Guidance and negative prompt are always ``sample.*``'s."""
+    eta: float | None = num(
+        None, ge=0, le=1,
+        why="eta > 1 makes the DDIM variance's square root imaginary; 0 is deterministic",
+    )  # fmt: skip
+    """Stochasticity of the evaluation sampler, in [0, 1]: DDIM's eta, or the flow SDE's noise
+    level (same kind, ``sample.sde_type``, on the ``sample.sde_window`` steps); 0 is deterministic
+    (DDIM with eta 0, the flow ODE) and needs no log-probabilities. null: the model's convention,
+    0 for flow-matching models (Flow-GRPO evaluates with noise level 0), ``sample.eta`` for DDIM
+    models. ``diffloop eval RUN`` uses the same evaluation sampler by default."""
 
 
 @dataclass

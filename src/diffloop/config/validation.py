@@ -98,6 +98,22 @@ def check_output_dir(output_dir: str, name: str = "output_dir") -> None:
         ) from None
 
 
+def check_run_folders(config: Config) -> None:
+    """Each folder a run writes inside ``output_dir`` is a directory or absent: a file of that name
+    (e.g. ``output_dir/checkpoints``) would fail the run at its first save. Raises ConfigError."""
+    export = "lora" if config.lora.enabled else "model"
+    folders = {"checkpoints": "checkpoints", "eval": "evaluation images",
+               "tensorboard": "TensorBoard logs", export: f"exported {export}"}  # fmt: skip
+    root = Path(config.output_dir).expanduser()
+    for name, what in folders.items():
+        path = root / name
+        require(
+            not path.exists() or path.is_dir(),
+            f"output_dir={config.output_dir}: {path} is a file, but the run writes its {what} in a "
+            f"directory of that name; move or delete the file, or choose another output_dir",
+        )
+
+
 def validate(config: Config, num_processes: int = 1) -> None:
     """Check every invariant before any model loads. Raises ConfigError naming the field and fix."""
     from diffloop.algorithms import ALGORITHMS
@@ -174,6 +190,12 @@ def validate(config: Config, num_processes: int = 1) -> None:
         "its LoRA adapter disabled",
     )
     require(
+        t.ema_decay is not None or (not t.ema_warmup and t.ema_update_interval == 1),
+        f"train.ema_warmup={str(t.ema_warmup).lower()} / train.ema_update_interval="
+        f"{t.ema_update_interval} shape an EMA but train.ema_decay is null (no EMA); set "
+        "train.ema_decay, or train.ema_warmup=false and train.ema_update_interval=1",
+    )
+    require(
         t.stat_tracking_min_count <= t.stat_tracking_buffer,
         f"train.stat_tracking_min_count={t.stat_tracking_min_count} must be <= "
         f"train.stat_tracking_buffer={t.stat_tracking_buffer}: a buffer never holds more rewards",
@@ -198,6 +220,7 @@ def validate(config: Config, num_processes: int = 1) -> None:
     validate_reward_form(config.reward)
     require(bool(config.output_dir), "output_dir must name a directory")
     check_output_dir(config.output_dir)
+    check_run_folders(config)
     _validate_performance(config)
     _validate_logging(config.logging)
     _validate_optimizer(config)
@@ -220,6 +243,7 @@ def validate(config: Config, num_processes: int = 1) -> None:
         )
     require(e.path is None or e.prompts in PATH_SOURCES,
            f"eval.path={e.path} is only read by eval.prompts={'/'.join(PATH_SOURCES)}, not {e.prompts}")  # fmt: skip
+    _validate_eval_sampler(config)
 
 
 def _validate_logging(lg: LoggingConfig) -> None:
@@ -337,3 +361,20 @@ def _validate_sdxl(x: SDXLConfig) -> None:
             value is None or (len(value) == 2 and min(value) >= 0),
             f"model.sdxl.{name}={value} must be two non-negative integers [height, width] (or [top, left])",
         )
+
+
+def _validate_eval_sampler(config: Config) -> None:
+    """A stochastic evaluation (eval.eta > 0) of a flow model runs the sde_window's steps as SDE
+    steps, so the window must fit an explicit eval.num_steps as it fits sample.num_steps; eta 0
+    (deterministic) has no window. The ranges are checked with every field; what depends on the
+    model's convention (null fields) is checked when the model is loaded."""
+    e, window = config.eval, config.sample.sde_window
+    if window is None or e.num_steps is None or not e.eta:
+        return
+    _, last, length = [window[0], *window] if len(window) == 2 else window
+    require(
+        last + length <= e.num_steps - 1,
+        f"eval.num_steps={e.num_steps} with eval.eta={e.eta}: sample.sde_window={window} must lie "
+        f"in steps 0..{e.num_steps - 2} of the evaluation sampler (the last step is an ODE step); "
+        f"raise eval.num_steps to at least {last + length + 1} or set eval.eta=0 (deterministic)",
+    )

@@ -14,6 +14,8 @@ from diffloop.core.advantages import (
 from diffloop.core.ddim import ddim_step_mean_std, ddim_step_with_logprob, gaussian_log_prob
 from diffloop.core.flow import (
     exponential_time_shift,
+    flow_grpo_kl,
+    flow_grpo_std_dev,
     flow_sde_step_with_logprob,
     flow_step_mean_std,
     flux_calculate_shift,
@@ -38,6 +40,8 @@ __all__ = [
     "ddim_step_mean_std",
     "ddim_step_with_logprob",
     "exponential_time_shift",
+    "flow_grpo_kl",
+    "flow_grpo_std_dev",
     "flow_sde_step_with_logprob",
     "flow_step_mean_std",
     "flux_calculate_shift",

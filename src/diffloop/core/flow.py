@@ -20,9 +20,16 @@ Both:   x' = mean + std z,  z ~ N(0, I);  a = 0 gives the Euler step.
 
 LOG-DENSITY. ``log_prob`` is the TRUE Gaussian log-density log N(x'; mean, std^2 I) per element,
 reduced over the non-batch dims ("mean", DDPO's convention: pairs with clip range ~1e-4; or "sum",
-the joint density), for both kinds. The reference CPS code's -mean((x' - mean)^2) is not a density
-(no 1/(2 std^2), no constants) and its clip range 1e-5 does not transfer: with the true density
-the "mean" ratios are those of the "sde" kind, so use the sde kind's clip ranges (~1e-4).
+the joint density), for both kinds. Flow-GRPO's "sde" log-prob is this density ("mean"); its "cps"
+one is the surrogate -mean((x' - mean)^2) (no 1/(2 std^2), no constants). Both models of a ratio
+share std, so the surrogate's log-ratio is the true "mean" log-ratio times 2 std^2, and a clip range
+eps on the surrogate is eps / (2 std^2) on the true density, a different value per step:
+2 std^2 = 1.67, 1.51, 1.33, 1.13, 0.90 over SD3.5's steps 0-4 at 10 shifted steps (shift 3) and
+noise level 0.8, so Flow-GRPO-Fast's 1e-5 is 0.60e-5 .. 1.1e-5 here (configs/sd35_fast_cps.yaml).
+
+KL TO THE REFERENCE. ``flow_grpo_kl`` is Flow-GRPO's KL penalty, which divides by the std_dev_t its
+step returns: std_t (without sqrt(-dt)) for "sde", the step std for "cps" (``flow_grpo_std_dev``).
+For "sde" it is the true mean-reduced KL (``core.losses.gaussian_kl``) times -dt.
 
 A step with zero std (noise level 0, or CPS's last step s' = 0) is an ODE step: it has no density,
 and ``flow_sde_step_with_logprob`` refuses it (take it with ``flow_step_mean_std``'s mean).
@@ -44,6 +51,8 @@ from diffloop.core.ddim import Reduction, draw_noise, gaussian_log_prob
 
 __all__ = [
     "exponential_time_shift",
+    "flow_grpo_kl",
+    "flow_grpo_std_dev",
     "flow_sde_step_with_logprob",
     "flow_step_mean_std",
     "flux_calculate_shift",
@@ -181,6 +190,61 @@ def flow_sde_step_with_logprob(
         )
     prev_sample = prev_sample.detach().float()
     return prev_sample, gaussian_log_prob(prev_sample, mean, std, logprob_reduction)
+
+
+# ----------------------------------------------------------------------------- KL to the reference
+
+
+def flow_grpo_std_dev(std: torch.Tensor, sigma: Sigma, sigma_next: Sigma, sde_type: SdeType):
+    """The std_dev_t Flow-GRPO's ``sde_step_with_logprob`` returns, from the step std.
+
+        "sde":  std_dev_t = std_t = std / sqrt(s - s')     (the step std without sqrt(-dt))
+        "cps":  std_dev_t = std = s' sin(a pi / 2)          (the step std itself)
+
+    Args:
+        std: the step std of ``flow_step_mean_std``: () or (N, 1, ..., 1).
+        sigma, sigma_next: float, 0-d or (N,) tensors, s > s'.
+        sde_type: "sde" or "cps".
+    Returns:
+        std_dev_t float32, broadcastable as ``std`` is.
+    """
+    std = torch.as_tensor(std, dtype=torch.float32)
+    if sde_type == "cps":
+        return std
+    if sde_type != "sde":
+        raise ValueError(f"sde_type must be 'sde' or 'cps', got {sde_type!r}")
+    as_float = {"dtype": torch.float32, "device": std.device}
+    minus_dt = torch.as_tensor(sigma, **as_float) - torch.as_tensor(sigma_next, **as_float)
+    if minus_dt.ndim:  # (N,) -> (N, 1, ..., 1), as std
+        minus_dt = minus_dt.reshape(-1, *([1] * (std.ndim - 1)))
+    return std / torch.sqrt(minus_dt)
+
+
+def flow_grpo_kl(
+    mean_p: torch.Tensor, mean_q: torch.Tensor, std_dev_t: torch.Tensor | float
+) -> torch.Tensor:
+    """Flow-GRPO's KL penalty of one step (scripts/train_sd3.py, train_flux.py), per sample.
+
+        KL_fg = mean_elements((mean_p - mean_q)^2) / (2 std_dev_t^2)
+
+    always reduced by the mean over latent elements, whatever the log-prob reduction. With
+    std_dev_t from ``flow_grpo_std_dev``: for "sde" (std = std_t sqrt(-dt)) KL_fg equals the true
+    mean-reduced KL ``gaussian_kl(mean_p, mean_q, std, "mean")`` times -dt = s - s' (1/25 .. 1/3.7
+    of it over SD3.5's 10 shifted steps); for "cps" it equals that KL.
+
+    Args:
+        mean_p: (M, ...) the current policy's step mean (with gradient).
+        mean_q: same shape, the reference policy's step mean.
+        std_dev_t: a float, 0-d or (M, 1, ..., 1) tensor, > 0.
+    Returns:
+        (M,) per-sample penalty.
+    """
+    if mean_p.shape != mean_q.shape:
+        raise ValueError(f"mean_p {tuple(mean_p.shape)} and mean_q {tuple(mean_q.shape)} differ")
+    dims = tuple(range(1, mean_p.ndim))
+    squared = (mean_p - mean_q).pow(2).mean(dim=dims)  # (M,)
+    std_dev_t = torch.as_tensor(std_dev_t, dtype=mean_p.dtype, device=mean_p.device)
+    return squared / (2.0 * std_dev_t.reshape(-1) ** 2)
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -12,6 +12,8 @@ import contextlib
 import json
 import logging
 import math
+import re
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +21,17 @@ import torch
 
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SampleConfig
 from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob
-from diffloop.errors import DiffloopError
 from diffloop.policies.base import TrainableDenoiser, Trajectories, iter_chunks
+from diffloop.policies.families import how_to_provide
+from diffloop.policies.loading import ModelLoadError, resolve_pretrained
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 
-class ModelLoadError(DiffloopError, RuntimeError):
-    """Weights could not be found or read; the message says what was looked for and how to fix it."""
-
-
-def resolve_pretrained(name: str) -> str:
-    """``shapes`` -> the shapes-world weights shipped in the package; anything else unchanged."""
-    if name == "shapes":
-        from diffloop.shapes.model import SHIPPED_WEIGHTS_DIR
-
-        return str(SHIPPED_WEIGHTS_DIR)
-    return name
-
-
 def _how_to_provide(name: str) -> str:
-    return (
-        f"model.pretrained='{name}' must be a local directory in diffusers layout (model_index.json, "
-        "unet/, text_encoder/, tokenizer/, scheduler/, and vae/ for latent models), e.g. one written by "
-        "`StableDiffusionPipeline.save_pretrained(DIR)` or `hf download <repo> --local-dir "
-        "DIR`, or a hub id (e.g. stabilityai/stable-diffusion-2-base) that is already in the Hugging Face "
-        "cache or can be downloaded (HF_HUB_OFFLINE=1 forbids downloads)."
-    )
+    return how_to_provide("sd", name)
 
 
 def _has_vae(path: str, model: ModelConfig) -> bool:
@@ -116,6 +100,41 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
     return components
 
 
+def keep_in_fp32_patterns(module: torch.nn.Module, dtype: torch.dtype) -> list[str]:
+    """Name patterns of the weights transformers keeps in fp32 when it loads ``module`` in
+    ``dtype`` (transformers 5.24 ``PreTrainedModel._get_dtype_plan``): ``_keep_in_fp32_modules``
+    for fp16 only (T5's ``wo``, whose activations overflow fp16's range; bf16 has fp32's range) and
+    ``_keep_in_fp32_modules_strict`` for fp16 and bf16. None for other modules (diffusers' UNets,
+    transformers and VAEs of the supported families declare none)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(module, PreTrainedModel) or dtype not in (torch.float16, torch.bfloat16):
+        return []
+    keep = set(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        keep |= set(module._keep_in_fp32_modules or ())
+    return sorted(keep)
+
+
+def cast_frozen(
+    module: torch.nn.Module, dtype: torch.dtype, device: torch.device
+) -> torch.nn.Module:
+    """A frozen component on ``device`` in ``dtype``, as ``from_pretrained(dtype=...)`` would load
+    it: floating parameters and buffers whose names match ``keep_in_fp32_patterns`` (searched in
+    the name, '*' = any characters, as transformers matches its dtype plan) are fp32, the others
+    ``dtype``; integer tensors are untouched; only what differs is cast. A plain
+    ``module.to(dtype)`` would put T5's fp32-kept ``wo`` in fp16, where its output overflows."""
+    keep = keep_in_fp32_patterns(module, dtype)
+    pattern = re.compile("|".join(p.replace("*", ".*") for p in keep)) if keep else None
+    for name, t in chain(module.named_parameters(), module.named_buffers()):
+        if not t.is_floating_point():
+            continue
+        want = torch.float32 if pattern is not None and pattern.search(name) else dtype
+        if t.dtype != want:
+            t.data = t.data.to(want)
+    return module.to(device)  # after the cast: an fp32 checkpoint never sits on the GPU whole
+
+
 class DDIMPolicy(TrainableDenoiser):
     """A conditional UNet sampled with stochastic DDIM + classifier-free guidance, LoRA or full fine-tuning.
 
@@ -152,9 +171,7 @@ class DDIMPolicy(TrainableDenoiser):
         self.lora_config = lora if lora.enabled else None
         for module in (self.unet, self.text_encoder, self.vae):
             if module is not None:
-                module.requires_grad_(False)
-                same_dtype = next(module.parameters()).dtype == weight_dtype
-                module.to(device) if same_dtype else module.to(device, dtype=weight_dtype)
+                cast_frozen(module.requires_grad_(False), weight_dtype, device)
         self._set_attention(perf.attention)
         if self.lora_config is not None:
             self._add_lora(lora)

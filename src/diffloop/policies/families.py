@@ -1,8 +1,12 @@
 """Model families and the one ``load_policy``: the family is read from the model, never configured.
 
-``model_index.json``'s ``_class_name`` (the pipeline diffusers would load) names the family; each
-family is a row of ``FAMILIES``: the pipeline class-name prefix it answers to and the loader that
-builds its policy. Loaders are imported only when used, so reading this table costs nothing.
+``model_index.json``'s ``_class_name`` (the pipeline diffusers would load) names the family (a
+class no family answers to is an error naming the supported ones, never a guess); each family is a
+row of ``FAMILIES``: the pipeline class-name prefix it answers to, the loader that builds its
+policy, and its diffusers layout (component folders, pipeline class, a hub repository), from which
+:func:`how_to_provide` writes every loader's "what model.pretrained must be" and
+:func:`check_local_model` checks a local directory before anything loads (``check-config``).
+Loaders are imported only when used, so reading this table costs nothing.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffloop.config import LoraConfig, ModelConfig
-from diffloop.policies.diffusers_policy import ModelLoadError, resolve_pretrained
+from diffloop.config import ConfigError, LoraConfig, ModelConfig
+from diffloop.policies.loading import ModelLoadError, resolve_pretrained
 
 
 @dataclass(frozen=True)
@@ -26,18 +30,89 @@ class Family:
     """``module:function`` with signature (model, lora, **policy kwargs) -> policy."""
     marker_folder: str | None = None
     """A component folder that identifies the family in a directory without model_index.json."""
+    label: str = ""
+    """What a model of the family is, in messages ("an SDXL pipeline")."""
+    pipeline_class: str = ""
+    """The diffusers pipeline whose ``save_pretrained`` writes the family's layout."""
+    components: tuple[str, ...] = ()
+    """The component folders a local directory of the family must hold, as "folder/ (what)"."""
+    optional: str = ""
+    """The folders it may hold, and what their absence means (for messages)."""
+    repo: str = "<repo>"
+    """A hub repository of the family, for the ``hf download`` example."""
+    repo_note: str = ""
+    """What to know about ``repo`` (a gated repository), or ""."""
+    transformer_class: str | None = None
+    """``transformer/config.json``'s ``_class_name``: tells the family without model_index.json."""
+    listed_optional: tuple[str, ...] = ()
+    """Optional folders that are required when model_index.json lists them (not [null, null])."""
+
+    def folders(self) -> list[str]:
+        """The required component folder names (``components`` without "/" and notes)."""
+        return [c.split("/")[0] for c in self.components]
 
 
 # Longest prefix first: StableDiffusionXL* and StableDiffusion3* before StableDiffusion*.
 FAMILIES: tuple[Family, ...] = (
     Family(
-        "sdxl", "StableDiffusionXL", "diffloop.policies.sdxl:load_sdxl_policy", "text_encoder_2"
+        "sdxl", "StableDiffusionXL", "diffloop.policies.sdxl:load_sdxl_policy", "text_encoder_2",
+        label="an SDXL pipeline", pipeline_class="StableDiffusionXLPipeline",
+        components=("unet/", "text_encoder/ (CLIP-L)", "text_encoder_2/ (OpenCLIP bigG)",
+                    "tokenizer/", "tokenizer_2/", "scheduler/", "vae/"),
+        repo="stabilityai/stable-diffusion-xl-base-1.0",
     ),
-    Family("sd3", "StableDiffusion3", "diffloop.policies.sd3:load_sd3_policy"),
-    Family("flux", "Flux", "diffloop.policies.flux:load_flux_policy"),
-    Family("sd", "StableDiffusion", "diffloop.policies.diffusers_policy:load_ddim_policy"),
-)
+    Family(
+        "sd3", "StableDiffusion3", "diffloop.policies.sd3:load_sd3_policy",
+        label="an SD3 / SD3.5 pipeline", pipeline_class="StableDiffusion3Pipeline",
+        components=("transformer/", "text_encoder/ (CLIP-L)", "text_encoder_2/ (CLIP-G)",
+                    "tokenizer/", "tokenizer_2/", "scheduler/", "vae/"),
+        optional="optionally text_encoder_3/ + tokenizer_3/ (T5; both as [null, null] in "
+        "model_index.json runs without it)",
+        repo="stabilityai/stable-diffusion-3.5-medium", transformer_class="SD3Transformer2DModel",
+        listed_optional=("text_encoder_3", "tokenizer_3"),
+    ),
+    Family(
+        "flux", "Flux", "diffloop.policies.flux:load_flux_policy",
+        label="a FLUX.1 pipeline", pipeline_class="FluxPipeline",
+        components=("transformer/", "text_encoder/ (CLIP-L)", "text_encoder_2/ (T5-XXL)",
+                    "tokenizer/ (CLIP)", "tokenizer_2/ (T5)", "scheduler/", "vae/"),
+        repo="black-forest-labs/FLUX.1-dev", repo_note="a gated repository: accept its license "
+        "on the Hub first", transformer_class="FluxTransformer2DModel",
+    ),
+    Family(
+        "sd", "StableDiffusion", "diffloop.policies.diffusers_policy:load_ddim_policy",
+        label="a Stable Diffusion 1.x / 2.x pipeline", pipeline_class="StableDiffusionPipeline",
+        components=("unet/", "text_encoder/", "tokenizer/", "scheduler/"),
+        optional="vae/ for latent models (none: pixel space, as diffloop's shapes model)",
+    ),
+)  # fmt: skip
 DEFAULT_FAMILY = "sd"  # diffloop's shapes model and SD-layout directories without an index
+
+
+class UnknownFamilyError(ModelLoadError):
+    """model_index.json names a pipeline class that no family of diffloop answers to."""
+
+
+def family(name: str) -> Family:
+    """The row of ``FAMILIES`` named ``name``."""
+    return next(f for f in FAMILIES if f.name == name)
+
+
+def how_to_provide(family_name: str, pretrained: str) -> str:
+    """What ``model.pretrained`` must be for the family: its diffusers layout (only its own
+    component folders), how to write or download one, or a cached hub id. The loaders' messages
+    about a missing or unreadable model end with it."""
+    f = family(family_name)
+    folders = ", ".join(
+        ["model_index.json", *f.components] + [f"and {f.optional}"] * bool(f.optional)
+    )
+    note = f" ({f.repo_note})" if f.repo_note else ""
+    return (
+        f"model.pretrained='{pretrained}' must be {f.label} in diffusers layout ({folders}), e.g. "
+        f"written by `{f.pipeline_class}.save_pretrained(DIR)` or `hf download {f.repo} "
+        f"--local-dir DIR`{note}, or a hub id already in the Hugging Face cache (HF_HUB_OFFLINE=1 "
+        "forbids downloads)."
+    )
 
 
 def looks_local(path: str) -> bool:
@@ -51,7 +126,15 @@ def model_index(pretrained: str, revision: str | None = None) -> dict[str, Any] 
     path = resolve_pretrained(pretrained)
     if looks_local(path):
         index = Path(path) / "model_index.json"
-        return json.loads(index.read_text()) if index.is_file() else None
+        if not index.is_file():
+            return None
+        try:
+            return dict(json.loads(index.read_text()))
+        except (ValueError, TypeError, OSError) as e:
+            raise ModelLoadError(
+                f"model.pretrained='{pretrained}': {index} is not a readable JSON mapping "
+                f"({type(e).__name__}: {e}); restore it from the model's source"
+            ) from None
     from diffusers import DiffusionPipeline
 
     try:
@@ -67,20 +150,73 @@ def model_index(pretrained: str, revision: str | None = None) -> dict[str, Any] 
 
 def detect_family(pretrained: str, revision: str | None = None) -> str:
     """The family name of ``pretrained``: the row whose pipeline prefix its ``_class_name`` starts
-    with; a local directory without model_index.json is told by a marker folder (else the default);
+    with (UnknownFamilyError, naming the supported ones, if none does); a local directory without
+    model_index.json is told by its transformer's class or a marker folder (else the default);
     a missing local path is the default family, whose loader reports it."""
     index = model_index(pretrained, revision)
     if index is None:
-        local = Path(resolve_pretrained(pretrained))
-        for family in FAMILIES:
-            if family.marker_folder and (local / family.marker_folder).is_dir():
-                return family.name
-        return DEFAULT_FAMILY
+        return _family_without_index(Path(resolve_pretrained(pretrained)))
     class_name = str(index.get("_class_name", ""))
-    for family in FAMILIES:
-        if class_name.startswith(family.pipeline_prefix):
-            return family.name
+    for f in FAMILIES:
+        if class_name.startswith(f.pipeline_prefix):
+            return f.name
+    supported = ", ".join(f"{f.pipeline_prefix}* ({f.label.split(' ', 1)[1]})" for f in FAMILIES)
+    raise UnknownFamilyError(
+        f"model.pretrained='{pretrained}': its model_index.json names the pipeline class "
+        f"'{class_name or '(no _class_name)'}', which diffloop does not support; supported "
+        f"pipelines: {supported}. Give a model of one of these families"
+    )
+
+
+def _family_without_index(local: Path) -> str:
+    """A directory without model_index.json: the family whose transformer class its
+    ``transformer/config.json`` names, else the one whose marker folder it has, else the default."""
+    config = local / "transformer" / "config.json"
+    if config.is_file():
+        try:
+            class_name = json.loads(config.read_text()).get("_class_name")
+        except (ValueError, AttributeError, OSError):
+            class_name = None
+        for f in FAMILIES:
+            if f.transformer_class is not None and f.transformer_class == class_name:
+                return f.name
+    for f in FAMILIES:
+        if f.marker_folder and (local / f.marker_folder).is_dir():
+            return f.name
     return DEFAULT_FAMILY
+
+
+def check_local_model(model: ModelConfig) -> None:
+    """Before anything loads (``diffloop check-config`` and ``train``): a local ``model.pretrained``
+    exists, is of a supported family and holds that family's component folders. A hub id is not
+    looked up (check-config works offline). Raises ConfigError naming the field and the fix."""
+    path = resolve_pretrained(model.pretrained)
+    local = Path(path)
+    if not looks_local(path):
+        return
+    if not local.is_dir():
+        what = "is a file, not a model directory" if local.exists() else "does not exist"
+        raise ConfigError(
+            f"model.pretrained='{model.pretrained}': {local} {what}; give a model directory in "
+            "diffusers layout (model_index.json and the family's component folders, e.g. written by "
+            "`<Pipeline>.save_pretrained(DIR)` or `hf download <repo> --local-dir DIR`) or a hub id "
+            "(org/name)"
+        )
+    try:
+        f = family(detect_family(model.pretrained, model.revision))
+        index = model_index(model.pretrained, model.revision) or {}
+    except ModelLoadError as e:
+        raise ConfigError(str(e)) from None
+    # model.sdxl.vae replaces SDXL's vae/ (the loader reads that one instead).
+    required = [c for c in f.folders() if not (f.name == "sdxl" and c == "vae" and model.sdxl.vae)]
+    # SD3's T5 is optional, but required when model_index.json lists it (the loader loads it then).
+    required += [c for c in f.listed_optional if (index.get(c) or [None])[0] is not None]
+    missing = [c + "/" for c in required if not (local / c).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"'{local}' lacks the component folder(s) {', '.join(missing)}. "
+            + how_to_provide(f.name, model.pretrained)
+        )
 
 
 def load_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any):

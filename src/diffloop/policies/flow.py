@@ -15,7 +15,12 @@ The window (``sample.sde_window``) is [start, length] consecutive steps, or [fir
 with each sample's start drawn uniformly in [first, last] from its own generator (Flow-GRPO-Fast's
 random window); default every step but the
 last (s_T = 0: CPS's std is 0 there, and Flow-GRPO never trains it). eta = 0 (evaluation) makes
-every step an ODE step; the stored window then has NaN log-probs.
+every step an ODE step and computes no density: the stored window then has NaN log-probs, and a
+window that does not fit num_steps (an evaluation at fewer steps) is not stored (W = 0).
+
+Evaluation: ``eval_num_steps`` / ``eval_eta`` are the family's conventional evaluation sampler
+(``eval.num_steps`` / ``eval.eta`` null); a family following Flow-GRPO sets 40 / 28 steps at noise
+level 0, its ``eval`` functions' deterministic ODE pass.
 
 Trajectories hold only the window (W = its length): latents (N, W+1, ...) x before each window
 step and after the last, timesteps (N, W) float32 the model timesteps of the window steps (the
@@ -39,9 +44,14 @@ from typing import Any
 import torch
 
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SampleConfig
-from diffloop.core import flow_sde_step_with_logprob, flow_step_mean_std
+from diffloop.core import flow_grpo_std_dev, flow_sde_step_with_logprob, flow_step_mean_std
 from diffloop.policies.base import TrainableDenoiser, Trajectories, iter_chunks
-from diffloop.policies.diffusers_policy import ModelLoadError, cat_branches, resolve_pretrained
+from diffloop.policies.diffusers_policy import (
+    ModelLoadError,
+    cast_frozen,
+    cat_branches,
+    resolve_pretrained,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +144,10 @@ class FlowMatchPolicy(TrainableDenoiser):
     DEFAULT_LORA_TARGETS: list[str] = ATTENTION_TARGETS + FEED_FORWARD_TARGETS
     timestep_scale: float = 1.0
     """The model timestep is (scheduler timestep, 0-1000) x this (SD3 1; FLUX 1/1000)."""
+    eval_num_steps: int | None = None
+    """Evaluation steps when ``eval.num_steps`` is null (None: ``sample.num_steps``)."""
+    eval_eta: float | None = None
+    """Evaluation noise level when ``eval.eta`` is null (None: ``sample.eta``; 0: the ODE)."""
 
     def __init__(
         self,
@@ -206,11 +220,10 @@ class FlowMatchPolicy(TrainableDenoiser):
 
     def _freeze(self, module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         """A frozen component: no gradients, eval mode (a model built in code starts in train mode,
-        and T5's dropout would then make the text conditioning random), in ``dtype`` on the device."""
-        module.requires_grad_(False).eval()
-        if next(module.parameters()).dtype != dtype:  # diffusers warns on every .to(dtype)
-            module.to(dtype=dtype)
-        return module.to(self.device)
+        and T5's dropout would then make the text conditioning random), in ``dtype`` on the device,
+        except the weights transformers keeps in fp32 at that dtype (``cast_frozen``: T5's ``wo``
+        in fp16)."""
+        return cast_frozen(module.requires_grad_(False).eval(), dtype, self.device)
 
     # ------------------------------------------------------------------ parameters
 
@@ -352,10 +365,26 @@ class FlowMatchPolicy(TrainableDenoiser):
             return start, start, length
         return tuple(self.sde_window)
 
-    def window_starts(self, generators: list[torch.Generator], num_steps: int) -> torch.Tensor:
+    def sampled_window(self, num_steps: int, eta: float) -> tuple[int, int, int]:
+        """(first, last, length) of the window ``sample`` stores at ``num_steps`` and ``eta``:
+        ``window(num_steps)``; a deterministic pass (eta = 0: every step an ODE step) whose window
+        does not fit num_steps (an evaluation at fewer steps) stores none, (0, 0, 0). ValueError
+        when eta > 0 and the window does not fit (its steps would be SDE steps)."""
+        first, last, length = self.window(num_steps)
+        if 0 <= first <= last and length >= 1 and last + length <= num_steps:
+            return first, last, length
+        if eta == 0:
+            return 0, 0, 0
+        raise ValueError(f"sample.sde_window={self.sde_window} does not fit {num_steps} steps")
+
+    def window_starts(
+        self, generators: list[torch.Generator], num_steps: int, eta: float | None = None
+    ) -> torch.Tensor:
         """(N,) long: sample i's window start, drawn from generator i alone (after its initial
-        noise) when the window's start is random, else the fixed start (no draw)."""
-        first, last, _ = self.window(num_steps)
+        noise) when the window's start is random, else the fixed start (no draw); the window is
+        ``sampled_window(num_steps, eta)`` (``window(num_steps)`` when eta is None)."""
+        window = self.window(num_steps) if eta is None else self.sampled_window(num_steps, eta)
+        first, last, _ = window
         if first == last:
             return torch.full((len(generators),), first, dtype=torch.long, device=self.device)
         draws = [
@@ -391,14 +420,13 @@ class FlowMatchPolicy(TrainableDenoiser):
             )
         n = len(prompts)
         sigmas, timesteps = self.schedule(num_steps)
-        first, last, length = self.window(num_steps)
-        if not (0 <= first <= last and length >= 1 and last + length <= num_steps):
-            raise ValueError(f"sample.sde_window={self.sde_window} does not fit {num_steps} steps")
+        _, last, length = self.sampled_window(num_steps, eta)
         embeds, negative, extra = self.conditioning(prompts, negative_prompt)
         x = self.initial_latents(generators)
-        starts = self.window_starts(generators, num_steps)  # (N,)
+        starts = self.window_starts(generators, num_steps, eta)  # (N,)
         rows = torch.arange(n, device=self.device)
         latents = torch.empty(n, length + 1, *x.shape[1:], device=x.device)
+        latents[:, 0] = x  # x_T; overwritten at each sample's window start (W = 0: kept)
         log_probs = torch.full((n, length), float("nan"), device=x.device)
         for j in range(last + length):  # after the last window step only ODE steps remain
             offset = j - starts  # (N,): the window step j is for each sample, if in [0, length)
@@ -452,6 +480,15 @@ class FlowMatchPolicy(TrainableDenoiser):
             sde_type=self.sde_type, second_sigma=traj.extra["second_sigma"],
         )  # fmt: skip
 
+    def flow_grpo_std_dev(
+        self, traj: Trajectories, step: torch.Tensor, std: torch.Tensor
+    ) -> torch.Tensor:
+        """(M, 1, ..., 1) the std_dev_t Flow-GRPO's KL divides by at window step ``step`` (M,),
+        from ``step_distribution``'s std (``core.flow_grpo_std_dev``: std_t for sde, std for cps)."""
+        rows = torch.arange(len(traj), device=step.device)
+        sigmas = traj.extra["sigmas"]
+        return flow_grpo_std_dev(std, sigmas[rows, step], sigmas[rows, step + 1], self.sde_type)
+
     def stored_steps(self, num_steps: int) -> int:
         """The SDE window's length (``window``): the last step is an ODE step and never stored."""
         return self.window(num_steps)[2]
@@ -491,6 +528,27 @@ class FlowMatchPolicy(TrainableDenoiser):
                 f"sample.num_steps={num_steps}, sample.eta={eta}, sample.sde_type={self.sde_type}: "
                 f"window step {first + bad[0]} has std {stds[bad[0]].item():.3g}, so its "
                 "log-probability is undefined; move sample.sde_window off it"
+            )
+
+    def check_evaluation_sampling(self, num_steps: int, eta: float) -> None:
+        """Raise ConfigError unless ``sample`` runs the evaluation sampler (``eval.num_steps``,
+        ``eval.eta`` resolved): noise level in [0, 1], and with eta > 0 a window inside steps
+        0..num_steps - 2 (its steps are SDE steps; the last is an ODE step, as in training). No
+        std is checked: evaluation needs no density, and at eta 0 none is computed."""
+        from diffloop.config import ConfigError
+
+        if not 0 <= eta <= 1:
+            raise ConfigError(
+                f"eval.eta={eta} is the flow SDE's noise level in evaluation and must be in [0, 1] "
+                "(0: the deterministic ODE, Flow-GRPO's evaluation)"
+            )
+        _, last, length = self.window(num_steps)
+        if eta > 0 and not (length >= 1 and last + length <= num_steps - 1):
+            raise ConfigError(
+                f"eval.num_steps={num_steps} with eval.eta={eta}: sample.sde_window="
+                f"{list(self.sde_window or [])} must lie in steps 0..{num_steps - 2} of the "
+                "evaluation sampler (the last step is an ODE step); raise eval.num_steps or set "
+                "eval.eta=0 (deterministic)"
             )
 
     # ------------------------------------------------------------------ export

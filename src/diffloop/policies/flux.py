@@ -35,8 +35,10 @@ from typing import Any
 import torch
 
 from diffloop.config import ConfigError, FluxConfig, LoraConfig, ModelConfig, SampleConfig
-from diffloop.policies.diffusers_policy import ModelLoadError, cat_branches
+from diffloop.policies.diffusers_policy import cat_branches
+from diffloop.policies.families import how_to_provide
 from diffloop.policies.flow import FlowMatchPolicy, load_components
+from diffloop.policies.loading import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +106,7 @@ def image_seq_len(height: int, width: int) -> int:
 
 
 def _how_to_provide(name: str) -> str:
-    return (
-        f"model.pretrained='{name}' must be a FLUX.1 pipeline in diffusers layout "
-        "(model_index.json, transformer/, text_encoder/ (CLIP-L), text_encoder_2/ (T5-XXL), "
-        "tokenizer/, tokenizer_2/, scheduler/, vae/), e.g. written by "
-        "`FluxPipeline.save_pretrained(DIR)` or `hf download black-forest-labs/FLUX.1-dev "
-        "--local-dir DIR` (a gated repository: accept its license on the Hub first), or a hub id "
-        "already in the Hugging Face cache (HF_HUB_OFFLINE=1 forbids downloads)."
-    )
+    return how_to_provide("flux", name)
 
 
 def load_flux_components(model: ModelConfig) -> dict[str, Any]:
@@ -162,6 +157,8 @@ class FluxPolicy(FlowMatchPolicy):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     timestep_scale = 1 / 1000  # FLUX's transformer takes t / 1000 (it multiplies by 1000 inside)
     pack_factor = 2  # 2x2 latent patches per token
+    eval_num_steps = 28  # Flow-GRPO config/grpo.py: sample.eval_num_steps = 28 for FLUX configs
+    eval_eta = 0.0  # Flow-GRPO scripts/train_flux.py eval: pipeline_with_logprob(noise_level=0)
 
     @property
     def pipeline_class(self) -> Any:

@@ -4,8 +4,8 @@ Follows diffusers 0.42.1 ``StableDiffusion3Pipeline`` (``_get_clip_prompt_embeds
 ``_get_t5_prompt_embeds``, ``encode_prompt``, ``__call__``):
 
     clip    = h_{-2}(CLIP-L)(prompt) ++ h_{-2}(CLIP-G)(prompt)                (N, 77, 768 + 1280)
-    t5      = T5(prompt), or zeros (N, max_sequence_length, joint_attention_dim) without T5
-    prompt_embeds = [pad(clip, to t5's width) ; t5]  along the sequence        (N, 77 + 256, 4096)
+    t5      = T5(prompt), or zeros (N, L, joint_attention_dim) without T5, L = max_sequence_length
+    prompt_embeds = [pad(clip, to t5's width) ; t5]  along the sequence        (N, 77 + L, 4096)
     pooled  = text_embeds(CLIP-L) ++ text_embeds(CLIP-G)                       (N, 768 + 1280)
     v       = transformer(x, timestep=t (0-1000), prompt_embeds, pooled)
 
@@ -13,6 +13,11 @@ Follows diffusers 0.42.1 ``StableDiffusion3Pipeline`` (``_get_clip_prompt_embeds
 - Static timestep shift from the scheduler config (``FlowMatchEulerDiscreteScheduler.set_timesteps``;
   ``core.sd3_shift_sigmas``); the transformer takes t on the 0-1000 scale.
 - Decode: vae.decode(x / scaling_factor + shift_factor).
+- T5 length L: ``model.sd3.max_sequence_length`` (the pipeline's ``max_sequence_length``); null: the
+  pipeline's default 256, capped at the T5 tokenizer's model_max_length. Flow-GRPO uses 128.
+- Evaluation (``eval.num_steps`` / ``eval.eta`` null): Flow-GRPO's SD3 evaluation, 40 steps at
+  noise level 0 (the ODE) with the training guidance (scripts/train_sd3.py ``eval``,
+  config/grpo.py ``eval_num_steps``).
 
 Per-trajectory conditioning in ``Trajectories.extra``: pooled_prompt_embeds (N, P),
 negative_pooled_prompt_embeds (N, P), besides the flow policy's sigmas and second_sigma.
@@ -24,23 +29,18 @@ from typing import Any
 
 import torch
 
-from diffloop.config import LoraConfig, ModelConfig
-from diffloop.policies.diffusers_policy import ModelLoadError
+from diffloop.config import ConfigError, LoraConfig, ModelConfig, SD3Config
+from diffloop.policies.families import how_to_provide
 from diffloop.policies.flow import FlowMatchPolicy, load_components
+from diffloop.policies.loading import ModelLoadError
 
 EXTRA_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.__call__'s default max_sequence_length
+MAX_SEQUENCE_LIMIT = 512  # StableDiffusion3Pipeline.check_inputs refuses longer
 
 
 def _how_to_provide(name: str) -> str:
-    return (
-        f"model.pretrained='{name}' must be an SD3 / SD3.5 pipeline in diffusers layout "
-        "(model_index.json, transformer/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, "
-        "scheduler/, vae/, and optionally text_encoder_3/ + tokenizer_3/ for T5), e.g. written by "
-        "`StableDiffusion3Pipeline.save_pretrained(DIR)` or `hf download "
-        "stabilityai/stable-diffusion-3.5-medium --local-dir DIR`, or a hub id already in the "
-        "Hugging Face cache (HF_HUB_OFFLINE=1 forbids downloads)."
-    )
+    return how_to_provide("sd3", name)
 
 
 def load_sd3_components(model: ModelConfig) -> dict[str, Any]:
@@ -93,6 +93,8 @@ class SD3Policy(FlowMatchPolicy):
 
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     timestep_scale = 1.0  # SD3's transformer takes the 0-1000 timestep
+    eval_num_steps = 40  # Flow-GRPO config/grpo.py: sample.eval_num_steps = 40 for every SD3 config
+    eval_eta = 0.0  # Flow-GRPO scripts/train_sd3.py eval: pipeline_with_logprob(noise_level=0)
 
     @property
     def pipeline_class(self) -> Any:
@@ -100,14 +102,35 @@ class SD3Policy(FlowMatchPolicy):
 
         return StableDiffusion3Pipeline
 
-    def __init__(self, components: dict[str, Any], lora: LoraConfig, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        components: dict[str, Any],
+        lora: LoraConfig,
+        *,
+        sd3: SD3Config | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(components, lora, **kwargs)
         self.tokenizer = components["tokenizer"]
         self.tokenizer_2 = components["tokenizer_2"]
         self.tokenizer_3 = components.get("tokenizer_3")
-        self.max_sequence_length = MAX_SEQUENCE_LENGTH
-        if self.tokenizer_3 is not None:  # a tokenizer shorter than 256 (tests) sets the length
-            self.max_sequence_length = min(MAX_SEQUENCE_LENGTH, self.tokenizer_3.model_max_length)
+        self.max_sequence_length = self._max_sequence_length(sd3 or SD3Config())
+
+    def _max_sequence_length(self, sd3: SD3Config) -> int:
+        """T5 tokens L: ``model.sd3.max_sequence_length`` as given (the pipeline pads or truncates
+        to it), else 256 capped at the T5 tokenizer's model_max_length (a shorter tokenizer, as in
+        the tests, sets the length)."""
+        length = sd3.max_sequence_length
+        if length is None:
+            if self.tokenizer_3 is None:
+                return MAX_SEQUENCE_LENGTH
+            return min(MAX_SEQUENCE_LENGTH, self.tokenizer_3.model_max_length)
+        if not 1 <= length <= MAX_SEQUENCE_LIMIT:
+            raise ConfigError(
+                f"model.sd3.max_sequence_length={length} must be in 1..{MAX_SEQUENCE_LIMIT} "
+                "(StableDiffusion3Pipeline's limit); Flow-GRPO uses 128"
+            )
+        return length
 
     @torch.no_grad()
     def _clip(
@@ -134,7 +157,9 @@ class SD3Policy(FlowMatchPolicy):
 
     @torch.no_grad()
     def encode_prompts_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts (N,) -> (prompt_embeds (N, 77 + L_t5, D_t5), pooled (N, P1 + P2))."""
+        """prompts (N,) -> (prompt_embeds (N, 77 + L, D_t5), pooled (N, P1 + P2)); L =
+        ``max_sequence_length``, as ``StableDiffusion3Pipeline.encode_prompt(...,
+        max_sequence_length=L)``."""
         h1, p1 = self._clip(prompts, self.tokenizer, self.text_encoder)
         h2, p2 = self._clip(prompts, self.tokenizer_2, self.text_encoder_2)
         t5 = self._t5(prompts)
@@ -174,5 +199,8 @@ class SD3Policy(FlowMatchPolicy):
 
 
 def load_sd3_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> SD3Policy:
-    """``load_policy`` for the sd3 family."""
-    return SD3Policy(load_sd3_components(model), lora, resolution=model.resolution, **kwargs)
+    """``load_policy`` for the sd3 family: components from model.pretrained, settings from
+    model.resolution and model.sd3."""
+    return SD3Policy(
+        load_sd3_components(model), lora, sd3=model.sd3, resolution=model.resolution, **kwargs
+    )

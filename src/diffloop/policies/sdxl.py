@@ -37,8 +37,13 @@ from typing import Any
 import torch
 
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SDXLConfig
-from diffloop.policies.diffusers_policy import DDIMPolicy, ModelLoadError, resolve_pretrained
-from diffloop.policies.families import looks_local, model_index
+from diffloop.policies.diffusers_policy import (
+    DDIMPolicy,
+    ModelLoadError,
+    cast_frozen,
+    resolve_pretrained,
+)
+from diffloop.policies.families import how_to_provide, looks_local, model_index
 from diffloop.policies.schedulers import to_ddim
 
 logger = logging.getLogger(__name__)
@@ -59,13 +64,7 @@ EXTRA_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds", "add_time
 
 
 def _how_to_provide(name: str) -> str:
-    return (
-        f"model.pretrained='{name}' must be an SDXL pipeline in diffusers layout "
-        "(model_index.json, unet/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, "
-        "scheduler/, vae/), e.g. written by `StableDiffusionXLPipeline.save_pretrained(DIR)` or "
-        "`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR`, or a hub id "
-        "already in the Hugging Face cache (HF_HUB_OFFLINE=1 forbids downloads)."
-    )
+    return how_to_provide("sdxl", name)
 
 
 def _load_vae(model: ModelConfig, path: str):
@@ -186,8 +185,8 @@ class SDXLPolicy(DDIMPolicy):
         )
         self.sdxl = sdxl or SDXLConfig()
         self.force_zeros_for_empty_prompt = components.get("force_zeros_for_empty_prompt", True)
-        self.text_encoder_2 = (
-            components["text_encoder_2"].requires_grad_(False).to(device, dtype=weight_dtype)
+        self.text_encoder_2 = cast_frozen(
+            components["text_encoder_2"].requires_grad_(False), weight_dtype, device
         )
         self.tokenizer_2 = components["tokenizer_2"]
         vae = components["vae"]

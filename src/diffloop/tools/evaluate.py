@@ -4,7 +4,8 @@
                   [--num-prompts N] [--images-per-prompt K] [--steps S] [--guidance-scale G]
                   [--eta E] [--seed 0] [--output DIR] [--device cpu|cuda] [--batch-size B]
 
-A TARGET is a training run directory (config.yaml + checkpoints/: its newest checkpoint), one
+A TARGET is a training run directory (config.yaml + checkpoints/: its newest checkpoint whose
+weights verify; an older one, with a warning, when the newest is damaged), one
 checkpoint directory of a run (``RUN/checkpoints/epoch_000012``), or a model (a diffusers directory,
 a hub id, or ``shapes``). A checkpoint contributes only its safetensors weights (its EMA when the
 run kept one; ``checkpoint.load_weights``): no pickled file of it is opened. ``--prompts`` takes a prompt-source name (``diffloop.prompts``) or a text
@@ -14,7 +15,14 @@ Fixed noise: image j of prompt i starts from (and, with eta > 0, is driven by) a
 with ``seeding.eval_image_seed(seed, i, j)``, for every target (the rule of the trainer's own
 evaluation too, whose ``eval.seed`` reproduces here). Base and fine-tuned models therefore see the
 same initial noise, and the difference between two targets can be measured image by image (paired).
-eta = 0 (the default) is deterministic DDIM: the image is a function of the model and the seed.
+
+The sampler (steps, eta, guidance, negative prompt): each flag when given, else the first run (or
+checkpoint) target's evaluation sampler (``trainer.evaluation_sampler``: eval.num_steps / eval.eta,
+null = the model's convention, e.g. SD3 40 and FLUX 28 steps at noise level 0; sample.guidance_scale
+and sample.negative_prompt), so ``diffloop eval RUN`` scores as the run's own evaluation did; with no
+run among the targets, the model's convention, else 50 steps, eta 0, guidance 5.0. The model's
+convention is read from the first target's model. eta = 0 is deterministic (DDIM with eta 0, the
+flow ODE): the image is a function of the model and the seed.
 
 Outputs in ``--output``: ``eval.json`` (rewritten after each target, so that an interrupted
 evaluation keeps the targets it finished), ``grid_<label>.png`` per target (rows = prompts, columns =
@@ -113,20 +121,36 @@ def unique_labels(targets: list[EvalTarget]) -> list[EvalTarget]:
     return out
 
 
-def first_run_sampling(targets: list[EvalTarget]):
-    """``sample.*`` of the first run or checkpoint target, in any position (``shapes --compare RUN``
-    samples as RUN was trained), or None when every target is a model."""
+def first_run_config(targets: list[EvalTarget]):
+    """The config of the first run or checkpoint target, in any position (``shapes --compare RUN``
+    samples as RUN was evaluated), or None when every target is a model."""
     from diffloop.config import load_config
 
     for target in targets:
         if target.run_dir is not None:
-            return load_config(target.run_dir / "config.yaml").sample
+            return load_config(target.run_dir / "config.yaml")
     return None
+
+
+def default_sampler(run_config: Any, policy: Any) -> loops.SamplerSettings:
+    """The sampler when no flag overrides it: the run's evaluation sampler
+    (``trainer.evaluation_sampler``) when a run is among the targets, else the policy's
+    convention (``eval_num_steps`` / ``eval_eta``), else 50 steps, eta 0, guidance 5.0."""
+    if run_config is not None:
+        from diffloop.trainer import evaluation_sampler
+
+        return evaluation_sampler(run_config, policy)
+    steps = getattr(policy, "eval_num_steps", None)
+    eta = getattr(policy, "eval_eta", None)
+    return loops.SamplerSettings(
+        steps if steps is not None else DEFAULT_STEPS,
+        eta if eta is not None else 0.0,
+        DEFAULT_GUIDANCE,
+    )
 
 
 def load_target(target: EvalTarget, device: torch.device):
     """(policy, run config or None, checkpoint path or None) for a target."""
-    from diffloop import checkpoint
     from diffloop.config import LoraConfig, ModelConfig
     from diffloop.policies.families import load_policy
     from diffloop.tools.sampling import load_run_policy
@@ -141,8 +165,8 @@ def load_target(target: EvalTarget, device: torch.device):
         )
     from diffloop.trainer import set_backend_flags
 
-    path = target.checkpoint or checkpoint.latest_checkpoint(target.run_dir)
-    policy, config = load_run_policy(target.run_dir, device, path)
+    # A run: its newest checkpoint whose weights verify (an older one, warned, if that is damaged).
+    policy, config, path = load_run_policy(target.run_dir, device, target.checkpoint)
     set_backend_flags(config.performance, device)  # the run's TF32 setting: its numbers reproduce
     return policy, config, path
 
@@ -337,7 +361,7 @@ def evaluate_model(
     images_per_prompt: int = 4,
     num_steps: int | None = None,
     guidance_scale: float | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     seed: int = 0,
     negative_prompt: str | None = None,
     batch_size: int = 16,
@@ -347,17 +371,17 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Evaluate each target on the same prompts and noise; returns (and writes) the eval.json dict.
 
-    ``num_steps`` / ``guidance_scale`` / ``negative_prompt`` default to the first run (or
-    checkpoint) target's training config (``sample.*``), wherever it is among the targets, else
-    50 / 5.0 / "": every target uses the same values (printed by the CLI).
+    ``num_steps`` / ``eta`` / ``guidance_scale`` / ``negative_prompt`` default to the first run (or
+    checkpoint) target's evaluation sampler, wherever it is among the targets (``default_sampler``;
+    module doc): every target uses the same values (printed by the CLI).
     ``reward_kwargs``: reward name -> kwargs. With ``output_dir`` writes eval.json and the grids.
     """
     specs = [targets] if isinstance(targets, str) else list(targets)
     if not specs:
         raise ValueError("give at least one target")
-    if images_per_prompt < 1 or batch_size < 1 or grid_prompts < 1 or eta < 0:
+    if images_per_prompt < 1 or batch_size < 1 or grid_prompts < 1 or not 0 <= (eta or 0) <= 1:
         raise ValueError(
-            "need images_per_prompt, batch_size, grid_prompts >= 1 and eta >= 0; got "
+            "need images_per_prompt, batch_size, grid_prompts >= 1 and 0 <= eta <= 1; got "
             f"{images_per_prompt}, {batch_size}, {grid_prompts}, {eta}"
         )
     resolved = unique_labels([resolve_target(s) for s in specs])
@@ -369,24 +393,25 @@ def evaluate_model(
     entries: list[dict[str, Any]] = []
     grid_images: list[torch.Tensor] = []
     first_scores: dict[str, torch.Tensor] = {}
-    sample_cfg = first_run_sampling(resolved)  # whatever the run's position among the targets
+    run_config = first_run_config(resolved)  # whatever the run's position among the targets
     for target in resolved:
         policy, _config, ckpt = load_target(target, device)
         if settings is None:  # fixed once, so that every target samples alike
+            default = default_sampler(run_config, policy)
             settings = {
                 "prompts": source_name,
                 "num_prompts": len(prompt_list),
                 "images_per_prompt": images_per_prompt,
                 "rewards": list(reward_fns),
                 "reward_kwargs": {k: dict(v) for k, v in (reward_kwargs or {}).items()},
-                "num_steps": num_steps or (sample_cfg.num_steps if sample_cfg else DEFAULT_STEPS),
+                "num_steps": num_steps or default.num_steps,
                 "guidance_scale": guidance_scale
                 if guidance_scale is not None
-                else (sample_cfg.guidance_scale if sample_cfg else DEFAULT_GUIDANCE),
-                "eta": eta,
+                else default.guidance_scale,
+                "eta": eta if eta is not None else default.eta,
                 "negative_prompt": negative_prompt
                 if negative_prompt is not None
-                else (sample_cfg.negative_prompt if sample_cfg else ""),
+                else default.negative_prompt,
                 "seed": seed,
                 "seed_rule": loops.eval_seed_rule(),
                 "batch_size": batch_size,
@@ -400,7 +425,7 @@ def evaluate_model(
             seed=seed,
             num_steps=settings["num_steps"],
             guidance_scale=settings["guidance_scale"],
-            eta=eta,
+            eta=settings["eta"],
             negative_prompt=settings["negative_prompt"],
             batch_size=batch_size,
             keep_prompts=grid_prompts,
@@ -516,14 +541,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON: the reward's kwargs; with several rewards {name: kwargs, ...}",
     )
     ap.add_argument(
-        "--steps", type=int, default=None, help="DDIM steps (default: the first run's, else 50)"
+        "--steps",
+        type=int,
+        default=None,
+        help="sampler steps (default: the first run's evaluation sampler, else the model's "
+        "convention, else 50)",
     )
     ap.add_argument(
         "--guidance-scale", type=float, default=None, help="(default: the first run's, else 5.0)"
     )
     ap.add_argument("--negative-prompt", default=None)
     ap.add_argument(
-        "--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic (default), > 0 stochastic"
+        "--eta",
+        type=float,
+        default=None,
+        help="DDIM eta or flow noise level in [0, 1], 0 deterministic (default: the first run's "
+        "evaluation sampler, else the model's convention, else 0)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", type=Path, default=Path("eval"))
@@ -565,7 +598,8 @@ def eval_main(argv: list[str]) -> int:
     st = result["settings"]
     print(
         f"sampled with {st['num_steps']} steps, guidance {st['guidance_scale']}, eta {st['eta']}, "
-        f"seed {st['seed']} (steps and guidance: flags, else the first run's, else 50 / 5.0)"
+        f"seed {st['seed']} (flags, else the first run's evaluation sampler, else the model's "
+        "convention / 50 steps, guidance 5.0, eta 0)"
     )
     print(f"wrote {args.output / 'eval.json'} and image grids")
     return 0
