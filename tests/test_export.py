@@ -4,7 +4,8 @@ One tiny SD run with held-out evaluation (module-scoped) is exported; the tests 
 directory: the card states what the run did, the kohya copy has WebUI keys and the run's alpha and
 converts back (diffusers' own kohya -> diffusers path) to the diffusers weights and outputs, and an
 upload to an unreachable hub fails with one line that names hub.model_id and the retry command,
-leaving the run directory complete.
+leaving the run directory complete. Every family's copy for other tools, checked against each
+loader's naming rule, is tests/test_lora_formats.py.
 """
 
 from __future__ import annotations

@@ -1,27 +1,44 @@
-"""A run's shareable result: the LoRA (or full model), its model card, a kohya copy, a hub upload.
+"""A run's shareable result: the LoRA (or full model), its model card, a copy for other tools, a
+hub upload.
 
 ``output_dir/lora/`` (``output_dir/model/`` for full fine-tuning) after a run holds
 
     pytorch_lora_weights.safetensors  diffusers' LoRA format, written by the policy's diffusers
                                       loader mixin (``save_lora_weights``) with the peft config
                                       (lora_alpha) as metadata: ``pipe.load_lora_weights(dir)``
-    <run name>.safetensors            the same weights in kohya / WebUI keys (``lora_unet_*``,
-                                      ``.lora_down`` / ``.lora_up``) with ``.alpha`` = the run's
-                                      lora.alpha, for ComfyUI / AUTOMATIC1111 (UNet families only)
-    README.md                         model card: base model, algorithm, reward, held-out scores
-                                      before / after, the command that made it, tags
+    <run name>.safetensors            SD 1.x / 2.x, the shapes model, SDXL: the same weights in
+                                      kohya keys (``lora_unet_<module>.lora_down`` / ``.lora_up``,
+                                      ``.alpha`` = the run's lora.alpha) for ComfyUI,
+                                      AUTOMATIC1111 / Forge and kohya sd-scripts. SD 1.x / 2.x name
+                                      modules as diffusers does (``down_blocks_1_attentions_0_...``:
+                                      sd-scripts trains SD 1.x on a UNet with diffusers' names);
+                                      SDXL as its original (SGM) checkpoint does
+                                      (``input_blocks_4_1_transformer_blocks_0_...``: sd-scripts'
+                                      SDXL UNet, which its ``--network_weights`` and merge scripts
+                                      match by name)
+    <run name>_comfyui.safetensors    SD3 / FLUX: the diffusers file's keys
+                                      (``transformer.<module>.lora_A`` / ``.lora_B``) plus one
+                                      ``transformer.<module>.alpha`` each, for ComfyUI, whose loader
+                                      maps these names onto its own (fused) weights and applies
+                                      alpha / rank, but scale 1 where alpha is absent
+    README.md                         model card: base model, algorithm, reward, the modules the
+                                      adapter trained, held-out scores before / after, the command
+                                      that made it, which file each tool loads, tags
     before_after.png                  eval/before_after.png, shown by the card
+
+Every copy holds the adapter's own matrices and its lora_alpha, so every tool's scale alpha / rank
+is the trained one: ``(alpha / rank) up @ down`` is peft's delta ``B A (alpha / r)``.
 
 A policy says what it exports with two attributes: ``lora_loader``, the name of its diffusers
 loader mixin class in ``diffusers.loaders`` (e.g. ``StableDiffusionXLLoraLoaderMixin``), and
 ``lora_component``, the attribute holding the adapted module, which is also the mixin's prefix
-("unet" or "transformer"). Nothing here imports a pipeline class.
+("unet" or "transformer"). Nothing here imports a pipeline class. Which copy a family gets is a row
+of ``SHARE_FORMATS``.
 
-The kohya conversion is the one diffusers' advanced training scripts use
+The kohya keys are the ones diffusers' advanced training scripts write
 (``convert_state_dict_to_kohya(convert_all_state_dict_to_peft(sd))``), except for alpha: diffusers
 writes alpha = rank (scale 1), which would load a LoRA trained with alpha != rank at the wrong
-strength; here every ``.alpha`` is the adapter's lora_alpha, so the WebUI scale alpha / rank is the
-trained one.
+strength; here every ``.alpha`` is the adapter's lora_alpha.
 """
 
 from __future__ import annotations
@@ -29,8 +46,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,43 +147,287 @@ def save_lora(policy: Any, directory: str | Path) -> Path:
     return Path(directory) / LORA_WEIGHT_NAME
 
 
+# ----------------------------------------------------------------------------------- copies for other tools
+
+KOHYA, KOHYA_SGM, COMFYUI = "kohya", "kohya_sgm", "comfyui"
+
+
+@dataclass(frozen=True)
+class ShareFormat:
+    """The copy of a family's LoRA for tools other than diffusers (next to the diffusers file)."""
+
+    keys: str
+    """KOHYA: ``lora_unet_<diffusers module, _>``; KOHYA_SGM: ``lora_unet_<SGM module, _>``;
+    COMFYUI: the diffusers file's ``transformer.<module>`` keys plus ``.alpha``."""
+    suffix: str
+    """The copy is ``<run name><suffix>.safetensors``."""
+    tools: str
+    """Which tools load the copy, and from where (the model card says it)."""
+
+    @property
+    def naming(self) -> str:
+        """The copy's key names in words (the model card says it)."""
+        return {
+            KOHYA: "kohya keys, diffusers' module names",
+            KOHYA_SGM: "kohya keys, SDXL's original (SGM) module names",
+            COMFYUI: "diffusers' module names with `.alpha`",
+        }[self.keys]
+
+
+# One row per family of diffloop.policies.families. SD 1.x / 2.x (and the shapes model: family "sd") in
+# diffusers' module names: sd-scripts trains SD 1.x on library/original_unet.py, whose modules
+# carry diffusers' names, and ComfyUI maps both. SDXL in SGM names: sd-scripts trains SDXL on
+# library/sdxl_original_unet.py (input_blocks / middle_block / output_blocks), and its
+# --network_weights and merge scripts match keys to those modules by name. SD3 / FLUX: kohya's
+# transformer keys are the original checkpoints' fused modules, not diffusers', but ComfyUI maps
+# diffusers' module names (comfy/lora.py model_lora_keys_unet, "transformer." + the diffusers
+# name of comfy/utils.py mmdit_to_diffusers / flux_to_diffusers) and reads ``<key>.alpha``.
+_WEBUIS = "ComfyUI (`models/loras`), AUTOMATIC1111 / Forge (`models/Lora`)"
+SHARE_FORMATS: dict[str, ShareFormat] = {
+    "sd": ShareFormat(
+        KOHYA, "", f"{_WEBUIS}, kohya sd-scripts (`--network_weights`, `networks/merge_lora.py`)"
+    ),
+    "sdxl": ShareFormat(
+        KOHYA_SGM,
+        "",
+        f"{_WEBUIS}, kohya sd-scripts (`--network_weights`, `networks/sdxl_merge_lora.py`)",
+    ),
+    "sd3": ShareFormat(COMFYUI, "_comfyui", "ComfyUI (`models/loras`)"),
+    "flux": ShareFormat(COMFYUI, "_comfyui", "ComfyUI (`models/loras`), Forge (`models/Lora`)"),
+}
+
+_LORA_KEY = re.compile(r"^(unet|transformer)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
+
+
+def lora_matrices(diffusers_state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """diffusers LoRA keys -> ``{module: {"down": A (r, in, ...), "up": B (out, r, ...)}}``, the
+    module path without its ``unet.`` / ``transformer.`` prefix. Both diffusers spellings are read
+    (``lora_A`` / ``lora_B``, and the UNet files' ``lora.down`` / ``lora.up``); any other key raises
+    ExportError (the copy would silently lose it)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in diffusers_state.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise ExportError(f"no copy of the LoRA key {key!r}: not a LoRA matrix of diffusers")
+        part = "down" if match[3] in ("lora_A", "lora.down") else "up"
+        modules.setdefault(match[2], {})[part] = value
+    return modules
+
+
 def kohya_state_dict(
-    diffusers_state: dict[str, torch.Tensor], alpha: float
+    diffusers_state: dict[str, torch.Tensor],
+    alpha: float,
+    module_name: Callable[[str], str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """diffusers LoRA keys (``unet.<module>.lora_A.weight``) -> kohya keys
     (``lora_unet_<module with _>.lora_down.weight``, ``lora_up``), with one scalar float32
-    ``<module>.alpha`` = ``alpha`` per adapted module (scale alpha / rank, as trained)."""
-    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    ``<module>.alpha`` = ``alpha`` per adapted module (scale alpha / rank, as trained).
 
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(diffusers_state))
+    ``module_name`` (diffusers module path -> the path kohya names; default: unchanged) renames
+    modules first, e.g. ``sgm_module_name`` for SDXL."""
+    rename = module_name or (lambda module: module)
     alpha_t = torch.tensor(float(alpha), dtype=torch.float32)
-    return {
-        k: alpha_t.clone() if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()
-    }
+    kohya: dict[str, torch.Tensor] = {}
+    for module, mats in lora_matrices(diffusers_state).items():
+        name = "lora_unet_" + rename(module).replace(".", "_")
+        kohya[f"{name}.lora_down.weight"] = mats["down"].contiguous()
+        kohya[f"{name}.lora_up.weight"] = mats["up"].contiguous()
+        kohya[f"{name}.alpha"] = alpha_t.clone()
+    return kohya
 
 
-def write_kohya_copy(lora_file: Path, target: Path, *, rank: int, alpha: float) -> Path:
-    """The kohya / WebUI copy of ``lora_file`` at ``target`` (kohya's ss_network_* metadata too)."""
+def comfyui_state_dict(
+    diffusers_state: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """A transformer LoRA's diffusers keys (``transformer.<module>.lora_A.weight`` / ``lora_B``)
+    kept, plus one scalar float32 ``transformer.<module>.alpha`` = ``alpha`` each: ComfyUI's
+    ``load_lora`` reads ``<key>.alpha`` and scales by alpha / rank (1 where it is absent)."""
+    alpha_t = torch.tensor(float(alpha), dtype=torch.float32)
+    out: dict[str, torch.Tensor] = {}
+    for module, mats in lora_matrices(diffusers_state).items():
+        out[f"transformer.{module}.lora_A.weight"] = mats["down"].contiguous()
+        out[f"transformer.{module}.lora_B.weight"] = mats["up"].contiguous()
+        out[f"transformer.{module}.alpha"] = alpha_t.clone()
+    return out
+
+
+# diffusers ResnetBlock2D -> SGM ResBlock layer names (in_layers = [norm, SiLU, conv], ...).
+_SGM_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+# Modules outside the blocks.
+_SGM_BASIC = {
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+}
+
+
+def sgm_module_name(module: str, unet_config: Any) -> str:
+    """A diffusers ``UNet2DConditionModel`` module path -> its path in the original (SGM / LDM)
+    UNet, the names of SDXL's original checkpoints, kohya sd-scripts' SDXL UNet and ComfyUI.
+
+    With n = layers_per_block resnets per down level L (n + 1 per up level):
+
+        down_blocks.L.{resnets,attentions}.j.X  -> input_blocks.{1 + L (n+1) + j}.{0,1}.X
+        down_blocks.L.downsamplers.0.conv       -> input_blocks.{(L+1)(n+1)}.0.op
+        mid_block.resnets.{0,1} / attentions.0  -> middle_block.{0,2} / middle_block.1
+        up_blocks.L.{resnets,attentions}.j.X    -> output_blocks.{L (n+1) + j}.{0,1}.X
+        up_blocks.L.upsamplers.0.conv           -> output_blocks.{L (n+1) + n}.{2, or 1 without
+                                                   attention}.conv
+
+    and a resnet's conv1 / conv2 / time_emb_proj / conv_shortcut are in_layers.2 / out_layers.3 /
+    emb_layers.1 / skip_connection. ``unet_config`` is the UNet's config (layers_per_block,
+    down_block_types, up_block_types). Raises ExportError for a module outside this layout."""
+    if module in _SGM_BASIC:
+        return _SGM_BASIC[module]
+    per_level = unet_config["layers_per_block"]
+    levels = len(unet_config["down_block_types"])
+    down_n = list(per_level) if isinstance(per_level, (list, tuple)) else [per_level] * levels
+    up_n = list(reversed(down_n))
+    parts = module.split(".")
+    try:
+        if parts[0] == "mid_block":
+            kind, j, rest = parts[1], int(parts[2]), parts[3:]
+            if kind == "resnets":
+                return _sgm_join("middle_block", 2 * j, _sgm_resnet(rest))
+            if kind == "attentions":
+                return _sgm_join("middle_block", 1, rest)
+        elif parts[0] in ("down_blocks", "up_blocks"):
+            level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            if parts[0] == "down_blocks":
+                first = 1 + sum(n + 1 for n in down_n[:level])
+                if kind == "downsamplers" and rest == ["conv"]:
+                    return f"input_blocks.{first + down_n[level]}.0.op"
+                if kind in ("resnets", "attentions"):
+                    inner = 0 if kind == "resnets" else 1
+                    rest = _sgm_resnet(rest) if kind == "resnets" else rest
+                    return _sgm_join("input_blocks", f"{first + j}.{inner}", rest)
+            else:
+                first = sum(n + 1 for n in up_n[:level])
+                if kind == "upsamplers" and rest == ["conv"]:
+                    has_attention = "CrossAttn" in unet_config["up_block_types"][level]
+                    return f"output_blocks.{first + up_n[level]}.{2 if has_attention else 1}.conv"
+                if kind in ("resnets", "attentions"):
+                    inner = 0 if kind == "resnets" else 1
+                    rest = _sgm_resnet(rest) if kind == "resnets" else rest
+                    return _sgm_join("output_blocks", f"{first + j}.{inner}", rest)
+    except (IndexError, ValueError, KeyError):
+        pass
+    raise ExportError(
+        f"the UNet module {module!r} has no name in the SDXL (SGM) layout, so the kohya copy "
+        "cannot name it; adapt UNet attention, feed-forward, resnet or sampler layers "
+        "(lora.target_modules)"
+    )
+
+
+def _sgm_resnet(rest: list[str]) -> list[str]:
+    return [_SGM_RESNET[rest[0]], *rest[1:]]
+
+
+def _sgm_join(block: str, index: int | str, rest: list[str]) -> str:
+    return ".".join([block, str(index), *rest])
+
+
+def share_file_name(config: Config, family: str) -> str | None:
+    """``<run name><suffix>.safetensors`` of the family's copy (the name ComfyUI and the WebUIs
+    show), never the diffusers file's name; None for a family without a copy."""
+    fmt = SHARE_FORMATS.get(family)
+    if fmt is None:
+        return None
+    name = Path(config.output_dir).resolve().name or "diffloop_lora"
+    file = f"{name}{fmt.suffix}.safetensors"
+    return f"{name}{fmt.suffix}_kohya.safetensors" if file == LORA_WEIGHT_NAME else file
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """What a LoRA adapter trained, from its peft config (not from the run's config: the flow
+    families replace lora.target_modules' SD default by their own targets)."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+
+
+def adapter_summary(module: torch.nn.Module) -> Adapter:
+    """The module's adapter (rank, alpha, trained module names). Raises ExportError for settings
+    the copies cannot express (rank / alpha patterns, rsLoRA, DoRA)."""
+    cfg = peft_config(module)
+    unsupported = [
+        name
+        for name, on in (
+            ("rank_pattern", cfg.rank_pattern),
+            ("alpha_pattern", cfg.alpha_pattern),
+            ("use_rslora", cfg.use_rslora),
+            ("use_dora", cfg.use_dora),
+        )
+        if on
+    ]
+    if unsupported:
+        raise ExportError(
+            f"the adapter sets peft's {', '.join(unsupported)}: the kohya / ComfyUI copies "
+            "hold one alpha / rank scale per module and cannot express it"
+        )
+    return Adapter(cfg.r, cfg.lora_alpha, tuple(sorted(cfg.target_modules)))
+
+
+def adapter_from_file(lora_file: Path) -> Adapter | None:
+    """The adapter of a diffusers LoRA file, from the peft config its loader mixin saved as
+    metadata (``lora_adapter_metadata``, keys ``<component>.<field>``); None without it."""
+    from safetensors import safe_open
+
+    if not lora_file.is_file():
+        return None
+    with safe_open(str(lora_file), "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    fields = {k.split(".", 1)[-1]: v for k, v in json.loads(raw).items()}
+    targets = fields.get("target_modules")
+    if not isinstance(targets, list) or "r" not in fields or "lora_alpha" not in fields:
+        return None
+    return Adapter(int(fields["r"]), float(fields["lora_alpha"]), tuple(sorted(targets)))
+
+
+def write_share_copy(
+    policy: Any, config: Config, family: str, lora_file: Path, directory: Path
+) -> str | None:
+    """The family's copy of ``lora_file`` (``SHARE_FORMATS``) in ``directory``; returns its file
+    name, or None (logged) for a family without one. kohya's ss_network_* metadata is written
+    too (WebUIs show rank and alpha from it)."""
     from safetensors.torch import load_file, save_file
 
-    state = kohya_state_dict(load_file(str(lora_file)), alpha)
-    metadata = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
-    }
-    save_file(state, str(target), metadata=metadata)
-    return target
+    fmt, name = SHARE_FORMATS.get(family), share_file_name(config, family)
+    if fmt is None or name is None:
+        logger.info("no copy for other tools of a %s LoRA: they read the diffusers file", family)
+        return None
+    module = lora_module(policy)
+    adapter = adapter_summary(module)
+    state = load_file(str(lora_file))
+    if fmt.keys == COMFYUI:
+        copy = comfyui_state_dict(state, adapter.alpha)
+    else:
+        unet_config = module.config
 
+        def sgm(path: str) -> str:
+            return sgm_module_name(path, unet_config)
 
-def kohya_file_name(config: Config) -> str:
-    """``<run name>.safetensors`` (the name WebUIs show), never the diffusers file's name."""
-    name = Path(config.output_dir).resolve().name or "diffloop_lora"
-    return (
-        f"{name}_kohya.safetensors"
-        if f"{name}.safetensors" == LORA_WEIGHT_NAME
-        else f"{name}.safetensors"
-    )
+        copy = kohya_state_dict(state, adapter.alpha, sgm if fmt.keys == KOHYA_SGM else None)
+    metadata = {"ss_network_dim": str(adapter.rank), "ss_network_alpha": str(adapter.alpha)}
+    if fmt.keys != COMFYUI:
+        metadata["ss_network_module"] = "networks.lora"
+    save_file(copy, str(directory / name), metadata=metadata)
+    return name
 
 
 # ----------------------------------------------------------------------------------- model card
@@ -212,9 +475,12 @@ def card_text(
     command: str | None,
     kohya_name: str | None,
     has_image: bool,
+    adapter: Adapter | None = None,
 ) -> str:
-    """The model card's markdown body (pure: everything it states is an argument)."""
-    lines = _summary_lines(config, family) + ["", "## Held-out reward", ""]
+    """The model card's markdown body (pure: everything it states is an argument).
+    ``kohya_name``: the family's copy for other tools (``SHARE_FORMATS``), None without one;
+    ``adapter``: what the LoRA trained (else the LoRA line gives the config's rank and alpha)."""
+    lines = _summary_lines(config, family, adapter) + ["", "## Held-out reward", ""]
     lines += _held_out_lines(config, held_out)
     if has_image:
         lines += [
@@ -233,14 +499,8 @@ def card_text(
         "",
         "or `diffloop sample RUN_DIR --prompt ...` from the run directory.",
     ]
-    if kohya_name is not None:
-        lines += [
-            "",
-            (
-                f"ComfyUI / AUTOMATIC1111: `{kohya_name}` (kohya keys, alpha {config.lora.alpha:g}) "
-                "goes in `models/loras`; strength 1 is the trained strength."
-            ),
-        ]
+    if config.lora.enabled:
+        lines += _file_lines(config, family, kohya_name, adapter)
     if command is not None:
         lines += [
             "",
@@ -263,8 +523,32 @@ def _base_name(base: str) -> str:
     )
 
 
-def _summary_lines(config: Config, family: str) -> list[str]:
-    """Title and what was trained: base model, algorithm, reward, prompts, LoRA, EMA."""
+def _file_lines(
+    config: Config, family: str, copy_name: str | None, adapter: Adapter | None
+) -> list[str]:
+    """The "Files" section: which file each tool loads."""
+    alpha = adapter.alpha if adapter is not None else config.lora.alpha
+    rank = adapter.rank if adapter is not None else config.lora.rank
+    lines = [
+        "",
+        "## Files",
+        "",
+        "| file | loads in |",
+        "|---|---|",
+        f"| `{LORA_WEIGHT_NAME}` | diffusers (the code above; lora_alpha is in its metadata) |",
+    ]
+    fmt = SHARE_FORMATS.get(family)
+    if copy_name is not None and fmt is not None:
+        lines.append(f"| `{copy_name}` | {fmt.tools}: {fmt.naming}, alpha {alpha:g} |")
+    return lines + [
+        "",
+        f"At strength 1 every file applies the trained scale alpha / rank = {alpha / rank:g}.",
+    ]
+
+
+def _summary_lines(config: Config, family: str, adapter: Adapter | None = None) -> list[str]:
+    """Title and what was trained: base model, algorithm, reward, prompts, LoRA (``adapter``: its
+    trained modules), EMA."""
     t, lora, base_name = config.train, config.lora, _base_name(config.model.pretrained)
     kwargs = f" with kwargs `{json.dumps(config.reward.kwargs)}`" if config.reward.kwargs else ""
     lines = [
@@ -277,13 +561,20 @@ def _summary_lines(config: Config, family: str) -> list[str]:
         f"- reward: `{config.reward.name}`{kwargs}",
         f"- training prompts: `{config.prompts.source}`",
     ]  # fmt: skip
-    if lora.enabled:
+    if lora.enabled and adapter is not None:
         lines.append(
-            f"- LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.alpha / lora.rank:g}), "
-            f"on {', '.join(lora.target_modules)}"
+            f"- LoRA: rank {adapter.rank}, alpha {adapter.alpha:g} (scale "
+            f"{adapter.alpha / adapter.rank:g}), on {', '.join(adapter.target_modules)}"
+        )
+    elif lora.enabled:
+        lines.append(
+            f"- LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.alpha / lora.rank:g})"
         )
     if t.ema_decay is not None:
-        lines.append(f"- weights: the EMA of the trained weights (decay {t.ema_decay:g})")
+        schedule = (", warm-up" if t.ema_warmup else "") + (
+            f", every {t.ema_update_interval} optimizer steps" if t.ema_update_interval > 1 else ""
+        )
+        lines.append(f"- weights: the EMA of the trained weights (decay {t.ema_decay:g}{schedule})")
     return lines
 
 
@@ -353,7 +644,8 @@ def card_tags(config: Config, family: str) -> list[str]:
 
 def write_model_card(directory: Path, config: Config, family: str, kohya_name: str | None) -> Path:
     """README.md in ``directory`` (and eval/before_after.png copied next to it), built with
-    huggingface_hub's ModelCard and diffusers' ``populate_model_card`` (library + tags).
+    huggingface_hub's ModelCard and diffusers' ``populate_model_card`` (library + tags). What the
+    LoRA trained is read from the diffusers file in ``directory`` (its peft config).
 
     diffusers' ``load_or_create_model_card`` first looks its argument up as a hub repo (a local
     directory is not one: it raises, or goes online), so the card is created from card data
@@ -366,7 +658,10 @@ def write_model_card(directory: Path, config: Config, family: str, kohya_name: s
     if image.is_file():
         shutil.copyfile(image, directory / IMAGE_NAME)
     held_out = held_out_scores(out / "metrics.jsonl")
-    text = card_text(config, family, held_out, run_command(out), kohya_name, image.is_file())
+    adapter = adapter_from_file(directory / LORA_WEIGHT_NAME) if config.lora.enabled else None
+    text = card_text(
+        config, family, held_out, run_command(out), kohya_name, image.is_file(), adapter
+    )
     base = config.model.pretrained
     data = ModelCardData(
         library_name="diffusers",
@@ -388,24 +683,36 @@ def write_model_card(directory: Path, config: Config, family: str, kohya_name: s
 def export_run(policy: Any, config: Config, family: str) -> Path:
     """Everything of the module docstring into ``export_dir(config)``; returns that directory.
 
-    Call with the weights to export in place (the trainer applies the EMA around it)."""
+    Written into a temporary sibling (``.tmp-lora``) and renamed into place when complete
+    (``diffloop.disk``): a failed or interrupted export leaves no truncated file as the export
+    (an earlier export stays as it was), and a full disk is one DiskFullError line naming the
+    directory and the space needed. Call with the weights to export in place (the trainer applies
+    the EMA around it)."""
+    from diffloop import disk
+    from diffloop.checkpoint import latest_checkpoint, resume_command
+
     target = export_dir(config)
-    target.mkdir(parents=True, exist_ok=True)
-    kohya_name = None
-    if config.lora.enabled:
-        lora_file = save_lora(policy, target)
-        if policy.lora_component == "unet":
-            kohya_name = kohya_file_name(config)
-            cfg = peft_config(lora_module(policy))
-            write_kohya_copy(lora_file, target / kohya_name, rank=cfg.r, alpha=cfg.lora_alpha)
-        else:  # kohya's transformer keys follow the original checkpoints, not diffusers' modules
-            logger.info(
-                "no kohya copy for a %s LoRA: ComfyUI reads the diffusers file",
-                policy.lora_component,
-            )
-    else:
-        policy.export(target)
-    write_model_card(target, config, family, kohya_name)
+    aside = target.with_name(f".tmp-{target.name}")
+    kohya = config.lora.enabled and family in SHARE_FORMATS  # a copy for other tools
+    trained = disk.tensor_bytes(policy.trainable_parameters())
+    needed = max((2 if kohya else 1) * trained, disk.tree_bytes(target))  # + the copy for tools
+    latest = latest_checkpoint(config.output_dir)
+    kept = f"the run's last checkpoint {latest} is kept" if latest else "nothing else is lost"
+    kept += f", and the earlier export in {target}" if target.exists() else ""
+    shutil.rmtree(aside, ignore_errors=True)  # left by an export that was killed
+    with disk.written_aside(
+        aside, target, needed, what=f"the {'LoRA' if config.lora.enabled else 'model'} export",
+        kept=kept, then=f"export it again with: {resume_command(config.output_dir)}",
+    ):  # fmt: skip
+        aside.mkdir(parents=True)
+        kohya_name = None
+        if config.lora.enabled:
+            lora_file = save_lora(policy, aside)
+            kohya_name = write_share_copy(policy, config, family, lora_file, aside)
+        else:
+            policy.export(aside)
+        write_model_card(aside, config, family, kohya_name)
+        disk.replace_dir(aside, target)
     return target
 
 
