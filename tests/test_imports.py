@@ -34,6 +34,8 @@ LAYERS: dict[str, int] = {
     "diffloop.ema": 2,  # the EMA of the trainable weights
     "diffloop.export": 2,  # LoRA files, model card, kohya copy, hub upload (policies call it)
     "diffloop.run_dir": 2,
+    "diffloop.run_lock": 2,  # one training process per run directory
+    "diffloop.disk": 2,  # writes aside, renamed when complete; a full disk in one line
     "diffloop.tracking": 2,  # accelerate's experiment trackers (logging.report_to)
     "diffloop.distributed": 2,
     "diffloop.monitors": 2,

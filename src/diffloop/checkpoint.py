@@ -11,7 +11,10 @@ Layout: ``output_dir/checkpoints/epoch_000012/`` holding
     MANIFEST.json           sha256 of every file above; whether all saved tensors were finite
     COMPLETE                written last
 Everything is first written to ``.tmp-epoch_000012`` and renamed into place (atomic on POSIX) only
-after COMPLETE exists, so a directory named ``epoch_*`` is always whole.
+after COMPLETE exists, so a directory named ``epoch_*`` is always whole. A save that fails or is
+interrupted (:func:`writing`) removes its ``.tmp-`` directory and leaves the earlier checkpoints
+as they were; a full disk is one DiskFullError line naming the directory and the space needed
+(``diffloop.disk``).
 
 What is loaded is verified (:func:`load`): every file's sha256 must match the manifest (bytes that
 rotted or were truncated after the save) and every tensor of the model and optimizer state must be
@@ -21,7 +24,8 @@ skips. Rotation (:func:`commit`) never deletes the newest checkpoint whose tenso
 
 :func:`load_weights` (``diffloop sample`` / ``diffloop eval``) reads only the safetensors weights,
 verified the same way, and never unpickles a ``.pt`` file (optimizer, schedulers, RNG states):
-loading a checkpoint somebody sent you runs no code from it.
+loading a checkpoint somebody sent you runs no code from it. :func:`load_newest_valid_weights`
+falls back from a run's newest checkpoint as :func:`load_newest_valid` does.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ import logging
 import os
 import random
 import re
+import shlex
 import shutil
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffloop import disk
 from diffloop.errors import DiffloopError
 
 logger = logging.getLogger(__name__)
@@ -124,6 +131,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def tmp_dir_for(output_dir: str | Path, epochs_completed: int) -> Path:
     return checkpoint_root(output_dir) / f".tmp-{checkpoint_name(epochs_completed)}"
+
+
+def needed_bytes(output_dir: str | Path, *tensors: Any) -> int:
+    """About the bytes a new checkpoint takes: those of its ``tensors`` (state dicts, nested), or
+    the size of the newest complete checkpoint if that is larger (it holds the same parts)."""
+    latest = latest_checkpoint(output_dir)
+    return max(disk.tensor_bytes(tensors), disk.tree_bytes(latest) if latest else 0)
+
+
+def resume_command(output_dir: str | Path) -> str:
+    """The command that resumes the run in ``output_dir`` (its config is read from there)."""
+    return shlex.join(["diffloop", "train", f"output_dir={output_dir}", "resume=true"])
+
+
+def writing(
+    output_dir: str | Path, epochs_completed: int, needed: int, *, is_main: bool
+) -> AbstractContextManager[None]:
+    """Wrap the save of checkpoint ``epochs_completed`` (about ``needed`` bytes): when it fails or
+    is interrupted the main process removes its temporary directory (the earlier checkpoints are
+    untouched), and a full disk becomes one DiskFullError line naming the checkpoint directory,
+    the space needed, the checkpoint kept and the command that resumes."""
+    latest = latest_checkpoint(output_dir)
+    kept = (
+        f"the earlier checkpoint {latest} is complete and kept"
+        if latest is not None
+        else "there is no earlier checkpoint"
+    )
+    return disk.written_aside(
+        tmp_dir_for(output_dir, epochs_completed) if is_main else None,
+        checkpoint_root(output_dir),
+        needed,
+        what=f"checkpoint {checkpoint_name(epochs_completed)}",
+        kept=kept,
+        then=f"resume with: {resume_command(output_dir)}",
+    )
 
 
 def begin(output_dir: str | Path, epochs_completed: int) -> Path:
@@ -322,6 +364,43 @@ def load_newest_valid(output_dir: str | Path, rank: int) -> tuple[Path, dict[str
 
     None if there is no complete checkpoint; CheckpointError (naming each failure) if none is valid.
     """
+    return _newest_that_loads(
+        output_dir,
+        lambda path: load(path, rank),
+        fix="restore one from a backup, or start afresh with overwrite=true",
+    )
+
+
+def load_newest_valid_weights(
+    output_dir: str | Path, *, ema: bool = True
+) -> tuple[Path, dict[str, torch.Tensor], str]:
+    """(checkpoint, state dict, file name) of the newest complete checkpoint whose weights verify
+    (:func:`load_weights`), for ``diffloop sample`` / ``diffloop eval`` of a run: an older one is
+    the fallback, with the warning a resume gives. CheckpointError naming what exists and what to
+    do when no checkpoint is complete or none has valid weights."""
+    found = _newest_that_loads(
+        output_dir,
+        lambda path: load_weights(path, ema=ema),
+        fix="restore one from a backup, pass another run, or retrain (diffloop train "
+        f"output_dir={output_dir} overwrite=true)",
+    )
+    if found is None:
+        incomplete = ", ".join(p.name for p in incomplete_checkpoints(output_dir))
+        raise CheckpointError(
+            f"run directory '{output_dir}' has no complete checkpoint"
+            + (f" (only incomplete ones: {incomplete})" if incomplete else "")
+            + "; train it first, or resume it to write one: diffloop train "
+            f"output_dir={output_dir} resume=true"
+        )
+    path, (weights, name) = found
+    return path, weights, name
+
+
+def _newest_that_loads(output_dir: str | Path, load_one, fix: str) -> tuple[Path, Any] | None:
+    """(path, ``load_one(path)``) of the newest complete checkpoint for which ``load_one`` raises
+    no CheckpointError; each failure is warned ("falling back to the previous checkpoint"), and so
+    is each incomplete checkpoint skipped. None if none is complete; CheckpointError (each failure,
+    then ``fix``) if none loads."""
     for p in incomplete_checkpoints(output_dir):
         logger.warning(
             "skipping incomplete checkpoint %s (no %s marker: a save that did not finish)",
@@ -332,13 +411,12 @@ def load_newest_valid(output_dir: str | Path, rank: int) -> tuple[Path, dict[str
     failures = []
     for path in candidates:
         try:
-            return path, load(path, rank)
+            return path, load_one(path)
         except CheckpointError as e:
             failures.append(str(e))
             logger.warning("%s; falling back to the previous checkpoint", e)
     if not candidates:
         return None
     raise CheckpointError(
-        f"no checkpoint in {checkpoint_root(output_dir)} is valid ({'; '.join(failures)}); "
-        "restore one from a backup, or start afresh with overwrite=true"
+        f"no checkpoint in {checkpoint_root(output_dir)} is valid ({'; '.join(failures)}); {fix}"
     )

@@ -18,22 +18,29 @@ Multi-process: ``accelerate launch -m diffloop train CONFIG ...`` (or torchrun).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
 
-from diffloop.config import Config, load_config, split_config_args
+from diffloop.config import Config, split_config_args
 from diffloop.errors import DiffloopError, did_you_mean
 
 HELP = ("-h", "--help")
+INTERRUPTED = 130  # exit status of `diffloop train` stopped by Ctrl-C or SIGTERM (128 + SIGINT)
 
 
 def checked_config(args: list[str]) -> tuple[str | None, Config]:
-    """``[CONFIG] [k=v ...]`` -> (path, config) after every check train makes before a model loads."""
+    """``[CONFIG] [k=v ...]`` -> (path, config) after every check train makes before a model loads
+    (with ``resume=true``: the run's own config and the resume rules, as train resolves it)."""
     from diffloop.preflight import check_before_loading
+    from diffloop.resume import train_config
 
-    path, overrides = split_config_args(args)
-    config = load_config(path, overrides)
+    path, _ = split_config_args(args)
+    config = train_config(args)
     check_before_loading(config)
     return path, config
 
@@ -64,26 +71,64 @@ def is_main_process(trainer) -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, which schedulers (SLURM, Kubernetes, torchrun) send to stop a job: during
+    ``diffloop train`` it is handled exactly as Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the main thread,
+    so a scheduler's stop ends a run as Ctrl-C does: the line saying what was kept and how to
+    resume, the same exit status. Further SIGTERMs are ignored meanwhile (under ``srun torchrun``
+    each worker gets one from SLURM and one from torchrun; the second must not cut the first's
+    clean-up short: the scheduler's SIGKILL remains the hard stop). The previous handler is
+    restored on leaving. Outside the main thread (no handler can be set there) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def cmd_train(args: list[str]) -> int:
     if any(a in HELP for a in args):
         print(config_help("train", "Fine-tune a diffusion model with RL. " + _LAYERS))
         return 0
-    from diffloop.preflight import check_before_loading
-    from diffloop.resume import interrupted_message, train_config  # resume: the run's own config
-    from diffloop.trainer import Trainer
+    from diffloop import run_lock
+    from diffloop.config import check_output_dir
+    from diffloop.resume import interrupted_message, stated_output_dir
 
-    config = train_config(args)
-    check_before_loading(config)  # the Trainer checks again (for library use); this fails before it
-    trainer = None
-    try:
-        trainer = Trainer(config, argv=["diffloop", "train", *args])
-        trainer.train()
-    except KeyboardInterrupt:  # one line saying what was kept and how to resume, not a traceback
-        if trainer is not None:
-            trainer.run.close()  # flush TensorBoard / W&B
-        if is_main_process(trainer):  # Ctrl-C reaches every rank of a launch: one line, not N
-            print(interrupted_message(config.output_dir), file=sys.stderr)
-        return 130
+    output_dir, trainer = stated_output_dir(args), None
+    check_output_dir(output_dir)  # as validation words it (a file, not writable), before locking
+    # One process per run: output_dir is locked before anything in it is read (a resume's
+    # config.yaml), by the main process of a launch only (diffloop.run_lock).
+    lock = run_lock.acquire(output_dir) if is_main_process(None) else contextlib.nullcontext()
+    with lock, sigterm_as_interrupt():
+        try:
+            from diffloop.preflight import check_before_loading
+            from diffloop.resume import train_config  # resume: the run's own config
+            from diffloop.trainer import Trainer
+
+            config = train_config(args)
+            output_dir = config.output_dir
+            check_before_loading(config)  # the Trainer checks again (library use); this fails first
+            trainer = Trainer(config, argv=["diffloop", "train", *args])
+            trainer.train()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: one line saying what was kept, how to resume
+            if trainer is not None:
+                trainer.run.close()  # flush TensorBoard / W&B
+            if is_main_process(trainer):  # Ctrl-C reaches every rank of a launch: one line, not N
+                print(interrupted_message(output_dir), file=sys.stderr)
+            return INTERRUPTED
     return 0
 
 

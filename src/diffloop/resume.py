@@ -15,20 +15,21 @@ The run's config
     - ``RESUME_MAY_CHANGE``: output_dir (a moved run), logging.*, checkpoint bookkeeping and the
       memory knobs that do not change results (the same list ``diffloop compare`` accepts);
     - the keys listed in ``resume_allow=[train.learning_rate, ...]`` (a section name covers its
-      keys), for a deliberate change, which is then recorded in sessions.jsonl.
+      keys), for a deliberate change, which is then recorded in sessions.jsonl; never those of
+      ``RESUME_FIXED`` (LoRA rank, targets, on/off, the model), which fix the checkpoint's tensors.
     Any other difference is a ConfigError naming the key, both values and the fix.
     :func:`check_resume` applies the same rule to a ``Config`` handed to ``Trainer`` directly.
 
 Interrupting (:func:`run_training`)
-    Ctrl-C ends ``diffloop train`` with exit code 130 and one line saying what was kept and the
-    exact command that resumes.
+    Ctrl-C, or SIGTERM (a scheduler's stop), ends ``diffloop train`` with exit code 130 and one
+    line saying what was kept (or that there is no checkpoint yet) and the exact command that
+    resumes (:func:`interrupted_message`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,15 @@ RESUME_MAY_CHANGE = (
     "keep_checkpoints", "sample.batch_size", "eval.batch_size", "performance.decode_batch_size",
     "train.gradient_checkpointing",
 )  # fmt: skip
+# What fixes the names and shapes of the checkpoint's trainable tensors (and the model they were
+# trained on): no resume_allow can change these, since the checkpoint cannot be loaded into another.
+RESUME_FIXED = {
+    "lora.enabled": "the checkpoint holds LoRA matrices or full weights, not the other",
+    "lora.rank": "the checkpoint's LoRA matrices are rank x features",
+    "lora.target_modules": "the checkpoint holds LoRA matrices for exactly the run's modules",
+    "model.pretrained": "the checkpoint's weights belong to the run's model (a moved model "
+    "directory: link it at the run's path, ln -s NEW OLD)",
+}
 SESSION_KEYS = ("resume", "overwrite", "resume_allow")  # per-session flags, not the run's config
 SESSIONS = "sessions.jsonl"
 
@@ -148,6 +158,15 @@ def check_resume(config: Config) -> dict[str, Any]:
             )
     allowed = (*RESUME_MAY_CHANGE, "num_epochs", *config.resume_allow)
     changes = config_changes(run, config)
+    no_lora = not (run.lora.enabled or config.lora.enabled)  # full fine-tuning: lora.* unused
+    for key, why in RESUME_FIXED.items():
+        if key in changes and not (no_lora and key.startswith("lora.")):
+            old, new = changes[key]
+            raise ConfigError(
+                f"resume=true: {key}={new!r} differs from the run's {key}={old!r}, and a resume "
+                f"cannot change {key} (not even with resume_allow): {why}. Keep {key}={old!r}, "
+                f"or train with {key}={new!r} as a new run (another output_dir)"
+            )
     errors = [
         f"{k}={new!r} differs from the run's {k}={old!r}"
         for k, (old, new) in changes.items()
@@ -191,6 +210,17 @@ def train_config(args: list[str]) -> Config:
     return config
 
 
+def stated_output_dir(args: list[str]) -> str:
+    """The output_dir ``diffloop train ARGS`` works in, found without reading anything there (it
+    is locked first): as CONFIG.yaml or an override states it, else the default; a CONFIG that
+    cannot be read as stated (a packaged name) is loaded (ConfigError as train_config gives it)."""
+    path, overrides = split_config_args(args)
+    stated = _stated_values(path, overrides)
+    if stated is None:
+        return str(load_config(path, overrides).output_dir)
+    return str(stated.get("output_dir", Config.output_dir))
+
+
 def _stated_values(path: str | None, overrides: list[str]) -> dict[str, Any] | None:
     """The file's mapping (if any) with the overrides merged in, as written (no defaults)."""
     data: Any = {}
@@ -210,21 +240,16 @@ def _flag(value: Any) -> bool:
     return value is True or (isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"))
 
 
-def resume_command(output_dir: str | Path) -> str:
-    """The command that resumes the run in ``output_dir`` (its config is read from there)."""
-    return shlex.join(["diffloop", "train", f"output_dir={output_dir}", "resume=true"])
-
-
 def interrupted_message(output_dir: str | Path) -> str:
     """One line: what an interrupted ``diffloop train`` kept, and how to resume."""
-    from diffloop import checkpoint
+    from diffloop.checkpoint import latest_checkpoint, resume_command  # torch: only when needed
 
-    latest = checkpoint.latest_checkpoint(output_dir)
+    latest = latest_checkpoint(output_dir)
     if not (Path(output_dir) / "config.yaml").is_file():
         return f"diffloop: interrupted during set-up; nothing was written to {output_dir}"
     if latest is None:
         kept = "no checkpoint yet (resuming restarts from epoch 0)"
     else:
         done = json.loads((latest / "state.json").read_text())["epochs_completed"]
-        kept = f"checkpoint {latest} ({done} epochs done)"
-    return f"diffloop: interrupted; kept {kept}; resume with: {resume_command(output_dir)}"
+        kept = f"kept checkpoint {latest} ({done} epochs done)"
+    return f"diffloop: interrupted; {kept}; resume with: {resume_command(output_dir)}"

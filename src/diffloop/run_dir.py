@@ -11,6 +11,8 @@ its RunDirectory last), so a resume that fails early leaves it untouched:
                      changed (``config_changes``; see diffloop.resume for what a resume may change)
     metrics.jsonl    one JSON object per epoch, flushed and fsynced as it is written; a resumed
                      session first appends ``{"session": n, "resume_from_epoch": e}``
+    .diffloop.lock   while a process trains here: its lock, naming it (diffloop.run_lock); a
+                     second process on this directory is refused, before it reads anything here
 
 Trackers (``logging.report_to``: TensorBoard under tensorboard/, W&B, ...) get each row after
 metrics.jsonl has it (diffloop.tracking): a tracker failure is logged and counted, never loses a row.
