@@ -13,8 +13,10 @@ import json
 import math
 import re
 import socket
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from diffloop.checkpoint import latest_checkpoint
 from diffloop.rewards import RewardError, build_reward, registry, score
@@ -233,6 +235,8 @@ def test_health() -> None:
             "reward": "jpeg_incompressibility",
             "max_batch": 5,
             "max_request_bytes": 64 * 2**20,
+            "max_image_pixels": 4096 * 4096,
+            "max_request_pixels": 32 * 1024 * 1024,
             "device": "cpu",
         }
 
@@ -893,3 +897,182 @@ def test_a_cuda_server_scores_on_its_device(monkeypatch: pytest.MonkeyPatch) -> 
         scores = RemoteReward(server.url)(IMAGES2, PROMPTS2, META2)
     assert server.reward.device == "cuda:0" and server.reward.seen == [torch.device("cuda:0")]
     torch.testing.assert_close(scores, IMAGES2.mean(dim=(1, 2, 3)))
+
+
+# ----------------------------------------------------------------------------- hostile requests
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A black 8-bit RGB PNG, compressed row by row: a 4096x4096 one is ~50 kB and is built
+    without ever holding its 48 MB of pixels (what a hostile client sends)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    row = b"\x00" * (1 + 3 * width)  # filter type 0, then width RGB pixels
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, colour type 2: RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _pngs(*pngs: bytes) -> bytes:
+    n = len(pngs)
+    images = [base64.b64encode(p).decode() for p in pngs]
+    return json.dumps({"images": images, "prompts": ["1"] * n, "metadata": [{}] * n}).encode()
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The sizes of the images Pillow decodes; decoding raises, so a test that expects a refusal
+    never allocates the pixels even where the server would have decoded them."""
+    calls: list[tuple[int, int]] = []
+
+    def load(image: Any) -> None:
+        calls.append(image.size)
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return calls
+
+
+def test_a_request_over_the_pixel_budget_is_refused_from_the_headers(
+    monkeypatch: pytest.MonkeyPatch, decoded: list[tuple[int, int]]
+) -> None:
+    big = flat_png(4096, 4096)  # each at the default per-image limit: the budget is what refuses
+    assert len(big) < 100_000
+    body = _pngs(*[big] * 6)  # ~0.4 MB of body, 100 million pixels (gigabytes decoded)
+    recorder = Recorder()
+    # a library that disables Pillow's decompression-bomb check must not disable the budget
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with reward_server(recorder) as server:
+        status, payload = raw_request(server, "POST", "/score", body)
+    assert status == 413, payload
+    assert "6 images hold 100663296 pixels" in payload["error"]
+    assert "budget of 33554432 pixels per request (--max-request-pixels)" in payload["error"]
+    assert "send at most 2 images of 4096x4096" in payload["error"]
+    assert decoded == [] and recorder.calls == []
+
+
+def test_the_pixel_budget_is_a_server_option_and_the_client_is_told_at_once(
+    sleeps: list[float],
+) -> None:
+    recorder = Recorder()
+    with reward_server(recorder, max_request_pixels=100) as server:
+        assert (
+            server.max_request_pixels == 100
+            and RemoteReward(server.url).health()["max_request_pixels"] == 100
+        )
+        remote = RemoteReward(server.url, retries=3)
+        assert remote(quantised_images(1), ["1"], [{}]).tolist() == [1.0]  # 64 pixels: fits
+        with pytest.raises(RewardError, match=r"HTTP 413.*128 pixels.*budget of 100 pixels"):
+            remote(quantised_images(2), ["1", "2"], [{}, {}])  # 2 x 8x8 = 128 pixels
+    assert sleeps == [] and recorder.calls == [1]  # refused at once, never scored
+    server = server_from_argv(["jpeg_compressibility", "--port", "0", "--max-request-pixels",
+                               "1000", "--max-image-pixels", "500"])  # fmt: skip
+    server.server_close()
+    assert (server.max_request_pixels, server.max_image_pixels) == (1000, 500)
+
+
+def test_pillows_decompression_bomb_limit_answers_413_not_a_decoding_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # Pillow refuses over 2 x 10 pixels
+    with reward_server(Recorder()) as server:
+        status, payload = raw_request(server, "POST", "/score", _pngs(flat_png(5, 5)))
+    assert status == 413 and "Pillow's decompression-bomb limit" in payload["error"], payload
+
+
+def test_a_deeply_nested_body_is_refused_before_json_parses_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    seen: list[tuple[list[str], list[dict]]] = []
+
+    def record(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        seen.append((prompts, metadata))
+        return torch.zeros(len(prompts))
+
+    deep = b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with reward_server(record) as server:
+        status, payload = raw_request(server, "POST", "/score", deep)
+        assert status == 400 and "more than 64 levels deep" in payload["error"], payload
+        # brackets inside strings are text, and metadata may nest up to the limit
+        nested: dict[str, Any] = {}
+        for _ in range(30):  # 60 levels, 63 with the request's own
+            nested = {"a": [nested]}
+        prompt = "[" * 5000 + '"{'
+        status, payload = raw_request(
+            server, "POST", "/score", _request(prompts=[prompt], metadata=[nested])
+        )
+    assert status == 200, payload
+    assert seen == [([prompt], [nested])]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_json_depth_counts_brackets_outside_strings_in_linear_time() -> None:
+    depth = server_module.json_depth
+    assert depth(b"{}") == 1 and depth(b'[{"a": [1, {"b": []}]}]') == 5 and depth(b"1") == 0
+    assert depth(b'["]]]\\"[[[", "\\\\", [[]]]') == 3  # escaped quote and backslash
+    assert depth(b"[" * 10_000, limit=64) > 64
+    t0 = time.perf_counter()
+    assert depth(b'["' + b'\\"' * 2_000_000) == 1  # unterminated string of escaped quotes
+    assert depth(b'"\\' * 1_000_000) == 0
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_an_unexpected_error_in_a_handler_is_a_json_500_logged_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def broken(*args: Any) -> None:
+        raise ValueError("a bug\nover two lines")
+
+    monkeypatch.setattr(server_module, "parse_request", broken)
+    monkeypatch.setattr(server_module.RewardRequestHandler, "_health", broken)
+    with (
+        caplog.at_level("INFO", logger="diffloop.rewards.server"),
+        reward_server(Recorder()) as server,
+    ):
+        for method, path, body in [("POST", "/score", _request()), ("GET", "/health", None)]:
+            status, payload = raw_request(server, method, path, body)
+            assert status == 500, payload
+            assert "internal server error (ValueError: a bug); see" in payload["error"]
+        assert raw_request(server, "GET", "/schema")[0] == 200  # the server still serves
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in errors] == [
+        "POST /score -> 500: unhandled ValueError: a bug",
+        "GET /health -> 500: unhandled ValueError: a bug",
+    ]
+    assert all(r.exc_info is None for r in errors)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [("PUT", "/score", "POST"), ("DELETE", "/score", "POST"), ("PATCH", "/score", "POST"),
+     ("OPTIONS", "/health", "GET"), ("PUT", "/elsewhere", "GET, POST")],
+)  # fmt: skip
+def test_other_methods_answer_json_405_with_allow(method: str, path: str, allowed: str) -> None:
+    recorder = Recorder()
+    with reward_server(recorder) as server:
+        status, headers, payload = raw_response(server, method, path, _request())
+    assert status == 405 and headers["Allow"] == allowed
+    assert headers["Content-Type"] == "application/json"
+    assert (
+        f"method {method} is not allowed" in payload["error"] and "POST /score" in payload["error"]
+    )
+    assert recorder.calls == []
+
+
+def test_head_answers_405_without_a_body_and_unknown_methods_json_501() -> None:
+    with reward_server(Recorder()) as server:
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        conn.request("HEAD", "/health")
+        response = conn.getresponse()
+        assert (response.status, response.headers["Allow"], response.read()) == (405, "GET", b"")
+        conn.close()
+        status, headers, payload = raw_response(server, "BREW", "/score")
+    assert status == 501 and headers["Content-Type"] == "application/json"
+    assert "BREW" in payload["error"]

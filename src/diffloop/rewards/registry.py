@@ -17,6 +17,11 @@ factory is called with ``kwargs``, or a user reward written as ``"package.module
 instantiated with ``kwargs``; a function is used as the reward itself (``kwargs`` must be empty).
 Registered entries may be lazy ``"module:attr"`` strings, so heavy rewards import only when built.
 
+Before anything is built (``diffloop check-config`` and ``diffloop train`` alike), the kwargs are
+checked against the factory's signature (``check_reward_kwargs``: unknown names with the closest
+accepted one, required ones left out; a factory taking ``**kwargs`` accepts any), and against the
+factory's ``check_kwargs(kwargs)`` if it has one (values that need no model: ``remote``'s url).
+
 Invalid-value policy (``score``)
 --------------------------------
 - The reward RAISES: ``RewardError`` naming the reward, with the original exception chained. The
@@ -187,10 +192,60 @@ def _unknown_reward(name: str) -> RewardSpecError:
 
 def check_reward_name(name: str, kwargs: dict[str, Any] | None = None) -> None:
     """Raise RewardSpecError unless ``name`` is registered or a 'package.module:attr' spec that
-    imports and names a class, or a function given no ``kwargs``. Builds nothing (no weights load):
-    what a config check can know before training starts."""
+    imports and names a class, or a function given no ``kwargs``, and its constructor accepts
+    ``kwargs`` (:func:`check_reward_kwargs`). Builds nothing (no weights load): what a config check
+    can know before training starts."""
     if name not in REWARDS:
         _resolve_spec(name, kwargs or {})
+    check_reward_kwargs(name, kwargs or {})
+
+
+_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_reward_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """RewardSpecError (one line: the kwarg, the closest accepted name, all accepted ones) unless
+    the reward's factory, called with ``kwargs``, would get what its signature takes:
+
+    - every key is one of its keyword parameters (any key when it takes ``**kwargs``);
+    - the factory's own ``check_kwargs(kwargs)``, if it has one, passes (values: e.g. ``remote``'s
+      url must be http(s)://HOST:PORT);
+    - every parameter without a default is given.
+
+    Reads the signature only (``inspect.signature``): imports the factory's module, as building it
+    would, but builds nothing and loads no weights. The registered rewards' modules import only
+    torch and diffloop at import time. A ``package.module:Class`` reward is the user's code, already
+    imported by the name check (:func:`check_reward_name`), so its constructor is checked the same
+    way; a function used as the reward itself takes no kwargs (refused by the name check).
+    """
+    factory, construct = reward_factory(name, kwargs)
+    if not construct:
+        return  # the reward itself (a function): reward_factory refused any kwargs
+    try:
+        parameters = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # a C callable without a signature: nothing to check against
+        return
+    accepted = [p.name for p in parameters if p.kind in _KEYWORD]
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        for key in kwargs:
+            if key not in accepted:
+                raise RewardSpecError(
+                    f"reward {name!r} takes no kwarg {key!r}.{did_you_mean(key, accepted)} Its "
+                    f"kwargs: {', '.join(accepted) or 'none'}; rename or remove {key!r}"
+                )
+    check = getattr(factory, "check_kwargs", None)
+    if callable(check):
+        try:
+            check(dict(kwargs))
+        except (TypeError, ValueError) as exc:
+            raise RewardSpecError(f"reward {name!r}: {exc}") from None
+    missing = [p.name for p in parameters if p.kind in _KEYWORD and p.default is p.empty]
+    missing = [key for key in missing if key not in kwargs]
+    if missing:
+        raise RewardSpecError(
+            f"reward {name!r} needs kwarg(s) {', '.join(missing)} (no default); set them in its "
+            "kwargs"
+        )
 
 
 # reward.name of a function given to ``Trainer(reward=...)``: registered for that Python session only.

@@ -71,6 +71,38 @@ def token_from_env() -> str | None:
     return None if token is None else check_token(token, f"environment variable {TOKEN_ENV}")
 
 
+# kwarg -> (lower bound, whether the bound itself is allowed)
+_NUMBER_KWARGS = {"timeout": (0, False), "retries": (0, True), "backoff": (0, True),
+                  "batch_size": (1, True)}  # fmt: skip
+
+
+def check_remote_kwargs(kwargs: dict[str, Any]) -> None:
+    """ValueError (one line, naming the kwarg and the fix) unless ``kwargs`` can build a
+    :class:`RemoteReward`: ``url`` an http(s)://HOST[:PORT] string, ``timeout`` > 0,
+    ``retries`` >= 0, ``backoff`` >= 0, ``batch_size`` >= 1, a token that fits a header. Values only
+    (unknown kwargs are the registry's check, ``check_reward_kwargs``); contacts nothing."""
+    if "url" not in kwargs:
+        raise ValueError(
+            "needs the kwarg url=http://HOST:PORT, the address of a `diffloop serve-reward` "
+            "server (e.g. url=http://127.0.0.1:8765)"
+        )
+    url = kwargs["url"]
+    parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+        fix = f"http://{url}" if isinstance(url, str) and "://" not in url else "http://HOST:PORT"
+        raise ValueError(
+            f"url={url!r} must start with http:// or https:// and name a host; e.g. url={fix}"
+        )
+    for key, (low, inclusive) in _NUMBER_KWARGS.items():
+        value = kwargs.get(key, low + 1)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or value < low or (value == low and not inclusive):
+            raise ValueError(f"need {key} {'>=' if inclusive else '>'} {low}, got {key}={value!r}")
+    token = kwargs.get("token")
+    if token is not None:
+        check_token(token if isinstance(token, str) else "", "token")
+
+
 class _Retryable(Exception):
     """A failure worth retrying (connection, timeout, 5xx); the message says what happened.
 
@@ -148,14 +180,11 @@ class RemoteReward:
         name: str = "remote",
         token: str | None = None,
     ) -> None:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"remote reward: url must be http(s)://HOST:PORT, got {url!r}")
-        if timeout <= 0 or retries < 0 or backoff < 0 or batch_size < 1:
-            raise ValueError(
-                f"remote reward: need timeout > 0, retries >= 0, backoff >= 0, batch_size >= 1 "
-                f"(got {timeout}, {retries}, {backoff}, {batch_size})"
-            )
+        values = {"url": url, "timeout": timeout, "retries": retries, "backoff": backoff}
+        try:
+            self.check_kwargs({**values, "batch_size": batch_size})
+        except ValueError as exc:
+            raise ValueError(f"remote reward: {exc}") from None
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
         self.retries = int(retries)
@@ -167,6 +196,9 @@ class RemoteReward:
         self._token = token_from_env() if token is None else check_token(token, self._token_source)
         handlers = [] if proxy_from_env else [urllib.request.ProxyHandler({})]
         self._opener = urllib.request.build_opener(*handlers)
+
+    # what a config check calls before anything is built (diffloop.rewards.registry)
+    check_kwargs = staticmethod(check_remote_kwargs)
 
     def __call__(
         self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
@@ -303,6 +335,7 @@ def _server_message(exc: urllib.error.HTTPError) -> str:
 __all__ = [
     "TOKEN_ENV",
     "RemoteReward",
+    "check_remote_kwargs",
     "check_servers",
     "check_token",
     "encode_png_base64",

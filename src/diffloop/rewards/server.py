@@ -6,18 +6,35 @@ Protocol (JSON only: nothing is ever unpickled; images travel as PNG):
               ->  200 {"scores": [float | null, ...], "reward": NAME}   (one per image, in order;
                   null where the reward gave NaN or inf, which the client turns back into NaN)
     GET /health -> 200 {"status": "ok", "reward": NAME, "max_batch": B, "max_request_bytes": M,
-                        "device": D}
+                        "max_image_pixels": P1, "max_request_pixels": P, "device": D}
     GET /schema -> 200 the protocol as JSON Schema (``PROTOCOL_SCHEMA``: requests and answers)
 
-    400 {"error": ...}  malformed JSON, wrong types, count mismatch, undecodable / non-RGB PNG,
+    400 {"error": ...}  malformed JSON (or not UTF-8), arrays / objects nested deeper than
+                        ``MAX_JSON_DEPTH``, wrong types, count mismatch, undecodable / non-RGB PNG,
                         images of different sizes, an image over ``max_image_pixels``
     401 {"error": ...}  the server has a token and the request lacks ``Authorization: Bearer
                         TOKEN`` or carries another one (every path, /health included, so that
                         the trainer's set-up check already catches a missing or wrong token)
+    405 {"error": ...}  any other method (PUT, DELETE, PATCH, HEAD, ...), with an ``Allow`` header
+                        (a method HTTP does not define: 501, also JSON)
     411 / 413           no Content-Length / a body over ``max_request_bytes``: refused from the
                         header alone, before the body is read (it is then drained, unbuffered and
                         for at most ``DRAIN_SECONDS``, so the client reads the 413 instead of a reset)
-    500 {"error": ...}  the reward raised or returned an unusable output (see registry.score)
+    413 {"error": ...}  the images of a request hold more than ``max_request_pixels`` pixels in
+                        all: refused from the PNG headers, before any image is decoded
+    500 {"error": ...}  the reward raised or returned an unusable output (see registry.score); as a
+                        last resort, anything else a handler raised (logged in one line)
+
+Memory: a request is bounded twice before it is decoded: its body by ``max_request_bytes`` (from
+Content-Length) and its pixels by ``max_request_pixels`` (from each PNG's IHDR chunk, read by this
+module and not by Pillow, so Pillow's own decompression-bomb limit, ``Image.MAX_IMAGE_PIXELS``,
+which a library may have raised or disabled, is never what protects the server). A PNG compresses a
+flat image about 1000:1, so the body limit alone does not bound the decoded size. Decoding costs
+about 15 bytes per pixel (the uint8 batch, then its float32 copy): the default budget, 32 images of
+1024x1024 (the client's default ``batch_size`` at SDXL / FLUX size), is about 0.5 GB per request
+(per request in flight: each connection is parsed in its own thread).
+The JSON is checked for nesting depth by a scan of its bytes before ``json.loads`` (which recurses
+once per level) sees it.
 
 Images are decoded to (N, 3, H, W) float32 = uint8 / 255, so a reward sees exactly the images the
 client's PNG encoder quantised (``rewards.images.to_uint8``). A request larger than ``max_batch``
@@ -44,6 +61,8 @@ import io
 import json
 import logging
 import math
+import re
+import struct
 import sys
 import threading
 import time
@@ -61,6 +80,7 @@ from diffloop.rewards.model_loading import ModelReward
 from diffloop.rewards.registry import (
     RewardError,
     build_reward,
+    check_reward_name,
     reward_factory,
     reward_name,
     score,
@@ -71,10 +91,23 @@ logger = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 2.0
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# 32 images of 1024x1024: the client's default batch_size at SDXL / FLUX size (about 0.5 GB decoded)
+DEFAULT_MAX_REQUEST_PIXELS = 32 * 1024 * 1024
+# A request is three levels deep plus its metadata; json.loads recurses once per level, and a body
+# of a few kB nested thousands deep would otherwise end in RecursionError.
+MAX_JSON_DEPTH = 64
 
 
 class BadRequest(ValueError):
-    """The request is malformed; answered with 400 and this message."""
+    """The request is malformed; answered with ``status`` (400) and this message."""
+
+    status: int = HTTPStatus.BAD_REQUEST
+
+
+class RequestTooLarge(BadRequest):
+    """The request's images hold more pixels than the server decodes per request; answered 413."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
 PROTOCOL = "diffloop-reward/1"
@@ -111,7 +144,8 @@ PROTOCOL_SCHEMA: dict[str, Any] = {
                         "contentMediaType": "image/png",
                     },
                     "description": "8-bit RGB PNGs, all of one size, each at most the server's "
-                    "max_image_pixels; more than max_batch are scored in chunks, in order",
+                    "max_image_pixels and together at most its max_request_pixels; more than "
+                    "max_batch are scored in chunks, in order",
                 },
                 "prompts": {
                     "type": "array",
@@ -147,6 +181,12 @@ PROTOCOL_SCHEMA: dict[str, Any] = {
                 "reward": {"type": "string"},
                 "max_batch": {"type": "integer", "minimum": 1},
                 "max_request_bytes": {"type": "integer", "minimum": 1},
+                "max_image_pixels": {"type": "integer", "minimum": 1},
+                "max_request_pixels": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "pixels of all images of one request together",
+                },
                 "device": {"type": "string", "description": "torch device of the images"},
             },
         },
@@ -155,7 +195,8 @@ PROTOCOL_SCHEMA: dict[str, Any] = {
             "required": ["error"],
             "additionalProperties": False,
             "properties": {"error": {"type": "string"}},
-            "description": "every status other than 200 (400, 401, 404, 411, 413, 500)",
+            "description": "every status other than 200 (400, 401, 404, 405, 411, 413, 500, "
+            "and 501 for a method HTTP does not define)",
         },
     },
 }
@@ -190,42 +231,141 @@ def resolve_device(text: str | torch.device, what: str = "device") -> torch.devi
     return device
 
 
-def decode_png(text: Any, index: int, max_pixels: int) -> np.ndarray:
-    """base64 PNG -> (H, W, 3) uint8. Only RGB PNGs are accepted (no silent alpha or palette drop)."""
+# A JSON string: from a quote to the next unescaped quote, or to the end of the body (an
+# unterminated string, which json.loads refuses anyway). Possessive quantifiers and the end-of-body
+# alternative make every match succeed without backtracking, so the scan is linear in the body.
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_OPENING = np.array([c in b"[{" for c in range(256)])
+
+
+def json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep the arrays and objects of a UTF-8 JSON text nest, found without parsing it.
+
+    Strings are cut out, every byte but the brackets dropped, and the depth is the running sum of
+    +1 (``[`` ``{``) / -1 (``]`` ``}``), its maximum over the text: no recursion, O(len(body)).
+    In UTF-8 a byte below 0x80 is always that ASCII character, so the bytes give the text's
+    structure. The scan stops once the depth passes ``limit`` (the value returned is then > limit).
+    """
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for start in range(0, len(brackets), 2**20):  # (chunk,) int32: at most 4 MB at a time
+        codes = np.frombuffer(brackets, np.uint8, count=min(2**20, len(brackets) - start),
+                              offset=start)  # fmt: skip
+        running = depth + np.cumsum(np.where(_OPENING[codes], 1, -1), dtype=np.int32)
+        deepest, depth = max(deepest, int(running.max())), int(running[-1])
+        if deepest > limit:
+            break
+    return deepest
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes, index: int) -> tuple[int, int]:
+    """(width, height) of a PNG from its IHDR chunk, which the format puts first (bytes 8-24:
+    length, "IHDR", width, height as big-endian uint32), read without Pillow or decoding."""
+    if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise BadRequest(f"images[{index}] is not a decodable PNG: it does not start with a PNG "
+                         "signature and IHDR chunk")  # fmt: skip
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def decode_base64(text: Any, index: int) -> bytes:
+    """images[index] -> its bytes; BadRequest unless it is a base64 string."""
     if not isinstance(text, str):
         raise BadRequest(f"images[{index}] must be a base64 string, got {type(text).__name__}")
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadRequest(f"images[{index}] is not valid base64: {exc}") from None
+
+
+def decode_png(data: bytes, index: int, size: tuple[int, int]) -> np.ndarray:
+    """PNG bytes -> (H, W, 3) uint8. Only RGB PNGs are accepted (no silent alpha or palette drop).
+
+    ``size``: the (width, height) ``png_size`` read and the caller checked against its limits;
+    Pillow must agree before it decodes. Its mode is read from the header, so a non-RGB image is
+    refused before it is decoded too.
+    """
     try:
         image = Image.open(io.BytesIO(data), formats=["PNG"])
-        if image.width * image.height > max_pixels:  # checked from the header, before decoding
-            raise BadRequest(
-                f"images[{index}] is {image.width}x{image.height}, over the server's limit of "
-                f"{max_pixels} pixels"
-            )
+        if image.size != size:
+            raise BadRequest(f"images[{index}] is not a decodable PNG: its IHDR says "
+                             f"{size[0]}x{size[1]} but it opens as {image.width}x{image.height}")  # fmt: skip
+        if image.mode != "RGB":
+            raise BadRequest(f"images[{index}] has mode {image.mode}; send 8-bit RGB PNGs")
         image.load()
     except BadRequest:
         raise
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, when lower than the server's
+        raise RequestTooLarge(
+            f"images[{index}] is {size[0]}x{size[1]}, over Pillow's decompression-bomb limit "
+            f"({exc}); restart the server with --max-image-pixels below it"
+        ) from None
     except Exception as exc:  # noqa: BLE001  (PIL raises many types for corrupt data)
         raise BadRequest(f"images[{index}] is not a decodable PNG: {exc}") from None
-    if image.mode != "RGB":
-        raise BadRequest(f"images[{index}] has mode {image.mode}; send 8-bit RGB PNGs")
     return np.asarray(image)
 
 
+def check_pixels(
+    sizes: list[tuple[int, int]], max_pixels: int, max_request_pixels: int
+) -> tuple[int, int]:
+    """The one (width, height) of a request's images, from their headers; refuses an image over
+    ``max_pixels`` (400), all of them over ``max_request_pixels`` (413), or mixed sizes (400)."""
+    for i, (width, height) in enumerate(sizes):
+        if width * height > max_pixels:
+            raise BadRequest(
+                f"images[{i}] is {width}x{height}, over the server's limit of {max_pixels} pixels"
+            )
+    total = sum(width * height for width, height in sizes)
+    if total > max_request_pixels:
+        width, height = sizes[0]
+        fit = max_request_pixels // max(1, width * height)
+        raise RequestTooLarge(
+            f"the request's {len(sizes)} images hold {total} pixels, over the server's budget of "
+            f"{max_request_pixels} pixels per request (--max-request-pixels); send at most {fit} "
+            f"images of {width}x{height} per request (reward.kwargs.batch_size) or restart the "
+            "server with a larger --max-request-pixels"
+        )
+    if len(set(sizes)) > 1:
+        shapes = sorted({(height, width, 3) for width, height in sizes})
+        raise BadRequest(f"all images of a request must have one size, got {shapes}")
+    return sizes[0]
+
+
+def parse_json(body: bytes) -> Any:
+    """A UTF-8 JSON body -> its value; BadRequest if it is not UTF-8 JSON or nests deeper than
+    MAX_JSON_DEPTH (checked before ``json.loads``, which recurses once per level)."""
+    try:
+        text = body.decode("utf-8")  # json.loads(bytes) would also guess UTF-16 / UTF-32
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: it is not UTF-8 ({exc})") from None
+    depth = json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise BadRequest(
+            f"body nests arrays / objects more than {MAX_JSON_DEPTH} levels deep (at least "
+            f"{depth}); a request is {{images, prompts, metadata}} with shallow metadata"
+        )
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+
+
 def parse_request(
-    body: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    body: bytes,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
 ) -> tuple[torch.Tensor, list[str], list[dict[str, Any]]]:
     """JSON body -> images (N, 3, H, W) float32 in [0, 1] (uint8 / 255), prompts [N], metadata [N].
 
-    Raises BadRequest with a message for the client on anything malformed.
+    Every image's size is read from its PNG header and checked (``check_pixels``) before any is
+    decoded; they are then decoded one by one into a single (N, H, W, 3) uint8 array.
+    Raises BadRequest (RequestTooLarge: 413) with a message for the client on anything refused.
     """
-    try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    request = parse_json(body)
     if not isinstance(request, dict):
         raise BadRequest("body must be a JSON object with 'images', 'prompts' and 'metadata'")
     images, prompts = request.get("images"), request.get("prompts")
@@ -239,12 +379,14 @@ def parse_request(
         raise BadRequest("'metadata' must be a list of objects")
     if len(prompts) != n or len(metadata) != n:
         raise BadRequest(f"{n} images but {len(prompts)} prompts and {len(metadata)} metadata")
-    arrays = [decode_png(text, i, max_pixels) for i, text in enumerate(images)]
-    sizes = {a.shape for a in arrays}
-    if len(sizes) > 1:
-        raise BadRequest(f"all images of a request must have one size, got {sorted(sizes)}")
-    stacked = torch.from_numpy(np.stack(arrays))  # (N, H, W, 3) uint8
-    return stacked.permute(0, 3, 1, 2).float() / 255, prompts, metadata
+    pngs = [decode_base64(text, i) for i, text in enumerate(images)]
+    sizes = [png_size(data, i) for i, data in enumerate(pngs)]
+    width, height = check_pixels(sizes, max_pixels, max_request_pixels)
+    stacked = np.empty((n, height, width, 3), np.uint8)  # the only full-size uint8 copy
+    for i, data in enumerate(pngs):
+        stacked[i] = decode_png(data, i, (width, height))
+    # div_ in place: one float32 copy of the batch, not two
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div_(255), prompts, metadata
 
 
 def json_scores(scores: torch.Tensor) -> list[float | None]:
@@ -265,12 +407,15 @@ class RewardHTTPServer(ThreadingHTTPServer):
         max_batch: int = 64,
         max_request_bytes: int = 64 * 2**20,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
         device: str | torch.device = "cpu",
         socket_timeout: float = 120.0,
         token: str | None = None,
     ) -> None:
-        if max_batch < 1 or max_request_bytes < 1 or max_image_pixels < 1:
-            raise ValueError("max_batch, max_request_bytes and max_image_pixels must be >= 1")
+        if min(max_batch, max_request_bytes, max_image_pixels, max_request_pixels) < 1:
+            raise ValueError(
+                "max_batch, max_request_bytes, max_image_pixels and max_request_pixels must be >= 1"
+            )
         # bytes, for hmac.compare_digest (its time does not depend on where the tokens differ)
         self._token = None if token is None else check_token(token, "token").encode()
         self.reward = reward
@@ -278,10 +423,17 @@ class RewardHTTPServer(ThreadingHTTPServer):
         self.max_batch = max_batch
         self.max_request_bytes = max_request_bytes
         self.max_image_pixels = max_image_pixels
+        self.max_request_pixels = max_request_pixels
         self.device = resolve_device(device)
         self.socket_timeout = socket_timeout
         self.reward_lock = threading.Lock()
         super().__init__(address, RewardRequestHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line for an error outside a request's handling (the base class prints a
+        traceback); the handler answers its own errors (``RewardRequestHandler.handle_one_request``)."""
+        exc = sys.exc_info()[1]
+        logger.error("connection from %s failed: %s", client_address[0], _one_line(exc))
 
     @property
     def url(self) -> str:
@@ -319,15 +471,79 @@ class RewardHTTPServer(ThreadingHTTPServer):
         return torch.cat(out)
 
 
+def _one_line(exc: BaseException | None) -> str:
+    """``Type: first line of the message`` (a log line or an answer, never a traceback)."""
+    if exc is None:
+        return "unknown error"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+# The method each path answers (the Allow header of a 405); other paths answer 404 to GET / POST.
+ALLOWED_METHODS = {"/score": "POST", "/health": "GET", "/schema": "GET"}
+
+
 class RewardRequestHandler(BaseHTTPRequestHandler):
-    """POST /score, GET /health and GET /schema; every answer is JSON."""
+    """POST /score, GET /health and GET /schema; every answer is JSON, errors included."""
 
     server: RewardHTTPServer
     server_version = "diffloop-reward/1"
+    _answered = False  # whether the current request's status line has been sent
 
     def setup(self) -> None:
         self.timeout = self.server.socket_timeout  # a stalled client cannot hold a thread forever
         super().setup()
+
+    def handle_one_request(self) -> None:
+        """The base class's request cycle, with a last resort: whatever a handler raises is answered
+        with a JSON 500 (unless an answer had already begun) and logged in one line, so a client is
+        never left without a reply and the log never holds a traceback."""
+        self._answered = False
+        try:
+            super().handle_one_request()
+        except ConnectionError as exc:  # the client went away: nobody to answer
+            self.close_connection = True
+            logger.info("%s %s: connection lost (%s)", self._method(), self._path(), _one_line(exc))
+        except Exception as exc:  # noqa: BLE001  (the last resort: any handler bug)
+            self.close_connection = True
+            logger.error("%s %s -> 500: unhandled %s", self._method(), self._path(), _one_line(exc))
+            if self._answered or not self._method():
+                return  # an answer has begun, or no request was read: nothing more can be sent
+            try:
+                self._reply(
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    {"error": f"internal server error ({_one_line(exc)}); see the server's log"},
+                )
+            except OSError:
+                pass
+
+    def _method(self) -> str:
+        return getattr(self, "command", None) or ""  # unset before a request line is read
+
+    def _path(self) -> str:
+        return getattr(self, "path", "")  # unset when the request line did not parse
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The base class's own refusals (a malformed request line, headers too long, a method HTTP
+        does not define: 501) as JSON, like every other answer."""
+        self._error(code, message or explain or HTTPStatus(code).phrase)
+
+    def _method_not_allowed(self) -> None:
+        """405 for PUT, DELETE, PATCH, HEAD, OPTIONS, TRACE and CONNECT, naming the allowed method."""
+        allowed = ALLOWED_METHODS.get(self.path, "GET, POST")
+        self._error(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            f"method {self.command} is not allowed on {self.path!r}; use "
+            + " or ".join(f"{m} {p}" for p, m in ALLOWED_METHODS.items()),
+            {"Allow": allowed},
+        )
+        raw = self.headers.get("Content-Length", "")
+        if raw.isdigit():
+            self._drain(int(raw))  # so a client still sending reads the 405, not a reset
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = do_CONNECT = (
+        _method_not_allowed
+    )
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s " + format, self.address_string(), *args)
@@ -336,17 +552,19 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
         self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
     ) -> None:
         body = json.dumps(payload, allow_nan=False).encode()
+        self._answered = True
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":  # a HEAD answer has headers only
+            self.wfile.write(body)
         self.wfile.flush()
 
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        logger.warning("%s %s -> %d: %s", self.command, self.path, status, message)
+        logger.warning("%s %s -> %d: %s", self._method(), self._path(), status, message)
         self.close_connection = True
         self._reply(status, {"error": message}, headers)
 
@@ -373,6 +591,8 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
             "reward": s.reward_name,
             "max_batch": s.max_batch,
             "max_request_bytes": s.max_request_bytes,
+            "max_image_pixels": s.max_image_pixels,
+            "max_request_pixels": s.max_request_pixels,
             "device": str(s.device),
         }
 
@@ -400,9 +620,11 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.BAD_REQUEST, f"body ended after {len(body)} of {length} bytes")
             return
         try:
-            images, prompts, metadata = parse_request(body, self.server.max_image_pixels)
+            images, prompts, metadata = parse_request(
+                body, self.server.max_image_pixels, self.server.max_request_pixels
+            )
         except BadRequest as exc:
-            self._error(HTTPStatus.BAD_REQUEST, str(exc))
+            self._error(exc.status, str(exc))
             return
         try:
             scores = self.server.score_batch(images, prompts, metadata)
@@ -473,11 +695,14 @@ def make_server(
     max_batch: int = 64,
     max_request_bytes: int = 64 * 2**20,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
     device: str | torch.device = "cpu",
     token: str | None = None,
 ) -> RewardHTTPServer:
     """A bound (not yet serving) server for ``reward``; port 0 picks a free port (see ``.url``).
     ``token``: require ``Authorization: Bearer TOKEN`` on every request (None: no authentication).
+    ``max_image_pixels`` bounds each image, ``max_request_pixels`` all images of one request
+    together (both read from the PNG headers before decoding; see the module docstring).
     ValueError if ``device`` is not available here (see ``resolve_device``).
 
     Serve with ``server.serve_forever()`` (e.g. in a thread); stop with ``server.shutdown()`` then
@@ -489,6 +714,7 @@ def make_server(
         max_batch=max_batch,
         max_request_bytes=max_request_bytes,
         max_image_pixels=max_image_pixels,
+        max_request_pixels=max_request_pixels,
         device=device,
         token=token,
     )
@@ -516,6 +742,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=64, help="images per reward call")
     parser.add_argument(
         "--max-request-mb", type=float, default=64.0, help="request body limit (MB)"
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"pixels of one image (default {DEFAULT_MAX_IMAGE_PIXELS} = 4096x4096)",
+    )
+    parser.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_PIXELS,
+        help=f"pixels of all images of one request, checked from the PNG headers before decoding "
+        f"(about 15 bytes of memory each; default {DEFAULT_MAX_REQUEST_PIXELS} = 32 x 1024x1024)",
     )
     parser.add_argument(
         "--device",
@@ -572,8 +811,14 @@ def server_from_argv(argv: list[str]) -> RewardHTTPServer:
         parser.error(f"--kwargs is not valid JSON: {exc}")
     if not isinstance(kwargs, dict):
         parser.error(f"--kwargs must be a JSON object, got {args.kwargs!r}")
-    if args.max_batch < 1 or args.max_request_mb <= 0:
-        parser.error("--max-batch and --max-request-mb must be positive")
+    if min(args.max_batch, args.max_image_pixels, args.max_request_pixels) < 1 or (
+        args.max_request_mb <= 0
+    ):
+        parser.error(
+            "--max-batch, --max-request-mb, --max-image-pixels and --max-request-pixels must be "
+            "positive"
+        )
+    check_reward_name(args.name, kwargs)  # RewardSpecError (a ValueError): one line from serve_main
     device = resolve_device(args.device, "--device")  # ValueError: one line from serve_main
     token = token_from_env() if args.token is None else check_token(args.token, "--token")
     reward = build_served_reward(args.name, kwargs, device)
@@ -583,6 +828,8 @@ def server_from_argv(argv: list[str]) -> RewardHTTPServer:
         args.port,
         max_batch=args.max_batch,
         max_request_bytes=int(args.max_request_mb * 2**20),
+        max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
         device=device,
         token=token,
     )
@@ -624,15 +871,22 @@ def serve_main(argv: list[str]) -> int:
 
 
 __all__ = [
+    "ALLOWED_METHODS",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "DEFAULT_MAX_REQUEST_PIXELS",
+    "MAX_JSON_DEPTH",
     "PROTOCOL",
     "PROTOCOL_SCHEMA",
     "BadRequest",
+    "RequestTooLarge",
     "RewardHTTPServer",
     "build_parser",
     "build_served_reward",
+    "json_depth",
     "json_scores",
     "make_server",
     "parse_request",
+    "png_size",
     "resolve_device",
     "serve_main",
     "server_from_argv",
