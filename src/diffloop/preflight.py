@@ -8,6 +8,7 @@ model load. Each failure is a :class:`~diffloop.config.ConfigError`, one line na
 from __future__ import annotations
 
 from diffloop.config import Config, ConfigError, RewardConfig, validate
+from diffloop.policies.families import check_local_model
 from diffloop.prompts import PromptError, eval_prompt_source, training_prompt_source
 from diffloop.rewards.registry import RewardSpecError, check_reward_name
 from diffloop.tracking import check_trackers
@@ -15,10 +16,12 @@ from diffloop.tracking import check_trackers
 
 def check_before_loading(config: Config, num_processes: int = 1) -> None:
     """The config's invariants (:func:`~diffloop.config.validate`: ranges, enumerations, batch
-    arithmetic, a writable output_dir), the training and evaluation prompt sources (files read),
-    every reward name (registered, or an importable ``package.module:attr``) and that every
+    arithmetic, a writable output_dir), a local model.pretrained (present, of a supported family,
+    with its component folders; a hub id is not looked up), the training and evaluation prompt
+    sources (files read), every reward name (registered, or an importable ``package.module:attr``) and that every
     tracker of logging.report_to is installed. Loads no model."""
     validate(config, num_processes)
+    check_local_model(config.model)  # a local model: exists, a supported family, its folders
     check_trackers(config.logging)  # every tracker of logging.report_to is installed
     try:
         training_prompt_source(config.prompts)

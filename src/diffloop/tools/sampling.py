@@ -1,4 +1,5 @@
-"""``diffloop sample``: images from a base model, or from a training run's newest checkpoint.
+"""``diffloop sample``: images from a base model, or from a training run's newest checkpoint
+(whose weights verify: an older one, with a warning, when the newest is damaged).
 
 Sampling settings (DDIM steps, eta, guidance scale, negative prompt): a run's ``sample.*`` from its
 config.yaml, else the config defaults (``SampleConfig``); a flag given on the command line wins.
@@ -42,14 +43,20 @@ def sampling_settings(args: argparse.Namespace, run_sample: SampleConfig | None)
 
 
 def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path | None = None):
-    """The policy of a run: its config.yaml's model and LoRA, with the newest (or given) checkpoint's
-    weights (its EMA when the run kept one). Only safetensors weights are read
-    (``checkpoint.load_weights``): nothing is unpickled."""
+    """(policy, run config, checkpoint) of a run: its config.yaml's model and LoRA, with the given
+    checkpoint's weights, or those of the newest checkpoint whose weights verify (an older one when
+    the newest is damaged, with a warning: ``checkpoint.load_newest_valid_weights``); its EMA when
+    the run kept one. Only safetensors weights are read: nothing is unpickled. The weights are
+    checked before the model loads."""
     from diffloop import checkpoint
     from diffloop.config import load_config
     from diffloop.policies.families import load_policy
 
     config = load_config(run_dir / "config.yaml")
+    if checkpoint_path is not None:
+        path, (weights, _) = checkpoint_path, checkpoint.load_weights(checkpoint_path)
+    else:
+        path, weights, _ = checkpoint.load_newest_valid_weights(run_dir)
     policy = load_policy(
         config.model,
         config.lora,
@@ -57,11 +64,8 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
         logprob_reduction=config.train.logprob_reduction,
         sample=config.sample,
     )
-    path = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
-    if path is None:
-        raise checkpoint.CheckpointError(f"run directory '{run_dir}' has no complete checkpoint")
-    policy.load_trainable_state_dict(checkpoint.load_weights(path)[0])
-    return policy, config
+    policy.load_trainable_state_dict(weights)
+    return policy, config, path
 
 
 def sample_main(argv: list[str]) -> int:
@@ -104,7 +108,7 @@ def sample_main(argv: list[str]) -> int:
     except SampleUsageError as e:
         ap.error(str(e))
     if run_sample is not None:
-        policy, _ = load_run_policy(target, device, args.checkpoint)
+        policy, _, _ = load_run_policy(target, device, args.checkpoint)
     else:
         policy = load_policy(
             ModelConfig(pretrained=args.model), LoraConfig(enabled=False), device=device
