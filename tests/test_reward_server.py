@@ -32,6 +32,7 @@ from diffloop.checkpoint import latest_checkpoint
 from diffloop.rewards import RewardError, build_reward, registry, score
 from diffloop.rewards import remote as remote_module
 from diffloop.rewards import server as server_module
+from diffloop.rewards import server_http as server_http_module
 from diffloop.rewards.model_loading import ModelReward
 from diffloop.rewards.remote import TOKEN_ENV, RemoteReward, check_servers, encode_png_base64
 from diffloop.rewards.server import (
@@ -1029,7 +1030,7 @@ def test_an_unexpected_error_in_a_handler_is_a_json_500_logged_in_one_line(
     def broken(*args: Any) -> None:
         raise ValueError("a bug\nover two lines")
 
-    monkeypatch.setattr(server_module, "parse_request", broken)
+    monkeypatch.setattr(server_http_module, "parse_request", broken)  # where do_POST calls it
     monkeypatch.setattr(server_module.RewardRequestHandler, "_health", broken)
     with (
         caplog.at_level("INFO", logger="diffloop.rewards.server"),
