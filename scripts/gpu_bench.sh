@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The issue-7 measurements in one device call (fits the 15-minute GPU budget with room for one rerun):
-#   bash scripts/fetch_wheels.sh wheels          # here, once: diffusers/peft wheels for the offline GPU box
-#   run(command="bash scripts/gpu_bench.sh", carry=["wheels"], timeout_s=560)
+# The GPU measurements of docs/performance.md in one command (about 8 minutes on an H100/H200):
+#   bash scripts/fetch_wheels.sh wheels    # once, where the package index is reachable: diffusers/peft
+#                                          # wheels for a GPU machine without it (copy wheels/ along)
+#   bash scripts/gpu_bench.sh
 # Writes $OUT/bench_{sd15,sdxl,sd35,flux}.{json,txt}; docs/performance.md reads them.
 set -euo pipefail
 cd "$(dirname "$0")/.."

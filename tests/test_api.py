@@ -105,7 +105,7 @@ def test_trainer_takes_a_reward_callable_and_prompt_rows(tmp_path, clean_registr
     )  # caller's copy
     from diffloop.preflight import check_before_loading
 
-    assert build_reward("python:likes_red") is likes_red  # registered for this session
+    assert build_reward("python:likes_red") is likes_red  # registered for this process
     del registry.REWARDS["python:likes_red"]  # another session, e.g. a resume from the command line
     with pytest.raises(ConfigError, match="was a Python function given to Trainer"):
         check_before_loading(dataclasses.replace(config, reward=recorded.reward))

@@ -188,7 +188,7 @@ SEEN_UNSEEN = (
 
 
 def test_t2i_compbench_name_pattern_reaches_every_file() -> None:
-    # <category>_<split> over the categories and splits names exactly the shipped files
+    # <category>_<split> over T2I-CompBench's categories and splits names exactly the shipped files
     pairs = [(c, s) for c in T2I_CATEGORIES for s in ("train", "val")]
     pairs += [(c, s) for c in SEEN_UNSEEN for s in ("val_seen", "val_unseen")]
     shipped = {f"t2i-compbench/{p.stem}" for p in (DATA / "t2i-compbench").glob("*.txt")}

@@ -1,4 +1,4 @@
-"""Shapes-world binding reward: the issue's validation properties, partial credit, speed."""
+"""Shapes-world binding reward: its validation properties, partial credit, speed."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def pairs() -> dict[str, object]:
     return result
 
 
-# ------------------------------------------------------------------- the issue's properties
+# ------------------------------------------------------------------- the validation properties
 def test_clean_renders_score_high(clean: tuple[torch.Tensor, list[str]]) -> None:
     x, prompts = clean
     scores = BindingReward()(x, prompts)

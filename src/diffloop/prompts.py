@@ -329,7 +329,7 @@ def _packaged_sources() -> dict[str, Callable[[], list[str]]]:
 # handled by build_prompt_source (they take arguments or are resolved lazily).
 PROMPT_SOURCES: dict[str, Callable[[], list[str]]] = _packaged_sources()
 _SPECIAL = ("list", *PATH_SOURCES, "shapes/<split>")
-# British spelling of the T2I-CompBench category (the "colour") -> the file name's.
+# British spelling of the T2I-CompBench category ("colour") -> the file name's.
 _ALIASES = {"t2i-compbench/colour_": "t2i-compbench/color_"}
 
 

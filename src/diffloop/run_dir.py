@@ -133,7 +133,8 @@ class RunDirectory:
         self._record_session(config, start_epoch, argv or sys.argv)
 
     def _record_session(self, config: Config, start_epoch: int, argv: list[str]) -> None:
-        """Append this session to the record (a new run first writes config.yaml, run_info.json)."""
+        """Append this launch of the run to its record (a new run first writes config.yaml and
+        run_info.json)."""
         from diffloop.resume import SESSIONS, config_changes, load_run_config, read_jsonl
 
         self.path.mkdir(parents=True, exist_ok=True)

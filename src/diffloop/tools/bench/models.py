@@ -32,7 +32,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "compile_sampling": {"perf": {"compile": "sampling"}},
     "cudagraphs": {"perf": {"compile": "sampling", "compile_mode": "reduce-overhead"}},
     "compile_all": {"perf": {"compile": "all"}},
-    # The issue's reference measurements found compiled LoRA training slower than eager (95 vs 105
+    # The reference measurements (docs/performance.md) found compiled LoRA training slower than eager (95 vs 105
     # samples/s): "fast" compiles the sampling loop (with CUDA graphs) and keeps training eager.
     "fast": {
         "perf": {"compile": "sampling", "compile_mode": "reduce-overhead", "channels_last": True}
