@@ -40,7 +40,7 @@ def config_with(*overrides: str) -> Config:
 
 def test_flow_families_default_to_flow_grpos_evaluation(tiny_sd3, tiny_flux):
     """null eval settings: SD3 40 steps, FLUX 28, noise level 0, the training guidance."""
-    from diffloop.trainer import evaluation_sampler
+    from diffloop.loops import evaluation_sampler
 
     config = config_with()
     sd3 = evaluation_sampler(config, load(tiny_sd3))
@@ -53,7 +53,7 @@ def test_flow_families_default_to_flow_grpos_evaluation(tiny_sd3, tiny_flux):
 
 def test_ddim_families_evaluate_with_the_training_sampler(tiny_sd):
     """The shapes default and SD: the training sampler exactly, as before (golden numbers hold)."""
-    from diffloop.trainer import check_evaluation_sampler, evaluation_sampler
+    from diffloop.loops import check_evaluation_sampler, evaluation_sampler
 
     default = Config()
     shapes = load_policy(default.model, default.lora, device=CPU)
@@ -122,9 +122,11 @@ def test_shipped_flow_configs_evaluate_as_flow_grpo(name):
     assert (config.eval.num_steps, config.eval.eta) == (steps, 0.0)
 
 
-def test_flow_run_evaluation_and_diffloop_eval_agree_exactly(tiny_sd3, tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_flow_run_evaluation_and_diffloop_eval_agree_exactly(tiny_sd3, tmp_path, capsys, precision):
     """A tiny SD3 run evaluates with the ODE at 40 steps (header says so); ``diffloop eval RUN``
-    with no sampler flags uses that sampler and reproduces the final evaluation's mean exactly."""
+    with no sampler flags uses that sampler and reproduces the final evaluation's mean exactly,
+    also for a bf16 run (its frozen weights reload in bf16, as it trained)."""
     from diffloop.cli import main as cli_main
     from diffloop.run_dir import read_metrics
 
@@ -132,7 +134,7 @@ def test_flow_run_evaluation_and_diffloop_eval_agree_exactly(tiny_sd3, tmp_path,
     overrides = tiny_overrides(tiny_sd3, run, num_epochs=1, **{
         "sample.num_steps": 3, "sample.eta": 0.7, "eval.prompts": "ddpo/simple_animals",
         "eval.num_prompts": 2, "eval.samples_per_prompt": 2, "eval.seed": 7,
-        "eval.batch_size": 3,
+        "eval.batch_size": 3, "train.mixed_precision": precision,
     })  # fmt: skip
     trainer = Trainer(load_config(None, overrides))
     trainer.train()

@@ -153,7 +153,10 @@ def test_kl_form_and_ema_fields_are_checked_by_check_config(tmp_path, capsys):
     with pytest.raises(ConfigError, match="train.ema_update_interval=0"):
         load_config(None, [out, "train.ema_decay=0.9", "train.ema_update_interval=0"])
     ok = [out, "train.ema_decay=0.9", "train.ema_warmup=true", "train.ema_update_interval=8"]
-    assert main(["check-config", *ok, "train.kl_form=flow_grpo"]) == 0
+    assert main(["check-config", *ok]) == 0
+    # the shapes model is local and a DDIM model: check-config knows it cannot take flow_grpo
+    assert main(["check-config", *ok, "train.kl_form=flow_grpo"]) == 2
+    assert "train.kl_form=flow_grpo is Flow-GRPO's KL" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- the CPS clip range

@@ -304,3 +304,18 @@ def test_the_family_table_lists_the_folders_the_loaders_require():
 
     assert family("sd").folders() == list(REQUIRED_COMPONENTS)
     assert family("sdxl").folders() == list(SDXL_COMPONENTS)
+
+
+def test_another_runs_checkpoint_is_refused_in_one_line(damaged_run, tiny_sd, tmp_path, capsys):
+    """``sample RUN --checkpoint`` of a run trained with another lora.rank: names the shapes."""
+    other = tmp_path / "other"
+    args = tiny_overrides(tiny_sd, other, **{"sample.num_steps": 2, "lora.rank": 2})
+    assert main(["train", *args]) == 0
+    checkpoint = list_complete_checkpoints(other)[-1]
+    argv = ["sample", str(damaged_run), *SAMPLE, "--checkpoint", str(checkpoint),
+            "--output", str(tmp_path / "s")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # the model loads first: transformers' progress bar precedes
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("diffloop: error: ") and "Traceback" not in err, err
+    assert "parameters have other shapes" in last and "lora.rank" in last, err

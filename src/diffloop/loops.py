@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from diffloop import seeding
+from diffloop.config import Config
 from diffloop.core import flow_grpo_kl, gaussian_kl, gaussian_log_prob
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
 
@@ -327,6 +328,63 @@ def score_fixed_noise(
     out = {name: torch.cat(v) if v else torch.zeros(0) for name, v in scores.items()}
     images = torch.cat(kept) if kept else torch.zeros(0, 3, 1, 1)
     return out, images
+
+
+def _first_set(*candidates: tuple[Any, str]) -> tuple[Any, str]:
+    """The first (value, where it came from) whose value is not None."""
+    return next(c for c in candidates if c[0] is not None)
+
+
+def _evaluation_settings(config: Config, policy) -> dict[str, tuple[Any, str]]:
+    """num_steps and eta of the evaluation sampler, each with the setting it came from."""
+    e, s = config.eval, config.sample
+    convention = "the model's convention"
+    return {
+        "num_steps": _first_set(
+            (e.num_steps, "eval.num_steps"),
+            (getattr(policy, "eval_num_steps", None), convention),
+            (s.num_steps, "sample.num_steps"),
+        ),
+        "eta": _first_set(
+            (e.eta, "eval.eta"),
+            (getattr(policy, "eval_eta", None), convention),
+            (s.eta, "sample.eta"),
+        ),
+    }
+
+
+def evaluation_sampler(config: Config, policy) -> SamplerSettings:
+    """The held-out evaluation's sampler (the trainer's, and ``diffloop eval RUN``'s default).
+
+    steps = eval.num_steps, else the policy's ``eval_num_steps``, else sample.num_steps;
+    eta   = eval.eta, else the policy's ``eval_eta``, else sample.eta.
+    A flow-matching family declares Flow-GRPO's evaluation (SD3 40, FLUX 28 steps, noise level 0:
+    the ODE); a DDIM family declares none, so its evaluation samples as training does. Guidance
+    and negative prompt are sample.*'s (Flow-GRPO evaluates with the training guidance)."""
+    settings = _evaluation_settings(config, policy)
+    s = config.sample
+    return SamplerSettings(
+        settings["num_steps"][0], settings["eta"][0], s.guidance_scale, s.negative_prompt
+    )
+
+
+def describe_evaluation_sampler(config: Config, policy) -> str:
+    """The evaluation sampler in words, each value with its source, for the run header."""
+    settings = _evaluation_settings(config, policy)
+    (steps, steps_from), (eta, eta_from) = settings["num_steps"], settings["eta"]
+    kind = "deterministic" if eta == 0 else "stochastic"
+    return (
+        f"{steps} steps ({steps_from}), eta {eta:g}: {kind} ({eta_from}), guidance "
+        f"{config.sample.guidance_scale:g} (sample.guidance_scale)"
+    )
+
+
+def check_evaluation_sampler(policy, sampler: SamplerSettings) -> None:
+    """ConfigError (naming eval.*) unless the policy can sample the evaluation sampler; a policy
+    without ``check_evaluation_sampling`` (DDIM: any steps, eta in [0, 1], validated) needs none."""
+    check = getattr(policy, "check_evaluation_sampling", None)
+    if check is not None:
+        check(sampler.num_steps, sampler.eta)
 
 
 def eval_summary(rewards: torch.Tensor) -> dict[str, float]:

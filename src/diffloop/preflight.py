@@ -8,6 +8,7 @@ model load. Each failure is a :class:`~diffloop.config.ConfigError`, one line na
 from __future__ import annotations
 
 from diffloop.config import Config, ConfigError, RewardConfig, validate
+from diffloop.config.validation import check_kl_form_supported
 from diffloop.policies.families import check_local_model
 from diffloop.prompts import PromptError, eval_prompt_source, training_prompt_source
 from diffloop.rewards.registry import RewardSpecError, check_reward_name
@@ -21,7 +22,13 @@ def check_before_loading(config: Config, num_processes: int = 1) -> None:
     sources (files read), every reward name (registered, or an importable ``package.module:attr``) and that every
     tracker of logging.report_to is installed. Loads no model."""
     validate(config, num_processes)
-    check_local_model(config.model)  # a local model: exists, a supported family, its folders
+    family = check_local_model(
+        config.model
+    )  # a local model: exists, a supported family, its folders
+    if family is not None:
+        check_kl_form_supported(
+            config, family.flow_matching, f"{family.label[0].upper()}{family.label[1:]}"
+        )
     check_trackers(config.logging)  # every tracker of logging.report_to is installed
     try:
         training_prompt_source(config.prompts)

@@ -36,6 +36,7 @@ from diffloop.config import (
     resolve_cpu_threads,
     trained_steps,
 )
+from diffloop.config.validation import check_kl_form_supported
 from diffloop.distributed import Distributed
 from diffloop.ema import EMA, maybe_applied
 from diffloop.guards import NonFiniteGuard, onpolicy_error_ok
@@ -43,6 +44,7 @@ from diffloop.loops import make_generators  # noqa: F401  (re-exported: older im
 from diffloop.monitors import image_statistics
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
 from diffloop.policies.families import detect_family, load_policy
+from diffloop.policies.loading import WEIGHT_DTYPES
 from diffloop.preflight import check_before_loading
 from diffloop.prompts import (
     PromptSource,
@@ -64,7 +66,6 @@ from diffloop.summary import summary_lines, write_before_after
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_LABELLED_ROWS = 16  # prompts (rows) the labelled eval/before_after.png shows
 
 
@@ -99,14 +100,10 @@ def check_timestep_window(policy, config: Config) -> None:
 
 
 def check_kl_form(policy, config: Config) -> None:
-    """ConfigError unless the loaded model can compute train.kl_form (the model family is read from
-    the model, so check-config cannot tell): flow_grpo divides by a flow step's std_t, which a DDIM
-    step does not have."""
-    if not loops.supports_kl_form(policy, config.train.kl_form):
-        raise ConfigError(
-            f"train.kl_form={config.train.kl_form} is Flow-GRPO's KL for flow-matching models (SD3, "
-            f"FLUX) and {type(policy).__name__} is not one; use train.kl_form=gaussian"
-        )
+    """ConfigError unless the loaded model can compute train.kl_form (check-config checks it too
+    when model.pretrained is local; a hub id's family is known once it loads)."""
+    flow = loops.supports_kl_form(policy, "flow_grpo")
+    check_kl_form_supported(config, flow, type(policy).__name__)
 
 
 def _releases_run_lock_on_failure(init: Callable[..., None]) -> Callable[..., None]:
@@ -137,63 +134,6 @@ def _holding_run_lock(train: Callable[..., Any]) -> Callable[..., Any]:
             self.close()
 
     return wrapper
-
-
-def _first_set(*candidates: tuple[Any, str]) -> tuple[Any, str]:
-    """The first (value, where it came from) whose value is not None."""
-    return next(c for c in candidates if c[0] is not None)
-
-
-def _evaluation_settings(config: Config, policy) -> dict[str, tuple[Any, str]]:
-    """num_steps and eta of the evaluation sampler, each with the setting it came from."""
-    e, s = config.eval, config.sample
-    convention = "the model's convention"
-    return {
-        "num_steps": _first_set(
-            (e.num_steps, "eval.num_steps"),
-            (getattr(policy, "eval_num_steps", None), convention),
-            (s.num_steps, "sample.num_steps"),
-        ),
-        "eta": _first_set(
-            (e.eta, "eval.eta"),
-            (getattr(policy, "eval_eta", None), convention),
-            (s.eta, "sample.eta"),
-        ),
-    }
-
-
-def evaluation_sampler(config: Config, policy) -> loops.SamplerSettings:
-    """The held-out evaluation's sampler (the trainer's, and ``diffloop eval RUN``'s default).
-
-    steps = eval.num_steps, else the policy's ``eval_num_steps``, else sample.num_steps;
-    eta   = eval.eta, else the policy's ``eval_eta``, else sample.eta.
-    A flow-matching family declares Flow-GRPO's evaluation (SD3 40, FLUX 28 steps, noise level 0:
-    the ODE); a DDIM family declares none, so its evaluation samples as training does. Guidance
-    and negative prompt are sample.*'s (Flow-GRPO evaluates with the training guidance)."""
-    settings = _evaluation_settings(config, policy)
-    s = config.sample
-    return loops.SamplerSettings(
-        settings["num_steps"][0], settings["eta"][0], s.guidance_scale, s.negative_prompt
-    )
-
-
-def describe_evaluation_sampler(config: Config, policy) -> str:
-    """The evaluation sampler in words, each value with its source, for the run header."""
-    settings = _evaluation_settings(config, policy)
-    (steps, steps_from), (eta, eta_from) = settings["num_steps"], settings["eta"]
-    kind = "deterministic" if eta == 0 else "stochastic"
-    return (
-        f"{steps} steps ({steps_from}), eta {eta:g}: {kind} ({eta_from}), guidance "
-        f"{config.sample.guidance_scale:g} (sample.guidance_scale)"
-    )
-
-
-def check_evaluation_sampler(policy, sampler: loops.SamplerSettings) -> None:
-    """ConfigError (naming eval.*) unless the policy can sample the evaluation sampler; a policy
-    without ``check_evaluation_sampling`` (DDIM: any steps, eta in [0, 1], validated) needs none."""
-    check = getattr(policy, "check_evaluation_sampling", None)
-    if check is not None:
-        check(sampler.num_steps, sampler.eta)
 
 
 class Trainer:
@@ -255,9 +195,9 @@ class Trainer:
         )
         self.policy.check_sampling(config.sample.num_steps, config.sample.eta)
         check_timestep_window(self.policy, config)
-        self.eval_sampler = evaluation_sampler(config, self.policy)
+        self.eval_sampler = loops.evaluation_sampler(config, self.policy)
         if self.eval_source is not None:
-            check_evaluation_sampler(self.policy, self.eval_sampler)
+            loops.check_evaluation_sampler(self.policy, self.eval_sampler)
         check_kl_form(self.policy, config)
         self.arithmetic = derived_arithmetic(
             config,
@@ -506,7 +446,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, tag: str, step: int = 0) -> dict[str, Any]:
         """Held-out reward on fixed prompts and fixed noise (``loops.eval_seeds``, the rule
-        ``diffloop eval`` uses), sampled with the evaluation sampler (``evaluation_sampler``: the
+        ``diffloop eval`` uses), sampled with the evaluation sampler (``loops.evaluation_sampler``: the
         default of ``diffloop eval RUN`` too), of the EMA weights when train.ema_decay is set;
         writes an image grid ``eval/<tag>.png``."""
         with maybe_applied(self.ema):
@@ -764,7 +704,7 @@ class Trainer:
         if self.eval_source is not None:
             name = evaluation_reward_name(cfg.reward.name, cfg.eval.reward)
             print(f"  held-out evaluation reward:    {name}")
-            sampler = describe_evaluation_sampler(cfg, self.policy)
+            sampler = loops.describe_evaluation_sampler(cfg, self.policy)
             print(f"  held-out evaluation sampler:   {sampler}")
 
     def _print_summary(self) -> None:

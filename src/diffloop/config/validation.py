@@ -114,6 +114,17 @@ def check_run_folders(config: Config) -> None:
         )
 
 
+def check_kl_form_supported(config: Config, flow_matching: bool, model: str) -> None:
+    """train.kl_form=flow_grpo divides by a flow step's std_t, which a DDIM step does not have: refuse
+    it for a model that is not flow-matching (``model`` names it). Called once the family is known:
+    by check-config for a local model, by the trainer for every loaded one."""
+    require(
+        config.train.kl_form != "flow_grpo" or flow_matching,
+        f"train.kl_form=flow_grpo is Flow-GRPO's KL for flow-matching models (SD3, FLUX) and {model} "
+        "is not one; use train.kl_form=gaussian",
+    )
+
+
 def validate(config: Config, num_processes: int = 1) -> None:
     """Check every invariant before any model loads. Raises ConfigError naming the field and fix."""
     from diffloop.algorithms import ALGORITHMS

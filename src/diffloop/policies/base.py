@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from diffloop.config import cfg_evaluations_per_step
+from diffloop.errors import DiffloopError
 
 
 @dataclass
@@ -162,6 +163,10 @@ class DiffusionPolicy(Protocol):
         ...
 
 
+class CheckpointMismatchError(DiffloopError, ValueError):
+    """A checkpoint's trainable tensors are not this model's (names or shapes differ)."""
+
+
 class TrainableDenoiser:
     """The parameter side of a policy, shared by every family: the trainable parameters of the
     denoiser (``getattr(self, self.lora_component)``: the UNet or the transformer), their state,
@@ -190,13 +195,23 @@ class TrainableDenoiser:
         return {n: p.detach().cpu().clone() for n, p in self.named_trainable_parameters().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` into the trainable parameters; CheckpointMismatchError (one line) when
+        its names or shapes are not this model's (another run's checkpoint, other lora.* settings)."""
         params = self.named_trainable_parameters()
         missing, unexpected = set(params) - set(state), set(state) - set(params)
         if missing or unexpected:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"checkpoint does not match the model: {len(missing)} missing and {len(unexpected)} "
                 f"unexpected parameters (e.g. {sorted(missing or unexpected)[:3]}); was it written with "
                 "other lora.* or model.* settings?"
+            )
+        reshaped = [n for n, p in params.items() if state[n].shape != p.shape]
+        if reshaped:
+            name = reshaped[0]
+            raise CheckpointMismatchError(
+                f"checkpoint does not match the model: {len(reshaped)} parameters have other shapes "
+                f"(e.g. {name}: {tuple(state[name].shape)} in the checkpoint, "
+                f"{tuple(params[name].shape)} here); was it written with another lora.rank?"
             )
         with torch.no_grad():
             for name, p in params.items():

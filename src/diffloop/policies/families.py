@@ -46,6 +46,8 @@ class Family:
     """``transformer/config.json``'s ``_class_name``: tells the family without model_index.json."""
     listed_optional: tuple[str, ...] = ()
     """Optional folders that are required when model_index.json lists them (not [null, null])."""
+    flow_matching: bool = False
+    """A flow-matching model (its policy is a ``FlowMatchPolicy``), not a DDIM one."""
 
     def folders(self) -> list[str]:
         """The required component folder names (``components`` without "/" and notes)."""
@@ -69,7 +71,7 @@ FAMILIES: tuple[Family, ...] = (
         optional="optionally text_encoder_3/ + tokenizer_3/ (T5; both as [null, null] in "
         "model_index.json runs without it)",
         repo="stabilityai/stable-diffusion-3.5-medium", transformer_class="SD3Transformer2DModel",
-        listed_optional=("text_encoder_3", "tokenizer_3"),
+        listed_optional=("text_encoder_3", "tokenizer_3"), flow_matching=True,
     ),
     Family(
         "flux", "Flux", "diffloop.policies.flux:load_flux_policy",
@@ -77,7 +79,7 @@ FAMILIES: tuple[Family, ...] = (
         components=("transformer/", "text_encoder/ (CLIP-L)", "text_encoder_2/ (T5-XXL)",
                     "tokenizer/ (CLIP)", "tokenizer_2/ (T5)", "scheduler/", "vae/"),
         repo="black-forest-labs/FLUX.1-dev", repo_note="a gated repository: accept its license "
-        "on the Hub first", transformer_class="FluxTransformer2DModel",
+        "on the Hub first", transformer_class="FluxTransformer2DModel", flow_matching=True,
     ),
     Family(
         "sd", "StableDiffusion", "diffloop.policies.diffusers_policy:load_ddim_policy",
@@ -186,14 +188,15 @@ def _family_without_index(local: Path) -> str:
     return DEFAULT_FAMILY
 
 
-def check_local_model(model: ModelConfig) -> None:
+def check_local_model(model: ModelConfig) -> Family | None:
     """Before anything loads (``diffloop check-config`` and ``train``): a local ``model.pretrained``
-    exists, is of a supported family and holds that family's component folders. A hub id is not
-    looked up (check-config works offline). Raises ConfigError naming the field and the fix."""
+    exists, is of a supported family and holds that family's component folders; returns that family
+    (None for a hub id, which is not looked up: check-config works offline). Raises ConfigError
+    naming the field and the fix."""
     path = resolve_pretrained(model.pretrained)
     local = Path(path)
     if not looks_local(path):
-        return
+        return None
     if not local.is_dir():
         what = "is a file, not a model directory" if local.exists() else "does not exist"
         raise ConfigError(
@@ -217,6 +220,7 @@ def check_local_model(model: ModelConfig) -> None:
             f"'{local}' lacks the component folder(s) {', '.join(missing)}. "
             + how_to_provide(f.name, model.pretrained)
         )
+    return f
 
 
 def load_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any):

@@ -3,7 +3,14 @@
 
 from __future__ import annotations
 
+import torch
+
 from diffloop.errors import DiffloopError
+
+# train.mixed_precision -> the dtype the frozen weights load in (trainables stay fp32). The trainer
+# and every tool that reloads a run (``diffloop eval``, ``diffloop sample``) use it, so they
+# sample the same network.
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ModelLoadError(DiffloopError, RuntimeError):

@@ -17,7 +17,7 @@ evaluation too, whose ``eval.seed`` reproduces here). Base and fine-tuned models
 same initial noise, and the difference between two targets can be measured image by image (paired).
 
 The sampler (steps, eta, guidance, negative prompt): each flag when given, else the first run (or
-checkpoint) target's evaluation sampler (``trainer.evaluation_sampler``: eval.num_steps / eval.eta,
+checkpoint) target's evaluation sampler (``loops.evaluation_sampler``: eval.num_steps / eval.eta,
 null = the model's convention, e.g. SD3 40 and FLUX 28 steps at noise level 0; sample.guidance_scale
 and sample.negative_prompt), so ``diffloop eval RUN`` scores as the run's own evaluation did; with no
 run among the targets, the model's convention, else 50 steps, eta 0, guidance 5.0. The model's
@@ -134,12 +134,10 @@ def first_run_config(targets: list[EvalTarget]):
 
 def default_sampler(run_config: Any, policy: Any) -> loops.SamplerSettings:
     """The sampler when no flag overrides it: the run's evaluation sampler
-    (``trainer.evaluation_sampler``) when a run is among the targets, else the policy's
+    (``loops.evaluation_sampler``) when a run is among the targets, else the policy's
     convention (``eval_num_steps`` / ``eval_eta``), else 50 steps, eta 0, guidance 5.0."""
     if run_config is not None:
-        from diffloop.trainer import evaluation_sampler
-
-        return evaluation_sampler(run_config, policy)
+        return loops.evaluation_sampler(run_config, policy)
     steps = getattr(policy, "eval_num_steps", None)
     eta = getattr(policy, "eval_eta", None)
     return loops.SamplerSettings(

@@ -46,11 +46,13 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
     """(policy, run config, checkpoint) of a run: its config.yaml's model and LoRA, with the given
     checkpoint's weights, or those of the newest checkpoint whose weights verify (an older one when
     the newest is damaged, with a warning: ``checkpoint.load_newest_valid_weights``); its EMA when
-    the run kept one. Only safetensors weights are read: nothing is unpickled. The weights are
+    the run kept one; the frozen weights in the run's train.mixed_precision dtype, as it trained
+    and evaluated. Only safetensors weights are read: nothing is unpickled. The weights are
     checked before the model loads."""
     from diffloop import checkpoint
     from diffloop.config import load_config
     from diffloop.policies.families import load_policy
+    from diffloop.policies.loading import WEIGHT_DTYPES
 
     config = load_config(run_dir / "config.yaml")
     if checkpoint_path is not None:
@@ -61,6 +63,7 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
         config.model,
         config.lora,
         device=device,
+        weight_dtype=WEIGHT_DTYPES[config.train.mixed_precision],
         logprob_reduction=config.train.logprob_reduction,
         sample=config.sample,
     )

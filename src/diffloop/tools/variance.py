@@ -410,10 +410,11 @@ def build_trainer(
     config = load_config(config_path, [*overrides, *algorithm_overrides(base, spec, workdir)])
     trainer = Trainer(config, argv=["diffloop", "variance", spec.label])
     if from_run is not None:
-        path = checkpoint.latest_checkpoint(from_run)
-        if path is None:
+        # the newest checkpoint that verifies (an older one, with train's warning, when it is damaged)
+        found = checkpoint.load_newest_valid(from_run, rank=0)
+        if found is None:
             raise checkpoint.CheckpointError(f"--from-run '{from_run}' has no complete checkpoint")
-        parts = checkpoint.load(path, rank=0)
+        _, parts = found
         trainer.policy.load_trainable_state_dict(parts["trainable"])
         if trainer.stat_tracker is not None and parts["state"].stat_tracker is not None:
             trainer.stat_tracker.load_state_dict(parts["state"].stat_tracker)
