@@ -515,7 +515,7 @@ class DDIMPolicy(TrainableDenoiser):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.lora_config is not None:
-            from diffloop.export import save_lora
+            from diffloop.export.lora_files import save_lora
 
             save_lora(self, path)
             return

@@ -56,7 +56,8 @@ from diffloop.policies.diffusers_policy import (
 logger = logging.getLogger(__name__)
 
 # Attention projections (image and text stream) of a joint transformer block: Flow-GRPO's LoRA
-# targets (scripts/train_sd3.py); the feed-forward projections are added as the issue asks.
+# targets (scripts/train_sd3.py); diffloop adds the feed-forward projections (FLUX's Flow-GRPO run
+# adapts them too).
 ATTENTION_TARGETS = [
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -570,6 +571,6 @@ class FlowMatchPolicy(TrainableDenoiser):
         if self.lora_config is None:
             self.pipeline_class(**self.pipeline_components()).save_pretrained(str(path))
             return
-        from diffloop.export import save_lora
+        from diffloop.export.lora_files import save_lora
 
         save_lora(self, path)
