@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's figures for the default run: `diffloop train` (configs/shapes.yaml) for seeds 0 1 2,
-# the run's own held-out evaluation (scripts/summarize_seeds.py), then the generalisation check of
-# Every run and the base scored on ALL 316 val_pair prompts (seen and unseen combinations)
+# the run's own held-out evaluation (scripts/summarize_seeds.py), then the generalisation check:
+# every run and the base scored on ALL 316 val_pair prompts (seen and unseen combinations)
 # x 1 image (220 of them never in a run's own evaluation) with other noise (eval seed 777, not the runs' eval.seed 12345), with the runs' sampler.
 #
 #   scripts/shapes_default_check.sh [RUNS_DIR]          # default runs/shapes_default_check
