@@ -1,10 +1,9 @@
-"""Optional extras and install hints: matplotlib is the ``[report]`` extra (the report says when it is
-missing instead of failing on an import), and every hub hint names the current ``hf download``."""
+"""Extras and install hints: matplotlib is a dependency (the ``[report]`` extra stays as an alias; a
+broken install gets one line naming the fix), and every hub hint names the current ``hf download``."""
 
 from __future__ import annotations
 
 import ast
-import html
 import json
 import re
 import sys
@@ -20,7 +19,7 @@ from diffloop.tools.report import report_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "diffloop"
-INSTALL_HINT = "pip install 'diffloop[report]'"
+INSTALL_HINT = "pip install 'matplotlib>=3.7'"
 
 
 def synthetic_run(root: Path) -> Path:
@@ -44,12 +43,12 @@ def _names(requirements: list[str]) -> set[str]:
     return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in requirements}
 
 
-def test_matplotlib_is_the_report_extra_and_the_test_extra_keeps_it() -> None:
+def test_matplotlib_is_a_dependency_and_the_report_extra_stays() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    assert "matplotlib" not in _names(project["dependencies"])
-    assert "matplotlib" in _names(extras["report"])
+    assert "matplotlib>=3.7" in project["dependencies"]  # the report's plots out of the box
+    assert "matplotlib" in _names(extras["report"])  # `pip install 'diffloop[report]'` still works
     assert "matplotlib" in _names(extras["test"])  # the suite renders the plots
 
 
@@ -61,23 +60,20 @@ def test_report_with_matplotlib_has_plots(tmp_path: Path, capsys: pytest.Capture
     assert capsys.readouterr().err == ""
 
 
-def test_report_without_matplotlib_is_written_without_plots_and_says_so(
+def test_report_with_a_broken_matplotlib_is_one_line_naming_the_fix(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = synthetic_run(tmp_path)
+    for name in [m for m in sys.modules if m.split(".")[0] == "matplotlib"]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` -> ImportError
     out = tmp_path / "report.html"
-    assert report_main([str(run), "--output", str(out)]) == 0
+    assert report_main([str(run), "--output", str(out)]) == 2
     captured = capsys.readouterr()
     err_lines = captured.err.strip().splitlines()
-    assert len(err_lines) == 1 and err_lines[0].startswith("diffloop report: warning: ")
-    assert INSTALL_HINT in err_lines[0]
-    assert "without plots" in captured.out
-    page = out.read_text()
-    assert "No plots" in page and html.escape(INSTALL_HINT) in page
-    assert "<img" not in page.split("Evaluation images")[0]  # no plot section
-    assert "jpeg_compressibility" in page  # the summary is still there
-    assert not (tmp_path / "report_plots").exists()
+    assert len(err_lines) == 1 and err_lines[0].startswith("diffloop: error: report: matplotlib")
+    assert INSTALL_HINT in err_lines[0] and captured.out == ""
+    assert not out.exists()
 
 
 def _module_level_imports(tree: ast.Module) -> list[str]:

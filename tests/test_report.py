@@ -9,6 +9,7 @@ import base64
 import html
 import io
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -300,3 +301,137 @@ def test_old_and_tensorboard_style_metrics_read_alike(runs, tmp_path) -> None:
     assert expected <= flat_plots and alias_plots == flat_plots
     assert "<code>ratio_max_dev</code>" in alias_page and "ratio_max_dev" not in flat_page
     assert "ratio_max_dev" not in alias_plots
+
+
+# ----------------------------------------------------------------------------- what a newcomer reads
+
+
+def test_labelled_images_breakdown_and_standard_errors(runs, report) -> None:
+    """The real run's eval/<tag>.npz images appear with their prompts and scores, its
+    before_after.png is embedded, the held-out breakdown and mean +- s.e. match metrics.jsonl."""
+    real = runs[0]
+    text = report.read_text()
+    parser = Images()
+    parser.feed(text)
+    images = {img["alt"]: img["src"] for img in parser.imgs}
+    figure = decode_png(images["real_run: before / after"])
+    expected = Image.open(real / "eval" / "before_after.png").convert("RGB")
+    assert np.array_equal(np.asarray(figure), np.asarray(expected))
+    for tag, caption in (("base", "before training (base model)"), ("epoch_0002", "after epoch 2")):
+        data = np.load(real / "eval" / f"{tag}.npz")
+        k = len(data["images"]) // len(data["prompts"])
+        assert k == 2 and len(data["prompts"]) == 2
+        for i, (image, score) in enumerate(zip(data["images"], data["scores"], strict=True)):
+            alt = f"real_run, {caption}, prompt {i // k + 1} image {i % k + 1}: score {score:.3f}"
+            assert np.array_equal(np.asarray(decode_png(images[alt])), image.transpose(1, 2, 0))
+        for prompt in data["prompts"]:
+            assert f"<td class='prompt'>{html.escape(str(prompt))}</td>" in text
+    rows = [json.loads(line) for line in (real / "metrics.jsonl").read_text().splitlines()]
+    base, last = rows[0], rows[-1]
+    assert base["epoch"] == -1 and last["epoch"] == 1
+    for key in ("eval_binding_colour_mean", "eval_binding_shape_mean", "eval_reward_mean"):
+        assert f"{base[key]:.4g} &rarr; {last[key]:.4g}" in text, key
+    assert "colour binding" in text and "shape binding" in text
+    n = 2 * 2  # eval.num_prompts x eval.samples_per_prompt
+    se = base["eval_reward_std"] / (n - 1) ** 0.5  # population std -> standard error
+    assert f"<td>{base['eval_reward_mean']:.4g} &plusmn; {se:.4g}</td>" in text
+    assert "no evaluation images" in text  # the synthetic run has no eval/ folder: said so
+
+
+def rendered_boxes(flags: list[str], page: Path) -> dict:
+    """Page height and, per <img>, its box on the page, whether it is a plot or a labelled
+    evaluation image, and its decoded width: measured by a script in ``page`` after 'load'."""
+    dom = subprocess.run(
+        [*flags, "--window-size=1200,1000", "--dump-dom", page.as_uri()],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    found = re.search(r'<pre id="boxes">(.*?)</pre>', dom, re.DOTALL)
+    assert found, dom[-2000:]
+    return json.loads(html.unescape(found.group(1)))
+
+
+BOX_SCRIPT = """<script>addEventListener('load', () => {
+  const imgs = [...document.images].map(i => { const r = i.getBoundingClientRect();
+    return {alt: i.alt, plot: !!i.closest('.plots'), labelled: !!i.closest('table.labelled'),
+            x: r.left + scrollX, y: r.top + scrollY, w: r.width, h: r.height, nw: i.naturalWidth}; });
+  const out = {height: document.documentElement.scrollHeight, imgs};
+  const pre = document.createElement('pre'); pre.id = 'boxes';
+  pre.textContent = JSON.stringify(out); document.body.appendChild(pre); });</script></body>"""
+
+
+def test_every_plot_and_labelled_image_renders_non_empty(runs, report, tmp_path) -> None:
+    """A full-page screenshot (folded sections opened): each plot's box holds its runs' line
+    colours (the held-out reward also its two standard-error bands), each labelled evaluation
+    image is drawn 96 px square with the npz pixels (3x nearest-neighbour)."""
+    flags = [chromium(), *CHROMIUM_FLAGS, "--hide-scrollbars", "--force-device-scale-factor=1",
+             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    page = tmp_path / "page.html"
+    page.write_text(
+        report.read_text().replace("<details>", "<details open>").replace("</body>", BOX_SCRIPT)
+    )
+    boxes = rendered_boxes(flags, page)
+    shot = tmp_path / "full.png"
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", f"--window-size=1200,{boxes['height']}", page.as_uri()],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    screen = Image.open(shot).convert("RGB")
+    assert screen.size == (1200, boxes["height"])
+
+    def crop(box: dict) -> Image.Image:
+        x, y = round(box["x"]), round(box["y"])
+        return screen.crop((x, y, x + round(box["w"]), y + round(box["h"])))
+
+    plots = {b["alt"]: b for b in boxes["imgs"] if b["plot"]}
+    assert {"reward_mean", "eval_reward_mean", "approx_kl", "clipfrac", "ratio_mean",
+            "kl_to_base"} <= set(plots)  # fmt: skip
+    for key, box in plots.items():
+        assert box["w"] > 300 and box["h"] > 150 and box["nw"] > 0, key
+        area = crop(box)
+        assert has_colour(area, C0) or has_colour(area, C1), f"{key}: no line drawn"
+    for key in ("reward_mean", "eval_reward_mean"):  # both runs on the same axes
+        assert has_colour(crop(plots[key]), C0) and has_colour(crop(plots[key]), C1), key
+    band0, band1 = (210, 228, 240), (255, 229, 207)  # C0 / C1 at alpha 0.2 over white
+    held_out = crop(plots["eval_reward_mean"])
+    assert has_colour(held_out, band0, tol=6, min_pixels=50)
+    assert has_colour(held_out, band1, tol=6, min_pixels=50)
+    labelled = [b for b in boxes["imgs"] if b["labelled"]]
+    assert len(labelled) == 8  # 2 prompts x 2 images x (base, epoch 2)
+    data = np.load(runs[0] / "eval" / "base.npz")
+    for box in labelled:
+        assert (box["w"], box["h"]) == (96, 96) and box["nw"] == 32, box["alt"]
+    first = next(b for b in labelled if b["alt"].startswith("real_run, before training"))
+    drawn = np.asarray(crop(first), dtype=float)
+    expected = data["images"][0].transpose(1, 2, 0).repeat(3, axis=0).repeat(3, axis=1)
+    assert np.abs(drawn - expected).mean() < 3
+
+
+def test_labelled_table_is_capped_and_a_damaged_npz_is_named(runs, tmp_path) -> None:
+    """An .npz holding every evaluation prompt shows its first TABLE_ROWS prompts and says so; an
+    .npz that is not one grid is named on the page, not dropped silently."""
+    from diffloop.tools.report_page import TABLE_ROWS
+
+    run = tmp_path / "many"
+    (run / "eval").mkdir(parents=True)
+    shutil.copy(runs[0] / "config.yaml", run / "config.yaml")
+    p = TABLE_ROWS + 8
+    rng = np.random.default_rng(0)
+    np.savez_compressed(run / "eval" / "base.npz", prompts=np.array([f"prompt {i}" for i in range(p)]),
+                        images=rng.integers(0, 256, (p, 3, 8, 8), dtype=np.uint8),
+                        scores=np.linspace(0, 1, p))  # fmt: skip
+    np.savez_compressed(run / "eval" / "epoch_0003.npz", prompts=np.array(["a", "b"]),
+                        images=np.zeros((3, 3, 8, 8), np.uint8), scores=np.zeros(3))  # fmt: skip
+    out = tmp_path / "r.html"
+    assert report_main([str(run), "--output", str(out)]) == 0
+    text = out.read_text()
+    parser = Images()
+    parser.feed(text)
+    assert len(parser.imgs) == TABLE_ROWS  # one image per prompt, the first TABLE_ROWS prompts
+    assert f"the first {TABLE_ROWS} of {p} prompts" in text
+    assert f"prompt {TABLE_ROWS - 1}</td>" in text and f"prompt {TABLE_ROWS}</td>" not in text
+    assert "epoch_0003.npz not shown" in text and "do not describe one grid" in text

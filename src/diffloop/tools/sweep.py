@@ -571,18 +571,13 @@ def write_plots(
     runs: Sequence[PlannedRun], curves: dict[tuple[str, int], Curve], out_dir: Path, budget: Budget
 ) -> list[Path]:
     """Held-out reward against prompts, reward queries and wall-clock: mean line, +- sem band per run."""
-    try:
-        import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install 'diffloop[report]')")
-        return []
     names = list(dict.fromkeys(r.name for r in runs))
     written = []
     for axis, label, filename in PLOTS:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig = Figure(figsize=(6.4, 4.2))
+        ax = fig.subplots()
         for name in names:
             group = [
                 curves[(r.name, r.seed)]
@@ -611,7 +606,6 @@ def write_plots(
         fig.tight_layout()
         path = out_dir / filename
         fig.savefig(path, dpi=120)
-        plt.close(fig)
         written.append(path)
     return written
 
@@ -749,11 +743,44 @@ def run_parallel(
     return failed
 
 
+COMPARE_EPILOG = """\
+A sweep file:
+
+    base: shapes.yaml                  # a config path, or the name of a packaged config
+    overrides: [eval.every_n_epochs=3] # applied to every run
+    budget: {prompts: 192}             # or {reward_queries: 768}: converted to num_epochs per run
+    seeds: [0, 1, 2]
+    output_dir: runs/shapes_algorithms
+    runs:
+      - {name: loop_k4, overrides: [train.algorithm=loop, sample.samples_per_prompt=4]}
+      - {name: loop, overrides: [train.algorithm=loop], grid: {sample.samples_per_prompt: [2, 4]}}
+
+A run with a grid expands into the cross product of its values (named loop-samples_per_prompt2,
+...). Every (run, seed) is a normal run directory output_dir/<name>/seed_<s>/, trained one after
+another. The sweep resumes as a whole: a finished run is skipped, an unfinished one with a
+checkpoint continues, any other starts fresh.
+
+Budgets are matched explicitly. With prompts: N every run trains on N prompt draws,
+num_epochs = N / sample.prompts_per_epoch (an algorithm with K samples per prompt then spends
+K x N reward queries); with reward_queries: N every run queries the reward N times,
+num_epochs = N / (prompts_per_epoch x samples_per_prompt). A budget that does not divide is an
+error.
+
+The summary (summary.json, summary.md, three plots) compares the held-out reward (fixed prompts
+and noise) of each run name, as mean +- standard error over seeds.
+
+example:
+  diffloop compare shapes_algorithms.yaml --dry-run
+"""
+
+
 def compare_main(argv: list[str]) -> int:
     """``diffloop compare SWEEP.yaml [--dry-run | --summary-only] [--output-dir DIR] [--shard I/N] [k=v ...]``."""
     ap = CommandParser(
         prog="diffloop compare",
-        description=__doc__,
+        description="Train a budget-matched grid of algorithms x settings x seeds, one run directory "
+        "each, and compare\ntheir held-out reward.",
+        epilog=COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
