@@ -89,7 +89,9 @@ def test_the_card_states_base_algorithm_reward_scores_command_and_tags(trained, 
         str(tiny_sd) in text and "train.algorithm=loop" in text and "reward_fns:brightness" in text
     )
     assert f"| base | {before:.4f} |" in text and f"{after:.4f} ({after - before:+.4f})" in text
-    assert "![before (top) and after (bottom) training](before_after.png)" in text
+    # the figure is before (left) | after (right), as eval/before_after.json says
+    assert "![before (left) and after (right) training](before_after.png)" in text
+    assert "(top) and after (bottom)" not in text
     assert "diffloop train model.pretrained=" in text and "lora.alpha=3.0" in text  # run_info argv
     assert "rank 2, alpha 3 (scale 1.5)" in text and "`my_run.safetensors`" in text
     assert card.data.tags == [

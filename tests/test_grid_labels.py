@@ -61,3 +61,29 @@ def test_mismatched_inputs_are_one_clear_error():
         grid([0.1] * 3, [0.2] * 4)
     with pytest.raises(ValueError, match="do not describe the same grid"):
         grid([0.1] * 4, [0.2] * 4, prompts=PROMPTS[:1])
+
+
+def test_labelled_grid_is_readable_with_prompts_and_title():
+    from diffloop.images import labelled_grid
+
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = labelled_grid(images, PROMPTS, per_row=2, title=["model shapes", "20 steps, eta 1.0"])
+    no_text = labelled_grid(images, ["", ""], per_row=2)
+    assert out.shape[0] >= 2 * 128 and out.shape[1] >= 2 * 128 + 100  # 8 px -> 128 px tiles
+    label = out[:, : out.shape[1] - 2 * (128 + 4) - 4]
+    rows = np.nonzero((label < 128).any(axis=(1, 2)))[0]
+    assert rows.min() < 30 and rows.max() > out.shape[0] // 2  # the title, and beside both rows
+    first = rows[: np.argmax(np.diff(np.r_[rows, 10**6]) > 1) + 1]
+    assert first.max() - first.min() + 1 >= 13  # "model shapes": a readable font
+    assert ink(no_text[:, :4]) == 0 and no_text.shape[0] < out.shape[0]
+
+
+def test_long_prompts_wrap_within_the_label_column():
+    from diffloop.images import labelled_grid
+
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    long = " ".join(["a very detailed photograph of a red fox in the snow"] * 6)
+    out = labelled_grid(images, [long], per_row=2)
+    short = labelled_grid(images, ["a fox"], per_row=2)
+    assert out.shape[1] <= 480 + 2 * 4 + 2 * (128 + 4) + 4  # label column <= 480 px + pad
+    assert out.shape[0] > short.shape[0]  # the row grew to hold the wrapped lines

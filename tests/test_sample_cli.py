@@ -89,3 +89,58 @@ def test_bad_flag_fails_before_loading_a_model(run_dir, sample_calls, tmp_path, 
         )
     assert exc.value.code == 2
     assert "--eta=-0.5 must be >= 0" in capsys.readouterr().err and not sample_calls
+
+
+def test_default_output_is_a_new_numbered_directory_under_the_run(run_dir, tmp_path, capsys,
+                                                                  monkeypatch):  # fmt: skip
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)  # nothing may land in the current directory
+    argv = ["sample", str(run_dir), "--prompt", "a cat", "--prompt", "a dog on a bench",
+            "--num-per-prompt", "2"]  # fmt: skip
+    assert main(argv) == 0
+    first = run_dir / "samples" / "0001"
+    assert {p.name for p in first.iterdir()} == {
+        "grid.png",
+        "samples.json",
+        *(f"{i:04d}.png" for i in range(4)),
+    }
+    assert f"to {first.absolute()} (" in capsys.readouterr().out  # the place is printed
+    assert main(argv) == 0  # a second call: a new directory, the first one kept
+    second = run_dir / "samples" / "0002"
+    assert (second / "grid.png").is_file() and (first / "grid.png").is_file()
+    assert str(second.absolute()) in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+    # the grid: a row per prompt, tiny images upscaled to >= 128 px, the prompt beside each row
+    grid = np.asarray(Image.open(first / "grid.png").convert("RGB"))
+    tile = Image.open(first / "0000.png").size[0]
+    assert tile < 128 and grid.shape[0] >= 2 * 128 and grid.shape[1] >= 2 * 128 + 100
+    label = grid[:, : grid.shape[1] - 2 * 132]  # left of the two images of each row
+    text_rows = np.nonzero((label < 128).any(axis=(1, 2)))[0]
+    assert text_rows.min() < 40 and text_rows.max() > grid.shape[0] // 2  # title, and both rows
+
+
+def test_an_output_holding_samples_is_refused_before_loading(run_dir, sample_calls, tmp_path,
+                                                             capsys):  # fmt: skip
+    (tmp_path / "grid.png").write_bytes(b"")
+    argv = ["sample", str(run_dir), "--prompt", "a cat", "--output", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and not sample_calls
+    assert "already holds samples (grid.png)" in capsys.readouterr().err
+
+
+def test_a_base_model_goes_to_a_printed_numbered_directory(tmp_path, monkeypatch):
+    from diffloop.tools.sampling import new_numbered_dir, sample_output
+
+    monkeypatch.chdir(tmp_path)
+    assert sample_output(None, Path("shapes"), is_run=False) == (Path("samples"), True)
+    assert sample_output(None, tmp_path / "run", is_run=True) == (
+        tmp_path / "run" / "samples",
+        True,
+    )
+    assert sample_output(tmp_path / "x", Path("shapes"), is_run=False) == (tmp_path / "x", False)
+    (tmp_path / "samples" / "0007").mkdir(parents=True)
+    assert new_numbered_dir(Path("samples")) == Path("samples") / "0008"
+    assert new_numbered_dir(Path("samples")) == Path("samples") / "0009"

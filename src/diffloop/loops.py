@@ -13,7 +13,7 @@ minibatch, C, H, W latent dims.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,9 @@ from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
 
 # (log_prob (M,), old_log_prob (M,), advantages (M,), clip_range) -> per-element loss (M,)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (batches, number of batches) -> the same batches, e.g. through a progress bar (the callers' tqdm:
+# this module draws nothing itself)
+ProgressFn = Callable[[Iterator[Any], int], Iterable[Any]]
 
 
 def make_generators(device: torch.device, seeds: Sequence[int]) -> list[torch.Generator]:
@@ -305,11 +308,13 @@ def score_fixed_noise(
     *,
     metadata: Sequence[dict] | None = None,
     keep_images: int | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Sample (prompt, seed) pairs and score them with every reward: the evaluation loop.
 
     Returns ({reward name: scores (n,) float32, NaN = invalid}, the first ``keep_images`` (all when
-    None) images (k, 3, H, W) float32 in [0, 1] on the CPU).
+    None) images (k, 3, H, W) float32 in [0, 1] on the CPU). ``progress`` wraps the batches
+    (sampled and scored one by one), given their number: the caller's progress bar.
     """
     from diffloop.rewards import score
 
@@ -317,7 +322,12 @@ def score_fixed_noise(
     keep = len(prompts) if keep_images is None else keep_images
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
     kept: list[torch.Tensor] = []
-    for chunk, traj in sample_batches(policy, prompts, seeds, sampler, batch_size):
+    batches: Iterable[tuple[slice, Trajectories]] = sample_batches(
+        policy, prompts, seeds, sampler, batch_size
+    )
+    if progress is not None:
+        batches = progress(iter(batches), -(-len(prompts) // batch_size))  # ceil: iter_chunks'
+    for chunk, traj in batches:
         for name, reward in rewards.items():
             scores[name].append(
                 score(reward, traj.images, list(prompts[chunk]), metadata[chunk]).scores

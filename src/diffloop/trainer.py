@@ -62,11 +62,18 @@ from diffloop.rewards.registry import (
 )
 from diffloop.rewards.remote import check_servers
 from diffloop.run_dir import RunDirectory, existing_run, remove_run
-from diffloop.summary import summary_lines, write_before_after
+from diffloop.summary import (
+    FIGURE_ROWS,
+    figure_images,
+    save_eval_images,
+    summary_lines,
+    write_before_after,
+    write_stacked_before_after,
+)
 
 logger = logging.getLogger(__name__)
 
-MAX_LABELLED_ROWS = 16  # prompts (rows) the labelled eval/before_after.png shows
+MAX_LABELLED_ROWS = FIGURE_ROWS  # prompts (rows) the labelled eval/before_after.png shows
 
 
 def set_backend_flags(
@@ -472,6 +479,7 @@ class Trainer:
             self.eval_sampler,
             e.batch_size,
             metadata=metadata[local],
+            progress=self._eval_progress(tag, len(fixed), k),
         )
         local_rewards = scores["reward"]
         gathered = not len(prompts) % self.dist.world_size
@@ -482,19 +490,13 @@ class Trainer:
             **breakdown,
             "eval_time_s": time.perf_counter() - t0,
         }
-        if self.dist.is_main and len(images) and (tag == "base" or step == self.config.num_epochs):
-            (Path(self.config.output_dir) / "eval").mkdir(parents=True, exist_ok=True)
-            keep = min(
-                len(images), k * MAX_LABELLED_ROWS
-            )  # the rows the labelled before/after shows
-            np.savez_compressed(
-                Path(self.config.output_dir) / "eval" / f"{tag}.npz",
-                images=(images[:keep].clamp(0, 1) * 255).round().to(torch.uint8).numpy(),
-                scores=all_rewards[:keep].float().numpy(),
-                prompts=np.array(
-                    [self.eval_source.prompts[i] for i in fixed[: keep // k]]
-                ),  # the row labels
-            )
+        if tag == "base" or step == self.config.num_epochs:
+            # every image and score: the figure's rows are chosen once base and final are both known
+            kept = figure_images(images)  # uint8, longest side <= FIGURE_SIDE
+            kept = self.dist.gather(kept) if gathered else kept  # every process, in prompt order
+            if self.dist.is_main and len(kept):
+                save_eval_images(Path(self.config.output_dir) / "eval" / f"{tag}.npz", kept, all_rewards,
+                                 [self.eval_source.prompts[i] for i in fixed])  # fmt: skip
         if self.dist.is_main and len(images):
             from diffloop.images import save_grid
 
@@ -663,11 +665,14 @@ class Trainer:
 
     def export(self) -> None:
         """The LoRA (or model) of ``diffloop.export.export_run``: weights, kohya copy, model card;
-        the EMA weights when train.ema_decay is set."""
+        the EMA weights when train.ema_decay is set. Then prints where it is, which file loads in
+        which tool, and the Python that loads it (``export.export_summary_lines``)."""
         if self.dist.is_main:
             family = detect_family(self.config.model.pretrained, self.config.model.revision)
             with maybe_applied(self.ema):
-                export.export_run(self.policy, self.config, family)
+                directory = export.export_run(self.policy, self.config, family)
+            for line in export.export_summary_lines(self.config, family, directory):
+                print(line)
         self.dist.wait()
 
     def push_to_hub(self) -> None:
@@ -686,9 +691,16 @@ class Trainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def _progress(self, items, desc: str):
+    def _progress(self, items, desc: str, total: int | None = None):
+        """tqdm over ``items`` on stderr (main process, logging.progress_bars), gone when done."""
         enabled = self.config.logging.progress_bars and self.dist.is_main
-        return tqdm(items, desc=desc, leave=False, disable=not enabled)
+        return tqdm(items, desc=desc, total=total, leave=False, disable=not enabled)
+
+    def _eval_progress(self, tag: str, num_prompts: int, k: int) -> loops.ProgressFn:
+        """The evaluation's bar over its batches, saying what is evaluated ("evaluating base: 96
+        prompts x 2 images"): before training it is the first long wait of a run."""
+        what = f"evaluating {tag}: {num_prompts} prompts x {k} image{'s' if k != 1 else ''}"
+        return lambda batches, total: self._progress(batches, what, total=total)
 
     def _print_header(self) -> None:
         if not self.dist.is_main:
@@ -731,16 +743,18 @@ class Trainer:
         eval_dir = Path(self.config.output_dir) / "eval"
         after = eval_dir / f"epoch_{evals[-1]['epoch'] + 1:04d}"
         if (eval_dir / "base.npz").is_file() and after.with_suffix(".npz").is_file():
-            rows = write_before_after(eval_dir / "base.npz", after.with_suffix(".npz"), eval_dir / "before_after.png",
-                                      e.samples_per_prompt, f"after: epoch {evals[-1]['epoch'] + 1}")  # fmt: skip
-            print(f"  {eval_dir / 'before_after.png'}: {rows} of {e.num_prompts} prompts, before | after, "
-                  f"each image's {evaluation_reward_name(self.config.reward.name, self.config.eval.reward)} score under it")  # fmt: skip
+            epochs = evals[-1]["epoch"] + 1
+            reward = evaluation_reward_name(self.config.reward.name, self.config.eval.reward)
+            layout = write_before_after(eval_dir / "base.npz", after.with_suffix(".npz"), eval_dir / "before_after.png",
+                                        e.samples_per_prompt, f"after {epochs} epoch{'s' * (epochs != 1)}",
+                                        MAX_LABELLED_ROWS, reward)  # fmt: skip
+            print(f"  {eval_dir / 'before_after.png'}: before (left) | after (right), each image's {reward} "
+                  "score under it")  # fmt: skip
+            for line in (layout.rows_sentence(), *layout.means_sentences()):
+                print(f"    {line}")
         elif (eval_dir / "base.png").is_file() and after.with_suffix(".png").is_file():
-            from diffloop.images import stack_vertically  # a run resumed from before the .npz files
-
-            stack_vertically(
-                [eval_dir / "base.png", after.with_suffix(".png")], eval_dir / "before_after.png"
-            )
+            write_stacked_before_after(eval_dir / "base.png", after.with_suffix(".png"), eval_dir / "before_after.png",
+                                       e.samples_per_prompt, e.num_prompts, f"after epoch {evals[-1]['epoch'] + 1}")  # fmt: skip
 
     def _print_epoch(self, m: dict[str, Any]) -> None:
         if not self.dist.is_main:

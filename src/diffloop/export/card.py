@@ -15,8 +15,10 @@ from diffloop.export.lora_files import (
     SHARE_FORMATS,
     Adapter,
     adapter_from_file,
+    share_file_name,
 )
 from diffloop.run_dir import read_metrics
+from diffloop.summary import LAYOUT_NAME, FigureLayout
 
 CARD_NAME = "README.md"
 IMAGE_NAME = "before_after.png"
@@ -67,19 +69,16 @@ def card_text(
     kohya_name: str | None,
     has_image: bool,
     adapter: Adapter | None = None,
+    figure: FigureLayout | None = None,
 ) -> str:
     """The model card's markdown body (pure: everything it states is an argument).
     ``kohya_name``: the family's copy for other tools (``SHARE_FORMATS``), None without one;
-    ``adapter``: what the LoRA trained (else the LoRA line gives the config's rank and alpha)."""
+    ``adapter``: what the LoRA trained (else the LoRA line gives the config's rank and alpha);
+    ``figure``: what the embedded image shows (eval/before_after.json), None: not known."""
     lines = _summary_lines(config, family, adapter) + ["", "## Held-out reward", ""]
     lines += _held_out_lines(config, held_out)
     if has_image:
-        lines += [
-            "",
-            f"![before (top) and after (bottom) training]({IMAGE_NAME})",
-            "",
-            "Held-out prompts before (top) and after (bottom) training, same noise.",
-        ]
+        lines += ["", *_figure_lines(config, figure)]
     lines += [
         "",
         "## Use it",
@@ -190,13 +189,31 @@ def _held_out_lines(config: Config, held_out: HeldOut | None) -> list[str]:
     ]  # fmt: skip
 
 
-def _usage_lines(config: Config) -> list[str]:
+def _figure_lines(config: Config, figure: FigureLayout | None) -> list[str]:
+    """The embedded before/after image and what it shows, as its layout file says (a side-by-side
+    figure of chosen rows, or an older run's two whole grids stacked); no layout: no claim."""
+    if figure is None:
+        return [f"![held-out prompts before and after training]({IMAGE_NAME})", "",
+                "Held-out prompts before and after training, same noise."]  # fmt: skip
+    reward = f"`{_evaluation_reward(config)}`"
+    if figure.arrangement == "stacked":
+        return [f"![before (top) and after (bottom) training]({IMAGE_NAME})", "",
+                (f"Every held-out image before training (top: the base model) and {figure.after_heading} "
+                 "(bottom), same prompts and noise.")]  # fmt: skip
+    return [f"![before (left) and after (right) training]({IMAGE_NAME})", "",
+            (f"Held-out prompts before training (left: the base model) and {figure.after_heading} (right), "
+             f"same noise; under each image its {reward} score. {figure.rows_sentence()} "
+             f"{' '.join(figure.means_sentences())}").rstrip()]  # fmt: skip
+
+
+def _usage_lines(config: Config, where: str | None = None) -> list[str]:
     """Python that loads the export: a pipeline + LoRA, a full pipeline, or (the shapes model:
-    pixel space, no pipeline class) its UNet."""
+    pixel space, no pipeline class) its UNet. ``where``: the export's directory (default: the hub
+    repository when uploaded, else a placeholder the card's reader replaces)."""
     base, lora = config.model.pretrained, config.lora.enabled
-    where = (
-        config.hub.model_id if config.hub.push and config.hub.model_id else "path/to/this/directory"
-    )
+    if where is None:
+        pushed = config.hub.push and config.hub.model_id
+        where = config.hub.model_id if pushed else "path/to/this/directory"
     if base == "shapes":
         load = (
             f'unet.load_lora_adapter("{where}", prefix="unet", weight_name="{LORA_WEIGHT_NAME}")'
@@ -210,6 +227,7 @@ def _usage_lines(config: Config) -> list[str]:
             'unet = UNet2DConditionModel.from_pretrained(SHIPPED_WEIGHTS_DIR, subfolder="unet")',
             load,
         ]
+    revision = f', revision="{config.model.revision}"' if config.model.revision else ""
     if not lora:
         return [
             "from diffusers import DiffusionPipeline",
@@ -219,9 +237,35 @@ def _usage_lines(config: Config) -> list[str]:
     return [
         "from diffusers import DiffusionPipeline",
         "",
-        f'pipe = DiffusionPipeline.from_pretrained("{base}")',
+        f'pipe = DiffusionPipeline.from_pretrained("{base}"{revision})',
         f'pipe.load_lora_weights("{where}", weight_name="{LORA_WEIGHT_NAME}")',
     ]
+
+
+def export_summary_lines(config: Config, family: str, directory: Path) -> list[str]:
+    """What the end of a run prints about its export ``directory``: where it is, which file loads
+    in diffusers and which in ComfyUI / AUTOMATIC1111 / kohya (the family's ``SHARE_FORMATS``
+    copy), and the model card's Python (``_usage_lines``) as one line to paste, for this
+    directory."""
+    what = "LoRA" if config.lora.enabled else "model"
+    lines = [f"{what} written to {directory}/ (model card: {directory / CARD_NAME})"]
+    if config.lora.enabled:
+        lines += [
+            f"  {directory / LORA_WEIGHT_NAME}",
+            "      loads in diffusers (the Python line below)",
+        ]
+        copy, fmt = share_file_name(config, family), SHARE_FORMATS.get(family)
+        if copy is not None and fmt is not None and (directory / copy).is_file():
+            lines += [f"  {directory / copy}", f"      loads in {fmt.tools.replace('`', '')}"]
+    python = "; ".join(line for line in _usage_lines(config, directory.as_posix()) if line)
+    lines += ["  in Python:", f"    {python}"]
+    if config.model.pretrained == "shapes":
+        lines.append(
+            "  (the shapes model has no diffusers pipeline class: this loads its UNet, and only "
+            "diffusers and diffloop load the base model)"
+        )
+    lines.append(f'  images: diffloop sample {config.output_dir} --prompt "..."')
+    return lines
 
 
 def _count(n: int, noun: str) -> str:
@@ -250,8 +294,9 @@ def write_model_card(directory: Path, config: Config, family: str, kohya_name: s
         shutil.copyfile(image, directory / IMAGE_NAME)
     held_out = held_out_scores(out / "metrics.jsonl")
     adapter = adapter_from_file(directory / LORA_WEIGHT_NAME) if config.lora.enabled else None
+    figure = FigureLayout.load(out / "eval" / LAYOUT_NAME) if image.is_file() else None
     text = card_text(
-        config, family, held_out, run_command(out), kohya_name, image.is_file(), adapter
+        config, family, held_out, run_command(out), kohya_name, image.is_file(), adapter, figure
     )
     base = config.model.pretrained
     data = ModelCardData(
