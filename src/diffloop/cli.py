@@ -1,19 +1,7 @@
-"""The ``diffloop`` command. ``main(argv) -> int`` is what tests call in-process.
-
-    diffloop train [CONFIG.yaml] [key.sub=value ...]     fine-tune (no CONFIG: the shapes-world default)
-    diffloop check-config [CONFIG.yaml] [key=value ...]  check as train would; print the resolved config
-    diffloop check-config SWEEP.yaml                     check every run of a compare sweep
-    diffloop sample MODEL_OR_RUN --prompt TEXT ...       generate images from a base model or a run
-    diffloop shapes pretrain [...]                       pretrain the shapes-world model
-    diffloop eval TARGET [--compare TARGET ...] ...      held-out rewards + image grids of models or runs
-    diffloop report RUN_DIR [RUN_DIR ...]                self-contained HTML report of one or more runs
-    diffloop compare SWEEP.yaml                          budget-matched algorithm x setting x seed sweep
-    diffloop variance [CONFIG] --algorithms loop,ppo     gradient-estimator variance at fixed parameters
-    diffloop serve-reward NAME [--port P ...]            serve a registry reward over HTTP (JSON + PNG)
-    diffloop bench --shape tiny|sd15|sdxl --device cuda  sampling / training throughput vs the hardware floor
-    diffloop --version                                   print the version
-``diffloop train --help`` lists every config key with its default and meaning.
-Multi-process: ``accelerate launch -m diffloop train CONFIG ...`` (or torchrun).
+"""The ``diffloop`` command: ``main(argv) -> int`` runs one subcommand (the console script calls it,
+the tests call it in-process). ``USAGE`` is ``diffloop --help``: text for users, built without
+importing torch; each subcommand's ``--help`` is its own parser's (plain text, see
+``diffloop.errors.plain_text``), or, for train and check-config, the config key list.
 """
 
 from __future__ import annotations
@@ -27,9 +15,47 @@ import threading
 from collections.abc import Iterator
 
 from diffloop.config import Config, split_config_args
-from diffloop.errors import DiffloopError, did_you_mean
+from diffloop.errors import DiffloopError, did_you_mean, plain_text
 
 HELP = ("-h", "--help")
+
+# One line per command, in the order `diffloop --help` lists them (COMMANDS below runs them).
+COMMAND_SUMMARIES = {
+    "train": "fine-tune a model with RL (no CONFIG: the shapes-world default)",
+    "check-config": "check a config or a compare sweep as train would; print it resolved",
+    "sample": "generate images from a base model or from a training run",
+    "eval": "score models, runs or checkpoints on prompts with fixed noise; image grids",
+    "report": "write one self-contained HTML page about one or more runs",
+    "compare": "train a budget-matched sweep of algorithms x settings x seeds and compare them",
+    "variance": "measure the gradient variance of each algorithm's estimator",
+    "bench": "measure sampling and training throughput against the hardware's floor",
+    "serve-reward": "serve a reward over HTTP, for training on another machine",
+    "shapes": "pretrain the shapes-world model (diffloop shapes pretrain)",
+}
+USAGE = "\n".join(
+    [
+        "usage: diffloop COMMAND [ARGS ...]",
+        "       diffloop train [CONFIG.yaml] [key.sub=value ...]",
+        "       diffloop COMMAND --help",
+        "       diffloop --version",
+        "",
+        *textwrap.wrap(
+            "diffloop fine-tunes text-to-image diffusion models (Stable Diffusion 1.x / 2.x, SDXL, "
+            "SD3, FLUX.1) with reinforcement learning against a reward: it samples images, scores "
+            "them and updates a LoRA (or the whole model) with LOOP, PPO, GRPO or REINFORCE. With "
+            "no config, `diffloop train` fine-tunes a small shapes-world model shipped with "
+            "diffloop to draw the colours and shapes its prompts ask for, in minutes on a CPU.",
+            width=96,
+        ),
+        "",
+        "commands:",
+        *(f"  {name:<14}{line}" for name, line in COMMAND_SUMMARIES.items()),
+        "",
+        "`diffloop COMMAND --help` describes a command's arguments; `diffloop train --help` lists",
+        "every config key with its default and meaning. Several processes or GPUs:",
+        "`accelerate launch -m diffloop train CONFIG.yaml` (or torchrun).",
+    ]
+)
 INTERRUPTED = 130  # exit status of `diffloop train` stopped by Ctrl-C or SIGTERM (128 + SIGINT)
 
 
@@ -50,17 +76,27 @@ def config_help(command: str, summary: str) -> str:
     (from the config dataclasses' attribute docstrings; imports nothing heavy)."""
     from diffloop.config import field_docs
 
-    lines = [f"usage: diffloop {command} [CONFIG.yaml] [key.sub=value ...]", "", summary, "",
-             "config keys (key = default):"]  # fmt: skip
+    lines = [f"usage: diffloop {command} [CONFIG.yaml] [key.sub=value ...]", "",
+             *textwrap.wrap(summary, width=96), "", "config keys (key = default):"]  # fmt: skip
     for key, default, allowed, doc in field_docs():
         lines.append(f"  {key} = {default}" + (f"   ({allowed})" if allowed else ""))
-        lines += textwrap.wrap(doc, width=96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        lines += textwrap.wrap(
+            plain_text(doc), width=96, initial_indent=" " * 6, subsequent_indent=" " * 6
+        )
     return "\n".join(lines)
 
 
 _LAYERS = (
     "Values: defaults < CONFIG.yaml < key.sub=value overrides (values are YAML). With no CONFIG the "
     "packaged shapes.yaml is used; a bare file name is also looked up among the shipped configs."
+)
+
+
+_RUN_DIRECTORY = (
+    "output_dir receives the resolved config, metrics.jsonl, checkpoints and evaluation grids and, "
+    "at the end, the LoRA (output_dir/lora/, or output_dir/model/ with lora.enabled=false) with a "
+    "model card; the last lines printed say which file loads where. Ctrl-C keeps the last "
+    "checkpoint: resume=true continues the run."
 )
 
 
@@ -101,7 +137,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def cmd_train(args: list[str]) -> int:
     if any(a in HELP for a in args):
-        print(config_help("train", "Fine-tune a diffusion model with RL. " + _LAYERS))
+        summary = "Fine-tune a text-to-image diffusion model with RL. " + _LAYERS
+        print(config_help("train", f"{summary} {_RUN_DIRECTORY}"))
         return 0
     from diffloop import run_lock
     from diffloop.config import check_output_dir
@@ -193,10 +230,21 @@ def cmd_sample(argv: list[str]) -> int:
     return sample_main(argv)
 
 
+SHAPES_HELP = """\
+usage: diffloop shapes pretrain [ARGS ...]
+
+The shapes world: 32x32 scenes of coloured shapes, described by prompts such as "a red
+circle and a striped blue square". Its small text-to-image model ships with diffloop
+(model.pretrained=shapes, the default of diffloop train) and trains on a CPU.
+
+commands:
+  pretrain      pretrain the shapes-world model from scratch (diffloop shapes pretrain --help)"""
+
+
 def cmd_shapes(argv: list[str]) -> int:
     usage = "usage: diffloop shapes pretrain [--help]   (pretrain the shapes-world model)"
     if argv and argv[0] in HELP:
-        print(usage)
+        print(SHAPES_HELP)
         return 0
     if not argv or argv[0] != "pretrain":
         got = f"unknown shapes command '{argv[0]}'" if argv else "missing shapes command"
@@ -262,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not argv or argv[0] in HELP:
-        print(__doc__.strip())
+        print(USAGE)
         return 0 if argv else 2
     if argv[0] == "--version":
         from diffloop import __version__

@@ -427,7 +427,7 @@ class LoggingConfig:
     """{tracker name: {keyword: value}} laid over the arguments diffloop starts that tracker with
     (accelerate's ``init_kwargs``), e.g. ``logging.tracker_kwargs.wandb.mode=offline``."""
     progress_bars: bool = True
-    """Show tqdm progress bars for sampling and training."""
+    """Show tqdm progress bars (stderr) for sampling, training and each held-out evaluation."""
 
 
 @dataclass

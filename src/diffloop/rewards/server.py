@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffloop serve-reward",
         description="Serve a reward over HTTP (POST /score, GET /health, GET /schema); use it in "
         "training with reward.name=remote reward.kwargs.url=http://HOST:PORT",
+        epilog='POST /score takes {"images": [base64 PNG, ...], "prompts": [...], "metadata": '
+        '[{...}, ...]} and answers {"scores": [...]}, one per image; GET /schema gives the '
+        "protocol as JSON Schema. The server binds 127.0.0.1 unless --host says otherwise; over "
+        "plain http a token is readable on the network: beyond a trusted network, put an https "
+        "proxy in front.",
     )
     parser.add_argument("name", help="registry reward name or package.module:attr")
     parser.add_argument("--kwargs", default="{}", help="reward constructor kwargs as a JSON object")

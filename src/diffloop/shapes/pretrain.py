@@ -54,7 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments of ``diffloop shapes pretrain``."""
     p = CommandParser(
         prog="diffloop shapes pretrain",
-        description="Pretrain the shapes-world text-to-image diffusion model on rendered scenes.",
+        description="Pretrain the shapes-world text-to-image diffusion model on rendered scenes "
+        "(the model diffloop ships is one such run): the UNet and its text encoder are trained "
+        "jointly from scratch on the denoising objective, with the empty caption now and then "
+        "(--cond-dropout) so that classifier-free guidance works.",
+        epilog="Writes to --output: config.json (the resolved arguments), train_log.jsonl, "
+        "eval.jsonl (binding scores on the evaluation splits), eval_step_N.png grids, step_N/ "
+        "snapshots and final/ (the weights at the last step, in diffusers' layout).",
     )
     p.add_argument("--output", required=True, help="run directory (snapshots, logs, evals)")
     p.add_argument("--steps", type=int, default=20000, help="optimiser steps (upper bound)")
@@ -64,9 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="also stop after this much wall-clock training time (a final snapshot is saved)",
     )
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--batch-size", type=int, default=128, help="scenes per step (default: %(default)s)"
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument(
+        "--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)"
+    )
     p.add_argument("--warmup-steps", type=int, default=200, help="linear warmup from 0 to --lr")
     p.add_argument(
         "--schedule",
@@ -96,7 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.999,
         help="EMA of UNet and text-encoder weights used for evals and snapshots (0 = off)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the data, the weights and the evaluations"
+    )
     p.add_argument(
         "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."
     )
@@ -127,28 +139,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=64,
         help="prompts per eval split (a fixed, seeded subset; 0 = all)",
     )
-    p.add_argument("--eval-images-per-prompt", type=int, default=1)
+    p.add_argument(
+        "--eval-images-per-prompt",
+        type=int,
+        default=1,
+        help="images per evaluation prompt (default: %(default)s)",
+    )
     # Eval sampler defaults = the RL sampler of configs/shapes.yaml: the base model's binding is
     # measured where RL starts from.
     p.add_argument("--eval-steps", type=int, default=10, help="DDIM steps of the eval sampler")
     p.add_argument("--eval-guidance", type=float, default=3.0, help="CFG scale of the eval sampler")
     p.add_argument("--eval-eta", type=float, default=1.0, help="DDIM eta of the eval sampler")
-    p.add_argument("--eval-batch-size", type=int, default=256)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=256,
+        help="images sampled at once in evaluations (default: %(default)s)",
+    )
+    p.add_argument("--log-every", type=int, default=50, help="write train_log.jsonl every N steps")
     p.add_argument("--init-from", default=None, help="continue from a saved model directory")
     # Architecture (ignored with --init-from).
     p.add_argument(
         "--image-size", type=int, default=world.IMAGE_SIZE, help="render and model resolution"
     )
     p.add_argument("--channels", default="16,32,32", help="UNet block_out_channels")
-    p.add_argument("--layers-per-block", type=int, default=1)
+    p.add_argument(
+        "--layers-per-block",
+        type=int,
+        default=1,
+        help="UNet layers per block (default: %(default)s)",
+    )
     p.add_argument("--text-hidden", type=int, default=64, help="text width = cross_attention_dim")
-    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument(
+        "--text-layers", type=int, default=2, help="text-encoder layers (default: %(default)s)"
+    )
     p.add_argument(
         "--prediction-type",
         choices=["epsilon", "v_prediction"],
         default="epsilon",
-        help="v_prediction learns faster on a CPU budget (see ShapesModelConfig)",
+        help="what the UNet predicts: epsilon (the noise) or v_prediction, which learns faster on a "
+        "CPU budget (default: %(default)s)",
     )
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1:

@@ -231,11 +231,13 @@ def generate_and_score(
     negative_prompt: str,
     batch_size: int,
     keep_prompts: int,
+    progress: loops.ProgressFn | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Sample P*K images in batches and score them with every reward.
 
     Returns ({reward: scores (P, K) float32, NaN = invalid}, images (min(P, keep_prompts) K, 3,
     H, W) uint8 of the first ``keep_prompts`` prompts for the grids; the rest are not kept).
+    ``progress`` wraps the batches (``loops.score_fixed_noise``).
     """
     p, k = len(prompts), images_per_prompt
     flat = [prompt for prompt in prompts for _ in range(k)]  # (P*K,) prompt-major
@@ -250,6 +252,7 @@ def generate_and_score(
         batch_size,
         metadata=metadata,
         keep_images=keep_prompts * k,
+        progress=progress,
     )
     images = (kept.clamp(0, 1) * 255).round().to(torch.uint8)
     return {name: v.view(p, k) for name, v in scores.items()}, images
@@ -366,6 +369,7 @@ def evaluate_model(
     device: str | torch.device = "cpu",
     output_dir: str | Path | None = None,
     grid_prompts: int = 8,
+    progress_bars: bool = True,
 ) -> dict[str, Any]:
     """Evaluate each target on the same prompts and noise; returns (and writes) the eval.json dict.
 
@@ -373,6 +377,7 @@ def evaluate_model(
     checkpoint) target's evaluation sampler, wherever it is among the targets (``default_sampler``;
     module doc): every target uses the same values (printed by the CLI).
     ``reward_kwargs``: reward name -> kwargs. With ``output_dir`` writes eval.json and the grids.
+    ``progress_bars``: a progress bar on stderr per target, naming it.
     """
     specs = [targets] if isinstance(targets, str) else list(targets)
     if not specs:
@@ -427,6 +432,9 @@ def evaluate_model(
             negative_prompt=settings["negative_prompt"],
             batch_size=batch_size,
             keep_prompts=grid_prompts,
+            progress=_target_progress(target.label, len(prompt_list), images_per_prompt)
+            if progress_bars
+            else None,
         )
         del policy  # one model in memory at a time
         entry: dict[str, Any] = {
@@ -462,6 +470,15 @@ def evaluate_model(
             result["compare_grid"] = "compare.png"
         _write_json(out_dir / "eval.json", result)
     return result
+
+
+def _target_progress(label: str, num_prompts: int, k: int) -> loops.ProgressFn:
+    """A target's bar over its batches on stderr ("evaluating base: 8 prompts x 4 images"), gone
+    when done."""
+    from tqdm.auto import tqdm
+
+    what = f"evaluating {label}: {num_prompts} prompts x {k} image{'s' if k != 1 else ''}"
+    return lambda batches, total: tqdm(batches, desc=what, total=total, leave=False)
 
 
 def _write_json(path: Path, result: Mapping[str, Any]) -> None:
@@ -517,10 +534,32 @@ def _parse_reward_kwargs(text: str | None, rewards: list[str]) -> dict[str, dict
     return value
 
 
+EVAL_EPILOG = """\
+A TARGET is a training run directory (its newest checkpoint whose weights verify; an older one,
+with a warning, when the newest is damaged), one checkpoint directory of a run
+(RUN/checkpoints/epoch_000012), or a model (a diffusers directory, a hub id, or 'shapes'). Only a
+checkpoint's safetensors weights are read: no pickled file of it is opened.
+
+The sampler (steps, eta, guidance, negative prompt): each flag when given, else the first run
+target's evaluation sampler (so `diffloop eval RUN` scores as the run's own evaluation did), else
+the model's convention, else 50 steps, eta 0, guidance 5.0. Image j of prompt i starts from the
+same noise for every target, the rule of the trainer's own evaluation (eval.seed = --seed).
+
+Writes to --output: eval.json (per reward: mean, std, sem over images and over prompts, the
+per-prompt scores, and the paired difference to the first target; rewritten after each target),
+grid_<label>.png per target and, with several targets, compare.png.
+
+example:
+  diffloop eval runs/shapes_loop --compare shapes --prompts shapes/val_pair --reward shapes_binding
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = CommandParser(
         prog="diffloop eval",
-        description=__doc__.split("\n\n")[0],
+        description="Score base models, LoRA runs and checkpoints on prompts with one or more\n"
+        "rewards, every target from the same fixed noise, so that two targets compare image by image.",
+        epilog=EVAL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("target", help="a run directory, a checkpoint directory of a run, or a model")
@@ -531,7 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts", required=True, help="prompt source name (e.g. shapes/val_pair) or text file"
     )
     ap.add_argument("--num-prompts", type=int, default=None, help="first N prompts (default: all)")
-    ap.add_argument("--images-per-prompt", type=int, default=4)
+    ap.add_argument(
+        "--images-per-prompt", type=int, default=4, help="images per prompt (default: %(default)s)"
+    )
     ap.add_argument("--reward", action="append", required=True, help="repeat for several rewards")
     ap.add_argument(
         "--reward-kwargs",
@@ -546,9 +587,16 @@ def build_parser() -> argparse.ArgumentParser:
         "convention, else 50)",
     )
     ap.add_argument(
-        "--guidance-scale", type=float, default=None, help="(default: the first run's, else 5.0)"
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the first run's, else 5.0)",
     )
-    ap.add_argument("--negative-prompt", default=None)
+    ap.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="negative prompt (default: the first run's, else '')",
+    )
     ap.add_argument(
         "--eta",
         type=float,
@@ -556,10 +604,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="DDIM eta or flow noise level in [0, 1], 0 deterministic (default: the first run's "
         "evaluation sampler, else the model's convention, else 0)",
     )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output", type=Path, default=Path("eval"))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the fixed noise (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--output",
+        type=Path,
+        default=Path("eval"),
+        help="directory for eval.json and the grids (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device: cpu, cuda, cuda:N, ... (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--batch-size", type=int, default=16, help="images sampled at once (default: %(default)s)"
+    )
     ap.add_argument("--grid-prompts", type=int, default=8, help="prompts (rows) shown in the grids")
     return ap
 

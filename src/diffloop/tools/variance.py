@@ -511,23 +511,55 @@ def variance_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+VARIANCE_DESCRIPTION = """\
+Measure the variance of each algorithm's policy-gradient estimator at fixed parameters: M
+independent estimates per algorithm, each from its own sampling scheme, advantages and loss at the
+on-policy point (the parameters are never updated)."""
+
+VARIANCE_EPILOG = """\
+Each estimate samples a batch under the algorithm's scheme (B prompts, K samples each; K from
+NAME@K or the config), scores it and takes the gradient of the algorithm's loss (ratio exactly 1)
+over every trained (trajectory, timestep) pair. From M estimates g_1 .. g_M of D parameters:
+
+    trace(cov)   tr S = sum_d 1/(M-1) sum_m (g_md - mean_d)^2
+    ||E g||^2    ||mean||^2 - tr S / M                              (unbiased)
+    SNR          ||mean||^2 / tr S, and the unbiased (||mean||^2 - tr S / M) / tr S
+    per query    variance_per_query = tr S x q, snr_per_query = SNR / q (q = B K reward queries)
+
+variance_per_query compares estimators with different K at equal reward queries (lower is
+better), snr_per_query likewise (higher is better). reinforce_loo and loop estimate the same
+gradient, reinforce a multiple of it, so their variances compare directly; grpo and ppo divide
+advantages by a standard deviation, which rescales the gradient: compare them by SNR, which is
+scale-free. A KL penalty (train.kl_coef) is not part of the estimate.
+
+example:
+  diffloop variance --algorithms loop@4,ppo@1,reinforce@1 --estimates 32 --output variance.json
+"""
+
+
 def variance_main(argv: list[str]) -> int:
     """``diffloop variance [CONFIG] [k=v ...] --algorithms A@K,... --estimates M --output FILE.json``."""
     from diffloop.config import split_config_args
 
     ap = CommandParser(
         prog="diffloop variance",
-        description=__doc__,
+        description=VARIANCE_DESCRIPTION,
+        epilog=VARIANCE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
         "args", nargs="*", help="[CONFIG.yaml] [key.sub=value ...] (default: the shapes config)"
     )
     ap.add_argument(
-        "--algorithms", default=DEFAULT_ALGORITHMS, help="comma-separated NAME or NAME@K"
+        "--algorithms",
+        default=DEFAULT_ALGORITHMS,
+        help="comma-separated NAME or NAME@K (default: %(default)s)",
     )
     ap.add_argument(
-        "--estimates", type=int, default=32, help="M independent estimates per algorithm (>= 2)"
+        "--estimates",
+        type=int,
+        default=32,
+        help="M independent estimates per algorithm, >= 2 (default: %(default)s)",
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of the estimates' prompts and noise")
     ap.add_argument(
@@ -540,7 +572,12 @@ def variance_main(argv: list[str]) -> int:
     ap.add_argument(
         "--ppo-warmup-batches", type=int, default=0, help="extra batches fed to ppo's tracker first"
     )
-    ap.add_argument("--output", type=Path, default=Path("variance.json"))
+    ap.add_argument(
+        "--output",
+        type=Path,
+        default=Path("variance.json"),
+        help="the JSON file of the results (default: %(default)s)",
+    )
     args = ap.parse_intermixed_args(argv)
     if args.estimates < 2:
         raise ConfigError(f"--estimates={args.estimates} must be >= 2")

@@ -25,22 +25,57 @@ from diffloop.tools.bench.policy_bench import bench_sd
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = CommandParser(prog="diffloop bench", description=__doc__.split("\n")[0])
-    p.add_argument("--shape", choices=SHAPES, default="tiny")
-    p.add_argument("--device", default=None, help="cuda if available, else cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--sample-batch", type=int, default=None)
-    p.add_argument("--train-batch", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps T")
-    p.add_argument("--guidance-scale", type=float, default=None, help="5 (shapes: shapes.yaml's)")
+    p = CommandParser(
+        prog="diffloop bench",
+        description="Measure sampling, training and end-to-end throughput on models with random "
+        "weights and a real model's shapes (nothing is downloaded), with the code training "
+        "uses, and compare it with the hardware's floor (the speed of one large matmul). Reports "
+        "medians over --repeats after --warmup untimed runs, and peak memory.",
+    )
+    p.add_argument(
+        "--shape",
+        choices=SHAPES,
+        default="tiny",
+        help="the model's shapes: sd15, sdxl, sd35, flux (real sizes), shapes (the shapes-world "
+        "model), or a tiny test model (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="compute dtype (default: bf16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--sample-batch", type=int, default=None, help="images sampled at once (default: per shape)"
+    )
+    p.add_argument(
+        "--train-batch",
+        type=int,
+        default=None,
+        help="samples per gradient pass (default: per shape)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="sampler steps T (default: per shape)")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: 5; shapes: shapes.yaml's)",
+    )
     p.add_argument(
         "--threads",
         default=None,
         help="torch CPU thread counts to run the whole bench at, one after another, each with its own "
         "matmul floor: comma-separated (1,2,4) or 'all' (1 .. the available cores); default: as set",
     )
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed runs of each item (default: per shape)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed runs first (default: per shape)"
+    )
     p.add_argument(
         "--matmul-n", type=int, default=None, help="side of the square matmul for the floor"
     )
