@@ -7,7 +7,7 @@
 #
 #   scripts/shapes_long_check.sh [RUNS_DIR]          # default runs/shapes_long_check
 #
-# Cost on this project's 2-core CPU: about half an hour per seed, then the broad check.
+# Cost: each run trains five times the default's 12 epochs; then the broad check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
