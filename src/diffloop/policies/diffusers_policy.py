@@ -22,8 +22,8 @@ import torch
 from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SampleConfig
 from diffloop.core import ddim_step_mean_std, ddim_step_with_logprob
 from diffloop.policies.base import TrainableDenoiser, Trajectories, iter_chunks
-from diffloop.policies.families import how_to_provide
-from diffloop.policies.loading import ModelLoadError, resolve_pretrained
+from diffloop.policies.families import how_to_provide, model_path
+from diffloop.policies.loading import ModelLoadError, resolve_pretrained  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
 
     from diffloop.policies.schedulers import to_ddim
 
-    path = resolve_pretrained(model.pretrained)
+    path = model_path(model)  # a hub id: its cached snapshot, or the id once the hub answered
     local = Path(path)
     looks_local = local.is_absolute() or path.startswith(".") or local.exists()
     if looks_local and not local.is_dir():

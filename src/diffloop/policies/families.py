@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from diffloop.config import ConfigError, LoraConfig, ModelConfig
-from diffloop.policies.loading import ModelLoadError, resolve_pretrained
+from diffloop.policies.loading import (
+    ModelLoadError,
+    locate_model,
+    looks_local,
+    resolve_pretrained,
+)
 
 
 @dataclass(frozen=True)
@@ -117,15 +122,11 @@ def how_to_provide(family_name: str, pretrained: str) -> str:
     )
 
 
-def looks_local(path: str) -> bool:
-    """A path rather than a hub id."""
-    return Path(path).is_absolute() or path.startswith(".") or Path(path).exists()
-
-
 def model_index(pretrained: str, revision: str | None = None) -> dict[str, Any] | None:
     """model_index.json of a local directory or hub id; None for a local path without one (the
-    family's loader then names what is missing)."""
-    path = resolve_pretrained(pretrained)
+    family's loader then names what is missing). A hub id is read from the cache, else from the
+    hub once it answered (``loading.locate_model``: an unreachable hub is a one-line error)."""
+    path = locate_model(pretrained, revision)
     if looks_local(path):
         index = Path(path) / "model_index.json"
         if not index.is_file():
@@ -210,17 +211,50 @@ def check_local_model(model: ModelConfig) -> Family | None:
         index = model_index(model.pretrained, model.revision) or {}
     except ModelLoadError as e:
         raise ConfigError(str(e)) from None
-    # model.sdxl.vae replaces SDXL's vae/ (the loader reads that one instead).
-    required = [c for c in f.folders() if not (f.name == "sdxl" and c == "vae" and model.sdxl.vae)]
-    # SD3's T5 is optional, but required when model_index.json lists it (the loader loads it then).
-    required += [c for c in f.listed_optional if (index.get(c) or [None])[0] is not None]
-    missing = [c + "/" for c in required if not (local / c).is_dir()]
+    missing = [c + "/" for c in required_folders(f, index, model) if not (local / c).is_dir()]
     if missing:
         raise ConfigError(
             f"'{local}' lacks the component folder(s) {', '.join(missing)}. "
             + how_to_provide(f.name, model.pretrained)
         )
     return f
+
+
+def required_folders(
+    f: Family, index: dict[str, Any], model: ModelConfig, listed: tuple[str, ...] = ()
+) -> list[str]:
+    """The component folders the family's loader reads for ``model``: the family's own, the
+    optional ones model_index.json lists (SD3's T5, and ``listed``), less SDXL's vae/ when
+    model.sdxl.vae replaces it."""
+    optional = [*f.listed_optional, *listed]
+    required = [*f.folders(), *(c for c in optional if (index.get(c) or [None])[0] is not None)]
+    return [
+        c
+        for c in dict.fromkeys(required)
+        if not (f.name == "sdxl" and c == "vae" and model.sdxl.vae)
+    ]
+
+
+def _missing_in_cache(snapshot: Path, model: ModelConfig) -> list[str]:
+    """The folders a cached snapshot of ``model.pretrained`` lacks among those its loader reads (a
+    listed vae/ too: SD's loader reads a directory without one as pixel space)."""
+    index = model_index(str(snapshot)) or {}
+    f = family(detect_family(str(snapshot)))
+    return [
+        c + "/" for c in required_folders(f, index, model, ("vae",)) if not (snapshot / c).is_dir()
+    ]
+
+
+def model_path(model: ModelConfig) -> str:
+    """Where the loaders read ``model.pretrained`` (at model.revision): a local directory as
+    given, a hub id's cached snapshot when it holds every folder the loader reads (the hub is not
+    asked), else the hub id once the hub answered; an offline or unreachable hub, or its refusal,
+    is a one-line HubUnavailableError (``loading.locate_model``)."""
+    return locate_model(
+        model.pretrained,
+        model.revision,
+        missing=lambda snapshot: _missing_in_cache(snapshot, model),
+    )
 
 
 def load_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any):

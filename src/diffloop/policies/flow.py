@@ -50,7 +50,6 @@ from diffloop.policies.diffusers_policy import (
     ModelLoadError,
     cast_frozen,
     cat_branches,
-    resolve_pretrained,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,9 +75,9 @@ def load_components(
     A local directory must have a folder for every component except those in ``optional`` that its
     model_index.json lists as [null, null] or omits (those come back None). Raises ModelLoadError
     naming the missing or broken component, and ``how_to_provide``."""
-    from diffloop.policies.families import looks_local, model_index
+    from diffloop.policies.families import looks_local, model_index, model_path
 
-    path = resolve_pretrained(model.pretrained)
+    path = model_path(model)  # a hub id: its cached snapshot, or the id once the hub answered
     local = Path(path)
     if looks_local(path) and not local.is_dir():
         raise ModelLoadError(f"no directory at '{path}'. {how_to_provide}")

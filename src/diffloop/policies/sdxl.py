@@ -41,9 +41,9 @@ from diffloop.policies.diffusers_policy import (
     DDIMPolicy,
     ModelLoadError,
     cast_frozen,
-    resolve_pretrained,
 )
-from diffloop.policies.families import how_to_provide, looks_local, model_index
+from diffloop.policies.families import how_to_provide, looks_local, model_index, model_path
+from diffloop.policies.loading import HubUnavailableError, locate_model
 from diffloop.policies.schedulers import to_ddim
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,10 @@ def _load_vae(model: ModelConfig, path: str):
         return AutoencoderKL.from_pretrained(
             path, subfolder="vae", variant=model.variant, revision=model.revision
         )
+    # A hub id: its cached snapshot, or the id once the hub answered (one line if it cannot).
+    override = locate_model(
+        override, filename="config.json", field="model.sdxl.vae", what="a diffusers VAE"
+    )
     subfolder = "vae" if (Path(override) / "vae").is_dir() else None
     return AutoencoderKL.from_pretrained(override, subfolder=subfolder)
 
@@ -90,7 +94,7 @@ def load_sdxl_components(model: ModelConfig) -> dict[str, Any]:
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    path = resolve_pretrained(model.pretrained)
+    path = model_path(model)  # a hub id: its cached snapshot, or the id once the hub answered
     local = Path(path)
     if looks_local(path) and not local.is_dir():
         raise ModelLoadError(f"no directory at '{path}'. " + _how_to_provide(model.pretrained))
@@ -139,6 +143,8 @@ def load_sdxl_components(model: ModelConfig) -> dict[str, Any]:
         )
         try:
             components[name] = load()
+        except HubUnavailableError:  # model.sdxl.vae's hub id: already one line with the fix
+            raise
         except Exception as e:  # every loader failure gets the same how-to
             raise ModelLoadError(
                 f"could not load the {name} of model.pretrained='{model.pretrained}' "

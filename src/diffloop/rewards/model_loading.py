@@ -2,10 +2,12 @@
 
 Weights are named by a Hugging Face hub id or a local path, loaded exactly as each model's own
 library expects (``from_pretrained`` for transformers models, ``torch.load`` / safetensors for raw
-checkpoints). Nothing is downloaded behind the user's back beyond what ``from_pretrained`` /
-``hf_hub_download`` do themselves, and a weight that cannot be found raises
-:class:`MissingWeightsError` saying what was looked for and how to provide it -- never a silent
-fallback to random weights.
+checkpoints). A hub id is looked up as the policy's model is (``policies.loading``): in the hub
+cache, its snapshot is read from disk without asking the hub; else one quick request tells whether
+the hub has it (then ``from_pretrained`` / ``hf_hub_download`` download it) or why not (offline
+mode, an unreachable hub, a gated or missing repository), in one line, without huggingface_hub's
+retries. A weight that cannot be found raises :class:`MissingWeightsError` saying what was looked
+for and how to provide it -- never a silent fallback to random weights.
 
 A model reward (:class:`ModelReward`) loads its networks on the CPU at construction (so a missing
 weight fails before training starts), casts them to ``dtype``, and moves them to the images' device
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from diffloop.errors import DiffloopError
+from diffloop.policies.loading import HubProblem, ask_hub, cached_snapshot
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -58,22 +61,32 @@ def _hub_help(
     what: str,
     exc: BaseException | None,
     download: str | None = None,
+    problem: HubProblem | None = None,
+    partial: bool = False,
 ) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    cause = f" ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})" if exc else ""
-    offline_note = (
-        " HF_HUB_OFFLINE is set, so only the local hub cache was searched; unset it to download."
-        if offline
-        else ""
-    )
+    """The one-line error of a hub weight that could not be had: ``problem`` (the hub probe's
+    answer) or ``exc`` (the library's own failure) as the cause, then the two ways to provide it."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300] if exc else ""
+    if problem is not None:
+        cached = "only partly in" if partial else "not in"
+        cause = f"it is {cached} the Hugging Face cache, and {problem.message}."
+    else:
+        cause = f"loading it from the Hugging Face hub failed ({type(exc).__name__}: {first})."
     return (
         f"reward {reward!r}: could not load {what} from {kwarg}={spec!r}: it is not an existing "
-        f"local path, and loading it from the Hugging Face hub failed{cause}.{offline_note} "
-        f"Provide it in one of two ways: (1) with network access, download it once into the hub "
-        f"cache (HF_HOME), e.g. `hf download {download or spec}` (or run once without "
-        f"HF_HUB_OFFLINE); later offline runs find it there; or (2) pass a local copy: "
-        f"{kwarg}=/path/to/it."
+        f"local path; {cause} Provide it in one of two ways: (1) where the hub is reachable, "
+        f"download it once into the hub cache (HF_HOME), e.g. `hf download {download or spec}` "
+        f"(or run once without HF_HUB_OFFLINE); later offline runs find it there; or (2) pass a "
+        f"local copy: {kwarg}=/path/to/it."
     )
+
+
+def _hub_file(cls: Any) -> str:
+    """The file whose presence on the hub (or in the cache) stands for ``cls``'s weights."""
+    name = getattr(cls, "__name__", "")
+    if "Tokenizer" in name:
+        return "tokenizer_config.json"
+    return "preprocessor_config.json" if "Processor" in name else "config.json"
 
 
 def load_pretrained(
@@ -95,6 +108,21 @@ def load_pretrained(
         raise MissingWeightsError(
             f"reward {reward!r}: {kwarg}={spec!r} looks like a local path, but it does not exist. "
             f"Pass a directory written by `{what}.save_pretrained`, or a Hugging Face hub id."
+        )
+    # A hub id: from its cached snapshot (read from disk, the hub not asked) when it loads from
+    # there, else from the hub once one request found it there (no retries, no waiting).
+    snapshot = cached_snapshot(spec, _hub_file(cls))
+    if snapshot is not None:
+        try:
+            return cls.from_pretrained(str(snapshot), **kwargs)
+        except OSError:  # a partial download (no weights): the hub may have the rest
+            pass
+        except ValueError as exc:
+            raise MissingWeightsError(_hub_help(spec, reward, kwarg, what, exc)) from exc
+    problem = ask_hub(spec, _hub_file(cls))
+    if problem is not None and problem.kind != "no_file":  # no such file: from_pretrained says
+        raise MissingWeightsError(
+            _hub_help(spec, reward, kwarg, what, None, problem=problem, partial=bool(snapshot))
         )
     try:
         return cls.from_pretrained(spec, **kwargs)
@@ -124,19 +152,17 @@ def resolve_file(spec: str | os.PathLike[str], *, reward: str, kwarg: str) -> Pa
     from huggingface_hub import hf_hub_download
 
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    what, download = f"{filename!r} of hub repo {repo_id!r}", f"{repo_id} {filename}"
+    snapshot = cached_snapshot(repo_id, filename)
+    if snapshot is not None:  # read from the cache, the hub not asked
+        return snapshot / filename
+    problem = ask_hub(repo_id, filename)  # one request: no retries against an unreachable hub
+    if problem is not None:
+        raise MissingWeightsError(_hub_help(spec, reward, kwarg, what, None, download, problem))
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename))
     except Exception as exc:  # hub errors come in many classes (offline, 404, network)
-        raise MissingWeightsError(
-            _hub_help(
-                spec,
-                reward,
-                kwarg,
-                f"{filename!r} of hub repo {repo_id!r}",
-                exc,
-                download=f"{repo_id} {filename}",
-            )
-        ) from exc
+        raise MissingWeightsError(_hub_help(spec, reward, kwarg, what, exc, download)) from exc
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
