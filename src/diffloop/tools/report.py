@@ -20,7 +20,6 @@ versions) are listed on the page, not plotted.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,34 +32,10 @@ from diffloop.tools.report_curves import (
     series,
     x_offset,
 )
-from diffloop.tools.report_page import eval_files, render_html
+from diffloop.tools.report_page import RunData, eval_files, render_html
 
 __all__ = ["RunData", "load_run", "report_main", "series", "unique_names", "write_report",
            "x_offset"]  # fmt: skip
-
-
-@dataclass
-class RunData:
-    """What the report reads from one run directory.
-
-    Fields:
-        name:        label in legends and headings (the directory name, made unique).
-        path:        the run directory.
-        config_text: config.yaml as written by the trainer (the resolved config).
-        config:      the same, parsed.
-        rows:        metrics.jsonl rows, aliases renamed to keys (epoch -1: the base evaluation).
-        grids:       (caption, PNG path) of the before / after evaluation grids.
-        eval_images: images behind each held-out mean, eval.num_prompts x eval.samples_per_prompt
-                     (None when the config does not say).
-    """
-
-    name: str
-    path: Path
-    config_text: str
-    config: dict[str, Any]
-    rows: list[dict[str, Any]]
-    grids: list[tuple[str, Path]] = field(default_factory=list)
-    eval_images: int | None = None
 
 
 def eval_grids(run_dir: Path) -> list[tuple[str, Path]]:

@@ -22,17 +22,14 @@ import io
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from diffloop import metrics
 from diffloop.tools.report_curves import is_number, standard_error
-
-if TYPE_CHECKING:
-    from diffloop.tools.report import RunData
 
 EPOCH = metrics.key("epoch")
 REWARD_MEAN = metrics.key("reward_mean")
@@ -67,6 +64,30 @@ table.labelled img { width: 96px; height: 96px; image-rendering: pixelated; disp
 .note { color: #555; font-size: 13px; }
 pre { background: #f6f6f6; padding: 8px; font-size: 12px; overflow: auto; max-height: 480px; }
 """
+
+
+@dataclass
+class RunData:
+    """What the report reads from one run directory.
+
+    Fields:
+        name:        label in legends and headings (the directory name, made unique).
+        path:        the run directory.
+        config_text: config.yaml as written by the trainer (the resolved config).
+        config:      the same, parsed.
+        rows:        metrics.jsonl rows, aliases renamed to keys (epoch -1: the base evaluation).
+        grids:       (caption, PNG path) of the before / after evaluation grids.
+        eval_images: images behind each held-out mean, eval.num_prompts x eval.samples_per_prompt
+                     (None when the config does not say).
+    """
+
+    name: str
+    path: Path
+    config_text: str
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+    grids: list[tuple[str, Path]] = field(default_factory=list)
+    eval_images: int | None = None
 
 
 def data_uri(path: Path) -> str:
