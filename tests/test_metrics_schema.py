@@ -155,7 +155,9 @@ def test_report_spells_keys_only_through_the_schema():
 
 def test_readme_key_table_is_generated_from_the_schema():
     readme = (ROOT / "docs" / "guide.md").read_text()  # the README links to the guide
-    assert metrics.readme_block() in readme, "regenerate it: python -m diffloop.metrics docs/guide.md"
+    assert metrics.readme_block() in readme, (
+        "regenerate it: python -m diffloop.metrics docs/guide.md"
+    )
     assert metrics.replace_readme_block(readme) == readme
 
 
