@@ -16,7 +16,6 @@ from diffloop.seeding import eval_image_seed
 from diffloop.tools.evaluate import (
     _parse_reward_kwargs,
     eval_main,
-    image_seeds,
     resolve_target,
     summarise,
     unique_labels,
@@ -124,10 +123,10 @@ def test_eval_of_a_run_writes_valid_eval_json(shapes_run, tmp_path, capsys) -> N
 def test_seed_rule_and_determinism(shapes_run, tiny_sd, tmp_path) -> None:
     """Image j of prompt i uses eval_image_seed(seed, i, j) whatever K, batch size or target."""
     from diffloop.config import LoraConfig, ModelConfig
-    from diffloop.loops import make_generators
+    from diffloop.loops import eval_seeds, make_generators
     from diffloop.policies.families import load_policy
 
-    assert image_seeds(7, 2, 3) == [eval_image_seed(7, i, j) for i in range(2) for j in range(3)]
+    assert eval_seeds(7, 2, 3) == [eval_image_seed(7, i, j) for i in range(2) for j in range(3)]
     model = str(tiny_sd)  # a diffusers directory (latent model with a VAE) as target
     a = run_eval(tmp_path / "a", model, extra=["--batch-size", "4"])
     entry = a["targets"][0]
@@ -263,8 +262,9 @@ def test_usage_errors_exit_2_before_loading_a_model(tmp_path, capsys, extra, mes
 
 
 def test_eval_of_a_run_reproduces_its_final_evaluation_exactly(tmp_path) -> None:
-    """The trainer's evaluation and ``diffloop eval`` are one loop with one seed rule (the run trains
-    on the default shapes_binding_mean, so equality also shows it evaluated with shapes_binding)."""
+    """The trainer's evaluation and ``diffloop eval`` are one loop with one seed rule (the run
+    trains on the default shapes_binding_mean, so equality also shows it evaluated with
+    shapes_binding)."""
     from diffloop.loops import eval_summary
     from diffloop.run_dir import read_metrics
 
@@ -278,8 +278,9 @@ def test_eval_of_a_run_reproduces_its_final_evaluation_exactly(tmp_path) -> None
     }  # fmt: skip
     assert cli_main(["train", *[f"{k}={v}" for k, v in overrides.items()]]) == 0
     final = read_metrics(run / "metrics.jsonl")[-1]
-    argv = ["eval", str(run), "--prompts", "shapes/val_pair", "--num-prompts", "2", "--images-per-prompt",
-            "2", "--reward", "shapes_binding", "--eta", "1.0", "--seed", "7", "--batch-size", "3",
+    argv = ["eval", str(run), "--prompts", "shapes/val_pair", "--num-prompts", "2",
+            "--images-per-prompt", "2", "--reward", "shapes_binding", "--eta", "1.0", "--seed", "7",
+            "--batch-size", "3",
             "--output", str(tmp_path / "eval"), "--device", "cpu"]  # fmt: skip
     assert cli_main(argv) == 0
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 from diffusers import FluxPipeline
-from test_trainer import tiny_overrides
+from test_trainer import kl_to_base_around_first_step, tiny_overrides
 
 from diffloop import loops
 from diffloop.config import (
@@ -63,11 +63,12 @@ def settings(
 
 @pytest.fixture(scope="module")
 def tiny_schnell(tmp_path_factory):
-    """A tiny FLUX.1-schnell-style pipeline: no guidance embedding, schnell's unshifted scheduler."""
+    """A tiny FLUX.1-schnell-style pipeline: no guidance embedding, schnell's unshifted
+    scheduler."""
     return make_tiny_flux(tmp_path_factory.mktemp("tiny_schnell"), guidance_embeds=False)
 
 
-# ---------------------------------------------------------------------------------- FluxPipeline parity
+# ------------------------------------------------------------------------------ FluxPipeline parity
 
 
 def test_packing_round_trip_and_matches_flux_pipeline():
@@ -121,7 +122,7 @@ def test_ode_sample_equals_flux_pipelines_output_for_the_same_noise(tiny_flux):
     assert (noisy.images - expected).abs().max() > 1e-3
 
 
-# ---------------------------------------------------------------------------------- guidance embedding
+# ------------------------------------------------------------------------------- guidance embedding
 
 
 def test_guidance_is_an_input_one_forward_per_step_and_the_same_g_when_recomputed(tiny_flux):
@@ -400,7 +401,19 @@ def test_grpo_with_kl_and_checkpointing_runs_on_flux(tiny_flux, tmp_path):
         **{"sample.num_steps": 3, "sample.guidance_scale": G, "train.algorithm": "grpo",
            "train.kl_coef": 0.1, "train.gradient_checkpointing": True, "sample.sde_type": "cps"},
     ))).train()  # fmt: skip
-    assert rows[-1]["onpolicy_logprob_err"] <= 1e-5 and rows[-1]["kl_to_base"] >= 0
+    assert rows[-1]["onpolicy_logprob_err"] <= 1e-5
+    # kl_to_base is the epoch's mean over its trained steps: exactly 0 when every one of them came
+    # before the epoch's only optimizer step (a fresh LoRA is the base model), positive otherwise.
+    kl, updates = rows[-1]["kl_to_base"], rows[-1]["optimizer_steps"]
+    assert (kl == 0) if updates == 1 else (kl > 0)
+
+
+def test_kl_to_base_is_zero_before_the_first_update_and_positive_after_on_flux(tiny_flux, tmp_path):
+    overrides = tiny_overrides(tiny_flux, tmp_path / "run", **{
+        "sample.num_steps": 3, "sample.guidance_scale": G, "train.algorithm": "grpo",
+        "train.kl_coef": 0.1, "sample.sde_type": "cps"})  # fmt: skip
+    before, after = kl_to_base_around_first_step(load_config(None, overrides))
+    assert before == [0.0] * len(before) and all(kl > 0 for kl in after)
 
 
 def test_bf16_run_trains_with_a_finite_ratio(tiny_flux, tmp_path):

@@ -1,16 +1,18 @@
 """Golden metrics: two short fixed-seed runs must reproduce their recorded metrics.jsonl exactly.
 
-The fixtures (tests/fixtures/golden/{shapes,tiny_sd}.jsonl) were written by ``scripts/regen_golden.py``
-from the code before the policy/loop refactor, so a refactor that changes any number fails here.
+The fixtures (tests/fixtures/golden/{shapes,tiny_sd}.jsonl) were written by
+``scripts/regen_golden.py`` from the code before the policy/loop refactor, so a refactor that
+changes any number fails here.
 A deliberate change of behaviour (e.g. new seed streams) regenerates them in its own commit.
 
 Comparison is exact (``==`` on the floats read back from JSON, which round-trip float64 exactly):
 both runs use one CPU thread and deterministic kernels, so the same operations in the same order
 give the same bits. Timing keys (``run_dir.TIME_KEYS``) are left out.
 
-``train.adv_clip_max=5`` is set explicitly so that a change of that default does not move these runs;
-so are the LoRA size, the shapes run's guidance and the tiny run's timestep fraction, which the
-fixtures were recorded with before the defaults became the shapes-world run's (diffloop.config).
+``train.adv_clip_max=5`` is set explicitly so that a change of that default does not move these
+runs; so are the LoRA size, the shapes run's guidance and the tiny run's timestep fraction, which
+the fixtures were recorded with before the defaults became the shapes-world run's
+(diffloop.config).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ SHAPES = {
     "eval.every_n_epochs": 1,
 }
 
-# A tiny random-weight SD 1.x pipeline (diffloop.testing.tiny via tests/tiny_models.py) with the KL-to-base logged.
+# A tiny random-weight SD 1.x pipeline (diffloop.testing.tiny via tests/tiny_models.py) with the
+# KL-to-base logged.
 TINY_SD = {
     **COMMON,
     "sample.num_steps": 3,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import Killed, comparable, tiny_overrides
+from test_trainer import Killed, comparable, kl_to_base_around_first_step, tiny_overrides
 
 from diffloop.config import LoraConfig, ModelConfig, SDXLConfig, load_config
 from diffloop.core import gaussian_log_prob
@@ -376,7 +376,17 @@ def test_other_algorithms_gradient_checkpointing_and_kl(tiny_sdxl, tmp_path, alg
             "sample.negative_prompt": "blurry",
         },
     )
-    assert rows[0]["onpolicy_logprob_err"] < 1e-5 and rows[0]["kl_to_base"] >= 0
+    assert rows[0]["onpolicy_logprob_err"] < 1e-5
+    # kl_to_base is the epoch's mean over its trained steps: exactly 0 when every one of them came
+    # before the epoch's only optimizer step (a fresh LoRA is the base model), positive otherwise.
+    kl, updates = rows[0]["kl_to_base"], rows[0]["optimizer_steps"]
+    assert (kl == 0) if updates == 1 else (kl > 0)
+
+
+def test_kl_to_base_is_zero_before_the_first_update_and_positive_after(tiny_sdxl, tmp_path):
+    overrides = tiny_overrides(tiny_sdxl, tmp_path / "run", **{"sample.negative_prompt": "blurry"})
+    before, after = kl_to_base_around_first_step(load_config(None, overrides))
+    assert before == [0.0] * len(before) and all(kl > 0 for kl in after)
 
 
 # ------------------------------------------------------------------------ bench builder, configs

@@ -5,12 +5,14 @@ test_policy_conformance.py; this file tests the trainer's own behaviour."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from diffloop import loops
 from diffloop.checkpoint import latest_checkpoint, list_complete_checkpoints
 from diffloop.cli import main
 from diffloop.config import load_config
@@ -43,7 +45,8 @@ def tiny_overrides(model_dir: Path, out: Path, **extra) -> list[str]:
         "train.batch_size": 2,
         "train.learning_rate": 1e-2,
         "train.clip_range": 0.2,
-        # the tiny-model tests were written for these (the defaults before they became the shapes run's)
+        # the tiny-model tests were written for these (the defaults before they became the shapes
+        # run's)
         "train.timestep_fraction": 1.0,
         "lora.rank": 4,
         "lora.alpha": 4.0,
@@ -64,6 +67,33 @@ def run(model_dir: Path, out: Path, **extra) -> list[dict]:
 
 def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
+
+
+def kl_to_base_around_first_step(config) -> tuple[list[float], list[float]]:
+    """kl_to_base of ``loops.step_loss`` (the trainer's policy, sampler and loss settings) at every
+    step of two sampled trajectories: at the initial parameters, then after one optimizer step on
+    that loss with advantages (+1, -1). The first is exactly 0 (a fresh LoRA is the base model)."""
+    trainer = Trainer(config)
+    loss = dataclasses.replace(trainer.loss_settings, log_kl=True)
+    prompts, seeds = ["a cat", "a dog on a bench"], [1, 2]
+    _, traj = next(loops.sample_batches(trainer.policy, prompts, seeds, trainer.sampler, 2))
+    adv = torch.tensor([1.0, -1.0])
+
+    def kl_per_step(backward: bool) -> list[float]:
+        kls = []
+        for j in range(traj.timesteps.shape[1]):
+            step = torch.full((2,), j, dtype=torch.long)
+            value, stats = loops.step_loss(
+                trainer.policy, traj, adv, step, trainer.sampler, loss, on_policy=False
+            )
+            if backward:
+                value.backward()
+            kls.append(stats["kl_to_base"].item())
+        return kls
+
+    before = kl_per_step(backward=True)
+    trainer.optimizer.step()
+    return before, kl_per_step(backward=False)
 
 
 def test_run_directory_holds_everything(tiny_sd, tmp_path):
@@ -188,7 +218,8 @@ def test_composite_reward_components_are_logged(tiny_sd, tmp_path):
     overrides = tiny_overrides(tiny_sd, tmp_path / "run", num_epochs=1)
     overrides = [o for o in overrides if not o.startswith("reward.name")]
     overrides.append(
-        "reward=[{name: 'reward_fns:brightness', weight: 2.0}, {name: jpeg_compressibility, weight: 0.5}]"
+        "reward=[{name: 'reward_fns:brightness', weight: 2.0}, "
+        "{name: jpeg_compressibility, weight: 0.5}]"
     )
     rows = Trainer(load_config(None, overrides)).train()
     r = rows[0]

@@ -1,4 +1,5 @@
-"""The inner loops, written once: sampling, timestep choice, the gradient pass, fixed-noise evaluation.
+"""The inner loops, written once: sampling, timestep choice, the gradient pass, fixed-noise
+evaluation.
 
 The trainer, ``diffloop variance``, ``diffloop bench`` and ``diffloop eval`` all call these, so what
 they measure is what training does. Every function talks to the model only through the
@@ -22,7 +23,13 @@ import torch
 
 from diffloop import seeding
 from diffloop.config import Config
-from diffloop.core import flow_grpo_kl, gaussian_kl, gaussian_log_prob
+from diffloop.core import (
+    approx_kl,
+    clip_fraction,
+    flow_grpo_kl,
+    gaussian_kl,
+    gaussian_log_prob,
+)
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
 
 # (log_prob (M,), old_log_prob (M,), advantages (M,), clip_range) -> per-element loss (M,)
@@ -130,8 +137,8 @@ def transition_log_prob(
 def onpolicy_logprob_err(
     policy: DiffusionPolicy, traj: Trajectories, sampler: SamplerSettings
 ) -> float:
-    """max over every step of |log p recomputed by the training path - log p recorded while sampling|,
-    at the sampling parameters (0 = the ratio is exactly 1)."""
+    """max over every step of |log p recomputed by the training path - log p recorded while
+    sampling|, at the sampling parameters (0 = the ratio is exactly 1)."""
     worst = 0.0
     for j in range(traj.timesteps.shape[1]):
         step = torch.full((len(traj),), j, dtype=torch.long, device=traj.latents.device)
@@ -179,7 +186,8 @@ KL_FORMS: dict[str, KlFn] = {"gaussian": gaussian_step_kl, "flow_grpo": flow_grp
 
 
 def supports_kl_form(policy: DiffusionPolicy, kl_form: str) -> bool:
-    """Whether ``policy`` can compute ``kl_form`` (flow_grpo needs a flow-matching policy's std_t)."""
+    """Whether ``policy`` can compute ``kl_form`` (flow_grpo needs a flow-matching policy's
+    std_t)."""
     return kl_form != "flow_grpo" or hasattr(policy, "flow_grpo_std_dev")
 
 
@@ -214,13 +222,15 @@ def step_loss(
     *,
     on_policy: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of M trajectories at one step each (``step`` (M,)), with gradient, and its statistics.
+    """The loss of M trajectories at one step each (``step`` (M,)), with gradient, and its
+    statistics.
 
         L = mean_i loss_fn(log p_theta(x^i_{t-1} | x^i_t), log p_old, A_i) + kl_coef mean_i KL_i
 
     KL_i is ``KL_FORMS[loss.kl_form]`` (the true Gaussian KL, or Flow-GRPO's form).
 
-    Statistics are device tensors (no host sync): loss, approx_kl = 0.5 mean(log ratio^2), clipfrac,
+    Statistics are device tensors (no host sync): loss, approx_kl = 0.5 mean(log ratio^2)
+    (``core.approx_kl``), clipfrac = mean(|ratio - 1| > clip_range) (``core.clip_fraction``),
     ratio_mean, kl_to_base (when computed), onpolicy_logprob_err = max |log p - recorded| (when
     ``on_policy``: no optimizer step since sampling).
     """
@@ -239,13 +249,12 @@ def step_loss(
         if loss.kl_coef > 0:
             value = value + loss.kl_coef * kl.mean()
     with torch.no_grad():
-        log_ratio = log_prob.detach() - old
-        ratio = log_ratio.exp()
+        log_prob_now = log_prob.detach()
         stats = {
             "loss": value.detach(),
-            "approx_kl": 0.5 * log_ratio.pow(2).mean(),
-            "clipfrac": ((ratio - 1).abs() > loss.clip_range).float().mean(),
-            "ratio_mean": ratio.mean(),
+            "approx_kl": approx_kl(log_prob_now, old),
+            "clipfrac": clip_fraction(log_prob_now, old, loss.clip_range),
+            "ratio_mean": (log_prob_now - old).exp().mean(),
         }
         if kl is not None:
             stats["kl_to_base"] = kl.detach().mean()
@@ -281,11 +290,6 @@ def minibatch_backward(
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def eval_seed_rule() -> str:
-    """The fixed-noise rule of every evaluation (trainer and ``diffloop eval``), in words."""
-    return seeding.EVAL_RULE
 
 
 def eval_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[int]:

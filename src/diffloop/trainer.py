@@ -40,7 +40,6 @@ from diffloop.config.validation import check_kl_form_supported
 from diffloop.distributed import Distributed
 from diffloop.ema import EMA, maybe_applied
 from diffloop.guards import NonFiniteGuard, onpolicy_error_ok
-from diffloop.loops import make_generators  # noqa: F401  (re-exported: older imports use it from here)
 from diffloop.monitors import image_statistics
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
 from diffloop.policies.families import detect_family, load_policy

@@ -27,7 +27,6 @@ class Arithmetic:
     samples_per_process: int
     reward_queries_per_epoch: int
     trained_timesteps_per_sample: int
-    minibatches_per_inner_epoch: int
     gradient_updates_per_epoch: int
     unet_evals_per_sample: int
     trained_window: str = ""
@@ -40,15 +39,22 @@ class Arithmetic:
                 f"({self.samples_per_process} per process)"
             ),
             f"reward queries per epoch:      {self.reward_queries_per_epoch}",
-            f"trained timesteps per sample:  {self.trained_timesteps_per_sample}{self.trained_window}",
+            (
+                f"trained timesteps per sample:  {self.trained_timesteps_per_sample}"
+                f"{self.trained_window}"
+            ),
             f"gradient updates per epoch:    {self.gradient_updates_per_epoch}",
-            f"{self.denoiser + ' evaluations per sample:':<31}{self.unet_evals_per_sample} (sampling)",
+            (
+                f"{self.denoiser + ' evaluations per sample:':<31}{self.unet_evals_per_sample} "
+                "(sampling)"
+            ),
         ]
 
 
 def cfg_evaluations_per_step(guidance_scale: float) -> int:
     """Denoiser evaluations per sample per step under classifier-free guidance: 1 at scale 1 (one
-    branch), else 2 (conditional and unconditional, one doubled batch), as every CFG policy runs it."""
+    branch), else 2 (conditional and unconditional, one doubled batch), as every CFG policy runs
+    it."""
     return 1 if guidance_scale == 1.0 else 2
 
 
@@ -82,7 +88,6 @@ def derived_arithmetic(
         samples_per_process=local,
         reward_queries_per_epoch=total,
         trained_timesteps_per_sample=trained_steps(config, stored_steps)[1],
-        minibatches_per_inner_epoch=minibatches,
         gradient_updates_per_epoch=updates,
         unet_evals_per_sample=s.num_steps * evaluations_per_step,
         trained_window=_window_words(config),
@@ -129,7 +134,8 @@ def trained_step_range(timestep_window: list[int] | None, stored_steps: int) -> 
 
 
 def available_cores() -> int:
-    """CPU cores this process may run on: its affinity mask (taskset, cgroup cpusets), else os.cpu_count()."""
+    """CPU cores this process may run on: its affinity mask (taskset, cgroup cpusets), else
+    os.cpu_count()."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # macOS and Windows have no affinity masks

@@ -8,8 +8,9 @@ A TARGET is a training run directory (config.yaml + checkpoints/: its newest che
 weights verify; an older one, with a warning, when the newest is damaged), one
 checkpoint directory of a run (``RUN/checkpoints/epoch_000012``), or a model (a diffusers directory,
 a hub id, or ``shapes``). A checkpoint contributes only its safetensors weights (its EMA when the
-run kept one; ``checkpoint.load_weights``): no pickled file of it is opened. ``--prompts`` takes a prompt-source name (``diffloop.prompts``) or a text
-file (one prompt a line); the first N prompts are used, in order.
+run kept one; ``checkpoint.load_weights``): no pickled file of it is opened. ``--prompts`` takes a
+prompt-source name (``diffloop.prompts``) or a text file (one prompt a line); the first N prompts
+are used, in order.
 
 Fixed noise: image j of prompt i starts from (and, with eta > 0, is driven by) a generator seeded
 with ``seeding.eval_image_seed(seed, i, j)``, for every target (the rule of the trainer's own
@@ -18,16 +19,16 @@ same initial noise, and the difference between two targets can be measured image
 
 The sampler (steps, eta, guidance, negative prompt): each flag when given, else the first run (or
 checkpoint) target's evaluation sampler (``loops.evaluation_sampler``: eval.num_steps / eval.eta,
-null = the model's convention, e.g. SD3 40 and FLUX 28 steps at noise level 0; sample.guidance_scale
-and sample.negative_prompt), so ``diffloop eval RUN`` scores as the run's own evaluation did; with no
-run among the targets, the model's convention, else 50 steps, eta 0, guidance 5.0. The model's
-convention is read from the first target's model. eta = 0 is deterministic (DDIM with eta 0, the
-flow ODE): the image is a function of the model and the seed.
+null = the model's convention, e.g. SD3 40 and FLUX 28 steps at noise level 0;
+sample.guidance_scale and sample.negative_prompt), so ``diffloop eval RUN`` scores as the run's own
+evaluation did; with no run among the targets, the model's convention, else 50 steps, eta 0,
+guidance 5.0. The model's convention is read from the first target's model. eta = 0 is
+deterministic (DDIM with eta 0, the flow ODE): the image is a function of the model and the seed.
 
 Outputs in ``--output``: ``eval.json`` (rewritten after each target, so that an interrupted
-evaluation keeps the targets it finished), ``grid_<label>.png`` per target (rows = prompts, columns =
-images; the first ``--grid-prompts`` prompts), and with several targets ``compare.png`` (per prompt,
-the targets side by side). Tiny images are upscaled (nearest neighbour) to be viewable.
+evaluation keeps the targets it finished), ``grid_<label>.png`` per target (rows = prompts,
+columns = images; the first ``--grid-prompts`` prompts), and with several targets ``compare.png``
+(per prompt, the targets side by side). Tiny images are upscaled (nearest neighbour) to be viewable.
 
 eval.json::
 
@@ -59,7 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffloop import loops
+from diffloop import loops, seeding
 from diffloop.config import check_output_dir
 from diffloop.errors import CommandParser
 from diffloop.images import make_grid
@@ -169,14 +170,6 @@ def load_target(target: EvalTarget, device: torch.device):
     return policy, config, path
 
 
-def image_seeds(seed: int, num_prompts: int, images_per_prompt: int) -> list[int]:
-    """Seeds of the P*K images, prompt-major: the evaluation rule of ``loops.eval_seeds``, which the
-    trainer's own evaluation (``eval.seed``) uses too."""
-    from diffloop.loops import eval_seeds
-
-    return eval_seeds(seed, num_prompts, images_per_prompt)
-
-
 def load_prompts(prompts: str | Sequence[str], num_prompts: int | None) -> tuple[str, list[str]]:
     """(source name, its first num_prompts prompts in order, cycling) of a name, file or list.
 
@@ -246,7 +239,7 @@ def generate_and_score(
     scores, kept = loops.score_fixed_noise(
         policy,
         flat,
-        image_seeds(seed, p, k),
+        loops.eval_seeds(seed, p, k),
         rewards,
         sampler,
         batch_size,
@@ -416,7 +409,7 @@ def evaluate_model(
                 if negative_prompt is not None
                 else default.negative_prompt,
                 "seed": seed,
-                "seed_rule": loops.eval_seed_rule(),
+                "seed_rule": seeding.EVAL_RULE,
                 "batch_size": batch_size,
                 "device": str(device),
             }
@@ -558,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = CommandParser(
         prog="diffloop eval",
         description="Score base models, LoRA runs and checkpoints on prompts with one or more\n"
-        "rewards, every target from the same fixed noise, so that two targets compare image by image.",
+        "rewards, every target from the same fixed noise, so that two targets compare image by "
+        "image.",
         epilog=EVAL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -385,13 +385,6 @@ def algorithm_overrides(config, spec: AlgorithmSpec, workdir: Path) -> list[str]
     ]  # fmt: skip
 
 
-def unvalidated_config(path: str | None, overrides: Sequence[str]):
-    """``load_config`` without ``validate`` (defaults < YAML < overrides)."""
-    from diffloop.config import unvalidated_config as load_unvalidated
-
-    return load_unvalidated(path, list(overrides))
-
-
 def build_trainer(
     config_path: str | None,
     overrides: Sequence[str],
@@ -401,12 +394,11 @@ def build_trainer(
 ):
     """A Trainer for spec (its run directory in ``workdir``), with ``from_run``'s newest parameters."""
     from diffloop import checkpoint
-    from diffloop.config import load_config
+    from diffloop.config import load_config, unvalidated_config
     from diffloop.trainer import Trainer
 
-    base = unvalidated_config(
-        config_path, overrides
-    )  # may not validate yet: e.g. batch sizes for another K
+    # may not validate yet: e.g. batch sizes for another K
+    base = unvalidated_config(config_path, list(overrides))
     config = load_config(config_path, [*overrides, *algorithm_overrides(base, spec, workdir)])
     trainer = Trainer(config, argv=["diffloop", "variance", spec.label])
     if from_run is not None:
