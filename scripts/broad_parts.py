@@ -29,7 +29,8 @@ def plan(runs_dir: str, shards: int) -> list[list[str]]:
 
 
 def is_done(eval_json: Path, targets: list[str]) -> bool:
-    """Whether eval_json (as `diffloop eval` writes it) has scored the base and exactly ``targets``."""
+    """Whether eval_json (as `diffloop eval` writes it) has scored the base and exactly
+    ``targets``."""
     if not eval_json.is_file():
         return False
     scored = [t["target"] for t in json.loads(eval_json.read_text())["targets"]]

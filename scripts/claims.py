@@ -1,18 +1,20 @@
 """Verdicts on the LOOP paper's claims from a finished sweep and a variance measurement (markdown).
 
     python scripts/claims.py SUMMARY.json [VARIANCE.json [RUNS_DIR]] [--broad EVAL.json ...]
-    e.g. runs/shapes_algorithms/summary.json runs/shapes_algorithms/variance_init.json runs/shapes_algorithms
+    e.g. runs/shapes_algorithms/summary.json runs/shapes_algorithms/variance_init.json
+         runs/shapes_algorithms
 
 With --broad, the same comparisons on a second, larger evaluation of every trained model
 (``diffloop eval`` of the base model and the runs on all held-out prompts with other noise; see
 broad_lines) and, for each, how much of the seed-to-seed spread is that evaluation's own noise.
 
-With RUNS_DIR, a table of what each setting did per run (optimizer steps, mean clip fraction) is added:
-the settings differ in how many gradient steps the same prompts buy, which the verdicts must be read with.
+With RUNS_DIR, a table of what each setting did per run (optimizer steps, mean clip fraction) is
+added: the settings differ in how many gradient steps the same prompts buy, which the verdicts must
+be read with.
 
 Every comparison is paired by seed (runs with the same seed share the evaluation prompts and noise):
-d_s = metric_a(seed s) - metric_b(seed s), reported as mean +- standard error over seeds. Verdict by a
-two-sided paired t-test at 5%: "holds" when mean > t * s.e., "contradicted" when mean < -t * s.e.
+d_s = metric_a(seed s) - metric_b(seed s), reported as mean +- standard error over seeds. Verdict by
+a two-sided paired t-test at 5%: "holds" when mean > t * s.e., "contradicted" when mean < -t * s.e.
 (t = 4.30, 3.18, 2.78 for 3, 4, 5 seeds), otherwise "not resolved at this budget" (the sign alone is
 noise). scripts/make_results.sh appends the output to docs/results.md.
 """
@@ -35,8 +37,8 @@ from diffloop.shapes.world import uses_unseen_combination
 from diffloop.tools.sweep import mean_sem, trapezoid_auc
 
 # Two-sided 5% critical values of Student's t by degrees of freedom (seeds - 1).
-T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-              10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+              9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
 
 
 def t_critical(dof: int) -> float:
@@ -60,7 +62,8 @@ def verdict(mean: float, sem: float, n: int) -> str:
 
 
 def reward_at(curve: dict, axis: str, x: float) -> float | None:
-    """Held-out reward at the eval point where ``axis`` equals ``x`` (None when not an eval point)."""
+    """Held-out reward at the eval point where ``axis`` equals ``x`` (None when not an eval
+    point)."""
     for xi, r in zip(curve[axis], curve["reward"]):
         if abs(xi - x) < 1e-9:
             return r
@@ -84,7 +87,8 @@ def gain(curve: dict) -> float:
 
 
 def auc(curve: dict, axis: str = "prompts") -> float:
-    """Area under the held-out reward curve against ``axis`` (the budget's kind), over its extent."""
+    """Area under the held-out reward curve against ``axis`` (the budget's kind), over its
+    extent."""
     return trapezoid_auc(curve[axis], curve["reward"], curve[axis][-1])
 
 
@@ -186,10 +190,13 @@ def variance_rows(variance: dict) -> list[str]:
         "higher is better",
     )
     noisy = [r["label"] for r in variance["results"]
-             if "snr_unbiased_sem" in r and abs(r["snr_unbiased"]) < 2 * r["snr_unbiased_sem"]]  # fmt: skip
+             if "snr_unbiased_sem" in r
+             and abs(r["snr_unbiased"]) < 2 * r["snr_unbiased_sem"]]  # fmt: skip
     if noisy:
-        lines += ["", (f"SNR not distinguishable from 0 at this number of estimates (|SNR| < 2 s.e.): "
-                       f"{', '.join(noisy)}; their SNR ratios are not evidence either way.")]  # fmt: skip
+        lines += ["",
+                  (f"SNR not distinguishable from 0 at this number of estimates (|SNR| < 2 s.e.): "
+                       f"{', '.join(noisy)}; their SNR ratios are not evidence either "
+                       "way.")]  # fmt: skip
     return lines
 
 
@@ -239,15 +246,17 @@ COMPARISONS = (
     ("loop_k4", "ppo_k1", "(a) gain of loop K=4 − ppo (DDPO)"),
     ("loop_k2", "ppo_k1", "(a) gain of loop K=2 − ppo (DDPO)"),
     ("loop_k4", "loop_k2", "(a) more so as K grows: gain of loop K=4 − loop K=2"),
-    ("loop_k4", "reinforce_loo_k4", "gain of loop K=4 − reinforce_loo K=4 (PPO's clipped reuse vs one step)"),
+    ("loop_k4", "reinforce_loo_k4",
+     "gain of loop K=4 − reinforce_loo K=4 (PPO's clipped reuse vs one step)"),
     ("loop_k4", "grpo_k4", "gain of loop K=4 − grpo K=4 (std-normalised advantages)"),
     ("loop_k4", "reinforce_k1", "gain of loop K=4 − reinforce K=1"),
 )  # fmt: skip
 
 
 def matched(summary: dict, a: str, b: str) -> str:
-    """What two runs have equal: "equal prompts and reward queries", "equal reward queries" or "equal
-    prompts", from the sweep summary's per-run totals (the budget's kind when they are absent)."""
+    """What two runs have equal: "equal prompts and reward queries", "equal reward queries" or
+    "equal prompts", from the sweep summary's per-run totals (the budget's kind when they are
+    absent)."""
     totals = {r["name"]: r for r in summary.get("runs", [])}
     if a not in totals or b not in totals:
         return "equal " + summary["budget"]["kind"].replace("_", " ")
@@ -350,10 +359,13 @@ def broad_lines(broad: BroadScores, summary: dict) -> list[str]:
     lines = [
         (
             f"Every trained model and the base rescored on all {len(broad.prompts)} prompts of "
-            f"`{st['prompts']}` ({int((~unseen).sum())} seen, {int(unseen.sum())} unseen combinations) x "
-            f"{st['images_per_prompt']} images, with noise seed {st['seed']} (the runs' own evaluation: "
+            f"`{st['prompts']}` ({int((~unseen).sum())} seen, {int(unseen.sum())} "
+            "unseen combinations) x "
+            f"{st['images_per_prompt']} images, with noise seed {st['seed']} (the "
+            "runs' own evaluation: "
             f"96 of these prompts, other noise), {st['num_steps']} steps, eta {st['eta']}, CFG "
-            f"{st['guidance_scale']}; base {np.nanmean(broad.base):.4f}. Gain = trained - base on the same "
+            f"{st['guidance_scale']}; base {np.nanmean(broad.base):.4f}. Gain = "
+            "trained - base on the same "
             "noise, mean ± s.e. over seeds:"
         ),
         "",
@@ -372,9 +384,12 @@ def broad_lines(broad: BroadScores, summary: dict) -> list[str]:
     lines += [
         "",
         (
-            "Paired by seed on the broad gains; *evaluation noise* is the root mean square over seeds of "
-            "one seed's standard error of the difference (over prompts), *spread* the standard deviation "
-            "over seeds of the per-seed differences. Where the spread is close to the evaluation noise, "
+            "Paired by seed on the broad gains; *evaluation noise* is the root mean "
+            "square over seeds of "
+            "one seed's standard error of the difference (over prompts), *spread* the "
+            "standard deviation "
+            "over seeds of the per-seed differences. Where the spread is close to the "
+            "evaluation noise, "
             "most of the seed-to-seed variation is the evaluation's, not training's."
         ),
         "",
@@ -403,7 +418,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("runs_dir", type=Path, nargs="?", help="the sweep's output directory")
     parser.add_argument("--broad", type=Path, nargs="+", default=[], metavar="EVAL_JSON",
-                        help="eval.json files of the broad check (base model first in each)")  # fmt: skip
+                        help="eval.json files of the broad check "
+                             "(base model first in each)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -417,7 +433,10 @@ def main(argv: list[str]) -> int:
     lines = [
         "## Do the paper's claims hold here?",
         "",
-        "Paired by seed (same evaluation prompts and noise), mean ± standard error of the difference;",
+        (
+            "Paired by seed (same evaluation prompts and noise), mean ± standard error of "
+            "the difference;"
+        ),
         "verdicts by a two-sided paired t-test at 5%. Held-out reward gain = final - base.",
         "",
         "| claim (difference a − b) | difference | seeds | verdict |",
@@ -429,7 +448,8 @@ def main(argv: list[str]) -> int:
             paired(summary, "loop_k4", "ppo_k1", lambda c: auc(c, budget["kind"])),
         ),
     ]  # fmt: skip
-    # Equal reward queries: loop K=4's eval point at the queries a K=1 run spends in its whole budget.
+    # Equal reward queries: loop K=4's eval point at the queries a K=1 run spends in its whole
+    # budget.
     k1_queries = budget["amount"] if budget["kind"] == "prompts" else None
     if k1_queries:
 
@@ -439,7 +459,8 @@ def main(argv: list[str]) -> int:
 
         lines.append(
             row(
-                f"equal reward queries ({k1_queries}): gain of loop K=4 (at {k1_queries} queries) − ppo",
+                f"equal reward queries ({k1_queries}): gain of loop K=4 (at "
+                f"{k1_queries} queries) − ppo",
                 paired(summary, "loop_k4", "ppo_k1", loop_at, final),
             )
         )
@@ -447,7 +468,8 @@ def main(argv: list[str]) -> int:
         lines += [
             "",
             (
-                f"Gradient variance ({variance['parameters']}, {variance['estimates']} estimates each; "
+                f"Gradient variance ({variance['parameters']}, {variance['estimates']} "
+                "estimates each; "
                 "Proposition 4.1 says LOOP's estimator has lower variance than PPO's):"
             ),
             "",

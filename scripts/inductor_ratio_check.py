@@ -1,10 +1,12 @@
-"""On-policy check with the inductor backend on CPU (too slow for the test suite, which uses aot_eager).
+"""On-policy check with the inductor backend on CPU (too slow for the test suite, which uses
+aot_eager).
 
     OMP_NUM_THREADS=1 python scripts/inductor_ratio_check.py
 
-Samples 2 trajectories of the bench's tiny SD policy eagerly, then with torch.compile(unet) (inductor),
-and recomputes the first step's log-probs through the compiled training path (with backward). Prints
-compile times and the largest log-prob differences (docs/performance.md quotes them).
+Samples 2 trajectories of the bench's tiny SD policy eagerly, then with torch.compile(unet)
+(inductor), and recomputes the first step's log-probs through the compiled training path (with
+backward). Prints compile times and the largest log-prob differences (docs/performance.md quotes
+them).
 """
 
 from __future__ import annotations
@@ -50,14 +52,17 @@ def main() -> None:
     log_prob.sum().backward()
     t_train = time.perf_counter() - start
     print(
-        f"sampling: eager {t_eager:.2f} s, compiled first call {t_first:.1f} s, second {t_second:.2f} s"
+        f"sampling: eager {t_eager:.2f} s, compiled first call {t_first:.1f} s, second "
+        f"{t_second:.2f} s"
     )
     print(f"training path, first call (compile + backward): {t_train:.1f} s")
     print(
-        f"max |sampled log p, compiled - eager|: {(compiled.log_probs - eager.log_probs).abs().max():.2e}"
+        "max |sampled log p, compiled - eager|: "
+        f"{(compiled.log_probs - eager.log_probs).abs().max():.2e}"
     )
     print(
-        f"max |training-path log p - sampled log p|: {(log_prob.detach() - compiled.log_probs[:, 0]).abs().max():.2e}"
+        "max |training-path log p - sampled log p|: "
+        f"{(log_prob.detach() - compiled.log_probs[:, 0]).abs().max():.2e}"
     )
 
 

@@ -1,10 +1,11 @@
-"""Rewrite tests/fixtures/golden/*.jsonl from the current code (after a deliberate behaviour change).
+"""Rewrite tests/fixtures/golden/*.jsonl from the current code (after a deliberate behaviour
+change).
 
     PYTHONPATH=src OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/regen_golden.py
 
 Runs the same two configurations as tests/test_golden.py (the shapes world; the tiny SD pipeline of
-tests/tiny_models.py, i.e. diffloop.testing.tiny with the fixture tokenizer) and writes their metrics without timing keys. Commit the result separately,
-saying which change moved the numbers.
+tests/tiny_models.py, i.e. diffloop.testing.tiny with the fixture tokenizer) and writes their
+metrics without timing keys. Commit the result separately, saying which change moved the numbers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Held-out reward before and after training for several run directories (e.g. one config, several seeds).
+"""Held-out reward before and after training for several run directories (e.g. one config, several
+seeds).
 
     python scripts/summarize_seeds.py runs/shapes_seed0 runs/shapes_seed1 ...
 
@@ -32,7 +33,8 @@ def main(run_dirs: list[str]) -> int:
     if len(deltas) > 1:
         sem = statistics.stdev(deltas) / len(deltas) ** 0.5
         print(
-            f"mean change {statistics.mean(deltas):+.4f} +- {sem:.4f} (standard error, {len(deltas)} runs)"
+            f"mean change {statistics.mean(deltas):+.4f} +- {sem:.4f} (standard error, "
+            f"{len(deltas)} runs)"
         )
     return 0
 

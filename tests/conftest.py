@@ -17,13 +17,15 @@ import torch
 
 # One thread: OpenMP spin-waiting makes two threads 10-40x slower whenever the CPU is shared.
 torch.set_num_threads(1)
-# ... and cpu_threads: auto (the default) resolves to OMP_NUM_THREADS, so Trainers keep that one thread.
+# ... and cpu_threads: auto (the default) resolves to OMP_NUM_THREADS, so Trainers keep that one
+# thread.
 os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
-    """A tiny SD 1.x-style (epsilon) pipeline directory, loaded by diffloop through model.pretrained."""
+    """A tiny SD 1.x-style (epsilon) pipeline directory, loaded by diffloop through
+    model.pretrained."""
     from tiny_models import tiny_sd_dir
 
     return tiny_sd_dir(tmp_path_factory, "epsilon")
@@ -39,7 +41,8 @@ def tiny_sd_v(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
-    """A tiny SDXL pipeline saved with the Euler scheduler config SDXL ships (tests/tiny_sdxl.py)."""
+    """A tiny SDXL pipeline saved with the Euler scheduler config SDXL ships
+    (tests/tiny_sdxl.py)."""
     from tiny_sdxl import tiny_sdxl_dir
 
     return tiny_sdxl_dir(tmp_path_factory)

@@ -103,7 +103,7 @@ def comfy_unet_key_map(unet: torch.nn.Module) -> dict[str, str]:
     return keys
 
 
-# ------------------------------------------------------------------------------ ComfyUI: transformers
+# ---------------------------------------------------------------------------- ComfyUI: transformers
 
 Target = tuple[str, tuple[int, int, int] | None]  # (original layer, (dim, start, size) or None)
 
@@ -121,7 +121,8 @@ def comfy_sd3_layout(num_layers: int, width: int) -> dict[str, Target]:
             ("attn.to_out.0", "x_block.attn.proj"), ("attn2.to_out.0", "x_block.attn2.proj"),
             ("attn.to_add_out", "context_block.attn.proj"), ("ff.net.0.proj", "x_block.mlp.fc1"),
             ("ff.net.2", "x_block.mlp.fc2"), ("ff_context.net.0.proj", "context_block.mlp.fc1"),
-            ("ff_context.net.2", "context_block.mlp.fc2"), ("norm1.linear", "x_block.adaLN_modulation.1"),
+            ("ff_context.net.2", "context_block.mlp.fc2"), ("norm1.linear",
+                                                            "x_block.adaLN_modulation.1"),
             ("norm1_context.linear", "context_block.adaLN_modulation.1"),
         ):  # fmt: skip
             out[f"{d}.{diffusers}"] = (f"{o}.{original}", None)

@@ -18,7 +18,8 @@ def whiteness(images: torch.Tensor, prompts: list[str], metadata: list[dict]) ->
 
 
 def nan_on_odd(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-    """Brightness, but NaN for odd global sample indices (a reward server failing on some images)."""
+    """Brightness, but NaN for odd global sample indices (a reward server failing on some
+    images)."""
     out = images.mean(dim=(1, 2, 3)).clone()
     for i, m in enumerate(metadata):
         if m.get("sample_index", 0) % 2 == 1:

@@ -145,7 +145,7 @@ def test_tracker_state_roundtrip_json_exact() -> None:
     assert a.state_dict() == b.state_dict()
 
 
-# ----- per-algorithm advantage clipping (the algorithms table's adv_clip_max column) ----------------
+# ----- per-algorithm advantage clipping (the algorithms table's adv_clip_max column) --------------
 
 
 def _cfg(**kw):
@@ -177,7 +177,8 @@ def test_loop_keeps_kilobyte_advantages_unclipped_by_default() -> None:
     adv, stats = ALGORITHMS["loop"].advantages_and_stats(r, ["p"], _cfg(), None)
     close(adv, [[-80 / 3, -40 / 3, 0.0, 40.0]])
     assert stats == {"advantage_clipped_frac": 0.0}
-    # With DDPO's +-5 three of the four are cut to the clip: the leave-one-out signal is mostly lost.
+    # With DDPO's +-5 three of the four are cut to the clip: the leave-one-out signal is mostly
+    # lost.
     adv, stats = ALGORITHMS["loop"].advantages_and_stats(r, ["p"], _cfg(adv_clip_max=5.0), None)
     close(adv, [[-5.0, -5.0, 0.0, 5.0]])
     assert stats == {"advantage_clipped_frac": 0.75}

@@ -1,5 +1,5 @@
-"""The Python API: Config() is `diffloop train`'s default, Trainer(reward=, prompts=), register_reward,
-the lazy top-level exports, and docs/python_api.md's example, executed."""
+"""The Python API: Config() is `diffloop train`'s default, Trainer(reward=, prompts=),
+register_reward, the lazy top-level exports, and docs/python_api.md's example, executed."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def test_config_defaults_are_what_diffloop_train_runs():
 
 def test_top_level_exports_are_lazy():
     code = ("import sys, diffloop; assert 'torch' not in sys.modules; "
-            "c = diffloop.Config(); assert 'torch' not in sys.modules; print(type(c).__name__)")  # fmt: skip
+            "c = diffloop.Config(); assert 'torch' not in sys.modules; "
+            "print(type(c).__name__)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "Config"
     from diffloop.trainer import Trainer
@@ -73,8 +74,10 @@ def test_register_reward_takes_a_plain_scoring_function(clean_registry):
 
 
 def tiny(out: Path) -> Config:
-    return load_config(None, [f"output_dir={out}", "num_epochs=1", "eval.prompts=null", "sample.num_steps=2",
-                              "sample.prompts_per_epoch=2", "sample.samples_per_prompt=2", "train.batch_size=4",
+    return load_config(None, [f"output_dir={out}", "num_epochs=1", "eval.prompts=null",
+                              "sample.num_steps=2",
+                              "sample.prompts_per_epoch=2", "sample.samples_per_prompt=2",
+                              "train.batch_size=4",
                               "logging.progress_bars=false", "logging.report_to=none"])  # fmt: skip
 
 

@@ -27,7 +27,8 @@ def constructed_scores() -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_eval(path: Path, scores: np.ndarray, side: int = 32) -> None:
-    """An eval/<tag>.npz as the trainer writes it: (P K, 3, side, side) uint8 images, scores, prompts."""
+    """An eval/<tag>.npz as the trainer writes it: (P K, 3, side, side) uint8 images, scores,
+    prompts."""
     rng = np.random.default_rng(len(scores))
     images = rng.integers(0, 255, (P * K, 3, side, side), dtype=np.uint8)
     prompts = np.array([f"prompt {p}" for p in range(P)])

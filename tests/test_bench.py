@@ -25,7 +25,8 @@ torch.set_num_threads(1)
 
 
 def test_count_flops_linear_forward_and_backward() -> None:
-    # (3, 8) @ (8, 5): 2 * 3 * 8 * 5 = 240 FLOPs; backward adds grad_input and grad_weight, 240 each.
+    # (3, 8) @ (8, 5): 2 * 3 * 8 * 5 = 240 FLOPs; backward adds grad_input and grad_weight, 240
+    # each.
     layer = torch.nn.Linear(8, 5)
     x = torch.randn(3, 8, requires_grad=True)
     assert count_flops(lambda: layer(x)) == 240
@@ -40,8 +41,8 @@ def test_count_flops_includes_cpu_attention() -> None:
 
 
 def _manual_unet_flops() -> int:
-    """torch's own FlopCounterMode on one batch-1 forward of the bench's tiny policy UNet (same seed,
-    same LoRA), with the classic bmm attention processor, which torch counts natively."""
+    """torch's own FlopCounterMode on one batch-1 forward of the bench's tiny policy UNet (same
+    seed, same LoRA), with the classic bmm attention processor, which torch counts natively."""
     from diffusers.models.attention_processor import AttnProcessor
 
     from diffloop.config import LoraConfig
@@ -113,10 +114,12 @@ def test_bench_tiny_cpu_writes_json_and_table(
     decode_flops = result["items"]["decode"]["flops"]
     assert unet_flops + decode_flops < sample["flops"] < 1.05 * (unet_flops + decode_flops)
     # Training on 1 sample: 2 steps x 2 (CFG) UNet evaluations, forward and backward. Frozen base
-    # weights need only input gradients (about one more forward; LoRA's weight grads are tiny), so ~2x.
+    # weights need only input gradients (about one more forward; LoRA's weight grads are tiny), so
+    # ~2x.
     train, e2e = result["items"]["train"], result["items"]["end_to_end"]
     assert 1.8 < train["flops"] / (4 * result["floor"]["unet_flop_per_eval"]) < 2.2
-    # End to end = sampling 2 + training 2 samples (training FLOPs per sample are batch-independent).
+    # End to end = sampling 2 + training 2 samples (training FLOPs per sample are
+    # batch-independent).
     assert e2e["flops"] == pytest.approx(sample["flops"] + 2 * train["flops"], rel=1e-12)
     assert _finite_positive(result["floor"]["matmul_tflops_per_s"])
     assert result["settings"]["steps"] == 2 and result["settings"]["train_batch"] == 1
@@ -130,7 +133,8 @@ def test_bench_tiny_xl_runs_the_sdxl_policy(tmp_path: Path) -> None:
     UNet FLOPs counted with its added conditioning and the on-policy check of the trained steps."""
     out = tmp_path / "bench_xl.json"
     argv = ["--shape", "tiny_xl", "--device", "cpu", "--steps", "2", "--sample-batch", "1",
-            "--train-batch", "1", "--repeats", "1", "--warmup", "0", "--output", str(out)]  # fmt: skip
+            "--train-batch", "1", "--repeats", "1", "--warmup", "0", "--output",
+            str(out)]  # fmt: skip
     assert bench_main(argv) == 0
     result = json.loads(out.read_text())
     assert set(result["items"]) == {"sample", "decode", "train", "end_to_end"}

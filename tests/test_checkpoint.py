@@ -42,7 +42,8 @@ def save(out: Path, epoch: int, value: float = 1.0, keep: int = 10) -> Path:
 
 
 def corrupt_tensor_bytes(path: Path) -> None:
-    """Overwrite the last 8 bytes of trainable.safetensors (tensor data) with 0xFF: two float32 NaNs."""
+    """Overwrite the last 8 bytes of trainable.safetensors (tensor data) with 0xFF: two float32
+    NaNs."""
     f = path / "trainable.safetensors"
     data = bytearray(f.read_bytes())
     data[-8:] = b"\xff" * 8

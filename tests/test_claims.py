@@ -20,7 +20,8 @@ SPEC.loader.exec_module(claims)
 
 def curve(rewards: list[float]) -> dict:
     n = len(rewards)
-    return {"prompts": [48.0 * i for i in range(n)], "reward_queries": [192.0 * i for i in range(n)],
+    return {"prompts": [48.0 * i for i in range(n)],
+            "reward_queries": [192.0 * i for i in range(n)],
             "time_s": [1.0 * i for i in range(n)], "reward": rewards}  # fmt: skip
 
 
@@ -29,10 +30,13 @@ def summary(curves: dict) -> dict:
 
 
 def test_paired_difference_and_verdicts_by_hand():
-    # loop gains 0.10, 0.12, 0.08; ppo gains 0.02, 0.03, 0.01: d = 0.08, 0.09, 0.07 -> 0.08 +- 0.01/sqrt(3)
+    # loop gains 0.10, 0.12, 0.08; ppo gains 0.02, 0.03, 0.01: d = 0.08, 0.09, 0.07 -> 0.08 +-
+    # 0.01/sqrt(3)
     s = summary({
-        **{f"loop_k4/seed_{i}": curve([0.2, 0.25, 0.2 + g]) for i, g in enumerate([0.10, 0.12, 0.08])},
-        **{f"ppo_k1/seed_{i}": curve([0.2, 0.21, 0.2 + g]) for i, g in enumerate([0.02, 0.03, 0.01])},
+        **{f"loop_k4/seed_{i}": curve([0.2, 0.25, 0.2 + g])
+           for i, g in enumerate([0.10, 0.12, 0.08])},
+        **{f"ppo_k1/seed_{i}": curve([0.2, 0.21, 0.2 + g])
+           for i, g in enumerate([0.02, 0.03, 0.01])},
     })  # fmt: skip
     m, se, n = claims.paired(s, "loop_k4", "ppo_k1", claims.gain)
     assert (m, n) == (pytest.approx(0.08, abs=1e-12), 3)
@@ -47,7 +51,8 @@ def test_paired_difference_and_verdicts_by_hand():
     assert claims.verdict(0.04, 0.01, 5).startswith("**holds**")  # t = 4 > 2.776
     assert claims.verdict(0.5, math.nan, 1).startswith("one seed")
     assert claims.t_critical(12) == 2.228  # between table entries: the smaller dof's (conservative)
-    # AUC by trapezoid over prompts 0, 48, 96, divided by 96: (0.2 + 0.25)/2/2 + (0.25 + 0.3)/2/2 = 0.25
+    # AUC by trapezoid over prompts 0, 48, 96, divided by 96: (0.2 + 0.25)/2/2 + (0.25 + 0.3)/2/2 =
+    # 0.25
     assert claims.auc(curve([0.2, 0.25, 0.3])) == pytest.approx(0.25, rel=1e-12)
     # Only seeds present in both runs are paired.
     del s["curves"]["ppo_k1/seed_2"]
@@ -136,7 +141,8 @@ def eval_json(path: Path, targets: dict[str, list[list[float]]], seed: int = 777
     settings = {"prompts": "shapes/val_pair", "images_per_prompt": 2, "seed": seed, "num_steps": 10,
                 "eta": 1.0, "guidance_scale": 3.0, "device": "cpu", "batch_size": 16}  # fmt: skip
     data = {"targets": [entry("shapes", "model", BASE)]
-            + [entry(spec, "run", scores) for spec, scores in targets.items()], "settings": settings}  # fmt: skip
+            + [entry(spec, "run", scores) for spec, scores in targets.items()],
+            "settings": settings}  # fmt: skip
     path.write_text(json.dumps(data))
     return path
 

@@ -1,4 +1,5 @@
-"""The ``diffloop`` command: every user error is one line, help lists the config keys, help is light."""
+"""The ``diffloop`` command: every user error is one line, help lists the config keys, help is
+light."""
 
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ def test_train_help_lists_config_keys_with_their_docs(capsys):
         in out
     )
     assert (
-        "  train.adv_clip_max = null   (>= 0)\n      Clip advantages to +-this. null: the algorithm's"
-        in out
+        "  train.adv_clip_max = null   (>= 0)\n      Clip advantages to +-this. null: "
+        "the algorithm's" in out
     )
     assert "  performance.compile = none   (one of none, sampling, training, all)\n" in out
     for key in (
@@ -122,13 +123,16 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["train", "reward.name=no_such_reward"], "reward.name=no_such_reward: unknown reward"),
         (["train", "reward.name=no_such_pkg.mod:fn"], "could not import module 'no_such_pkg.mod'"),
         (["train", "reward.name=example_rewards:missing"], "has no attribute 'missing'"),
-        (["train", "reward.name=multi"], "reward.components: reward components must be a non-empty list"),
+        (["train", "reward.name=multi"],
+         "reward.components: reward components must be a non-empty list"),
         (["train", "reward.components=[{name: jpeg_compresibility}]", "reward.name=multi"],
          "reward.components[0].name=jpeg_compresibility: unknown reward"),
-        (["train", "prompts.source=file", f"prompts.path={tmp / 'nul.txt'}"], "control character NUL"),
+        (["train", "prompts.source=file", f"prompts.path={tmp / 'nul.txt'}"],
+         "control character NUL"),
         (["train", "prompts.source=file", f"prompts.path={missing}.txt"], "does not exist"),
         (["train", "prompts.source=ddpo/simple_animal"], "Did you mean 'ddpo/simple_animals'?"),
-        (["train", "eval.prompts=shapes/val_par"], "eval.prompts=shapes/val_par: unknown shapes split"),
+        (["train", "eval.prompts=shapes/val_par"],
+         "eval.prompts=shapes/val_par: unknown shapes split"),
         (["train", f"output_dir={tmp / 'afile' / 'run'}"], "is a file"),
         (["train", "output_dir=/proc/diffloop_run"], "is not writable"),
         (["check-config", "reward.name=no_such_reward"], "unknown reward"),
@@ -137,12 +141,15 @@ def _bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
          "use reward.name=multi"),
         (["check-config", "reward.name=example_rewards:prompt_length", "reward.kwargs.a=1"],
          "takes no kwargs"),
-        (["check-config", str(tmp / "sweep_bad_run.yaml")], "run 'a' (seed 0): reward.name=no_such_reward"),
-        (["compare", str(tmp / "sweep_bad_run.yaml")], "run 'a' (seed 0): reward.name=no_such_reward"),
+        (["check-config", str(tmp / "sweep_bad_run.yaml")],
+         "run 'a' (seed 0): reward.name=no_such_reward"),
+        (["compare", str(tmp / "sweep_bad_run.yaml")],
+         "run 'a' (seed 0): reward.name=no_such_reward"),
         (["compare", str(tmp / "sweep_no_budget.yaml")], "needs 'budget'"),
         (["compare", missing + ".yaml"], "does not exist"),
         (["sample", missing, "--prompt", "a cat"], "no directory at"),
-        (["sample", "shapes", "--prompt", "a cat", "--output", "/proc/diffloop_out"], "--output=/proc/diffloop_out"),
+        (["sample", "shapes", "--prompt", "a cat", "--output", "/proc/diffloop_out"],
+         "--output=/proc/diffloop_out"),
         (["bench", "--device", "nonsense"], "--device 'nonsense' is not a torch device"),
         (["variance", "sample.eta=0"], "sample.eta=0.0 must be in (0, 1]"),
         (["variance", "--algorithms", "nope"], "unknown algorithm 'nope'"),
@@ -156,7 +163,8 @@ def test_every_bad_input_is_one_line_error(capsys, tmp_path):
 
 
 def _argparse_style_error(capsys, argv: list[str]) -> str:
-    """Commands built on argparse report bad input as the one line ``diffloop: error: <cmd>: ...``."""
+    """Commands built on argparse report bad input as the one line ``diffloop: error: <cmd>:
+    ...``."""
     try:
         code = main(argv)
     except SystemExit as e:
@@ -173,12 +181,16 @@ def test_argparse_commands_report_bad_input_without_tracebacks(capsys, tmp_path)
     run.mkdir()
     (run / "config.yaml").write_text("seed: 0\n")
     cases = [
-        (["report", str(tmp_path / "missing")], "diffloop: error: report: ", "is not a run directory"),
-        (["report", str(run), "--output", "/proc/diffloop/report.html"], "diffloop: error: report: ",
+        (["report", str(tmp_path / "missing")], "diffloop: error: report: ",
+         "is not a run directory"),
+        (["report", str(run), "--output", "/proc/diffloop/report.html"],
+         "diffloop: error: report: ",
          "No such file or directory"),
         (["eval", "shapes", "--prompts", "shapes/val", "--reward", "shapes_binding", "--output",
-          "/proc/diffloop_eval"], "diffloop: error: eval: ", "--output=/proc/diffloop_eval cannot be created"),
-        (["serve-reward", "jpeg_compressibility", "--port", "-5"], "diffloop: error: serve-reward: ",
+          "/proc/diffloop_eval"], "diffloop: error: eval: ",
+         "--output=/proc/diffloop_eval cannot be created"),
+        (["serve-reward", "jpeg_compressibility", "--port", "-5"],
+         "diffloop: error: serve-reward: ",
          "-5 is not a TCP port"),
     ]  # fmt: skip
     for argv, prefix, expected in cases:
@@ -229,8 +241,8 @@ def test_user_errors_share_one_base_class():
     from diffloop.rewards.registry import RewardSpecError
     from diffloop.tools.sweep import SweepError
 
-    for cls in (CheckpointError, ConfigError, ModelLoadError, PromptError, RewardError, MissingWeightsError,
-                RewardSpecError, SweepError):  # fmt: skip
+    for cls in (CheckpointError, ConfigError, ModelLoadError, PromptError, RewardError,
+                MissingWeightsError, RewardSpecError, SweepError):  # fmt: skip
         assert issubclass(cls, DiffloopError), cls
 
 

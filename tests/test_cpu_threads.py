@@ -1,4 +1,5 @@
-"""cpu_threads: auto = the available cores; parallel sweep jobs split the cores without oversubscribing."""
+"""cpu_threads: auto = the available cores; parallel sweep jobs split the cores without
+oversubscribing."""
 
 from __future__ import annotations
 
@@ -77,7 +78,10 @@ def test_run_parallel_gives_each_child_its_share_and_reports_failures(tmp_path, 
     monkeypatch.setattr("diffloop.config.available_cores", lambda: 4)
 
     def child(_sweep, index, jobs, overrides):  # stands in for `diffloop compare --shard`
-        code = f"import os, sys; print(os.environ['OMP_NUM_THREADS'], '{index}/{jobs}'); sys.exit({index})"
+        code = (
+            f"import os, sys; print(os.environ['OMP_NUM_THREADS'], '{index}/{jobs}'); "
+            f"sys.exit({index})"
+        )
         return [sys.executable, "-c", code]
 
     monkeypatch.setattr(sweep, "shard_command", child)

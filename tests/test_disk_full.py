@@ -1,7 +1,7 @@
-"""A full disk while saving a checkpoint or the export is one line naming the directory and the space
-needed; the earlier checkpoint stays complete and loadable, no truncated file is left as the export,
-and `resume=true` afterwards finishes the run. Tested by making the writers fail midway (a partial
-file, then ENOSPC) and, where this machine lets us mount one, on a real small tmpfs."""
+"""A full disk while saving a checkpoint or the export is one line naming the directory and the
+space needed; the earlier checkpoint stays complete and loadable, no truncated file is left as the
+export, and `resume=true` afterwards finishes the run. Tested by making the writers fail midway (a
+partial file, then ENOSPC) and, where this machine lets us mount one, on a real small tmpfs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Two processes (gloo on CPU) must end with identical parameters, equal to the single-process run."""
+"""Two processes (gloo on CPU) must end with identical parameters, equal to the single-process
+run."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def test_two_processes_match_one(tiny_sd, tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"
         # Adam normalises each element, so float-order noise in near-zero gradient elements shows up
-        # at ~1e-6; a missing sync or a baseline over local rewards only moves parameters by ~lr = 1e-2.
+        # at ~1e-6; a missing sync or a baseline over local rewards only moves parameters by ~lr =
+        # 1e-2.
         torch.testing.assert_close(
             rank0[name], one[name], rtol=0, atol=2e-5, msg=f"2 procs != 1 on {name}"
         )

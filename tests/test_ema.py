@@ -236,7 +236,8 @@ WARM = {"train.ema_warmup": True, "train.ema_update_interval": 3}
 
 
 def test_trainer_ema_with_warmup_and_interval_is_the_hand_recursion(tiny_sd, tmp_path, monkeypatch):
-    """The trainer passes its optimizer_steps: n-th step blends with d_n only when (n + 1) % 3 == 0."""
+    """The trainer passes its optimizer_steps: n-th step blends with d_n only when (n + 1) % 3 ==
+    0."""
     t = trainer(tiny_sd, tmp_path / "run", num_epochs=3, **{"eval.prompts": None, **WARM})
     expected = t.policy.trainable_state_dict()
     original = Trainer._optimizer_step

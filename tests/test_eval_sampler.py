@@ -1,6 +1,7 @@
-"""The evaluation sampler (``eval.num_steps`` / ``eval.eta``): a flow model is evaluated as Flow-GRPO
-does (the ODE at 40 steps for SD3, 28 for FLUX, the training guidance), a DDIM model with its
-training sampler as before; ``diffloop eval RUN`` reproduces the run's own evaluation exactly."""
+"""The evaluation sampler (``eval.num_steps`` / ``eval.eta``): a flow model is evaluated as
+Flow-GRPO does (the ODE at 40 steps for SD3, 28 for FLUX, the training guidance), a DDIM model with
+its training sampler as before; ``diffloop eval RUN`` reproduces the run's own evaluation
+exactly."""
 
 from __future__ import annotations
 

@@ -38,8 +38,10 @@ ALPHA, RANK = 3.0, 2  # alpha != rank: a kohya copy with diffusers' default alph
 def run_overrides(model, out: Path, **extra) -> list[str]:
     return tiny_overrides(
         model, out, num_epochs=1, **{
-            "sample.num_steps": 3, "lora.rank": RANK, "lora.alpha": ALPHA, "train.learning_rate": 0.1,
-            "eval.prompts": "shapes/val_pair", "eval.num_prompts": 2, "eval.samples_per_prompt": 1, **extra,
+            "sample.num_steps": 3, "lora.rank": RANK, "lora.alpha": ALPHA,
+            "train.learning_rate": 0.1,
+            "eval.prompts": "shapes/val_pair", "eval.num_prompts": 2, "eval.samples_per_prompt": 1,
+            **extra,
         },
     )  # fmt: skip
 
@@ -146,8 +148,8 @@ def test_kohya_copy_has_webui_keys_and_the_runs_alpha(trained):
 
 
 def test_kohya_copy_converts_back_to_the_diffusers_weights(trained):
-    """diffusers' kohya -> diffusers conversion (what load_lora_weights runs) gives the same tensors,
-    with network alpha = the run's alpha."""
+    """diffusers' kohya -> diffusers conversion (what load_lora_weights runs) gives the same
+    tensors, with network alpha = the run's alpha."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
@@ -192,7 +194,8 @@ def test_kohya_alpha_is_given_not_the_rank():
 
 
 def test_export_imports_no_pipeline_class(tmp_path):
-    """The LoRA export goes through the loader mixin: no pipeline module (whose import warns) loads."""
+    """The LoRA export goes through the loader mixin: no pipeline module (whose import warns)
+    loads."""
     code = (
         "import sys, torch\n"
         "from peft import LoraConfig\n"
@@ -203,7 +206,8 @@ def test_export_imports_no_pipeline_class(tmp_path):
         "p = P(); p.unet = make_tiny_unet()\n"
         "p.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=['to_q']))\n"
         f"save_lora(p, {str(tmp_path)!r})\n"
-        "print(sorted(m for m in sys.modules if m.startswith('diffusers.pipelines.stable_diffusion')))\n"
+        "print(sorted(m for m in sys.modules if "
+        "m.startswith('diffusers.pipelines.stable_diffusion')))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300

@@ -1,5 +1,6 @@
 """Extras and install hints: matplotlib is a dependency (the ``[report]`` extra stays as an alias; a
-broken install gets one line naming the fix), and every hub hint names the current ``hf download``."""
+broken install gets one line naming the fix), and every hub hint names the current ``hf
+download``."""
 
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ def test_no_module_imports_matplotlib_at_import_time() -> None:
 
 
 def test_the_import_scan_sees_module_level_imports() -> None:
-    tree = ast.parse("import os\ntry:\n    import matplotlib.pyplot\nexcept ImportError:\n    pass\n"
+    tree = ast.parse("import os\ntry:\n    import matplotlib.pyplot\n"
+                     "except ImportError:\n    pass\n"
                      "def f():\n    import matplotlib\n")  # fmt: skip
     assert sorted(_module_level_imports(tree)) == ["matplotlib.pyplot", "os"]
 

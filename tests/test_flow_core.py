@@ -1,5 +1,5 @@
-"""The flow-matching step (diffloop.core.flow): Euler parity, true Gaussian densities, CPS marginals,
-edge sigmas, dtypes, per-sample noise, and the SD3 / FLUX schedules against diffusers."""
+"""The flow-matching step (diffloop.core.flow): Euler parity, true Gaussian densities, CPS
+marginals, edge sigmas, dtypes, per-sample noise, and the SD3 / FLUX schedules against diffusers."""
 
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def test_log_prob_is_the_gaussian_density_reduced(sde_type, reduction):
 
 def test_sde_matches_flow_grpo_equations():
     """Flow-GRPO's sde_step_with_logprob written out: std_t = a sqrt(s / (1 - s)), with sigmas[1] in
-    the denominator at s = 1; mean = x (1 + std_t^2 dt / (2 s)) + v (1 + std_t^2 (1 - s) / (2 s)) dt."""
+    the denominator at s = 1; mean = x (1 + std_t^2 dt / (2 s)) + v (1 + std_t^2 (1 - s) / (2 s))
+    dt."""
     sched = sd3_scheduler()
     x, v = _state(2)
     a = 0.7

@@ -1,4 +1,5 @@
-"""The labelled before/after grid: headings, the prompt beside each row, each image's score under it."""
+"""The labelled before/after grid: headings, the prompt beside each row, each image's score under
+it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The non-finite guard: a NaN/inf gradient is skipped and counted, never applied; N in a row stop."""
+"""The non-finite guard: a NaN/inf gradient is skipped and counted, never applied; N in a row
+stop."""
 
 from __future__ import annotations
 
@@ -62,9 +63,11 @@ def test_nan_onpolicy_error_is_a_failure():
 def inject_nan_gradients(
     monkeypatch, on_calls: set[int] | None = None, from_call: int | None = None
 ) -> list[dict]:
-    """Make optimizer step number c (1-based) see a NaN gradient for c in ``on_calls`` or c >= ``from_call``.
+    """Make optimizer step number c (1-based) see a NaN gradient for c in ``on_calls`` or c >=
+    ``from_call``.
 
-    Returns a log of {"call", "injected", "unchanged"} per step (unchanged: params equal before/after).
+    Returns a log of {"call", "injected", "unchanged"} per step (unchanged: params equal
+    before/after).
     """
     original = Trainer._optimizer_step
     log: list[dict] = []

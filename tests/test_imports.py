@@ -2,8 +2,9 @@
 
 Every ``import`` / ``from ... import`` statement counts, including those inside functions and under
 ``if TYPE_CHECKING``: a function-level import still couples the two modules, it only hides the cycle
-until the function runs. Edges go to the module named (``from diffloop.rewards import registry`` is an
-edge to diffloop.rewards.registry; ``from diffloop.rewards import score`` one to diffloop.rewards).
+until the function runs. Edges go to the module named (``from diffloop.rewards import registry`` is
+an edge to diffloop.rewards.registry; ``from diffloop.rewards import score`` one to
+diffloop.rewards).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# module (or package: it covers its submodules) -> layer. A module may import only modules of its own
-# layer or lower ones (and never in a cycle). Longest prefix wins.
+# module (or package: it covers its submodules) -> layer. A module may import only modules of its
+# own layer or lower ones (and never in a cycle). Longest prefix wins.
 LAYERS: dict[str, int] = {
-    "diffloop": 5,  # the package itself (exact name only): lazily re-exports the API (Trainer, ...) and core
+    # the package itself (exact name only): lazily re-exports the API (Trainer, ...) and core
+    "diffloop": 5,
     "diffloop.core": 0,
     "diffloop.seeding": 0,
     "diffloop.metrics": 1,
@@ -94,7 +96,8 @@ def imports_of(module: str) -> list[tuple[str, list[str], int]]:
 
 
 def edges() -> dict[str, set[str]]:
-    """module -> the diffloop modules it imports (submodules named in a from-import count as such)."""
+    """module -> the diffloop modules it imports (submodules named in a from-import count as
+    such)."""
     graph: dict[str, set[str]] = {m: set() for m in MODULES}
     for module in MODULES:
         for target, names, _ in imports_of(module):

@@ -88,7 +88,8 @@ def test_cps_forms_agree_and_per_sample_sigmas():
 @pytest.mark.parametrize("sde_type", ["sde", "cps"])
 def test_step_loss_uses_the_configured_form(tiny_sd3, sde_type):
     """The training path: kl_to_base under kl_form=flow_grpo / gaussian equals each form computed by
-    hand from the policy's step Gaussians and the stored sigmas (Flow-GRPO's std_dev_t equations)."""
+    hand from the policy's step Gaussians and the stored sigmas (Flow-GRPO's std_dev_t
+    equations)."""
     from diffloop.config import SampleConfig
 
     torch.manual_seed(0)
@@ -173,7 +174,8 @@ def sd35_sigmas() -> torch.Tensor:
 
 def test_cps_surrogate_log_ratio_is_the_true_one_times_two_std_squared():
     """Flow-GRPO's CPS log-prob -mean((x' - mean)^2): its log-ratio between two means is the true
-    mean-reduced log-ratio times 2 std^2, so its clip range eps is eps / (2 std^2) on the density."""
+    mean-reduced log-ratio times 2 std^2, so its clip range eps is eps / (2 std^2) on the
+    density."""
     from diffloop.core import gaussian_log_prob
 
     sigmas = sd35_sigmas()

@@ -138,12 +138,14 @@ def inputs(family: str, model: torch.nn.Module) -> dict[str, Any]:
             kw["added_cond_kwargs"] = {"text_embeds": r(2, 32), "time_ids": r(2, 6)}
         return kw
     if family == "sd3":
-        return {"hidden_states": r(2, c.in_channels, 16, 16), "timestep": torch.tensor([900.0, 150.0]),
+        return {"hidden_states": r(2, c.in_channels, 16, 16),
+                "timestep": torch.tensor([900.0, 150.0]),
                 "encoder_hidden_states": r(2, 7, c.joint_attention_dim),
                 "pooled_projections": r(2, c.pooled_projection_dim)}  # fmt: skip
     return {"hidden_states": r(2, 16, c.in_channels), "timestep": torch.tensor([0.5, 0.02]),
             "encoder_hidden_states": r(2, 7, c.joint_attention_dim),
-            "pooled_projections": r(2, c.pooled_projection_dim), "guidance": torch.tensor([3.5, 3.5]),
+            "pooled_projections": r(2, c.pooled_projection_dim),
+            "guidance": torch.tensor([3.5, 3.5]),
             "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(7, 3)}  # fmt: skip
 
 

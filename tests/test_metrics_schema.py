@@ -41,7 +41,8 @@ def run(tiny_sd, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("schema")
     (root / "multi.yaml").write_text(MULTI_REWARD)
     out = root / "run"
-    extra = {"sample.num_steps": 2, "train.log_kl_to_base": "true", "eval.prompts": "shapes/val_pair",
+    extra = {"sample.num_steps": 2, "train.log_kl_to_base": "true",
+             "eval.prompts": "shapes/val_pair",
              "eval.num_prompts": 1, "eval.samples_per_prompt": 2, "eval.every_n_epochs": 1,
              "logging.tensorboard": "true"}  # fmt: skip
     overrides = tiny_overrides(tiny_sd, out, **extra)

@@ -1,8 +1,8 @@
 """Speed options (``performance.*``): each keeps the on-policy ratio at 1 and changes nothing else.
 
 torch.compile is exercised with the ``aot_eager`` backend (dynamo tracing + AOT autograd, no code
-generation): inductor on this CPU takes minutes per graph. docs/performance.md lists what was measured
-with inductor.
+generation): inductor on this CPU takes minutes per graph. docs/performance.md lists what was
+measured with inductor.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def make_policy(model_dir, **perf) -> object:
         device=torch.device("cpu"),
         performance=PerformanceConfig(**perf),
     )
-    # peft starts LoRA B at zero (a no-op adapter): give the adapter a real update to merge and trace.
+    # peft starts LoRA B at zero (a no-op adapter): give the adapter a real update to merge and
+    # trace.
     with torch.no_grad():
         for name, p in policy.named_trainable_parameters().items():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
@@ -129,7 +130,8 @@ def test_merged_lora_in_half_precision_is_refused_with_the_reason():
 
 def test_trainer_with_every_option_stays_on_policy(tiny_sd, tmp_path):
     rows = run(tiny_sd, tmp_path / "run", num_epochs=1, **{
-        "train.batch_size": 4, "performance.compile": "all", "performance.compile_backend": "aot_eager",
+        "train.batch_size": 4, "performance.compile": "all",
+        "performance.compile_backend": "aot_eager",
         "performance.channels_last": True, "performance.merge_lora_for_sampling": True,
     })  # fmt: skip
     assert rows[0]["optimizer_steps"] == 1

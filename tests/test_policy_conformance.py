@@ -39,7 +39,8 @@ def _reload_sd_pipeline_unet(model_dir: Path, lora_dir: Path) -> torch.nn.Module
 
 
 def _reload_unet_adapter(model_dir: Path, lora_dir: Path) -> torch.nn.Module:
-    """A pixel-space model has no VAE, hence no StableDiffusionPipeline: load the adapter on its UNet."""
+    """A pixel-space model has no VAE, hence no StableDiffusionPipeline: load the adapter on its
+    UNet."""
     from diffusers import UNet2DConditionModel
 
     from diffloop.policies.diffusers_policy import resolve_pretrained

@@ -1,5 +1,5 @@
-"""Prompt datasets with metadata: JSONL, CSV and Hugging Face ``datasets`` sources, their errors, and
-the rows' fields reaching the reward in training and in evaluation."""
+"""Prompt datasets with metadata: JSONL, CSV and Hugging Face ``datasets`` sources, their errors,
+and the rows' fields reaching the reward in training and in evaluation."""
 
 from __future__ import annotations
 
@@ -158,9 +158,12 @@ def test_the_reward_gets_each_rows_fields_in_training_and_evaluation(tmp_path):
         [{"prompt": "a red square", "tag": "held_out", "objects": ["square"]}],
     )
     config = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", "num_epochs=1", "sample.num_steps=2", "sample.prompts_per_epoch=2",
-        "sample.samples_per_prompt=2", "train.batch_size=4", "logging.progress_bars=false", "logging.report_to=none",
-        "prompts.source=jsonl", f"prompts.path={train}", "eval.prompts=jsonl", f"eval.path={held_out}",
+        f"output_dir={tmp_path / 'run'}", "num_epochs=1", "sample.num_steps=2",
+        "sample.prompts_per_epoch=2",
+        "sample.samples_per_prompt=2", "train.batch_size=4", "logging.progress_bars=false",
+        "logging.report_to=none",
+        "prompts.source=jsonl", f"prompts.path={train}", "eval.prompts=jsonl",
+        f"eval.path={held_out}",
         "eval.num_prompts=2", "eval.samples_per_prompt=1",
     ])  # fmt: skip
     reward = Recorder()

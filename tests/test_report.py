@@ -269,7 +269,8 @@ OLD_METRICS = Path(__file__).resolve().parent / "fixtures" / "metrics_2026-12.js
 
 def test_old_and_tensorboard_style_metrics_read_alike(runs, tmp_path) -> None:
     """A run written with flat keys and the same run with namespaced aliases (reward/mean) give the
-    same rows and the same plots; a key the schema does not know is named on the page, not plotted."""
+    same rows and the same plots; a key the schema does not know is named on the page, not
+    plotted."""
     from diffloop.metrics import tensorboard_tag
     from diffloop.tools.report import load_run
 
@@ -303,7 +304,7 @@ def test_old_and_tensorboard_style_metrics_read_alike(runs, tmp_path) -> None:
     assert "ratio_max_dev" not in alias_plots
 
 
-# ----------------------------------------------------------------------------- what a newcomer reads
+# ---------------------------------------------------------------------------- what a newcomer reads
 
 
 def test_labelled_images_breakdown_and_standard_errors(runs, report) -> None:
@@ -356,7 +357,8 @@ def rendered_boxes(flags: list[str], page: Path) -> dict:
 BOX_SCRIPT = """<script>addEventListener('load', () => {
   const imgs = [...document.images].map(i => { const r = i.getBoundingClientRect();
     return {alt: i.alt, plot: !!i.closest('.plots'), labelled: !!i.closest('table.labelled'),
-            x: r.left + scrollX, y: r.top + scrollY, w: r.width, h: r.height, nw: i.naturalWidth}; });
+            x: r.left + scrollX, y: r.top + scrollY, w: r.width, h: r.height,
+            nw: i.naturalWidth}; });
   const out = {height: document.documentElement.scrollHeight, imgs};
   const pre = document.createElement('pre'); pre.id = 'boxes';
   pre.textContent = JSON.stringify(out); document.body.appendChild(pre); });</script></body>"""
@@ -421,7 +423,8 @@ def test_labelled_table_is_capped_and_a_damaged_npz_is_named(runs, tmp_path) -> 
     shutil.copy(runs[0] / "config.yaml", run / "config.yaml")
     p = TABLE_ROWS + 8
     rng = np.random.default_rng(0)
-    np.savez_compressed(run / "eval" / "base.npz", prompts=np.array([f"prompt {i}" for i in range(p)]),
+    np.savez_compressed(run / "eval" / "base.npz",
+                        prompts=np.array([f"prompt {i}" for i in range(p)]),
                         images=rng.integers(0, 256, (p, 3, 8, 8), dtype=np.uint8),
                         scores=np.linspace(0, 1, p))  # fmt: skip
     np.savez_compressed(run / "eval" / "epoch_0003.npz", prompts=np.array(["a", "b"]),

@@ -1,5 +1,5 @@
-"""resume=true continues the run itself: its own config, only allowed changes, an append-only record;
-Ctrl-C ends `diffloop train` with one line and the command that resumes."""
+"""resume=true continues the run itself: its own config, only allowed changes, an append-only
+record; Ctrl-C ends `diffloop train` with one line and the command that resumes."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def sessions(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "sessions.jsonl").read_text().splitlines()]
 
 
-# ----------------------------------------------------------------------------- check_resume (no model)
+# -------------------------------------------------------------------------- check_resume (no model)
 
 
 def saved_run(tmp_path: Path, **changes) -> Config:
@@ -176,7 +176,8 @@ def test_ctrl_c_prints_one_line_with_what_was_kept_and_the_resume_command(
     line = err.strip().splitlines()[-1]
     command = f"diffloop train output_dir={out} resume=true"
     assert line == (
-        f"diffloop: interrupted; kept checkpoint {out / 'checkpoints' / 'epoch_000001'} (1 epochs done); "
+        "diffloop: interrupted; kept checkpoint "
+        f"{out / 'checkpoints' / 'epoch_000001'} (1 epochs done); "
         f"resume with: {command}"
     )
     monkeypatch.setitem(INTERRUPT, "at_epoch", None)

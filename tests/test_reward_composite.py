@@ -226,7 +226,8 @@ def test_trainer_logs_each_component_mean(tiny_sd: Path, tmp_path: Path) -> None
     row = rows[0]
     bright, length = row[f"reward_{BRIGHT}_mean"], row[f"reward_{LENGTH}_mean"]
     assert 0.0 < bright < 1.0
-    # prompts of tiny_overrides: 2 prompts x 2 samples drawn from "a cat", "a dog on a bench", "a red ball"
+    # prompts of tiny_overrides: 2 prompts x 2 samples drawn from "a cat", "a dog on a bench", "a
+    # red ball"
     assert length in {5.0, 16.0, 10.0, 10.5, 7.5, 13.0}
     # the logged reward is the weighted total of the logged component means (means are linear)
     assert row["reward_mean"] == pytest.approx(bright + 0.5 * length, rel=1e-6)

@@ -25,24 +25,29 @@ BAD_KWARGS = [
     (["reward.name=remote", "reward.kwargs.url=http://127.0.0.1:8765", "reward.kwargs.retries=-1"],
      "need retries >= 0, got retries=-1"),
     (["reward.name=jpeg_compressibility", "reward.kwargs.foo=1"],
-     "reward 'jpeg_compressibility' takes no kwarg 'foo'. Its kwargs: quality; rename or remove 'foo'"),
+     ("reward 'jpeg_compressibility' takes no kwarg 'foo'. Its kwargs: quality; rename "
+      "or remove 'foo'")),
     (["reward.name=pickscore", "reward.kwargs.foo=1"],
-     ("reward.name=pickscore: reward 'pickscore' takes no kwarg 'foo'. Its kwargs: model, processor, "
+     ("reward.name=pickscore: reward 'pickscore' takes no kwarg 'foo'. Its kwargs: "
+      "model, processor, "
       "dtype, batch_size")),
     (["reward.name=pickscore", "reward.kwargs.modle=x"], "no kwarg 'modle'. Did you mean 'model'?"),
     (["reward.name=remote", "reward.kwargs.url=http://127.0.0.1:8765", "reward.kwargs.ulr=x"],
      "no kwarg 'ulr'. Did you mean 'url'?"),
     (["reward=[{name: jpeg_compressibility, kwargs: {qualty: 80}}, {name: remote, kwargs: {url: 'http://h:1'}}]"],
-     ("reward.components[0].name=jpeg_compressibility: reward 'jpeg_compressibility' takes no kwarg "
+     ("reward.components[0].name=jpeg_compressibility: reward 'jpeg_compressibility' "
+      "takes no kwarg "
       "'qualty'. Did you mean 'quality'?")),
     (["reward=[{name: jpeg_compressibility}, {name: remote, kwargs: {url: 'h:1'}}]"],
      "reward.components[1].name=remote: reward 'remote': url='h:1' must start with http://"),
     (["eval.reward=remote", "eval.reward_kwargs.url=ftp://host/x"],
      "eval.reward=remote: reward 'remote': url='ftp://host/x' must start with http:// or https://"),
-    (["eval.reward=clip_score", "eval.reward_kwargs.scael=2"], "no kwarg 'scael'. Did you mean 'scale'?"),
+    (["eval.reward=clip_score", "eval.reward_kwargs.scael=2"],
+     "no kwarg 'scael'. Did you mean 'scale'?"),
     # a user's class (tests/example_rewards.py): imported by the name check already, so checked too
     (["reward.name=example_rewards:Brightness", "reward.kwargs.scal=2"],
-     "reward 'example_rewards:Brightness' takes no kwarg 'scal'. Did you mean 'scale'? Its kwargs: scale"),
+     ("reward 'example_rewards:Brightness' takes no kwarg 'scal'. Did you mean 'scale'? "
+      "Its kwargs: scale")),
 ]  # fmt: skip
 
 
@@ -97,7 +102,8 @@ def test_good_kwargs_pass_and_a_reward_taking_any_kwargs_accepts_anything(
     out = f"output_dir={tmp_path / 'run'}"
     for overrides in (
         ["reward.name=anything", "reward.kwargs.whatever=1", "reward.kwargs.other=x"],
-        ["reward.name=remote", "reward.kwargs.url=https://rewards.example:443/", "reward.kwargs.timeout=5"],
+        ["reward.name=remote", "reward.kwargs.url=https://rewards.example:443/",
+         "reward.kwargs.timeout=5"],
         ["reward.name=pickscore", "reward.kwargs.batch_size=4"],
         ["reward.name=example_rewards:Brightness", "reward.kwargs.scale=2"],
         ["reward.name=jpeg_compressibility", "reward.kwargs.quality=80"],

@@ -183,7 +183,8 @@ def test_blip_transform_matches_blip_image_processor(height, width):
          ["A brown kitchen counter", "a big white bowl"]),
         ("A cat sitting next to a green bicycle on a white lawn.",
          ["A cat", "a green bicycle", "a white lawn"]),
-        ("A bathroom has gold wall and brown counters.", ["A bathroom", "gold wall", "brown counters"]),
+        ("A bathroom has gold wall and brown counters.", ["A bathroom", "gold wall",
+                                                          "brown counters"]),
         ("The glass figurine and metallic clock decorate the wooden mantel.",
          ["The glass figurine", "metallic clock", "the wooden mantel"]),
         ("a round bagel and a square piece of toast", ["a round bagel", "a square piece", "toast"]),
@@ -432,7 +433,8 @@ def test_imagereward_checkpoint_keys_map_strictly(paths):
     state = torch.load(paths["imagereward"], weights_only=True)
     for key in [  # BLIP / ImageReward names (vit.py, med.py, ImageReward.py)
         "blip.visual_encoder.cls_token", "blip.visual_encoder.pos_embed",
-        "blip.visual_encoder.patch_embed.proj.weight", "blip.visual_encoder.blocks.1.attn.qkv.weight",
+        "blip.visual_encoder.patch_embed.proj.weight",
+                "blip.visual_encoder.blocks.1.attn.qkv.weight",
         "blip.visual_encoder.blocks.1.mlp.fc2.bias", "blip.visual_encoder.norm.weight",
         "blip.text_encoder.embeddings.word_embeddings.weight",
         "blip.text_encoder.encoder.layer.1.crossattention.self.key.weight",

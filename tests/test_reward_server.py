@@ -506,7 +506,9 @@ def test_run_keeps_checkpoint_when_server_goes_down_and_resumes(
         out,
         **{
             "reward.name": "remote",
-            "reward.kwargs": f"{{url: 'http://127.0.0.1:{port}', retries: 1, backoff: 0.01, timeout: 10}}",
+            "reward.kwargs": (
+                f"{{url: 'http://127.0.0.1:{port}', retries: 1, backoff: 0.01, timeout: 10}}"
+            ),
         },
     )
     brightness = build_reward("reward_fns:brightness")
@@ -582,7 +584,7 @@ def test_server_down_fails_the_run_at_setup_and_leaves_its_record_untouched(
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == record
 
 
-# ----------------------------------------------------------------------------- JSON Schema (/schema)
+# ---------------------------------------------------------------------------- JSON Schema (/schema)
 
 ANNOTATIONS = {"$schema", "$id", "$defs", "title", "description", "x-endpoints",
                "contentEncoding", "contentMediaType"}  # fmt: skip
@@ -602,7 +604,8 @@ def validate(value: Any, schema: dict[str, Any], root: dict[str, Any], at: str =
     #/$defs, type, const, required, properties, additionalProperties: false, items, minItems,
     minimum). Any other keyword raises, so the schema cannot outgrow what this checks."""
     unknown = set(schema) - ANNOTATIONS - {"$ref", "type", "const", "required", "properties",
-                                           "additionalProperties", "items", "minItems", "minimum"}  # fmt: skip
+                                           "additionalProperties", "items", "minItems",
+                                           "minimum"}  # fmt: skip
     if unknown:
         raise NotImplementedError(f"validator lacks keywords {sorted(unknown)} (at {at})")
     if "$ref" in schema:

@@ -103,7 +103,7 @@ def one_line_error(err: str) -> str:
     return lines[0]
 
 
-# ----------------------------------------------------------------------------- two real `diffloop train`
+# ------------------------------------------------------------------------ two real `diffloop train`
 
 
 @pytest.mark.slow
@@ -140,7 +140,7 @@ def test_second_train_on_a_running_run_is_refused_naming_the_first(tmp_path):
     assert not (out / LOCK).exists()  # removed when the run ended
 
 
-# ----------------------------------------------------------------------------- a light holder process
+# --------------------------------------------------------------------------- a light holder process
 
 
 def test_refusal_names_the_holder_and_touches_nothing(tmp_path, capsys):

@@ -112,7 +112,8 @@ def test_each_familys_copy_is_named_with_the_tools_that_load_it(family, tmp_path
     assert _after(lines, f"  {copy}") == "loads in " + SHARE_FORMATS[family].tools.replace("`", "")
     assert _after(lines, "  in Python:") == (
         "from diffusers import DiffusionPipeline; pipe = DiffusionPipeline.from_pretrained("
-        f'"org/base"); pipe.load_lora_weights("{lora.as_posix()}", weight_name="{LORA_WEIGHT_NAME}")'
+        f'"org/base"); pipe.load_lora_weights("{lora.as_posix()}", '
+        f'weight_name="{LORA_WEIGHT_NAME}")'
     )
 
 

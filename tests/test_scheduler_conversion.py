@@ -1,9 +1,10 @@
-"""Defect 1: a model that ships a non-DDIM scheduler trains (finite weights); a degenerate step is refused.
+"""Defect 1: a model that ships a non-DDIM scheduler trains (finite weights); a degenerate step is
+refused.
 
-DDIMScheduler.from_pretrained on an Euler (SDXL-style) config fills the missing set_alpha_to_one with
-DDIM's default True: the last step's std is 0, its log-density NaN, and one epoch later every LoRA
-weight is NaN. load_components now converts with policies.schedulers.to_ddim, and the trainer checks
-every sampled step's std at set-up.
+DDIMScheduler.from_pretrained on an Euler (SDXL-style) config fills the missing set_alpha_to_one
+with DDIM's default True: the last step's std is 0, its log-density NaN, and one epoch later every
+LoRA weight is NaN. load_components now converts with policies.schedulers.to_ddim, and the trainer
+checks every sampled step's std at set-up.
 """
 
 from __future__ import annotations

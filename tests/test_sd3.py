@@ -313,7 +313,8 @@ def test_bench_runs_the_sd3_policy(tmp_path):
 
 
 def test_sd35_medium_builder_has_its_shapes():
-    """``bench --shape sd35``'s networks: SD3.5-medium's configs (CLIP-G is SDXL's text_encoder_2)."""
+    """``bench --shape sd35``'s networks: SD3.5-medium's configs (CLIP-G is SDXL's
+    text_encoder_2)."""
     from diffloop.testing.tiny_flow import build_sd3_components
 
     c = build_sd3_components("sd35_medium", device="meta")

@@ -1,5 +1,6 @@
-"""``model.sd3.max_sequence_length``: SD3's T5 length, against StableDiffusion3Pipeline.encode_prompt
-on the tiny SD3 (``diffloop.testing.tiny_flow``, conftest ``tiny_sd3``)."""
+"""``model.sd3.max_sequence_length``: SD3's T5 length, against
+StableDiffusion3Pipeline.encode_prompt on the tiny SD3 (``diffloop.testing.tiny_flow``, conftest
+``tiny_sd3``)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def test_t5_part_has_the_configured_length_and_equals_the_pipeline(tiny_sd3, len
 
 
 def test_default_length_is_unchanged(tiny_sd3):
-    """null: the pipeline's 256 capped at the T5 tokenizer's model_max_length (the tiny one's 16)."""
+    """null: the pipeline's 256 capped at the T5 tokenizer's model_max_length (the tiny one's
+    16)."""
     assert SD3Config().max_sequence_length is None
     assert policy_for(tiny_sd3).max_sequence_length == T5_TOKENS
 

@@ -1,4 +1,5 @@
-"""Defect 6: named seed streams are distinct by construction (no training/evaluation noise collision)."""
+"""Defect 6: named seed streams are distinct by construction (no training/evaluation noise
+collision)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def test_training_and_evaluation_noise_never_coincide(seed, eval_seed):
     evals = {seeding.eval_image_seed(eval_seed, i, j) for i in range(8) for j in range(4)}
     assert len(train) == 32 and len(evals) == 32  # distinct within each stream
     assert not train & evals
-    # The old collision exactly: epoch e's sample 0 against evaluation image e (of prompt e, index 0).
+    # The old collision exactly: epoch e's sample 0 against evaluation image e (of prompt e, index
+    # 0).
     assert seeding.training_noise_seed(seed, 2, 0) != seeding.eval_image_seed(seed, 2, 0)
 
 
@@ -52,7 +54,8 @@ def test_every_named_stream_is_distinct_from_every_other():
 
 
 def test_part_count_and_word_boundaries_are_part_of_the_stream():
-    # (2^32,) is the word pair (0, 1): it must differ from the two parts (0, 1), and (x, 0) from (x,).
+    # (2^32,) is the word pair (0, 1): it must differ from the two parts (0, 1), and (x, 0) from
+    # (x,).
     assert seeding.stream_seed("train_noise", 2**32) != seeding.stream_seed("train_noise", 0, 1)
     assert seeding.stream_seed("train_noise", 5, 0) != seeding.stream_seed("train_noise", 5)
     assert seeding.stream_seed("train_noise", 0) != seeding.stream_seed("train_noise")

@@ -1,4 +1,5 @@
-"""The end-of-run summary of a shapes run: held-out reward, per attribute, seen vs unseen; labelled grid."""
+"""The end-of-run summary of a shapes run: held-out reward, per attribute, seen vs unseen; labelled
+grid."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``diffloop compare``: grid expansion, budget matching, resume of a half-finished sweep, summary statistics."""
+"""``diffloop compare``: grid expansion, budget matching, resume of a half-finished sweep, summary
+statistics."""
 
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ from diffloop.tools.sweep import (
 
 
 def write_sweep(tmp_path: Path, **fields) -> Path:
-    data = {"base": "shapes.yaml", "budget": {"prompts": 8}, "seeds": [0, 1], "output_dir": str(tmp_path / "out"),
-            "runs": [{"name": "loop_k2", "overrides": ["train.algorithm=loop", "sample.samples_per_prompt=2",
+    data = {"base": "shapes.yaml", "budget": {"prompts": 8}, "seeds": [0, 1],
+            "output_dir": str(tmp_path / "out"),
+            "runs": [{"name": "loop_k2", "overrides": ["train.algorithm=loop",
+                                                       "sample.samples_per_prompt=2",
                                                       "sample.prompts_per_epoch=4"]},
-                     {"name": "reinforce", "overrides": ["train.algorithm=reinforce", "sample.samples_per_prompt=1",
+                     {"name": "reinforce", "overrides": ["train.algorithm=reinforce",
+                                                         "sample.samples_per_prompt=1",
                                                          "sample.prompts_per_epoch=2"]}],
             "overrides": ["train.batch_size=2"]}  # fmt: skip
     data.update(fields)
@@ -37,7 +41,7 @@ def write_sweep(tmp_path: Path, **fields) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- expansion and budgets
+# ---------------------------------------------------------------------------- expansion and budgets
 
 
 def test_grid_expands_seed_major_with_matched_prompts(tmp_path):
@@ -51,7 +55,8 @@ def test_grid_expands_seed_major_with_matched_prompts(tmp_path):
     )
     runs = plan(load_sweep(path))
     names = ["loop_k2", "reinforce", "loop-samples_per_prompt2-num_inner_epochs1",
-             "loop-samples_per_prompt2-num_inner_epochs2", "loop-samples_per_prompt4-num_inner_epochs1",
+             "loop-samples_per_prompt2-num_inner_epochs2",
+             "loop-samples_per_prompt4-num_inner_epochs1",
              "loop-samples_per_prompt4-num_inner_epochs2"]  # fmt: skip
     assert [(r.name, r.seed) for r in runs] == [(n, s) for s in (0, 1) for n in names]
     by = {r.name: r for r in runs if r.seed == 1}
@@ -179,7 +184,8 @@ def fake_run(
 
 
 def test_summary_on_synthetic_metrics(tmp_path):
-    # loop_k2: 4 prompts/epoch, 2 epochs, eval at the base, epoch 0 (4 prompts) and epoch 1 (8 prompts).
+    # loop_k2: 4 prompts/epoch, 2 epochs, eval at the base, epoch 0 (4 prompts) and epoch 1 (8
+    # prompts).
     path = write_sweep(tmp_path, seeds=[0, 1, 2])
     out = tmp_path / "out"
     fake_run(out / "loop_k2/seed_0", {-1: 0.1, 0: 0.3, 1: 0.5}, 2, 4, 2, finished=True)
@@ -214,8 +220,10 @@ def test_summary_on_synthetic_metrics(tmp_path):
 
 
 def test_curve_accumulates_training_time_only():
-    rows = [{"epoch": -1, "eval_reward_mean": 0.0}, {"epoch": 0, "prompts_seen": 2, "reward_queries": 4,
-            "epoch_time_s": 1.0}, {"epoch": 1, "prompts_seen": 4, "reward_queries": 8, "epoch_time_s": 2.0,
+    rows = [{"epoch": -1, "eval_reward_mean": 0.0}, {"epoch": 0, "prompts_seen": 2,
+                                                     "reward_queries": 4,
+            "epoch_time_s": 1.0}, {"epoch": 1, "prompts_seen": 4, "reward_queries": 8,
+                                   "epoch_time_s": 2.0,
             "eval_reward_mean": 1.0, "eval_time_s": 50.0}]  # fmt: skip
     c = curve_from_metrics(rows)
     assert (c.prompts, c.reward_queries, c.time_s, c.reward) == (
@@ -226,9 +234,10 @@ def test_curve_accumulates_training_time_only():
     )
 
 
-# ----------------------------------------------------------------------------- resume (real training)
+# --------------------------------------------------------------------------- resume (real training)
 
-TINY = ["sample.num_steps=2", "sample.prompts_per_epoch=2", "sample.batch_size=4", "train.batch_size=2",
+TINY = ["sample.num_steps=2", "sample.prompts_per_epoch=2", "sample.batch_size=4",
+        "train.batch_size=2",
         "eval.num_prompts=1", "eval.samples_per_prompt=1", "logging.tensorboard=false",
         "logging.progress_bars=false"]  # fmt: skip
 
@@ -242,8 +251,10 @@ def test_half_finished_sweep_resumes(tmp_path, monkeypatch):
 
     path = write_sweep(tmp_path, overrides=TINY, seeds=[0], budget={"prompts": 4}, runs=[
         {"name": "a", "overrides": ["train.algorithm=loop", "sample.samples_per_prompt=2"]},
-        {"name": "b", "overrides": ["train.algorithm=reinforce_loo", "sample.samples_per_prompt=2"]},
-        {"name": "c", "overrides": ["train.algorithm=reinforce", "sample.samples_per_prompt=1"]}])  # fmt: skip
+        {"name": "b", "overrides": ["train.algorithm=reinforce_loo",
+                                    "sample.samples_per_prompt=2"]},
+        {"name": "c", "overrides": ["train.algorithm=reinforce",
+                                    "sample.samples_per_prompt=1"]}])  # fmt: skip
     original = Trainer.run_epoch
 
     def die_in_b_epoch_1(self, epoch):

@@ -71,7 +71,8 @@ def test_bad_report_to_is_one_line_naming_the_field(tmp_path, override, message)
 def test_wandb_without_wandb_is_one_clear_error_at_check_config(tmp_path, capsys):
     with pytest.raises(
         ConfigError,
-        match=r"asks for wandb but the wandb package is not installed: pip install 'diffloop\[wandb\]'",
+        match=r"asks for wandb but the wandb package is not installed: pip install "
+        r"'diffloop\[wandb\]'",
     ):
         check_trackers(config_for(tmp_path, "logging.report_to=wandb").logging)
     assert main(["check-config", f"output_dir={tmp_path / 'run'}", "logging.wandb=true"]) == 2
@@ -86,7 +87,8 @@ def test_run_id_is_made_once_per_run_and_differs_between_runs(tmp_path):
     first = RunDirectory(
         config_for(tmp_path / "a" / "run", "logging.report_to=none"), is_main=True, start_epoch=0
     )
-    resumed = RunDirectory(config_for(tmp_path / "a" / "run", "logging.report_to=none", "resume=true"),
+    resumed = RunDirectory(config_for(tmp_path / "a" / "run", "logging.report_to=none",
+                                      "resume=true"),
                            is_main=True, start_epoch=1)  # fmt: skip
     same_name = RunDirectory(
         config_for(tmp_path / "b" / "run", "logging.report_to=none"), is_main=True, start_epoch=0
@@ -103,7 +105,8 @@ def test_run_id_is_made_once_per_run_and_differs_between_runs(tmp_path):
 
 def test_wandb_arguments_carry_the_run_id_entity_name_tags_and_tracker_kwargs(tmp_path):
     out = tmp_path / "runs" / "exp1"
-    config = config_for(out, "logging.wandb_project=proj", "logging.wandb_entity=team", "logging.wandb_tags=[a,b]",
+    config = config_for(out, "logging.wandb_project=proj", "logging.wandb_entity=team",
+                        "logging.wandb_tags=[a,b]",
                         "logging.tracker_kwargs.wandb.mode=offline")  # fmt: skip
     args, kwargs = init_arguments("wandb", config, out, "abc123", start_epoch=0)
     assert args == ("proj",)
@@ -199,8 +202,10 @@ def test_trainer_logs_to_tensorboard_and_jsonl(tmp_path):
     from diffloop.trainer import Trainer
 
     out = tmp_path / "run"
-    overrides = ["num_epochs=1", "eval.prompts=null", "sample.num_steps=2", "sample.prompts_per_epoch=2",
-                 "sample.samples_per_prompt=2", "train.batch_size=4", "logging.progress_bars=false"]  # fmt: skip
+    overrides = ["num_epochs=1", "eval.prompts=null", "sample.num_steps=2",
+                 "sample.prompts_per_epoch=2",
+                 "sample.samples_per_prompt=2", "train.batch_size=4",
+                 "logging.progress_bars=false"]  # fmt: skip
     Trainer(config_for(out, *overrides)).train()
     rows = read_metrics(out / "metrics.jsonl")
     acc = _scalars(out / "tensorboard")
@@ -213,7 +218,8 @@ def test_trainer_logs_to_tensorboard_and_jsonl(tmp_path):
 def test_wandb_offline_run_uses_the_runs_own_id(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
-    run = RunDirectory(config_for(out, "logging.report_to=wandb", "logging.tracker_kwargs.wandb.mode=offline"),
+    run = RunDirectory(config_for(out, "logging.report_to=wandb",
+                                  "logging.tracker_kwargs.wandb.mode=offline"),
                        is_main=True, start_epoch=0)  # fmt: skip
     run.log({"epoch": 0, "reward_mean": 0.5})
     run.close()

@@ -1,4 +1,5 @@
-"""Gradient-variance tool: exact statistics, a toy policy with analytic variances, a shapes smoke test."""
+"""Gradient-variance tool: exact statistics, a toy policy with analytic variances, a shapes smoke
+test."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def test_streaming_moments_equal_batch_and_survive_a_large_mean():
     streamed, batch = acc.statistics(3), gradient_statistics(g, 3)
     assert streamed.trace_cov == pytest.approx(batch.trace_cov, rel=1e-9)
     assert streamed.mean_sq_norm == pytest.approx(batch.mean_sq_norm, rel=1e-12)
-    # The exact per-coordinate variance, computed independently, matches (no cancellation at mean 1e6).
+    # The exact per-coordinate variance, computed independently, matches (no cancellation at mean
+    # 1e6).
     assert streamed.trace_cov == pytest.approx(float((g - 1e6).var(dim=0).sum()), rel=1e-9)
 
 
@@ -58,7 +60,7 @@ def test_statistics_need_two_estimates():
         gradient_statistics(torch.ones(1, 3), 1)
 
 
-# ----------------------------------------------------------------------------- toy with a known answer
+# -------------------------------------------------------------------------- toy with a known answer
 
 THETA, P, K, M = 1.5, 2, 4, 40_000
 CFG = TrainConfig(adv_clip_max=None)  # the analytic variances assume unclipped advantages
@@ -89,7 +91,8 @@ def test_toy_variance_matches_closed_form(estimator, advantage_fn):
     grads = toy(advantage_fn)
     stats = gradient_statistics(grads, queries_per_estimate=P * K)
     mean, var = toy_gaussian_analytic(estimator, THETA, P, K)
-    # Standard errors at M = 40000: the mean ~0.3%, the sample variance ~1% (kurtosis <= 6); fixed seed.
+    # Standard errors at M = 40000: the mean ~0.3%, the sample variance ~1% (kurtosis <= 6); fixed
+    # seed.
     assert float(grads.mean()) == pytest.approx(mean, abs=4 * math.sqrt(var / M))
     assert stats.trace_cov == pytest.approx(var, rel=0.03)
     assert stats.variance_per_query == pytest.approx(var * P * K, rel=0.03)
@@ -97,7 +100,8 @@ def test_toy_variance_matches_closed_form(estimator, advantage_fn):
 
 
 def test_toy_per_query_ranking_is_the_analytic_one():
-    # At equal reward queries: leave-one-out 2K/(K-1) (4 at K=2, 8/3 at K=4) beats no baseline, theta^2 + 2.
+    # At equal reward queries: leave-one-out 2K/(K-1) (4 at K=2, 8/3 at K=4) beats no baseline,
+    # theta^2 + 2.
     per_query = {}
     for k in (2, 4):
         stats = gradient_statistics(toy(table_advantages("reinforce_loo"), k=k), P * k)
@@ -130,7 +134,7 @@ def test_parse_algorithms():
         parse_algorithms("loop@0")
 
 
-# ----------------------------------------------------------------------------- diffusion (shapes) smoke
+# ------------------------------------------------------------------------- diffusion (shapes) smoke
 
 # brightness (tests/reward_fns.py): a reward with spread, so every group has non-zero advantages.
 TINY = [
@@ -153,7 +157,8 @@ def test_shapes_estimates_are_finite_and_loo_advantages_sum_to_zero(tmp_path):
         assert est.onpolicy_logprob_err < 1e-4
     assert not torch.equal(first.grad, second.grad)  # independent draws
 
-    # Clipped (loop) and plain (reinforce_loo) losses give the same on-policy gradient on the same samples.
+    # Clipped (loop) and plain (reinforce_loo) losses give the same on-policy gradient on the same
+    # samples.
     traj, _, _ = trainer.sample_and_score(
         ["a red circle and a blue square"] * 4, [1, 2, 3, 4], [{}] * 4
     )

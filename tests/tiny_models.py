@@ -1,5 +1,5 @@
-"""Tiny random-weight Stable Diffusion pipelines for tests: ``diffloop.testing.tiny`` with the CLIP BPE
-tokenizer read from the committed fixture tests/fixtures/tiny_tokenizer (regenerate it with
+"""Tiny random-weight Stable Diffusion pipelines for tests: ``diffloop.testing.tiny`` with the CLIP
+BPE tokenizer read from the committed fixture tests/fixtures/tiny_tokenizer (regenerate it with
 make_tiny_tokenizer.py there).
 
 Sizes: latents (4, 16, 16), images (3, 32, 32) (the VAE downsamples by 2), text (77, 32).
@@ -51,12 +51,14 @@ def make_tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 
 
 def build_tiny_sd(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionPipeline:
-    """The tiny pipeline in memory with the fixture tokenizer; weights are a pure function of ``seed``."""
+    """The tiny pipeline in memory with the fixture tokenizer; weights are a pure function of
+    ``seed``."""
     return tiny.build_tiny_sd(prediction_type, seed, make_tiny_tokenizer())
 
 
 def make_tiny_sd(path: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Build the tiny pipeline and ``save_pretrained`` it to ``path``; returns ``path`` as a Path."""
+    """Build the tiny pipeline and ``save_pretrained`` it to ``path``; returns ``path`` as a
+    Path."""
     return tiny.make_tiny_sd(path, prediction_type, seed, make_tiny_tokenizer())
 
 

@@ -52,7 +52,8 @@ VOCAB = [
 
 
 def make_clip_tokenizer() -> CLIPTokenizer:
-    """CLIP BPE tokenizer from the committed fixture (same as tests/tiny_models.py, no diffusers)."""
+    """CLIP BPE tokenizer from the committed fixture (same as tests/tiny_models.py, no
+    diffusers)."""
     vocab = json.loads((TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8"))
     lines = (TOKENIZER_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#")]
@@ -342,7 +343,8 @@ def make_imagereward_checkpoint(path: str | Path, seed: int = 0) -> tuple[Path, 
     path = Path(path)
     text_config = BlipTextConfig(
         vocab_size=len(VOCAB), hidden_size=WIDTH, encoder_hidden_size=WIDTH, intermediate_size=37,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, layer_norm_eps=1e-12,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+        layer_norm_eps=1e-12,
         bos_token_id=None, sep_token_id=None, pad_token_id=0,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):

@@ -4,13 +4,21 @@ Each row says how rewards become advantages, which per-element loss is minimised
 per prompt it needs, and whether it may reuse samples (importance ratio + clipping) or must make one
 gradient step per batch. The trainer reads the row; it never asks for an algorithm by name.
 
-| name          | samples / prompt | advantage                            | adv. clip | loss              | updates       |
-|---------------|------------------|--------------------------------------|-----------|-------------------|---------------|
-| loop          | K >= 2           | leave-one-out                        | none      | clipped surrogate | inner epochs  |
-| reinforce_loo | K >= 2           | leave-one-out                        | none      | policy gradient   | one per batch |
-| grpo          | K >= 2           | (R - group mean) / (group std + eps) | none      | clipped surrogate | inner epochs  |
-| ppo (DDPO_IS) | 1 (or K)         | per-prompt running mean/std          | +-5       | clipped surrogate | inner epochs  |
-| reinforce     | 1 (or K)         | R - batch mean                       | none      | policy gradient   | one per batch |
+| name          | samples / prompt | advantage                            | adv. clip |
+|---------------|------------------|--------------------------------------|-----------|
+| loop          | K >= 2           | leave-one-out                        | none      |
+| reinforce_loo | K >= 2           | leave-one-out                        | none      |
+| grpo          | K >= 2           | (R - group mean) / (group std + eps) | none      |
+| ppo (DDPO_IS) | 1 (or K)         | per-prompt running mean/std          | +-5       |
+| reinforce     | 1 (or K)         | R - batch mean                       | none      |
+
+| name          | loss              | updates       |
+|---------------|-------------------|---------------|
+| loop          | clipped surrogate | inner epochs  |
+| reinforce_loo | policy gradient   | one per batch |
+| grpo          | clipped surrogate | inner epochs  |
+| ppo (DDPO_IS) | clipped surrogate | inner epochs  |
+| reinforce     | policy gradient   | one per batch |
 
 Advantage clipping: DDPO clips its normalised advantages to +-5, so ppo does by default; method.md
 defaults LOOP to the plain leave-one-out form, and for unnormalised rewards (JPEG size in kB) a
@@ -99,7 +107,8 @@ class Algorithm:
     """Default advantage clip (+-this; None: none), used when ``train.adv_clip_max`` is null."""
 
     def adv_clip(self, cfg: AdvantageOptions) -> float | None:
-        """The clip in force: ``cfg.adv_clip_max`` if set (0 means none), else this row's default."""
+        """The clip in force: ``cfg.adv_clip_max`` if set (0 means none), else this row's
+        default."""
         if cfg.adv_clip_max is None:
             return self.adv_clip_max
         return cfg.adv_clip_max or None
@@ -121,7 +130,8 @@ class Algorithm:
         cfg: AdvantageOptions,
         tracker: PerPromptStatTracker | None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """As :meth:`advantages`, plus ``{"advantage_clipped_frac": f}`` (see :func:`clipped_fraction`)."""
+        """As :meth:`advantages`, plus ``{"advantage_clipped_frac": f}`` (see
+        :func:`clipped_fraction`)."""
         adv = self.advantage_fn(rewards, prompts, cfg, tracker)
         max_abs = self.adv_clip(cfg)
         clipped = clip_advantages(adv, max_abs)

@@ -87,7 +87,8 @@ def config_help(command: str, summary: str) -> str:
 
 
 _LAYERS = (
-    "Values: defaults < CONFIG.yaml < key.sub=value overrides (values are YAML). With no CONFIG the "
+    "Values: defaults < CONFIG.yaml < key.sub=value overrides (values are YAML). With "
+    "no CONFIG the "
     "packaged shapes.yaml is used; a bare file name is also looked up among the shipped configs."
 )
 
@@ -101,7 +102,8 @@ _RUN_DIRECTORY = (
 
 
 def is_main_process(trainer) -> bool:
-    """The trainer's main rank; before a trainer exists, the launcher's RANK (accelerate, torchrun)."""
+    """The trainer's main rank; before a trainer exists, the launcher's RANK (accelerate,
+    torchrun)."""
     if trainer is not None:
         return trainer.dist.is_main
     return os.environ.get("RANK", "0") == "0"
@@ -170,7 +172,8 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_check_config(args: list[str]) -> int:
-    """Validate a config (or every run of a ``diffloop compare`` sweep file) exactly as train would."""
+    """Validate a config (or every run of a ``diffloop compare`` sweep file) exactly as train
+    would."""
     if any(a in HELP for a in args):
         print(config_help("check-config", "Check a config as train would before loading a model, "
                           "then print it resolved with its per-epoch arithmetic; a sweep file "
@@ -188,8 +191,10 @@ def cmd_check_config(args: list[str]) -> int:
         print("# " + line)
     if config.model.pretrained != "shapes":  # the model is not loaded here
         print(
-            "# (timesteps and evaluations by the DDIM rules, exact for SD and SDXL; `diffloop train` "
-            "prints the loaded model's: a flow-matching model stores its SDE window's steps, FLUX.1 "
+            "# (timesteps and evaluations by the DDIM rules, exact for SD and SDXL; "
+            "`diffloop train` "
+            "prints the loaded model's: a flow-matching model stores its SDE window's "
+            "steps, FLUX.1 "
             "runs one evaluation per step)"
         )
     print(f"# {path}: OK")
@@ -197,7 +202,8 @@ def cmd_check_config(args: list[str]) -> int:
 
 
 def _is_sweep_file(arg: str) -> bool:
-    """A YAML mapping with a ``runs`` key (a ``diffloop compare`` sweep, by path or packaged name)."""
+    """A YAML mapping with a ``runs`` key (a ``diffloop compare`` sweep, by path or packaged
+    name)."""
     from importlib import resources
     from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""Writing a run's files on a disk that may fill up: one line, and nothing half-written left as final.
+"""Writing a run's files on a disk that may fill up: one line, and nothing half-written left as
+final.
 
 Checkpoints (``diffloop.checkpoint``) and the export (``diffloop.export.export_run``) are written
 into a temporary directory beside their final place and renamed into it when complete.
@@ -56,7 +57,8 @@ def tree_bytes(path: Path) -> int:
 
 
 def tensor_bytes(values: Iterable[Any]) -> int:
-    """Bytes held by the tensors among ``values`` (nested dicts / lists, e.g. an optimizer state)."""
+    """Bytes held by the tensors among ``values`` (nested dicts / lists, e.g. an optimizer
+    state)."""
     total = 0
     for v in values:
         if isinstance(v, dict):

@@ -22,7 +22,8 @@ FLUX-size transformer needs sharding diffloop does not do).
 
 Mixed precision: the policy's own (train.mixed_precision: frozen weights in low precision, fp32
 trainables); accelerate is never asked to autocast. A launcher that asks for another one
-(``ACCELERATE_MIXED_PRECISION``) is warned about, naming both settings (:func:`mixed_precision_conflict`).
+(``ACCELERATE_MIXED_PRECISION``) is warned about, naming both settings
+(:func:`mixed_precision_conflict`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
-# `accelerate launch --mixed_precision X` (or the default accelerate config file it reads) sets this.
+# `accelerate launch --mixed_precision X` (or the default accelerate config file it reads) sets
+# this.
 ACCELERATE_MIXED_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
@@ -52,8 +54,10 @@ def mixed_precision_conflict(
     if asked is None or asked.lower() == configured:
         return None
     return (
-        f"accelerate asks for mixed precision {asked!r} ({ACCELERATE_MIXED_PRECISION_ENV}, from `accelerate "
-        f"launch --mixed_precision` or its config file) but train.mixed_precision={configured}: diffloop "
+        f"accelerate asks for mixed precision {asked!r} "
+        f"({ACCELERATE_MIXED_PRECISION_ENV}, from `accelerate "
+        "launch --mixed_precision` or its config file) but "
+        f"train.mixed_precision={configured}: diffloop "
         f"applies train.mixed_precision only, so this run uses {configured!r}; set "
         f"train.mixed_precision={asked.lower()} or launch with --mixed_precision {configured}"
     )
@@ -70,7 +74,8 @@ SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "Deep
 
 
 class ShardingNotSupported(RuntimeError):
-    """accelerate is configured to shard the model (FSDP / DeepSpeed), which diffloop does not do."""
+    """accelerate is configured to shard the model (FSDP / DeepSpeed), which diffloop does not
+    do."""
 
 
 def requested_sharding(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -93,7 +98,8 @@ def refuse_sharding(environ: Mapping[str, str] = os.environ) -> None:
     var = next(v for v, n in SHARDING_ENV.items() if n == name)
     raise ShardingNotSupported(
         f"accelerate is configured for {name} ({var}=true, from `accelerate config` or "
-        f"`accelerate launch`), but diffloop does not shard models: each process would train a full "
+        "`accelerate launch`), but diffloop does not shard models: each process would "
+        "train a full "
         f"unsharded copy and the {name} setting would be ignored. Launch without it (`accelerate "
         "launch --multi_gpu ...`, or an accelerate config with distributed_type: MULTI_GPU) and "
         "train a LoRA adapter (lora.enabled=true), which fits FLUX.1 and SD3.5 unsharded; full "
@@ -106,9 +112,10 @@ class Distributed:
 
     def __init__(self, cpu: bool = False) -> None:
         refuse_sharding()  # before Accelerator() builds an FSDP / DeepSpeed plugin we would not use
-        # Mixed precision is handled by the policy (frozen weights in low precision, fp32 trainables),
-        # so accelerate is only asked for the process group and the device. Under torchrun on a machine
-        # without CUDA, accelerate only builds the gloo group when told cpu=True.
+        # Mixed precision is handled by the policy (frozen weights in low precision, fp32
+        # trainables), so accelerate is only asked for the process group and the device. Under
+        # torchrun on a machine without CUDA, accelerate only builds the gloo group when told
+        # cpu=True.
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
         cpu = cpu or (launched and not torch.cuda.is_available())
         self.accelerator = Accelerator(cpu=cpu)

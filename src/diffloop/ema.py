@@ -49,7 +49,8 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
 
 
 def ema_updates_at(step: int, interval: int) -> bool:
-    """Whether optimizer step n = ``step`` updates the EMA: (n + 1) % interval == 0 (Flow-GRPO's)."""
+    """Whether optimizer step n = ``step`` updates the EMA: (n + 1) % interval == 0
+    (Flow-GRPO's)."""
     return (step + 1) % interval == 0
 
 

@@ -35,7 +35,8 @@ def make_grid(images: torch.Tensor, ncols: int | None = None, pad: int = 2) -> n
 def save_grid(
     images: torch.Tensor, path: str | Path, ncols: int | None = None, upscale: int = 1
 ) -> np.ndarray:
-    """Write a PNG grid (optionally upscaled with nearest neighbour, for tiny images) and return it."""
+    """Write a PNG grid (optionally upscaled with nearest neighbour, for tiny images) and return
+    it."""
     from PIL import Image
 
     grid = make_grid(images, ncols)
@@ -222,7 +223,8 @@ def labelled_before_after(
     """
     n = before.shape[0]
     if after.shape != before.shape or n % per_row or len(prompts) != n // per_row:
-        raise ValueError(f"before {tuple(before.shape)}, after {tuple(after.shape)}, {len(prompts)} prompts "
+        raise ValueError(f"before {tuple(before.shape)}, after {tuple(after.shape)}, "
+                         f"{len(prompts)} prompts "
                          f"and {per_row} images per row do not describe the same grid")  # fmt: skip
     return labelled_rows([before, after], prompts, per_row, scores=[before_scores, after_scores],
                          headings=list(headings), upscale=upscale, pad=pad, font_size=font_size,

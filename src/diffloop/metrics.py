@@ -4,8 +4,8 @@ Each row of a run's ``metrics.jsonl`` is one epoch (``epoch`` = e >= 0) or the e
 training (``epoch`` = -1, eval keys only). Every key is a :class:`Metric` below, or matches one of
 the :data:`PATTERNS` (keys whose names depend on the run, e.g. ``reward_<component>_mean``). The
 trainer's TensorBoard / W&B tags, the report's plots, the sweep summary, ``scripts/claims.py`` and
-the key table of docs/guide.md all read names, meanings and reductions from here; tests check that a real
-training run writes nothing else and that no reader asks for a key the trainer does not write.
+the key table of docs/guide.md all read names, meanings and reductions from here; tests check that a
+real training run writes nothing else and that no reader asks for a key the trainer does not write.
 
 Reductions:
     processes: how a multi-process run turns per-process quantities into the one logged value
@@ -184,13 +184,15 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
     _m("eval_time_s", "seconds the evaluation took", "main", "sum", None, "eval", "eval",
        when="evaluated epochs and epoch -1"),
     # --- the shapes world's breakdown of the evaluation (diffloop.shapes.reward.eval_breakdown)
-    *(_m(f"eval_binding_{a}_mean", f"mean over eval images of the {a} binding: mean over the caption's "
+    *(_m(f"eval_binding_{a}_mean",
+         f"mean over eval images of the {a} binding: mean over the caption's "
          f"phrases naming a {a} of presence x P(the object matched to the phrase has that {a})",
          "gathered", None, True, "eval", "eval",
          when="reward.name=shapes_binding, evaluated epochs and epoch -1"
               + (", captions naming a texture" if a == "texture" else ""))
       for a in ("colour", "shape", "texture")),
-    _m("eval_reward_seen_mean", "mean eval reward of captions made only of training (colour, shape) "
+    _m("eval_reward_seen_mean",
+       "mean eval reward of captions made only of training (colour, shape) "
        "combinations", "gathered", None, True, "eval", "eval",
        when="reward.name=shapes_binding, eval prompts with such captions"),
     _m("eval_reward_unseen_mean", "mean eval reward of captions naming a held-out (colour, shape) "
@@ -198,7 +200,8 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
        when="reward.name=shapes_binding, eval prompts with such captions"),
 )}
 # Written only with the shapes world's reward (BindingReward.attribute_scores).
-SHAPES_EVAL_KEYS = ("eval_binding_colour_mean", "eval_binding_shape_mean", "eval_binding_texture_mean",
+SHAPES_EVAL_KEYS = ("eval_binding_colour_mean", "eval_binding_shape_mean",
+                    "eval_binding_texture_mean",
                     "eval_reward_seen_mean", "eval_reward_unseen_mean")
 
 PATTERNS: tuple[Metric, ...] = (
@@ -345,7 +348,8 @@ def replace_readme_block(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m diffloop.metrics [docs/guide.md]``: print the table, or regenerate it in the file."""
+    """``python -m diffloop.metrics [docs/guide.md]``: print the table, or regenerate it in the
+    file."""
     if not argv:
         print(markdown_table())
         return 0

@@ -1,8 +1,8 @@
 """Everything ``diffloop train`` checks before a model loads, as one function.
 
-``diffloop train``, ``diffloop check-config`` and ``diffloop compare`` (for every run of a sweep) call
-:func:`check_before_loading`, so what check-config accepts is exactly what train accepts up to the
-model load. Each failure is a :class:`~diffloop.config.ConfigError`, one line naming the field.
+``diffloop train``, ``diffloop check-config`` and ``diffloop compare`` (for every run of a sweep)
+call :func:`check_before_loading`, so what check-config accepts is exactly what train accepts up to
+the model load. Each failure is a :class:`~diffloop.config.ConfigError`, one line naming the field.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ def check_before_loading(config: Config, num_processes: int = 1) -> None:
     """The config's invariants (:func:`~diffloop.config.validate`: ranges, enumerations, batch
     arithmetic, a writable output_dir), a local model.pretrained (present, of a supported family,
     with its component folders; a hub id is not looked up), the training and evaluation prompt
-    sources (files read), every reward name (registered, or an importable ``package.module:attr``) and that every
-    tracker of logging.report_to is installed. Loads no model."""
+    sources (files read), every reward name (registered, or an importable ``package.module:attr``)
+    and that every tracker of logging.report_to is installed. Loads no model."""
     validate(config, num_processes)
     family = check_local_model(
         config.model
@@ -49,7 +49,8 @@ def check_before_loading(config: Config, num_processes: int = 1) -> None:
 
 
 def reward_specs(cfg: RewardConfig) -> list[tuple[str, str, dict]]:
-    """(config field, reward name, kwargs) of the reward, or of each component of a ``multi`` one."""
+    """(config field, reward name, kwargs) of the reward, or of each component of a ``multi``
+    one."""
     if cfg.name != "multi":
         return [("reward.name", cfg.name, cfg.kwargs)]
     from diffloop.rewards.composite import parse_components

@@ -15,14 +15,15 @@ Sources (``available_prompt_sources()``):
     t2i-compbench/<category>_<split>
                               every T2I-CompBench file: category in color (alias colour), shape,
                               texture, spatial, non_spatial, complex, numeracy, 3d_spatial; split
-                              in train, val, and val_seen / val_unseen for color, shape, texture (MIT)
+                              in train, val, and val_seen / val_unseen for color, shape, texture
+                              (MIT)
     shapes/<split>            the synthetic shapes world, ``diffloop.shapes.world.prompt_splits()``
 
 The packaged lists live in ``diffloop/data`` (read with importlib.resources) with their licences.
 
 Metadata: a row's other fields (GenEval-style object lists, T2I-CompBench categories, ...) travel
-with its prompt to the reward, in training and in evaluation (``PromptSource.fields``); diffloop adds
-its own keys (``RESERVED_FIELDS``) next to them, so a row may not use those names.
+with its prompt to the reward, in training and in evaluation (``PromptSource.fields``); diffloop
+adds its own keys (``RESERVED_FIELDS``) next to them, so a row may not use those names.
 
 Sampling: epoch e of a run with seed s draws its prompts with ``numpy.random.default_rng([s, e])``,
 uniformly with replacement. The draw is a pure function of (s, e): every process draws the same
@@ -91,7 +92,8 @@ class PromptSource:
                 if clash:
                     raise PromptError(
                         f"prompt source {self.name!r} row {i + 1}: field {clash[0]!r} is a name "
-                        f"diffloop gives the reward itself ({', '.join(RESERVED_FIELDS)}); rename it"
+                        "diffloop gives the reward itself "
+                        f"({', '.join(RESERVED_FIELDS)}); rename it"
                     )
 
     def __len__(self) -> int:
@@ -189,7 +191,8 @@ def _read_text(path: str | Path, what: str) -> str:
 
 def rows_to_source(name: str, rows: Iterable[Any], column: str = "prompt") -> PromptSource:
     """A PromptSource from rows: strings (prompts without metadata) or mappings holding the prompt
-    under ``column`` (every other field its metadata). Errors name the row (1-based) and the column."""
+    under ``column`` (every other field its metadata). Errors name the row (1-based) and the
+    column."""
     prompts: list[str] = []
     metadata: list[dict[str, Any]] = []
     for i, row in enumerate(rows, start=1):
@@ -205,7 +208,8 @@ def rows_to_source(name: str, rows: Iterable[Any], column: str = "prompt") -> Pr
         if not isinstance(prompt, str) or not prompt.strip():
             fields = ", ".join(map(str, row)) or "none"
             raise PromptError(
-                f"prompt source {name!r} row {i}: no non-empty string under {column!r} (its fields: "
+                f"prompt source {name!r} row {i}: no non-empty string under {column!r} "
+                "(its fields: "
                 f"{fields}); set the prompt column (prompts.prompt_column) to the field holding it"
             )
         prompts.append(prompt.strip())
@@ -234,7 +238,8 @@ def read_jsonl_prompts(path: str | Path, column: str = "prompt") -> PromptSource
 
 
 def read_csv_prompts(path: str | Path, column: str = "prompt") -> PromptSource:
-    """A CSV file with a header row; the prompt under ``column``, every other cell a string field."""
+    """A CSV file with a header row; the prompt under ``column``, every other cell a string
+    field."""
     reader = csv.DictReader(_read_text(path, "CSV prompt file").splitlines())
     if reader.fieldnames is None or column not in reader.fieldnames:
         header = ", ".join(reader.fieldnames or []) or "none"
@@ -246,7 +251,8 @@ def read_csv_prompts(path: str | Path, column: str = "prompt") -> PromptSource:
     ragged = next((i for i, r in enumerate(rows, start=2) if None in r or None in r.values()), None)
     if ragged is not None:
         raise PromptError(
-            f"CSV prompt file {str(path)!r} line {ragged} has a different number of cells than the header"
+            f"CSV prompt file {str(path)!r} line {ragged} has a different number of "
+            "cells than the header"
         )
     if not rows:
         raise PromptError(f"CSV prompt file {str(path)!r} contains no rows below its header")
@@ -260,7 +266,8 @@ def load_dataset_prompts(path: str, column: str = "prompt", split: str = "train"
         import datasets
     except ImportError:
         raise PromptError(
-            "prompt source 'dataset' needs the `datasets` package: pip install 'diffloop[datasets]' "
+            "prompt source 'dataset' needs the `datasets` package: pip install "
+            "'diffloop[datasets]' "
             "(or use source jsonl / csv)"
         ) from None
     local = Path(path).expanduser()
@@ -297,7 +304,8 @@ def _packaged(folder: str, filename: str) -> Callable[[], list[str]]:
 
 
 def indefinite_article(noun: str) -> str:
-    """ "an" before a vowel letter, else "a" (enough for DDPO's animal list; inflect is not needed)."""
+    """ "an" before a vowel letter, else "a" (enough for DDPO's animal list; inflect is not
+    needed)."""
     return "an" if noun[:1].lower() in "aeiou" else "a"
 
 
@@ -369,7 +377,8 @@ def build_prompt_source(
     field of the last three, ``split`` the dataset's split), ``prompts`` for "list" (module doc)."""
     if path is not None and name not in PATH_SOURCES:
         raise PromptError(
-            f"prompts path={path!r} is only used with sources {', '.join(PATH_SOURCES)}, not {name!r}"
+            f"prompts path={path!r} is only used with sources "
+            f"{', '.join(PATH_SOURCES)}, not {name!r}"
         )
     if prompts is not None and name != "list":
         raise PromptError(f"inline prompts are only used with source 'list', not {name!r}")

@@ -15,7 +15,8 @@ its RunDirectory last), so a resume that fails early leaves it untouched:
                      second process on this directory is refused, before it reads anything here
 
 Trackers (``logging.report_to``: TensorBoard under tensorboard/, W&B, ...) get each row after
-metrics.jsonl has it (diffloop.tracking): a tracker failure is logged and counted, never loses a row.
+metrics.jsonl has it (diffloop.tracking): a tracker failure is logged and counted, never loses a
+row.
 
 A run killed after logging epoch e but before checkpointing it repeats epoch e; :func:`read_metrics`
 resolves the markers (rows of epochs >= e logged before the marker are superseded; with e = 0 all
@@ -150,7 +151,8 @@ class RunDirectory:
             else {}
         )
         append_jsonl(self.path / SESSIONS, {
-            "session": session, "start_epoch": start_epoch, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "session": session, "start_epoch": start_epoch,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "argv": argv, "versions": versions(), "config_changes": changes,
         })  # fmt: skip
         if config.resume:

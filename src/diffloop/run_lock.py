@@ -78,7 +78,8 @@ def holder_info() -> dict[str, Any]:
 
 
 def describe_holder(info: dict[str, Any] | None) -> str:
-    """``pid 123 on host h, started 2026-..., command: diffloop train ...`` (or "holder unknown")."""
+    """``pid 123 on host h, started 2026-..., command: diffloop train ...`` (or "holder
+    unknown")."""
     if not info or "pid" not in info:
         return "holder unknown: it has only just started"
     text = f"pid {info['pid']} on {info.get('host', '?')}, started {info.get('started', '?')}"

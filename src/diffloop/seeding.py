@@ -1,9 +1,9 @@
 """Every random stream of diffloop, named: a seed is a pure function of (stream, parts).
 
-Randomness is reproducible by construction: sample g of epoch e always gets the same noise, whichever
-process draws it and whether or not the run was resumed, and evaluation image j of prompt i gets the
-same noise for every model evaluated. Each use is one named stream below; call sites never build
-seeds themselves.
+Randomness is reproducible by construction: sample g of epoch e always gets the same noise,
+whichever process draws it and whether or not the run was resumed, and evaluation image j of prompt
+i gets the same noise for every model evaluated. Each use is one named stream below; call sites
+never build seeds themselves.
 
 Streams are distinct by construction. ``np.random.SeedSequence`` alone is not injective on tuples:
 it pads short entropy with zeros, so SeedSequence([s, e, 0]) == SeedSequence([s, e]) -- which made
@@ -74,7 +74,8 @@ def globals_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def eval_image_seed(seed: int, prompt_index: int, image_index: int) -> int:
-    """Evaluation noise of image ``image_index`` of prompt ``prompt_index`` (``eval.seed`` or --seed)."""
+    """Evaluation noise of image ``image_index`` of prompt ``prompt_index`` (``eval.seed`` or
+    --seed)."""
     return stream_seed("eval_noise", seed, prompt_index, image_index)
 
 

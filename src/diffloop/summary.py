@@ -1,5 +1,5 @@
-"""What a person reads at the end of a run: the held-out verdict (base -> trained, and for the shapes
-world per attribute and seen / unseen combinations) and the labelled before/after image grid.
+"""What a person reads at the end of a run: the held-out verdict (base -> trained, and for the
+shapes world per attribute and seen / unseen combinations) and the labelled before/after image grid.
 
 The grid, ``eval/before_after.png``: the base model's held-out images on the left, the last
 evaluation's on the right (same prompts, same noise), each image's score under it. Its rows are
@@ -37,7 +37,8 @@ def summary_lines(
     (``diffloop.shapes.reward.eval_breakdown``), as base -> trained (difference)."""
     label = "binding reward" if reward == "shapes_binding" else f"{reward} reward"
     verdict = (f"{label} on held-out prompts: base {base['eval_reward_mean']:.4f} -> trained "
-               f"{trained['eval_reward_mean']:.4f} ({source}, {num_prompts} prompts x {k} images)")  # fmt: skip
+               f"{trained['eval_reward_mean']:.4f} ({source}, {num_prompts} prompts x "
+               f"{k} images)")  # fmt: skip
     lines = [verdict]
 
     def change(key: str, name: str) -> str:
@@ -56,7 +57,8 @@ def summary_lines(
         lines.append("  by combination (binding reward):")
         lines.append(change("eval_reward_seen_mean", f"seen ({len(prompts) - unseen} prompts)"))
         lines.append(change("eval_reward_unseen_mean", f"unseen ({unseen} prompts)")
-                     + ("" if unseen else ": no eval prompt names a held-out combination"))  # fmt: skip
+                     + ("" if unseen
+                        else ": no eval prompt names a held-out combination"))  # fmt: skip
     return lines
 
 
@@ -90,7 +92,8 @@ def save_eval_images(
 
 def prompt_changes(before: np.ndarray, after: np.ndarray, k: int) -> np.ndarray:
     """Each prompt's change of mean score: d_p = nanmean(after[p k : (p + 1) k]) -
-    nanmean(before[p k : (p + 1) k]), (P k,) x 2 -> (P,); NaN where either side has no valid score."""
+    nanmean(before[p k : (p + 1) k]), (P k,) x 2 -> (P,); NaN where either side has no valid
+    score."""
     with np.errstate(all="ignore"), _quiet_nanmean():
         b = np.nanmean(before.reshape(-1, k), axis=1)
         a = np.nanmean(after.reshape(-1, k), axis=1)
@@ -149,22 +152,28 @@ class FigureLayout:
             return None
 
     def rows_sentence(self) -> str:
-        """How the rows were chosen, in one sentence (the figure, the card and the run's summary)."""
+        """How the rows were chosen, in one sentence (the figure, the card and the run's
+        summary)."""
         if self.selection != "change_quantiles":
             return f"Every held-out image of the {self.num_prompts} evaluation prompts."
         if self.rows >= self.num_prompts:
-            return (f"All {self.num_prompts} evaluation prompts, one per row, sorted by the change of "
-                    "their mean score from the largest drop (top) to the largest gain (bottom).")  # fmt: skip
+            return (f"All {self.num_prompts} evaluation prompts, one per row, sorted by the "
+                    "change of "
+                    "their mean score from the largest drop (top) to the largest gain "
+                    "(bottom).")  # fmt: skip
         return (f"{self.rows} of the {self.num_prompts} evaluation prompts, spread evenly over the "
-                f"change of their mean score: sorted from the largest drop (top) to the largest gain "
-                f"(bottom), each row is the middle prompt of one of {self.rows} equal shares.")  # fmt: skip
+                "change of their mean score: sorted from the largest drop (top) to "
+                "the largest gain "
+                f"(bottom), each row is the middle prompt of one of {self.rows} equal "
+                "shares.")  # fmt: skip
 
     def means_sentences(self) -> list[str]:
         """The shown rows' and every prompt's mean score, before -> after."""
         if self.shown_before is None or self.all_before is None:
             return []
         k, shown = self.images_per_prompt, min(self.rows, self.num_prompts)
-        return [(f"Shown rows: mean {_change(self.shown_before, self.shown_after)}, n = {shown * k} "
+        return [(f"Shown rows: mean {_change(self.shown_before, self.shown_after)}, n = "
+                 f"{shown * k} "
                  f"images of {shown} prompts."),
                 (f"All prompts: mean {_change(self.all_before, self.all_after)}, n = "
                  f"{self.num_prompts * k} images of {self.num_prompts} prompts.")]  # fmt: skip
@@ -219,14 +228,17 @@ def write_before_after(
     change = prompt_changes(b_scores, a_scores, k)
     shown = representative_rows(change, rows)
     images = np.concatenate([np.arange(p * k, (p + 1) * k) for p in shown])  # prompt-major
-    sorted_rank = {int(p): r for r, p in enumerate(np.argsort(np.where(np.isfinite(change), change, np.inf),
-                                                              kind="stable"))}  # fmt: skip
-    layout = FigureLayout("side_by_side", "change_quantiles", len(shown), num_prompts, k, after_heading,
-                          _nanmean(b_scores[images]), _nanmean(a_scores[images]), _nanmean(b_scores),
-                          _nanmean(a_scores))  # fmt: skip
-    notes = [f"mean {_row_change(b_scores, a_scores, p, k)}, #{sorted_rank[int(p)] + 1} of {num_prompts} by change"
+    sorted_rank = {int(p): r for r, p in
+                   enumerate(np.argsort(np.where(np.isfinite(change), change, np.inf),
+                                        kind="stable"))}  # fmt: skip
+    layout = FigureLayout("side_by_side", "change_quantiles", len(shown), num_prompts, k,
+                          after_heading, _nanmean(b_scores[images]), _nanmean(a_scores[images]),
+                          _nanmean(b_scores), _nanmean(a_scores))  # fmt: skip
+    notes = [f"mean {_row_change(b_scores, a_scores, p, k)}, #{sorted_rank[int(p)] + 1} of "
+             f"{num_prompts} by change"
              for p in shown]  # fmt: skip
-    title = [(f"Held-out prompts before training (left: the base model) and {after_heading} (right), "
+    title = [(f"Held-out prompts before training (left: the base model) and {after_heading} "
+              "(right), "
               f"same noise; under each image its {reward} score."), layout.rows_sentence(),
              *layout.means_sentences()]  # fmt: skip
     as_float = lambda x: torch.from_numpy(x[images]).float() / 255.0

@@ -71,7 +71,8 @@ def check_trackers(logging_config: LoggingConfig) -> None:
         name = missing[0]
         extra = f"'diffloop[{name}]'" if name == "wandb" else name
         raise ConfigError(
-            f"logging.report_to asks for {name} but the {name} package is not installed: pip install "
+            f"logging.report_to asks for {name} but the {name} package is not "
+            "installed: pip install "
             f"{extra}, or remove {name} from logging.report_to (installed trackers: "
             f"{', '.join(available) or 'none'})"
         )
@@ -111,8 +112,10 @@ def init_arguments(
         args, kwargs = ("tensorboard", str(path)), {"purge_step": start_epoch}
     elif name == "wandb":
         args = (lg.wandb_project,)
-        kwargs = {"id": run_id, "resume": "allow", "dir": str(path), "name": lg.wandb_name or path.resolve().name,
-                  "entity": lg.wandb_entity, "tags": list(lg.wandb_tags), "config": config_to_dict(config)}  # fmt: skip
+        kwargs = {"id": run_id, "resume": "allow", "dir": str(path),
+                  "name": lg.wandb_name or path.resolve().name,
+                  "entity": lg.wandb_entity, "tags": list(lg.wandb_tags),
+                  "config": config_to_dict(config)}  # fmt: skip
     elif LOGGER_TYPE_TO_CLASS[name].requires_logging_directory:
         args, kwargs = (lg.wandb_project, str(path)), {}
     else:
@@ -169,7 +172,8 @@ class Trackers:
             self.failures[tracker.name] += 1
             if self.failures[tracker.name] == 1:
                 logger.warning(
-                    "tracker %s failed to %s (%s: %s); metrics.jsonl still holds every row, further "
+                    "tracker %s failed to %s (%s: %s); metrics.jsonl still holds every "
+                    "row, further "
                     "failures are counted",
                     tracker.name,
                     what,
@@ -186,7 +190,8 @@ class Trackers:
         """An (H, W, 3) uint8 image to every tracker that takes images."""
         for tracker in self.trackers:
             if tracker.name == "tensorboard":
-                self._call(tracker, "log an image", tracker.log_images, {tag: image_hwc[None]}, step=step,
+                self._call(tracker, "log an image", tracker.log_images, {tag: image_hwc[None]},
+                           step=step,
                            dataformats="NHWC")  # fmt: skip
             elif hasattr(tracker, "log_images"):
                 self._call(

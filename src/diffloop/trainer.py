@@ -158,21 +158,23 @@ class Trainer:
         prompts: Iterable[str | dict[str, Any]] | None = None,
     ):
         """``reward``: a scoring function ``(images, prompts, metadata) -> scores`` used instead of
-        config.reward; ``prompts``: strings, or dicts with the prompt under prompts.prompt_column and
-        their other fields as metadata, used instead of config.prompts. The run's config.yaml then
-        records ``reward.name=python:<function name>`` and ``prompts.source=list`` (the metadata is
-        not in it): use config fields for a run to resume from the command line."""
+        config.reward; ``prompts``: strings, or dicts with the prompt under prompts.prompt_column
+        and their other fields as metadata, used instead of config.prompts. The run's config.yaml
+        then records ``reward.name=python:<function name>`` and ``prompts.source=list`` (the
+        metadata is not in it): use config fields for a run to resume from the command line."""
         config, user_source = _with_python_arguments(config, reward, prompts)
         self.dist = dist or Distributed()
         self.dist.check_mixed_precision(config.train.mixed_precision)
         set_backend_flags(config.performance, self.dist.device, config.cpu_threads)
-        # Exactly what check-config checks (config, prompt files, reward names), before a model loads.
+        # Exactly what check-config checks (config, prompt files, reward names), before a model
+        # loads.
         check_before_loading(config, num_processes=self.dist.world_size)
         self.config = config
         self._hold_run_lock()  # before anything in output_dir is read: one process per run
         check_resume(config)  # a resume continues its run's own config (diffloop.resume)
         self.algorithm = ALGORITHMS[config.train.algorithm]
-        # Cheap, likely-to-fail parts first: a bad prompt file or reward name fails before a model loads.
+        # Cheap, likely-to-fail parts first: a bad prompt file or reward name fails before a model
+        # loads.
         self.prompt_source = user_source or training_prompt_source(config.prompts)
         self.eval_source = eval_prompt_source(config)
         self.reward = build_reward_from_config(config.reward)
@@ -187,7 +189,8 @@ class Trainer:
             self.algorithm.loss_fn, t.clip_range, kl_coef=t.kl_coef, log_kl=t.log_kl_to_base,
             kl_form=t.kl_form,
         )  # fmt: skip
-        # The LoRA initialisation draws from the global RNG: same seed, same start, on every process.
+        # The LoRA initialisation draws from the global RNG: same seed, same start, on every
+        # process.
         torch.manual_seed(seeding.lora_init_seed(config.seed))
         self.policy = load_policy(
             config.model,
@@ -293,9 +296,11 @@ class Trainer:
         )
         train_stats = self.optimise(traj, advantages.reshape(-1)[local].to(self.dist.device), epoch)
         if not onpolicy_error_ok(train_stats["onpolicy_logprob_err"], cfg.train.clip_range):
-            # Sampling and training disagree by more than the clip range: PPO's clipping is then noise.
+            # Sampling and training disagree by more than the clip range: PPO's clipping is then
+            # noise.
             logger.warning(
-                "on-policy |log p_theta - log p_old| = %.2e exceeds train.clip_range = %.1e: the sampler and "
+                "on-policy |log p_theta - log p_old| = %.2e exceeds train.clip_range = "
+                "%.1e: the sampler and "
                 "the training forward pass disagree (precision, nondeterministic kernels?)",
                 train_stats["onpolicy_logprob_err"],
                 cfg.train.clip_range,
@@ -336,9 +341,10 @@ class Trainer:
     ) -> tuple[Trajectories, RewardScores, dict[str, float]]:
         """Sample this process's trajectories in batches and score them.
 
-        With ``reward.asynchronous`` each batch is scored on a background thread while the next one is
-        sampled (rewards on another device or a remote server then cost no wall-clock time).
-        Reward time is the time spent waiting for rewards after sampling ends, plus synchronous scoring.
+        With ``reward.asynchronous`` each batch is scored on a background thread while the next one
+        is sampled (rewards on another device or a remote server then cost no wall-clock time).
+        Reward time is the time spent waiting for rewards after sampling ends, plus synchronous
+        scoring.
         """
         parts, pending, reward_wait = [], [], 0.0
         t0 = time.perf_counter()
@@ -361,7 +367,8 @@ class Trainer:
         return Trajectories.cat(parts), concat_scores(results), timing
 
     def _image_monitors(self, images: torch.Tensor, local: slice) -> dict[str, float]:
-        """Over-optimisation monitors (brightness, saturation, diversity within a prompt's group)."""
+        """Over-optimisation monitors (brightness, saturation, diversity within a prompt's
+        group)."""
         k = self.config.sample.samples_per_prompt
         aligned = local.start % k == 0 and (local.stop - local.start) % k == 0
         stats = image_statistics(images, group_size=k if aligned else 1)
@@ -386,9 +393,9 @@ class Trainer:
     ) -> dict[str, float]:
         """``num_inner_epochs`` passes of minibatch updates over this process's trajectories.
 
-        advantages: (n,), NaN for samples whose reward failed: those get advantage 0, hence no gradient.
-        Each backward is scaled by 1 / (trained timesteps x minibatches per step) so one optimizer step
-        sees the mean loss over its (trajectory, timestep) pairs.
+        advantages: (n,), NaN for samples whose reward failed: those get advantage 0, hence no
+        gradient. Each backward is scaled by 1 / (trained timesteps x minibatches per step) so one
+        optimizer step sees the mean loss over its (trajectory, timestep) pairs.
         """
         cfg, t = self.config, self.config.train
         n, num_steps = traj.timesteps.shape
@@ -452,8 +459,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, tag: str, step: int = 0) -> dict[str, Any]:
         """Held-out reward on fixed prompts and fixed noise (``loops.eval_seeds``, the rule
-        ``diffloop eval`` uses), sampled with the evaluation sampler (``loops.evaluation_sampler``: the
-        default of ``diffloop eval RUN`` too), of the EMA weights when train.ema_decay is set;
+        ``diffloop eval`` uses), sampled with the evaluation sampler (``loops.evaluation_sampler``:
+        the default of ``diffloop eval RUN`` too), of the EMA weights when train.ema_decay is set;
         writes an image grid ``eval/<tag>.png``."""
         with maybe_applied(self.ema):
             return self._evaluate(tag, step)
@@ -465,7 +472,8 @@ class Trainer:
         fixed = self.eval_source.fixed_indices(e.num_prompts)
         prompts = [self.eval_source.prompts[i] for i in fixed for _ in range(k)]
         seeds = loops.eval_seeds(e.seed, len(fixed), k)
-        metadata = [{**self.eval_source.fields(fixed[g // k]), "prompt_index": g // k, "image_index": g % k}
+        metadata = [{**self.eval_source.fields(fixed[g // k]), "prompt_index": g // k,
+                     "image_index": g % k}
                     for g in range(len(prompts))]  # fmt: skip
         local = self.dist.local_slice(len(prompts))
         if len(prompts) % self.dist.world_size:
@@ -494,7 +502,8 @@ class Trainer:
             kept = figure_images(images)  # uint8, longest side <= FIGURE_SIDE
             kept = self.dist.gather(kept) if gathered else kept  # every process, in prompt order
             if self.dist.is_main and len(kept):
-                save_eval_images(Path(self.config.output_dir) / "eval" / f"{tag}.npz", kept, all_rewards,
+                save_eval_images(Path(self.config.output_dir) / "eval" / f"{tag}.npz", kept,
+                                 all_rewards,
                                  [self.eval_source.prompts[i] for i in fixed])  # fmt: skip
         if self.dist.is_main and len(images):
             from diffloop.images import save_grid
@@ -635,9 +644,10 @@ class Trainer:
         )
 
     def _apply_optimizer_config(self) -> None:
-        """After loading their states, the optimizer and LR schedule follow the config again: a resume
-        may change the rate (resume_allow) or the schedule's length (num_epochs). With nothing
-        changed this sets the very values (and floats: LambdaLR's own formula) that were loaded."""
+        """After loading their states, the optimizer and LR schedule follow the config again: a
+        resume may change the rate (resume_allow) or the schedule's length (num_epochs). With
+        nothing changed this sets the very values (and floats: LambdaLR's own formula) that were
+        loaded."""
         t, sched = self.config.train, self.lr_scheduler
         sched.base_lrs = [t.learning_rate] * len(self.optimizer.param_groups)
         for group, lr_lambda in zip(self.optimizer.param_groups, sched.lr_lambdas):
@@ -655,7 +665,8 @@ class Trainer:
         if existing and not self.config.overwrite:
             raise ConfigError(
                 f"output_dir={self.config.output_dir} already holds a run ({', '.join(existing)}); "
-                "pass resume=true to continue it, overwrite=true to start afresh there, or another output_dir"
+                "pass resume=true to continue it, overwrite=true to start afresh "
+                "there, or another output_dir"
             )
         self.dist.wait()  # every process has looked before the main one writes this run's record
         if existing and self.dist.is_main:
@@ -707,7 +718,8 @@ class Trainer:
         cfg = self.config
         print(
             f"diffloop: {self.algorithm.name} on {cfg.model.pretrained}, reward {cfg.reward.name}, "
-            f"{self.dist.world_size} process(es) on {self.dist.device} ({torch.get_num_threads()} CPU thread(s), "
+            f"{self.dist.world_size} process(es) on {self.dist.device} "
+            f"({torch.get_num_threads()} CPU thread(s), "
             f"cpu_threads={cfg.cpu_threads}), output {cfg.output_dir}"
         )
         for line in self.arithmetic.lines():
@@ -744,16 +756,21 @@ class Trainer:
         if (eval_dir / "base.npz").is_file() and after.with_suffix(".npz").is_file():
             epochs = evals[-1]["epoch"] + 1
             reward = evaluation_reward_name(self.config.reward.name, self.config.eval.reward)
-            layout = write_before_after(eval_dir / "base.npz", after.with_suffix(".npz"), eval_dir / "before_after.png",
-                                        e.samples_per_prompt, f"after {epochs} epoch{'s' * (epochs != 1)}",
+            layout = write_before_after(eval_dir / "base.npz", after.with_suffix(".npz"),
+                                        eval_dir / "before_after.png",
+                                        e.samples_per_prompt,
+                                        f"after {epochs} epoch{'s' * (epochs != 1)}",
                                         MAX_LABELLED_ROWS, reward)  # fmt: skip
-            print(f"  {eval_dir / 'before_after.png'}: before (left) | after (right), each image's {reward} "
+            print(f"  {eval_dir / 'before_after.png'}: before (left) | after (right), each "
+                  f"image's {reward} "
                   "score under it")  # fmt: skip
             for line in (layout.rows_sentence(), *layout.means_sentences()):
                 print(f"    {line}")
         elif (eval_dir / "base.png").is_file() and after.with_suffix(".png").is_file():
-            write_stacked_before_after(eval_dir / "base.png", after.with_suffix(".png"), eval_dir / "before_after.png",
-                                       e.samples_per_prompt, e.num_prompts, f"after epoch {evals[-1]['epoch'] + 1}")  # fmt: skip
+            write_stacked_before_after(eval_dir / "base.png", after.with_suffix(".png"),
+                                       eval_dir / "before_after.png",
+                                       e.samples_per_prompt, e.num_prompts,
+                                       f"after epoch {evals[-1]['epoch'] + 1}")  # fmt: skip
 
     def _print_epoch(self, m: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -761,7 +778,8 @@ class Trainer:
         extra = f" eval {m['eval_reward_mean']:.4f}" if "eval_reward_mean" in m else ""
         print(
             f"epoch {m['epoch'] + 1}/{self.config.num_epochs}: reward {m['reward_mean']:.4f} "
-            f"+- {m['reward_std']:.4f}{extra} kl {m.get('approx_kl', 0):.2e} clipfrac {m.get('clipfrac', 0):.3f} "
+            f"+- {m['reward_std']:.4f}{extra} kl {m.get('approx_kl', 0):.2e} clipfrac "
+            f"{m.get('clipfrac', 0):.3f} "
             f"({m['sample_time_s']:.1f}s sample, {m['train_time_s']:.1f}s train)"
         )
 
@@ -812,7 +830,8 @@ def build_optimizer(
         return torch.optim.AdamW(params, **kwargs)
     if device.type != "cuda":
         raise ConfigError(
-            f"train.optimizer=adamw_8bit needs a CUDA device, not {device}; use train.optimizer=adamw"
+            f"train.optimizer=adamw_8bit needs a CUDA device, not {device}; use "
+            "train.optimizer=adamw"
         )
     import bitsandbytes as bnb
 
@@ -833,7 +852,8 @@ def concat_scores(results: list[RewardScores]) -> RewardScores:
 
 
 def reward_statistics(rewards: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
-    """rewards, advantages (B, K), NaN = invalid. Includes the spread within groups (is there signal?)."""
+    """rewards, advantages (B, K), NaN = invalid. Includes the spread within groups (is there
+    signal?)."""
     valid = rewards[~torch.isnan(rewards)]
     group_std = _nanstd(rewards, dim=1)  # (B,)
     out = {

@@ -1,17 +1,18 @@
 """Typed run configuration: dataclass defaults < YAML file < ``a.b=c`` overrides.
 
-The defaults are the shapes-world run, so ``Config()`` is exactly what ``diffloop train`` runs with no
-arguments (LOOP, K = 8, on the packaged model; ``configs/shapes.yaml`` spells the same values out,
-and a test keeps the two equal). A config for another model states what it needs over them.
+The defaults are the shapes-world run, so ``Config()`` is exactly what ``diffloop train`` runs with
+no arguments (LOOP, K = 8, on the packaged model; ``configs/shapes.yaml`` spells the same values
+out, and a test keeps the two equal). A config for another model states what it needs over them.
 
-Every invariant is checked by :func:`validate` before any model loads; each error names the field and
-the fix. The checks of single fields come from the declarations, in one place
+Every invariant is checked by :func:`validate` before any model loads; each error names the field
+and the fix. The checks of single fields come from the declarations, in one place
 (:func:`check_field_values`): every numeric field is declared with ``num(default, gt/ge/lt/le)`` and
 must be finite and inside its range; every enumerated field is a ``Literal[...]`` and must be one of
 its values (the closest is suggested). Cross-field invariants follow in :func:`validate`.
 Dict-valued fields (``reward.kwargs``) merge key by key across the file and each override.
 ``derived_arithmetic`` gives the per-epoch numbers the run prints at start; ``field_docs`` the
-documentation of every key (``diffloop train --help``), read from the attribute docstrings in :mod:`.schema`.
+documentation of every key (``diffloop train --help``), read from the attribute docstrings in
+:mod:`.schema`.
 
 Modules: :mod:`.schema` (the dataclasses and ranges), :mod:`.loading` (YAML, overrides, docs),
 :mod:`.validation` (the invariants), :mod:`.arithmetic` (derived numbers, thread count).

@@ -62,7 +62,8 @@ _Yaml12BoolLoader.add_implicit_resolver(
 
 
 def load_yaml(text: str) -> Any:
-    """YAML with YAML 1.2 booleans (see :class:`_Yaml12BoolLoader`); used for configs and overrides."""
+    """YAML with YAML 1.2 booleans (see :class:`_Yaml12BoolLoader`); used for configs and
+    overrides."""
     return yaml.load(text, Loader=_Yaml12BoolLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
@@ -145,12 +146,14 @@ def _unknown_key_error(cls: type, key: str, path: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(cls)]
     where = f"{path}." if path else ""
     return ConfigError(
-        f"unknown config key '{where}{key}'.{did_you_mean(key, names)} Valid keys here: {', '.join(names)}"
+        f"unknown config key '{where}{key}'.{did_you_mean(key, names)} Valid keys "
+        f"here: {', '.join(names)}"
     )
 
 
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    """A ``cls`` dataclass from a nested dict (types coerced, unknown keys refused; not validated)."""
+    """A ``cls`` dataclass from a nested dict (types coerced, unknown keys refused; not
+    validated)."""
     types_ = field_types(cls)
     kwargs = {}
     for key, value in data.items():
@@ -161,7 +164,8 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
 
 
 def _expand_reward_list(data: dict[str, Any]) -> dict[str, Any]:
-    """``reward: [{name: ..., weight: ...}, ...]`` is short for ``reward: {name: multi, components: [...]}``."""
+    """``reward: [{name: ..., weight: ...}, ...]`` is short for ``reward: {name: multi, components:
+    [...]}``."""
     if isinstance(data.get("reward"), list):
         return {**data, "reward": {"name": "multi", "components": data["reward"]}}
     return data
@@ -245,7 +249,8 @@ def shipped_configs() -> list[str]:
 def unvalidated_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> Config:
-    """Defaults < YAML file at ``path`` < ``overrides``, types checked but not :func:`validate`-d."""
+    """Defaults < YAML file at ``path`` < ``overrides``, types checked but not
+    :func:`validate`-d."""
     data = _expand_reward_list(_read_config_file(path)) if path is not None else {}
     for text in overrides or []:
         data = merge_dicts(data, _expand_reward_list(parse_override(text)))
@@ -268,8 +273,9 @@ def packaged_config(name: str) -> Path:
 
 
 def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """``[CONFIG] [k=v ...]`` -> (config path, overrides): the first argument is a config file unless
-    it is an override; a bare name is also looked up among the shipped configs; no file: shapes.yaml."""
+    """``[CONFIG] [k=v ...]`` -> (config path, overrides): the first argument is a config file
+    unless it is an override; a bare name is also looked up among the shipped configs; no file:
+    shapes.yaml."""
     if args and "=" not in args[0]:
         path = args[0]
         if not Path(path).exists() and (packaged := packaged_config(path)).exists():

@@ -16,7 +16,8 @@ class ConfigError(DiffloopError, ValueError):
 
 
 def require(condition: bool, message: str) -> None:
-    """Raise :class:`ConfigError` with ``message`` (one line: the field and the fix) unless ``condition``."""
+    """Raise :class:`ConfigError` with ``message`` (one line: the field and the fix) unless
+    ``condition``."""
     if not condition:
         raise ConfigError(message)
 
@@ -64,7 +65,8 @@ def num(
     le: float | None = None,
     why: str = "",
 ) -> Any:
-    """A numeric dataclass field with its valid range, which :func:`validate` checks for every field."""
+    """A numeric dataclass field with its valid range, which :func:`validate` checks for every
+    field."""
     if (gt is not None and ge is not None) or (lt is not None and le is not None):
         raise TypeError("give one lower bound (gt or ge) and one upper bound (lt or le)")
     low = gt if gt is not None else ge
@@ -120,7 +122,8 @@ class SDXLConfig:
     """SDXL-only settings (read by ``diffloop.policies.sdxl``; ignored for other families)."""
 
     resolution: int | None = num(None, ge=64)
-    """Image side in pixels (a multiple of 8); null: the UNet's sample_size x 8 (1024 for base 1.0)."""
+    """Image side in pixels (a multiple of 8); null: the UNet's sample_size x 8 (1024 for base
+    1.0)."""
     original_size: list[int] | None = None
     """(height, width) micro-conditioning time id; null: (resolution, resolution), as diffusers."""
     crops_coords_top_left: list[int] = field(default_factory=lambda: [0, 0])
@@ -128,14 +131,15 @@ class SDXLConfig:
     target_size: list[int] | None = None
     """(height, width) time id; null: (resolution, resolution)."""
     vae: str | None = None
-    """Replacement VAE (hub id or directory), e.g. madebyollin/sdxl-vae-fp16-fix, which decodes in fp16;
-    null: the model's vae/ (decoded in fp32 when its config says force_upcast)."""
+    """Replacement VAE (hub id or directory), e.g. madebyollin/sdxl-vae-fp16-fix, which decodes in
+    fp16; null: the model's vae/ (decoded in fp32 when its config says force_upcast)."""
 
 
 @dataclass
 class FluxConfig:
     """FLUX.1-only settings (read by ``diffloop.policies.flux``; ignored for other families);
-    the resolution is ``model.resolution`` (a multiple of 16 for FLUX: VAE factor 8 x 2x2 packing)."""
+    the resolution is ``model.resolution`` (a multiple of 16 for FLUX: VAE factor 8 x 2x2
+    packing)."""
 
     max_sequence_length: int | None = num(None, ge=1, le=512)
     """T5 tokens of the prompt (FluxPipeline's max_sequence_length, at most 512); null: the T5
@@ -156,21 +160,22 @@ class SD3Config:
 @dataclass
 class ModelConfig:
     pretrained: str = "shapes"
-    """Hub id (``stabilityai/stable-diffusion-2-base``) or local directory in diffusers layout; ``shapes``
-    is the shapes-world model shipped inside the package."""
+    """Hub id (``stabilityai/stable-diffusion-2-base``) or local directory in diffusers layout;
+    ``shapes`` is the shapes-world model shipped inside the package."""
     revision: str | None = None
     """Hub revision (branch, tag or commit)."""
     variant: str | None = None
     """Weight variant to load (``fp16``), as in diffusers' ``from_pretrained``."""
     scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
-    """DDIMScheduler settings over the model's own scheduler config (``{set_alpha_to_one: false}``); a
-    non-DDIM config is converted with set_alpha_to_one and clip_sample false (logged)."""
+    """DDIMScheduler settings over the model's own scheduler config (``{set_alpha_to_one: false}``);
+    a non-DDIM config is converted with set_alpha_to_one and clip_sample false (logged)."""
     sdxl: SDXLConfig = field(default_factory=SDXLConfig)
-    """SDXL micro-conditioning, resolution and VAE (used when model.pretrained is an SDXL pipeline)."""
+    """SDXL micro-conditioning, resolution and VAE (used when model.pretrained is an SDXL
+    pipeline)."""
     resolution: int | None = num(None, ge=8)
-    """Flow-matching models (SD3, FLUX): square image side in pixels (Flow-GRPO trains SD3.5 at 512);
-    null = the transformer's sample_size x the VAE's downsampling factor (FLUX, whose transformer
-    has none: the VAE's sample_size, 1024 for FLUX.1, FluxPipeline's default)."""
+    """Flow-matching models (SD3, FLUX): square image side in pixels (Flow-GRPO trains SD3.5 at
+    512); null = the transformer's sample_size x the VAE's downsampling factor (FLUX, whose
+    transformer has none: the VAE's sample_size, 1024 for FLUX.1, FluxPipeline's default)."""
     flux: FluxConfig = field(default_factory=FluxConfig)
     """FLUX.1's T5 length (used when model.pretrained is a FluxPipeline)."""
     sd3: SD3Config = field(default_factory=SD3Config)
@@ -232,7 +237,8 @@ class TrainConfig:
     batch_size: int = num(32, ge=1)
     """Trajectories per training minibatch per process."""
     gradient_accumulation_steps: int = num(1, ge=1)
-    """Minibatches accumulated into one optimizer step (each minibatch spans its trained timesteps)."""
+    """Minibatches accumulated into one optimizer step (each minibatch spans its trained
+    timesteps)."""
     num_inner_epochs: int = num(1, ge=1)
     """Passes over each epoch's samples (PPO-style reuse; must be 1 for reinforce*)."""
     learning_rate: float = num(3e-3, gt=0)
@@ -257,7 +263,8 @@ class TrainConfig:
     """Clip advantages to +-this. null: the algorithm's default (5 for ppo as DDPO, none for the
     others: see diffloop.algorithms); 0: no clipping. The clipped fraction is logged."""
     normalize_advantages: bool = False
-    """Divide leave-one-out advantages by their group's reward std (docs/method.md: an option, off)."""
+    """Divide leave-one-out advantages by their group's reward std (docs/method.md: an option,
+    off)."""
     timestep_fraction: float = num(1.0, gt=0, le=1)
     """Fraction of the trained window's steps each trajectory trains on (its own random subset)."""
     timestep_window: list[int] | None = None
@@ -285,15 +292,16 @@ class TrainConfig:
     stat_tracking_min_count: int = num(
         16, ge=2,
         why="a prompt's own statistics over a single reward are mean = that reward and std = 0, so "
-        "its advantage (R - mean) / (std + eps) is exactly 0 and it trains on nothing; DDPO uses 16",
+        "its advantage (R - mean) / (std + eps) is exactly 0 and it trains on nothing; "
+        "DDPO uses 16",
     )  # fmt: skip
     """ppo: per-prompt samples needed before its own statistics replace the batch's (>= 2)."""
     grpo_eps: float = num(1e-4, gt=0)
     """grpo: added to the group std (> 0: a group of equal rewards has std 0)."""
     kl_coef: float = num(0.0, ge=0)
-    """Weight of a KL(policy || base model) penalty per step (the base is the UNet with its LoRA adapter
-    disabled: no second copy), in the form train.kl_form. Costs one extra forward per trained step.
-    0 disables."""
+    """Weight of a KL(policy || base model) penalty per step (the base is the UNet with its LoRA
+    adapter disabled: no second copy), in the form train.kl_form. Costs one extra forward per
+    trained step. 0 disables."""
     kl_form: KlForm = "gaussian"
     """What train.kl_coef weights (and kl_to_base reports), per trained step with means mu, mu_base:
     gaussian: the true KL of the two step Gaussians, sum_d (mu - mu_base)^2 / (2 std^2) over the
@@ -306,11 +314,13 @@ class TrainConfig:
     log_kl_to_base: bool = False
     """Log ``kl_to_base`` each epoch even when kl_coef is 0 (one extra forward per trained step)."""
     max_consecutive_nonfinite: int = num(3, ge=1)
-    """An optimizer step whose gradient is NaN/inf is skipped and counted (``nonfinite_steps_skipped``);
+    """An optimizer step whose gradient is NaN/inf is skipped and counted
+    (``nonfinite_steps_skipped``);
     this many skipped in a row stop the run, keeping its last checkpoint (see diffloop.guards)."""
     optimizer: OptimizerName = "adamw"
     """adamw (torch) or adamw_8bit (bitsandbytes' 8-bit AdamW: ``pip install diffloop[bnb]``, a CUDA
-    device and full fine-tuning, lora.enabled=false; LoRA tensors are too small for its 8-bit state)."""
+    device and full fine-tuning, lora.enabled=false; LoRA tensors are too small for its 8-bit
+    state)."""
     ema_decay: float | None = num(None, gt=0, lt=1)
     """EMA of the trainable weights: after optimizer step n (n = 1, 2, ...), when it is an update
     step (train.ema_update_interval), shadow <- d_n shadow + (1 - d_n) theta, with d_n = this value,
@@ -319,9 +329,9 @@ class TrainConfig:
     alone at every step averages over ~10 steps instead of ~80 (diffloop.ema). Costs one more fp32
     copy of the trainable weights. null: off."""
     ema_warmup: bool = False
-    """EMA decay warm-up d_n = min((1 + n) / (10 + n), train.ema_decay) at optimizer step n, Flow-GRPO's
-    (flow_grpo/ema.py): 0.18 at n = 1, 0.47 at n = 7, the full 0.9 from n = 80, so early averages
-    do not hold on to the starting weights. Needs train.ema_decay. Costs nothing."""
+    """EMA decay warm-up d_n = min((1 + n) / (10 + n), train.ema_decay) at optimizer step n,
+    Flow-GRPO's (flow_grpo/ema.py): 0.18 at n = 1, 0.47 at n = 7, the full 0.9 from n = 80, so early
+    averages do not hold on to the starting weights. Needs train.ema_decay. Costs nothing."""
     ema_update_interval: int = num(1, ge=1)
     """Update the EMA only after optimizer steps n with (n + 1) % interval == 0 (Flow-GRPO's
     ``update_step_interval``; its train scripts use 8: steps 7, 15, 23, ...). 1: every step. Needs
@@ -334,7 +344,8 @@ class RewardConfig:
     """Registry name (jpeg_compressibility, shapes_binding, ...) or ``package.module:function``.
     ``multi`` combines ``components``; writing ``reward:`` as a YAML list means the same."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for the reward's constructor (merged key by key: file, then each override)."""
+    """Keyword arguments for the reward's constructor (merged key by key: file, then each
+    override)."""
     components: list[dict[str, Any]] | None = None
     """For name=multi: ``[{name, weight, kwargs, mean, std}, ...]``; the reward is the weighted sum
     of (score - mean) / std per component (mean 0 and std 1 unless given); each is logged."""
@@ -345,10 +356,10 @@ class RewardConfig:
 @dataclass
 class PromptConfig:
     source: str = "shapes/train_pair"
-    """Prompt source: a registry name (ddpo/simple_animals, shapes/train, ...), ``list``, or one read
-    from prompts.path: ``file`` (one prompt a line), ``jsonl``, ``csv`` or ``dataset`` (Hugging Face
-    ``datasets``: needs ``pip install 'diffloop[datasets]'``). The other fields of a jsonl / csv /
-    dataset row are the prompt's metadata, passed to the reward in training and evaluation."""
+    """Prompt source: a registry name (ddpo/simple_animals, shapes/train, ...), ``list``, or one
+    read from prompts.path: ``file`` (one prompt a line), ``jsonl``, ``csv`` or ``dataset`` (Hugging
+    Face ``datasets``: needs ``pip install 'diffloop[datasets]'``). The other fields of a jsonl /
+    csv / dataset row are the prompt's metadata, passed to the reward in training and evaluation."""
     path: str | None = None
     """File for source=file/jsonl/csv; hub id or local directory for source=dataset."""
     prompts: list[str] | None = None
@@ -363,7 +374,8 @@ class PromptConfig:
 class EvalConfig:
     prompts: str | None = "shapes/val_pair"
     """Held-out prompt source (registry name, e.g. shapes/val_pair, or file/jsonl/csv/dataset with
-    eval.path); null disables evaluation. Row fields reach the reward as metadata, as in training."""
+    eval.path); null disables evaluation. Row fields reach the reward as metadata, as in
+    training."""
     path: str | None = None
     """File, hub id or directory of a path source (eval.prompts=file/jsonl/csv/dataset)."""
     prompt_column: str | None = None
@@ -449,12 +461,13 @@ class HubConfig:
 
 @dataclass
 class PerformanceConfig:
-    """Speed options (docs/performance.md lists them and how to measure each). None changes the algorithm: the
-    on-policy ratio stays 1 within the tolerance the run logs as ``onpolicy_logprob_err``."""
+    """Speed options (docs/performance.md lists them and how to measure each). None changes the
+    algorithm: the on-policy ratio stays 1 within the tolerance the run logs as
+    ``onpolicy_logprob_err``."""
 
     compile: CompileTarget = "none"
-    """torch.compile the UNet for: none, sampling (the no-grad loop), training (log-prob + backward),
-    or all. Sampling and training then share one compiled module per mode."""
+    """torch.compile the UNet for: none, sampling (the no-grad loop), training (log-prob +
+    backward), or all. Sampling and training then share one compiled module per mode."""
     compile_mode: CompileMode = "default"
     """torch.compile mode: default, reduce-overhead (CUDA graphs: fixed-shape sampling loop),
     max-autotune, max-autotune-no-cudagraphs."""
@@ -470,8 +483,8 @@ class PerformanceConfig:
     exact base weights afterwards. Needs train.mixed_precision=no: in fp16/bf16 weights a small
     update rounds away (W + dW == W), so the sampled policy would not be the trained one."""
     allow_tf32: bool = True
-    """On Ampere+ GPUs run fp32 matmuls/convolutions in TF32 (as DDPO does). Both sampling and training
-    use it, so the ratio stays 1; set false for bit-level fp32."""
+    """On Ampere+ GPUs run fp32 matmuls/convolutions in TF32 (as DDPO does). Both sampling and
+    training use it, so the ratio stays 1; set false for bit-level fp32."""
     decode_batch_size: int = num(8, ge=1)
     """Images the VAE decodes at once (a memory knob for the low-memory setting)."""
 
@@ -501,7 +514,8 @@ class Config:
     resume_allow: list[str] = field(default_factory=list)
     """Keys (dotted; a section name covers its keys) a resume may change from the run's own config,
     e.g. ``resume_allow=[train.learning_rate]``. Without it only num_epochs (raised), logging.* and
-    bookkeeping keys may differ (diffloop.resume.RESUME_MAY_CHANGE); any other difference is an error."""
+    bookkeeping keys may differ (diffloop.resume.RESUME_MAY_CHANGE); any other difference is an
+    error."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

@@ -58,7 +58,8 @@ def check_field_values(obj: Any, path: str = "") -> None:
 
 
 def _literal_words(tp: Any) -> tuple[str, ...]:
-    """The words of the ``Literal[...]`` members of a union annotation (``int | Literal["auto"]``)."""
+    """The words of the ``Literal[...]`` members of a union annotation
+    (``int | Literal["auto"]``)."""
     return tuple(
         w
         for arg in typing.get_args(tp)
@@ -115,12 +116,13 @@ def check_run_folders(config: Config) -> None:
 
 
 def check_kl_form_supported(config: Config, flow_matching: bool, model: str) -> None:
-    """train.kl_form=flow_grpo divides by a flow step's std_t, which a DDIM step does not have: refuse
-    it for a model that is not flow-matching (``model`` names it). Called once the family is known:
-    by check-config for a local model, by the trainer for every loaded one."""
+    """train.kl_form=flow_grpo divides by a flow step's std_t, which a DDIM step does not have:
+    refuse it for a model that is not flow-matching (``model`` names it). Called once the family is
+    known: by check-config for a local model, by the trainer for every loaded one."""
     require(
         config.train.kl_form != "flow_grpo" or flow_matching,
-        f"train.kl_form=flow_grpo is Flow-GRPO's KL for flow-matching models (SD3, FLUX) and {model} "
+        "train.kl_form=flow_grpo is Flow-GRPO's KL for flow-matching models (SD3, "
+        f"FLUX) and {model} "
         "is not one; use train.kl_form=gaussian",
     )
 
@@ -138,21 +140,24 @@ def validate(config: Config, num_processes: int = 1) -> None:
         else s.sde_window
     )
     require(
-        w is None or (len(w) == 3 and 0 <= w[0] <= w[1] and w[2] >= 1 and w[1] + w[2] <= s.num_steps - 1),
+        w is None
+        or (len(w) == 3 and 0 <= w[0] <= w[1] and w[2] >= 1 and w[1] + w[2] <= s.num_steps - 1),
         f"sample.sde_window={s.sde_window} must be null, [start, length] or [first, last, length] "
-        f"(start drawn in [first, last]) with length >= 1 and start + length <= sample.num_steps - 1 "
-        f"= {s.num_steps - 1} (the last step is an ODE step)",
+        "(start drawn in [first, last]) with length >= 1 and start + length <= "
+        f"sample.num_steps - 1 = {s.num_steps - 1} (the last step is an ODE step)",
     )  # fmt: skip
     require(
         config.eval.reward is not None or not config.eval.reward_kwargs,
-        f"eval.reward_kwargs={config.eval.reward_kwargs} without eval.reward: the evaluation uses the "
+        f"eval.reward_kwargs={config.eval.reward_kwargs} without eval.reward: the "
+        "evaluation uses the "
         "training reward (reward.kwargs); set eval.reward too, or drop eval.reward_kwargs",
     )
     tw = t.timestep_window
     require(
         tw is None or (len(tw) == 2 and 0 <= tw[0] < tw[1] <= s.num_steps),
         f"train.timestep_window={tw} must be null or [start, stop) with 0 <= start < stop <= "
-        f"sample.num_steps = {s.num_steps}, e.g. [0, {max(1, s.num_steps // 2)}] for the first half",
+        f"sample.num_steps = {s.num_steps}, e.g. [0, {max(1, s.num_steps // 2)}] for "
+        "the first half",
     )
     require(
         tw is None or s.sde_window is None,
@@ -168,36 +173,44 @@ def validate(config: Config, num_processes: int = 1) -> None:
     total = s.prompts_per_epoch * s.samples_per_prompt
     require(
         total >= 2,
-        "sample.prompts_per_epoch * sample.samples_per_prompt = 1 sample per epoch: every baseline is "
+        "sample.prompts_per_epoch * sample.samples_per_prompt = 1 sample per epoch: "
+        "every baseline is "
         "then that sample's own reward and every advantage is 0; raise sample.prompts_per_epoch",
     )
     require(
         total % num_processes == 0,
-        f"sample.prompts_per_epoch * sample.samples_per_prompt = {total} samples per epoch must divide "
+        f"sample.prompts_per_epoch * sample.samples_per_prompt = {total} samples per "
+        "epoch must divide "
         f"evenly over {num_processes} processes; change sample.prompts_per_epoch",
     )
     local = total // num_processes
     require(
         local % t.batch_size == 0,
-        f"train.batch_size={t.batch_size} must divide the {local} samples each process holds per epoch; "
+        f"train.batch_size={t.batch_size} must divide the {local} samples each process "
+        "holds per epoch; "
         f"try train.batch_size={largest_divisor(local, t.batch_size)}",
     )
     minibatches = local // t.batch_size
     if not algo.one_update_per_batch:
         require(
             minibatches % t.gradient_accumulation_steps == 0,
-            f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} must divide the {minibatches} "
-            f"minibatches per inner epoch (samples per process / train.batch_size) so no step is partial",
+            f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} must "
+            f"divide the {minibatches} "
+            "minibatches per inner epoch (samples per process / train.batch_size) so "
+            "no step is partial",
         )
     if algo.one_update_per_batch:
         require(
             t.num_inner_epochs == 1,
-            f"train.num_inner_epochs={t.num_inner_epochs}: algorithm '{algo.name}' makes one gradient step "
-            "per batch of samples (no importance ratio); set train.num_inner_epochs=1 or use loop/ppo",
+            f"train.num_inner_epochs={t.num_inner_epochs}: algorithm '{algo.name}' "
+            "makes one gradient step "
+            "per batch of samples (no importance ratio); set train.num_inner_epochs=1 "
+            "or use loop/ppo",
         )
     require(
         not ((t.kl_coef > 0 or t.log_kl_to_base) and not config.lora.enabled),
-        "train.kl_coef / train.log_kl_to_base need lora.enabled=true: the base model is the UNet with "
+        "train.kl_coef / train.log_kl_to_base need lora.enabled=true: the base model "
+        "is the UNet with "
         "its LoRA adapter disabled",
     )
     require(
@@ -216,8 +229,10 @@ def validate(config: Config, num_processes: int = 1) -> None:
     )
     require(
         config.lora.dropout == 0 or algo.one_update_per_batch,
-        f"lora.dropout={config.lora.dropout}: '{algo.name}' reuses samples through the importance ratio, and "
-        "dropout in training but not in sampling makes it differ from 1 on-policy; set lora.dropout=0",
+        f"lora.dropout={config.lora.dropout}: '{algo.name}' reuses samples through the "
+        "importance ratio, and "
+        "dropout in training but not in sampling makes it differ from 1 on-policy; set "
+        "lora.dropout=0",
     )
     require(
         not (config.resume and config.overwrite),
@@ -253,7 +268,8 @@ def validate(config: Config, num_processes: int = 1) -> None:
             f"eval.prompts={e.prompts} needs eval.path=<{PATH_SOURCES[e.prompts]}>",
         )
     require(e.path is None or e.prompts in PATH_SOURCES,
-           f"eval.path={e.path} is only read by eval.prompts={'/'.join(PATH_SOURCES)}, not {e.prompts}")  # fmt: skip
+           f"eval.path={e.path} is only read by eval.prompts={'/'.join(PATH_SOURCES)}, "
+           f"not {e.prompts}")  # fmt: skip
     _validate_eval_sampler(config)
 
 
@@ -262,7 +278,8 @@ def _validate_logging(lg: LoggingConfig) -> None:
     for name in lg.report_to:
         require(
             name in choices,
-            f"logging.report_to: unknown tracker '{name}'.{did_you_mean(name, choices)} Choose from "
+            "logging.report_to: unknown tracker "
+            f"'{name}'.{did_you_mean(name, choices)} Choose from "
             f"{', '.join(choices)}",
         )
     require(
@@ -271,7 +288,8 @@ def _validate_logging(lg: LoggingConfig) -> None:
     )
     for name, kwargs in lg.tracker_kwargs.items():
         require(name in TRACKERS and isinstance(kwargs, dict),
-               f"logging.tracker_kwargs.{name} must be a mapping of keywords for one of the trackers "
+               f"logging.tracker_kwargs.{name} must be a mapping of keywords for one "
+               "of the trackers "
                f"{', '.join(TRACKERS)}")  # fmt: skip
 
 
@@ -299,13 +317,17 @@ def _validate_performance(config: Config) -> None:
     if perf.merge_lora_for_sampling:
         require(
             config.lora.enabled,
-            "performance.merge_lora_for_sampling=true needs lora.enabled=true (there is no adapter to merge)",
+            "performance.merge_lora_for_sampling=true needs lora.enabled=true (there "
+            "is no adapter to merge)",
         )
         require(
             config.train.mixed_precision == "no",
-            f"performance.merge_lora_for_sampling=true with train.mixed_precision={config.train.mixed_precision}: "
-            "a LoRA update merged into fp16/bf16 weights is rounded away (W + dW == W for small dW), so the "
-            "sampled policy would not be the trained one; set performance.merge_lora_for_sampling=false "
+            "performance.merge_lora_for_sampling=true with "
+            f"train.mixed_precision={config.train.mixed_precision}: "
+            "a LoRA update merged into fp16/bf16 weights is rounded away (W + dW == W "
+            "for small dW), so the "
+            "sampled policy would not be the trained one; set "
+            "performance.merge_lora_for_sampling=false "
             "(torch.compile fuses the adapter matmuls instead) or train.mixed_precision=no",
         )
 
@@ -318,7 +340,8 @@ def _validate_optimizer(config: Config) -> None:
 
     require(
         not config.lora.enabled,
-        "train.optimizer=adamw_8bit is for full fine-tuning (lora.enabled=false): bitsandbytes keeps "
+        "train.optimizer=adamw_8bit is for full fine-tuning (lora.enabled=false): "
+        "bitsandbytes keeps "
         "tensors under 4096 elements (most LoRA matrices) in 32-bit, and a LoRA's Adam state is "
         "small anyway; use train.optimizer=adamw with LoRA",
     )
@@ -331,7 +354,8 @@ def _validate_optimizer(config: Config) -> None:
 
     require(
         torch.cuda.is_available(),
-        "train.optimizer=adamw_8bit needs a CUDA device (bitsandbytes' 8-bit optimizers have no CPU "
+        "train.optimizer=adamw_8bit needs a CUDA device (bitsandbytes' 8-bit "
+        "optimizers have no CPU "
         "kernels) and none is available; use train.optimizer=adamw",
     )
 
@@ -356,7 +380,8 @@ def _validate_hub(hub: HubConfig) -> None:
     if hub.token_env is not None:
         require(
             bool(os.environ.get(hub.token_env)),
-            f"hub.token_env={hub.token_env}: that environment variable is unset or empty; export it "
+            f"hub.token_env={hub.token_env}: that environment variable is unset or "
+            "empty; export it "
             "or set hub.token_env=null to use huggingface_hub's own login",
         )
 
@@ -364,13 +389,15 @@ def _validate_hub(hub: HubConfig) -> None:
 def _validate_sdxl(x: SDXLConfig) -> None:
     require(
         x.resolution is None or (x.resolution >= 64 and x.resolution % 8 == 0),
-        f"model.sdxl.resolution={x.resolution} must be a multiple of 8 (the VAE's factor), >= 64, or null",
+        f"model.sdxl.resolution={x.resolution} must be a multiple of 8 (the VAE's "
+        "factor), >= 64, or null",
     )
     for name in ("original_size", "crops_coords_top_left", "target_size"):
         value = getattr(x, name)
         require(
             value is None or (len(value) == 2 and min(value) >= 0),
-            f"model.sdxl.{name}={value} must be two non-negative integers [height, width] (or [top, left])",
+            f"model.sdxl.{name}={value} must be two non-negative integers [height, "
+            "width] (or [top, left])",
         )
 
 

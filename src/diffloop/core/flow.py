@@ -5,7 +5,8 @@ Conventions (diffusers ``FlowMatchEulerDiscreteScheduler``): x_s = (1 - s) x0 + 
 
     x0_hat = x - s v,        e_hat = x + (1 - s) v,        dt = s' - s < 0,
 
-and the ODE (Euler) step is x' = x + dt v. With a = noise level in [0, 1], s = sigma, s' = sigma_next:
+and the ODE (Euler) step is x' = x + dt v. With a = noise level in [0, 1], s = sigma, s' =
+sigma_next:
 
 "sde" (Flow-GRPO ``sde_step_with_logprob``, flow_grpo/diffusers_patch/sd3_sde_with_logprob.py):
     std_t = a sqrt(s / (1 - s_d)),   s_d = s, except s_d = ``second_sigma`` (the schedule's
@@ -65,7 +66,8 @@ Sigma = float | torch.Tensor
 
 
 def _per_sample(value: Sigma | None, sample: torch.Tensor, name: str) -> torch.Tensor | None:
-    """A float, 0-d or (N,) tensor -> float32 (N, 1, ..., 1) (or () for scalars) on sample's device."""
+    """A float, 0-d or (N,) tensor -> float32 (N, 1, ..., 1) (or () for scalars) on sample's
+    device."""
     if value is None:
         return None
     t = torch.as_tensor(value, dtype=torch.float32).to(sample.device, torch.float32)
@@ -279,7 +281,8 @@ def exponential_time_shift(mu: float, sigmas: torch.Tensor | np.ndarray, exponen
 def flux_sigmas(num_steps: int, image_seq_len: int, scheduler_config) -> tuple[np.ndarray, float]:
     """(sigmas (num_steps,) float64 before the shift, mu) as FluxPipeline passes them to
     ``scheduler.set_timesteps(sigmas=..., mu=...)``: linspace(1, 1/T, T), and mu from
-    ``flux_calculate_shift`` with the scheduler config's base/max image sequence lengths and shifts."""
+    ``flux_calculate_shift`` with the scheduler config's base/max image sequence lengths and
+    shifts."""
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
     get = scheduler_config.get
     mu = flux_calculate_shift(

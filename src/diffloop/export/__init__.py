@@ -143,7 +143,8 @@ def check_exportable(policy: Any, lora_enabled: bool) -> None:
         policy, str(component)
     ):
         raise ExportError(
-            f"{type(policy).__name__} cannot export a LoRA: it needs the class attributes lora_loader "
+            f"{type(policy).__name__} cannot export a LoRA: it needs the class "
+            "attributes lora_loader "
             f"(a loader mixin of diffusers.loaders, got {name!r}) and lora_component (its adapted "
             f"module's attribute, got {component!r})"
         )

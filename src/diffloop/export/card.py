@@ -146,8 +146,10 @@ def _summary_lines(config: Config, family: str, adapter: Adapter | None = None) 
         f"{t.algorithm.upper()} by diffloop"),
         "",
         f"- base model: {base_name} ({family} family)",
-        (f"- algorithm: `train.algorithm={t.algorithm}`, {config.sample.samples_per_prompt} samples per "
-        f"prompt, {_count(config.num_epochs, 'epoch')} of {config.sample.prompts_per_epoch} prompts"),
+        (f"- algorithm: `train.algorithm={t.algorithm}`, "
+         f"{config.sample.samples_per_prompt} samples per "
+        f"prompt, {_count(config.num_epochs, 'epoch')} of "
+         f"{config.sample.prompts_per_epoch} prompts"),
         f"- reward: `{config.reward.name}`{kwargs}",
         f"- training prompts: `{config.prompts.source}`",
     ]  # fmt: skip
@@ -182,10 +184,12 @@ def _held_out_lines(config: Config, held_out: HeldOut | None) -> list[str]:
         "| model | held-out reward |",
         "|---|---|",
         f"| base | {held_out.before:.4f} |",
-        f"| trained ({_count(held_out.after_epoch, 'epoch')}) | {held_out.after:.4f} ({delta:+.4f}) |",
+        (f"| trained ({_count(held_out.after_epoch, 'epoch')}) | {held_out.after:.4f} "
+         f"({delta:+.4f}) |"),
         "",
         (f"`{_evaluation_reward(config)}` on {e.num_prompts} held-out prompts of `{e.prompts}` x "
-        f"{e.samples_per_prompt} images, the same fixed noise before and after (eval.seed={e.seed})."),
+        f"{e.samples_per_prompt} images, the same fixed noise before and after "
+        f"(eval.seed={e.seed})."),
     ]  # fmt: skip
 
 
@@ -198,10 +202,12 @@ def _figure_lines(config: Config, figure: FigureLayout | None) -> list[str]:
     reward = f"`{_evaluation_reward(config)}`"
     if figure.arrangement == "stacked":
         return [f"![before (top) and after (bottom) training]({IMAGE_NAME})", "",
-                (f"Every held-out image before training (top: the base model) and {figure.after_heading} "
+                ("Every held-out image before training (top: the base model) and "
+                 f"{figure.after_heading} "
                  "(bottom), same prompts and noise.")]  # fmt: skip
     return [f"![before (left) and after (right) training]({IMAGE_NAME})", "",
-            (f"Held-out prompts before training (left: the base model) and {figure.after_heading} (right), "
+            ("Held-out prompts before training (left: the base model) and "
+             f"{figure.after_heading} (right), "
              f"same noise; under each image its {reward} score. {figure.rows_sentence()} "
              f"{' '.join(figure.means_sentences())}").rstrip()]  # fmt: skip
 

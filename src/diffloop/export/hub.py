@@ -11,7 +11,8 @@ from diffloop.errors import DiffloopError
 
 
 class HubUploadError(DiffloopError, RuntimeError):
-    """The upload to the hub failed; the run directory is complete and the message says how to retry."""
+    """The upload to the hub failed; the run directory is complete and the message says how to
+    retry."""
 
 
 def retry_command(directory: Path, hub: HubConfig) -> str:

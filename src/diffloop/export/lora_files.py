@@ -76,7 +76,7 @@ def save_lora(policy: Any, directory: str | Path) -> Path:
     return Path(directory) / LORA_WEIGHT_NAME
 
 
-# ----------------------------------------------------------------------------------- copies for other tools
+# --------------------------------------------------------------------------- copies for other tools
 
 KOHYA, KOHYA_SGM, COMFYUI = "kohya", "kohya_sgm", "comfyui"
 
@@ -103,8 +103,8 @@ class ShareFormat:
         }[self.keys]
 
 
-# One row per family of diffloop.policies.families. SD 1.x / 2.x (and the shapes model: family "sd") in
-# diffusers' module names: sd-scripts trains SD 1.x on library/original_unet.py, whose modules
+# One row per family of diffloop.policies.families. SD 1.x / 2.x (and the shapes model: family "sd")
+# in diffusers' module names: sd-scripts trains SD 1.x on library/original_unet.py, whose modules
 # carry diffusers' names, and ComfyUI maps both. SDXL in SGM names: sd-scripts trains SDXL on
 # library/sdxl_original_unet.py (input_blocks / middle_block / output_blocks), and its
 # --network_weights and merge scripts match keys to those modules by name. SD3 / FLUX: kohya's

@@ -8,8 +8,9 @@ Shape notation used throughout diffloop:
 
 A policy samples trajectories with a stochastic sampler whose every step is a Gaussian with a known
 variance (DDIM with eta > 0 for SD 1.x/2.x and the shapes world; an SDE form of the flow sampler for
-flow-matching models), records each step's log-probability, and returns each step's Gaussian under its current
-parameters (from which ``diffloop.loops`` recomputes the log-probability). SDXL and flow-matching models implement the same interface.
+flow-matching models), records each step's log-probability, and returns each step's Gaussian under
+its current parameters (from which ``diffloop.loops`` recomputes the log-probability). SDXL and
+flow-matching models implement the same interface.
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ class DiffusionPolicy(Protocol):
     (``core.ddim_step_with_logprob`` does), so the on-policy ratio is exactly 1.
 
     Conditioning: everything ``step_distribution`` needs besides the latents and timesteps must be
-    carried by the trajectories ``sample`` returns (``prompt_embeds``, ``negative_prompt_embeds``, and
-    ``extra`` for e.g. SDXL's pooled embeddings and time ids), so no caller branches on the model.
+    carried by the trajectories ``sample`` returns (``prompt_embeds``, ``negative_prompt_embeds``,
+    and ``extra`` for e.g. SDXL's pooled embeddings and time ids), so no caller branches on the
+    model.
     """
 
     device: torch.device
@@ -123,14 +125,16 @@ class DiffusionPolicy(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the Gaussian p_theta(x_{t-1} | x_t, c) under the current parameters.
 
-        ``step``: (M,) long step index j into ``traj`` (x_t = latents[:, j], t = timesteps[:, j]) for
-        the M trajectories of ``traj``. mean (M, C, H, W) carries gradient; std broadcastable to it.
+        ``step``: (M,) long step index j into ``traj`` (x_t = latents[:, j], t = timesteps[:, j])
+        for the M trajectories of ``traj``. mean (M, C, H, W) carries gradient; std broadcastable to
+        it.
         """
         ...
 
     def check_sampling(self, num_steps: int, eta: float) -> None:
         """Raise ``ConfigError`` (naming the setting to change) unless every step sampled at
-        ``num_steps`` and ``eta`` is a Gaussian with a positive finite std (a log-density exists)."""
+        ``num_steps`` and ``eta`` is a Gaussian with a positive finite std (a log-density
+        exists)."""
         ...
 
     def stored_steps(self, num_steps: int) -> int:
@@ -196,20 +200,24 @@ class TrainableDenoiser:
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy ``state`` into the trainable parameters; CheckpointMismatchError (one line) when
-        its names or shapes are not this model's (another run's checkpoint, other lora.* settings)."""
+        its names or shapes are not this model's (another run's checkpoint, other lora.*
+        settings)."""
         params = self.named_trainable_parameters()
         missing, unexpected = set(params) - set(state), set(state) - set(params)
         if missing or unexpected:
             raise CheckpointMismatchError(
-                f"checkpoint does not match the model: {len(missing)} missing and {len(unexpected)} "
-                f"unexpected parameters (e.g. {sorted(missing or unexpected)[:3]}); was it written with "
+                f"checkpoint does not match the model: {len(missing)} missing and "
+                f"{len(unexpected)} "
+                f"unexpected parameters (e.g. {sorted(missing or unexpected)[:3]}); "
+                "was it written with "
                 "other lora.* or model.* settings?"
             )
         reshaped = [n for n, p in params.items() if state[n].shape != p.shape]
         if reshaped:
             name = reshaped[0]
             raise CheckpointMismatchError(
-                f"checkpoint does not match the model: {len(reshaped)} parameters have other shapes "
+                f"checkpoint does not match the model: {len(reshaped)} parameters have "
+                "other shapes "
                 f"(e.g. {name}: {tuple(state[name].shape)} in the checkpoint, "
                 f"{tuple(params[name].shape)} here); was it written with another lora.rank?"
             )

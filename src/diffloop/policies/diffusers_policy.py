@@ -1,4 +1,5 @@
-"""The DDIM policy over diffusers components: Stable Diffusion 1.x / 2.x, and the pixel-space shapes model.
+"""The DDIM policy over diffusers components: Stable Diffusion 1.x / 2.x, and the pixel-space shapes
+model.
 
 One class serves both because both are a ``UNet2DConditionModel`` conditioned on a CLIP-style text
 encoder and sampled with DDIM; the only difference is whether a VAE maps latents to pixels (a
@@ -50,7 +51,8 @@ def _has_vae(path: str, model: ModelConfig) -> bool:
 
 
 def load_components(model: ModelConfig) -> dict[str, Any]:
-    """Load unet, text_encoder, tokenizer, scheduler (DDIM) and vae (or None) from ``model.pretrained``."""
+    """Load unet, text_encoder, tokenizer, scheduler (DDIM) and vae (or None) from
+    ``model.pretrained``."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -77,8 +79,9 @@ def load_components(model: ModelConfig) -> dict[str, Any]:
             path, subfolder="text_encoder", variant=model.variant, **kw
         ),
         "tokenizer": lambda: AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-        # Any diffusers scheduler config converts to DDIM (SD ships PNDM's, SDXL Euler's): read as on
-        # disk (with _class_name) so the conversion knows what it converts; see policies.schedulers.
+        # Any diffusers scheduler config converts to DDIM (SD ships PNDM's, SDXL Euler's): read as
+        # on disk (with _class_name) so the conversion knows what it converts; see
+        # policies.schedulers.
         "scheduler": lambda: to_ddim(
             DDIMScheduler.load_config(path, subfolder="scheduler", **kw), model.scheduler_kwargs
         ),
@@ -136,11 +139,12 @@ def cast_frozen(
 
 
 class DDIMPolicy(TrainableDenoiser):
-    """A conditional UNet sampled with stochastic DDIM + classifier-free guidance, LoRA or full fine-tuning.
+    """A conditional UNet sampled with stochastic DDIM + classifier-free guidance, LoRA or full
+    fine-tuning.
 
-    Frozen weights live in ``weight_dtype`` (fp16/bf16 under mixed precision); trainable parameters are
-    always fp32. ``logprob_reduction`` ("mean" as DDPO, or "sum") is how each step's log-density is
-    reduced over latent elements; the PPO clip range must agree with it.
+    Frozen weights live in ``weight_dtype`` (fp16/bf16 under mixed precision); trainable parameters
+    are always fp32. ``logprob_reduction`` ("mean" as DDPO, or "sum") is how each step's log-density
+    is reduced over latent elements; the PPO clip range must agree with it.
     """
 
     lora_loader = "StableDiffusionLoraLoaderMixin"
@@ -229,7 +233,8 @@ class DDIMPolicy(TrainableDenoiser):
             self.unet.add_adapter(self.peft_config)
         except ValueError as e:
             raise ValueError(
-                f"lora.target_modules={lora.target_modules} matched no UNet module ({e}); use names such "
+                f"lora.target_modules={lora.target_modules} matched no UNet module "
+                f"({e}); use names such "
                 "as to_q, to_k, to_v, to_out.0"
             ) from e
 
@@ -285,7 +290,8 @@ class DDIMPolicy(TrainableDenoiser):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
         """(prompt_embeds (N, L, D), negative_prompt_embeds (N, L, D), extra) stored with the
         trajectories and reused exactly when log-probs are recomputed. ``extra`` holds whatever
-        further conditioning a model family needs (None here; SDXL's pooled embeddings and time ids)."""
+        further conditioning a model family needs (None here; SDXL's pooled embeddings and time
+        ids)."""
         n = len(prompts)
         return self.encode_prompts(prompts), self.encode_prompts([negative_prompt] * n), None
 
@@ -315,7 +321,8 @@ class DDIMPolicy(TrainableDenoiser):
         """CFG: uncond + g (cond - uncond), in one UNet call on the batch [negative; positive] (the
         order diffusers uses). Shapes: (N, C, H, W).
 
-        ``use`` picks the sampling or the training UNet callable (the same module, maybe compiled)."""
+        ``use`` picks the sampling or the training UNet callable (the same module, maybe
+        compiled)."""
         dtype = self.weight_dtype
         unet = self._unet_for[use]
         memory_format = (
@@ -355,7 +362,8 @@ class DDIMPolicy(TrainableDenoiser):
         guidance_scale: float,
         negative_prompt: str = "",
     ) -> Trajectories:
-        """Sample len(prompts) trajectories; generator i alone drives sample i's initial noise and steps.
+        """Sample len(prompts) trajectories; generator i alone drives sample i's initial noise and
+        steps.
 
         eta = 0 gives deterministic DDIM (for evaluation); its log-probs are NaN (a point mass)."""
         if len(generators) != len(prompts):
@@ -409,7 +417,8 @@ class DDIMPolicy(TrainableDenoiser):
         eta: float,
         generators: list[torch.Generator],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DDIM step of the sampling loop: (x_{t-1} (N, C, H, W), log p (N,); NaN when eta = 0)."""
+        """One DDIM step of the sampling loop: (x_{t-1} (N, C, H, W), log p (N,); NaN when eta =
+        0)."""
         n = len(x)
         with self._autocast():
             model_output = self._guided_prediction(
@@ -433,7 +442,8 @@ class DDIMPolicy(TrainableDenoiser):
     def step_distribution(
         self, traj: Trajectories, step: torch.Tensor, *, eta: float, guidance_scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean (M, C, H, W) and std (M, 1, 1, 1) of p_theta(x_{t-1} | x_t, c) at per-sample ``step`` (M,).
+        """Mean (M, C, H, W) and std (M, 1, 1, 1) of p_theta(x_{t-1} | x_t, c) at per-sample
+        ``step`` (M,).
 
         The same ``ddim_step_mean_std`` the sampler used, so ``gaussian_log_prob`` of the recorded
         x_{t-1} under it reproduces the sampled log-prob exactly at the sampling parameters."""
@@ -459,7 +469,8 @@ class DDIMPolicy(TrainableDenoiser):
         return num_steps
 
     def step_stds(self, num_steps: int, eta: float) -> torch.Tensor:
-        """(T,) sigma_t of each sampled step at ``num_steps`` and ``eta`` (``core.ddim_step_mean_std``)."""
+        """(T,) sigma_t of each sampled step at ``num_steps`` and ``eta``
+        (``core.ddim_step_mean_std``)."""
         self._set_steps(num_steps)
         shape = (len(self.scheduler.timesteps), 1)
         t = self.scheduler.timesteps.to(self.device)
@@ -479,15 +490,20 @@ class DDIMPolicy(TrainableDenoiser):
         t = int(self.scheduler.timesteps[j])
         final = j == len(stds) - 1
         if final and float(self.scheduler.final_alpha_cumprod) == 1.0:
-            fix = "the scheduler has set_alpha_to_one=true: set model.scheduler_kwargs.set_alpha_to_one=false"
+            fix = (
+                "the scheduler has set_alpha_to_one=true: set "
+                "model.scheduler_kwargs.set_alpha_to_one=false"
+            )
         else:
             fix = (
                 "the step's previous alpha_cumprod equals its own (timestep 0 is sampled?): set "
-                "model.scheduler_kwargs.timestep_spacing=leading and model.scheduler_kwargs.steps_offset=1 "
+                "model.scheduler_kwargs.timestep_spacing=leading and "
+                "model.scheduler_kwargs.steps_offset=1 "
                 "(as Stable Diffusion ships)"
             )
         raise ConfigError(
-            f"sample.num_steps={num_steps}, sample.eta={eta}: DDIM step {j + 1} of {len(stds)} (timestep "
+            f"sample.num_steps={num_steps}, sample.eta={eta}: DDIM step {j + 1} of "
+            f"{len(stds)} (timestep "
             f"{t}) has std {stds[j].item():.3g}, so its log-probability is undefined; {fix}"
         )
 
@@ -509,9 +525,9 @@ class DDIMPolicy(TrainableDenoiser):
     # ------------------------------------------------------------------ export
 
     def export(self, path: str | Path) -> None:
-        """LoRA: diffusers LoRA weights (``StableDiffusionPipeline.load_lora_weights(path)`` loads them),
-        written by ``diffloop.export.save_lora`` through ``lora_loader``. Full fine-tuning: a complete
-        pipeline directory (``from_pretrained(path)``)."""
+        """LoRA: diffusers LoRA weights (``StableDiffusionPipeline.load_lora_weights(path)`` loads
+        them), written by ``diffloop.export.save_lora`` through ``lora_loader``. Full fine-tuning: a
+        complete pipeline directory (``from_pretrained(path)``)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.lora_config is not None:

@@ -202,8 +202,10 @@ def check_local_model(model: ModelConfig) -> Family | None:
         what = "is a file, not a model directory" if local.exists() else "does not exist"
         raise ConfigError(
             f"model.pretrained='{model.pretrained}': {local} {what}; give a model directory in "
-            "diffusers layout (model_index.json and the family's component folders, e.g. written by "
-            "`<Pipeline>.save_pretrained(DIR)` or `hf download <repo> --local-dir DIR`) or a hub id "
+            "diffusers layout (model_index.json and the family's component folders, "
+            "e.g. written by "
+            "`<Pipeline>.save_pretrained(DIR)` or `hf download <repo> --local-dir "
+            "DIR`) or a hub id "
             "(org/name)"
         )
     try:

@@ -136,7 +136,8 @@ class FlowMatchPolicy(TrainableDenoiser):
     pipeline_class: Any = None
     """The diffusers pipeline class (export of a full fine-tune)."""
     lora_loader: str = ""
-    """The diffusers LoRA loader mixin whose ``save_lora_weights`` writes the adapter (diffloop.export)."""
+    """The diffusers LoRA loader mixin whose ``save_lora_weights`` writes the adapter
+    (diffloop.export)."""
     lora_component = "transformer"
     """The adapted module (and the prefix of its keys in the LoRA file)."""
     text_encoder_names: tuple[str, ...] = ()
@@ -356,8 +357,9 @@ class FlowMatchPolicy(TrainableDenoiser):
         return sigmas, self.scheduler.timesteps.to(self.device, torch.float32)
 
     def window(self, num_steps: int) -> tuple[int, int, int]:
-        """(first, last, length) of ``sample.sde_window``: each sample's stochastic, stored steps are
-        ``length`` consecutive steps from a start in [first, last] (first = last: a fixed window)."""
+        """(first, last, length) of ``sample.sde_window``: each sample's stochastic, stored steps
+        are ``length`` consecutive steps from a start in [first, last] (first = last: a fixed
+        window)."""
         if self.sde_window is None:
             return 0, 0, num_steps - 1
         if len(self.sde_window) == 2:
@@ -484,7 +486,8 @@ class FlowMatchPolicy(TrainableDenoiser):
         self, traj: Trajectories, step: torch.Tensor, std: torch.Tensor
     ) -> torch.Tensor:
         """(M, 1, ..., 1) the std_dev_t Flow-GRPO's KL divides by at window step ``step`` (M,),
-        from ``step_distribution``'s std (``core.flow_grpo_std_dev``: std_t for sde, std for cps)."""
+        from ``step_distribution``'s std (``core.flow_grpo_std_dev``: std_t for sde, std for
+        cps)."""
         rows = torch.arange(len(traj), device=step.device)
         sigmas = traj.extra["sigmas"]
         return flow_grpo_std_dev(std, sigmas[rows, step], sigmas[rows, step + 1], self.sde_type)
@@ -518,7 +521,8 @@ class FlowMatchPolicy(TrainableDenoiser):
         first, last, length = self.window(num_steps)
         if not (0 <= first <= last and length >= 1 and last + length <= num_steps - 1):
             raise ConfigError(
-                f"sample.sde_window={list(self.sde_window or [])} must lie in steps 0..{num_steps - 2}"
+                f"sample.sde_window={list(self.sde_window or [])} must lie in steps "
+                f"0..{num_steps - 2}"
                 f" of sample.num_steps={num_steps} (the last step is an ODE step)"
             )
         stds = self.step_stds(num_steps, eta)

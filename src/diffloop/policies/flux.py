@@ -76,7 +76,8 @@ def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tenso
     n, tokens, features = packed.shape
     if tokens != (height // 2) * (width // 2) or features % 4:
         raise ValueError(
-            f"packed latents {tuple(packed.shape)} do not match a {height}x{width} latent of 2x2 patches"
+            f"packed latents {tuple(packed.shape)} do not match a {height}x{width} "
+            "latent of 2x2 patches"
         )
     x = packed.view(n, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(n, features // 4, height, width)
@@ -93,7 +94,8 @@ def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) 
 
 
 def text_ids(num_tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(L, 3) zeros: FLUX's text tokens carry no position in the rope (FluxPipeline.encode_prompt)."""
+    """(L, 3) zeros: FLUX's text tokens carry no position in the rope
+    (FluxPipeline.encode_prompt)."""
     return torch.zeros(num_tokens, 3, device=device, dtype=dtype)
 
 
@@ -217,11 +219,13 @@ class FluxPolicy(FlowMatchPolicy):
             )
 
     def check_guidance(self, guidance_scale: float, negative_prompt: str) -> None:
-        """Refuse what FLUX would silently ignore: a negative prompt (no negative branch; FluxPipeline
-        uses one only with true_cfg_scale) and, for schnell (no guidance embedding), guidance != 1."""
+        """Refuse what FLUX would silently ignore: a negative prompt (no negative branch;
+        FluxPipeline uses one only with true_cfg_scale) and, for schnell (no guidance embedding),
+        guidance != 1."""
         if negative_prompt:
             raise ConfigError(
-                f"sample.negative_prompt={negative_prompt!r}: FLUX.1 is guidance-distilled and has no "
+                f"sample.negative_prompt={negative_prompt!r}: FLUX.1 is "
+                "guidance-distilled and has no "
                 "negative branch (one transformer call per step); set sample.negative_prompt to ''"
             )
         if not self.guidance_embeds and guidance_scale != 1.0:

@@ -37,7 +37,8 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 class ModelLoadError(DiffloopError, RuntimeError):
-    """Weights could not be found or read; the message says what was looked for and how to fix it."""
+    """Weights could not be found or read; the message says what was looked for and how to fix
+    it."""
 
 
 def resolve_pretrained(name: str) -> str:

@@ -10,7 +10,8 @@ Follows diffusers 0.42.1 ``StableDiffusion3Pipeline`` (``_get_clip_prompt_embeds
     v       = transformer(x, timestep=t (0-1000), prompt_embeds, pooled)
 
 - Real CFG with the negative prompt encoded the same way ("" when none, as the pipeline).
-- Static timestep shift from the scheduler config (``FlowMatchEulerDiscreteScheduler.set_timesteps``;
+- Static timestep shift from the scheduler config
+(``FlowMatchEulerDiscreteScheduler.set_timesteps``;
   ``core.sd3_shift_sigmas``); the transformer takes t on the 0-1000 scale.
 - Decode: vae.decode(x / scaling_factor + shift_factor).
 - T5 length L: ``model.sd3.max_sequence_length`` (the pipeline's ``max_sequence_length``); null: the

@@ -1,11 +1,12 @@
-"""Weighted sums of rewards (``reward: [{name: aesthetic, weight: 1.0}, {name: clip_score, weight: 0.5}]``).
+"""Weighted sums of rewards (``reward: [{name: aesthetic, weight: 1.0}, {name: clip_score, weight:
+0.5}]``).
 
     total(x) = sum_i w_i (s_i(x) - mean_i) / std_i          s_i: (N,) scores of component i
 
-Normalisation uses a FIXED, user-given ``mean_i`` and ``std_i`` per component (defaults 0 and 1, i.e.
-none), never running statistics: the total is then a pure function of the images, so it is exact
-and deterministic under resume, across processes and across asynchronous scoring, and nothing needs
-to be checkpointed. Set them to a component's typical mean and spread (e.g. from a base-model
+Normalisation uses a FIXED, user-given ``mean_i`` and ``std_i`` per component (defaults 0 and 1,
+i.e. none), never running statistics: the total is then a pure function of the images, so it is
+exact and deterministic under resume, across processes and across asynchronous scoring, and nothing
+needs to be checkpointed. Set them to a component's typical mean and spread (e.g. from a base-model
 evaluation) to put components on a common scale before weighting.
 
 NaN policy: each component is checked by :func:`~diffloop.rewards.registry.score` (inf becomes NaN,
@@ -40,7 +41,8 @@ COMPONENT_KEYS = ("name", "weight", "kwargs", "mean", "std")
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    """One validated component: ``weight * (score - mean) / std`` of ``build_reward(name, **kwargs)``."""
+    """One validated component: ``weight * (score - mean) / std`` of ``build_reward(name,
+    **kwargs)``."""
 
     name: str
     weight: float = 1.0
@@ -57,7 +59,8 @@ def _number(value: Any, where: str, key: str) -> float:
 
 
 def parse_components(components: Any) -> list[ComponentSpec]:
-    """Validate ``[{name, weight=1, kwargs={}, mean=0, std=1}, ...]``; ValueError naming the fault."""
+    """Validate ``[{name, weight=1, kwargs={}, mean=0, std=1}, ...]``; ValueError naming the
+    fault."""
     if not isinstance(components, (list, tuple)) or not components:
         raise ValueError(
             "reward components must be a non-empty list like "
@@ -155,13 +158,15 @@ class CompositeReward:
 
     @property
     def last_components(self) -> dict[str, torch.Tensor] | None:
-        """{component name: (N,) float32 raw scores} of this thread's latest call (None before one)."""
+        """{component name: (N,) float32 raw scores} of this thread's latest call (None before
+        one)."""
         return getattr(self._local, "components", None)
 
     def __call__(
         self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]
     ) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1] -> (N,) float32 weighted total (NaN where any component is NaN)."""
+        """(N, 3, H, W) in [0, 1] -> (N,) float32 weighted total (NaN where any component is
+        NaN)."""
         raw = [score(r, images, prompts, metadata).scores for r in self.rewards]  # C x (N,) float32
         # float64 so the weighted sum does not depend on float32 rounding of intermediate terms
         total = weighted_total(torch.stack(raw).double(), self._weights, self._means, self._stds)

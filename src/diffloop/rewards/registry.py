@@ -98,7 +98,8 @@ def available_rewards() -> list[str]:
 
 
 class ScoringFunction:
-    """The registry entry of a plain scoring function: a factory taking no kwargs that returns it."""
+    """The registry entry of a plain scoring function: a factory taking no kwargs that returns
+    it."""
 
     def __init__(self, function: Callable[..., Any], name: str) -> None:
         self.function, self.name = function, name
@@ -106,7 +107,8 @@ class ScoringFunction:
     def __call__(self, **kwargs: Any) -> Callable[..., Any]:
         if kwargs:
             raise RewardSpecError(
-                f"reward {self.name!r} is a scoring function registered with register_reward(name, fn), "
+                f"reward {self.name!r} is a scoring function registered with "
+                "register_reward(name, fn), "
                 f"so it takes no kwargs (got {sorted(kwargs)}); register a class to configure it"
             )
         return self.function
@@ -186,7 +188,8 @@ def _import_attr(spec: str, reward: str) -> Any:
 def _unknown_reward(name: str) -> RewardSpecError:
     names = available_rewards()
     return RewardSpecError(
-        f"unknown reward {name!r}.{did_you_mean(name, names)} Available: {', '.join(names)}. {_SPEC_HELP}"
+        f"unknown reward {name!r}.{did_you_mean(name, names)} Available: "
+        f"{', '.join(names)}. {_SPEC_HELP}"
     )
 
 
@@ -248,7 +251,8 @@ def check_reward_kwargs(name: str, kwargs: dict[str, Any]) -> None:
         )
 
 
-# reward.name of a function given to ``Trainer(reward=...)``: registered for that Python session only.
+# reward.name of a function given to ``Trainer(reward=...)``: registered for that Python session
+# only.
 PYTHON_REWARD_PREFIX = "python:"
 
 
@@ -256,7 +260,8 @@ def _resolve_spec(name: str, kwargs: dict[str, Any]) -> Any:
     """The class, or the function (which takes no kwargs), a 'package.module:attr' spec names."""
     if name.startswith(PYTHON_REWARD_PREFIX):
         raise RewardSpecError(
-            f"reward {name!r} was a Python function given to Trainer(reward=...), registered only in "
+            f"reward {name!r} was a Python function given to Trainer(reward=...), "
+            "registered only in "
             "that Python session: pass it again, register it (register_reward), or name it as "
             "'package.module:function' to train or resume from the command line"
         )

@@ -125,7 +125,8 @@ def encode_png_base64(images: torch.Tensor) -> list[str]:
 
 
 def parse_scores(payload: bytes, n: int, url: str) -> torch.Tensor:
-    """A 200 answer -> (n,) float32, null -> NaN; RewardError if it is not exactly n numbers/nulls."""
+    """A 200 answer -> (n,) float32, null -> NaN; RewardError if it is not exactly n
+    numbers/nulls."""
     try:
         response = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -211,7 +212,8 @@ class RemoteReward:
         return torch.cat(out) if out else torch.zeros(0)
 
     def health(self) -> dict[str, Any]:
-        """GET /health -> the server's JSON ({"status": "ok", "reward": NAME, ...}); with retries."""
+        """GET /health -> the server's JSON ({"status": "ok", "reward": NAME, ...}); with
+        retries."""
         payload = self._with_retries(lambda: self._request("/health", None), what="GET /health")
         try:
             return json.loads(payload)
@@ -270,7 +272,8 @@ class RemoteReward:
         else:
             sent = f"it rejected the token from {self._token_source}"
         return (
-            f"reward server at {self.url} requires a bearer token (HTTP 401: {message}) and {sent}; "
+            f"reward server at {self.url} requires a bearer token (HTTP 401: "
+            f"{message}) and {sent}; "
             f"set {TOKEN_ENV} (or reward.kwargs.token) to the token the server was started with"
         )
 

@@ -19,7 +19,8 @@ Protocol (JSON only: nothing is ever unpickled; images travel as PNG):
                         (a method HTTP does not define: 501, also JSON)
     411 / 413           no Content-Length / a body over ``max_request_bytes``: refused from the
                         header alone, before the body is read (it is then drained, unbuffered and
-                        for at most ``DRAIN_SECONDS``, so the client reads the 413 instead of a reset)
+                        for at most ``DRAIN_SECONDS``, so the client reads the 413 instead of a
+                        reset)
     413 {"error": ...}  the images of a request hold more than ``max_request_pixels`` pixels in
                         all: refused from the PNG headers, before any image is decoded
     500 {"error": ...}  the reward raised or returned an unusable output (see registry.score); as a
@@ -161,7 +162,8 @@ def server_from_argv(argv: list[str]) -> RewardHTTPServer:
 
 
 def serve_main(argv: list[str]) -> int:
-    """``diffloop serve-reward NAME [--kwargs JSON] [--host H] [--port P] ...``; serves until Ctrl-C."""
+    """``diffloop serve-reward NAME [--kwargs JSON] [--host H] [--port P] ...``; serves until
+    Ctrl-C."""
     try:
         server = server_from_argv(argv)
     # a bad reward name or kwargs, or the port in use

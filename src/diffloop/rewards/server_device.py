@@ -36,7 +36,8 @@ def resolve_device(text: str | torch.device, what: str = "device") -> torch.devi
             raise ValueError(f"{what} {text}: no CUDA device is available here; use --device cpu")
         if device.index is not None and device.index >= count:
             raise ValueError(
-                f"{what} {text}: this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+                f"{what} {text}: this machine has {count} CUDA device(s): cuda:0 to "
+                f"cuda:{count - 1}"
             )
     try:
         torch.empty(1, device=device)

@@ -81,7 +81,8 @@ class RewardHTTPServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One log line for an error outside a request's handling (the base class prints a
-        traceback); the handler answers its own errors (``RewardRequestHandler.handle_one_request``)."""
+        traceback); the handler answers its own errors
+        (``RewardRequestHandler.handle_one_request``)."""
         exc = sys.exc_info()[1]
         logger.error("connection from %s failed: %s", client_address[0], _one_line(exc))
 
@@ -181,7 +182,8 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
         self._error(code, message or explain or HTTPStatus(code).phrase)
 
     def _method_not_allowed(self) -> None:
-        """405 for PUT, DELETE, PATCH, HEAD, OPTIONS, TRACE and CONNECT, naming the allowed method."""
+        """405 for PUT, DELETE, PATCH, HEAD, OPTIONS, TRACE and CONNECT, naming the allowed
+        method."""
         allowed = ALLOWED_METHODS.get(self.path, "GET, POST")
         self._error(
             HTTPStatus.METHOD_NOT_ALLOWED,

@@ -115,7 +115,8 @@ def decode_png(data: bytes, index: int, size: tuple[int, int]) -> np.ndarray:
         image = Image.open(io.BytesIO(data), formats=["PNG"])
         if image.size != size:
             raise BadRequest(f"images[{index}] is not a decodable PNG: its IHDR says "
-                             f"{size[0]}x{size[1]} but it opens as {image.width}x{image.height}")  # fmt: skip
+                             f"{size[0]}x{size[1]} but it opens as "
+                             f"{image.width}x{image.height}")  # fmt: skip
         if image.mode != "RGB":
             raise BadRequest(f"images[{index}] has mode {image.mode}; send 8-bit RGB PNGs")
         image.load()

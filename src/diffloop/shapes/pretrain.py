@@ -177,7 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prediction-type",
         choices=["epsilon", "v_prediction"],
         default="epsilon",
-        help="what the UNet predicts: epsilon (the noise) or v_prediction, which learns faster on a "
+        help="what the UNet predicts: epsilon (the noise) or v_prediction, which learns "
+        "faster on a "
         "CPU budget (default: %(default)s)",
     )
     args = p.parse_args(argv)

@@ -405,7 +405,8 @@ def eval_breakdown(
 
         eval_binding_<colour|shape|texture>_mean = nanmean over images of the attribute score
         eval_reward_seen_mean   = nanmean of the rewards of captions made of training combinations
-        eval_reward_unseen_mean = ... of captions naming a held-out combination (world.UNSEEN_COMBINATIONS)
+        eval_reward_unseen_mean = ... of captions naming a held-out combination
+        (world.UNSEEN_COMBINATIONS)
 
     A key whose images are all absent or NaN (no unseen caption among the prompts) is left out."""
     out = {}

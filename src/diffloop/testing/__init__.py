@@ -1,1 +1,2 @@
-"""Helpers for tests and benchmarks: tiny random-weight models built from configs (nothing downloaded)."""
+"""Helpers for tests and benchmarks: tiny random-weight models built from configs (nothing
+downloaded)."""

@@ -1,4 +1,5 @@
-"""Tiny random-weight Stable Diffusion components, built from configs: one builder for tests and bench.
+"""Tiny random-weight Stable Diffusion components, built from configs: one builder for tests and
+bench.
 
 Follows diffusers' own pipeline tests (tests/pipelines/stable_diffusion): a UNet with (32, 64)
 channels, a 2-layer CLIP text encoder of width 32, a 2-level VAE, SD's DDIM schedule.
@@ -127,7 +128,8 @@ def make_tiny_vae() -> Any:
 
 
 def sd_ddim_scheduler(prediction_type: str = "epsilon") -> Any:
-    """Stable Diffusion's DDIM schedule, every field explicit so a pipeline does not rewrite the config."""
+    """Stable Diffusion's DDIM schedule, every field explicit so a pipeline does not rewrite the
+    config."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -148,7 +150,8 @@ def build_tiny_components(
     tokenizer: Any = None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """{"unet", "text_encoder", "tokenizer", "scheduler", "vae"}; weights a pure function of ``seed``.
+    """{"unet", "text_encoder", "tokenizer", "scheduler", "vae"}; weights a pure function of
+    ``seed``.
 
     Each network is initialised right after ``torch.manual_seed(seed + i)`` inside ``fork_rng``, so
     the weights do not depend on the caller's RNG state and the caller's RNG is left untouched.

@@ -11,7 +11,8 @@ Sizes (``FLUX_CONFIGS``):
   downsampling. Images (3, 32, 32) <-> latents (1, 32, 32) <-> packed (256, 4).
 - ``"dev"``: FLUX.1-dev's config.json values (black-forest-labs/FLUX.1-dev: transformer/,
   text_encoder/ (CLIP ViT-L/14), text_encoder_2/ (T5 v1.1 XXL's width, 2 of its layers), vae/):
-  11.9e9 transformer parameters. Images (3, 1024, 1024) <-> latents (16, 128, 128) <-> packed (4096, 64).
+  11.9e9 transformer parameters. Images (3, 1024, 1024) <-> latents (16, 128, 128) <-> packed (4096,
+  64).
 
 ``guidance_embeds=True`` is FLUX.1-dev (guidance-distilled: the guidance value is an input of the
 transformer), ``False`` FLUX.1-schnell. The scheduler configs are the models' own
@@ -165,10 +166,10 @@ def build_flux_components(
 
     ``guidance_embeds``: True = FLUX.1-dev (its scheduler), False = FLUX.1-schnell (its scheduler).
     ``tokenizer`` (CLIP) and ``tokenizer_2`` (T5) default to the in-code tiny ones of
-    ``diffloop.testing.tiny_flow`` (for "dev" too: a benchmark needs no real vocabulary); the text encoders' special-token
-    ids follow them and their vocabularies are at least the tokenizers' sizes. Each network is
-    initialised right after ``torch.manual_seed(seed + i)`` inside ``fork_rng``: the weights are a
-    pure function of ``seed`` and the caller's RNG is untouched.
+    ``diffloop.testing.tiny_flow`` (for "dev" too: a benchmark needs no real vocabulary); the text
+    encoders' special-token ids follow them and their vocabularies are at least the tokenizers'
+    sizes. Each network is initialised right after ``torch.manual_seed(seed + i)`` inside
+    ``fork_rng``: the weights are a pure function of ``seed`` and the caller's RNG is untouched.
     Returns {transformer, text_encoder, text_encoder_2, tokenizer, tokenizer_2, vae, scheduler}.
     """
     from diffusers import AutoencoderKL, FluxTransformer2DModel

@@ -276,7 +276,8 @@ def images_section(run: RunData) -> str:
         caption = ("eval/before_after.png: each prompt's images before training (left) and after "
                    "(right), each image's held-out score under it")  # fmt: skip
         parts.append(f"<figure class='before-after'><img alt='{esc(run.name)}: before / after' "
-                     f"src='{data_uri(figure)}'><figcaption>{esc(caption)}</figcaption></figure>")  # fmt: skip
+                     f"src='{data_uri(figure)}'><figcaption>{esc(caption)}"
+                     "</figcaption></figure>")  # fmt: skip
     grids, problems = [], []
     for caption, path in eval_files(run.path, "npz"):
         try:
@@ -306,7 +307,8 @@ def images_section(run: RunData) -> str:
     )
     if figures and (grids or figure.is_file()):
         parts.append("<details><summary>Unlabelled grids as written (eval/base.png, the newest "
-                     f"eval/epoch_N.png)</summary><div class='grids'>{figures}</div></details>")  # fmt: skip
+                     "eval/epoch_N.png)</summary><div "
+                     f"class='grids'>{figures}</div></details>")  # fmt: skip
     elif figures:
         parts.append(f"<div class='grids'>{figures}</div>")
     elif not grids and not figure.is_file():

@@ -50,8 +50,9 @@ def sample_output(output: Path | None, target: Path, is_run: bool) -> tuple[Path
     if output is not None:
         held = [name for name in SAMPLE_FILES if (output / name).exists()]
         if held:
-            raise SampleUsageError(f"--output={output} already holds samples ({held[0]}); choose a new "
-                                   "directory, or leave --output out for a new numbered one")  # fmt: skip
+            raise SampleUsageError(f"--output={output} already holds samples ({held[0]}); "
+                                   "choose a new directory, or leave --output out for a new "
+                                   "numbered one")  # fmt: skip
         return output, False
     return (target / SAMPLES_DIR if is_run else Path(SAMPLES_DIR)), True
 
@@ -214,7 +215,8 @@ def sample_main(argv: list[str]) -> int:
         f"wrote {len(prompts)} images, grid.png and samples.json to {out.absolute()} ({described})"
     )
     if numbered and run_sample is None:  # not a run: say that the current directory was used
-        print("  a base model has no run directory: a new numbered directory under ./samples of the "
+        print("  a base model has no run directory: a new numbered directory under ./samples "
+              "of the "
               "current directory; --output chooses another place")  # fmt: skip
     return 0
 

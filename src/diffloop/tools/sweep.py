@@ -11,23 +11,25 @@ A sweep file::
       - {name: loop_k4, overrides: [train.algorithm=loop, sample.samples_per_prompt=4]}
       - {name: loop, overrides: [train.algorithm=loop], grid: {sample.samples_per_prompt: [2, 4]}}
 
-A run with a ``grid`` expands into the cross product of its values (named ``loop-samples_per_prompt2``
-...). Every (run, seed) is a normal run directory ``output_dir/<name>/seed_<s>/`` trained in-process by
-``Trainer``, one after another. The sweep resumes as a whole: a finished run (its metrics hold the last
-epoch and its final export exists) is skipped, an unfinished one with a checkpoint continues with
-``resume=true``, any other starts fresh.
+A run with a ``grid`` expands into the cross product of its values (named
+``loop-samples_per_prompt2``
+...). Every (run, seed) is a normal run directory ``output_dir/<name>/seed_<s>/`` trained in-process
+by ``Trainer``, one after another. The sweep resumes as a whole: a finished run (its metrics hold
+the last epoch and its final export exists) is skipped, an unfinished one with a checkpoint
+continues with ``resume=true``, any other starts fresh.
 
 Budgets are matched explicitly. With ``prompts: N`` every run trains on N prompt draws, so
 ``num_epochs = N / sample.prompts_per_epoch`` (an algorithm with K samples per prompt then spends
 K x N reward queries); with ``reward_queries: N`` every run queries the reward N times,
-``num_epochs = N / (prompts_per_epoch * samples_per_prompt)``. A budget that does not divide is an error.
+``num_epochs = N / (prompts_per_epoch * samples_per_prompt)``. A budget that does not divide is an
+error.
 
 ``--jobs N`` trains N shards (``--shard i/N``) at once as child processes, each with
-``OMP_NUM_THREADS = max(1, cores // N)`` (which ``cpu_threads: auto`` reads), so that N runs never ask
-for more threads than the machine has cores; N = cores gives single-thread runs.
+``OMP_NUM_THREADS = max(1, cores // N)`` (which ``cpu_threads: auto`` reads), so that N runs never
+ask for more threads than the machine has cores; N = cores gives single-thread runs.
 
-The summary (``summary.json``, ``summary.md``, three plots) compares held-out reward (``eval_reward_mean``,
-fixed prompts and noise) per run name, as mean +- standard error over seeds.
+The summary (``summary.json``, ``summary.md``, three plots) compares held-out reward
+(``eval_reward_mean``, fixed prompts and noise) per run name, as mean +- standard error over seeds.
 """
 
 from __future__ import annotations
@@ -67,9 +69,9 @@ SWEEP_KEYS = ("base", "overrides", "budget", "runs", "seeds", "output_dir")
 RUN_KEYS = ("name", "overrides", "grid")
 BUDGET_KINDS = ("prompts", "reward_queries")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
-# Settings that change speed or memory but not what a run computes: a resumed run may differ in these.
-# A sweep also reruns a run with more epochs and another thread count (diffloop.resume.covered's
-# section names: "logging" covers logging.*).
+# Settings that change speed or memory but not what a run computes: a resumed run may differ in
+# these. A sweep also reruns a run with more epochs and another thread count
+# (diffloop.resume.covered's section names: "logging" covers logging.*).
 RESUME_COMPATIBLE = (*RESUME_MAY_CHANGE, "num_epochs", "cpu_threads")
 
 
@@ -95,8 +97,10 @@ class Budget:
                 " * sample.samples_per_prompt" if self.kind == "reward_queries" else ""
             )
             raise SweepError(
-                f"budget {self.kind}={self.amount} is not a whole number of epochs for run '{name}': {what} = "
-                f"{per_epoch} per epoch ({self.amount / per_epoch:g} epochs). Change the budget to a multiple "
+                f"budget {self.kind}={self.amount} is not a whole number of epochs for "
+                f"run '{name}': {what} = "
+                f"{per_epoch} per epoch ({self.amount / per_epoch:g} epochs). Change "
+                "the budget to a multiple "
                 f"of {per_epoch} or the run's sample.prompts_per_epoch"
             )
         return self.amount // per_epoch
@@ -143,7 +147,8 @@ class PlannedRun:
     seed: int
     output_dir: Path
     overrides: tuple[str, ...]
-    """Every override on top of the base config, in order (common, run's, command line, sweep's own)."""
+    """Every override on top of the base config, in order (common, run's, command line, sweep's
+    own)."""
     algorithm: str
     prompts_per_epoch: int
     samples_per_prompt: int
@@ -293,8 +298,9 @@ def load_sweep(path: str | Path, output_dir: str | Path | None = None) -> Sweep:
 
 
 def plan(sweep: Sweep, extra_overrides: Sequence[str] = ()) -> list[PlannedRun]:
-    """Resolve every (run, seed): its config, and num_epochs from the budget. Seed-major order, so that a
-    partly finished sweep holds whole seeds of every run. Validates every config; loads no model."""
+    """Resolve every (run, seed): its config, and num_epochs from the budget. Seed-major order, so
+    that a partly finished sweep holds whole seeds of every run. Validates every config; loads no
+    model."""
     planned = []
     for seed in sweep.seeds:
         for run in sweep.runs:
@@ -308,7 +314,8 @@ def plan(sweep: Sweep, extra_overrides: Sequence[str] = ()) -> list[PlannedRun]:
             )
             if clash := [o for o in overrides if o.split("=", 1)[0].strip() == "num_epochs"]:
                 raise SweepError(
-                    f"run '{run.name}' sets {clash[0]}: the sweep's budget decides num_epochs; remove it"
+                    f"run '{run.name}' sets {clash[0]}: the sweep's budget decides "
+                    "num_epochs; remove it"
                 )
             try:
                 config = load_config(sweep.base, list(overrides))
@@ -323,7 +330,8 @@ def plan(sweep: Sweep, extra_overrides: Sequence[str] = ()) -> list[PlannedRun]:
             s = config.sample
             epochs = sweep.budget.epochs_for(s.prompts_per_epoch, s.samples_per_prompt, run.name)
             planned.append(PlannedRun(
-                name=run.name, seed=seed, output_dir=out, overrides=(*overrides, f"num_epochs={epochs}"),
+                name=run.name, seed=seed, output_dir=out, overrides=(*overrides,
+                                                                     f"num_epochs={epochs}"),
                 algorithm=config.train.algorithm, prompts_per_epoch=s.prompts_per_epoch,
                 samples_per_prompt=s.samples_per_prompt, num_epochs=epochs,
             ))  # fmt: skip
@@ -334,8 +342,8 @@ def plan(sweep: Sweep, extra_overrides: Sequence[str] = ()) -> list[PlannedRun]:
 
 
 def run_status(run: PlannedRun) -> str:
-    """``finished`` (metrics hold the last epoch and the final export exists), ``resume`` (a complete
-    checkpoint exists) or ``new``."""
+    """``finished`` (metrics hold the last epoch and the final export exists), ``resume`` (a
+    complete checkpoint exists) or ``new``."""
     from diffloop.checkpoint import latest_checkpoint
 
     rows = read_metrics(run.output_dir / "metrics.jsonl")
@@ -352,7 +360,8 @@ def run_status(run: PlannedRun) -> str:
 
 
 def config_differences(saved: Config, wanted: Config) -> list[str]:
-    """Settings (other than speed/memory knobs) in which a run directory's config differs from the plan."""
+    """Settings (other than speed/memory knobs) in which a run directory's config differs from the
+    plan."""
     return [
         f"{k}: {old!r} -> {new!r}"
         for k, (old, new) in config_changes(saved, wanted).items()
@@ -361,14 +370,16 @@ def config_differences(saved: Config, wanted: Config) -> list[str]:
 
 
 def check_compatible(run: PlannedRun, config: Config) -> None:
-    """A run directory that will be skipped or resumed must hold the same run (else results would mix)."""
+    """A run directory that will be skipped or resumed must hold the same run (else results would
+    mix)."""
     saved_path = run.output_dir / "config.yaml"
     if not saved_path.is_file():
         return
     diffs = config_differences(load_config(saved_path), config)
     if diffs:
         raise SweepError(
-            f"'{run.output_dir}' holds a run with other settings ({'; '.join(diffs[:4])}); delete that directory "
+            f"'{run.output_dir}' holds a run with other settings "
+            f"({'; '.join(diffs[:4])}); delete that directory "
             "or give the sweep another output_dir"
         )
 
@@ -376,7 +387,8 @@ def check_compatible(run: PlannedRun, config: Config) -> None:
 def execute(
     runs: Sequence[PlannedRun], base: str, log: Callable[[str], None] = print
 ) -> dict[str, int]:
-    """Train every unfinished run in order, in this process; returns counts of skipped/resumed/new."""
+    """Train every unfinished run in order, in this process; returns counts of
+    skipped/resumed/new."""
     from diffloop.trainer import Trainer
 
     counts = {"finished": 0, "resume": 0, "new": 0}
@@ -390,7 +402,8 @@ def execute(
             log(f"[{i + 1}/{len(runs)}] {run.name} seed {run.seed}: finished, skipped")
             continue
         log(
-            f"[{i + 1}/{len(runs)}] {run.name} seed {run.seed}: {'resuming' if status == 'resume' else 'starting'}"
+            f"[{i + 1}/{len(runs)}] {run.name} seed {run.seed}: "
+            f"{'resuming' if status == 'resume' else 'starting'}"
             f" ({run.num_epochs} epochs) in {run.output_dir}"
         )
         trainer = Trainer(config, argv=["diffloop", "compare", "--run", run.name, *run.overrides])
@@ -421,8 +434,8 @@ class Curve:
     prompts: tuple[float, ...]
     reward_queries: tuple[float, ...]
     time_s: tuple[float, ...]
-    """Training wall-clock at the point: cumulative epoch_time_s (sampling, reward, training; evaluation,
-    model loading and checkpointing excluded)."""
+    """Training wall-clock at the point: cumulative epoch_time_s (sampling, reward, training;
+    evaluation, model loading and checkpointing excluded)."""
     reward: tuple[float, ...]
 
     def axis(self, key: str) -> tuple[float, ...]:
@@ -480,8 +493,9 @@ def mean_sem(values: Sequence[float]) -> tuple[float, float | None]:
 def summarize(
     runs: Sequence[PlannedRun], curves: dict[tuple[str, int], Curve], budget: Budget
 ) -> dict[str, Any]:
-    """Per run name: base, final, final - base (paired per seed), AUC on the budget's axis and training
-    wall-clock, each as mean +- sem over the seeds whose run has finished (``curves``' keys)."""
+    """Per run name: base, final, final - base (paired per seed), AUC on the budget's axis and
+    training wall-clock, each as mean +- sem over the seeds whose run has finished (``curves``'
+    keys)."""
     by_name: dict[str, list[PlannedRun]] = {}
     for r in runs:
         by_name.setdefault(r.name, []).append(r)
@@ -490,10 +504,12 @@ def summarize(
         done = [curves[(r.name, r.seed)] for r in group if (r.name, r.seed) in curves]
         first = group[0]
         row: dict[str, Any] = {
-            "name": name, "algorithm": first.algorithm, "samples_per_prompt": first.samples_per_prompt,
+            "name": name, "algorithm": first.algorithm,
+            "samples_per_prompt": first.samples_per_prompt,
             "prompts_per_epoch": first.prompts_per_epoch, "num_epochs": first.num_epochs,
             "prompts": first.prompts, "reward_queries": first.reward_queries,
-            "seeds": [r.seed for r in group if (r.name, r.seed) in curves], "seeds_planned": len(group),
+            "seeds": [r.seed for r in group if (r.name, r.seed) in curves],
+            "seeds_planned": len(group),
         }  # fmt: skip
         x_end = first.prompts if budget.kind == "prompts" else first.reward_queries
         stats = {
@@ -542,9 +558,12 @@ def summary_markdown(summary: dict[str, Any], sweep: Sweep, eval_text: str) -> s
     ]
     for r in summary["runs"]:
         lines.append(
-            f"| {r['name']} | {r['algorithm']} | {r['samples_per_prompt']} | {r['num_epochs']} | {r['prompts']} "
-            f"| {r['reward_queries']} | {len(r['seeds'])}/{r['seeds_planned']} | {_fmt(r['base'], r['base_sem'])} "
-            f"| {_fmt(r['final'], r['final_sem'])} | {_fmt(r['gain'], r['gain_sem'])} | {_fmt(r['auc'], r['auc_sem'])} "
+            f"| {r['name']} | {r['algorithm']} | {r['samples_per_prompt']} | "
+            f"{r['num_epochs']} | {r['prompts']} "
+            f"| {r['reward_queries']} | {len(r['seeds'])}/{r['seeds_planned']} | "
+            f"{_fmt(r['base'], r['base_sem'])} "
+            f"| {_fmt(r['final'], r['final_sem'])} | {_fmt(r['gain'], r['gain_sem'])} "
+            f"| {_fmt(r['auc'], r['auc_sem'])} "
             f"| {_fmt(r['wallclock_s'], r['wallclock_s_sem'], 0)} |"
         )
     plots = [f"![held-out reward vs {label}]({filename})" for _, label, filename in PLOTS]
@@ -570,7 +589,8 @@ def mean_curve(curves: Sequence[Curve], axis: str) -> tuple[list[float], list[fl
 def write_plots(
     runs: Sequence[PlannedRun], curves: dict[tuple[str, int], Curve], out_dir: Path, budget: Budget
 ) -> list[Path]:
-    """Held-out reward against prompts, reward queries and wall-clock: mean line, +- sem band per run."""
+    """Held-out reward against prompts, reward queries and wall-clock: mean line, +- sem band per
+    run."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     names = list(dict.fromkeys(r.name for r in runs))
@@ -614,7 +634,8 @@ def _eval_text(base: str, run: PlannedRun) -> str:
     c = load_config(base, list(run.overrides))
     e = c.eval
     return (
-        f"`{EVAL_REWARD}` on the first {e.num_prompts} prompts of {e.prompts} x {e.samples_per_prompt} "
+        f"`{EVAL_REWARD}` on the first {e.num_prompts} prompts of {e.prompts} x "
+        f"{e.samples_per_prompt} "
         f"images (fixed noise), {c.sample.num_steps} DDIM steps, evaluated before training"
         + (f", every {e.every_n_epochs} epochs" if e.every_n_epochs else "")
         + " and after the last epoch"
@@ -622,7 +643,8 @@ def _eval_text(base: str, run: PlannedRun) -> str:
 
 
 def write_summary(sweep: Sweep, runs: Sequence[PlannedRun]) -> dict[str, Any]:
-    """Summary of the finished runs: ``summary.json``, ``summary.md`` and the plots in the sweep directory."""
+    """Summary of the finished runs: ``summary.json``, ``summary.md`` and the plots in the sweep
+    directory."""
     curves = {
         (r.name, r.seed): curve_from_metrics(read_metrics(r.output_dir / "metrics.jsonl"))
         for r in runs
@@ -654,11 +676,13 @@ def print_plan(
     log(f"sweep {sweep.path} -> {sweep.output_dir}")
     log(f"base config {sweep.base}; budget: {sweep.budget.describe()}")
     log(
-        f"{'run':<28} {'seed':>4} {'algorithm':<14} {'K':>2} {'B':>4} {'epochs':>6} {'prompts':>8} {'queries':>8}  status"
+        f"{'run':<28} {'seed':>4} {'algorithm':<14} {'K':>2} {'B':>4} {'epochs':>6} "
+        f"{'prompts':>8} {'queries':>8}  status"
     )
     for r in runs:
         log(
-            f"{r.name:<28} {r.seed:>4} {r.algorithm:<14} {r.samples_per_prompt:>2} {r.prompts_per_epoch:>4} "
+            f"{r.name:<28} {r.seed:>4} {r.algorithm:<14} {r.samples_per_prompt:>2} "
+            f"{r.prompts_per_epoch:>4} "
             f"{r.num_epochs:>6} {r.prompts:>8} {r.reward_queries:>8}  {run_status(r)}"
         )
     log(f"{len(runs)} runs ({len({r.name for r in runs})} settings x {len(sweep.seeds)} seeds)")
@@ -705,7 +729,8 @@ def shard_command(sweep: Sweep, index: int, jobs: int, overrides: Sequence[str])
     """The ``diffloop compare --shard index/jobs`` child process one ``--jobs`` job runs."""
     import sys
 
-    return [sys.executable, "-m", "diffloop", "compare", str(sweep.path), "--shard", f"{index}/{jobs}",
+    return [sys.executable, "-m", "diffloop", "compare", str(sweep.path), "--shard",
+            f"{index}/{jobs}",
             "--output-dir", str(sweep.output_dir), "--no-summary", *overrides]  # fmt: skip
 
 
@@ -733,7 +758,8 @@ def run_parallel(
         path = log_dir / f"shard_{i}.log"
         with open(path, "w", encoding="utf-8") as out:  # the child keeps its own descriptor
             children.append((i, path, subprocess.Popen(
-                shard_command(sweep, i, jobs, overrides), stdout=out, stderr=subprocess.STDOUT, env=env,
+                shard_command(sweep, i, jobs, overrides), stdout=out, stderr=subprocess.STDOUT,
+                env=env,
             )))  # fmt: skip
     failed = 0
     for i, path, child in children:
@@ -775,10 +801,12 @@ example:
 
 
 def compare_main(argv: list[str]) -> int:
-    """``diffloop compare SWEEP.yaml [--dry-run | --summary-only] [--output-dir DIR] [--shard I/N] [k=v ...]``."""
+    """``diffloop compare SWEEP.yaml [--dry-run | --summary-only] [--output-dir DIR]
+    [--shard I/N] [k=v ...]``."""
     ap = CommandParser(
         prog="diffloop compare",
-        description="Train a budget-matched grid of algorithms x settings x seeds, one run directory "
+        description="Train a budget-matched grid of algorithms x settings x seeds, one run "
+        "directory "
         "each, and compare\ntheir held-out reward.",
         epilog=COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -838,13 +866,15 @@ def compare_main(argv: list[str]) -> int:
         print(f"budget: {sweep.budget.describe()}")
         counts = execute(todo, sweep.base)
         print(
-            f"sweep: {counts['finished']} already finished, {counts['resume']} resumed, {counts['new']} started"
+            f"sweep: {counts['finished']} already finished, {counts['resume']} "
+            f"resumed, {counts['new']} started"
         )
     if args.no_summary:
         return 0
     summary = write_summary(sweep, runs)
     print(
-        f"wrote {sweep.output_dir / 'summary.md'} ({sum(len(r['seeds']) for r in summary['runs'])}/{len(runs)} "
+        f"wrote {sweep.output_dir / 'summary.md'} "
+        f"({sum(len(r['seeds']) for r in summary['runs'])}/{len(runs)} "
         "runs finished)"
     )
     return 1 if failed else 0

@@ -1,10 +1,12 @@
 """Gradient variance of each algorithm's policy-gradient estimator, at fixed parameters.
 
-``diffloop variance [CONFIG] --algorithms loop@4,ppo@1,reinforce@1 --estimates M --output variance.json``
+``diffloop variance [CONFIG] --algorithms loop@4,ppo@1,reinforce@1 --estimates M --output
+variance.json``
 
 One *estimate* of algorithm A at parameters theta: sample a batch under A's own scheme (B prompts,
-K samples each, K from ``NAME@K`` or the config), score it, compute A's advantages and the gradient of
-A's loss at the on-policy point (ratio exactly 1), over every trained (trajectory, timestep) pair:
+K samples each, K from ``NAME@K`` or the config), score it, compute A's advantages and the gradient
+of A's loss at the on-policy point (ratio exactly 1), over every trained (trajectory, timestep)
+pair:
 
     g = -grad_theta 1/(N S) sum_{i, t} loss_A(log p_theta(x^i_{t-1} | x^i_t, c_i), A_i)      (D,)
 
@@ -17,28 +19,31 @@ and noise; theta is never updated. From the M x D estimates:
     ||mean||^2      ||g_bar||^2   (plug-in; E||g_bar||^2 = ||E g||^2 + tr Sigma / M)
     ||E g||^2       ||g_bar||^2 - tr S / M                                  (unbiased)
     SNR             ||g_bar||^2 / tr S   and the unbiased (||g_bar||^2 - tr S / M) / tr S
-    per query       variance_per_query = tr S * q,   snr_per_query = SNR / q,   q = B K reward queries
+    per query       variance_per_query = tr S * q,   snr_per_query = SNR / q,
+                    q = B K reward queries
 
 Averaging n estimates divides the variance by n, so at a budget of Q reward queries an estimator's
 variance is tr Sigma * q / Q: ``variance_per_query`` compares estimators with different K at equal
 reward queries (lower is better), ``snr_per_query`` likewise (higher is better). In D ~ 10^4-10^6
 dimensions with SNR << 1 the plug-in SNR is dominated by its 1/M bias: read the unbiased one.
 
-Which numbers compare across algorithms: reinforce_loo and loop (identical on-policy) estimate the same
-gradient without bias, reinforce (batch-mean baseline) a (N-1)/N multiple of it, so their variances
-compare directly. grpo and ppo divide advantages by a standard deviation, which rescales the gradient:
-compare them by SNR, which is scale-free. Advantages are clipped as in training (the algorithm's
-default, ppo +-5, unless ``train.adv_clip_max`` is set). A KL-to-base penalty (``train.kl_coef``) is not part of the estimate: it is a deterministic
-regulariser of theta, not a policy-gradient term.
+Which numbers compare across algorithms: reinforce_loo and loop (identical on-policy) estimate the
+same gradient without bias, reinforce (batch-mean baseline) a (N-1)/N multiple of it, so their
+variances compare directly. grpo and ppo divide advantages by a standard deviation, which rescales
+the gradient: compare them by SNR, which is scale-free. Advantages are clipped as in training (the
+algorithm's default, ppo +-5, unless ``train.adv_clip_max`` is set). A KL-to-base penalty
+(``train.kl_coef``) is not part of the estimate: it is a deterministic regulariser of theta, not a
+policy-gradient term.
 
 ppo's per-prompt stat tracker is frozen: each estimate starts from the same snapshot (empty, or the
-checkpointed tracker of ``--from-run``, optionally warmed with ``--ppo-warmup-batches`` extra batches at
-theta) and, as in training, appends its own batch before normalising. Estimates stay independent. With
-an empty tracker, prompts below ``train.stat_tracking_min_count`` samples use batch statistics -- which
-is what training does until prompts repeat that often.
+checkpointed tracker of ``--from-run``, optionally warmed with ``--ppo-warmup-batches`` extra
+batches at theta) and, as in training, appends its own batch before normalising. Estimates stay
+independent. With an empty tracker, prompts below ``train.stat_tracking_min_count`` samples use
+batch statistics
+-- which is what training does until prompts repeat that often.
 
-The statistics are pure functions (tested on a 1-D Gaussian policy whose estimator variances are known
-in closed form: ``toy_gaussian_*``); the diffusion estimate reuses the trainer's pieces.
+The statistics are pure functions (tested on a 1-D Gaussian policy whose estimator variances are
+known in closed form: ``toy_gaussian_*``); the diffusion estimate reuses the trainer's pieces.
 """
 
 from __future__ import annotations
@@ -85,7 +90,8 @@ class GradientStats:
 def statistics_from_moments(
     count: int, mean: torch.Tensor, m2: torch.Tensor, queries_per_estimate: int
 ) -> GradientStats:
-    """From per-coordinate moments: mean (D,), m2 (D,) = sum_m (g_md - g_bar_d)^2 over ``count`` >= 2 estimates.
+    """From per-coordinate moments: mean (D,), m2 (D,) = sum_m (g_md - g_bar_d)^2 over ``count`` >=
+    2 estimates.
 
     tr S = sum_d m2_d / (M - 1);  ||g_bar||^2;  unbiased ||E g||^2 = ||g_bar||^2 - tr S / M;
     snr = ||g_bar||^2 / tr S;  variance_per_query = tr S * q;  snr_per_query = snr / q
@@ -159,8 +165,9 @@ def jackknife_sems(grads: torch.Tensor, queries_per_estimate: int) -> dict[str, 
 
 
 class MomentAccumulator:
-    """Welford's streaming per-coordinate mean and m2 (float64), so M estimates of D parameters need O(D)
-    memory. ``add(g)`` with g (D,); ``statistics(q)`` equals ``gradient_statistics`` of the stacked g's."""
+    """Welford's streaming per-coordinate mean and m2 (float64), so M estimates of D parameters need
+    O(D) memory. ``add(g)`` with g (D,); ``statistics(q)`` equals ``gradient_statistics`` of the
+    stacked g's."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -186,7 +193,7 @@ class MomentAccumulator:
         return statistics_from_moments(self.count, self.mean, self.m2, queries_per_estimate)
 
 
-# ----------------------------------------------------------------------------- toy problem (known answer)
+# ----------------------------------------------------------------------- toy problem (known answer)
 
 
 def toy_gaussian_gradient_estimates(
@@ -198,12 +205,13 @@ def toy_gaussian_gradient_estimates(
     num_estimates: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Estimates of grad_theta E[R] for the policy x ~ N(theta, 1), reward R(x) = x (true gradient 1).
+    """Estimates of grad_theta E[R] for the policy x ~ N(theta, 1), reward R(x) = x (true gradient
+    1).
 
     Each estimate samples rewards (P, K) = theta + eps, takes ``advantage_fn`` (P, K) -> (P, K), and
-    differentiates g = -grad mean_i loss_fn(log p_theta(x_i), log p_theta(x_i).detach(), A_i), the same
-    on-policy form as the diffusion estimate. All M estimates in one backward: estimate m uses its own
-    copy theta_m of the parameter, so d/d theta_m of the summed losses is estimate m alone.
+    differentiates g = -grad mean_i loss_fn(log p_theta(x_i), log p_theta(x_i).detach(), A_i), the
+    same on-policy form as the diffusion estimate. All M estimates in one backward: estimate m uses
+    its own copy theta_m of the parameter, so d/d theta_m of the summed losses is estimate m alone.
     Returns (M, 1) float64.
     """
     thetas = torch.full(
@@ -227,10 +235,13 @@ def toy_gaussian_analytic(
 ) -> tuple[float, float]:
     """(E g, Var g) of the toy's estimators, N = P K samples, eps_i = x_i - theta ~ N(0, 1):
 
-        none          A_i = R_i:               g = 1/N sum (theta + eps_i) eps_i   -> (1, (theta^2 + 2) / N)
-        leave_one_out A_i = R_i - mean_{j!=i}: g = mean_p s_p^2 (sample variance of group p, K-1 dof)
-                                                                               -> (1, 2 / (P (K-1)))
-        batch_mean    A_i = R_i - mean_batch:  g = (N-1)/N s^2 over the batch  -> ((N-1)/N, 2 (N-1) / N^2)
+        none          A_i = R_i:               g = 1/N sum (theta + eps_i) eps_i
+                                               -> (1, (theta^2 + 2) / N)
+        leave_one_out A_i = R_i - mean_{j!=i}: g = mean_p s_p^2 (sample variance of group p,
+                                               K-1 dof)
+                                               -> (1, 2 / (P (K-1)))
+        batch_mean    A_i = R_i - mean_batch:  g = (N-1)/N s^2 over the batch
+                                               -> ((N-1)/N, 2 (N-1) / N^2)
     (s^2 ~ chi^2_{n-1} / (n-1) has mean 1 and variance 2 / (n-1).)
     """
     n = num_prompts * k
@@ -248,7 +259,8 @@ def toy_gaussian_analytic(
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
-    """``NAME`` or ``NAME@K`` on the command line: an algorithm and its samples per prompt (None: config's)."""
+    """``NAME`` or ``NAME@K`` on the command line: an algorithm and its samples per prompt (None:
+    config's)."""
 
     name: str
     samples_per_prompt: int | None
@@ -289,7 +301,8 @@ class Estimate:
     advantages: torch.Tensor
     queries: int
     onpolicy_logprob_err: float
-    """max |log p_theta recomputed - log p recorded at sampling|: ~0 confirms theta is the sampling policy."""
+    """max |log p_theta recomputed - log p recorded at sampling|: ~0 confirms theta is the
+    sampling policy."""
 
 
 def policy_gradient(
@@ -304,12 +317,14 @@ def policy_gradient(
     guidance_scale: float,
     batch_size: int,
 ) -> tuple[torch.Tensor, float]:
-    """g = -grad 1/(N S) sum_{i, j} loss_fn(lp_ij, lp_ij.detach(), A_i, eps): the on-policy gradient.
+    """g = -grad 1/(N S) sum_{i, j} loss_fn(lp_ij, lp_ij.detach(), A_i, eps): the on-policy
+    gradient.
 
     traj: N trajectories; advantages (N,) (NaN -> 0: no gradient, as in training); steps (N, S) step
-    indices trained per trajectory. The trainer's gradient pass (``loops.minibatch_backward``) with the
-    old log-prob = the recomputed one detached: the ratio is exactly 1, so a clipped loss cannot clip
-    on round-off. Returns (g (D,) float32 CPU, max on-policy log-prob error vs the recorded log-probs).
+    indices trained per trajectory. The trainer's gradient pass (``loops.minibatch_backward``) with
+    the old log-prob = the recomputed one detached: the ratio is exactly 1, so a clipped loss cannot
+    clip on round-off. Returns (g (D,) float32 CPU, max on-policy log-prob error vs the recorded
+    log-probs).
     """
     from diffloop import loops
     from diffloop.policies.base import iter_chunks
@@ -361,25 +376,30 @@ def draw_estimate(trainer, index: int, seed: int, tracker=None) -> Estimate:
     advantages = trainer.algorithm.advantages(rewards, prompts, t, tracker)  # (B, K)
     n, num_steps = traj.timesteps.shape
     gen = torch.Generator().manual_seed(seeding.variance_timestep_seed(seed, index))
-    # As the trainer: each trajectory trains on its own random subset of steps (all when fraction = 1).
+    # As the trainer: each trajectory trains on its own random subset of steps (all when fraction =
+    # 1).
     steps = loops.choose_timesteps(n, *trained_steps(cfg, num_steps), gen)
     grad, err = policy_gradient(
         trainer.policy, traj, advantages.reshape(-1), trainer.algorithm.loss_fn, steps,
-        clip_range=t.clip_range, eta=s.eta, guidance_scale=s.guidance_scale, batch_size=t.batch_size,
+        clip_range=t.clip_range, eta=s.eta, guidance_scale=s.guidance_scale,
+        batch_size=t.batch_size,
     )  # fmt: skip
     return Estimate(grad, rewards, advantages, len(flat), err)
 
 
 def algorithm_overrides(config, spec: AlgorithmSpec, workdir: Path) -> list[str]:
     """Overrides turning the base config into spec's estimator; settings that only shape training
-    (inner epochs, accumulation) are neutralised and train.batch_size (memory only) made to divide N."""
+    (inner epochs, accumulation) are neutralised and train.batch_size (memory only) made to divide
+    N."""
     from diffloop.config import largest_divisor
 
     k = spec.samples_per_prompt or config.sample.samples_per_prompt
     n = config.sample.prompts_per_epoch * k
     return [
-        f"train.algorithm={spec.name}", f"sample.samples_per_prompt={k}", "train.num_inner_epochs=1",
-        "train.gradient_accumulation_steps=1", f"train.batch_size={largest_divisor(n, config.train.batch_size)}",
+        f"train.algorithm={spec.name}", f"sample.samples_per_prompt={k}",
+            "train.num_inner_epochs=1",
+        "train.gradient_accumulation_steps=1",
+            f"train.batch_size={largest_divisor(n, config.train.batch_size)}",
         f"output_dir={workdir / spec.label}", "eval.prompts=null", "resume=false", "num_epochs=1",
         "logging.tensorboard=false", "logging.wandb=false", "logging.progress_bars=false",
     ]  # fmt: skip
@@ -392,7 +412,8 @@ def build_trainer(
     workdir: Path,
     from_run: Path | None = None,
 ):
-    """A Trainer for spec (its run directory in ``workdir``), with ``from_run``'s newest parameters."""
+    """A Trainer for spec (its run directory in ``workdir``), with ``from_run``'s newest
+    parameters."""
     from diffloop import checkpoint
     from diffloop.config import load_config, unvalidated_config
     from diffloop.trainer import Trainer
@@ -402,7 +423,8 @@ def build_trainer(
     config = load_config(config_path, [*overrides, *algorithm_overrides(base, spec, workdir)])
     trainer = Trainer(config, argv=["diffloop", "variance", spec.label])
     if from_run is not None:
-        # the newest checkpoint that verifies (an older one, with train's warning, when it is damaged)
+        # the newest checkpoint that verifies (an older one, with train's warning, when it is
+        # damaged)
         found = checkpoint.load_newest_valid(from_run, rank=0)
         if found is None:
             raise checkpoint.CheckpointError(f"--from-run '{from_run}' has no complete checkpoint")
@@ -414,7 +436,8 @@ def build_trainer(
 
 
 def warm_stat_tracker(trainer, num_batches: int, seed: int) -> None:
-    """Feed ``num_batches`` extra batches (at theta, prompts disjoint from the estimates') to the tracker."""
+    """Feed ``num_batches`` extra batches (at theta, prompts disjoint from the estimates') to the
+    tracker."""
     from diffloop import seeding
 
     s = trainer.config.sample
@@ -489,8 +512,10 @@ def variance_markdown(result: dict) -> str:
     ]
     for r in result["results"]:
         lines.append(
-            f"| {r['label']} | {r['samples_per_prompt']} | {r['queries_per_estimate']} | {r['trace_cov']:.3e} "
-            f"| {_pm(r, 'variance_per_query')} | {_pm(r, 'mean_sq_norm_unbiased')} | {_pm(r, 'snr_unbiased')} "
+            f"| {r['label']} | {r['samples_per_prompt']} | {r['queries_per_estimate']} "
+            f"| {r['trace_cov']:.3e} "
+            f"| {_pm(r, 'variance_per_query')} | {_pm(r, 'mean_sq_norm_unbiased')} | "
+            f"{_pm(r, 'snr_unbiased')} "
             f"| {r['snr_unbiased'] / r['queries_per_estimate']:.3e} | {r['snr']:.3e} |"
         )
     note = (
@@ -530,7 +555,8 @@ example:
 
 
 def variance_main(argv: list[str]) -> int:
-    """``diffloop variance [CONFIG] [k=v ...] --algorithms A@K,... --estimates M --output FILE.json``."""
+    """``diffloop variance [CONFIG] [k=v ...] --algorithms A@K,... --estimates M --output
+    FILE.json``."""
     from diffloop.config import split_config_args
 
     ap = CommandParser(
@@ -558,7 +584,8 @@ def variance_main(argv: list[str]) -> int:
         "--from-run",
         type=Path,
         default=None,
-        help="a run directory: measure at its newest checkpoint (and its ppo tracker); default config "
+        help="a run directory: measure at its newest checkpoint (and its ppo tracker); "
+        "default config "
         "is the run's config.yaml",
     )
     ap.add_argument(
@@ -599,9 +626,12 @@ def variance_main(argv: list[str]) -> int:
             )
             del trainer
     result = {
-        "config": config_path, "overrides": list(overrides), "seed": args.seed, "estimates": args.estimates,
-        "parameters": f"the newest checkpoint of {args.from_run}" if args.from_run else "the initial parameters",
-        "prompts_per_estimate": rows[0]["prompts_per_estimate"], "num_params": rows[0]["num_params"],
+        "config": config_path, "overrides": list(overrides), "seed": args.seed,
+        "estimates": args.estimates,
+        "parameters": (f"the newest checkpoint of {args.from_run}" if args.from_run
+                       else "the initial parameters"),
+        "prompts_per_estimate": rows[0]["prompts_per_estimate"],
+        "num_params": rows[0]["num_params"],
         "ppo_warmup_batches": args.ppo_warmup_batches, "results": rows,
     }  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """Throughput benchmark (`diffloop bench`): sampling, training and end-to-end cost per sample.
 
 Builds SD1.5- or SDXL-shaped models with random weights from configs (nothing downloaded), runs the
-real code paths (the policy's ``sample``, the trainer's gradient pass ``loops.minibatch_backward``) and
-reports medians over ``--repeats`` after ``--warmup`` untimed runs, peak memory, and the ratio to a
-hardware floor measured in the same process:
+real code paths (the policy's ``sample``, the trainer's gradient pass ``loops.minibatch_backward``)
+and reports medians over ``--repeats`` after ``--warmup`` untimed runs, peak memory, and the ratio
+to a hardware floor measured in the same process:
 
     matmul rate   R = 2 n^3 / t_matmul                      (FLOP/s; bf16 on CUDA, fp32 on CPU)
     UNet cost     F = FlopCounterMode count of one UNet forward at batch 1   (FLOP per evaluation)
@@ -13,13 +13,15 @@ hardware floor measured in the same process:
 Shapes: ``tiny`` (a (32, 64)-channel UNet, for the CPU test suite), ``sd15`` (SD 1.5: UNet
 (320, 640, 1280, 1280), CLIP ViT-L text encoder, SD VAE, 64x64 latents), ``sdxl`` (``SDXLPolicy`` on
 SDXL base 1.0's shapes: UNet, both text encoders, VAE, 1024 px) and ``tiny_xl`` (the test suite's
-tiny SDXL), ``sd35`` (``SD3Policy`` on SD3.5-medium's shapes at 512 px) and ``tiny_sd3``, ``flux`` builds a FLUX.1-dev-shaped policy
-(``FluxPolicy``: the real transformer config, 11.9e9 parameters, at Flow-GRPO's 512 px and 6 steps;
-T5-XXL's width with 2 of its layers) and ``tiny_flux`` the test suite's tiny FLUX; a FLUX step is one
-transformer evaluation whatever ``--guidance-scale`` (the guidance embedding's input, no CFG).
+tiny SDXL), ``sd35`` (``SD3Policy`` on SD3.5-medium's shapes at 512 px) and ``tiny_sd3``, ``flux``
+builds a FLUX.1-dev-shaped policy (``FluxPolicy``: the real transformer config, 11.9e9 parameters,
+at Flow-GRPO's 512 px and 6 steps;
+T5-XXL's width with 2 of its layers) and ``tiny_flux`` the test suite's tiny FLUX; a FLUX step is
+one transformer evaluation whatever ``--guidance-scale`` (the guidance embedding's input, no CFG).
 
 Reference (DDPO's code on one H200, SD1.5 shape): sampling 2.42 images/s at batch 16 (50 DDIM steps,
-CFG 5, i.e. 242 UNet evals/s), training 1.91 s per sample at train batch 4, 0.803 TFLOP per UNet eval.
+CFG 5, i.e. 242 UNet evals/s), training 1.91 s per sample at train batch 4, 0.803 TFLOP per UNet
+eval.
 """
 
 from diffloop.tools.bench.main import bench_main, parse_args, parse_threads

@@ -67,8 +67,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--threads",
         default=None,
-        help="torch CPU thread counts to run the whole bench at, one after another, each with its own "
-        "matmul floor: comma-separated (1,2,4) or 'all' (1 .. the available cores); default: as set",
+        help="torch CPU thread counts to run the whole bench at, one after another, each "
+        "with its own "
+        "matmul floor: comma-separated (1,2,4) or 'all' (1 .. the available cores); "
+        "default: as set",
     )
     p.add_argument(
         "--repeats", type=int, default=None, help="timed runs of each item (default: per shape)"
@@ -161,7 +163,8 @@ def parse_threads(text: str | None, cores: int | None = None) -> list[int] | Non
 
 
 def performance_options(items: list[str], dtype: str) -> dict[str, Any]:
-    """``["compile=all", ...]`` -> validated PerformanceConfig fields (as the trainer checks them)."""
+    """``["compile=all", ...]`` -> validated PerformanceConfig fields (as the trainer checks
+    them)."""
     from diffloop.config import load_config
 
     precision = {"fp32": "no"}.get(dtype, dtype)
@@ -197,12 +200,15 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         (
             f"diffloop bench: shape={result['settings']['shape']} device={result['device_name']} "
-            f"dtype={result['settings']['dtype']} torch={result['torch']} diffusers={result['diffusers']}"
+            f"dtype={result['settings']['dtype']} torch={result['torch']} "
+            f"diffusers={result['diffusers']}"
         ),
         (
             f"floor: matmul {result['floor']['matmul_tflops_per_s']:.3g} TFLOP/s "
-            f"(n={result['settings']['matmul_n']}, {result['torch_threads']} thread(s) unless per thread count below), "
-            f"UNet {result['floor'].get('unet_flop_per_eval', 0) / 1e9:.4g} GFLOP per eval (batch 1)"
+            f"(n={result['settings']['matmul_n']}, {result['torch_threads']} thread(s) "
+            "unless per thread count below), "
+            f"UNet {result['floor'].get('unet_flop_per_eval', 0) / 1e9:.4g} GFLOP per "
+            "eval (batch 1)"
         ),
         head,
         "-" * len(head),
@@ -261,7 +267,8 @@ def run_variants(run: BenchRun) -> None:
 
 
 def format_variants(result: dict[str, Any]) -> str:
-    """One row per variant: per-sample cost of each item, speed-up over the first, peak memory, ratio check."""
+    """One row per variant: per-sample cost of each item, speed-up over the first, peak memory,
+    ratio check."""
     items = ("sample", "train", "end_to_end")
     head = f"{'variant':<18}" + "".join(f"{i + ' s/sample':>20}{'x':>7}" for i in items)
     head += f"{'peak MiB':>10}{'logp err':>10}{'compile s':>10}"
@@ -333,8 +340,8 @@ def run_thread_counts(
     deadline: Deadline,
     out: dict[str, Any],
 ) -> None:
-    """The whole bench at each ``--threads`` count, into ``out["threads"][str(n)]``, each with its own
-    matmul floor at that count (so each fraction is of the same threads' matmul rate); the first
+    """The whole bench at each ``--threads`` count, into ``out["threads"][str(n)]``, each with its
+    own matmul floor at that count (so each fraction is of the same threads' matmul rate); the first
     count's results are also the top-level ones."""
     out["threads"] = {}
     for n in args.threads:
@@ -360,8 +367,9 @@ def run_thread_counts(
 def format_threads(result: dict[str, Any]) -> str:
     """One row per thread count: the matmul floor, sampling and training throughput, each as a
     fraction of that floor, and the end-to-end speed-up over the first count."""
-    head = (f"{'threads':>7}{'matmul GFLOP/s':>16}{'sample img/s':>14}{'UNet ev/s':>11}{'of matmul':>10}"
-            f"{'train smp/s':>13}{'of matmul':>10}{'e2e smp/s':>11}{'e2e x':>7}{'logp err':>10}")  # fmt: skip
+    head = (f"{'threads':>7}{'matmul GFLOP/s':>16}{'sample img/s':>14}{'UNet ev/s':>11}"
+            f"{'of matmul':>10}{'train smp/s':>13}{'of matmul':>10}{'e2e smp/s':>11}{'e2e x':>7}"
+            f"{'logp err':>10}")  # fmt: skip
     lines = [
         "",
         "per thread count (each fraction is of that thread count's own matmul rate):",

@@ -26,7 +26,8 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 def _cpu_attention_formulas() -> dict[Any, Any]:
     """torch counts the CUDA attention kernels (flash, efficient, cudnn) but not the CPU one that
-    ``scaled_dot_product_attention`` dispatches to; without this the CPU count misses QK^T and AV."""
+    ``scaled_dot_product_attention`` dispatches to; without this the CPU count misses QK^T and
+    AV."""
     aten = torch.ops.aten
     mapping: dict[Any, Any] = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
@@ -87,7 +88,8 @@ class Deadline:
 class BenchRun:
     """What every item of one measurement shares: the settings (``args``), the device, the matmul
     rate measured on it (FLOP/s: each item's fraction is its FLOP/s over this), the run's time
-    limit, and the result dict the items fill (``out["items"]``, ``out["skipped"]``, ``out["floor"]``).
+    limit, and the result dict the items fill (``out["items"]``, ``out["skipped"]``,
+    ``out["floor"]``).
     A variant is ``dataclasses.replace(run, args=..., out=...)``."""
 
     args: argparse.Namespace
@@ -125,8 +127,8 @@ def median_seconds(
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA max allocated (MiB), or growth of the process's peak resident set
-    on CPU (MiB; 0 when earlier work already reached that peak)."""
+    """Peak memory of a block: CUDA max allocated (MiB), or growth of the process's peak resident
+    set on CPU (MiB; 0 when earlier work already reached that peak)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -157,7 +159,8 @@ def _peak_rss_mib() -> float:
 
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
-    """Hardware floor: R = 2 n^3 / t for one (n, n) @ (n, n) ``torch.matmul``, best of ``repeats``."""
+    """Hardware floor: R = 2 n^3 / t for one (n, n) @ (n, n) ``torch.matmul``, best of
+    ``repeats``."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up: kernel selection, allocation

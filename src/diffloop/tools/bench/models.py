@@ -23,8 +23,8 @@ REFERENCE_SD15_H200 = {
     "settings": "sample batch 16, 50 DDIM steps, CFG 5, train batch 4",
 }
 
-# Named settings for --variants: performance.* options (PerformanceConfig fields) and bench settings.
-# The first variant listed is the baseline the others' speed-ups are computed against.
+# Named settings for --variants: performance.* options (PerformanceConfig fields) and bench
+# settings. The first variant listed is the baseline the others' speed-ups are computed against.
 VARIANTS: dict[str, dict[str, Any]] = {
     "eager": {},
     "eager_attention": {"perf": {"attention": "eager"}},
@@ -32,8 +32,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "compile_sampling": {"perf": {"compile": "sampling"}},
     "cudagraphs": {"perf": {"compile": "sampling", "compile_mode": "reduce-overhead"}},
     "compile_all": {"perf": {"compile": "all"}},
-    # The reference measurements (docs/performance.md) found compiled LoRA training slower than eager (95 vs 105
-    # samples/s): "fast" compiles the sampling loop (with CUDA graphs) and keeps training eager.
+    # The reference measurements (docs/performance.md) found compiled LoRA training slower than
+    # eager (95 vs 105 samples/s): "fast" compiles the sampling loop (with CUDA graphs) and keeps
+    # training eager.
     "fast": {
         "perf": {"compile": "sampling", "compile_mode": "reduce-overhead", "channels_last": True}
     },
@@ -45,7 +46,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Per-shape defaults for options left unset: (sample_batch, train_batch, steps, repeats, warmup, matmul n)
+# Per-shape defaults for options left unset: (sample_batch, train_batch, steps, repeats, warmup,
+# matmul n)
 SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
     # SD3.5-medium at 512 px (Flow-GRPO's training resolution), its 10 training steps, batch 9
     "sd35": {
@@ -120,7 +122,8 @@ SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
 
 
 def shapes_defaults() -> dict[str, Any]:
-    """The shapes world's bench settings from the packaged shapes.yaml (the default run's shapes)."""
+    """The shapes world's bench settings from the packaged shapes.yaml (the default run's
+    shapes)."""
     from diffloop.config import DEFAULT_CONFIG, load_config, packaged_config
 
     c = load_config(packaged_config(DEFAULT_CONFIG))
@@ -132,11 +135,12 @@ def shapes_defaults() -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------------- model configs
+# ------------------------------------------------------------------------------------ model configs
 
 
 def unet_config(shape: str) -> dict[str, Any]:
-    """``UNet2DConditionModel`` kwargs for ``shape`` (SD1.5 / SDXL values from their config.json)."""
+    """``UNet2DConditionModel`` kwargs for ``shape`` (SD1.5 / SDXL values from their
+    config.json)."""
     if shape == "tiny":
         from diffloop.testing.tiny import UNET_CONFIG
 
@@ -191,7 +195,8 @@ def sd_ddim_scheduler(prediction_type: str = "epsilon") -> Any:
 
 
 def build_components(shape: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """Random-weight {"unet", "text_encoder", "tokenizer", "scheduler", "vae"} for an SD-style shape.
+    """Random-weight {"unet", "text_encoder", "tokenizer", "scheduler", "vae"} for an SD-style
+    shape.
 
     ``tiny`` is the test suite's tiny SD (``diffloop.testing.tiny``). Others are built directly on
     ``device`` (random init of 1e9 parameters on the CPU alone takes minutes). The tokenizer is a

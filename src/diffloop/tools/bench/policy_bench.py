@@ -71,9 +71,9 @@ def train_pass(
 
 
 def onpolicy_logprob_err(policy: Any, traj: Any, *, eta: float, guidance_scale: float) -> float:
-    """max |log p recomputed by the training path - log p recorded while sampling| over every step of
-    ``traj`` (``loops.onpolicy_logprob_err``): the correctness check of each speed option (compiled
-    sampling vs eager or compiled training, merged LoRA, channels-last)."""
+    """max |log p recomputed by the training path - log p recorded while sampling| over every
+    step of ``traj`` (``loops.onpolicy_logprob_err``): the correctness check of each speed option
+    (compiled sampling vs eager or compiled training, merged LoRA, channels-last)."""
     from diffloop import loops
 
     sampler = loops.SamplerSettings(
@@ -83,7 +83,8 @@ def onpolicy_logprob_err(policy: Any, traj: Any, *, eta: float, guidance_scale: 
 
 
 def _unet_flops_per_eval_sd(policy: Any, shape: str) -> int:
-    """F: FLOPs of one UNet (or flow transformer) forward at batch 1 (the policy's, LoRA included)."""
+    """F: FLOPs of one UNet (or flow transformer) forward at batch 1 (the policy's, LoRA
+    included)."""
     if hasattr(policy, "unet_conditioning"):  # SDXL / SD3 / FLUX: pooled embeddings too
         cond = policy.unet_conditioning(_prompts(1, shape))
     else:
@@ -187,8 +188,9 @@ def bench_sd(run: BenchRun) -> None:
 
         return counted
 
-    # Sampling (policy.sample includes text encoding and VAE decoding). Each item's FLOPs are counted
-    # on one extra untimed call of exactly the timed function, so the fraction of matmul is honest.
+    # Sampling (policy.sample includes text encoding and VAE decoding). Each item's FLOPs are
+    # counted on one extra untimed call of exactly the timed function, so the fraction of matmul is
+    # honest.
     sample_evals = sb * steps * evals_per_step
     sampled = run_item(
         run,
@@ -263,7 +265,8 @@ def bench_sd(run: BenchRun) -> None:
         train_pass(policy, sample(), tb, eta=eta, guidance_scale=cfg, optimizer=optimizer)
 
     def e2e_flops() -> float:
-        # Training FLOPs are linear in the number of samples trained on: train flops / tb per sample.
+        # Training FLOPs are linear in the number of samples trained on: train flops / tb per
+        # sample.
         if sampled is None or trained is None:
             return float(count_flops(end_to_end))
         return sampled.flops + trained.flops / tb * sb
@@ -288,8 +291,9 @@ def run_item(
     unet_evals: int | None,
     what: str,
 ) -> ItemResult | None:
-    """Count ``fn``'s FLOPs (``flops()``), time it, store the result in ``out["items"][name]``. An item
-    past the deadline or out of device memory is listed in ``out["skipped"]`` and the run goes on."""
+    """Count ``fn``'s FLOPs (``flops()``), time it, store the result in ``out["items"][name]``. An
+    item past the deadline or out of device memory is listed in ``out["skipped"]`` and the run goes
+    on."""
     args, device, deadline, out = run.args, run.device, run.deadline, run.out
     if deadline.exceeded():
         out["skipped"].append(f"{name}: time limit {args.time_limit_s} s reached")
