@@ -10,19 +10,4 @@
 # Cost: each run trains five times the default's 12 epochs; then the broad check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1
-RUNS=${1:-runs/shapes_long_check}
-PYTHON=${PYTHON:-python}
-mkdir -p "$RUNS"
-for s in 0 1 2; do
-    if [ ! -f "$RUNS/seed$s/eval/before_after.png" ]; then  # written when a run ends
-        start=$(date +%s)
-        "$PYTHON" -m diffloop train shapes_long.yaml seed=$s output_dir="$RUNS/seed$s" resume=true \
-            logging.progress_bars=false
-        echo "seed $s: whole command $(( $(date +%s) - start )) s" | tee -a "$RUNS/wall_clock.txt"
-    fi
-done
-"$PYTHON" scripts/summarize_seeds.py "$RUNS"/seed0 "$RUNS"/seed1 "$RUNS"/seed2
-"$PYTHON" -m diffloop eval shapes --compare "$RUNS"/seed0 "$RUNS"/seed1 "$RUNS"/seed2 \
-    --prompts shapes/val_pair --images-per-prompt 2 --reward shapes_binding \
-    --eta 1.0 --seed 777 --output "$RUNS/other_prompts_other_noise"
+CONFIG=shapes_long.yaml IMAGES=2 exec bash scripts/shapes_default_check.sh "${1:-runs/shapes_long_check}"

@@ -12,11 +12,11 @@ A sweep file::
       - {name: loop, overrides: [train.algorithm=loop], grid: {sample.samples_per_prompt: [2, 4]}}
 
 A run with a ``grid`` expands into the cross product of its values (named
-``loop-samples_per_prompt2``
-...). Every (run, seed) is a normal run directory ``output_dir/<name>/seed_<s>/`` trained in-process
-by ``Trainer``, one after another. The sweep resumes as a whole: a finished run (its metrics hold
-the last epoch and its final export exists) is skipped, an unfinished one with a checkpoint
-continues with ``resume=true``, any other starts fresh.
+``loop-samples_per_prompt2``, ...). Every (run, seed) is a normal run directory
+``output_dir/<name>/seed_<s>/``, trained one after another in the same process. The sweep
+resumes as a whole: a finished run (its metrics hold the last epoch and its final export exists)
+is skipped, an unfinished one with a checkpoint continues with ``resume=true``, any other starts
+fresh.
 
 Budgets are matched explicitly. With ``prompts: N`` every run trains on N prompt draws, so
 ``num_epochs = N / sample.prompts_per_epoch`` (an algorithm with K samples per prompt then spends
@@ -769,35 +769,11 @@ def run_parallel(
     return failed
 
 
-COMPARE_EPILOG = """\
-A sweep file:
-
-    base: shapes.yaml                  # a config path, or the name of a packaged config
-    overrides: [eval.every_n_epochs=3] # applied to every run
-    budget: {prompts: 192}             # or {reward_queries: 768}: converted to num_epochs per run
-    seeds: [0, 1, 2]
-    output_dir: runs/shapes_algorithms
-    runs:
-      - {name: loop_k4, overrides: [train.algorithm=loop, sample.samples_per_prompt=4]}
-      - {name: loop, overrides: [train.algorithm=loop], grid: {sample.samples_per_prompt: [2, 4]}}
-
-A run with a grid expands into the cross product of its values (named loop-samples_per_prompt2,
-...). Every (run, seed) is a normal run directory output_dir/<name>/seed_<s>/, trained one after
-another. The sweep resumes as a whole: a finished run is skipped, an unfinished one with a
-checkpoint continues, any other starts fresh.
-
-Budgets are matched explicitly. With prompts: N every run trains on N prompt draws,
-num_epochs = N / sample.prompts_per_epoch (an algorithm with K samples per prompt then spends
-K x N reward queries); with reward_queries: N every run queries the reward N times,
-num_epochs = N / (prompts_per_epoch x samples_per_prompt). A budget that does not divide is an
-error.
-
-The summary (summary.json, summary.md, three plots) compares the held-out reward (fixed prompts
-and noise) of each run name, as mean +- standard error over seeds.
-
-example:
-  diffloop compare shapes_algorithms.yaml --dry-run
-"""
+# The module docstring after its first line is the help's epilog (markup stripped by CommandParser).
+COMPARE_EPILOG = (
+    __doc__.split("\n\n", 1)[1].rstrip()
+    + "\n\nexample:\n  diffloop compare shapes_algorithms.yaml --dry-run\n"
+)
 
 
 def compare_main(argv: list[str]) -> int:
@@ -806,8 +782,7 @@ def compare_main(argv: list[str]) -> int:
     ap = CommandParser(
         prog="diffloop compare",
         description="Train a budget-matched grid of algorithms x settings x seeds, one run "
-        "directory "
-        "each, and compare\ntheir held-out reward.",
+        "directory each, and compare\ntheir held-out reward.",
         epilog=COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
