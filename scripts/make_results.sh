@@ -136,7 +136,7 @@ evaluation noise; where the two are close, more images (BROAD_IMAGES) tighten it
 
 NOTES
     echo
-    "$PYTHON" scripts/claims.py "$RUNS/summary.json" "$RUNS/variance_init.json" "$RUNS" "${broad_args[@]}"
+    "$PYTHON" -m diffloop.tools.claims "$RUNS/summary.json" "$RUNS/variance_init.json" "$RUNS" "${broad_args[@]}"
     echo
     echo "## Held-out reward at a matched budget"
     echo

@@ -4,8 +4,9 @@ change).
     PYTHONPATH=src OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/regen_golden.py
 
 Runs the same two configurations as tests/test_golden.py (the shapes world; the tiny SD pipeline of
-tests/tiny_models.py, i.e. diffloop.testing.tiny with the fixture tokenizer) and writes their
-metrics without timing keys. Commit the result separately, saying which change moved the numbers.
+diffloop.testing.tiny with the committed CLIP BPE tokenizer, as the tests' ``tiny_sd`` fixture) and
+writes their metrics without timing keys. Commit the result separately, saying which change moved
+the numbers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def main() -> int:
 
     torch.set_num_threads(1)  # as tests/conftest.py
     from test_golden import fixture_path, golden_run
-    from tiny_models import make_tiny_sd
+
+    from diffloop.testing.tiny import make_tiny_sd
 
     with tempfile.TemporaryDirectory(prefix="diffloop-golden-") as tmp:
         model = make_tiny_sd(Path(tmp) / "tiny_sd")

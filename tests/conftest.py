@@ -1,16 +1,19 @@
-"""Shared fixtures: offline hub, few threads, tiny random-weight SD pipelines saved to disk."""
+"""Shared fixtures: offline hub, few threads, tiny random-weight pipelines saved to disk
+(``diffloop.testing``), torchrun launches of tests/dist_worker.py."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a failed hub lookup costs ~50 s; tests never need the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent)
-)  # tests/tiny_models.py, tests/helper modules
+TESTS = Path(__file__).resolve().parent
+# The user-style reward modules (reward_fns, example_rewards) import by name, as a user's own do.
+sys.path.insert(0, str(TESTS))
 
 import pytest
 import torch
@@ -26,7 +29,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 def tiny_sd(tmp_path_factory) -> Path:
     """A tiny SD 1.x-style (epsilon) pipeline directory, loaded by diffloop through
     model.pretrained."""
-    from tiny_models import tiny_sd_dir
+    from diffloop.testing.tiny import tiny_sd_dir
 
     return tiny_sd_dir(tmp_path_factory, "epsilon")
 
@@ -34,7 +37,7 @@ def tiny_sd(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd_v(tmp_path_factory) -> Path:
     """A tiny SD 2.x-style (v-prediction) pipeline directory."""
-    from tiny_models import tiny_sd_dir
+    from diffloop.testing.tiny import tiny_sd_dir
 
     return tiny_sd_dir(tmp_path_factory, "v_prediction")
 
@@ -42,8 +45,8 @@ def tiny_sd_v(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A tiny SDXL pipeline saved with the Euler scheduler config SDXL ships
-    (tests/tiny_sdxl.py)."""
-    from tiny_sdxl import tiny_sdxl_dir
+    (``diffloop.testing.tiny_sdxl``)."""
+    from diffloop.testing.tiny_sdxl import tiny_sdxl_dir
 
     return tiny_sdxl_dir(tmp_path_factory)
 
@@ -52,9 +55,8 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 def tiny_sd3(tmp_path_factory) -> Path:
     """A tiny SD3 pipeline (CLIP BPE fixture tokenizer, in-code T5) saved in diffusers layout
     (``diffloop.testing.tiny_flow``)."""
-    from tiny_models import make_tiny_tokenizer
-
     from diffloop.testing.tiny_flow import make_tiny_sd3
+    from diffloop.testing.tokenizer import make_tiny_tokenizer
 
     return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"), clip_tokenizer=make_tiny_tokenizer())
 
@@ -66,3 +68,13 @@ def tiny_flux(tmp_path_factory) -> Path:
     from diffloop.testing.tiny_flux import make_tiny_flux
 
     return make_tiny_flux(tmp_path_factory.mktemp("tiny_flux"), guidance_embeds=True)
+
+
+@pytest.fixture
+def two_processes_and_one() -> Callable[..., tuple[dict, dict, dict]]:
+    """``diffloop.testing.runs.two_processes_and_one`` with the torchrun worker
+    tests/dist_worker.py: ``(model_dir, out, accumulation, **settings)`` -> the trainable weights
+    of (rank 0, rank 1, the single process)."""
+    from diffloop.testing.runs import two_processes_and_one as train
+
+    return functools.partial(train, TESTS / "dist_worker.py")

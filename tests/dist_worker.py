@@ -1,4 +1,5 @@
-"""Run by torchrun in test_distributed: train, then dump this rank's trainable parameters."""
+"""Run by torchrun (``diffloop.testing.runs.two_processes_and_one``): train, then save this rank's
+trainable parameters. tests/ goes on ``sys.path`` for the user-style rewards (``reward_fns``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffloop.config import load_config
+from diffloop.testing.runs import RANK_PARAMETERS
 from diffloop.trainer import Trainer
 
 torch.set_num_threads(1)
@@ -21,5 +23,5 @@ trainer = Trainer(config)
 trainer.train()
 rank = trainer.dist.rank
 state = {k: v.contiguous() for k, v in trainer.policy.trainable_state_dict().items()}
-save_file(state, str(Path(config.output_dir) / f"params_rank{rank}.safetensors"))
+save_file(state, str(Path(config.output_dir) / RANK_PARAMETERS.format(rank=rank)))
 trainer.dist.end()

@@ -157,8 +157,7 @@ def test_nan_scores_neither_break_the_choice_nor_the_means():
 def test_a_run_keeps_every_evaluation_image_and_chooses_the_rows_at_the_end(tmp_path, capsys):
     """A tiny shapes run with 20 evaluation prompts: base.npz and the last evaluation's .npz hold
     all 20 prompts (not the first 16), the figure shows 16 rows chosen from them and says so."""
-    from test_summary import SHORT
-
+    from diffloop.testing.runs import SHORT_SHAPES_RUN
     from diffloop.trainer import Trainer
 
     out = tmp_path / "run"
@@ -168,7 +167,7 @@ def test_a_run_keeps_every_evaluation_image_and_chooses_the_rows_at_the_end(tmp_
         "eval.prompts=shapes/val",
         "eval.num_prompts=20",
     ]
-    Trainer(load_config(None, [*overrides, *SHORT])).train()
+    Trainer(load_config(None, [*overrides, *SHORT_SHAPES_RUN])).train()
     for name in ("base.npz", "epoch_0001.npz"):
         saved = np.load(out / "eval" / name)
         assert saved["images"].shape == (40, 3, 32, 32) and saved["images"].dtype == np.uint8

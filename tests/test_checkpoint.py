@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import comparable, tiny_overrides
 
 from diffloop import checkpoint
 from diffloop.checkpoint import CheckpointError, latest_checkpoint, list_complete_checkpoints
 from diffloop.cli import main
 from diffloop.run_dir import read_metrics
+from diffloop.testing.runs import comparable, tiny_overrides
 
 
 def save(out: Path, epoch: int, value: float = 1.0, keep: int = 10) -> Path:

@@ -1,21 +1,15 @@
-"""scripts/claims.py: paired-by-seed verdicts on synthetic sweep summaries with known answers."""
+"""diffloop.tools.claims: paired-by-seed verdicts on synthetic sweep summaries with known
+answers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-SPEC = importlib.util.spec_from_file_location(
-    "claims", Path(__file__).resolve().parents[1] / "scripts" / "claims.py"
-)
-claims = importlib.util.module_from_spec(SPEC)
-sys.modules["claims"] = claims  # its dataclasses look their module up there
-SPEC.loader.exec_module(claims)
+from diffloop.tools import claims
 
 
 def curve(rewards: list[float]) -> dict:

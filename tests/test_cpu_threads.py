@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from diffloop.config import ConfigError, PerformanceConfig, load_config, resolve_cpu_threads
+from diffloop.performance import set_backend_flags
 from diffloop.tools import sweep
-from diffloop.trainer import set_backend_flags
 
 
 def test_default_is_auto_and_integers_and_null_load():

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_run_lock import shapes_overrides
 
 from diffloop import checkpoint
 from diffloop.checkpoint import resume_command
 from diffloop.cli import main
+from diffloop.testing.runs import shapes_overrides
 
 
 def one_line_error(err: str) -> str:

@@ -3,38 +3,14 @@ run."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_trainer import tiny_overrides
 
 from diffloop.run_dir import read_metrics
 
-WORKER = Path(__file__).resolve().parent / "dist_worker.py"
-
-
-def launch(nproc: int, overrides: list[str]) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(WORKER),
-        *overrides,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-
 
 @pytest.mark.slow
-def test_two_processes_match_one(tiny_sd, tmp_path):
+def test_two_processes_match_one(tiny_sd, tmp_path, two_processes_and_one):
     # B=3 prompts x K=2 = 6 samples: on 2 processes prompt 1's two samples sit on different ranks,
     # so its leave-one-out baselines need the gathered rewards. Each rank accumulates 3 minibatches
     # of 1 into its step; the single process accumulates 6: the averaged gradients must agree.
@@ -45,20 +21,7 @@ def test_two_processes_match_one(tiny_sd, tmp_path):
         "train.batch_size": 1,
         "num_epochs": 2,
     }
-    launch(
-        2,
-        tiny_overrides(
-            tiny_sd, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 3}
-        ),
-    )
-    single = {
-        **common,
-        "train.gradient_accumulation_steps": 6,
-    }  # same sampling batches as each rank
-    launch(1, tiny_overrides(tiny_sd, tmp_path / "one", **single))
-    rank0 = load_file(str(tmp_path / "two" / "params_rank0.safetensors"))
-    rank1 = load_file(str(tmp_path / "two" / "params_rank1.safetensors"))
-    one = load_file(str(tmp_path / "one" / "params_rank0.safetensors"))
+    rank0, rank1, one = two_processes_and_one(tiny_sd, tmp_path, 3, **common)
     assert rank0.keys() == one.keys() and len(one) > 0
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import Killed, comparable, tiny_overrides
 
 from diffloop.checkpoint import EMA_WEIGHTS, latest_checkpoint
 from diffloop.config import ConfigError, load_config
 from diffloop.ema import EMA, ema_decay_at, ema_updates_at, maybe_applied
 from diffloop.export import LORA_WEIGHT_NAME
 from diffloop.run_dir import read_metrics
+from diffloop.testing.runs import comparable, killed_at_epoch, tiny_overrides
 from diffloop.trainer import Trainer
 
 DECAY = 0.5  # far from 1, so a few steps move the EMA visibly
@@ -206,21 +206,12 @@ def test_export_is_the_ema(tiny_sd, tmp_path):
     assert matches(list(shadow.values())) and not matches(list(live.values()))
 
 
-def test_kill_and_resume_equals_uninterrupted_with_ema(tiny_sd, tmp_path, monkeypatch):
+def test_kill_and_resume_equals_uninterrupted_with_ema(tiny_sd, tmp_path):
     extra = {"num_epochs": 3}
     full_trainer = trainer(tiny_sd, tmp_path / "full", **extra)
     full = full_trainer.train()
-    original = Trainer.run_epoch
-
-    def die_at_epoch_2(self, epoch):
-        if epoch == 2:
-            raise Killed
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", die_at_epoch_2)
-    with pytest.raises(Killed):
+    with killed_at_epoch(2):
         trainer(tiny_sd, tmp_path / "killed", **extra).train()
-    monkeypatch.setattr(Trainer, "run_epoch", original)
     resumed = trainer(tiny_sd, tmp_path / "killed", resume=True, **extra)
     resumed.train()
     rows = read_metrics(tmp_path / "killed" / "metrics.jsonl")
@@ -260,25 +251,14 @@ def test_trainer_ema_with_warmup_and_interval_is_the_hand_recursion(tiny_sd, tmp
         torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7)
 
 
-def test_kill_and_resume_equals_uninterrupted_with_warmup_and_interval(
-    tiny_sd, tmp_path, monkeypatch
-):
+def test_kill_and_resume_equals_uninterrupted_with_warmup_and_interval(tiny_sd, tmp_path):
     """Killed after step 4 (epoch 2 not run): the next update, after step 5, needs the restored step
     counter (both for (n + 1) % 3 and for d_5 = 6/15)."""
     extra = {"num_epochs": 3, "eval.prompts": None, **WARM}
     full_trainer = trainer(tiny_sd, tmp_path / "full", **extra)
     full_trainer.train()
-    original = Trainer.run_epoch
-
-    def die_at_epoch_2(self, epoch):
-        if epoch == 2:
-            raise Killed
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", die_at_epoch_2)
-    with pytest.raises(Killed):
+    with killed_at_epoch(2):
         trainer(tiny_sd, tmp_path / "killed", **extra).train()
-    monkeypatch.setattr(Trainer, "run_epoch", original)
     resumed = trainer(tiny_sd, tmp_path / "killed", resume=True, **extra)
     assert resumed.optimizer_steps == 4
     resumed.train()

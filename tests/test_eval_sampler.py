@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from test_trainer import tiny_overrides
 
 from diffloop import loops
 from diffloop.config import (
@@ -21,6 +20,7 @@ from diffloop.config import (
     load_config,
 )
 from diffloop.policies.families import load_policy
+from diffloop.testing.runs import tiny_overrides
 from diffloop.trainer import Trainer
 
 CPU = torch.device("cpu")

@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_trainer import tiny_overrides
 
 from diffloop.config import ConfigError, load_config, validate
 from diffloop.export import (
@@ -30,6 +29,7 @@ from diffloop.export import (
     push_to_hub,
 )
 from diffloop.run_dir import read_metrics
+from diffloop.testing.runs import assert_same_unet, tiny_overrides
 from diffloop.trainer import Trainer
 
 ALPHA, RANK = 3.0, 2  # alpha != rank: a kohya copy with diffusers' default alpha (= rank) is wrong
@@ -44,22 +44,6 @@ def run_overrides(model, out: Path, **extra) -> list[str]:
             **extra,
         },
     )  # fmt: skip
-
-
-def assert_same_unet(policy, unet) -> None:
-    """``unet`` (a pipeline's, LoRA loaded) gives the trained policy's UNet outputs, which differ
-    from the base model's (else the comparison proves nothing)."""
-    policy.train(False)
-    x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
-    cond = policy.unet_conditioning(["a cat", "a red ball"])
-    ts = torch.tensor([500, 20])
-    with torch.no_grad():
-        trained_out = policy.unet(x, ts, **cond).sample
-        got = unet(x, ts, **cond).sample
-        with policy.reference():
-            base = policy.unet(x, ts, **cond).sample
-    assert (trained_out - base).abs().max() > 1e-4, "training did not move the model"
-    torch.testing.assert_close(got, trained_out, rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

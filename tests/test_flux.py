@@ -12,7 +12,6 @@ import shutil
 import pytest
 import torch
 from diffusers import FluxPipeline
-from test_trainer import kl_to_base_around_first_step, tiny_overrides
 
 from diffloop import loops
 from diffloop.config import (
@@ -33,6 +32,7 @@ from diffloop.policies.flux import (
     pack_latents,
     unpack_latents,
 )
+from diffloop.testing.runs import kl_to_base_around_first_step, tiny_overrides
 from diffloop.testing.tiny_flux import make_tiny_flux
 from diffloop.trainer import Trainer
 

@@ -56,8 +56,8 @@ SHAPES = {
     "eval.every_n_epochs": 1,
 }
 
-# A tiny random-weight SD 1.x pipeline (diffloop.testing.tiny via tests/tiny_models.py) with the
-# KL-to-base logged.
+# A tiny random-weight SD 1.x pipeline (diffloop.testing.tiny with the committed CLIP BPE
+# tokenizer) with the KL-to-base logged.
 TINY_SD = {
     **COMMON,
     "sample.num_steps": 3,

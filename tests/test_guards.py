@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import comparable, run, tiny_overrides
 
 from diffloop import checkpoint
 from diffloop.cli import main
 from diffloop.guards import NonFiniteError, NonFiniteGuard, onpolicy_error_ok
 from diffloop.run_dir import read_metrics
+from diffloop.testing.runs import comparable, run, tiny_overrides
 from diffloop.trainer import Trainer
 
 NAN = torch.tensor(float("nan"))

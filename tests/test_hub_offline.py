@@ -357,8 +357,9 @@ def test_reward_weights_from_an_unreachable_hub_fail_at_once(hub_cache):
 
 
 def test_cached_reward_weights_load_without_the_hub(hub_cache, tmp_path):
-    from tiny_reward_models import make_tiny_clip, save_aesthetic_head
     from transformers import CLIPModel
+
+    from diffloop.testing.tiny_reward_models import make_tiny_clip, save_aesthetic_head
 
     put_in_cache(hub_cache, "someone/clip", make_tiny_clip(tmp_path / "clip"))
     head = save_aesthetic_head(tmp_path / "head.pth", input_size=16)

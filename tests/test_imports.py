@@ -34,7 +34,7 @@ LAYERS: dict[str, int] = {
     "diffloop.prompts": 2,
     "diffloop.checkpoint": 2,
     "diffloop.ema": 2,  # the EMA of the trainable weights
-    "diffloop.export": 2,  # LoRA files, model card, kohya copy, hub upload (policies call it)
+    "diffloop.export": 2,  # LoRA files, model card, kohya copy, hub upload (it uses the policies)
     "diffloop.run_dir": 2,
     "diffloop.run_lock": 2,  # one training process per run directory
     "diffloop.disk": 2,  # writes aside, renamed when complete; a full disk in one line
@@ -44,8 +44,12 @@ LAYERS: dict[str, int] = {
     "diffloop.images": 2,
     "diffloop.shapes": 2,  # the shapes world, model and reward
     "diffloop.testing": 2,  # tiny random-weight models for tests and bench
+    "diffloop.testing.runs": 3,  # short training runs for tests (the trainer, in-process)
     "diffloop.summary": 2,  # the end-of-run verdict and before/after grid
+    "diffloop.performance": 2,  # process-wide backend settings (threads, TF32)
+    "diffloop.optimization": 2,  # optimizer, LR schedule, loss scaler, EMA: one step, resume
     "diffloop.loops": 3,  # the inner loops the trainer and the tools share
+    "diffloop.evaluation": 3,  # the held-out evaluation of the trainer and `diffloop eval`
     "diffloop.trainer": 3,
     "diffloop.preflight": 3,
     "diffloop.tools": 4,  # experiment tooling: bench, sweep, variance, evaluate, report, sampling

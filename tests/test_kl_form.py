@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-from test_trainer import tiny_overrides
 
 from diffloop import loops
 from diffloop.algorithms import ALGORITHMS
@@ -20,6 +19,7 @@ from diffloop.cli import main
 from diffloop.config import ConfigError, LoraConfig, ModelConfig, load_config, packaged_config
 from diffloop.core import flow_grpo_kl, flow_grpo_std_dev, flow_step_mean_std, gaussian_kl
 from diffloop.policies.sd3 import load_sd3_policy
+from diffloop.testing.runs import tiny_overrides
 from diffloop.trainer import Trainer
 
 CPU = torch.device("cpu")

@@ -5,8 +5,8 @@ with the family's LoRA targets and random lora_B), ``export_run`` writes the dif
 family's copy; then:
 
 - every key of the copy names a module of the base model under the rule of the loader it is for
-  (kohya sd-scripts' module names, ComfyUI's key maps: tests/lora_loaders.py), and nothing is left
-  unloaded;
+  (kohya sd-scripts' module names, ComfyUI's key maps: ``diffloop.testing.lora_loaders``), and
+  nothing is left unloaded;
 - the copy, read back by diffusers' converters of that format where they exist (kohya SD / SDXL in
   SGM names, FLUX with alpha keys) or applied with ComfyUI's formula (SD3), reproduces the trained
   model's output;
@@ -23,7 +23,13 @@ from typing import Any
 
 import pytest
 import torch
-from lora_loaders import (
+from peft import LoraConfig as PeftLoraConfig
+from safetensors.torch import load_file
+
+from diffloop.config import load_config
+from diffloop.export import LORA_WEIGHT_NAME, export_run
+from diffloop.policies.flow import FlowMatchPolicy
+from diffloop.testing.lora_loaders import (
     comfy_flux_layout,
     comfy_load_lora,
     comfy_lora_diff,
@@ -34,12 +40,6 @@ from lora_loaders import (
     sd_scripts_lora_names,
     sd_scripts_sdxl_layout,
 )
-from peft import LoraConfig as PeftLoraConfig
-from safetensors.torch import load_file
-
-from diffloop.config import load_config
-from diffloop.export import LORA_WEIGHT_NAME, export_run
-from diffloop.policies.flow import FlowMatchPolicy
 
 RANK = 2
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # lora.target_modules' default
@@ -170,7 +170,7 @@ def adapted_count(model: torch.nn.Module) -> int:
 
 
 def comfy_key_map(family: str, model: torch.nn.Module) -> dict[str, Any]:
-    """ComfyUI's LoRA key map for the family's base model (tests/lora_loaders.py)."""
+    """ComfyUI's LoRA key map for the family's base model (``diffloop.testing.lora_loaders``)."""
     c = model.config
     if family in ("sd", "sdxl"):
         return comfy_unet_key_map(model)  # the adapter wraps layers, the block structure is kept

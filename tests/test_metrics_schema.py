@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from test_claims import claims
-from test_trainer import tiny_overrides
 
 from diffloop import metrics
 from diffloop.config import load_config
 from diffloop.run_dir import TIME_KEYS, RunDirectory, read_metrics
-from diffloop.tools import report, sweep
+from diffloop.testing.runs import tiny_overrides
+from diffloop.tools import claims, report, sweep
 from diffloop.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +198,7 @@ def test_schema_entries_are_consistent():
         if m.band is not None:
             assert m.band in metrics.METRICS and m.section is not None
     rows = metrics.markdown_table().splitlines()
-    assert len(rows) == 2 + len(metrics.METRICS) + len(metrics.PATTERNS)
+    assert len(rows) == 2 + len(metrics.METRICS) + len(metrics.PATTERNS) + 1  # + EVAL_CATEGORY
     assert all(len(re.split(r"(?<!\\)\|", row)) == 8 for row in rows)  # 6 cells each, |A| escaped
     with pytest.raises(ValueError, match="processes='avg'"):
         metrics.Metric("x", "x", "avg", None, None, "samples", "train")

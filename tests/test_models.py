@@ -6,12 +6,12 @@ import shutil
 
 import pytest
 import torch
-from test_trainer import run
 
 from diffloop.cli import main
 from diffloop.config import LoraConfig, ModelConfig
 from diffloop.policies.diffusers_policy import ModelLoadError
 from diffloop.policies.families import load_policy
+from diffloop.testing.runs import run
 
 
 def test_missing_directory_says_how_to_provide(tmp_path):
@@ -64,9 +64,8 @@ def test_missing_model_fails_cli_cleanly(tmp_path, capsys):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_keeps_trainables_fp32(tiny_sd, tmp_path, precision):
-    from test_trainer import tiny_overrides
-
     from diffloop.config import load_config
+    from diffloop.testing.runs import tiny_overrides
     from diffloop.trainer import Trainer
 
     trainer = Trainer(

@@ -14,7 +14,7 @@ import torch
 
 from diffloop.cli import main
 from diffloop.config import ConfigError, load_config
-from diffloop.trainer import build_optimizer
+from diffloop.optimization import build_optimizer
 
 FULL = "lora.enabled=false"
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import run
 
 from diffloop.config import ConfigError, LoraConfig, ModelConfig, PerformanceConfig, load_config
 from diffloop.loops import SamplerSettings, transition_log_prob
 from diffloop.policies.families import load_policy
+from diffloop.testing.runs import run
 
 STEPS = 3
 SAMPLER = SamplerSettings(num_steps=STEPS, eta=1.0, guidance_scale=3.0)
@@ -139,7 +139,7 @@ def test_trainer_with_every_option_stays_on_policy(tiny_sd, tmp_path):
 
 
 def test_backend_flags_are_set_by_the_trainer_function_not_by_a_policy(tiny_sd):
-    from diffloop.trainer import set_backend_flags
+    from diffloop.performance import set_backend_flags
 
     saved = (
         torch.backends.cuda.matmul.allow_tf32,

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import Killed, comparable, tiny_overrides
 
 from diffloop import loops
 from diffloop.config import load_config
 from diffloop.policies.base import DiffusionPolicy
 from diffloop.run_dir import read_metrics
+from diffloop.testing.runs import comparable, killed_at_epoch, tiny_overrides
 from diffloop.trainer import Trainer
 
 
@@ -196,20 +196,11 @@ def test_export_reloads_in_diffusers_and_reproduces_the_trained_model(case, tmp_
     torch.testing.assert_close(got, trained, rtol=1e-4, atol=1e-5)
 
 
-def test_kill_and_resume_equals_uninterrupted(case, tmp_path, monkeypatch):
+def test_kill_and_resume_equals_uninterrupted(case, tmp_path):
     extra = {"num_epochs": 3}
     full = trainer(case, tmp_path / "full", **extra).train()
-    original = Trainer.run_epoch
-
-    def die_at_epoch_2(self, epoch):
-        if epoch == 2:
-            raise Killed
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", die_at_epoch_2)
-    with pytest.raises(Killed):
+    with killed_at_epoch(2):
         trainer(case, tmp_path / "killed", **extra).train()
-    monkeypatch.setattr(Trainer, "run_epoch", original)
     trainer(case, tmp_path / "killed", resume=True, **extra).train()
     assert comparable(read_metrics(tmp_path / "killed" / "metrics.jsonl")) == comparable(full)
 

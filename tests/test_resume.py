@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import comparable, run, tiny_overrides
 
 from diffloop.checkpoint import latest_checkpoint
 from diffloop.cli import main
 from diffloop.config import Config, ConfigError, load_config, save_config
 from diffloop.resume import check_resume
 from diffloop.run_dir import read_metrics
+from diffloop.testing.runs import comparable, run, tiny_overrides
 
 RECORD = ("config.yaml", "run_info.json", "sessions.jsonl", "metrics.jsonl")
 

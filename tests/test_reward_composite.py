@@ -215,7 +215,7 @@ def test_yaml_list_form_in_a_file(tmp_path: Path) -> None:
 
 
 def test_trainer_logs_each_component_mean(tiny_sd: Path, tmp_path: Path) -> None:
-    from test_trainer import run
+    from diffloop.testing.runs import run
 
     rows = run(
         tiny_sd,

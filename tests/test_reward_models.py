@@ -11,16 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tiny_reward_models import (
-    VOCAB,
-    make_bert_tokenizer,
-    make_clip_tokenizer,
-    make_imagereward_checkpoint,
-    make_open_clip_checkpoint,
-    make_tiny_blip_vqa,
-    make_tiny_clip,
-    save_aesthetic_head,
-)
 
 from diffloop.rewards import build_reward, score
 from diffloop.rewards.aesthetic import AestheticMLP, load_aesthetic_head
@@ -30,6 +20,16 @@ from diffloop.rewards.imagereward import imagereward_to_transformers
 from diffloop.rewards.model_loading import MissingWeightsError
 from diffloop.rewards.phrases import split_noun_phrases
 from diffloop.rewards.preprocess import ImageTransform, center_crop
+from diffloop.testing.tiny_reward_models import (
+    VOCAB,
+    make_bert_tokenizer,
+    make_imagereward_checkpoint,
+    make_open_clip_checkpoint,
+    make_tiny_blip_vqa,
+    make_tiny_clip,
+    save_aesthetic_head,
+)
+from diffloop.testing.tokenizer import make_tiny_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "diffloop" / "data" / "t2i-compbench"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -63,7 +63,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 def paths(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reward_models")
     clip_tok = root / "clip_tokenizer"
-    make_clip_tokenizer().save_pretrained(clip_tok)
+    make_tiny_tokenizer().save_pretrained(clip_tok)
     bert = root / "bert"
     make_bert_tokenizer(bert).save_pretrained(bert)
     hps_ckpt, hps_ref = make_open_clip_checkpoint(root / "HPS_v2.1_compressed.pt")

@@ -495,9 +495,8 @@ def test_png_encoding_is_lossless_after_uint8_rounding() -> None:
 def test_run_keeps_checkpoint_when_server_goes_down_and_resumes(
     tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from test_trainer import tiny_overrides
-
     from diffloop.cli import main
+    from diffloop.testing.runs import tiny_overrides
 
     out = tmp_path / "run"
     port = free_port()
@@ -562,9 +561,8 @@ def test_check_servers_asks_health_of_remote_rewards_and_components(sleeps: list
 def test_server_down_fails_the_run_at_setup_and_leaves_its_record_untouched(
     tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from test_trainer import tiny_overrides
-
     from diffloop.cli import main
+    from diffloop.testing.runs import tiny_overrides
 
     out = tmp_path / "run"
     port = free_port()

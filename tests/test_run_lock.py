@@ -10,43 +10,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from diffloop.cli import main
+from diffloop.testing.processes import cli_env, wait_for
+from diffloop.testing.runs import shapes_overrides
 
 LOCK = ".diffloop.lock"  # diffloop.run_lock.LOCK_NAME
-
-# The shipped shapes-world model with the smallest run that still trains and checkpoints.
-SHAPES_TINY = {
-    "model.pretrained": "shapes",
-    "num_epochs": 2,
-    "cpu_threads": 1,
-    "sample.num_steps": 3,
-    "sample.prompts_per_epoch": 2,
-    "sample.samples_per_prompt": 2,
-    "sample.batch_size": 4,
-    "train.batch_size": 2,
-    "lora.rank": 4,
-    "lora.alpha": 4,
-    "prompts.source": "shapes/train_pair",
-    "reward.name": "shapes_binding",
-    "eval.prompts": None,
-    "logging.progress_bars": False,
-    "logging.tensorboard": False,
-}
-
-
-def shapes_overrides(out: Path, **extra) -> list[str]:
-    settings = {**SHAPES_TINY, "output_dir": out, **extra}
-    return [f"{k}={'null' if v is None else v}" for k, v in settings.items()]
-
-
-def cli_env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def start_train(args: list[str]) -> subprocess.Popen:
@@ -55,18 +27,6 @@ def start_train(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-
-
-def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            raise AssertionError(f"process ended early ({proc.returncode}): {err[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("timed out waiting for the process")
-        time.sleep(0.05)
 
 
 HOLDER = (

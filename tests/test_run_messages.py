@@ -9,11 +9,10 @@ import io
 from pathlib import Path
 
 import pytest
-from test_export import assert_same_unet
-from test_trainer import tiny_overrides
 
 from diffloop.config import load_config
 from diffloop.export import LORA_WEIGHT_NAME, SHARE_FORMATS, export_summary_lines
+from diffloop.testing.runs import assert_same_unet, tiny_overrides
 from diffloop.trainer import Trainer
 
 EVAL = {"eval.prompts": "shapes/val_pair", "eval.num_prompts": 2, "eval.samples_per_prompt": 1}

@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 
 import pytest
-from test_trainer import tiny_overrides
 
 from diffloop.cli import main
 from diffloop.config import SampleConfig
 from diffloop.policies.diffusers_policy import DDIMPolicy
+from diffloop.testing.runs import tiny_overrides
 from diffloop.tools.sampling import SampleUsageError, sampling_settings
 
 RUN_SAMPLE = {"sample.num_steps": 3, "sample.eta": 0.5, "sample.guidance_scale": 2.0,

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import run, tiny_overrides
 
 from diffloop.config import ConfigError, load_config
+from diffloop.testing.runs import run, tiny_overrides
 from diffloop.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def tiny_sd_euler(tmp_path_factory):
     from diffusers import EulerDiscreteScheduler
-    from tiny_models import build_tiny_sd
+
+    from diffloop.testing.tiny import build_tiny_sd
 
     pipe = build_tiny_sd()
     # As SDXL ships it: no set_alpha_to_one / clip_sample keys, leading spacing with offset 1.

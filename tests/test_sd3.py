@@ -9,13 +9,13 @@ import shutil
 
 import pytest
 import torch
-from test_trainer import tiny_overrides
 
 from diffloop import loops
 from diffloop.config import ConfigError, LoraConfig, ModelConfig, SampleConfig, load_config
 from diffloop.policies.diffusers_policy import ModelLoadError
 from diffloop.policies.families import detect_family, load_policy
 from diffloop.policies.sd3 import SD3Policy, load_sd3_policy
+from diffloop.testing.runs import tiny_overrides
 from diffloop.testing.tiny_flow import T5_TOKENS
 from diffloop.trainer import Trainer
 
@@ -253,28 +253,10 @@ def test_tiny_sd3_runs_other_algorithms_with_kl_and_checkpointing(tiny_sd3, tmp_
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_on_sd3(tiny_sd3, tmp_path):
-    from safetensors.torch import load_file
-    from test_distributed import launch
-
+def test_two_processes_match_one_on_sd3(tiny_sd3, tmp_path, two_processes_and_one):
     common = {"sample.prompts_per_epoch": 2, "sample.samples_per_prompt": 2, "sample.batch_size": 2,
               "train.batch_size": 1, "num_epochs": 1, "sample.num_steps": 3}  # fmt: skip
-    launch(
-        2,
-        tiny_overrides(
-            tiny_sd3, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 2}
-        ),
-    )
-    launch(
-        1,
-        tiny_overrides(
-            tiny_sd3, tmp_path / "one", **common, **{"train.gradient_accumulation_steps": 4}
-        ),
-    )
-    rank0, rank1, one = (
-        load_file(str(tmp_path / d / f"params_rank{r}.safetensors"))
-        for d, r in (("two", 0), ("two", 1), ("one", 0))
-    )
+    rank0, rank1, one = two_processes_and_one(tiny_sd3, tmp_path, 2, **common)
     assert rank0.keys() == one.keys() and len(one) > 0
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"

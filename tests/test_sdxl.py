@@ -1,12 +1,11 @@
 """SDXL policy: parity with diffusers' StableDiffusionXLPipeline, training through the unchanged
 trainer, export, resume, and the scheduler / VAE / negative-prompt traps, on the tiny SDXL built
-from configs in tests/tiny_sdxl.py."""
+from configs in ``diffloop.testing.tiny_sdxl``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import Killed, comparable, kl_to_base_around_first_step, tiny_overrides
 
 from diffloop.config import LoraConfig, ModelConfig, SDXLConfig, load_config
 from diffloop.core import gaussian_log_prob
@@ -14,6 +13,13 @@ from diffloop.policies.diffusers_policy import ModelLoadError
 from diffloop.policies.families import detect_family
 from diffloop.policies.sdxl import SDXLPolicy, load_sdxl_policy
 from diffloop.run_dir import read_metrics
+from diffloop.testing.runs import (
+    STATEFUL_PPO,
+    comparable,
+    killed_at_epoch,
+    kl_to_base_around_first_step,
+    tiny_overrides,
+)
 from diffloop.testing.tiny_sdxl import build_sdxl_components
 from diffloop.trainer import Trainer
 
@@ -336,29 +342,12 @@ def test_full_fine_tuning_exports_a_loadable_pipeline(tiny_sdxl, tmp_path):
     assert detect_family(str(out / "model")) == "sdxl"
 
 
-def test_kill_and_resume_equals_uninterrupted(tiny_sdxl, tmp_path, monkeypatch):
-    extra = {
-        "num_epochs": 3,
-        "train.algorithm": "ppo",
-        "sample.samples_per_prompt": 1,
-        "sample.prompts_per_epoch": 4,
-        "train.stat_tracking_min_count": 2,
-        "train.stat_tracking_buffer": 4,
-        "train.num_inner_epochs": 2,
-    }
+def test_kill_and_resume_equals_uninterrupted(tiny_sdxl, tmp_path):
+    extra = {"num_epochs": 3, **STATEFUL_PPO}
     full = sdxl_run(tiny_sdxl, tmp_path / "full", **extra)
     out = tmp_path / "killed"
-    original = Trainer.run_epoch
-
-    def run_epoch_then_die(self, epoch):
-        if epoch == 2:
-            raise Killed
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", run_epoch_then_die)
-    with pytest.raises(Killed):
+    with killed_at_epoch(2):
         sdxl_run(tiny_sdxl, out, **extra)
-    monkeypatch.setattr(Trainer, "run_epoch", original)
     sdxl_run(tiny_sdxl, out, resume=True, **extra)
     assert comparable(read_metrics(out / "metrics.jsonl")) == comparable(full)
 
@@ -517,10 +506,7 @@ def test_eval_report_variance_and_bf16_run_on_sdxl(tiny_sdxl, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_on_sdxl(tiny_sdxl, tmp_path):
-    from safetensors.torch import load_file
-    from test_distributed import launch
-
+def test_two_processes_match_one_on_sdxl(tiny_sdxl, tmp_path, two_processes_and_one):
     common = {
         "sample.prompts_per_epoch": 2,
         "sample.samples_per_prompt": 2,
@@ -528,22 +514,7 @@ def test_two_processes_match_one_on_sdxl(tiny_sdxl, tmp_path):
         "train.batch_size": 1,
         "num_epochs": 1,
     }
-    launch(
-        2,
-        tiny_overrides(
-            tiny_sdxl, tmp_path / "two", **common, **{"train.gradient_accumulation_steps": 2}
-        ),
-    )
-    launch(
-        1,
-        tiny_overrides(
-            tiny_sdxl, tmp_path / "one", **common, **{"train.gradient_accumulation_steps": 4}
-        ),
-    )
-    rank0, rank1, one = (
-        load_file(str(tmp_path / d / f"params_rank{r}.safetensors"))
-        for d, r in (("two", 0), ("two", 1), ("one", 0))
-    )
+    rank0, rank1, one = two_processes_and_one(tiny_sdxl, tmp_path, 2, **common)
     assert rank0.keys() == one.keys() and len(one) > 0
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"

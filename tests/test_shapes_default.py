@@ -8,6 +8,7 @@ from diffloop.checkpoint import latest_checkpoint
 from diffloop.cli import main
 from diffloop.config import load_config
 from diffloop.run_dir import TIME_KEYS, read_metrics
+from diffloop.testing.runs import REQUIRED_METRICS, killed_at_epoch
 from diffloop.trainer import Trainer
 
 SHORT = [
@@ -33,16 +34,7 @@ def test_default_command_runs_loop_k8_on_shapes_and_writes_everything(tmp_path, 
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [-1, 0, 1]
     assert "eval_reward_mean" in rows[0] and "eval_reward_mean" in rows[-1]
-    assert {
-        "reward_mean",
-        "reward_std",
-        "prompts_seen",
-        "reward_queries",
-        "approx_kl",
-        "clipfrac",
-        "sample_time_s",
-        "train_time_s",
-    } <= set(rows[1])
+    assert REQUIRED_METRICS <= set(rows[1])
     for name in ("base.png", "epoch_0002.png", "before_after.png"):
         assert (out / "eval" / name).is_file(), name
     assert latest_checkpoint(out).name == "epoch_000002"
@@ -72,26 +64,13 @@ def test_shapes_ratio_is_one_on_policy(tmp_path, train_batch):
     assert rows[0]["onpolicy_logprob_err"] < 1e-5
 
 
-class Killed(Exception):
-    pass
-
-
-def test_shapes_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_shapes_kill_and_resume_equals_uninterrupted(tmp_path):
     def overrides(out):
         return [f"output_dir={out}", "num_epochs=3", "eval.prompts=null", *SHORT]
 
     full = Trainer(load_config(None, overrides(tmp_path / "full"))).train()
-    original = Trainer.run_epoch
-
-    def die_at_epoch_2(self, epoch):
-        if epoch == 2:
-            raise Killed
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", die_at_epoch_2)
-    with pytest.raises(Killed):
+    with killed_at_epoch(2):
         Trainer(load_config(None, overrides(tmp_path / "killed"))).train()
-    monkeypatch.setattr(Trainer, "run_epoch", original)
     Trainer(load_config(None, [*overrides(tmp_path / "killed"), "resume=true"])).train()
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
     assert strip(read_metrics(tmp_path / "killed" / "metrics.jsonl")) == strip(full)

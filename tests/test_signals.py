@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_run_lock import cli_env, shapes_overrides, wait_for
 
 from diffloop.checkpoint import resume_command
+from diffloop.testing.processes import cli_env, wait_for
+from diffloop.testing.runs import shapes_overrides
 
 INTERRUPTED = 130  # diffloop.cli.INTERRUPTED: Ctrl-C's status (128 + SIGINT)
 

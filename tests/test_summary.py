@@ -15,17 +15,8 @@ from diffloop.prompts import build_prompt_source
 from diffloop.run_dir import read_metrics
 from diffloop.shapes import reward, world
 from diffloop.summary import summary_lines, write_before_after
+from diffloop.testing.runs import SHORT_SHAPES_RUN
 from diffloop.trainer import Trainer
-
-SHORT = [
-    "sample.num_steps=3",
-    "sample.prompts_per_epoch=2",
-    "sample.batch_size=8",
-    "train.batch_size=4",
-    "eval.samples_per_prompt=2",
-    "logging.progress_bars=false",
-    "logging.tensorboard=false",
-]
 
 
 def render(captions: list[str], seed: int = 0) -> torch.Tensor:
@@ -83,7 +74,8 @@ def test_summary_lines_say_base_trained_and_the_difference():
         "eval_reward_seen_mean": 0.4,
     }
     seen = world.prompt_splits()["val_seen"][:2]
-    lines = summary_lines(base, trained, "shapes_binding", "shapes/val_pair", 2, 2, seen)
+    lines = summary_lines(base, trained, "binding reward", "shapes/val_pair", 2, 2,
+                         reward.breakdown_sections(seen))  # fmt: skip
     text = "\n".join(lines)
     assert "base 0.2500 -> trained 0.3500" in lines[0]
     assert "colour" in text and "base 0.5000 -> trained 0.7000 (+0.2000)" in text
@@ -100,7 +92,7 @@ def shapes_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("summary") / "run"
     # val_pair's seen prompts come first: shapes/val cycles singles (unseen) then seen pairs
     config = load_config(None, [f"output_dir={out}", "num_epochs=1", "eval.prompts=shapes/val",
-                                "eval.num_prompts=14", *SHORT])  # fmt: skip
+                                "eval.num_prompts=14", *SHORT_SHAPES_RUN])  # fmt: skip
     Trainer(config).train()
     return out
 

@@ -242,11 +242,8 @@ TINY = ["sample.num_steps=2", "sample.prompts_per_epoch=2", "sample.batch_size=4
         "logging.progress_bars=false"]  # fmt: skip
 
 
-class Killed(Exception):
-    pass
-
-
 def test_half_finished_sweep_resumes(tmp_path, monkeypatch):
+    from diffloop.testing.runs import killed_at_epoch
     from diffloop.trainer import Trainer
 
     path = write_sweep(tmp_path, overrides=TINY, seeds=[0], budget={"prompts": 4}, runs=[
@@ -255,20 +252,11 @@ def test_half_finished_sweep_resumes(tmp_path, monkeypatch):
                                     "sample.samples_per_prompt=2"]},
         {"name": "c", "overrides": ["train.algorithm=reinforce",
                                     "sample.samples_per_prompt=1"]}])  # fmt: skip
-    original = Trainer.run_epoch
-
-    def die_in_b_epoch_1(self, epoch):
-        if self.config.output_dir.endswith("b/seed_0") and epoch == 1:
-            raise Killed
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", die_in_b_epoch_1)
-    with pytest.raises(Killed):
+    with killed_at_epoch(1, run_dir_suffix="b/seed_0"):
         compare_main([str(path)])
     runs = plan(load_sweep(path))
     assert [run_status(r) for r in runs] == ["finished", "resume", "new"]
 
-    monkeypatch.setattr(Trainer, "run_epoch", original)
     started = []
     train = Trainer.train
     monkeypatch.setattr(

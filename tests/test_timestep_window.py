@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import tiny_overrides
 
 from diffloop import loops
 from diffloop.config import ConfigError, load_config, num_trained_timesteps, trained_step_range
+from diffloop.testing.runs import tiny_overrides
 from diffloop.trainer import Trainer
 
 

@@ -1,4 +1,5 @@
-"""The tiny Stable Diffusion fixture: offline round trip, shapes, determinism, prediction types."""
+"""The tiny Stable Diffusion pipeline of ``diffloop.testing.tiny`` (with the committed CLIP BPE
+tokenizer): offline round trip, shapes, determinism, prediction types."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from tiny_models import (  # tests/ is on sys.path (conftest)
+
+from diffloop.testing.tiny import (
     IMAGE_SIZE,
     LATENT_SIZE,
     build_tiny_sd,
     make_tiny_sd,
-    make_tiny_tokenizer,
     tiny_sd_dir,
 )
+from diffloop.testing.tokenizer import make_tiny_tokenizer
 
 PROMPTS = [
     "a green bench and a red car",

@@ -5,95 +5,25 @@ test_policy_conformance.py; this file tests the trainer's own behaviour."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from diffloop import loops
 from diffloop.checkpoint import latest_checkpoint, list_complete_checkpoints
 from diffloop.cli import main
 from diffloop.config import load_config
-from diffloop.run_dir import TIME_KEYS, read_metrics
+from diffloop.run_dir import read_metrics
+from diffloop.testing.runs import (
+    REQUIRED_METRICS,
+    STATEFUL_PPO,
+    Killed,
+    comparable,
+    killed_at_epoch,
+    run,
+    tiny_overrides,
+)
 from diffloop.trainer import Trainer
-
-REQUIRED_METRICS = {
-    "epoch",
-    "reward_mean",
-    "reward_std",
-    "prompts_seen",
-    "reward_queries",
-    "approx_kl",
-    "clipfrac",
-    "sample_time_s",
-    "train_time_s",
-}
-
-
-def tiny_overrides(model_dir: Path, out: Path, **extra) -> list[str]:
-    base = {
-        "model.pretrained": str(model_dir),
-        "output_dir": str(out),
-        "num_epochs": 2,
-        "sample.num_steps": 4,
-        "sample.guidance_scale": 3.0,
-        "sample.prompts_per_epoch": 2,
-        "sample.samples_per_prompt": 2,
-        "sample.batch_size": 4,
-        "train.batch_size": 2,
-        "train.learning_rate": 1e-2,
-        "train.clip_range": 0.2,
-        # the tiny-model tests were written for these (the defaults before they became the shapes
-        # run's)
-        "train.timestep_fraction": 1.0,
-        "lora.rank": 4,
-        "lora.alpha": 4.0,
-        "reward.name": "reward_fns:brightness",
-        "prompts.source": "list",
-        "prompts.prompts": "[a cat, a dog on a bench, a red ball]",
-        "eval.prompts": None,
-        "logging.progress_bars": False,
-    }
-    base.update(extra)
-    return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
-
-
-def run(model_dir: Path, out: Path, **extra) -> list[dict]:
-    config = load_config(None, tiny_overrides(model_dir, out, **extra))
-    return Trainer(config).train()
-
-
-def comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
-
-
-def kl_to_base_around_first_step(config) -> tuple[list[float], list[float]]:
-    """kl_to_base of ``loops.step_loss`` (the trainer's policy, sampler and loss settings) at every
-    step of two sampled trajectories: at the initial parameters, then after one optimizer step on
-    that loss with advantages (+1, -1). The first is exactly 0 (a fresh LoRA is the base model)."""
-    trainer = Trainer(config)
-    loss = dataclasses.replace(trainer.loss_settings, log_kl=True)
-    prompts, seeds = ["a cat", "a dog on a bench"], [1, 2]
-    _, traj = next(loops.sample_batches(trainer.policy, prompts, seeds, trainer.sampler, 2))
-    adv = torch.tensor([1.0, -1.0])
-
-    def kl_per_step(backward: bool) -> list[float]:
-        kls = []
-        for j in range(traj.timesteps.shape[1]):
-            step = torch.full((2,), j, dtype=torch.long)
-            value, stats = loops.step_loss(
-                trainer.policy, traj, adv, step, trainer.sampler, loss, on_policy=False
-            )
-            if backward:
-                value.backward()
-            kls.append(stats["kl_to_base"].item())
-        return kls
-
-    before = kl_per_step(backward=True)
-    trainer.optimizer.step()
-    return before, kl_per_step(backward=False)
 
 
 def test_run_directory_holds_everything(tiny_sd, tmp_path):
@@ -123,34 +53,13 @@ def test_ratio_is_one_on_policy_at_any_minibatch_size(tiny_sd, tmp_path, train_b
     assert rows[0]["onpolicy_logprob_err"] < 1e-5
 
 
-class Killed(Exception):
-    pass
-
-
-def test_kill_and_resume_equals_uninterrupted(tiny_sd, tmp_path, monkeypatch):
-    extra = {
-        "num_epochs": 4,
-        "train.algorithm": "ppo",
-        "sample.samples_per_prompt": 1,
-        "sample.prompts_per_epoch": 4,
-        "train.stat_tracking_min_count": 2,
-        "train.stat_tracking_buffer": 4,
-        "train.num_inner_epochs": 2,
-    }
+def test_kill_and_resume_equals_uninterrupted(tiny_sd, tmp_path):
+    extra = {"num_epochs": 4, **STATEFUL_PPO}
     full = run(tiny_sd, tmp_path / "full", **extra)
 
     out = tmp_path / "killed"
-    original = Trainer.run_epoch
-
-    def run_epoch_then_die(self, epoch):
-        if epoch == 2:
-            raise Killed  # dies mid-epoch 2, after epochs 0-1 were logged and checkpointed
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", run_epoch_then_die)
-    with pytest.raises(Killed):
+    with killed_at_epoch(2):  # dies mid-epoch 2, after epochs 0-1 were logged and checkpointed
         run(tiny_sd, out, **extra)
-    monkeypatch.setattr(Trainer, "run_epoch", original)
     run(tiny_sd, out, resume=True, **extra)
     assert comparable(read_metrics(out / "metrics.jsonl")) == comparable(full)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import tiny_overrides
 
 from diffloop.checkpoint import WEIGHTS, CheckpointError, list_complete_checkpoints
 from diffloop.cli import main
@@ -19,6 +18,7 @@ from diffloop.config import ConfigError, LoraConfig, ModelConfig, load_config, s
 from diffloop.policies.diffusers_policy import ModelLoadError
 from diffloop.policies.families import load_policy
 from diffloop.resume import check_resume
+from diffloop.testing.runs import tiny_overrides
 
 CPU = torch.device("cpu")
 

@@ -15,7 +15,7 @@ from diffloop.core import clipped_surrogate_loss, policy_gradient_loss
 from diffloop.tools.variance import (
     AlgorithmSpec,
     MomentAccumulator,
-    build_trainer,
+    build_setup,
     draw_estimate,
     gradient_statistics,
     jackknife_sems,
@@ -147,7 +147,7 @@ TINY = [
 
 
 def test_shapes_estimates_are_finite_and_loo_advantages_sum_to_zero(tmp_path):
-    trainer = build_trainer(None, TINY, AlgorithmSpec("loop", 2), tmp_path)
+    trainer = build_setup(None, TINY, AlgorithmSpec("loop", 2))
     num_params = sum(p.numel() for p in trainer.policy.trainable_parameters())
     first, second = draw_estimate(trainer, 0, seed=0), draw_estimate(trainer, 1, seed=0)
     for est in (first, second):

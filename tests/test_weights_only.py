@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import tiny_overrides
 
 from diffloop.checkpoint import (
     EMA_WEIGHTS,
@@ -21,6 +20,7 @@ from diffloop.checkpoint import (
 )
 from diffloop.cli import main
 from diffloop.config import load_config
+from diffloop.testing.runs import tiny_overrides
 from diffloop.trainer import Trainer
 
 PICKLES = ("optimizer.pt", "lr_scheduler.pt", "grad_scaler.pt", "rng_rank0.pt")

@@ -184,6 +184,14 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_objects(self, obj) -> list:
+        """Every process's (picklable) ``obj``, in rank order, on every process."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
 

@@ -14,7 +14,9 @@ minibatch, C, H, W latent dims.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,8 @@ import numpy as np
 import torch
 
 from diffloop import seeding
-from diffloop.config import Config
+from diffloop.config import Config, ConfigError
+from diffloop.config.validation import check_kl_form_supported
 from diffloop.core import (
     approx_kl,
     clip_fraction,
@@ -31,6 +34,7 @@ from diffloop.core import (
     gaussian_log_prob,
 )
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
+from diffloop.rewards import RewardScores, concat_scores, score
 
 # (log_prob (M,), old_log_prob (M,), advantages (M,), clip_range) -> per-element loss (M,)
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -42,6 +46,13 @@ ProgressFn = Callable[[Iterator[Any], int], Iterable[Any]]
 def make_generators(device: torch.device, seeds: Sequence[int]) -> list[torch.Generator]:
     """One generator per sample, seeded with ``seeds[i]``: sample i's noise is its own."""
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+def prompt_major(items: Sequence[Any], k: int) -> list[Any]:
+    """Each item k times, in place: (P,) -> (P K,), item i's copies at i K .. i K + K - 1. The
+    order of an epoch's samples (sample g belongs to prompt g // K), of the evaluation's images and
+    of ``eval_seeds``."""
+    return [item for item in items for _ in range(k)]
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,48 @@ def sample_batches(
                 negative_prompt=sampler.negative_prompt,
             )
             yield chunk, traj
+
+
+def sample_and_score(
+    policy: DiffusionPolicy,
+    reward: Callable[..., Any],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    metadata: Sequence[dict],
+    sampler: SamplerSettings,
+    batch_size: int,
+    *,
+    pool: Executor | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[Trajectories, RewardScores, dict[str, float]]:
+    """Sample one trajectory per (prompt, seed) in batches (``sample_batches``) and score each
+    batch: returns (trajectories, scores, {"sample": s, "reward": s}).
+
+    With a ``pool`` (``reward.asynchronous``) each batch is scored on its thread while the next one
+    is sampled (rewards on another device or a remote server then cost no wall-clock time). Reward
+    time is the time spent waiting for rewards after sampling ends, plus synchronous scoring.
+    """
+    parts, pending, reward_wait = [], [], 0.0
+    t0 = time.perf_counter()
+    batches: Iterable[tuple[slice, Trajectories]] = sample_batches(
+        policy, prompts, seeds, sampler, batch_size
+    )
+    if progress is not None:
+        batches = progress(iter(batches), -(-len(prompts) // batch_size))  # ceil: iter_chunks'
+    for chunk, traj in batches:
+        parts.append(traj)
+        job = (reward, traj.images, list(prompts[chunk]), list(metadata[chunk]))
+        if pool is not None:
+            pending.append(pool.submit(score, *job))
+        else:
+            t = time.perf_counter()
+            pending.append(score(*job))
+            reward_wait += time.perf_counter() - t
+    t1 = time.perf_counter()
+    results = [p.result() if pool is not None else p for p in pending]
+    t2 = time.perf_counter()
+    timing = {"sample": t1 - t0 - reward_wait, "reward": reward_wait + (t2 - t1)}
+    return Trajectories.cat(parts), concat_scores(results), timing
 
 
 # ----------------------------------------------------------------------------- timesteps
@@ -189,6 +242,27 @@ def supports_kl_form(policy: DiffusionPolicy, kl_form: str) -> bool:
     """Whether ``policy`` can compute ``kl_form`` (flow_grpo needs a flow-matching policy's
     std_t)."""
     return kl_form != "flow_grpo" or hasattr(policy, "flow_grpo_std_dev")
+
+
+def check_kl_form(policy: DiffusionPolicy, config: Config) -> None:
+    """ConfigError unless the loaded model can compute train.kl_form (check-config checks it too
+    when model.pretrained is local; a hub id's family is known once it loads)."""
+    flow = supports_kl_form(policy, "flow_grpo")
+    check_kl_form_supported(config, flow, type(policy).__name__)
+
+
+def check_timestep_window(policy: DiffusionPolicy, config: Config) -> None:
+    """ConfigError unless ``train.timestep_window`` ends within the steps the policy stores (every
+    DDIM step; a flow-matching model stores num_steps - 1: its last step is an ODE step)."""
+    window = config.train.timestep_window  # the shapes model's default always fits
+    if window is None:
+        return
+    stored = policy.stored_steps(config.sample.num_steps)
+    if window[1] > stored:
+        raise ConfigError(
+            f"train.timestep_window={window}: this model stores {stored} steps per trajectory at "
+            f"sample.num_steps={config.sample.num_steps}; set its stop to at most {stored}"
+        )
 
 
 # ----------------------------------------------------------------------------- the gradient pass
@@ -289,6 +363,35 @@ def minibatch_backward(
         yield stats
 
 
+class StatAccumulator:
+    """Means of ``minibatch_backward``'s per-step statistics (``onpolicy_logprob_err`` is a max),
+    summed as tensors on their device so the training loop never waits for the host; ``result``
+    converts once."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.onpolicy_err: torch.Tensor | None = None
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            v = torch.as_tensor(v, dtype=torch.float64)
+            if k == "onpolicy_logprob_err":
+                self.onpolicy_err = (
+                    v if self.onpolicy_err is None else torch.maximum(self.onpolicy_err, v)
+                )
+                continue
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def result(self) -> dict[str, float]:
+        out = {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
+        out["onpolicy_logprob_err"] = (
+            float(self.onpolicy_err) if self.onpolicy_err is not None else 0.0
+        )
+        return out
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -320,8 +423,6 @@ def score_fixed_noise(
     None) images (k, 3, H, W) float32 in [0, 1] on the CPU). ``progress`` wraps the batches
     (sampled and scored one by one), given their number: the caller's progress bar.
     """
-    from diffloop.rewards import score
-
     metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
     keep = len(prompts) if keep_images is None else keep_images
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
@@ -399,6 +500,25 @@ def check_evaluation_sampler(policy, sampler: SamplerSettings) -> None:
     check = getattr(policy, "check_evaluation_sampling", None)
     if check is not None:
         check(sampler.num_steps, sampler.eta)
+
+
+def reward_statistics(rewards: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
+    """The trainer's reward metrics of an epoch: rewards, advantages (B, K), NaN = invalid. With
+    the spread within groups (is there signal?)."""
+    valid = rewards[~torch.isnan(rewards)]
+    group_std = _nanstd(rewards, dim=1)  # (B,)
+    return {
+        "reward_mean": float(valid.mean()) if valid.numel() else float("nan"),
+        "reward_std": float(valid.std(unbiased=False)) if valid.numel() else float("nan"),
+        "reward_group_std_mean": float(torch.nanmean(group_std)),
+        "reward_zero_spread_groups": float((group_std == 0).float().mean()),
+        "advantage_abs_mean": float(torch.nanmean(advantages.abs())),
+    }
+
+
+def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    return torch.nanmean((x - mean) ** 2, dim=dim).sqrt()
 
 
 def eval_summary(rewards: torch.Tensor) -> dict[str, float]:

@@ -2,10 +2,12 @@
 
 Each row of a run's ``metrics.jsonl`` is one epoch (``epoch`` = e >= 0) or the evaluation before
 training (``epoch`` = -1, eval keys only). Every key is a :class:`Metric` below, or matches one of
-the :data:`PATTERNS` (keys whose names depend on the run, e.g. ``reward_<component>_mean``). The
-trainer's TensorBoard / W&B tags, the report's plots, the sweep summary, ``scripts/claims.py`` and
-the key table of docs/guide.md all read names, meanings and reductions from here; tests check that a
-real training run writes nothing else and that no reader asks for a key the trainer does not write.
+the :data:`PATTERNS` (keys whose names depend on the run, e.g. ``reward_<component>_mean``) or
+:data:`EVAL_CATEGORY` (``eval_reward_<category>_mean``: a reward's evaluation breakdown). The
+trainer's TensorBoard / W&B tags, the report's plots, the sweep summary,
+``diffloop.tools.claims`` and the key table of docs/guide.md all read names, meanings and
+reductions from here; tests check that a real training run writes nothing else and that no reader
+asks for a key the trainer does not write.
 
 Reductions:
     processes: how a multi-process run turns per-process quantities into the one logged value
@@ -199,16 +201,24 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
        "combination (shapes.world.UNSEEN_COMBINATIONS)", "gathered", None, True, "eval", "eval",
        when="reward.name=shapes_binding, eval prompts with such captions"),
 )}
-# Written only with the shapes world's reward (BindingReward.attribute_scores).
+# Written only with the shapes world's reward (its eval_breakdown, diffloop.rewards.breakdown).
 SHAPES_EVAL_KEYS = ("eval_binding_colour_mean", "eval_binding_shape_mean",
                     "eval_binding_texture_mean",
                     "eval_reward_seen_mean", "eval_reward_unseen_mean")
 
+# Keys whose names the run's configuration makes (the trainer writes them).
 PATTERNS: tuple[Metric, ...] = (
     _m("reward_<component>_mean", "mean score of one component of a composite (multi) reward over "
        "the epoch's samples", "gathered", "mean", True, "samples", "reward",
        section="Reward components", when="reward.name=multi"),
 )
+# Keys whose names the evaluation reward makes: any reward's evaluation breakdown, per category of
+# eval images (diffloop.rewards.breakdown: its eval_breakdown method).
+EVAL_CATEGORY = _m(
+    "eval_reward_<category>_mean", "mean eval reward of the eval images in one category of the "
+    "evaluation reward's breakdown (e.g. a GenEval tag or a T2I-CompBench category)", "gathered",
+    None, True, "eval", "eval",
+    when="an evaluation reward with an eval_breakdown; evaluated epochs and epoch -1")
 # fmt: on
 
 _PLACEHOLDER = re.compile(r"<[a-z_]+>")
@@ -219,7 +229,7 @@ def _pattern_regex(pattern: Metric) -> re.Pattern[str]:
     return re.compile(re.escape(prefix) + r"(.+)" + re.escape(suffix))
 
 
-_PATTERN_RES = tuple((_pattern_regex(p), p) for p in PATTERNS)
+_PATTERN_RES = tuple((_pattern_regex(p), p) for p in (*PATTERNS, EVAL_CATEGORY))
 
 
 class UnknownMetricError(KeyError):
@@ -253,8 +263,14 @@ def key(name: str) -> str:
     return name
 
 
+def is_breakdown_key(name: str) -> bool:
+    """Whether an evaluation reward's breakdown may write ``name``: ``eval_reward_<category>_mean``
+    or one of the exact keys declared for a breakdown (``SHAPES_EVAL_KEYS``)."""
+    return name in SHAPES_EVAL_KEYS or lookup(name) is EVAL_CATEGORY
+
+
 def undeclared(keys: Iterable[str]) -> list[str]:
-    """The keys (sorted) that neither METRICS nor PATTERNS declare."""
+    """The keys (sorted) that neither METRICS nor PATTERNS nor EVAL_CATEGORY declare."""
     return sorted({k for k in keys if lookup(k) is None})
 
 
@@ -326,7 +342,7 @@ def markdown_table() -> str:
         "| key | meaning | over processes | over epochs | better | present |",
         "|---|---|---|---|---|---|",
     ]
-    for m in (*METRICS.values(), *PATTERNS):
+    for m in (*METRICS.values(), *PATTERNS, EVAL_CATEGORY):
         meaning = m.meaning.replace("|", "\\|")  # |A| must not end the table cell
         lines.append(
             f"| `{m.key}` | {meaning} | {m.processes} | {m.epochs or ''} | {_better(m)} "

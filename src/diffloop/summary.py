@@ -1,5 +1,6 @@
-"""What a person reads at the end of a run: the held-out verdict (base -> trained, and for the
-shapes world per attribute and seen / unseen combinations) and the labelled before/after image grid.
+"""What a person reads at the end of a run: the held-out verdict (base -> trained, and the
+evaluation reward's breakdown when it offers one: ``diffloop.rewards.breakdown``) and the labelled
+before/after image grid.
 
 The grid, ``eval/before_after.png``: the base model's held-out images on the left, the last
 evaluation's on the right (same prompts, same noise), each image's score under it. Its rows are
@@ -14,7 +15,7 @@ import contextlib
 import json
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,20 +23,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffloop.rewards.breakdown import BreakdownSection
+
 
 def summary_lines(
     base: dict[str, Any],
     trained: dict[str, Any],
-    reward: str,
+    label: str,
     source: str,
     num_prompts: int,
     k: int,
-    prompts: list[str],
+    breakdown: Sequence[BreakdownSection] = (),
 ) -> list[str]:
     """The end-of-run verdict from the base (epoch -1) and last evaluation rows: the held-out
-    reward, then whichever per-attribute and seen / unseen means the rows hold
-    (``diffloop.shapes.reward.eval_breakdown``), as base -> trained (difference)."""
-    label = "binding reward" if reward == "shapes_binding" else f"{reward} reward"
+    reward (named ``label``: ``rewards.breakdown.summary_label``), then each section of the
+    reward's ``breakdown`` (``rewards.breakdown.summary_sections``) that the base row has a key
+    of, as base -> trained (difference)."""
     verdict = (f"{label} on held-out prompts: base {base['eval_reward_mean']:.4f} -> trained "
                f"{trained['eval_reward_mean']:.4f} ({source}, {num_prompts} prompts x "
                f"{k} images)")  # fmt: skip
@@ -47,18 +50,10 @@ def summary_lines(
         b, t = base[key], trained[key]
         return f"    {name:<30} base {b:.4f} -> trained {t:.4f} ({t - b:+.4f})"
 
-    if any(key.startswith("eval_binding_") for key in base):
-        lines.append("  per attribute (the matched object is there and has the named attribute):")
-        lines += [change(f"eval_binding_{a}_mean", a) for a in ("colour", "shape", "texture")]
-    if "eval_reward_seen_mean" in base or "eval_reward_unseen_mean" in base:
-        from diffloop.shapes.world import uses_unseen_combination
-
-        unseen = sum(uses_unseen_combination(p) for p in prompts)
-        lines.append("  by combination (binding reward):")
-        lines.append(change("eval_reward_seen_mean", f"seen ({len(prompts) - unseen} prompts)"))
-        lines.append(change("eval_reward_unseen_mean", f"unseen ({unseen} prompts)")
-                     + ("" if unseen
-                        else ": no eval prompt names a held-out combination"))  # fmt: skip
+    for section in breakdown:
+        if any(row.key in base for row in section.rows):
+            lines.append(f"  {section.heading}")
+            lines += [change(row.key, row.label) + row.note for row in section.rows]
     return lines
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -121,9 +122,8 @@ ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
 class SDXLConfig:
     """SDXL-only settings (read by ``diffloop.policies.sdxl``; ignored for other families)."""
 
-    resolution: int | None = num(None, ge=64)
-    """Image side in pixels (a multiple of 8); null: the UNet's sample_size x 8 (1024 for base
-    1.0)."""
+    resolution: int | None = num(None, ge=8)
+    """Deprecated: ``model.resolution`` (an old config's value moves there, with a warning)."""
     original_size: list[int] | None = None
     """(height, width) micro-conditioning time id; null: (resolution, resolution), as diffusers."""
     crops_coords_top_left: list[int] = field(default_factory=lambda: [0, 0])
@@ -170,16 +170,34 @@ class ModelConfig:
     """DDIMScheduler settings over the model's own scheduler config (``{set_alpha_to_one: false}``);
     a non-DDIM config is converted with set_alpha_to_one and clip_sample false (logged)."""
     sdxl: SDXLConfig = field(default_factory=SDXLConfig)
-    """SDXL micro-conditioning, resolution and VAE (used when model.pretrained is an SDXL
-    pipeline)."""
+    """SDXL micro-conditioning and VAE (used when model.pretrained is an SDXL pipeline)."""
     resolution: int | None = num(None, ge=8)
-    """Flow-matching models (SD3, FLUX): square image side in pixels (Flow-GRPO trains SD3.5 at
-    512); null = the transformer's sample_size x the VAE's downsampling factor (FLUX, whose
-    transformer has none: the VAE's sample_size, 1024 for FLUX.1, FluxPipeline's default)."""
+    """Square image side in pixels, every family (a multiple of the VAE's downsampling x the
+    denoiser's patch size; Flow-GRPO trains SD3.5 at 512); null = the denoiser's sample_size x the
+    VAE's downsampling factor (1024 for SDXL base; FLUX, whose transformer has none: the VAE's
+    sample_size, 1024 for FLUX.1, FluxPipeline's default)."""
     flux: FluxConfig = field(default_factory=FluxConfig)
     """FLUX.1's T5 length (used when model.pretrained is a FluxPipeline)."""
     sd3: SD3Config = field(default_factory=SD3Config)
     """SD3's T5 length (used when model.pretrained is a StableDiffusion3Pipeline)."""
+
+    def __post_init__(self) -> None:
+        """The deprecated ``model.sdxl.resolution`` (in its range) moves to ``model.resolution``
+        (one warning line); both set to different values is a ConfigError."""
+        old = self.sdxl.resolution
+        declared = {f.name: f for f in dataclasses.fields(SDXLConfig)}["resolution"]
+        if old is None or not declared.metadata["range"].contains(old):
+            return  # out of its range: validate() refuses it in the field's own words
+        if self.resolution is not None and self.resolution != old:
+            raise ConfigError(
+                f"model.sdxl.resolution={old} and model.resolution={self.resolution} differ: "
+                "model.sdxl.resolution is deprecated, set only model.resolution"
+            )
+        logging.getLogger(__name__).warning(
+            "model.sdxl.resolution is deprecated: use model.resolution=%d (read as that)", old
+        )
+        self.resolution = old
+        self.sdxl = dataclasses.replace(self.sdxl, resolution=None)
 
 
 @dataclass

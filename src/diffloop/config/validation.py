@@ -387,11 +387,8 @@ def _validate_hub(hub: HubConfig) -> None:
 
 
 def _validate_sdxl(x: SDXLConfig) -> None:
-    require(
-        x.resolution is None or (x.resolution >= 64 and x.resolution % 8 == 0),
-        f"model.sdxl.resolution={x.resolution} must be a multiple of 8 (the VAE's "
-        "factor), >= 64, or null",
-    )
+    # x.resolution (deprecated) was moved to model.resolution when the config was built, and the
+    # policy checks that against the VAE it loads.
     for name in ("original_size", "crops_coords_top_left", "target_size"):
         value = getattr(x, name)
         require(

@@ -1,5 +1,6 @@
 """The LoRA files of an export: the diffusers file, written through the policy's diffusers loader
-mixin, and the family's copy for other tools (kohya keys, or ComfyUI's), with the adapter they hold.
+mixin (``diffloop.policies.lora.save_lora``), and the family's copy for other tools (kohya keys, or
+ComfyUI's), with the adapter they hold.
 
 A policy names its loader mixin class of ``diffusers.loaders`` (``lora_loader``) and the attribute
 of its adapted module (``lora_component``, also the mixin's key prefix); nothing here imports a
@@ -26,55 +27,15 @@ import torch
 from diffloop.config import Config
 from diffloop.export.errors import ExportError
 from diffloop.export.sgm_names import sgm_module_name
+from diffloop.policies.lora import (  # the diffusers file is the policy's own
+    LORA_WEIGHT_NAME,
+    lora_loader,  # noqa: F401 (re-exported)
+    lora_module,
+    peft_config,
+    save_lora,  # noqa: F401 (re-exported)
+)
 
 logger = logging.getLogger(__name__)
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-
-
-def lora_module(policy: Any) -> torch.nn.Module:
-    """The adapted module of ``policy`` (``policy.lora_component``: its unet or transformer)."""
-    return getattr(policy, policy.lora_component)
-
-
-def lora_loader(policy: Any) -> type:
-    """The diffusers loader mixin class named by ``policy.lora_loader`` (classmethods only: no
-    pipeline is built)."""
-    import diffusers.loaders
-
-    return getattr(diffusers.loaders, policy.lora_loader)
-
-
-def peft_config(module: torch.nn.Module) -> Any:
-    """The peft LoraConfig of the module's (single, "default") adapter."""
-    return module.peft_config["default"]
-
-
-def save_lora(policy: Any, directory: str | Path) -> Path:
-    """Write the policy's adapter as ``directory/pytorch_lora_weights.safetensors`` through its
-    loader mixin's ``save_lora_weights``, with the peft config as metadata (without it diffusers
-    reloads with peft's default lora_alpha = 8). Returns the file."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    module, prefix = lora_module(policy), policy.lora_component
-    layers = get_peft_model_state_dict(module)
-    if prefix == "unet":
-        # UNet LoRAs in diffusers' own key names (as its SD / SDXL training scripts write them); the
-        # transformer families keep peft's names, as diffusers' SD3 / FLUX scripts do (the converter
-        # would rename lora_A to the legacy lora.down there).
-        layers = convert_state_dict_to_diffusers(layers)
-    lora_loader(policy).save_lora_weights(
-        save_directory=str(directory),
-        **{
-            f"{prefix}_lora_layers": layers,
-            f"{prefix}_lora_adapter_metadata": peft_config(module).to_dict(),
-        },
-        weight_name=LORA_WEIGHT_NAME,
-        safe_serialization=True,
-    )
-    return Path(directory) / LORA_WEIGHT_NAME
-
 
 # --------------------------------------------------------------------------- copies for other tools
 

@@ -22,7 +22,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from diffloop.config import cfg_evaluations_per_step
 from diffloop.errors import DiffloopError
 
 
@@ -84,7 +83,8 @@ class Trajectories:
 class DiffusionPolicy(Protocol):
     """The only thing the trainer and the tools (``diffloop.loops``) call on a model.
 
-    See ``diffloop.policies.diffusers_policy`` for the DDIM implementation (SD 1.x/2.x, shapes).
+    Every family implements it on ``diffloop.policies.denoiser.DenoiserPolicy`` (the DDIM one for
+    SD 1.x/2.x and the shapes model: ``diffloop.policies.diffusers_policy``).
     Log-probabilities are not computed by the policy: ``diffloop.loops.transition_log_prob`` applies
     ``diffloop.core.gaussian_log_prob`` (reduced by ``logprob_reduction``) to the Gaussian that
     ``step_distribution`` returns, and ``sample`` must record its log-probs with that same function
@@ -100,16 +100,9 @@ class DiffusionPolicy(Protocol):
     logprob_reduction: str
     """"mean" or "sum" over latent elements (``train.logprob_reduction``)."""
 
-    def sample(
-        self,
-        prompts: list[str],
-        generators: list[torch.Generator],
-        *,
-        num_steps: int,
-        eta: float,
-        guidance_scale: float,
-        negative_prompt: str,
-    ) -> Trajectories:
+    def sample(self, prompts: list[str], generators: list[torch.Generator], *,
+               num_steps: int, eta: float, guidance_scale: float,
+               negative_prompt: str) -> Trajectories:  # fmt: skip
         """Sample one trajectory per prompt, recording every step's log-prob; generator i drives
         every random draw of sample i, so a sample does not depend on which other samples share its
         batch or process."""
@@ -169,75 +162,6 @@ class DiffusionPolicy(Protocol):
 
 class CheckpointMismatchError(DiffloopError, ValueError):
     """A checkpoint's trainable tensors are not this model's (names or shapes differ)."""
-
-
-class TrainableDenoiser:
-    """The parameter side of a policy, shared by every family: the trainable parameters of the
-    denoiser (``getattr(self, self.lora_component)``: the UNet or the transformer), their state,
-    train/eval mode, and the reference model (LoRA disabled, so no second copy in memory)."""
-
-    lora_component: str = "unet"
-    lora_config: object | None = None
-    guidance_distilled: bool = False
-    """The guidance scale is a model input (FLUX.1-dev), not a second, unconditional branch."""
-
-    def evaluations_per_step(self, guidance_scale: float) -> int:
-        """``config.cfg_evaluations_per_step``, or 1 for a guidance-distilled model."""
-        return 1 if self.guidance_distilled else cfg_evaluations_per_step(guidance_scale)
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return getattr(self, self.lora_component)
-
-    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.denoiser.named_parameters() if p.requires_grad}
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.named_trainable_parameters().values())
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.named_trainable_parameters().items()}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy ``state`` into the trainable parameters; CheckpointMismatchError (one line) when
-        its names or shapes are not this model's (another run's checkpoint, other lora.*
-        settings)."""
-        params = self.named_trainable_parameters()
-        missing, unexpected = set(params) - set(state), set(state) - set(params)
-        if missing or unexpected:
-            raise CheckpointMismatchError(
-                f"checkpoint does not match the model: {len(missing)} missing and "
-                f"{len(unexpected)} "
-                f"unexpected parameters (e.g. {sorted(missing or unexpected)[:3]}); "
-                "was it written with "
-                "other lora.* or model.* settings?"
-            )
-        reshaped = [n for n, p in params.items() if state[n].shape != p.shape]
-        if reshaped:
-            name = reshaped[0]
-            raise CheckpointMismatchError(
-                f"checkpoint does not match the model: {len(reshaped)} parameters have "
-                "other shapes "
-                f"(e.g. {name}: {tuple(state[name].shape)} in the checkpoint, "
-                f"{tuple(params[name].shape)} here); was it written with another lora.rank?"
-            )
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state[name].to(p.device, p.dtype))
-
-    def train(self, mode: bool = True) -> None:
-        self.denoiser.train(mode)
-
-    @contextlib.contextmanager
-    def reference(self):
-        """The base model: LoRA adapters disabled (no second denoiser copy in memory)."""
-        if self.lora_config is None:
-            raise NotImplementedError("a reference model needs LoRA (lora.enabled=true)")
-        self.denoiser.disable_adapters()
-        try:
-            yield
-        finally:
-            self.denoiser.enable_adapters()
 
 
 def iter_chunks(n: int, size: int) -> Iterator[slice]:

@@ -3,10 +3,13 @@
 ``model_index.json``'s ``_class_name`` (the pipeline diffusers would load) names the family (a
 class no family answers to is an error naming the supported ones, never a guess); each family is a
 row of ``FAMILIES``: the pipeline class-name prefix it answers to, the loader that builds its
-policy, and its diffusers layout (component folders, pipeline class, a hub repository), from which
-:func:`how_to_provide` writes every loader's "what model.pretrained must be" and
-:func:`check_local_model` checks a local directory before anything loads (``check-config``).
-Loaders are imported only when used, so reading this table costs nothing.
+policy, and its diffusers layout, a table of :class:`~diffloop.policies.loading.Component` (folder,
+class, optional or not, a ``model.*`` field that may replace it), from which the one loader
+(``loading.load_components``) loads every family, :func:`how_to_provide` writes every "what
+model.pretrained must be" and :func:`check_local_model` checks a local directory before anything
+loads (``check-config``). :func:`locate` finds a model's files and reads its model_index.json once
+for all of it. Loaders and component classes are imported only when used, so reading this table
+costs nothing.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ from typing import Any
 
 from diffloop.config import ConfigError, LoraConfig, ModelConfig
 from diffloop.policies.loading import (
+    Component,
+    ModelFiles,
     ModelLoadError,
+    listed,
     locate_model,
     looks_local,
+    read_model_index,
     resolve_pretrained,
 )
 
@@ -32,65 +39,85 @@ class Family:
     pipeline_prefix: str
     """``_class_name`` prefix of the family's diffusers pipelines."""
     loader: str
-    """``module:function`` with signature (model, lora, **policy kwargs) -> policy."""
+    """``module:function`` with signature (model, lora, *, files=None, **policy kwargs) ->
+    policy."""
     marker_folder: str | None = None
     """A component folder that identifies the family in a directory without model_index.json."""
     label: str = ""
     """What a model of the family is, in messages ("an SDXL pipeline")."""
     pipeline_class: str = ""
-    """The diffusers pipeline whose ``save_pretrained`` writes the family's layout."""
-    components: tuple[str, ...] = ()
-    """The component folders a local directory of the family must hold, as "folder/ (what)"."""
-    optional: str = ""
-    """The folders it may hold, and what their absence means (for messages)."""
+    """The diffusers pipeline whose ``save_pretrained`` writes the family's layout (and the full
+    export)."""
+    components: tuple[Component, ...] = ()
+    """The family's components, in the pipeline's order: what the loader reads and a local
+    directory must hold."""
+    optional_note: str = ""
+    """The optional folders and what their absence means (for messages)."""
     repo: str = "<repo>"
     """A hub repository of the family, for the ``hf download`` example."""
     repo_note: str = ""
     """What to know about ``repo`` (a gated repository), or ""."""
     transformer_class: str | None = None
     """``transformer/config.json``'s ``_class_name``: tells the family without model_index.json."""
-    listed_optional: tuple[str, ...] = ()
-    """Optional folders that are required when model_index.json lists them (not [null, null])."""
     flow_matching: bool = False
     """A flow-matching model (its policy is a ``FlowMatchPolicy``), not a DDIM one."""
 
     def folders(self) -> list[str]:
-        """The required component folder names (``components`` without "/" and notes)."""
-        return [c.split("/")[0] for c in self.components]
+        """The required component folder names."""
+        return [c.name for c in self.components if not c.optional]
 
+
+def _c(name: str, cls: str, note: str = "", **kwargs: Any) -> Component:
+    return Component(name, cls, note, **kwargs)
+
+
+_UNET, _VAE = "diffusers.UNet2DConditionModel", "diffusers.AutoencoderKL"
+_CLIP, _CLIP_PROJ = "transformers.CLIPTextModel", "transformers.CLIPTextModelWithProjection"
+_T5, _TOK = "transformers.T5EncoderModel", "transformers.AutoTokenizer"
+_DDIM, _FLOW = "diffusers.DDIMScheduler", "diffusers.FlowMatchEulerDiscreteScheduler"
+_REFINER = "an SDXL refiner has no text_encoder/: it is img2img; use a base model"
 
 # Longest prefix first: StableDiffusionXL* and StableDiffusion3* before StableDiffusion*.
 FAMILIES: tuple[Family, ...] = (
     Family(
         "sdxl", "StableDiffusionXL", "diffloop.policies.sdxl:load_sdxl_policy", "text_encoder_2",
         label="an SDXL pipeline", pipeline_class="StableDiffusionXLPipeline",
-        components=("unet/", "text_encoder/ (CLIP-L)", "text_encoder_2/ (OpenCLIP bigG)",
-                    "tokenizer/", "tokenizer_2/", "scheduler/", "vae/"),
+        components=(_c("unet", _UNET), _c("text_encoder", _CLIP, "CLIP-L", missing_note=_REFINER),
+                    _c("text_encoder_2", _CLIP_PROJ, "OpenCLIP bigG"), _c("tokenizer", _TOK),
+                    _c("tokenizer_2", _TOK), _c("scheduler", _DDIM),
+                    _c("vae", _VAE, override="sdxl.vae")),
         repo="stabilityai/stable-diffusion-xl-base-1.0",
     ),
     Family(
         "sd3", "StableDiffusion3", "diffloop.policies.sd3:load_sd3_policy",
         label="an SD3 / SD3.5 pipeline", pipeline_class="StableDiffusion3Pipeline",
-        components=("transformer/", "text_encoder/ (CLIP-L)", "text_encoder_2/ (CLIP-G)",
-                    "tokenizer/", "tokenizer_2/", "scheduler/", "vae/"),
-        optional="optionally text_encoder_3/ + tokenizer_3/ (T5; both as [null, null] in "
+        components=(_c("transformer", "diffusers.SD3Transformer2DModel"),
+                    _c("text_encoder", _CLIP_PROJ, "CLIP-L"),
+                    _c("text_encoder_2", _CLIP_PROJ, "CLIP-G"),
+                    _c("text_encoder_3", _T5, "T5", optional="T5"), _c("tokenizer", _TOK),
+                    _c("tokenizer_2", _TOK), _c("tokenizer_3", _TOK, optional="T5"),
+                    _c("scheduler", _FLOW), _c("vae", _VAE)),
+        optional_note="optionally text_encoder_3/ + tokenizer_3/ (T5; both as [null, null] in "
         "model_index.json runs without it)",
         repo="stabilityai/stable-diffusion-3.5-medium", transformer_class="SD3Transformer2DModel",
-        listed_optional=("text_encoder_3", "tokenizer_3"), flow_matching=True,
+        flow_matching=True,
     ),
     Family(
         "flux", "Flux", "diffloop.policies.flux:load_flux_policy",
         label="a FLUX.1 pipeline", pipeline_class="FluxPipeline",
-        components=("transformer/", "text_encoder/ (CLIP-L)", "text_encoder_2/ (T5-XXL)",
-                    "tokenizer/ (CLIP)", "tokenizer_2/ (T5)", "scheduler/", "vae/"),
+        components=(_c("transformer", "diffusers.FluxTransformer2DModel"),
+                    _c("text_encoder", _CLIP, "CLIP-L"), _c("text_encoder_2", _T5, "T5-XXL"),
+                    _c("tokenizer", _TOK, "CLIP"), _c("tokenizer_2", _TOK, "T5"),
+                    _c("scheduler", _FLOW), _c("vae", _VAE)),
         repo="black-forest-labs/FLUX.1-dev", repo_note="a gated repository: accept its license "
         "on the Hub first", transformer_class="FluxTransformer2DModel", flow_matching=True,
     ),
     Family(
         "sd", "StableDiffusion", "diffloop.policies.diffusers_policy:load_ddim_policy",
         label="a Stable Diffusion 1.x / 2.x pipeline", pipeline_class="StableDiffusionPipeline",
-        components=("unet/", "text_encoder/", "tokenizer/", "scheduler/"),
-        optional="vae/ for latent models (none: pixel space, as diffloop's shapes model)",
+        components=(_c("unet", _UNET), _c("text_encoder", _CLIP), _c("tokenizer", _TOK),
+                    _c("scheduler", _DDIM), _c("vae", _VAE, optional="VAE")),
+        optional_note="vae/ for latent models (none: pixel space, as diffloop's shapes model)",
     ),
 )  # fmt: skip
 DEFAULT_FAMILY = "sd"  # diffloop's shapes model and SD-layout directories without an index
@@ -110,8 +137,11 @@ def how_to_provide(family_name: str, pretrained: str) -> str:
     component folders), how to write or download one, or a cached hub id. The loaders' messages
     about a missing or unreadable model end with it."""
     f = family(family_name)
+    required = [
+        f"{c.name}/" + f" ({c.note})" * bool(c.note) for c in f.components if not c.optional
+    ]
     folders = ", ".join(
-        ["model_index.json", *f.components] + [f"and {f.optional}"] * bool(f.optional)
+        ["model_index.json", *required] + [f"and {f.optional_note}"] * bool(f.optional_note)
     )
     note = f" ({f.repo_note})" if f.repo_note else ""
     return (
@@ -126,29 +156,7 @@ def model_index(pretrained: str, revision: str | None = None) -> dict[str, Any] 
     """model_index.json of a local directory or hub id; None for a local path without one (the
     family's loader then names what is missing). A hub id is read from the cache, else from the
     hub once it answered (``loading.locate_model``: an unreachable hub is a one-line error)."""
-    path = locate_model(pretrained, revision)
-    if looks_local(path):
-        index = Path(path) / "model_index.json"
-        if not index.is_file():
-            return None
-        try:
-            return dict(json.loads(index.read_text()))
-        except (ValueError, TypeError, OSError) as e:
-            raise ModelLoadError(
-                f"model.pretrained='{pretrained}': {index} is not a readable JSON mapping "
-                f"({type(e).__name__}: {e}); restore it from the model's source"
-            ) from None
-    from diffusers import DiffusionPipeline
-
-    try:
-        return dict(DiffusionPipeline.load_config(path, revision=revision))
-    except Exception as e:  # any failure: re-raised with the how-to, for every family
-        raise ModelLoadError(
-            f"could not read model_index.json of model.pretrained='{pretrained}': "
-            f"{type(e).__name__}: {e}\nGive a local directory in diffusers layout or a hub id that "
-            "is already in the Hugging Face cache (`hf download <repo>`; HF_HUB_OFFLINE=1 forbids "
-            "downloads)."
-        ) from e
+    return read_model_index(locate_model(pretrained, revision), pretrained, revision)
 
 
 def detect_family(pretrained: str, revision: str | None = None) -> str:
@@ -156,16 +164,22 @@ def detect_family(pretrained: str, revision: str | None = None) -> str:
     with (UnknownFamilyError, naming the supported ones, if none does); a local directory without
     model_index.json is told by its transformer's class or a marker folder (else the default);
     a missing local path is the default family, whose loader reports it."""
-    index = model_index(pretrained, revision)
-    if index is None:
-        return _family_without_index(Path(resolve_pretrained(pretrained)))
-    class_name = str(index.get("_class_name", ""))
+    path = locate_model(pretrained, revision)
+    return family_of(ModelFiles(pretrained, path, read_model_index(path, pretrained, revision)))
+
+
+def family_of(files: ModelFiles) -> str:
+    """The family of the model whose files and model_index.json ``files`` holds
+    (``detect_family``)."""
+    if files.index is None:
+        return _family_without_index(Path(files.path))
+    class_name = str(files.index.get("_class_name", ""))
     for f in FAMILIES:
         if class_name.startswith(f.pipeline_prefix):
             return f.name
     supported = ", ".join(f"{f.pipeline_prefix}* ({f.label.split(' ', 1)[1]})" for f in FAMILIES)
     raise UnknownFamilyError(
-        f"model.pretrained='{pretrained}': its model_index.json names the pipeline class "
+        f"model.pretrained='{files.pretrained}': its model_index.json names the pipeline class "
         f"'{class_name or '(no _class_name)'}', which diffloop does not support; supported "
         f"pipelines: {supported}. Give a model of one of these families"
     )
@@ -209,11 +223,11 @@ def check_local_model(model: ModelConfig) -> Family | None:
             "(org/name)"
         )
     try:
-        f = family(detect_family(model.pretrained, model.revision))
-        index = model_index(model.pretrained, model.revision) or {}
+        files = ModelFiles(model.pretrained, path, read_model_index(path, model.pretrained))
+        f = family(family_of(files))
     except ModelLoadError as e:
         raise ConfigError(str(e)) from None
-    missing = [c + "/" for c in required_folders(f, index, model) if not (local / c).is_dir()]
+    missing = [c + "/" for c in required_folders(f, files, model) if not (local / c).is_dir()]
     if missing:
         raise ConfigError(
             f"'{local}' lacks the component folder(s) {', '.join(missing)}. "
@@ -222,47 +236,40 @@ def check_local_model(model: ModelConfig) -> Family | None:
     return f
 
 
-def required_folders(
-    f: Family, index: dict[str, Any], model: ModelConfig, listed: tuple[str, ...] = ()
-) -> list[str]:
-    """The component folders the family's loader reads for ``model``: the family's own, the
-    optional ones model_index.json lists (SD3's T5, and ``listed``), less SDXL's vae/ when
-    model.sdxl.vae replaces it."""
-    optional = [*f.listed_optional, *listed]
-    required = [*f.folders(), *(c for c in optional if (index.get(c) or [None])[0] is not None)]
+def required_folders(f: Family, files: ModelFiles, model: ModelConfig) -> list[str]:
+    """The component folders the family's loader reads for ``model``: every required one and each
+    optional one model_index.json lists (``loading.present``), less those a ``model.*`` field
+    replaces (SDXL's vae/ with model.sdxl.vae)."""
     return [
-        c
-        for c in dict.fromkeys(required)
-        if not (f.name == "sdxl" and c == "vae" and model.sdxl.vae)
+        c.name
+        for c in f.components
+        if (not c.optional or listed(files.index, c.name)) and not c.override_value(model)
     ]
 
 
-def _missing_in_cache(snapshot: Path, model: ModelConfig) -> list[str]:
-    """The folders a cached snapshot of ``model.pretrained`` lacks among those its loader reads (a
-    listed vae/ too: SD's loader reads a directory without one as pixel space)."""
-    index = model_index(str(snapshot)) or {}
-    f = family(detect_family(str(snapshot)))
-    return [
-        c + "/" for c in required_folders(f, index, model, ("vae",)) if not (snapshot / c).is_dir()
-    ]
+def locate(model: ModelConfig) -> ModelFiles:
+    """Where the loaders read ``model.pretrained`` (at model.revision), with its model_index.json,
+    read once: a local directory as given; a hub id's cached snapshot when it holds every folder
+    the loader reads (the hub is not asked), else the hub id once the hub answered; an offline or
+    unreachable hub, or its refusal, is a one-line HubUnavailableError
+    (``loading.locate_model``)."""
+    read: dict[str, dict[str, Any] | None] = {}
 
+    def lacks(snapshot: Path) -> list[str]:
+        here = str(snapshot)
+        files = ModelFiles(model.pretrained, here, read_model_index(here, model.pretrained))
+        read[here] = files.index
+        f = family(family_of(files))
+        return [c + "/" for c in required_folders(f, files, model) if not (snapshot / c).is_dir()]
 
-def model_path(model: ModelConfig) -> str:
-    """Where the loaders read ``model.pretrained`` (at model.revision): a local directory as
-    given, a hub id's cached snapshot when it holds every folder the loader reads (the hub is not
-    asked), else the hub id once the hub answered; an offline or unreachable hub, or its refusal,
-    is a one-line HubUnavailableError (``loading.locate_model``)."""
-    return locate_model(
-        model.pretrained,
-        model.revision,
-        missing=lambda snapshot: _missing_in_cache(snapshot, model),
-    )
+    path = locate_model(model.pretrained, model.revision, missing=lacks)
+    index = read[path] if path in read else read_model_index(path, model.pretrained, model.revision)
+    return ModelFiles(model.pretrained, path, index)
 
 
 def load_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any):
     """The policy for ``model.pretrained``, built by its family's loader (``kwargs``: device,
     weight_dtype, logprob_reduction, gradient_checkpointing, performance, sample)."""
-    name = detect_family(model.pretrained, model.revision)
-    family = next(f for f in FAMILIES if f.name == name)
-    module, function = family.loader.split(":")
-    return getattr(importlib.import_module(module), function)(model, lora, **kwargs)
+    files = locate(model)
+    module, function = family(family_of(files)).loader.split(":")
+    return getattr(importlib.import_module(module), function)(model, lora, files=files, **kwargs)

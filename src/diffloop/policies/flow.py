@@ -1,22 +1,26 @@
-"""Flow-matching transformers as Gaussian policies: what SD3 / SD3.5 and FLUX share.
+"""Flow-matching transformers as Gaussian policies: the sampler SD3 / SD3.5 and FLUX share.
 
-``FlowMatchPolicy`` owns the sampler, the training step's Gaussian, parameters (LoRA via peft on
-the transformer, or full fine-tuning), the reference model, checkpoints and export; a family
-(``policies.sd3.SD3Policy``, ``policies.flux``) supplies only its conditioning and model call
-through the hooks in the "family hooks" section.
+``FlowMatchPolicy`` (on ``DenoiserPolicy``, which owns loading, freezing, LoRA, the reference model,
+CFG, decoding and export) owns the flow sampler and the training step's Gaussian; a family
+(``policies.sd3.SD3Policy``, ``policies.flux``) supplies its conditioning and whatever differs
+through the hooks of the "family hooks" section: the transformer's timestep (``model_timestep``)
+and output sign (``output_sign``), position ids (``position_kwargs``), the guidance embedding's
+input (``guidance_kwargs``), latent packing (``pack`` / ``unpack``, ``pack_factor``) and the
+schedule (``set_timesteps``; ``set_shifted_timesteps`` is the mu-shifted one of FLUX-style
+pipelines).
 
 Sampling (``diffloop.core.flow``): sigmas s_0 = 1 > ... > s_T = 0 from the family's scheduler;
-each step j takes the velocity v = model(x, t_j) (CFG or guidance embedding per family) and
+each step j takes the velocity v = sign x model(x, t_j) (CFG or guidance embedding per family) and
 
     window steps:   x' = flow_sde_step_with_logprob(v, x, s_j, s_{j+1}, noise_level=eta, sde_type)
     other steps:    x' = x + (s_{j+1} - s_j) v          (ODE: no density, never trained)
 
 The window (``sample.sde_window``) is [start, length] consecutive steps, or [first, last, length]
 with each sample's start drawn uniformly in [first, last] from its own generator (Flow-GRPO-Fast's
-random window); default every step but the
-last (s_T = 0: CPS's std is 0 there, and Flow-GRPO never trains it). eta = 0 (evaluation) makes
-every step an ODE step and computes no density: the stored window then has NaN log-probs, and a
-window that does not fit num_steps (an evaluation at fewer steps) is not stored (W = 0).
+random window); default every step but the last (s_T = 0: CPS's std is 0 there, and Flow-GRPO never
+trains it). eta = 0 (evaluation) makes every step an ODE step and computes no density: the stored
+window then has NaN log-probs, and a window that does not fit num_steps (an evaluation at fewer
+steps) is not stored (W = 0).
 
 Evaluation: ``eval_num_steps`` / ``eval_eta`` are the family's conventional evaluation sampler
 (``eval.num_steps`` / ``eval.eta`` null); a family following Flow-GRPO sets 40 / 28 steps at noise
@@ -35,24 +39,15 @@ float32.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import math
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SampleConfig
+from diffloop.config import ConfigError
 from diffloop.core import flow_grpo_std_dev, flow_sde_step_with_logprob, flow_step_mean_std
-from diffloop.policies.base import TrainableDenoiser, Trajectories, iter_chunks
-from diffloop.policies.diffusers_policy import (
-    ModelLoadError,
-    cast_frozen,
-    cat_branches,
-)
-
-logger = logging.getLogger(__name__)
+from diffloop.policies.base import Trajectories
+from diffloop.policies.denoiser import Branches, DenoiserPolicy, cat_branches, first_bad_step
 
 # Attention projections (image and text stream) of a joint transformer block: Flow-GRPO's LoRA
 # targets (scripts/train_sd3.py); diffloop adds the feed-forward projections (FLUX's Flow-GRPO run
@@ -64,219 +59,162 @@ ATTENTION_TARGETS = [
 FEED_FORWARD_TARGETS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
 
-def load_components(
-    model: ModelConfig,
-    loaders: dict[str, Any],
-    how_to_provide: str,
-    optional: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """Load each ``loaders[name](path)`` from ``model.pretrained`` (hub id or local directory).
-
-    A local directory must have a folder for every component except those in ``optional`` that its
-    model_index.json lists as [null, null] or omits (those come back None). Raises ModelLoadError
-    naming the missing or broken component, and ``how_to_provide``."""
-    from diffloop.policies.families import looks_local, model_index, model_path
-
-    path = model_path(model)  # a hub id: its cached snapshot, or the id once the hub answered
-    local = Path(path)
-    if looks_local(path) and not local.is_dir():
-        raise ModelLoadError(f"no directory at '{path}'. {how_to_provide}")
-    index = model_index(model.pretrained, model.revision) or {}
-    absent = {c for c in optional if (index.get(c) or [None])[0] is None}
-    wanted = [c for c in loaders if c not in absent]
-    if local.is_dir():
-        missing = [c for c in wanted if not (local / c).is_dir()]
-        if missing:
-            listed = [c for c in missing if c in optional]
-            hint = (
-                f" ({', '.join(listed)} is optional: write it as [null, null] in model_index.json "
-                "to run without it)"
-                if listed
-                else ""
-            )
-            raise ModelLoadError(
-                f"'{path}' lacks the component folder(s) {', '.join(m + '/' for m in missing)}"
-                f"{hint}. {how_to_provide}"
-            )
-    components: dict[str, Any] = {c: None for c in absent}
-    for name in wanted:
-        try:
-            components[name] = loaders[name](path)
-        except Exception as e:  # every loader failure gets the same how-to
-            raise ModelLoadError(
-                f"could not load the {name} of model.pretrained='{model.pretrained}' (looked in "
-                f"'{path}', {name}/): {type(e).__name__}: {e}\n{how_to_provide}"
-            ) from e
-    return components
-
-
 class DenoiserView(torch.nn.Module):
     """A family's transformer called like a UNet, ``view(x, t, **conditioning).sample`` with t on
-    the 0-1000 scale, for callers that run the denoiser directly (export checks, FLOP counts)."""
+    the scheduler's 0-1000 scale, for callers that run the denoiser directly (export checks, FLOP
+    counts): the transformer sees t x ``timestep_scale``, or ``timestep(t)`` when given (the
+    policy's ``model_timestep``), and its output is multiplied by ``sign``."""
 
-    def __init__(self, transformer: torch.nn.Module, timestep_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        timestep_scale: float = 1.0,
+        *,
+        timestep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sign: float = 1.0,
+    ) -> None:
         super().__init__()
         self.transformer = transformer
         self.timestep_scale = timestep_scale
+        self.timestep = timestep
+        self.sign = sign
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, **conditioning: Any) -> Any:
-        t = torch.as_tensor(timestep, device=x.device).float() * self.timestep_scale
-        return self.transformer(hidden_states=x, timestep=t.expand(len(x)), **conditioning)
+        t = torch.as_tensor(timestep, device=x.device).float().expand(len(x))
+        t = self.timestep(t) if self.timestep is not None else t * self.timestep_scale
+        out = self.transformer(hidden_states=x, timestep=t, **conditioning)
+        if self.sign != 1.0:
+            out.sample = self.sign * out.sample
+        return out
 
 
-class FlowMatchPolicy(TrainableDenoiser):
+def floating_to(kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``kwargs`` with every floating tensor in ``dtype`` (as the pipelines pass position ids)."""
+    return {
+        k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in kwargs.items()
+    }
+
+
+class FlowMatchPolicy(DenoiserPolicy):
     """A flow-matching transformer sampled with the stochastic flow step; LoRA or full fine-tuning.
 
-    Frozen weights live in ``weight_dtype``; trainable parameters are fp32. ``sde_type`` and
-    ``sde_window`` are ``sample.sde_type`` / ``sample.sde_window``. LoRA targets: ``lora.
-    target_modules`` when set, else the family's ``DEFAULT_LORA_TARGETS`` (``lora.target_modules``
-    left at its SD default means "the family's default").
+    Frozen weights live in ``weight_dtype``; trainable parameters are fp32. ``sample``:
+    ``sample.*`` (``sde_type``, ``sde_window``, and ``guidance_scale``, the guidance a direct
+    transformer call gets). LoRA targets: ``lora.target_modules`` when set, else the family's
+    ``DEFAULT_LORA_TARGETS`` (``lora.target_modules`` left at its SD default means "the family's
+    default").
     """
 
-    pipeline_class: Any = None
-    """The diffusers pipeline class (export of a full fine-tune)."""
-    lora_loader: str = ""
-    """The diffusers LoRA loader mixin whose ``save_lora_weights`` writes the adapter
-    (diffloop.export)."""
     lora_component = "transformer"
-    """The adapted module (and the prefix of its keys in the LoRA file)."""
     text_encoder_names: tuple[str, ...] = ()
-    """Component names of the (frozen) text encoders; their tokenizers are kept as given."""
-    DEFAULT_LORA_TARGETS: list[str] = ATTENTION_TARGETS + FEED_FORWARD_TARGETS
-    timestep_scale: float = 1.0
-    """The model timestep is (scheduler timestep, 0-1000) x this (SD3 1; FLUX 1/1000)."""
+    DEFAULT_LORA_TARGETS = ATTENTION_TARGETS + FEED_FORWARD_TARGETS
+    timestep_divisor: float = 1.0
+    """The transformer's timestep is the scheduler's (0-1000) / this (SD3 1; FLUX 1000)."""
+    timestep_in_weight_dtype: bool = False
+    """The pipeline casts the timestep to the latents' (weight) dtype before dividing (FLUX), else
+    it stays float32 (SD3)."""
+    output_sign: float = 1.0
+    """The velocity is this x the transformer's output (a model trained on the reversed flow,
+    such as Z-Image: -1)."""
     eval_num_steps: int | None = None
     """Evaluation steps when ``eval.num_steps`` is null (None: ``sample.num_steps``)."""
     eval_eta: float | None = None
     """Evaluation noise level when ``eval.eta`` is null (None: ``sample.eta``; 0: the ODE)."""
 
-    def __init__(
-        self,
-        components: dict[str, Any],
-        lora: LoraConfig,
-        *,
-        device: torch.device,
-        weight_dtype: torch.dtype = torch.float32,
-        logprob_reduction: str = "mean",
-        gradient_checkpointing: bool = False,
-        performance: PerformanceConfig | None = None,
-        sample: SampleConfig | None = None,
-        resolution: int | None = None,
-    ) -> None:
-        self.device = device
-        self.resolution = resolution
-        self.performance = performance or PerformanceConfig()
-        self._refuse_unsupported(self.performance)
-        self.weight_dtype = weight_dtype
-        self.logprob_reduction = logprob_reduction
-        sample = sample or SampleConfig()
-        self.sde_type = sample.sde_type
-        self.sde_window = None if sample.sde_window is None else tuple(sample.sde_window)
-        self.components = components
-        self.transformer = components["transformer"]
-        self.scheduler = components["scheduler"]
-        self.lora_config = lora if lora.enabled else None
-        for name in self.text_encoder_names:
-            encoder = components.get(name)
-            if encoder is not None:
-                self._freeze(encoder, weight_dtype)
-            setattr(self, name, encoder)
-        self._freeze(self.transformer, weight_dtype)
-        vae = components["vae"]
-        # A force_upcast VAE decodes in fp32 (as the pipelines do); never cast it through fp16.
-        self.vae = self._freeze(vae, torch.float32 if vae.config.force_upcast else weight_dtype)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        multiple = (
-            self.vae_scale_factor
-            * getattr(self.transformer.config, "patch_size", 1)
-            * self.pack_factor
-        )
-        if self.image_size() % multiple:
-            raise ModelLoadError(
-                f"model.resolution={self.image_size()} must be a multiple of {multiple} (the VAE's "
-                "downsampling x the transformer's patch size)"
-            )
-        if self.lora_config is not None:
-            self._add_lora(lora)
-        else:
-            self.transformer.requires_grad_(True)
-        for p in self.trainable_parameters():  # fp16 Adam updates underflow
-            p.data = p.data.float()
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        self.transformer.train()
-        self.unet = DenoiserView(self.transformer, self.timestep_scale)
-        self._num_steps: int | None = None
+    @property
+    def sde_type(self) -> str:
+        """``sample.sde_type``: the stochastic step's kind (sde or cps)."""
+        return self.sample_settings.sde_type
+
+    @property
+    def sde_window(self) -> tuple[int, ...] | None:
+        """``sample.sde_window``: the stochastic, stored steps (None: every step but the last)."""
+        window = self.sample_settings.sde_window
+        return None if window is None else tuple(window)
+
+    @property
+    def guidance_scale(self) -> float:
+        """``sample.guidance_scale``: the guidance a direct transformer call gets."""
+        return self.sample_settings.guidance_scale
+
+    def finish_denoiser(self) -> None:
+        """``self.unet``: the transformer called like a UNet (``DenoiserView``)."""
+        self.unet = DenoiserView(self.transformer, timestep=self.model_timestep,
+                                 sign=self.output_sign)  # fmt: skip
 
     @staticmethod
-    def _refuse_unsupported(perf: PerformanceConfig) -> None:
-        default = PerformanceConfig()
-        names = ("compile", "channels_last", "merge_lora_for_sampling", "attention")
-        bad = [n for n in names if getattr(perf, n) != getattr(default, n)]
-        if bad:
-            raise ValueError(
-                f"performance.{bad[0]}={getattr(perf, bad[0])!r} is not supported for "
-                f"flow-matching models; leave it at {getattr(default, bad[0])!r}"
+    def text_length(
+        configured: int | None, default: int, limit: int, field: str, pipeline: str
+    ) -> int:
+        """Text tokens of the prompt: ``configured`` (``model.<family>.max_sequence_length``) as
+        given when in 1..``limit`` (the pipeline's check_inputs limit; ConfigError otherwise),
+        else ``default``."""
+        if configured is None:
+            return default
+        if not 1 <= configured <= limit:
+            raise ConfigError(
+                f"{field}={configured} must be in 1..{limit} ({pipeline}'s limit); Flow-GRPO "
+                "uses 128"
             )
-
-    def _freeze(self, module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-        """A frozen component: no gradients, eval mode (a model built in code starts in train mode,
-        and T5's dropout would then make the text conditioning random), in ``dtype`` on the device,
-        except the weights transformers keeps in fp32 at that dtype (``cast_frozen``: T5's ``wo``
-        in fp16)."""
-        return cast_frozen(module.requires_grad_(False).eval(), dtype, self.device)
-
-    # ------------------------------------------------------------------ parameters
-
-    def _add_lora(self, lora: LoraConfig) -> None:
-        from peft import LoraConfig as PeftLoraConfig
-
-        targets = list(lora.target_modules)
-        if targets == LoraConfig().target_modules:
-            targets = list(self.DEFAULT_LORA_TARGETS)
-        self.peft_config = PeftLoraConfig(
-            r=lora.rank,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            init_lora_weights="gaussian",
-            target_modules=targets,
-        )
-        try:
-            self.transformer.add_adapter(self.peft_config)
-        except ValueError as e:
-            raise ValueError(
-                f"lora.target_modules={targets} matched no transformer module ({e}); use names "
-                f"such as {', '.join(self.DEFAULT_LORA_TARGETS[:4])}"
-            ) from e
+        return configured
 
     # ------------------------------------------------------------------ family hooks
 
-    def conditioning(
-        self, prompts: list[str], negative_prompt: str
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(prompt_embeds (N, L, D), negative_prompt_embeds (N, L, D), extra {name: (N, ...)}):
-        everything the model call needs, stored with the trajectories and reused exactly."""
-        raise NotImplementedError
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """Scheduler timesteps t (N,), 0-1000 -> the transformer's timestep input:
+        t / ``timestep_divisor``, in the weight dtype where ``timestep_in_weight_dtype``. A family
+        whose model sees another time (Z-Image: (1000 - t) / 1000) overrides this."""
+        t = t.to(self.weight_dtype) if self.timestep_in_weight_dtype else t.float()
+        return t / self.timestep_divisor
 
-    def branch_kwargs(
-        self, embeds: torch.Tensor, extra: dict[str, torch.Tensor], negative: bool
-    ) -> dict[str, Any]:
-        """The transformer's conditioning keyword arguments for one CFG branch."""
-        raise NotImplementedError
+    def position_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Keywords computed per call, not stored: the positions of the image (and text) tokens of
+        a call whose conditioning is ``kwargs`` (FLUX: img_ids, txt_ids; Qwen-Image: img_shapes);
+        floating tensors go in the weight dtype. Default none."""
+        return {}
 
-    pack_factor: int = 1
-    """Side of the latent patches ``pack`` folds into channels (FLUX: 2)."""
+    def guidance_kwargs(self, n: int, guidance_scale: float) -> dict[str, Any]:
+        """The guidance embedding's input for a call on n rows (FLUX.1-dev: ``guidance``). Default
+        none."""
+        return {}
 
-    def image_size(self) -> int:
-        """Square image side (pixels): model.resolution, else sample_size x the VAE factor."""
-        if self.resolution is not None:
-            return self.resolution
-        size = self.transformer.config.sample_size
-        return (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+    def direct_kwargs(self, kwargs: dict[str, Any], n: int) -> dict[str, Any]:
+        """A direct call's keywords: the branch's, positions, guidance at ``sample.guidance``."""
+        extra = {**self.position_kwargs(kwargs), **self.guidance_kwargs(n, self.guidance_scale)}
+        return {**kwargs, **extra}
+
+    def denoise(
+        self, x: torch.Tensor, t: torch.Tensor, branches: Branches, guidance_scale: float, use: str
+    ) -> torch.Tensor:
+        """transformer(x, model_timestep(t), conditioning, positions, guidance) (B, ...): the raw
+        output, before ``output_sign``."""
+        dtype = self.weight_dtype
+        kwargs = cat_branches(branches, dtype)
+        kwargs |= floating_to(self.position_kwargs(kwargs), dtype)
+        kwargs |= self.guidance_kwargs(len(x), guidance_scale)
+        out = self.transformer(
+            hidden_states=x.to(dtype), timestep=self.model_timestep(t), **kwargs, return_dict=False
+        )
+        return out[0]
+
+    def velocity(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        extra: dict[str, torch.Tensor] | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The (guided) velocity (N, ...) float32 at x (N, ...), scheduler timesteps t (N,):
+        ``output_sign`` x ``guided`` (real CFG on [negative; positive], or one branch)."""
+        out = self.guided(x, t, prompt_embeds, negative_prompt_embeds, extra, guidance_scale)
+        return out if self.output_sign == 1.0 else self.output_sign * out
 
     def noise_shape(self) -> tuple[int, ...]:
         """Shape of one sample's initial noise, as the pipeline draws it: (C, h, w)."""
-        side = self.image_size() // self.vae_scale_factor
+        side = self.latent_size()
         return (self.transformer.config.in_channels // self.pack_factor**2, side, side)
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
@@ -291,62 +229,31 @@ class FlowMatchPolicy(TrainableDenoiser):
         """Shape of one sample's (packed) latent, the state of the step."""
         return tuple(self.pack(torch.zeros(1, *self.noise_shape()))[0].shape)
 
+    def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """unpack(x) / scaling_factor + shift_factor, in the VAE's dtype."""
+        return super().vae_input(self.unpack(latents.float()))
+
+    def image_seq_len(self) -> int:
+        """Image tokens of the packed latent (what a mu-shifted schedule depends on)."""
+        return (self.latent_size() // self.pack_factor) ** 2
+
     def set_timesteps(self, num_steps: int) -> None:
-        """``scheduler.set_timesteps`` as the family's pipeline calls it (FLUX: with mu)."""
+        """``scheduler.set_timesteps`` as the family's pipeline calls it (default the scheduler's
+        own, with its static shift: SD3)."""
         self.scheduler.set_timesteps(num_steps)
 
-    def velocity(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor,
-        extra: dict[str, torch.Tensor],
-        guidance_scale: float,
-    ) -> torch.Tensor:
-        """The (guided) velocity (N, ...) float32 at x (N, ...), scheduler timesteps t (N,).
+    def set_shifted_timesteps(self, num_steps: int, sigmas: Any = None) -> None:
+        """The mu-shifted schedule of FLUX-style pipelines: ``set_timesteps(sigmas, mu)`` with
+        sigmas linspace(1, 1/T, T) (or ``sigmas``) and mu from ``image_seq_len()`` and the scheduler
+        config (``core.flux_sigmas``); the scheduler shifts by mu when its config has
+        use_dynamic_shifting (and refuses to set timesteps without mu then)."""
+        from diffloop.core import flux_sigmas
 
-        Real CFG: uncond + g (cond - uncond) in one transformer call on [negative; positive] (the
-        pipelines' order); g = 1 is one branch. A guidance-distilled family overrides this."""
-        dtype = self.weight_dtype
-        t = t.float() * self.timestep_scale
-        cond = self.branch_kwargs(prompt_embeds, extra, negative=False)
-        with self._autocast():
-            if guidance_scale == 1.0:
-                kwargs = cat_branches([cond], dtype)
-                return self.transformer(hidden_states=x.to(dtype), timestep=t, **kwargs,
-                                        return_dict=False)[0].float()  # fmt: skip
-            uncond = self.branch_kwargs(negative_prompt_embeds, extra, negative=True)
-            out = self.transformer(
-                hidden_states=torch.cat([x, x]).to(dtype),
-                timestep=torch.cat([t, t]),
-                **cat_branches([uncond, cond], dtype),
-                return_dict=False,
-            )[0]
-        uncond_out, cond_out = out.float().chunk(2)
-        return uncond_out + guidance_scale * (cond_out - uncond_out)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """Final (packed) latents -> images (N, 3, H, W) float32 in [0, 1]:
-        vae.decode(unpack(x) / scaling_factor + shift_factor)."""
-        config = self.vae.config
-        shift = config.shift_factor or 0.0
-        images = []
-        for chunk in iter_chunks(len(latents), batch_size):
-            z = self.unpack(latents[chunk].float()) / config.scaling_factor + shift
-            images.append(self.vae.decode(z.to(self.vae.dtype)).sample.float())
-        return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
+        default, mu = flux_sigmas(num_steps, self.image_seq_len(), self.scheduler.config)
+        sigmas = default if sigmas is None else sigmas
+        self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=self.device)
 
     # ------------------------------------------------------------------ sampling
-
-    def uncompiled(self):
-        """The plain modules (this policy compiles nothing: performance.compile is refused)."""
-        return contextlib.nullcontext()
-
-    def _autocast(self):
-        enabled = self.weight_dtype != torch.float32
-        return torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=enabled)
 
     def schedule(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigmas (T+1,) float32 ending at 0, timesteps (T,) float32) on the policy's device."""
@@ -404,22 +311,12 @@ class FlowMatchPolicy(TrainableDenoiser):
         return self.pack(torch.stack(noise))
 
     @torch.no_grad()
-    def sample(
-        self,
-        prompts: list[str],
-        generators: list[torch.Generator],
-        *,
-        num_steps: int,
-        eta: float,
-        guidance_scale: float,
-        negative_prompt: str = "",
-    ) -> Trajectories:
+    def sample(self, prompts: list[str], generators: list[torch.Generator], *,
+               num_steps: int, eta: float, guidance_scale: float,
+               negative_prompt: str = "") -> Trajectories:  # fmt: skip
         """Sample len(prompts) trajectories (module docstring); generator i alone drives sample i
         (its initial noise, its window start when random, then one draw per window step)."""
-        if len(generators) != len(prompts):
-            raise ValueError(
-                f"need one generator per prompt, got {len(generators)} for {len(prompts)}"
-            )
+        self.check_generators(prompts, generators)
         n = len(prompts)
         sigmas, timesteps = self.schedule(num_steps)
         _, last, length = self.sampled_window(num_steps, eta)
@@ -452,7 +349,11 @@ class FlowMatchPolicy(TrainableDenoiser):
             v = self.velocity(x, timesteps[j].expand(n), embeds, negative, extra, guidance_scale)
             x = flow_step_mean_std(v, x, s, s_next, noise_level=0.0)[0]
         steps = starts[:, None] + torch.arange(length + 1, device=self.device)  # (N, W+1)
-        extra = {**extra, "sigmas": sigmas[steps], "second_sigma": sigmas[1].expand(n).clone()}
+        extra = {
+            **(extra or {}),
+            "sigmas": sigmas[steps],
+            "second_sigma": sigmas[1].expand(n).clone(),
+        }
         return Trajectories(
             latents=latents,
             timesteps=timesteps[steps[:, :-1]],
@@ -526,11 +427,11 @@ class FlowMatchPolicy(TrainableDenoiser):
                 f" of sample.num_steps={num_steps} (the last step is an ODE step)"
             )
         stds = self.step_stds(num_steps, eta)
-        bad = [j for j, v in enumerate(stds.tolist()) if not (math.isfinite(v) and v > 0)]
-        if bad:
+        j = first_bad_step(stds)
+        if j is not None:
             raise ConfigError(
                 f"sample.num_steps={num_steps}, sample.eta={eta}, sample.sde_type={self.sde_type}: "
-                f"window step {first + bad[0]} has std {stds[bad[0]].item():.3g}, so its "
+                f"window step {first + j} has std {stds[j].item():.3g}, so its "
                 "log-probability is undefined; move sample.sde_window off it"
             )
 
@@ -554,26 +455,3 @@ class FlowMatchPolicy(TrainableDenoiser):
                 "evaluation sampler (the last step is an ODE step); raise eval.num_steps or set "
                 "eval.eta=0 (deterministic)"
             )
-
-    # ------------------------------------------------------------------ export
-
-    def pipeline_components(self) -> dict[str, Any]:
-        """Keyword arguments of ``pipeline_class`` for a full-model export."""
-        return {k: v for k, v in self.components.items() if k in self.pipeline_class_keys()}
-
-    def pipeline_class_keys(self) -> set[str]:
-        import inspect
-
-        return set(inspect.signature(self.pipeline_class.__init__).parameters) - {"self"}
-
-    def export(self, path: str | Path) -> None:
-        """LoRA: diffusers LoRA weights (``pipeline_class.load_lora_weights(path)`` loads them, with
-        lora_alpha in the metadata). Full fine-tuning: a complete pipeline directory."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if self.lora_config is None:
-            self.pipeline_class(**self.pipeline_components()).save_pretrained(str(path))
-            return
-        from diffloop.export.lora_files import save_lora
-
-        save_lora(self, path)

@@ -35,22 +35,13 @@ from typing import Any
 import torch
 
 from diffloop.config import ConfigError, FluxConfig, LoraConfig, ModelConfig, SampleConfig
-from diffloop.policies.diffusers_policy import cat_branches
-from diffloop.policies.families import how_to_provide
-from diffloop.policies.flow import FlowMatchPolicy, load_components
+from diffloop.policies.families import family
+from diffloop.policies.flow import FlowMatchPolicy
 from diffloop.policies.loading import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-FLUX_COMPONENTS = (
-    "transformer",
-    "text_encoder",
-    "text_encoder_2",
-    "tokenizer",
-    "tokenizer_2",
-    "scheduler",
-    "vae",
-)
+FLUX_COMPONENTS = tuple(family("flux").folders())
 EXTRA_KEYS = ("pooled_prompt_embeds",)
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default and upper limit of max_sequence_length
 
@@ -99,47 +90,6 @@ def text_ids(num_tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(num_tokens, 3, device=device, dtype=dtype)
 
 
-def image_seq_len(height: int, width: int) -> int:
-    """Packed tokens of an h x w latent: the sequence length FLUX's timestep shift mu depends on."""
-    return (height // 2) * (width // 2)
-
-
-# ------------------------------------------------------------------------------------ loading
-
-
-def _how_to_provide(name: str) -> str:
-    return how_to_provide("flux", name)
-
-
-def load_flux_components(model: ModelConfig) -> dict[str, Any]:
-    """The FLUX.1 pipeline's components from ``model.pretrained`` (hub id or local directory):
-    {transformer, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, vae}; every one
-    is required (FLUX has no T5-less mode). Raises ModelLoadError naming what is missing."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-
-    kw = {"revision": model.revision}
-    weights = {"variant": model.variant, **kw}
-    loaders = {
-        "transformer": lambda p: FluxTransformer2DModel.from_pretrained(
-            p, subfolder="transformer", **weights
-        ),
-        "text_encoder": lambda p: CLIPTextModel.from_pretrained(
-            p, subfolder="text_encoder", **weights
-        ),
-        "text_encoder_2": lambda p: T5EncoderModel.from_pretrained(
-            p, subfolder="text_encoder_2", **weights
-        ),
-        "tokenizer": lambda p: AutoTokenizer.from_pretrained(p, subfolder="tokenizer", **kw),
-        "tokenizer_2": lambda p: AutoTokenizer.from_pretrained(p, subfolder="tokenizer_2", **kw),
-        "scheduler": lambda p: FlowMatchEulerDiscreteScheduler.from_pretrained(
-            p, subfolder="scheduler", **kw
-        ),
-        "vae": lambda p: AutoencoderKL.from_pretrained(p, subfolder="vae", **weights),
-    }
-    return load_components(model, loaders, _how_to_provide(model.pretrained))
-
-
 # ------------------------------------------------------------------------------------- policy
 
 
@@ -153,59 +103,46 @@ class FluxPolicy(FlowMatchPolicy):
     sampling.
     """
 
+    family_name = "flux"
+    label = "FLUX"
     lora_loader = "FluxLoraLoaderMixin"
     guidance_distilled = True
-
     text_encoder_names = ("text_encoder", "text_encoder_2")
-    timestep_scale = 1 / 1000  # FLUX's transformer takes t / 1000 (it multiplies by 1000 inside)
+    settings_field = "flux"
+    extra_keys = EXTRA_KEYS
+    # FluxPipeline: timestep = t.expand(N).to(latents.dtype) / 1000 (the model multiplies by 1000)
+    timestep_divisor = 1000.0
+    timestep_in_weight_dtype = True
     pack_factor = 2  # 2x2 latent patches per token
     eval_num_steps = 28  # Flow-GRPO config/grpo.py: sample.eval_num_steps = 28 for FLUX configs
     eval_eta = 0.0  # Flow-GRPO scripts/train_flux.py eval: pipeline_with_logprob(noise_level=0)
 
-    @property
-    def pipeline_class(self) -> Any:
-        from diffusers import FluxPipeline
-
-        return FluxPipeline
-
     def __init__(
-        self,
-        components: dict[str, Any],
-        lora: LoraConfig,
-        *,
-        flux: FluxConfig | None = None,
-        sample: SampleConfig | None = None,
-        **kwargs: Any,
+        self, components: dict, lora: LoraConfig, *, flux: FluxConfig | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(components, lora, sample=sample, **kwargs)
-        flux = flux or FluxConfig()
-        sample = sample or SampleConfig(guidance_scale=3.5)
-        self.tokenizer = components["tokenizer"]
-        self.tokenizer_2 = components["tokenizer_2"]
+        # Without sample settings: FluxPipeline's default guidance 3.5 (and Flow-GRPO's).
+        kwargs["sample"] = kwargs.get("sample") or SampleConfig(guidance_scale=3.5)
+        super().__init__(components, lora, **kwargs)
         self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
-        self.guidance_scale = sample.guidance_scale
-        self.max_sequence_length = self._max_sequence_length(flux)
-        self.height = self.width = self.image_size() // self.vae_scale_factor  # latent h, w
-        self._check_model()
-        self.check_guidance(sample.guidance_scale, sample.negative_prompt)
+        self.max_sequence_length = self._max_sequence_length(flux or FluxConfig())
+        self.height = self.width = self.latent_size()
+        self.check_guidance(self.guidance_scale, self.sample_settings.negative_prompt)
 
     def _max_sequence_length(self, flux: FluxConfig) -> int:
-        length = flux.max_sequence_length
-        if length is None:
-            return min(MAX_SEQUENCE_LENGTH, self.tokenizer_2.model_max_length)
-        if not 1 <= length <= MAX_SEQUENCE_LENGTH:
-            raise ConfigError(
-                f"model.flux.max_sequence_length={length} must be in 1..{MAX_SEQUENCE_LENGTH} "
-                "(FluxPipeline's limit); Flow-GRPO uses 128"
-            )
-        return length
+        """T5 tokens: ``model.flux.max_sequence_length``, else the T5 tokenizer's length capped
+        at 512."""
+        default = min(MAX_SEQUENCE_LENGTH, self.tokenizer_2.model_max_length)
+        return self.text_length(
+            flux.max_sequence_length, default, MAX_SEQUENCE_LENGTH,
+            "model.flux.max_sequence_length", "FluxPipeline",
+        )  # fmt: skip
 
-    def image_size(self) -> int:
-        """Square image side (pixels): model.resolution, else the VAE's sample_size (FLUX's
-        transformer has no sample_size; 1024 for FLUX.1 = FluxPipeline's default 128 x 8)."""
-        return self.resolution if self.resolution is not None else self.vae.config.sample_size
+    def default_image_size(self) -> int:
+        """The VAE's sample_size (FLUX's transformer has none; 1024 for FLUX.1 = FluxPipeline's
+        default 128 x 8)."""
+        return self.vae.config.sample_size
 
-    def _check_model(self) -> None:
+    def check_model(self) -> None:
         """Refuse FLUX variants this text-to-image policy would run wrongly (Fill, Depth, Kontext:
         extra conditioning channels), saying why, not with a shape error later."""
         latent_channels = self.vae.config.latent_channels
@@ -243,15 +180,9 @@ class FluxPolicy(FlowMatchPolicy):
         return unpack_latents(latents, self.height, self.width)
 
     def set_timesteps(self, num_steps: int) -> None:
-        """FluxPipeline's schedule: set_timesteps(sigmas=linspace(1, 1/T, T), mu) with mu from the
-        packed image sequence length (``core.flux_sigmas``); the scheduler shifts by mu when its
-        config has use_dynamic_shifting (dev) and refuses to set timesteps without mu then."""
-        from diffloop.core import flux_sigmas
-
-        sigmas, mu = flux_sigmas(
-            num_steps, image_seq_len(self.height, self.width), self.scheduler.config
-        )
-        self.scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=self.device)
+        """FluxPipeline's schedule: the mu-shifted one (``set_shifted_timesteps``); the scheduler
+        shifts by mu when its config has use_dynamic_shifting (dev)."""
+        self.set_shifted_timesteps(num_steps)
 
     def _truncation_warning(self, ids: torch.Tensor, tokenizer: Any, prompts: list[str]) -> None:
         longest = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
@@ -263,15 +194,9 @@ class FluxPolicy(FlowMatchPolicy):
             )  # fmt: skip
 
     def _ids(self, tokenizer: Any, prompts: list[str], max_length: int) -> torch.Tensor:
-        ids = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = self.tokenize(tokenizer, prompts, max_length)
         self._truncation_warning(ids, tokenizer, prompts)
-        return ids.to(self.device)
+        return ids
 
     @torch.no_grad()
     def encode_prompts_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,9 +207,6 @@ class FluxPolicy(FlowMatchPolicy):
         t5_ids = self._ids(self.tokenizer_2, prompts, self.max_sequence_length)
         embeds = self.text_encoder_2(t5_ids, output_hidden_states=False)[0]
         return embeds.to(self.text_encoder_2.dtype), pooled.to(self.text_encoder.dtype)
-
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return self.encode_prompts_with_pooled(prompts)[0]
 
     @torch.no_grad()
     def conditioning(
@@ -297,21 +219,22 @@ class FluxPolicy(FlowMatchPolicy):
         return embeds, embeds[:, :0].clone(), {"pooled_prompt_embeds": pooled}
 
     def branch_kwargs(
-        self, embeds: torch.Tensor, extra: dict[str, torch.Tensor], negative: bool
+        self, embeds: torch.Tensor, extra: dict[str, torch.Tensor] | None, negative: bool
     ) -> dict[str, Any]:
-        """encoder_hidden_states (N, L, D), pooled_projections (N, P), txt_ids (L, 3) zeros,
-        img_ids (h/2 w/2, 3) of the conditional (the only) branch."""
+        """encoder_hidden_states (N, L, D) and pooled_projections (N, P) of the conditional (the
+        only) branch."""
         if negative:
             raise ValueError("FLUX.1 has no negative branch (guidance-distilled)")
-        if extra is None or any(k not in extra for k in EXTRA_KEYS):
-            raise ValueError(
-                f"FLUX trajectories need extra={list(EXTRA_KEYS)} (sampled by another policy?)"
-            )
+        pooled = self.check_extra(extra)["pooled_prompt_embeds"]
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def position_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """txt_ids (L, 3) zeros and img_ids (h/2 w/2, 3) of a call whose text is
+        ``kwargs["encoder_hidden_states"]`` (N, L, D) (FluxPipeline: in the latents' dtype)."""
+        text = kwargs["encoder_hidden_states"]
         return {
-            "encoder_hidden_states": embeds,
-            "pooled_projections": extra["pooled_prompt_embeds"],
-            "txt_ids": text_ids(embeds.shape[1], embeds.device),
-            "img_ids": latent_image_ids(self.height, self.width, embeds.device),
+            "txt_ids": text_ids(text.shape[1], text.device),
+            "img_ids": latent_image_ids(self.height, self.width, text.device),
         }
 
     def guidance(self, n: int, guidance_scale: float) -> torch.Tensor | None:
@@ -320,41 +243,14 @@ class FluxPolicy(FlowMatchPolicy):
             return None
         return torch.full((n,), guidance_scale, device=self.device, dtype=torch.float32)
 
-    def velocity(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor,
-        extra: dict[str, torch.Tensor],
-        guidance_scale: float,
-    ) -> torch.Tensor:
-        """v (N, L, 4C) float32 = transformer(x, t / 1000, guidance g): one forward, no CFG; the
-        same g (``sample.guidance_scale``) at sampling and at log-prob recomputation."""
-        dtype = self.weight_dtype
-        kwargs = cat_branches([self.branch_kwargs(prompt_embeds, extra, negative=False)], dtype)
-        with self._autocast():
-            out = self.transformer(
-                hidden_states=x.to(dtype),
-                timestep=t.to(dtype) / 1000,  # FluxPipeline: t.expand(N).to(latents.dtype) / 1000
-                guidance=self.guidance(len(x), guidance_scale),
-                **kwargs,
-                return_dict=False,
-            )[0]
-        return out.float()
-
-    def unet_conditioning(self, prompts: list[str]) -> dict[str, Any]:
-        """The transformer's keyword arguments for ``self.unet`` (export checks, FLOP counts),
-        with guidance ``sample.guidance_scale`` for a guidance-distilled model."""
-        embeds, _, extra = self.conditioning(prompts, "")
-        kwargs = self.branch_kwargs(embeds, extra, negative=False)
-        guidance = self.guidance(len(prompts), self.guidance_scale)
-        return kwargs if guidance is None else {**kwargs, "guidance": guidance}
+    def guidance_kwargs(self, n: int, guidance_scale: float) -> dict[str, Any]:
+        """guidance = g (``sample.guidance_scale``, the same when sampling and when log-probs are
+        recomputed) for the guidance embedding: one forward per step, no CFG."""
+        guidance = self.guidance(n, guidance_scale)
+        return {} if guidance is None else {"guidance": guidance}
 
 
 def load_flux_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> FluxPolicy:
     """``load_policy`` for the flux family: components from model.pretrained, settings from
     model.resolution and model.flux."""
-    return FluxPolicy(
-        load_flux_components(model), lora, flux=model.flux, resolution=model.resolution, **kwargs
-    )
+    return FluxPolicy.from_model(model, lora, **kwargs)

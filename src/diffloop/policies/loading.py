@@ -1,6 +1,14 @@
-"""What every family's loading shares: the error a missing or unreadable weight raises, where
-``model.pretrained`` points, and the one look at the Hugging Face hub a hub id gets before anything
-loads.
+"""What every family's loading shares: where ``model.pretrained`` points, its model_index.json
+(read once), every component loaded and named from the family's table (:class:`Component`,
+:func:`load_components`), the error a missing or unreadable weight raises, and the one look at the
+Hugging Face hub a hub id gets before anything loads.
+
+A family's components are a table (``families.FAMILIES``): folder name, class, whether it may be
+absent, and a ``model.*`` field that may name another source for it. :func:`load_components` reads
+the table for every family: it checks a local directory for the folders the table requires (one
+message naming every missing folder and what ``model.pretrained`` must be), loads each component
+with its class's ``from_pretrained`` (or the policy's own loader for it), and names the component,
+the folder and the fix when one cannot be read.
 
 A hub id is probed once (:func:`locate_model`), for every family: in the local hub cache, its
 snapshot directory is read like any local directory (the hub is not asked; ``hf download REPO``
@@ -18,16 +26,19 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import torch
 
+from diffloop.config import ModelConfig
 from diffloop.errors import DiffloopError
 
 # train.mixed_precision -> the dtype the frozen weights load in (trainables stay fp32). The trainer
@@ -256,3 +267,181 @@ def locate_model(
     else:
         message = f"{name} {where} and {problem.message}; or download it: {fix}"
     raise HubUnavailableError(message)
+
+
+# ------------------------------------------------------------------------- a family's components
+
+
+@dataclass(frozen=True)
+class Component:
+    """One component of a family's diffusers layout: its folder (also the policy attribute and the
+    pipeline's keyword), and how it loads."""
+
+    name: str
+    cls: str
+    """``module.Class`` whose ``from_pretrained(path, subfolder=name)`` loads it (imported only
+    then), e.g. ``diffusers.UNet2DConditionModel``, ``transformers.AutoTokenizer``."""
+    note: str = ""
+    """What it is, in messages (``CLIP-L``)."""
+    optional: str = ""
+    """Non-empty: the component may be absent (listed as [null, null] in model_index.json, or, in
+    a local directory without one, no folder); components with the same value come together (SD3's
+    T5 encoder and its tokenizer: "T5")."""
+    override: str = ""
+    """A dotted ``ModelConfig`` field (``sdxl.vae``) that, when set, names where the component is
+    read instead: a hub id or directory holding its config.json, or a pipeline holding its
+    folder."""
+    missing_note: str = ""
+    """Said when the folder is missing (what a directory without it usually is)."""
+
+    @property
+    def has_weights(self) -> bool:
+        """A model with weights (loaded in ``model.variant``), not a tokenizer or a scheduler."""
+        return not self.name.startswith(("tokenizer", "scheduler"))
+
+    def load_class(self) -> Any:
+        """The class ``cls`` names (its module imported now)."""
+        module, name = self.cls.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)
+
+    def override_value(self, model: ModelConfig) -> str | None:
+        """The ``model.<override>`` value, or None."""
+        value: Any = model
+        for part in self.override.split(".") if self.override else []:
+            value = getattr(value, part, None)
+        return value if self.override and value else None
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where ``pretrained``'s files are read (a local directory, a cached snapshot, or a hub id the
+    loaders download) and its model_index.json (None: a local directory without one), read
+    once."""
+
+    pretrained: str
+    path: str
+    index: dict[str, Any] | None
+
+    @property
+    def local(self) -> Path | None:
+        return Path(self.path) if looks_local(self.path) else None
+
+
+def listed(index: dict[str, Any] | None, name: str) -> bool:
+    """model_index.json lists component ``name`` with a class (not [null, null] or absent)."""
+    return index is not None and (index.get(name) or [None])[0] is not None
+
+
+def read_model_index(path: str, pretrained: str, revision: str | None = None) -> dict | None:
+    """model_index.json at ``path`` (``locate_model``'s answer for ``pretrained``): a local
+    directory's (None when it has none: the family's loader then names what is missing), or a hub
+    id's, downloaded once the hub answered. Unreadable: a one-line ModelLoadError."""
+    if looks_local(path):
+        index = Path(path) / "model_index.json"
+        if not index.is_file():
+            return None
+        try:
+            return dict(json.loads(index.read_text()))
+        except (ValueError, TypeError, OSError) as e:
+            raise ModelLoadError(
+                f"model.pretrained='{pretrained}': {index} is not a readable JSON mapping "
+                f"({type(e).__name__}: {e}); restore it from the model's source"
+            ) from None
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(path, revision=revision))
+    except Exception as e:  # any failure: re-raised with the how-to, for every family
+        raise ModelLoadError(
+            f"could not read model_index.json of model.pretrained='{pretrained}': "
+            f"{type(e).__name__}: {e}\nGive a local directory in diffusers layout or a hub id that "
+            "is already in the Hugging Face cache (`hf download <repo>`; HF_HUB_OFFLINE=1 forbids "
+            "downloads)."
+        ) from e
+
+
+def present(c: Component, files: ModelFiles) -> bool:
+    """Whether the loader reads component ``c``: always when required; an optional one when
+    model_index.json lists it, or, without an index, when its folder exists."""
+    if not c.optional:
+        return True
+    if files.index is not None:
+        return listed(files.index, c.name)
+    return files.local is not None and (files.local / c.name).is_dir()
+
+
+def from_pretrained(c: Component, path: str, model: ModelConfig) -> Any:
+    """The default loader: ``c.cls.from_pretrained(path, subfolder=c.name)`` at model.revision (and
+    model.variant for weights)."""
+    kwargs = {"variant": model.variant} if c.has_weights else {}
+    return c.load_class().from_pretrained(path, subfolder=c.name, revision=model.revision, **kwargs)
+
+
+def from_override(c: Component, source: str) -> Any:
+    """Component ``c`` from ``model.<c.override>`` = ``source``: a hub id (its cached snapshot, or
+    the id once the hub answered; one line if it cannot) or a directory, holding the component's
+    config.json at its root or in a ``c.name`` folder (a whole pipeline)."""
+    field = f"model.{c.override}"
+    where = locate_model(source, filename="config.json", field=field, what=f"a diffusers {c.name}")
+    subfolder = c.name if (Path(where) / c.name).is_dir() else None
+    return c.load_class().from_pretrained(where, subfolder=subfolder)
+
+
+Loader = Callable[[Component, str, ModelConfig], Any]
+
+
+def load_components(
+    model: ModelConfig,
+    table: Sequence[Component],
+    files: ModelFiles,
+    how_to_provide: str,
+    load: Loader = from_pretrained,
+) -> dict[str, Any]:
+    """{name: component} of every row of ``table`` for ``model`` (None for an absent optional
+    one), each by ``load(component, files.path, model)`` or from its override.
+
+    A local directory must exist and hold the folder of every component read (not overridden);
+    else one ModelLoadError names every missing folder (with how to run without an optional one)
+    and ends with ``how_to_provide``, as does any failure to load one."""
+    local = files.local
+    if local is not None and not local.is_dir():
+        raise ModelLoadError(f"no directory at '{files.path}'. {how_to_provide}")
+    wanted = [c for c in table if present(c, files)]
+    missing = [
+        c
+        for c in wanted
+        if local is not None and not c.override_value(model) and not (local / c.name).is_dir()
+    ]
+    if missing:
+        optional = [c.name for c in missing if c.optional]
+        notes = [f" ({c.missing_note})" for c in missing if c.missing_note]
+        if optional:
+            notes.append(
+                f" ({', '.join(optional)} is optional: write it as [null, null] in "
+                "model_index.json to run without it)"
+            )
+        raise ModelLoadError(
+            f"'{files.path}' lacks the component folder(s) "
+            f"{', '.join(c.name + '/' for c in missing)}{''.join(notes)}. {how_to_provide}"
+        )
+    for group in {c.optional for c in table if c.optional}:
+        members = [c for c in table if c.optional == group]
+        if 0 < sum(c in wanted for c in members) < len(members):
+            names = " and ".join(c.name for c in members)
+            raise ModelLoadError(
+                f"{names} ({group}) come together: give both or neither. {how_to_provide}"
+            )
+    components: dict[str, Any] = {c.name: None for c in table if c not in wanted}
+    for c in wanted:
+        source = c.override_value(model)
+        where = f"'{source}' (model.{c.override})" if source else f"'{files.path}', {c.name}/"
+        try:
+            components[c.name] = from_override(c, source) if source else load(c, files.path, model)
+        except HubUnavailableError:  # an override's hub id: already one line with the fix
+            raise
+        except Exception as e:  # every loader failure gets the same how-to
+            raise ModelLoadError(
+                f"could not load the {c.name} of model.pretrained='{files.pretrained}' (looked "
+                f"in {where}): {type(e).__name__}: {e}\n{how_to_provide}"
+            ) from e
+    return components

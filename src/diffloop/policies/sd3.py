@@ -30,118 +30,52 @@ from typing import Any
 
 import torch
 
-from diffloop.config import ConfigError, LoraConfig, ModelConfig, SD3Config
-from diffloop.policies.families import how_to_provide
-from diffloop.policies.flow import FlowMatchPolicy, load_components
-from diffloop.policies.loading import ModelLoadError
+from diffloop.config import LoraConfig, ModelConfig, SD3Config
+from diffloop.policies.flow import FlowMatchPolicy
 
 EXTRA_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.__call__'s default max_sequence_length
 MAX_SEQUENCE_LIMIT = 512  # StableDiffusion3Pipeline.check_inputs refuses longer
 
 
-def _how_to_provide(name: str) -> str:
-    return how_to_provide("sd3", name)
-
-
-def load_sd3_components(model: ModelConfig) -> dict[str, Any]:
-    """The SD3 pipeline's components from ``model.pretrained``; text_encoder_3 / tokenizer_3 are
-    None when model_index.json lists T5 as [null, null] (the T5 part of the embeddings is zeros)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
-
-    kw = {"revision": model.revision}
-    weights = {"variant": model.variant, **kw}
-    loaders = {
-        "transformer": lambda p: SD3Transformer2DModel.from_pretrained(
-            p, subfolder="transformer", **weights
-        ),
-        "text_encoder": lambda p: CLIPTextModelWithProjection.from_pretrained(
-            p, subfolder="text_encoder", **weights
-        ),
-        "text_encoder_2": lambda p: CLIPTextModelWithProjection.from_pretrained(
-            p, subfolder="text_encoder_2", **weights
-        ),
-        "text_encoder_3": lambda p: T5EncoderModel.from_pretrained(
-            p, subfolder="text_encoder_3", **weights
-        ),
-        "tokenizer": lambda p: AutoTokenizer.from_pretrained(p, subfolder="tokenizer", **kw),
-        "tokenizer_2": lambda p: AutoTokenizer.from_pretrained(p, subfolder="tokenizer_2", **kw),
-        "tokenizer_3": lambda p: AutoTokenizer.from_pretrained(p, subfolder="tokenizer_3", **kw),
-        "scheduler": lambda p: FlowMatchEulerDiscreteScheduler.from_pretrained(
-            p, subfolder="scheduler", **kw
-        ),
-        "vae": lambda p: AutoencoderKL.from_pretrained(p, subfolder="vae", **weights),
-    }
-    components = load_components(
-        model,
-        loaders,
-        _how_to_provide(model.pretrained),
-        optional=("text_encoder_3", "tokenizer_3"),
-    )
-    if (components["text_encoder_3"] is None) != (components["tokenizer_3"] is None):
-        raise ModelLoadError(
-            "text_encoder_3 and tokenizer_3 (T5) come together: give both or neither. "
-            + _how_to_provide(model.pretrained)
-        )
-    return components
-
-
 class SD3Policy(FlowMatchPolicy):
-    """``FlowMatchPolicy`` with SD3's three text encoders, pooled embeddings and real CFG."""
+    """``FlowMatchPolicy`` with SD3's three text encoders, pooled embeddings and real CFG.
 
+    ``sd3``: ``model.sd3`` (T5 length); ``resolution``: ``model.resolution``."""
+
+    family_name = "sd3"
+    label = "SD3"
     lora_loader = "SD3LoraLoaderMixin"
-
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
-    timestep_scale = 1.0  # SD3's transformer takes the 0-1000 timestep
+    settings_field = "sd3"
+    extra_keys = EXTRA_KEYS
+    timestep_divisor = 1.0  # SD3's transformer takes the 0-1000 timestep
     eval_num_steps = 40  # Flow-GRPO config/grpo.py: sample.eval_num_steps = 40 for every SD3 config
     eval_eta = 0.0  # Flow-GRPO scripts/train_sd3.py eval: pipeline_with_logprob(noise_level=0)
 
-    @property
-    def pipeline_class(self) -> Any:
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline
-
     def __init__(
-        self,
-        components: dict[str, Any],
-        lora: LoraConfig,
-        *,
-        sd3: SD3Config | None = None,
-        **kwargs: Any,
+        self, components: dict, lora: LoraConfig, *, sd3: SD3Config | None = None, **kwargs: Any
     ) -> None:
         super().__init__(components, lora, **kwargs)
-        self.tokenizer = components["tokenizer"]
-        self.tokenizer_2 = components["tokenizer_2"]
-        self.tokenizer_3 = components.get("tokenizer_3")
         self.max_sequence_length = self._max_sequence_length(sd3 or SD3Config())
 
     def _max_sequence_length(self, sd3: SD3Config) -> int:
         """T5 tokens L: ``model.sd3.max_sequence_length`` as given (the pipeline pads or truncates
         to it), else 256 capped at the T5 tokenizer's model_max_length (a shorter tokenizer, as in
         the tests, sets the length)."""
-        length = sd3.max_sequence_length
-        if length is None:
-            if self.tokenizer_3 is None:
-                return MAX_SEQUENCE_LENGTH
-            return min(MAX_SEQUENCE_LENGTH, self.tokenizer_3.model_max_length)
-        if not 1 <= length <= MAX_SEQUENCE_LIMIT:
-            raise ConfigError(
-                f"model.sd3.max_sequence_length={length} must be in 1..{MAX_SEQUENCE_LIMIT} "
-                "(StableDiffusion3Pipeline's limit); Flow-GRPO uses 128"
-            )
-        return length
+        default = MAX_SEQUENCE_LENGTH
+        if self.tokenizer_3 is not None:
+            default = min(MAX_SEQUENCE_LENGTH, self.tokenizer_3.model_max_length)
+        return self.text_length(
+            sd3.max_sequence_length, default, MAX_SEQUENCE_LIMIT, "model.sd3.max_sequence_length",
+            "StableDiffusion3Pipeline",
+        )  # fmt: skip
 
     @torch.no_grad()
     def _clip(
         self, prompts: list[str], tokenizer: Any, encoder: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids.to(self.device)  # fmt: skip
-        out = encoder(ids, output_hidden_states=True)
+        out = encoder(self.tokenize(tokenizer, prompts), output_hidden_states=True)
         return out.hidden_states[-2], out[0]
 
     @torch.no_grad()
@@ -150,10 +84,7 @@ class SD3Policy(FlowMatchPolicy):
             width = self.transformer.config.joint_attention_dim
             return torch.zeros(len(prompts), self.max_sequence_length, width,
                                device=self.device, dtype=self.weight_dtype)  # fmt: skip
-        ids = self.tokenizer_3(
-            prompts, padding="max_length", max_length=self.max_sequence_length,
-            truncation=True, add_special_tokens=True, return_tensors="pt",
-        ).input_ids.to(self.device)  # fmt: skip
+        ids = self.tokenize(self.tokenizer_3, prompts, self.max_sequence_length)
         return self.text_encoder_3(ids)[0]
 
     @torch.no_grad()
@@ -168,9 +99,6 @@ class SD3Policy(FlowMatchPolicy):
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip.to(t5.dtype), t5], dim=-2), torch.cat([p1, p2], dim=-1)
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return self.encode_prompts_with_pooled(prompts)[0]
-
     @torch.no_grad()
     def conditioning(
         self, prompts: list[str], negative_prompt: str
@@ -183,25 +111,15 @@ class SD3Policy(FlowMatchPolicy):
         return embeds, negative, extra
 
     def branch_kwargs(
-        self, embeds: torch.Tensor, extra: dict[str, torch.Tensor], negative: bool
+        self, embeds: torch.Tensor, extra: dict[str, torch.Tensor] | None, negative: bool
     ) -> dict[str, Any]:
         """encoder_hidden_states (N, L, D) and pooled_projections (N, P) of one CFG branch."""
-        if extra is None or any(k not in extra for k in EXTRA_KEYS):
-            raise ValueError(
-                f"SD3 trajectories need extra={list(EXTRA_KEYS)} (sampled by another policy?)"
-            )
+        extra = self.check_extra(extra)
         pooled = extra["negative_pooled_prompt_embeds" if negative else "pooled_prompt_embeds"]
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
-    def unet_conditioning(self, prompts: list[str]) -> dict[str, Any]:
-        """The conditional branch's keyword arguments for ``self.unet`` (export checks, FLOPs)."""
-        embeds, _, extra = self.conditioning(prompts, "")
-        return self.branch_kwargs(embeds, extra, negative=False)
-
 
 def load_sd3_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> SD3Policy:
-    """``load_policy`` for the sd3 family: components from model.pretrained, settings from
-    model.resolution and model.sd3."""
-    return SD3Policy(
-        load_sd3_components(model), lora, sd3=model.sd3, resolution=model.resolution, **kwargs
-    )
+    """``load_policy`` for the sd3 family: components from model.pretrained (T5 optional: its
+    folders listed as [null, null] give None), settings from model.resolution and model.sd3."""
+    return SD3Policy.from_model(model, lora, **kwargs)

@@ -30,131 +30,19 @@ Per-trajectory conditioning travels in ``Trajectories.extra``:
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from diffloop.config import LoraConfig, ModelConfig, PerformanceConfig, SDXLConfig
-from diffloop.policies.diffusers_policy import (
-    DDIMPolicy,
-    ModelLoadError,
-    cast_frozen,
-)
-from diffloop.policies.families import how_to_provide, looks_local, model_index, model_path
-from diffloop.policies.loading import HubUnavailableError, locate_model
-from diffloop.policies.schedulers import to_ddim
+from diffloop.config import LoraConfig, ModelConfig, SDXLConfig
+from diffloop.policies.denoiser import DenoiserPolicy
+from diffloop.policies.diffusers_policy import DDIMPolicy
+from diffloop.policies.families import family
+from diffloop.policies.loading import ModelLoadError
 
-logger = logging.getLogger(__name__)
-
-SDXL_COMPONENTS = (
-    "unet",
-    "text_encoder",
-    "text_encoder_2",
-    "tokenizer",
-    "tokenizer_2",
-    "scheduler",
-    "vae",
-)
+SDXL_COMPONENTS = tuple(family("sdxl").folders())
 EXTRA_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds", "add_time_ids")
-
-
-# ---------------------------------------------------------------------------------------- loading
-
-
-def _how_to_provide(name: str) -> str:
-    return how_to_provide("sdxl", name)
-
-
-def _load_vae(model: ModelConfig, path: str):
-    """The model's vae/, or ``model.sdxl.vae``: a VAE repo/directory (config.json at its root) or a
-    whole pipeline directory (its vae/ subfolder)."""
-    from diffusers import AutoencoderKL
-
-    override = model.sdxl.vae
-    if override is None:
-        return AutoencoderKL.from_pretrained(
-            path, subfolder="vae", variant=model.variant, revision=model.revision
-        )
-    # A hub id: its cached snapshot, or the id once the hub answered (one line if it cannot).
-    override = locate_model(
-        override, filename="config.json", field="model.sdxl.vae", what="a diffusers VAE"
-    )
-    subfolder = "vae" if (Path(override) / "vae").is_dir() else None
-    return AutoencoderKL.from_pretrained(override, subfolder=subfolder)
-
-
-def load_sdxl_components(model: ModelConfig) -> dict[str, Any]:
-    """The SDXL pipeline's components from ``model.pretrained`` (hub id or local directory).
-
-    Returns {unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler (DDIM), vae,
-    force_zeros_for_empty_prompt}. Raises ModelLoadError naming the missing component and how to
-    provide it."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
-    path = model_path(model)  # a hub id: its cached snapshot, or the id once the hub answered
-    local = Path(path)
-    if looks_local(path) and not local.is_dir():
-        raise ModelLoadError(f"no directory at '{path}'. " + _how_to_provide(model.pretrained))
-    if local.is_dir():
-        required = [c for c in SDXL_COMPONENTS if not (c == "vae" and model.sdxl.vae)]
-        missing = [c for c in required if not (local / c).is_dir()]
-        if missing:
-            refiner = "text_encoder" in missing and (local / "text_encoder_2").is_dir()
-            refiner_hint = (
-                " (an SDXL refiner has no text_encoder/: it is img2img; use a base model)"
-            )
-            hint = refiner_hint if refiner else ""
-            raise ModelLoadError(
-                f"'{path}' lacks the SDXL component folder(s) "
-                f"{', '.join(m + '/' for m in missing)}{hint}. " + _how_to_provide(model.pretrained)
-            )
-    index = model_index(model.pretrained, model.revision) or {}
-    kw = {"revision": model.revision}
-    user_scheduler_kwargs = getattr(model, "scheduler_kwargs", None)  # the field may not exist yet
-    loaders = {
-        "unet": lambda: UNet2DConditionModel.from_pretrained(
-            path, subfolder="unet", variant=model.variant, **kw
-        ),
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(
-            path, subfolder="text_encoder", variant=model.variant, **kw
-        ),
-        "text_encoder_2": lambda: CLIPTextModelWithProjection.from_pretrained(
-            path, subfolder="text_encoder_2", variant=model.variant, **kw
-        ),
-        "tokenizer": lambda: AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-        "tokenizer_2": lambda: AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw),
-        # SDXL ships Euler: converted to DDIM from the config as stored, never DDIM's defaults.
-        "scheduler": lambda: to_ddim(
-            DDIMScheduler.load_config(path, subfolder="scheduler", **kw), user_scheduler_kwargs
-        ),
-        "vae": lambda: _load_vae(model, path),
-    }
-    components: dict[str, Any] = {
-        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))
-    }
-    for name, load in loaders.items():
-        where = (
-            f"'{model.sdxl.vae}' (model.sdxl.vae)"
-            if name == "vae" and model.sdxl.vae
-            else f"'{path}', {name}/"
-        )
-        try:
-            components[name] = load()
-        except HubUnavailableError:  # model.sdxl.vae's hub id: already one line with the fix
-            raise
-        except Exception as e:  # every loader failure gets the same how-to
-            raise ModelLoadError(
-                f"could not load the {name} of model.pretrained='{model.pretrained}' "
-                f"(looked in {where}): {type(e).__name__}: {e}\n"
-                + _how_to_provide(model.pretrained)
-            ) from e
-    return components
-
-
-# ------------------------------------------------------------------------------------ the policy
 
 
 class SDXLPolicy(DDIMPolicy):
@@ -163,52 +51,27 @@ class SDXLPolicy(DDIMPolicy):
     Parameters, LoRA, reference(), checkpoints and LoRA export are the parent's (the UNet is the
     only trained module). ``sample`` and ``step_distribution`` are the parent's loop with the
     conditioning of ``conditioning()`` threaded through to the UNet as ``added_cond_kwargs``.
+    ``sdxl``: ``model.sdxl`` (micro-conditioning; the VAE is loaded from its ``vae``).
     """
 
+    family_name = "sdxl"
+    label = "SDXL"
     lora_loader = "StableDiffusionXLLoraLoaderMixin"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    settings_field = "sdxl"
+    index_config: ClassVar[dict[str, Any]] = {"force_zeros_for_empty_prompt": True}
+    pipeline_kwargs: ClassVar[dict[str, Any]] = {"add_watermarker": False}
+    upcast_vae = True  # StableDiffusionXLPipeline upcasts a force_upcast VAE
+    vae_note = "; model.sdxl.vae can name an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix"
+    extra_keys = EXTRA_KEYS
 
     def __init__(
-        self,
-        components: dict[str, Any],
-        lora: LoraConfig,
-        *,
-        sdxl: SDXLConfig | None = None,
-        device: torch.device,
-        weight_dtype: torch.dtype = torch.float32,
-        logprob_reduction: str = "mean",
-        gradient_checkpointing: bool = False,
-        performance: PerformanceConfig | None = None,
+        self, components: dict, lora: LoraConfig, *, sdxl: SDXLConfig | None = None, **kwargs: Any
     ) -> None:
-        # The VAE is placed here, not by the parent: a force_upcast VAE must not pass through fp16.
-        super().__init__(
-            {**components, "vae": None},
-            lora,
-            device=device,
-            weight_dtype=weight_dtype,
-            logprob_reduction=logprob_reduction,
-            gradient_checkpointing=gradient_checkpointing,
-            performance=performance,
-        )
         self.sdxl = sdxl or SDXLConfig()
-        self.force_zeros_for_empty_prompt = components.get("force_zeros_for_empty_prompt", True)
-        self.text_encoder_2 = cast_frozen(
-            components["text_encoder_2"].requires_grad_(False), weight_dtype, device
-        )
-        self.tokenizer_2 = components["tokenizer_2"]
-        vae = components["vae"]
-        vae_dtype = torch.float32 if vae.config.force_upcast else weight_dtype
-        if vae_dtype != weight_dtype:
-            logger.info(
-                "sdxl: VAE decodes in fp32 (its config sets force_upcast; model.sdxl.vae can name "
-                "an fp16-safe VAE such as madebyollin/sdxl-vae-fp16-fix)"
-            )
-        self.vae = vae.requires_grad_(False).to(device)
-        if vae.dtype != vae_dtype:  # cast only when needed: diffusers warns on every .to(dtype)
-            self.vae.to(dtype=vae_dtype)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self._check_model()
+        super().__init__(components, lora, **kwargs)
 
-    def _check_model(self) -> None:
+    def check_model(self) -> None:
         """Refuse models this policy would run wrongly, saying why (not a shape error later)."""
         unet, vae = self.unet.config, self.vae.config
         if unet.addition_embed_type != "text_time":
@@ -232,25 +95,8 @@ class SDXLPolicy(DDIMPolicy):
             raise ModelLoadError(
                 "the VAE config sets latents_mean/latents_std (not an SDXL VAE); use SDXL's VAE"
             )
-        side = self.image_size()
-        if side % self.vae_scale_factor:
-            raise ModelLoadError(
-                f"model.sdxl.resolution={side} must be a multiple of the VAE's downsampling factor "
-                f"{self.vae_scale_factor}"
-            )
 
     # ------------------------------------------------------------------ conditioning
-
-    def image_size(self) -> int:
-        """Square image side (pixels): model.sdxl.resolution, else UNet sample_size x VAE factor."""
-        if self.sdxl.resolution is not None:
-            return self.sdxl.resolution
-        size = self.unet.config.sample_size
-        return (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
-
-    def latent_shape(self) -> tuple[int, int, int]:
-        side = self.image_size() // self.vae_scale_factor
-        return (self.unet.config.in_channels, side, side)
 
     def add_time_ids(self, n: int) -> torch.Tensor:
         """(n, 6) float32: original (h, w) ++ crop (top, left) ++ target (h, w); sizes default to
@@ -274,14 +120,7 @@ class SDXLPolicy(DDIMPolicy):
             (self.tokenizer, self.text_encoder),
             (self.tokenizer_2, self.text_encoder_2),
         ):
-            ids = tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            out = encoder(ids, output_hidden_states=True)
+            out = encoder(self.tokenize(tokenizer, prompts), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
         return torch.cat(hidden, dim=-1), out.text_embeds
 
@@ -315,43 +154,19 @@ class SDXLPolicy(DDIMPolicy):
     ) -> dict[str, Any]:
         """One CFG branch's UNet keyword arguments: encoder_hidden_states (N, L, D) and
         added_cond_kwargs {text_embeds (N, P): the (negative) pooled embedding, time_ids (N, 6)}."""
-        if extra is None or any(k not in extra for k in EXTRA_KEYS):
-            raise ValueError(
-                f"SDXL trajectories need extra={list(EXTRA_KEYS)} (sampled by another policy?)"
-            )
+        extra = self.check_extra(extra)
         pooled = extra["negative_pooled_prompt_embeds" if negative else "pooled_prompt_embeds"]
         added = {"text_embeds": pooled, "time_ids": extra["add_time_ids"]}
         return {"encoder_hidden_states": embeds, "added_cond_kwargs": added}
 
-    # ------------------------------------------------------------------ export
-
-    def export(self, path: str | Path) -> None:
-        """LoRA: the parent's diffusers LoRA file (UNet keys, which
-        ``StableDiffusionXLPipeline.load_lora_weights`` reads). Full fine-tuning: a complete SDXL
-        pipeline (``StableDiffusionXLPipeline.from_pretrained``)
-        with the DDIM scheduler diffloop sampled with."""
-        if self.lora_config is not None:
-            super().export(path)
-            return
-        from diffusers import StableDiffusionXLPipeline
-
-        pipe = StableDiffusionXLPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer=self.tokenizer,
-            tokenizer_2=self.tokenizer_2,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
-            add_watermarker=False,
-        )
-        pipe.save_pretrained(str(path))
+    def save_pipeline(self, path: Path) -> None:
+        """A complete SDXL pipeline (``StableDiffusionXLPipeline.from_pretrained``) with the DDIM
+        scheduler diffloop sampled with, no watermarker (not SD's folder-wise export)."""
+        DenoiserPolicy.save_pipeline(self, path)
 
 
-def load_sdxl_policy(
-    model: ModelConfig, lora: LoraConfig, sample: Any = None, **kwargs: Any
-) -> SDXLPolicy:
-    """``load_policy`` for the sdxl family: components from model.pretrained, settings from
-    model.sdxl; ``sample`` (the flow-matching sampler settings) is not used by DDIM."""
-    return SDXLPolicy(load_sdxl_components(model), lora, sdxl=model.sdxl, **kwargs)
+def load_sdxl_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> SDXLPolicy:
+    """``load_policy`` for the sdxl family: components from model.pretrained (the VAE from
+    model.sdxl.vae when set), settings from model.resolution and model.sdxl; ``sample`` (the
+    flow-matching sampler settings) is not used by DDIM."""
+    return SDXLPolicy.from_model(model, lora, **kwargs)

@@ -8,7 +8,10 @@ A reward is any callable ``reward(images, prompts, metadata) -> scores`` with
     metadata: list[dict] of length N (per-prompt extras, e.g. the objects a binding prompt names);
     scores:   anything array-like of length N (torch tensor, numpy array, list of numbers).
 A DDPO-style ``(scores, info_dict)`` pair is also accepted; the dict is dropped. Rewards that are
-objects carry a ``name`` attribute (used in logs and errors).
+objects carry a ``name`` attribute (used in logs and errors). A reward used for the held-out
+evaluation may also offer a breakdown of it (an ``eval_breakdown`` method: per category of images,
+a mean logged beside ``eval_reward_mean`` and shown in the end-of-run summary), see
+:mod:`diffloop.rewards.breakdown`.
 
 Building a reward
 -----------------
@@ -333,6 +336,19 @@ class RewardScores:
     def valid(self) -> torch.Tensor:
         """(N,) bool, True where the score is usable."""
         return ~torch.isnan(self.scores)
+
+
+def concat_scores(results: Sequence[RewardScores]) -> RewardScores:
+    """Per-batch reward results concatenated (scores, invalid counts, any component scores)."""
+    components = None
+    if getattr(results[0], "components", None):
+        components = {
+            k: torch.cat([r.components[k] for r in results]) for k in results[0].components
+        }
+    out = RewardScores(torch.cat([r.scores for r in results]), sum(r.num_invalid for r in results))
+    if components is not None:
+        out.components = components
+    return out
 
 
 def _as_float_tensor(output: Any, name: str, n: int) -> torch.Tensor:

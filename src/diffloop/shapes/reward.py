@@ -66,6 +66,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffloop.rewards.breakdown import (
+    BreakdownRow,
+    BreakdownSection,
+    BreakdownValues,
+    breakdown_means,
+    category_breakdown,
+)
 from diffloop.shapes import world
 from diffloop.shapes.world import COLORS, SHAPES, TEXTURES, ObjectSpec
 
@@ -397,27 +404,51 @@ def attribute_binding(
     return out
 
 
+def breakdown_values(
+    rewards: torch.Tensor, attributes: dict[str, torch.Tensor], prompts: list[str]
+) -> dict[str, BreakdownValues]:
+    """The evaluation's breakdown per image (``diffloop.rewards.breakdown``): rewards (N,),
+    attributes from ``attribute_binding`` ({name: (N,)}), prompts N captions ->
+
+        eval_binding_<colour|shape|texture>_mean: the attribute score of every image
+        eval_reward_seen_mean:   the rewards of captions made of training combinations
+        eval_reward_unseen_mean: ... of captions naming a held-out combination
+                                 (world.UNSEEN_COMBINATIONS)"""
+    out = {
+        f"eval_binding_{k}_mean": BreakdownValues(v.cpu().float()) for k, v in attributes.items()
+    }
+    unseen = ["unseen" if world.uses_unseen_combination(p) else "seen" for p in prompts]
+    return {**out, **category_breakdown(rewards.cpu().float(), unseen, ("seen", "unseen"))}
+
+
 def eval_breakdown(
     rewards: torch.Tensor, attributes: dict[str, torch.Tensor], prompts: list[str]
 ) -> dict[str, float]:
-    """What improved, for the trainer's evaluation: rewards (N,), attributes from
-    ``attribute_binding`` ({name: (N,)}), prompts N captions -> eval metrics
+    """What improved: the means of ``breakdown_values`` (nanmean over the images each key
+    covers); a key whose images are all absent or NaN (no unseen caption among the prompts) is
+    left out."""
+    return breakdown_means(breakdown_values(rewards, attributes, prompts))
 
-        eval_binding_<colour|shape|texture>_mean = nanmean over images of the attribute score
-        eval_reward_seen_mean   = nanmean of the rewards of captions made of training combinations
-        eval_reward_unseen_mean = ... of captions naming a held-out combination
-        (world.UNSEEN_COMBINATIONS)
 
-    A key whose images are all absent or NaN (no unseen caption among the prompts) is left out."""
-    out = {}
-    unseen = torch.tensor([world.uses_unseen_combination(p) for p in prompts], dtype=torch.bool)
-    groups = {f"eval_binding_{k}_mean": v.cpu().float() for k, v in attributes.items()}
-    groups["eval_reward_seen_mean"] = rewards.cpu().float()[~unseen]
-    groups["eval_reward_unseen_mean"] = rewards.cpu().float()[unseen]
-    for key, values in groups.items():
-        if bool((~torch.isnan(values)).any()):
-            out[key] = float(torch.nanmean(values))
-    return out
+def breakdown_sections(prompts: list[str]) -> list[BreakdownSection]:
+    """How the end-of-run summary shows the breakdown of the evaluation ``prompts``: per attribute,
+    then seen / unseen combinations with the number of prompts of each."""
+    unseen = sum(world.uses_unseen_combination(p) for p in prompts)
+    note = "" if unseen else ": no eval prompt names a held-out combination"
+    attribute_rows = tuple(BreakdownRow(f"eval_binding_{a}_mean", a) for a in ATTRIBUTES)
+    return [
+        BreakdownSection(
+            "per attribute (the matched object is there and has the named attribute):",
+            attribute_rows,
+        ),
+        BreakdownSection(
+            "by combination (binding reward):",
+            (
+                BreakdownRow("eval_reward_seen_mean", f"seen ({len(prompts) - unseen} prompts)"),
+                BreakdownRow("eval_reward_unseen_mean", f"unseen ({unseen} prompts)", note),
+            ),
+        ),
+    ]
 
 
 @contextlib.contextmanager
@@ -445,6 +476,7 @@ class BindingReward:
     """
 
     name = "shapes_binding"
+    summary_label = "binding reward"  # the end-of-run summary's verdict line
 
     def __init__(
         self,
@@ -493,6 +525,20 @@ class BindingReward:
                 cands, list(prompts), self.aggregate, self.params.partial_credit
             )
 
+    def eval_breakdown(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        metadata: list[dict],
+        scores: torch.Tensor,
+    ) -> dict[str, BreakdownValues]:
+        """The held-out evaluation's breakdown (``diffloop.rewards.breakdown``): binding per
+        attribute (``attribute_scores``) and the reward of seen / unseen combinations
+        (``breakdown_values``)."""
+        return breakdown_values(scores, self.attribute_scores(images, prompts), prompts)
+
+    breakdown_sections = staticmethod(breakdown_sections)
+
 
 _DEFAULT = BindingReward()
 
@@ -516,6 +562,8 @@ __all__ = [
     "assignment_values",
     "attribute_binding",
     "binding_score",
+    "breakdown_sections",
+    "breakdown_values",
     "candidate_regions",
     "connected_components",
     "eval_breakdown",
@@ -533,6 +581,7 @@ class PhraseMeanBindingReward(BindingReward):
     aggregation: ``evaluated_with`` names that reward for the trainer (eval.reward overrides it)."""
 
     name = "shapes_binding_mean"
+    summary_label = None  # "shapes_binding_mean reward"
     evaluated_with = "shapes_binding"
 
     def __init__(self, params: RewardParams | None = None, num_threads: int | None = 1) -> None:

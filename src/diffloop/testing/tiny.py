@@ -6,8 +6,15 @@ channels, a 2-layer CLIP text encoder of width 32, a 2-level VAE, SD's DDIM sche
 
 Sizes: latents (4, 16, 16), images (3, 32, 32) (the VAE downsamples by 2), text (77, 32).
 ``prediction_type="epsilon"`` mimics SD 1.x, ``"v_prediction"`` SD 2.x; the networks are otherwise
-identical. The tokenizer is the caller's (the test suite uses a CLIP BPE fixture); by default a
-word-level one (``diffloop.shapes.model.build_tokenizer``) over ``DEFAULT_WORDS``.
+identical. The tokenizer is the caller's; by default the committed CLIP BPE tokenizer
+(``diffloop.testing.tokenizer``), with which the test suite's pipelines are built (bench passes a
+word-level one, ``make_word_tokenizer``).
+
+Use from a conftest::
+
+    @pytest.fixture(scope="session")
+    def tiny_sd(tmp_path_factory):
+        return tiny_sd_dir(tmp_path_factory)              # or prediction_type="v_prediction"
 """
 
 from __future__ import annotations
@@ -17,31 +24,13 @@ from typing import Any
 
 import torch
 
-MAX_TOKENS = 77  # CLIP's context length; prompts longer than this are truncated by the pipeline
+# MAX_TOKENS: CLIP's context length; prompts longer than this are truncated by the pipeline
+from diffloop.testing.tokenizer import MAX_TOKENS, make_tiny_tokenizer
+
 LATENT_SIZE = 16
 IMAGE_SIZE = 32  # LATENT_SIZE * 2 (VAE with two blocks -> one downsampling)
 TEXT_DIM = 32
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-DEFAULT_WORDS = [
-    "a",
-    "photo",
-    "of",
-    "an",
-    "astronaut",
-    "riding",
-    "horse",
-    "on",
-    "the",
-    "moon",
-    "cat",
-    "dog",
-    "red",
-    "green",
-    "blue",
-    "bench",
-    "car",
-    "ball",
-]
 
 # The vocabulary of benchmark prompts (bench's word-level tokenizers, SD and SDXL shapes).
 PROMPT_WORDS = [
@@ -87,7 +76,7 @@ VAE_CONFIG: dict[str, Any] = {
 }
 
 
-def make_word_tokenizer(words=DEFAULT_WORDS) -> Any:
+def make_word_tokenizer(words: list[str] = PROMPT_WORDS) -> Any:
     """A word-level tokenizer of max length 77 (no files needed)."""
     from diffloop.shapes.model import build_tokenizer
 
@@ -155,12 +144,13 @@ def build_tiny_components(
 
     Each network is initialised right after ``torch.manual_seed(seed + i)`` inside ``fork_rng``, so
     the weights do not depend on the caller's RNG state and the caller's RNG is left untouched.
+    ``tokenizer`` defaults to the committed CLIP BPE one (``make_tiny_tokenizer``).
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(
             f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
         )
-    tokenizer = tokenizer if tokenizer is not None else make_word_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else make_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = make_tiny_unet()
@@ -198,3 +188,9 @@ def make_tiny_sd(
     path = Path(path)
     build_tiny_sd(prediction_type, seed, tokenizer).save_pretrained(path)
     return path
+
+
+def tiny_sd_dir(tmp_path_factory: Any, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """For a session-scoped pytest fixture: a fresh tiny pipeline under pytest's tmp root."""
+    path = tmp_path_factory.mktemp(f"tiny_sd_{prediction_type}")
+    return make_tiny_sd(path, prediction_type, seed)

@@ -1,8 +1,20 @@
 """Random-weight SDXL components built from configs: SDXL base 1.0's shapes (for bench) and
-diffusers' fast-test sizes (for tests); nothing is downloaded."""
+diffusers' fast-test sizes (for tests); nothing is downloaded.
+
+The tests' pipeline (``build_tiny_sdxl``, ``tiny_sdxl_dir``) has diffusers' own SDXL fast-test sizes
+(tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py, ``get_dummy_components``), kept in
+``SDXL_CONFIGS["tiny"]``: a (2, 4)-channel UNet with ``addition_embed_type="text_time"`` (6 time ids
+x 8 + pooled 32 = 80 inputs), two 5-layer CLIP text encoders of width 32 (the second with a 32-wide
+projection), a 2-level VAE. Both encoders use the committed CLIP BPE tokenizer
+(``diffloop.testing.tokenizer``), as diffusers' test uses one tiny CLIP tokenizer twice.
+Sizes: latents (4, 32, 32), images (3, 64, 64), text (77, 64), pooled (32,). Its scheduler is saved
+as diffusers' test and SDXL base 1.0 ship it, Euler (``EulerDiscreteScheduler``), so loading the
+directory exercises the conversion to DDIM.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,6 +22,17 @@ import torch
 from diffloop.policies.schedulers import to_ddim
 
 # -------------------------------------------------------------------------- random-weight models
+
+# The fast test's CLIP text encoders (both the same, the second with a 32-wide projection).
+TINY_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 5,
+    "num_attention_heads": 4,
+    "hidden_act": "gelu",
+    "projection_dim": 32,
+    "vocab_size": 1000,
+}
 
 # SDXL base 1.0's config.json values (stabilityai/stable-diffusion-xl-base-1.0: unet/,
 # text_encoder/, text_encoder_2/, vae/), and as "tiny" diffusers' SDXL fast-test sizes
@@ -77,24 +100,8 @@ SDXL_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             "projection_class_embeddings_input_dim": 80,  # 6 x 8 + 32
             "norm_num_groups": 1,
         },
-        "text_encoder": {
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 5,
-            "num_attention_heads": 4,
-            "hidden_act": "gelu",
-            "projection_dim": 32,
-            "vocab_size": 1000,
-        },
-        "text_encoder_2": {
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 5,
-            "num_attention_heads": 4,
-            "hidden_act": "gelu",
-            "projection_dim": 32,
-            "vocab_size": 1000,
-        },
+        "text_encoder": TINY_TEXT_CONFIG,
+        "text_encoder_2": TINY_TEXT_CONFIG,
         "vae": {
             "block_out_channels": (32, 64),
             "down_block_types": ("DownEncoderBlock2D",) * 2,
@@ -170,3 +177,38 @@ def build_sdxl_components(
         "scheduler": to_ddim(SDXL_EULER_CONFIG),
         "force_zeros_for_empty_prompt": True,
     }
+
+
+# ----------------------------------------------------------------------- the tests' tiny pipeline
+
+
+def build_tiny_sdxl(seed: int = 0) -> Any:
+    """The tiny SDXL pipeline in memory (Euler scheduler, no watermarker); weights are a pure
+    function of ``seed`` and the caller's RNG is left untouched."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from diffloop.testing.tokenizer import make_tiny_tokenizer
+
+    c = build_sdxl_components("tiny", seed=seed, tokenizer=make_tiny_tokenizer())
+    return StableDiffusionXLPipeline(
+        vae=c["vae"],
+        text_encoder=c["text_encoder"],
+        text_encoder_2=c["text_encoder_2"],
+        tokenizer=c["tokenizer"],
+        tokenizer_2=c["tokenizer_2"],
+        unet=c["unet"],
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG),
+        add_watermarker=False,
+    )
+
+
+def make_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
+    """``save_pretrained`` the tiny pipeline to ``path``: the real SDXL directory layout."""
+    path = Path(path)
+    build_tiny_sdxl(seed).save_pretrained(path)
+    return path
+
+
+def tiny_sdxl_dir(tmp_path_factory: Any, seed: int = 0) -> Path:
+    """For a session-scoped pytest fixture: a fresh tiny SDXL directory under pytest's tmp root."""
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"), seed)

@@ -63,6 +63,7 @@ import torch
 from diffloop import loops, seeding
 from diffloop.config import check_output_dir
 from diffloop.errors import CommandParser
+from diffloop.evaluation import evaluation_inputs, progress_bar
 from diffloop.images import make_grid
 
 DEFAULT_STEPS = 50
@@ -162,7 +163,7 @@ def load_target(target: EvalTarget, device: torch.device):
             None,
             None,
         )
-    from diffloop.trainer import set_backend_flags
+    from diffloop.performance import set_backend_flags
 
     # A run: its newest checkpoint whose weights verify (an older one, warned, if that is damaged).
     policy, config, path = load_run_policy(target.run_dir, device, target.checkpoint)
@@ -226,27 +227,20 @@ def generate_and_score(
     keep_prompts: int,
     progress: loops.ProgressFn | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Sample P*K images in batches and score them with every reward.
+    """Sample P*K images in batches and score them with every reward: the evaluation of
+    ``diffloop.evaluation`` (``evaluation_inputs``: the trainer's prompts, seeds and metadata).
 
     Returns ({reward: scores (P, K) float32, NaN = invalid}, images (min(P, keep_prompts) K, 3,
     H, W) uint8 of the first ``keep_prompts`` prompts for the grids; the rest are not kept).
     ``progress`` wraps the batches (``loops.score_fixed_noise``).
     """
     p, k = len(prompts), images_per_prompt
-    flat = [prompt for prompt in prompts for _ in range(k)]  # (P*K,) prompt-major
-    metadata = [{"prompt_index": i, "image_index": j} for i in range(p) for j in range(k)]
+    flat, seeds, metadata = evaluation_inputs(prompts, k, seed)
     sampler = loops.SamplerSettings(num_steps, eta, guidance_scale, negative_prompt)
     scores, kept = loops.score_fixed_noise(
-        policy,
-        flat,
-        loops.eval_seeds(seed, p, k),
-        rewards,
-        sampler,
-        batch_size,
-        metadata=metadata,
-        keep_images=keep_prompts * k,
-        progress=progress,
-    )
+        policy, flat, seeds, rewards, sampler, batch_size, metadata=metadata,
+        keep_images=keep_prompts * k, progress=progress,
+    )  # fmt: skip
     images = (kept.clamp(0, 1) * 255).round().to(torch.uint8)
     return {name: v.view(p, k) for name, v in scores.items()}, images
 
@@ -425,7 +419,7 @@ def evaluate_model(
             negative_prompt=settings["negative_prompt"],
             batch_size=batch_size,
             keep_prompts=grid_prompts,
-            progress=_target_progress(target.label, len(prompt_list), images_per_prompt)
+            progress=progress_bar(target.label, len(prompt_list), images_per_prompt)
             if progress_bars
             else None,
         )
@@ -463,15 +457,6 @@ def evaluate_model(
             result["compare_grid"] = "compare.png"
         _write_json(out_dir / "eval.json", result)
     return result
-
-
-def _target_progress(label: str, num_prompts: int, k: int) -> loops.ProgressFn:
-    """A target's bar over its batches on stderr ("evaluating base: 8 prompts x 4 images"), gone
-    when done."""
-    from tqdm.auto import tqdm
-
-    what = f"evaluating {label}: {num_prompts} prompts x {k} image{'s' if k != 1 else ''}"
-    return lambda batches, total: tqdm(batches, desc=what, total=total, leave=False)
 
 
 def _write_json(path: Path, result: Mapping[str, Any]) -> None:

@@ -180,9 +180,14 @@ def change_cell(key: str, base: Any, last: Any, epoch: int | None) -> str:
 
 
 def breakdown_section(runs: Sequence[RunData]) -> str:
-    """Base -> last evaluation of each BREAKDOWN key some run logged besides the mean ("" when
-    none did: the breakdown is the shapes world's), one column per run."""
-    logged = [(k, label) for k, label in BREAKDOWN if any(k in r for run in runs for r in run.rows)]
+    """Base -> last evaluation of each BREAKDOWN key some run logged besides the mean, then of each
+    category of an evaluation reward's own breakdown (``eval_reward_<category>_mean``,
+    ``diffloop.rewards.breakdown``), one column per run; "" when no run logged one."""
+    present = {k for run in runs for r in run.rows for k in r}
+    categories = sorted(k for k in present if metrics.lookup(k) is metrics.EVAL_CATEGORY)
+    logged = [(k, label) for k, label in BREAKDOWN if k in present] + [
+        (k, f"reward, {k.removeprefix('eval_reward_').removesuffix('_mean')}") for k in categories
+    ]
     if [k for k, _ in logged] in ([], [EVAL_MEAN]):
         return ""
     rows = [

@@ -43,7 +43,9 @@ batch statistics
 -- which is what training does until prompts repeat that often.
 
 The statistics are pure functions (tested on a 1-D Gaussian policy whose estimator variances are
-known in closed form: ``toy_gaussian_*``); the diffusion estimate reuses the trainer's pieces.
+known in closed form: ``toy_gaussian_*``); the diffusion estimate reuses the pieces training is made
+of (``Setup``: the policy loaded as training loads it, ``loops.sample_and_score``, the algorithm
+table's advantages and loss, ``loops.minibatch_backward``).
 """
 
 from __future__ import annotations
@@ -51,11 +53,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -358,70 +360,109 @@ def policy_gradient(
     return -grad.detach().float().cpu(), err
 
 
-def draw_estimate(trainer, index: int, seed: int, tracker=None) -> Estimate:
-    """Estimate ``index`` under the trainer's algorithm and config (B prompts x K samples), at the
+@dataclass
+class Setup:
+    """What estimates under one algorithm need (``build_setup``): the validated config, its
+    training prompts, reward and algorithm (a row of ``ALGORITHMS``), ppo's stat tracker (None for
+    the others) and the policy, loaded as training loads it."""
+
+    config: Any
+    prompt_source: Any
+    reward: Callable[..., Any]
+    algorithm: Any
+    stat_tracker: Any
+    policy: Any
+
+    def sample_and_score(self, prompts: list[str], seeds: list[int], metadata: list[dict]) -> Any:
+        """(trajectories, scores, timing) of (prompt, seed) pairs, as training samples them
+        (``loops.sample_and_score``)."""
+        from diffloop import loops
+
+        sampler = loops.SamplerSettings.from_config(self.config.sample)
+        batch_size = self.config.sample.batch_size
+        return loops.sample_and_score(
+            self.policy, self.reward, prompts, seeds, metadata, sampler, batch_size
+        )
+
+
+def draw_estimate(setup: Setup, index: int, seed: int, tracker=None) -> Estimate:
+    """Estimate ``index`` under the setup's algorithm and config (B prompts x K samples), at the
     policy's current parameters. Prompts and noise are pure functions of (seed, index)."""
     from diffloop import loops, seeding
     from diffloop.config import trained_steps
 
-    cfg = trainer.config
+    cfg = setup.config
     s, t = cfg.sample, cfg.train
-    prompts = trainer.prompt_source.sample(s.prompts_per_epoch, seed, index)
-    flat = [p for p in prompts for _ in range(s.samples_per_prompt)]
+    prompts = setup.prompt_source.sample(s.prompts_per_epoch, seed, index)
+    flat = loops.prompt_major(prompts, s.samples_per_prompt)
     seeds = [seeding.variance_noise_seed(seed, index, g) for g in range(len(flat))]
-    traj, scores, _ = trainer.sample_and_score(
+    traj, scores, _ = setup.sample_and_score(
         flat, seeds, [{"estimate": index, "sample_index": g} for g in range(len(flat))]
     )
     rewards = scores.scores.float().cpu().view(s.prompts_per_epoch, s.samples_per_prompt)  # (B, K)
-    advantages = trainer.algorithm.advantages(rewards, prompts, t, tracker)  # (B, K)
+    advantages = setup.algorithm.advantages(rewards, prompts, t, tracker)  # (B, K)
     n, num_steps = traj.timesteps.shape
     gen = torch.Generator().manual_seed(seeding.variance_timestep_seed(seed, index))
-    # As the trainer: each trajectory trains on its own random subset of steps (all when fraction =
-    # 1).
+    # As in training: each trajectory trains on its own random subset of steps (all when
+    # fraction = 1).
     steps = loops.choose_timesteps(n, *trained_steps(cfg, num_steps), gen)
     grad, err = policy_gradient(
-        trainer.policy, traj, advantages.reshape(-1), trainer.algorithm.loss_fn, steps,
+        setup.policy, traj, advantages.reshape(-1), setup.algorithm.loss_fn, steps,
         clip_range=t.clip_range, eta=s.eta, guidance_scale=s.guidance_scale,
         batch_size=t.batch_size,
     )  # fmt: skip
     return Estimate(grad, rewards, advantages, len(flat), err)
 
 
-def algorithm_overrides(config, spec: AlgorithmSpec, workdir: Path) -> list[str]:
+def algorithm_overrides(config, spec: AlgorithmSpec) -> list[str]:
     """Overrides turning the base config into spec's estimator; settings that only shape training
-    (inner epochs, accumulation) are neutralised and train.batch_size (memory only) made to divide
-    N."""
+    (inner epochs, accumulation, evaluation, logging) are neutralised and train.batch_size (memory
+    only) made to divide N."""
     from diffloop.config import largest_divisor
 
     k = spec.samples_per_prompt or config.sample.samples_per_prompt
     n = config.sample.prompts_per_epoch * k
     return [
         f"train.algorithm={spec.name}", f"sample.samples_per_prompt={k}",
-            "train.num_inner_epochs=1",
-        "train.gradient_accumulation_steps=1",
-            f"train.batch_size={largest_divisor(n, config.train.batch_size)}",
-        f"output_dir={workdir / spec.label}", "eval.prompts=null", "resume=false", "num_epochs=1",
+        "train.num_inner_epochs=1", "train.gradient_accumulation_steps=1",
+        f"train.batch_size={largest_divisor(n, config.train.batch_size)}",
+        "eval.prompts=null", "resume=false", "num_epochs=1",
         "logging.tensorboard=false", "logging.wandb=false", "logging.progress_bars=false",
     ]  # fmt: skip
 
 
-def build_trainer(
+def build_setup(
     config_path: str | None,
     overrides: Sequence[str],
     spec: AlgorithmSpec,
-    workdir: Path,
     from_run: Path | None = None,
-):
-    """A Trainer for spec (its run directory in ``workdir``), with ``from_run``'s newest
-    parameters."""
+) -> Setup:
+    """The ``Setup`` of spec (the base config with ``algorithm_overrides``), checked as training
+    checks it before a model loads, with ``from_run``'s newest parameters and ppo tracker. Nothing
+    is written."""
     from diffloop import checkpoint
+    from diffloop.algorithms import ALGORITHMS, make_stat_tracker
     from diffloop.config import load_config, unvalidated_config
-    from diffloop.trainer import Trainer
+    from diffloop.distributed import Distributed
+    from diffloop.performance import set_backend_flags
+    from diffloop.preflight import check_before_loading
+    from diffloop.prompts import training_prompt_source
+    from diffloop.rewards.composite import build_reward_from_config
+    from diffloop.rewards.remote import check_servers
+    from diffloop.trainer import load_training_policy
 
     # may not validate yet: e.g. batch sizes for another K
     base = unvalidated_config(config_path, list(overrides))
-    config = load_config(config_path, [*overrides, *algorithm_overrides(base, spec, workdir)])
-    trainer = Trainer(config, argv=["diffloop", "variance", spec.label])
+    config = load_config(config_path, [*overrides, *algorithm_overrides(base, spec)])
+    device = Distributed().device
+    set_backend_flags(config.performance, device, config.cpu_threads)
+    check_before_loading(config)
+    prompt_source = training_prompt_source(config.prompts)
+    reward = build_reward_from_config(config.reward)
+    check_servers(reward)
+    algorithm = ALGORITHMS[config.train.algorithm]
+    policy = load_training_policy(config, device)
+    tracker = make_stat_tracker(algorithm, config.train)
     if from_run is not None:
         # the newest checkpoint that verifies (an older one, with train's warning, when it is
         # damaged)
@@ -429,51 +470,51 @@ def build_trainer(
         if found is None:
             raise checkpoint.CheckpointError(f"--from-run '{from_run}' has no complete checkpoint")
         _, parts = found
-        trainer.policy.load_trainable_state_dict(parts["trainable"])
-        if trainer.stat_tracker is not None and parts["state"].stat_tracker is not None:
-            trainer.stat_tracker.load_state_dict(parts["state"].stat_tracker)
-    return trainer
+        policy.load_trainable_state_dict(parts["trainable"])
+        if tracker is not None and parts["state"].stat_tracker is not None:
+            tracker.load_state_dict(parts["state"].stat_tracker)
+    return Setup(config, prompt_source, reward, algorithm, tracker, policy)
 
 
-def warm_stat_tracker(trainer, num_batches: int, seed: int) -> None:
+def warm_stat_tracker(setup: Setup, num_batches: int, seed: int) -> None:
     """Feed ``num_batches`` extra batches (at theta, prompts disjoint from the estimates') to the
     tracker."""
-    from diffloop import seeding
+    from diffloop import loops, seeding
 
-    s = trainer.config.sample
+    s = setup.config.sample
     for w in range(num_batches):
-        prompts = trainer.prompt_source.sample(s.prompts_per_epoch, seed, WARMUP_EPOCH_OFFSET + w)
-        flat = [p for p in prompts for _ in range(s.samples_per_prompt)]
+        prompts = setup.prompt_source.sample(s.prompts_per_epoch, seed, WARMUP_EPOCH_OFFSET + w)
+        flat = loops.prompt_major(prompts, s.samples_per_prompt)
         seeds = [
             seeding.variance_noise_seed(seed, WARMUP_EPOCH_OFFSET + w, g) for g in range(len(flat))
         ]
-        _, scores, _ = trainer.sample_and_score(flat, seeds, [{}] * len(flat))
-        trainer.stat_tracker.update(flat, scores.scores.float().cpu())
+        _, scores, _ = setup.sample_and_score(flat, seeds, [{}] * len(flat))
+        setup.stat_tracker.update(flat, scores.scores.float().cpu())
 
 
 def measure(
-    trainer,
+    setup: Setup,
     num_estimates: int,
     seed: int,
     ppo_warmup_batches: int = 0,
     log: Callable[[str], None] = print,
 ) -> tuple[GradientStats, dict[str, float]]:
-    """M estimates at the trainer's current parameters -> (GradientStats, diagnostics)."""
+    """M estimates at the setup's current parameters -> (GradientStats, diagnostics)."""
     from diffloop.algorithms import make_stat_tracker
 
     snapshot = None
-    if trainer.stat_tracker is not None:
-        warm_stat_tracker(trainer, ppo_warmup_batches, seed)
-        snapshot = trainer.stat_tracker.state_dict()
+    if setup.stat_tracker is not None:
+        warm_stat_tracker(setup, ppo_warmup_batches, seed)
+        snapshot = setup.stat_tracker.state_dict()
     acc = MomentAccumulator()
     kept: list[torch.Tensor] = []  # every estimate, for the jackknife standard errors
     reward_sum, err, t0 = 0.0, 0.0, time.perf_counter()
     for m in range(num_estimates):
         tracker = None
         if snapshot is not None:  # frozen: every estimate starts from the same tracker state
-            tracker = make_stat_tracker(trainer.algorithm, trainer.config.train)
+            tracker = make_stat_tracker(setup.algorithm, setup.config.train)
             tracker.load_state_dict(snapshot)
-        est = draw_estimate(trainer, m, seed, tracker)
+        est = draw_estimate(setup, m, seed, tracker)
         acc.add(est.grad)
         kept.append(est.grad.detach().reshape(-1).float().cpu())
         reward_sum += float(torch.nanmean(est.rewards))
@@ -605,26 +646,25 @@ def variance_main(argv: list[str]) -> int:
     config_path, overrides = split_config_args(args.args)
     specs = parse_algorithms(args.algorithms)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="diffloop-variance-") as tmp:
-        for spec in specs:
-            trainer = build_trainer(config_path, overrides, spec, Path(tmp), args.from_run)
-            s = trainer.config.sample
-            print(
-                f"{spec.label}: {args.estimates} estimates of {s.prompts_per_epoch} prompts x "
-                f"{s.samples_per_prompt} samples"
-            )
-            stats, diag = measure(trainer, args.estimates, args.seed, args.ppo_warmup_batches)
-            rows.append(
-                {
-                    "label": spec.label,
-                    "algorithm": spec.name,
-                    "samples_per_prompt": s.samples_per_prompt,
-                    "prompts_per_estimate": s.prompts_per_epoch,
-                    **asdict(stats),
-                    **diag,
-                }
-            )
-            del trainer
+    for spec in specs:
+        setup = build_setup(config_path, overrides, spec, args.from_run)
+        s = setup.config.sample
+        print(
+            f"{spec.label}: {args.estimates} estimates of {s.prompts_per_epoch} prompts x "
+            f"{s.samples_per_prompt} samples"
+        )
+        stats, diag = measure(setup, args.estimates, args.seed, args.ppo_warmup_batches)
+        rows.append(
+            {
+                "label": spec.label,
+                "algorithm": spec.name,
+                "samples_per_prompt": s.samples_per_prompt,
+                "prompts_per_estimate": s.prompts_per_epoch,
+                **asdict(stats),
+                **diag,
+            }
+        )
+        del setup  # one model in memory at a time
     result = {
         "config": config_path, "overrides": list(overrides), "seed": args.seed,
         "estimates": args.estimates,

@@ -106,8 +106,8 @@ def bench_policy(args: argparse.Namespace, device: torch.device) -> Any:
     """The policy ``--shape`` names: the shipped shapes model with the default run's LoRA (loaded as
     train loads it), or random-weight SD / SDXL / SD3 / FLUX shapes with DDPO's rank-4 adapter."""
     from diffloop.config import LoraConfig, PerformanceConfig
+    from diffloop.performance import set_backend_flags
     from diffloop.policies.diffusers_policy import DDIMPolicy
-    from diffloop.trainer import set_backend_flags
 
     dtype = DTYPES[args.dtype]
     set_backend_flags(PerformanceConfig(**args.perf), device)

@@ -1,6 +1,6 @@
 """Verdicts on the LOOP paper's claims from a finished sweep and a variance measurement (markdown).
 
-    python scripts/claims.py SUMMARY.json [VARIANCE.json [RUNS_DIR]] [--broad EVAL.json ...]
+    python -m diffloop.tools.claims SUMMARY.json [VARIANCE.json [RUNS_DIR]] [--broad EVAL.json ...]
     e.g. runs/shapes_algorithms/summary.json runs/shapes_algorithms/variance_init.json
          runs/shapes_algorithms
 
@@ -411,7 +411,9 @@ def broad_lines(broad: BroadScores, summary: dict) -> list[str]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m diffloop.tools.claims", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("summary", type=Path, help="the sweep's summary.json")
     parser.add_argument(
         "variance", type=Path, nargs="?", help="a variance json (skipped if absent)"

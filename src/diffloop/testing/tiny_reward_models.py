@@ -4,8 +4,8 @@ Each builder writes a directory that the rewards load by path exactly as they lo
 checkpoints: ``save_pretrained`` model + tokenizer + ``preprocessor_config.json``.
 
     CLIP:  vision 24 px, patch 8 (3x3 patches), width 32, 2 layers; text width 32, 2 layers;
-           CLIP BPE tokenizer from tests/fixtures/tiny_tokenizer (914 tokens, EOT = 913, the
-           highest id, as in the real vocabulary); processor: short side -> 24, crop 24.
+           the committed CLIP BPE tokenizer (``diffloop.testing.tokenizer``: 914 tokens, EOT =
+           913, the highest id, as in the real vocabulary); processor: short side -> 24, crop 24.
     BLIP:  BlipForQuestionAnswering, vision 24 px / patch 8 / width 32, text width 32, 2 layers,
            a BERT WordPiece tokenizer over VOCAB ([DEC] = bos, the last id, as in BLIP);
            processor: resize to 24x24.
@@ -16,12 +16,8 @@ checkpoints: ``save_pretrained`` model + tokenizer + ``preprocessor_config.json`
 
 from __future__ import annotations
 
-import json
-import os
 from collections import OrderedDict
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +33,20 @@ from transformers import (
     CLIPTokenizer,
 )
 
-TOKENIZER_DIR = Path(__file__).resolve().parent / "fixtures" / "tiny_tokenizer"
+from diffloop.testing.tokenizer import make_tiny_tokenizer
+
 IMAGE_SIZE = 24
 PATCH = 8
 WIDTH = 32
+
+# Every transformer tower (CLIP's and BLIP's text and vision ones): width 32, 2 layers of 4 heads.
+TOWER = {
+    "hidden_size": WIDTH,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+VISION = {**TOWER, "image_size": IMAGE_SIZE, "patch_size": PATCH}
 
 # BERT vocabulary of the tiny BLIP: specials, the VQA answers, and the words of the test prompts.
 VOCAB = [
@@ -51,36 +57,10 @@ VOCAB = [
 ]  # fmt: skip
 
 
-def make_clip_tokenizer() -> CLIPTokenizer:
-    """CLIP BPE tokenizer from the committed fixture (same as tests/tiny_models.py, no
-    diffusers)."""
-    vocab = json.loads((TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8"))
-    lines = (TOKENIZER_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#")]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
 def tiny_clip_config(tokenizer: CLIPTokenizer, projection_dim: int = 16) -> CLIPConfig:
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": WIDTH,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 77,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    vision = {
-        "hidden_size": WIDTH,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH,
-    }
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    text = {**TOWER, "vocab_size": len(tokenizer), "max_position_embeddings": 77, **ids}
+    return CLIPConfig(text_config=text, vision_config=VISION, projection_dim=projection_dim)
 
 
 def clip_image_processor() -> CLIPImageProcessorPil:
@@ -92,7 +72,7 @@ def clip_image_processor() -> CLIPImageProcessorPil:
 def make_tiny_clip(path: str | Path, projection_dim: int = 16, seed: int = 0) -> Path:
     """A CLIPModel directory with its tokenizer and image-processor config."""
     path = Path(path)
-    tokenizer = make_clip_tokenizer()
+    tokenizer = make_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(tiny_clip_config(tokenizer, projection_dim))
@@ -114,27 +94,16 @@ def make_tiny_blip_vqa(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     tokenizer = make_bert_tokenizer(path / "_vocab")
     text = {
+        **TOWER,
         "vocab_size": len(VOCAB),
-        "hidden_size": WIDTH,
         "encoder_hidden_size": WIDTH,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
         "max_position_embeddings": 64,
         "bos_token_id": VOCAB.index("[DEC]"),
         "pad_token_id": VOCAB.index("[PAD]"),
         "sep_token_id": VOCAB.index("[SEP]"),
         "initializer_range": 0.3,  # BERT's 0.02 leaves a tiny model nearly blind to the image
     }
-    vision = {
-        "hidden_size": WIDTH,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH,
-        "initializer_range": 0.3,
-    }
+    vision = {**VISION, "initializer_range": 0.3}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BlipForQuestionAnswering(BlipConfig(text_config=text, vision_config=vision))
@@ -254,7 +223,7 @@ class OpenClipCLIP(nn.Module):
 def make_open_clip_checkpoint(path: str | Path, seed: int = 0) -> tuple[Path, OpenClipCLIP]:
     """A tiny open_clip CLIP saved as HPS v2 does ({"state_dict": ...}, torch.save)."""
     path = Path(path)
-    vocab = len(make_clip_tokenizer())
+    vocab = len(make_tiny_tokenizer())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = OpenClipCLIP(vocab).eval()
