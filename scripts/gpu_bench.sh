@@ -3,7 +3,9 @@
 #   bash scripts/fetch_wheels.sh wheels    # once, where the package index is reachable: diffusers/peft
 #                                          # wheels for a GPU machine without it (copy wheels/ along)
 #   bash scripts/gpu_bench.sh
-# Writes $OUT/bench_{sd15,sdxl,sd35,flux}.{json,txt}; docs/performance.md reads them.
+# Writes $OUT/bench_{sd15,sdxl,sd35,flux,flux2_klein,flux2,qwen_image,zimage}.{json,txt};
+# docs/performance.md reads them. FLUX.2-dev (a 32e9-parameter transformer, 64 GB in bf16) needs
+# a 141 GB GPU to train.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -25,3 +27,15 @@ python -m diffloop.tools.bench --shape sd35 --device cuda --dtype bf16 --repeats
     --time-limit-s "${SD35_LIMIT_S:-60}" --output "$OUT/bench_sd35.json" | tee "$OUT/bench_sd35.txt"
 python -m diffloop.tools.bench --shape flux --device cuda --dtype bf16 --repeats 2 --warmup 1 \
     --time-limit-s "${FLUX_LIMIT_S:-60}" --output "$OUT/bench_flux.json" | tee "$OUT/bench_flux.txt"
+python -m diffloop.tools.bench --shape flux2_klein --device cuda --dtype bf16 --repeats 2 --warmup 1 \
+    --guidance-scale 4 --time-limit-s "${FLUX2_KLEIN_LIMIT_S:-60}" \
+    --output "$OUT/bench_flux2_klein.json" | tee "$OUT/bench_flux2_klein.txt"
+python -m diffloop.tools.bench --shape flux2 --device cuda --dtype bf16 --repeats 2 --warmup 1 \
+    --guidance-scale 4 --gradient-checkpointing --time-limit-s "${FLUX2_LIMIT_S:-90}" \
+    --output "$OUT/bench_flux2.json" | tee "$OUT/bench_flux2.txt"
+python -m diffloop.tools.bench --shape qwen_image --device cuda --dtype bf16 --repeats 2 --warmup 1 \
+    --gradient-checkpointing --time-limit-s "${QWEN_IMAGE_LIMIT_S:-120}" \
+    --output "$OUT/bench_qwen_image.json" | tee "$OUT/bench_qwen_image.txt"
+python -m diffloop.tools.bench --shape zimage --device cuda --dtype bf16 --repeats 2 --warmup 1 \
+    --gradient-checkpointing --time-limit-s "${ZIMAGE_LIMIT_S:-120}" \
+    --output "$OUT/bench_zimage.json" | tee "$OUT/bench_zimage.txt"

@@ -70,6 +70,41 @@ def tiny_flux(tmp_path_factory) -> Path:
     return make_tiny_flux(tmp_path_factory.mktemp("tiny_flux"), guidance_embeds=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_flux2(tmp_path_factory) -> Path:
+    """A tiny FLUX.2-dev-style pipeline (Mistral3 encoder, guidance embedding) saved in diffusers
+    layout (``diffloop.testing.tiny_flux2``)."""
+    from diffloop.testing.tiny_flux2 import make_tiny_flux2
+
+    return make_tiny_flux2(tmp_path_factory.mktemp("tiny_flux2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein(tmp_path_factory) -> Path:
+    """A tiny FLUX.2-klein-base-style pipeline (Qwen3 encoder, real CFG: is_distilled false)."""
+    from diffloop.testing.tiny_flux2 import make_tiny_flux2_klein
+
+    return make_tiny_flux2_klein(tmp_path_factory.mktemp("tiny_flux2_klein"))
+
+
+@pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory) -> Path:
+    """A tiny Z-Image (base) pipeline (in-code Qwen tokenizer with a chat template, Z-Image's
+    shift-6 scheduler) saved in diffusers layout (``diffloop.testing.tiny_zimage``)."""
+    from diffloop.testing.tiny_zimage import make_tiny_zimage
+
+    return make_tiny_zimage(tmp_path_factory.mktemp("tiny_zimage"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(tmp_path_factory) -> Path:
+    """A tiny Qwen-Image pipeline (in-code Qwen2 tokenizer, Qwen-Image's scheduler) saved in
+    diffusers layout (``diffloop.testing.tiny_qwen_image``)."""
+    from diffloop.testing.tiny_qwen_image import make_tiny_qwen_image
+
+    return make_tiny_qwen_image(tmp_path_factory.mktemp("tiny_qwen_image"))
+
+
 @pytest.fixture
 def two_processes_and_one() -> Callable[..., tuple[dict, dict, dict]]:
     """``diffloop.testing.runs.two_processes_and_one`` with the torchrun worker

@@ -28,8 +28,14 @@ CONFIG_DIR = Path(str(resources.files("diffloop") / "configs"))
 
 
 SHIPPED_CONFIGS = {
+    "flux2_compbench_color.yaml",
+    "flux2_klein_base_compbench_color.yaml",
+    "flux2_klein_pickscore.yaml",
+    "flux2_pickscore.yaml",
     "flux_compbench_color.yaml",
     "flux_pickscore.yaml",
+    "qwen_image_compbench_color.yaml",
+    "qwen_image_pickscore.yaml",
     "sd15_compressibility.yaml",
     "sd15_low_memory.yaml",
     "sd15_ppo_ddpo.yaml",
@@ -41,6 +47,8 @@ SHIPPED_CONFIGS = {
     "sdxl_low_memory.yaml",
     "shapes.yaml",
     "shapes_long.yaml",
+    "zimage_pickscore.yaml",
+    "zimage_turbo_compbench_color.yaml",
 }
 
 

@@ -84,6 +84,42 @@ def _reload_flux_pipeline_transformer(model_dir: Path, lora_dir: Path) -> torch.
     return DenoiserView(pipe.transformer, timestep_scale=1 / 1000)
 
 
+def _reload_flux2_pipeline_transformer(model_dir: Path, lora_dir: Path) -> torch.nn.Module:
+    """``Flux2Pipeline`` / ``Flux2KleinPipeline`` ``.load_lora_weights`` (the class named by
+    model_index.json); the transformer called like a UNet (t / 1000 inside)."""
+    from diffusers import DiffusionPipeline
+
+    from diffloop.policies.flow import DenoiserView
+
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    pipe.load_lora_weights(str(lora_dir))
+    return DenoiserView(pipe.transformer, timestep_scale=1 / 1000)
+
+
+def _reload_qwen_image_pipeline_transformer(model_dir: Path, lora_dir: Path) -> torch.nn.Module:
+    """``QwenImagePipeline.load_lora_weights``; the transformer called like a UNet (t / 1000
+    inside)."""
+    from diffusers import QwenImagePipeline
+
+    from diffloop.policies.flow import DenoiserView
+
+    pipe = QwenImagePipeline.from_pretrained(model_dir)
+    pipe.load_lora_weights(str(lora_dir))
+    return DenoiserView(pipe.transformer, timestep_scale=1 / 1000)
+
+
+def _reload_zimage_pipeline_transformer(model_dir: Path, lora_dir: Path) -> torch.nn.Module:
+    """``ZImagePipeline.load_lora_weights``; the transformer called like a UNet (``ZImageView``:
+    lists of latents and captions, the reversed time, the negated output)."""
+    from diffusers import ZImagePipeline
+
+    from diffloop.policies.zimage import ZImageView
+
+    pipe = ZImagePipeline.from_pretrained(model_dir)
+    pipe.load_lora_weights(str(lora_dir))
+    return ZImageView(pipe.transformer)
+
+
 @dataclass(frozen=True)
 class PolicyCase:
     """One policy under test: its model (a conftest fixture name, or a ``model.pretrained`` value),
@@ -107,6 +143,34 @@ POLICIES = [
         "tiny_flux",
         _reload_flux_pipeline_transformer,
         {"sample.guidance_scale": 3.5},
+    ),
+    PolicyCase(
+        "tiny_flux2_dev",
+        "tiny_flux2",
+        _reload_flux2_pipeline_transformer,
+        {"sample.guidance_scale": 4.0},
+    ),
+    PolicyCase(
+        "tiny_flux2_klein_cfg",
+        "tiny_flux2_klein",
+        _reload_flux2_pipeline_transformer,
+        {"sample.guidance_scale": 4.0},
+    ),
+    PolicyCase(
+        "tiny_qwen_image_true_cfg",
+        "tiny_qwen_image",
+        _reload_qwen_image_pipeline_transformer,
+        {"sample.guidance_scale": 4.0, "model.resolution": 32},
+    ),
+    PolicyCase(
+        "tiny_zimage_cfg",
+        "tiny_zimage",
+        _reload_zimage_pipeline_transformer,
+        {
+            "sample.guidance_scale": 4.0,
+            "model.resolution": 32,
+            "model.zimage.max_sequence_length": 64,
+        },
     ),
 ]
 
@@ -216,7 +280,7 @@ def test_header_counts_are_what_sampling_does(case, tmp_path):
 
     def count_rows(_module, args, kwargs):
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        rows.append(x.shape[0])
+        rows.append(len(x))  # a batch tensor, or Z-Image's list of latents
 
     handle = t.policy.denoiser.register_forward_pre_hook(count_rows, with_kwargs=True)
     try:
@@ -225,7 +289,7 @@ def test_header_counts_are_what_sampling_does(case, tmp_path):
         handle.remove()
     g = t.config.sample.guidance_scale
     per_step = t.policy.evaluations_per_step(g)
-    assert per_step == (1 if case[0].name == "tiny_flux_dev" or g == 1.0 else 2)
+    assert per_step == (1 if t.policy.guidance_distilled or g == 1.0 else 2)
     assert sum(rows) == 2 * STEPS * per_step
     assert traj.log_probs.shape[1] == t.policy.stored_steps(STEPS)
     assert t.arithmetic.unet_evals_per_sample == STEPS * per_step

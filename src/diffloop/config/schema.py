@@ -147,6 +147,22 @@ class FluxConfig:
 
 
 @dataclass
+class Flux2Config:
+    """FLUX.2-only settings (dev and Klein; read by ``diffloop.policies.flux2``; ignored for other
+    families); the resolution is ``model.resolution`` (a multiple of 16: VAE factor 8 x the 2x2
+    patchify)."""
+
+    max_sequence_length: int | None = num(None, ge=1, le=512)
+    """Text tokens of the chat-templated prompt (the pipelines' max_sequence_length, at most 512):
+    the transformer attends over this many text tokens, padding included; null: 512 (capped at
+    the tokenizer's model_max_length). Flow-Factory uses 512."""
+    text_encoder_out_layers: list[int] | None = None
+    """The text encoder's hidden-state layers stacked into the embedding (the pipelines'
+    text_encoder_out_layers); null: the pipeline's (dev 10, 20, 30; Klein 9, 18, 27). Their
+    number x the encoder's width must be the transformer's joint_attention_dim."""
+
+
+@dataclass
 class SD3Config:
     """SD3 / SD3.5-only settings (read by ``diffloop.policies.sd3``; ignored for other families)."""
 
@@ -155,6 +171,40 @@ class SD3Config:
     T5 part of the text embeddings is this long, so the transformer attends over 77 + this many
     text tokens (the cost of each step grows with it); null: the pipeline's default 256 (capped at
     the T5 tokenizer's model_max_length). Flow-GRPO's SD3 scripts use 128."""
+
+
+@dataclass
+class QwenImageConfig:
+    """Qwen-Image-only settings (read by ``diffloop.policies.qwen_image``; ignored for other
+    families); the resolution is ``model.resolution`` (a multiple of 16: VAE factor 8 x 2x2
+    packing)."""
+
+    max_sequence_length: int | None = num(None, ge=1, le=1024)
+    """Text tokens kept per prompt after the chat template's dropped prefix
+    (QwenImagePipeline's max_sequence_length, at most 1024); the transformer attends over the
+    longest prompt's tokens of a batch, at most this many. null: the pipeline's default 512.
+    verl-omni's Qwen-Image runs use 256."""
+
+
+@dataclass
+class ZImageConfig:
+    """Z-Image-only settings (base and Turbo; read by ``diffloop.policies.zimage``; ignored for
+    other families); the resolution is ``model.resolution`` (a multiple of 16: VAE factor 8 x
+    2x2 patches)."""
+
+    max_sequence_length: int | None = num(None, ge=1, le=992)
+    """Tokens of the chat-templated prompt (ZImagePipeline's max_sequence_length): the text is
+    padded / truncated to it and only its real tokens reach the transformer, so a longer limit
+    costs only the text encoder's work; at most 992 (the caption, rounded up to 32, and the image
+    share the transformer's 1024 rope positions). null: the pipeline's default 512."""
+    cfg_normalization: float = num(0.0, ge=0)
+    """ZImagePipeline's cfg_normalization k: each sample's guided output is scaled down to k
+    times the norm of its positive branch where it exceeds that (the pipeline's True is 1.0); 0:
+    off, the pipeline's default."""
+    cfg_truncation: float = num(1.0, ge=0)
+    """ZImagePipeline's cfg_truncation c: no CFG (the positive branch alone) on steps whose time
+    1 - sigma exceeds c (the late, low-noise steps); 1.0, the pipeline's default, never
+    truncates."""
 
 
 @dataclass
@@ -178,8 +228,20 @@ class ModelConfig:
     sample_size, 1024 for FLUX.1, FluxPipeline's default)."""
     flux: FluxConfig = field(default_factory=FluxConfig)
     """FLUX.1's T5 length (used when model.pretrained is a FluxPipeline)."""
+    flux2: Flux2Config = field(default_factory=Flux2Config)
+    """FLUX.2's text length and layers (used when model.pretrained is a Flux2Pipeline or a
+    Flux2KleinPipeline)."""
     sd3: SD3Config = field(default_factory=SD3Config)
     """SD3's T5 length (used when model.pretrained is a StableDiffusion3Pipeline)."""
+    qwen_image: QwenImageConfig = field(default_factory=QwenImageConfig)
+    """Qwen-Image's text length (used when model.pretrained is a QwenImagePipeline)."""
+    zimage: ZImageConfig = field(default_factory=ZImageConfig)
+    """Z-Image's text length and CFG options (used when model.pretrained is a ZImagePipeline)."""
+    offload_text_encoders: bool = False
+    """Keep the frozen text encoders in CPU memory and move them to the accelerator only while
+    prompts are encoded (each prompt once per use): saves their memory (Qwen-Image's
+    Qwen2.5-VL-7B: 16.6 GB in bf16) for a transfer per encoding. Families that implement it:
+    Qwen-Image, FLUX.2 (dev and Klein), Z-Image; the others refuse it."""
 
     def __post_init__(self) -> None:
         """The deprecated ``model.sdxl.resolution`` (in its range) moves to ``model.resolution``

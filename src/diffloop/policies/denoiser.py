@@ -448,6 +448,35 @@ class DenoiserPolicy:
         not guidance-distilled."""
         return guidance_scale != 1.0 and not self.guidance_distilled
 
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The loaded text encoders (``text_encoder_names`` that are present)."""
+        found = (getattr(self, name, None) for name in self.text_encoder_names)
+        return [encoder for encoder in found if encoder is not None]
+
+    def set_text_encoder_offload(self, enabled: bool) -> None:
+        """``model.offload_text_encoders``: keep the text encoders in CPU memory and bring them to
+        the device only to encode (``text_encoders_on_device``); the families whose encoders are
+        language models of billions of parameters support it (``families.OFFLOAD_FAMILIES``)."""
+        self.offload_text_encoders = enabled
+        if enabled:
+            for encoder in self.text_encoders():
+                encoder.to("cpu")
+
+    @contextlib.contextmanager
+    def text_encoders_on_device(self) -> Iterator[None]:
+        """The text encoders on the policy's device inside the block; with offloading they go back
+        to CPU memory after it (so a large encoder and the denoiser never share the device)."""
+        if not getattr(self, "offload_text_encoders", False):
+            yield
+            return
+        for encoder in self.text_encoders():
+            encoder.to(self.device)
+        try:
+            yield
+        finally:
+            for encoder in self.text_encoders():
+                encoder.to("cpu")
+
     def combine_guidance(
         self, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float
     ) -> torch.Tensor:

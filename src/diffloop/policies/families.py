@@ -75,9 +75,11 @@ _UNET, _VAE = "diffusers.UNet2DConditionModel", "diffusers.AutoencoderKL"
 _CLIP, _CLIP_PROJ = "transformers.CLIPTextModel", "transformers.CLIPTextModelWithProjection"
 _T5, _TOK = "transformers.T5EncoderModel", "transformers.AutoTokenizer"
 _DDIM, _FLOW = "diffusers.DDIMScheduler", "diffusers.FlowMatchEulerDiscreteScheduler"
+_FLUX2, _FLUX2_VAE = "diffusers.Flux2Transformer2DModel", "diffusers.AutoencoderKLFlux2"
 _REFINER = "an SDXL refiner has no text_encoder/: it is img2img; use a base model"
 
-# Longest prefix first: StableDiffusionXL* and StableDiffusion3* before StableDiffusion*.
+# Longest prefix first: StableDiffusionXL* and StableDiffusion3* before StableDiffusion*,
+# Flux2Klein* before Flux2* before Flux*.
 FAMILIES: tuple[Family, ...] = (
     Family(
         "sdxl", "StableDiffusionXL", "diffloop.policies.sdxl:load_sdxl_policy", "text_encoder_2",
@@ -103,6 +105,26 @@ FAMILIES: tuple[Family, ...] = (
         flow_matching=True,
     ),
     Family(
+        "flux2_klein", "Flux2Klein", "diffloop.policies.flux2:load_flux2_klein_policy",
+        label="a FLUX.2-klein pipeline", pipeline_class="Flux2KleinPipeline",
+        components=(_c("transformer", _FLUX2),
+                    _c("text_encoder", "transformers.Qwen3ForCausalLM", "Qwen3"),
+                    _c("tokenizer", _TOK, "Qwen"), _c("scheduler", _FLOW),
+                    _c("vae", _FLUX2_VAE)),
+        repo="black-forest-labs/FLUX.2-klein-4B", flow_matching=True,
+    ),
+    Family(
+        "flux2", "Flux2", "diffloop.policies.flux2:load_flux2_policy",
+        label="a FLUX.2-dev pipeline", pipeline_class="Flux2Pipeline",
+        components=(_c("transformer", _FLUX2),
+                    _c("text_encoder", "transformers.Mistral3ForConditionalGeneration",
+                       "Mistral-Small-3.1"),
+                    _c("tokenizer", "transformers.AutoProcessor", "Pixtral processor"),
+                    _c("scheduler", _FLOW), _c("vae", _FLUX2_VAE)),
+        repo="black-forest-labs/FLUX.2-dev", repo_note="a gated repository: accept its license "
+        "on the Hub first", transformer_class="Flux2Transformer2DModel", flow_matching=True,
+    ),
+    Family(
         "flux", "Flux", "diffloop.policies.flux:load_flux_policy",
         label="a FLUX.1 pipeline", pipeline_class="FluxPipeline",
         components=(_c("transformer", "diffusers.FluxTransformer2DModel"),
@@ -113,6 +135,27 @@ FAMILIES: tuple[Family, ...] = (
         "on the Hub first", transformer_class="FluxTransformer2DModel", flow_matching=True,
     ),
     Family(
+        "qwen_image", "QwenImagePipeline", "diffloop.policies.qwen_image:load_qwen_image_policy",
+        label="a Qwen-Image pipeline", pipeline_class="QwenImagePipeline",
+        components=(_c("transformer", "diffusers.QwenImageTransformer2DModel"),
+                    _c("text_encoder", "transformers.Qwen2_5_VLForConditionalGeneration",
+                       "Qwen2.5-VL-7B"),
+                    _c("tokenizer", _TOK), _c("scheduler", _FLOW),
+                    _c("vae", "diffusers.AutoencoderKLQwenImage")),
+        repo="Qwen/Qwen-Image", transformer_class="QwenImageTransformer2DModel",
+        flow_matching=True,
+    ),
+    Family(
+        "zimage", "ZImagePipeline", "diffloop.policies.zimage:load_zimage_policy",
+        label="a Z-Image pipeline", pipeline_class="ZImagePipeline",
+        components=(_c("transformer", "diffusers.ZImageTransformer2DModel"),
+                    _c("text_encoder", "transformers.Qwen3Model", "Qwen3-4B"),
+                    _c("tokenizer", _TOK, "Qwen, with its chat template"), _c("scheduler", _FLOW),
+                    _c("vae", _VAE)),
+        repo="Tongyi-MAI/Z-Image", transformer_class="ZImageTransformer2DModel",
+        flow_matching=True,
+    ),
+    Family(
         "sd", "StableDiffusion", "diffloop.policies.diffusers_policy:load_ddim_policy",
         label="a Stable Diffusion 1.x / 2.x pipeline", pipeline_class="StableDiffusionPipeline",
         components=(_c("unet", _UNET), _c("text_encoder", _CLIP), _c("tokenizer", _TOK),
@@ -120,6 +163,8 @@ FAMILIES: tuple[Family, ...] = (
         optional_note="vae/ for latent models (none: pixel space, as diffloop's shapes model)",
     ),
 )  # fmt: skip
+# Families whose policy implements model.offload_text_encoders.
+OFFLOAD_FAMILIES = ("qwen_image", "flux2", "flux2_klein", "zimage")
 DEFAULT_FAMILY = "sd"  # diffloop's shapes model and SD-layout directories without an index
 
 
@@ -271,5 +316,11 @@ def load_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any):
     """The policy for ``model.pretrained``, built by its family's loader (``kwargs``: device,
     weight_dtype, logprob_reduction, gradient_checkpointing, performance, sample)."""
     files = locate(model)
-    module, function = family(family_of(files)).loader.split(":")
+    name = family_of(files)
+    if model.offload_text_encoders and name not in OFFLOAD_FAMILIES:
+        raise ConfigError(
+            f"model.offload_text_encoders=true is not implemented for {family(name).label}; "
+            "set it to false"
+        )
+    module, function = family(name).loader.split(":")
     return getattr(importlib.import_module(module), function)(model, lora, files=files, **kwargs)

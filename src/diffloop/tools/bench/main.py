@@ -36,8 +36,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--shape",
         choices=SHAPES,
         default="tiny",
-        help="the model's shapes: sd15, sdxl, sd35, flux (real sizes), shapes (the shapes-world "
-        "model), or a tiny test model (default: %(default)s)",
+        help="the model's shapes: sd15, sdxl, sd35, flux, flux2, flux2_klein, qwen_image, zimage "
+        "(real sizes), shapes "
+        "(the shapes-world model), or a tiny test model (default: %(default)s)",
     )
     p.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"

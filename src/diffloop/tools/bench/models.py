@@ -5,13 +5,31 @@ from typing import Any
 
 import torch
 
-SHAPES = ("tiny", "sd15", "sdxl", "tiny_xl", "sd35", "tiny_sd3", "flux", "tiny_flux", "shapes")
+SHAPES = (
+    "tiny", "sd15", "sdxl", "tiny_xl", "sd35", "tiny_sd3", "flux", "tiny_flux", "flux2",
+    "tiny_flux2", "flux2_klein", "tiny_flux2_klein", "qwen_image", "tiny_qwen_image", "zimage",
+    "tiny_zimage", "shapes",
+)  # fmt: skip
 # SDXL shapes: diffloop.testing.tiny_sdxl.SDXL_CONFIGS size (base 1.0 at 1024 px; the fast-test one)
 SDXL_SHAPES = {"sdxl": "base", "tiny_xl": "tiny"}
 # flow-matching shapes: (diffloop.testing.tiny_flow.SD3_CONFIGS size, image side or None)
 SD3_SHAPES = {"sd35": ("sd35_medium", 512), "tiny_sd3": ("tiny", None)}
 # (diffloop.testing.tiny_flux.FLUX_CONFIGS size, image side or None): FLUX.1-dev at 512 px
 FLUX_SHAPES = {"flux": ("dev", 512), "tiny_flux": ("tiny", None)}
+# (diffloop.testing.tiny_flux2.FLUX2_CONFIGS size, image side or None): FLUX.2-dev at 512 px and
+# FLUX.2-klein-4B at 384 px (the Flow-Factory recipes' resolutions)
+FLUX2_SHAPES = {
+    "flux2": ("dev", 512),
+    "tiny_flux2": ("tiny", None),
+    "flux2_klein": ("klein_4b", 384),
+    "tiny_flux2_klein": ("tiny_klein", None),
+}
+# (diffloop.testing.tiny_qwen_image.QWEN_IMAGE_CONFIGS size, image side): Qwen-Image at 512 px
+# (Flow-Factory's and verl-omni's training resolution); the tiny one at 32 px (8 x 8 latents)
+QWEN_IMAGE_SHAPES = {"qwen_image": ("qwen_image", 512), "tiny_qwen_image": ("tiny", 32)}
+# (diffloop.testing.tiny_zimage.ZIMAGE_CONFIGS size, image side): Z-Image at 512 px (Flow-Factory's
+# training resolution), with 2 of Qwen3-4B's 36 text layers; the tiny one at 32 px
+ZIMAGE_SHAPES = {"zimage": ("z_image", 512), "tiny_zimage": ("tiny", 32)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # DDPO's reference implementation on one H200, SD1.5 shape (see the module docstring).
@@ -74,6 +92,79 @@ SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
         "repeats": 3,
         "warmup": 1,
         "matmul_n": 8192,
+    },
+    # FLUX.2-dev at 512 px with Flow-Factory's 8 steps (examples/grpo/lora/flux2/t2i.yaml); its
+    # per-device batch is 1: 2 here (64 GB of transformer leaves little room on one GPU)
+    "flux2": {
+        "sample_batch": 2,
+        "train_batch": 1,
+        "steps": 8,
+        "repeats": 3,
+        "warmup": 1,
+        "matmul_n": 8192,
+    },
+    # FLUX.2-klein-4B at 384 px with the klein-base recipe's 8 steps (CFG at --guidance-scale > 1)
+    "flux2_klein": {
+        "sample_batch": 4,
+        "train_batch": 4,
+        "steps": 8,
+        "repeats": 3,
+        "warmup": 1,
+        "matmul_n": 8192,
+    },
+    "tiny_flux2": {
+        "sample_batch": 2,
+        "train_batch": 2,
+        "steps": 3,
+        "repeats": 1,
+        "warmup": 0,
+        "matmul_n": 256,
+    },
+    # Qwen-Image at 512 px with the recipes' 10 steps and true CFG 4 (two calls per step)
+    "qwen_image": {
+        "sample_batch": 2,
+        "train_batch": 2,
+        "steps": 10,
+        "repeats": 3,
+        "warmup": 1,
+        "matmul_n": 8192,
+        "guidance_scale": 4.0,
+    },
+    "tiny_qwen_image": {
+        "sample_batch": 2,
+        "train_batch": 2,
+        "steps": 3,
+        "repeats": 1,
+        "warmup": 0,
+        "matmul_n": 256,
+        "guidance_scale": 4.0,
+    },
+    "tiny_flux2_klein": {
+        "sample_batch": 2,
+        "train_batch": 2,
+        "steps": 3,
+        "repeats": 1,
+        "warmup": 0,
+        "matmul_n": 256,
+    },
+    # Z-Image (base) at 512 px with Flow-Factory's 10 steps and CFG w = 5 (its guidance_scale 4)
+    "zimage": {
+        "sample_batch": 4,
+        "train_batch": 2,
+        "steps": 10,
+        "repeats": 3,
+        "warmup": 1,
+        "matmul_n": 8192,
+        "guidance_scale": 5.0,
+    },
+    "tiny_zimage": {
+        "sample_batch": 2,
+        "train_batch": 2,
+        "steps": 3,
+        "repeats": 1,
+        "warmup": 0,
+        "matmul_n": 256,
+        "guidance_scale": 4.0,
     },
     "tiny_flux": {
         "sample_batch": 2,

@@ -18,9 +18,12 @@ from diffloop.tools.bench.measure import (
 )
 from diffloop.tools.bench.models import (
     DTYPES,
+    FLUX2_SHAPES,
     FLUX_SHAPES,
+    QWEN_IMAGE_SHAPES,
     SD3_SHAPES,
     SDXL_SHAPES,
+    ZIMAGE_SHAPES,
     build_components,
 )
 
@@ -82,6 +85,19 @@ def onpolicy_logprob_err(policy: Any, traj: Any, *, eta: float, guidance_scale: 
     return loops.onpolicy_logprob_err(policy, traj, sampler)
 
 
+def _floating_to(cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``cond`` with its floating tensors (in nested dicts too) in ``dtype``; anything else (a
+    None mask, Qwen-Image's img_shapes list) as it is."""
+    return {
+        k: _floating_to(v, dtype)
+        if isinstance(v, dict)
+        else v.to(dtype)
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+        else v
+        for k, v in cond.items()
+    }
+
+
 def _unet_flops_per_eval_sd(policy: Any, shape: str) -> int:
     """F: FLOPs of one UNet (or flow transformer) forward at batch 1 (the policy's, LoRA
     included)."""
@@ -89,9 +105,7 @@ def _unet_flops_per_eval_sd(policy: Any, shape: str) -> int:
         cond = policy.unet_conditioning(_prompts(1, shape))
     else:
         cond = {"encoder_hidden_states": policy.encode_prompts(_prompts(1, shape))}
-    from diffloop.policies.diffusers_policy import cat_branches
-
-    cond = cat_branches([cond], policy.weight_dtype)  # nested dicts (SDXL's added_cond_kwargs) too
+    cond = _floating_to(cond, policy.weight_dtype)  # nested dicts (SDXL's added_cond_kwargs) too
     x = torch.zeros(1, *policy.latent_shape(), device=policy.device, dtype=policy.weight_dtype)
     t = torch.tensor([500], device=policy.device)
 
@@ -150,12 +164,54 @@ def bench_policy(args: argparse.Namespace, device: torch.device) -> Any:
         sample = SampleConfig(guidance_scale=args.guidance_scale)  # the guidance embedding's input
         policy_class, extra = FluxPolicy, {"resolution": resolution, "sample": sample}
         components = build_flux_components(size, device=device)
+    elif args.shape in FLUX2_SHAPES:  # random-weight FLUX.2 shapes (diffloop.testing.tiny_flux2)
+        policy_class, components, extra = _flux2_bench_policy(args, device)
+    elif args.shape in QWEN_IMAGE_SHAPES:  # random-weight Qwen-Image (testing.tiny_qwen_image)
+        from diffloop.config import SampleConfig
+        from diffloop.policies.qwen_image import QwenImagePolicy
+        from diffloop.testing.tiny_qwen_image import build_qwen_image_components
+
+        size, resolution = QWEN_IMAGE_SHAPES[args.shape]
+        sample = SampleConfig(guidance_scale=args.guidance_scale)  # true CFG above 1
+        policy_class, extra = QwenImagePolicy, {"resolution": resolution, "sample": sample}
+        components = build_qwen_image_components(size, device=device)
+    elif args.shape in ZIMAGE_SHAPES:  # random-weight Z-Image (diffloop.testing.tiny_zimage)
+        from diffloop.config import SampleConfig
+        from diffloop.policies.zimage import ZImagePolicy
+        from diffloop.testing.tiny_zimage import build_zimage_components
+
+        size, resolution = ZIMAGE_SHAPES[args.shape]
+        sample = SampleConfig(guidance_scale=args.guidance_scale)  # CFG above 1
+        policy_class, extra = ZImagePolicy, {"resolution": resolution, "sample": sample}
+        layers = 2 if size == "z_image" else None  # the transformer's cost is the same
+        components = build_zimage_components(size, text_encoder_layers=layers, device=device)
     return policy_class(
         components or build_components(args.shape, device),
         LoraConfig(rank=4, alpha=4.0),  # DDPO's adapter, as docs/performance.md measured
         **kwargs,
         **extra,
     )
+
+
+def _flux2_bench_policy(args: argparse.Namespace, device: torch.device) -> tuple[Any, dict, dict]:
+    """(policy class, components, constructor settings) of a FLUX.2 shape: dev with
+    ``--guidance-scale`` as its guidance embedding's input; Klein undistilled, so CFG runs when
+    ``--guidance-scale`` > 1; the text layers the shape's encoder has (``FLUX2_OUT_LAYERS``)."""
+    from diffloop.config import Flux2Config, SampleConfig
+    from diffloop.policies.flux2 import Flux2KleinPolicy, Flux2Policy
+    from diffloop.testing.tiny_flux2 import FLUX2_OUT_LAYERS, build_flux2_components, is_klein
+
+    size, resolution = FLUX2_SHAPES[args.shape]
+    components = build_flux2_components(size, device=device)
+    policy_class = Flux2KleinPolicy if is_klein(size) else Flux2Policy
+    if is_klein(size):
+        components["is_distilled"] = False
+    extra = {
+        "resolution": resolution,
+        "sample": SampleConfig(guidance_scale=args.guidance_scale),
+        "flux2": Flux2Config(text_encoder_out_layers=list(FLUX2_OUT_LAYERS[size])),
+    }
+    return policy_class, components, extra
 
 
 def bench_sd(run: BenchRun) -> None:
