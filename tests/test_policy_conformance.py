@@ -213,6 +213,47 @@ def test_ratio_is_exactly_one_on_policy(case, tmp_path, minibatch):
     assert worst <= 1e-5
 
 
+FLOW_CASES = [c for c in POLICIES if c.model not in ("tiny_sd", "tiny_sd_v", "shapes", "tiny_sdxl")]
+
+
+@pytest.mark.parametrize("minibatch", [1, 2, 4])
+@pytest.mark.parametrize(
+    "sampler", [{"sample.sde_type": "cps"}, {"sample.sde_window": [0, 1, 1]}], ids=["cps", "window"]
+)
+@pytest.mark.parametrize("flow_case", FLOW_CASES, ids=lambda c: c.name)
+def test_flow_ratio_is_one_with_cps_and_with_a_window(
+    flow_case, request, tmp_path, minibatch, sampler
+):
+    """The flow families' other samplers: CPS, and a window of stored SDE steps (the rest ODE)."""
+    t = Trainer(
+        load_config(
+            None,
+            tiny_overrides(
+                request.getfixturevalue(flow_case.model),
+                tmp_path / "run",
+                **{"sample.num_steps": STEPS, **flow_case.overrides, **sampler},
+            ),
+        )
+    )
+    traj = next(
+        loops.sample_batches(
+            t.policy, ["a cat", "a dog on a bench"] * 2, list(range(4)), t.sampler, 4
+        )
+    )[1]
+    stored = traj.timesteps.shape[1]
+    assert stored == (1 if "sample.sde_window" in sampler else STEPS - 1)  # the window holds
+    worst = 0.0
+    with torch.no_grad():
+        for start in range(0, 4, minibatch):
+            batch = traj.index(slice(start, start + minibatch))
+            for j in range(batch.timesteps.shape[1]):
+                step = torch.full((len(batch),), j, dtype=torch.long)
+                log_prob = loops.transition_log_prob(t.policy, batch, step, t.sampler)[0]
+                assert torch.isfinite(log_prob).all()
+                worst = max(worst, float((log_prob - batch.log_probs[:, j]).abs().max()))
+    assert worst <= 1e-5
+
+
 def test_only_adapter_weights_change(case, tmp_path):
     t = trainer(case, tmp_path / "run", num_epochs=1)
     modules = {"unet": t.policy.unet, "text_encoder": t.policy.text_encoder, "vae": t.policy.vae}
