@@ -32,6 +32,7 @@ from diffloop.policies.flux import (
     pack_latents,
     unpack_latents,
 )
+from diffloop.testing.exports import assert_lora_reload_reproduces_transformer
 from diffloop.testing.runs import kl_to_base_around_first_step, tiny_overrides
 from diffloop.testing.tiny_flux import make_tiny_flux
 from diffloop.trainer import Trainer
@@ -230,22 +231,9 @@ def test_lora_export_keeps_alpha_and_reproduces_the_transformer(tiny_flux, tmp_p
     policy = load_flux_policy(model, LoraConfig(rank=4, alpha=8), device=CPU,
                               sample=SampleConfig(guidance_scale=G))  # fmt: skip
     assert policy.peft_config.target_modules == set(policy.DEFAULT_LORA_TARGETS)
-    with torch.no_grad():
-        for name, p in policy.named_trainable_parameters().items():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    policy.export(tmp_path / "lora")
-    pipe = FluxPipeline.from_pretrained(tiny_flux)
-    pipe.load_lora_weights(str(tmp_path / "lora"))
-    x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
-    cond, t = policy.unet_conditioning(PROMPTS), torch.tensor([0.5, 0.02])
-    with torch.no_grad():
-        trained = policy.transformer(hidden_states=x, timestep=t, **cond).sample
-        got = pipe.transformer(hidden_states=x, timestep=t, **cond).sample
-        with policy.reference():
-            base = policy.transformer(hidden_states=x, timestep=t, **cond).sample
-    assert (trained - base).abs().max() > 1e-3
-    torch.testing.assert_close(got, trained, rtol=1e-4, atol=1e-5)
+    assert_lora_reload_reproduces_transformer(
+        policy, FluxPipeline.from_pretrained(tiny_flux), tmp_path / "lora", PROMPTS
+    )
 
 
 def test_full_fine_tuning_exports_a_loadable_flux_pipeline(tiny_flux, tmp_path):

@@ -25,6 +25,7 @@ from diffloop.policies.qwen_image import (
     load_qwen_image_policy,
     true_cfg,
 )
+from diffloop.testing.exports import assert_lora_reload_reproduces_transformer
 from diffloop.testing.tiny_qwen_image import (
     make_qwen_tokenizer,
     pipeline_initial_latents,
@@ -163,22 +164,9 @@ def test_lora_export_keeps_alpha_and_reproduces_the_transformer(tiny_qwen_image,
     model = ModelConfig(pretrained=str(tiny_qwen_image), resolution=SIZE)
     policy = load_qwen_image_policy(model, LoraConfig(rank=4, alpha=8), device=CPU)
     assert policy.peft_config.target_modules == set(policy.DEFAULT_LORA_TARGETS)
-    with torch.no_grad():
-        for name, p in policy.named_trainable_parameters().items():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    policy.export(tmp_path / "lora")
-    reloaded = QwenImagePipeline.from_pretrained(tiny_qwen_image)
-    reloaded.load_lora_weights(str(tmp_path / "lora"))
-    x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
-    cond, t = policy.unet_conditioning(PROMPTS), torch.tensor([0.5, 0.02])
-    with torch.no_grad():
-        trained = policy.transformer(hidden_states=x, timestep=t, **cond).sample
-        got = reloaded.transformer(hidden_states=x, timestep=t, **cond).sample
-        with policy.reference():
-            base = policy.transformer(hidden_states=x, timestep=t, **cond).sample
-    assert (trained - base).abs().max() > 1e-3
-    torch.testing.assert_close(got, trained, rtol=1e-4, atol=1e-5)
+    assert_lora_reload_reproduces_transformer(
+        policy, QwenImagePipeline.from_pretrained(tiny_qwen_image), tmp_path / "lora", PROMPTS
+    )
 
 
 def test_full_fine_tuning_exports_a_loadable_pipeline(tiny_qwen_image, tmp_path):
