@@ -50,6 +50,8 @@ from typing import Any
 
 import torch
 
+from diffloop.testing.tiny_flux import FLUX_CONFIGS
+
 ZIMAGE_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "z_image": {
         "transformer": {
@@ -82,19 +84,8 @@ ZIMAGE_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             "tie_word_embeddings": True,
             "vocab_size": 151936,
         },
-        "vae": {  # FLUX.1's VAE (vae/config.json of both checkpoints)
-            "block_out_channels": (128, 256, 512, 512),
-            "down_block_types": ("DownEncoderBlock2D",) * 4,
-            "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "layers_per_block": 2,
-            "latent_channels": 16,
-            "sample_size": 1024,
-            "scaling_factor": 0.3611,
-            "shift_factor": 0.1159,
-            "use_quant_conv": False,
-            "use_post_quant_conv": False,
-            "force_upcast": True,
-        },
+        # FLUX.1's VAE (vae/config.json of both checkpoints)
+        "vae": dict(FLUX_CONFIGS["dev"]["vae"]),
     },
     "tiny": {
         "transformer": {
