@@ -64,148 +64,45 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
 }
 
+
+def real_run(sample_batch: int, train_batch: int, steps: int, **extra: Any) -> dict[str, Any]:
+    """A real-size shape's defaults: 3 timed repeats after 1 warm-up, an 8192 matmul probe."""
+    batches = {"sample_batch": sample_batch, "train_batch": train_batch, "steps": steps}
+    return {**batches, "repeats": 3, "warmup": 1, "matmul_n": 8192, **extra}
+
+
+def tiny_run(sample_batch: int, train_batch: int, steps: int, **extra: Any) -> dict[str, Any]:
+    """A tiny test model's defaults: 1 repeat, no warm-up, a 256 matmul probe."""
+    batches = {"sample_batch": sample_batch, "train_batch": train_batch, "steps": steps}
+    return {**batches, "repeats": 1, "warmup": 0, "matmul_n": 256, **extra}
+
+
 # Per-shape defaults for options left unset: (sample_batch, train_batch, steps, repeats, warmup,
 # matmul n)
-SHAPE_DEFAULTS: dict[str, dict[str, int]] = {
+SHAPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # SD3.5-medium at 512 px (Flow-GRPO's training resolution), its 10 training steps, batch 9
-    "sd35": {
-        "sample_batch": 9,
-        "train_batch": 9,
-        "steps": 10,
-        "repeats": 3,
-        "warmup": 1,
-        "matmul_n": 8192,
-    },
-    "tiny_sd3": {
-        "sample_batch": 2,
-        "train_batch": 2,
-        "steps": 3,
-        "repeats": 1,
-        "warmup": 0,
-        "matmul_n": 256,
-    },
+    "sd35": real_run(9, 9, 10),
+    "tiny_sd3": tiny_run(2, 2, 3),
     # FLUX.1-dev at 512 px with Flow-GRPO's 6 training steps and its sampling batch 3
-    "flux": {
-        "sample_batch": 3,
-        "train_batch": 3,
-        "steps": 6,
-        "repeats": 3,
-        "warmup": 1,
-        "matmul_n": 8192,
-    },
+    "flux": real_run(3, 3, 6),
     # FLUX.2-dev at 512 px with Flow-Factory's 8 steps (examples/grpo/lora/flux2/t2i.yaml); its
     # per-device batch is 1: 2 here (64 GB of transformer leaves little room on one GPU)
-    "flux2": {
-        "sample_batch": 2,
-        "train_batch": 1,
-        "steps": 8,
-        "repeats": 3,
-        "warmup": 1,
-        "matmul_n": 8192,
-    },
+    "flux2": real_run(2, 1, 8),
     # FLUX.2-klein-4B at 384 px with the klein-base recipe's 8 steps (CFG at --guidance-scale > 1)
-    "flux2_klein": {
-        "sample_batch": 4,
-        "train_batch": 4,
-        "steps": 8,
-        "repeats": 3,
-        "warmup": 1,
-        "matmul_n": 8192,
-    },
-    "tiny_flux2": {
-        "sample_batch": 2,
-        "train_batch": 2,
-        "steps": 3,
-        "repeats": 1,
-        "warmup": 0,
-        "matmul_n": 256,
-    },
+    "flux2_klein": real_run(4, 4, 8),
+    "tiny_flux2": tiny_run(2, 2, 3),
     # Qwen-Image at 512 px with the recipes' 10 steps and true CFG 4 (two calls per step)
-    "qwen_image": {
-        "sample_batch": 2,
-        "train_batch": 2,
-        "steps": 10,
-        "repeats": 3,
-        "warmup": 1,
-        "matmul_n": 8192,
-        "guidance_scale": 4.0,
-    },
-    "tiny_qwen_image": {
-        "sample_batch": 2,
-        "train_batch": 2,
-        "steps": 3,
-        "repeats": 1,
-        "warmup": 0,
-        "matmul_n": 256,
-        "guidance_scale": 4.0,
-    },
-    "tiny_flux2_klein": {
-        "sample_batch": 2,
-        "train_batch": 2,
-        "steps": 3,
-        "repeats": 1,
-        "warmup": 0,
-        "matmul_n": 256,
-    },
+    "qwen_image": real_run(2, 2, 10, guidance_scale=4.0),
+    "tiny_qwen_image": tiny_run(2, 2, 3, guidance_scale=4.0),
+    "tiny_flux2_klein": tiny_run(2, 2, 3),
     # Z-Image (base) at 512 px with Flow-Factory's 10 steps and CFG w = 5 (its guidance_scale 4)
-    "zimage": {
-        "sample_batch": 4,
-        "train_batch": 2,
-        "steps": 10,
-        "repeats": 3,
-        "warmup": 1,
-        "matmul_n": 8192,
-        "guidance_scale": 5.0,
-    },
-    "tiny_zimage": {
-        "sample_batch": 2,
-        "train_batch": 2,
-        "steps": 3,
-        "repeats": 1,
-        "warmup": 0,
-        "matmul_n": 256,
-        "guidance_scale": 4.0,
-    },
-    "tiny_flux": {
-        "sample_batch": 2,
-        "train_batch": 2,
-        "steps": 3,
-        "repeats": 1,
-        "warmup": 0,
-        "matmul_n": 256,
-    },
-    "tiny": {
-        "sample_batch": 2,
-        "train_batch": 2,
-        "steps": 2,
-        "repeats": 1,
-        "warmup": 0,
-        "matmul_n": 256,
-    },
-    "tiny_xl": {
-        "sample_batch": 1,
-        "train_batch": 1,
-        "steps": 2,
-        "repeats": 1,
-        "warmup": 0,
-        "matmul_n": 256,
-    },
-    "sd15": {
-        "sample_batch": 16,
-        "train_batch": 4,
-        "steps": 50,
-        "repeats": 3,
-        "warmup": 1,
-        "matmul_n": 8192,
-    },
-    "sdxl": {
-        "sample_batch": 4,
-        "train_batch": 1,
-        "steps": 50,
-        "repeats": 3,
-        "warmup": 1,
-        "matmul_n": 8192,
-    },
+    "zimage": real_run(4, 2, 10, guidance_scale=5.0),
+    "tiny_zimage": tiny_run(2, 2, 3, guidance_scale=4.0),
+    "tiny_flux": tiny_run(2, 2, 3),
+    "tiny": tiny_run(2, 2, 2),
+    "tiny_xl": tiny_run(1, 1, 2),
+    "sd15": real_run(16, 4, 50),
+    "sdxl": real_run(4, 1, 50),
     # The embedded default (configs/shapes.yaml): sample.batch_size, train.batch_size, num_steps,
     # guidance_scale are read from that file (shapes_defaults); a 1024^2 matmul is the CPU floor.
     "shapes": {"repeats": 3, "warmup": 1, "matmul_n": 1024},
