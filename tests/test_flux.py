@@ -32,7 +32,10 @@ from diffloop.policies.flux import (
     pack_latents,
     unpack_latents,
 )
-from diffloop.testing.exports import assert_lora_reload_reproduces_transformer
+from diffloop.testing.exports import (
+    assert_full_export_reproduces_transformer,
+    assert_lora_reload_reproduces_transformer,
+)
 from diffloop.testing.runs import kl_to_base_around_first_step, tiny_overrides
 from diffloop.testing.tiny_flux import make_tiny_flux
 from diffloop.trainer import Trainer
@@ -238,19 +241,9 @@ def test_lora_export_keeps_alpha_and_reproduces_the_transformer(tiny_flux, tmp_p
 
 def test_full_fine_tuning_exports_a_loadable_flux_pipeline(tiny_flux, tmp_path):
     policy = policy_for(tiny_flux, lora=False)
-    assert all("lora" not in n for n in policy.named_trainable_parameters())
-    with torch.no_grad():
-        policy.transformer.proj_out.weight.add_(0.05)  # a "trained" transformer
-    policy.export(tmp_path / "export")
-    pipe = FluxPipeline.from_pretrained(tmp_path / "export")
-    x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
-    cond = policy.unet_conditioning(PROMPTS)
-    with torch.no_grad():
-        trained = policy.transformer(
-            hidden_states=x, timestep=torch.tensor([0.5, 0.02]), **cond
-        ).sample
-        got = pipe.transformer(hidden_states=x, timestep=torch.tensor([0.5, 0.02]), **cond).sample
-    torch.testing.assert_close(got, trained, rtol=0, atol=1e-6)
+    pipe = assert_full_export_reproduces_transformer(
+        policy, FluxPipeline, tmp_path / "export", PROMPTS
+    )
     images = pipe("a cat", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
                   output_type="pt").images  # fmt: skip
     assert images.shape == (1, 3, 32, 32)

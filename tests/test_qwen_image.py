@@ -25,7 +25,10 @@ from diffloop.policies.qwen_image import (
     load_qwen_image_policy,
     true_cfg,
 )
-from diffloop.testing.exports import assert_lora_reload_reproduces_transformer
+from diffloop.testing.exports import (
+    assert_full_export_reproduces_transformer,
+    assert_lora_reload_reproduces_transformer,
+)
 from diffloop.testing.tiny_qwen_image import (
     make_qwen_tokenizer,
     pipeline_initial_latents,
@@ -171,17 +174,9 @@ def test_lora_export_keeps_alpha_and_reproduces_the_transformer(tiny_qwen_image,
 
 def test_full_fine_tuning_exports_a_loadable_pipeline(tiny_qwen_image, tmp_path):
     policy = policy_for(tiny_qwen_image, lora=False)
-    assert all("lora" not in n for n in policy.named_trainable_parameters())
-    with torch.no_grad():
-        policy.transformer.proj_out.weight.add_(0.05)  # a "trained" transformer
-    policy.export(tmp_path / "export")
-    exported = QwenImagePipeline.from_pretrained(tmp_path / "export")
-    x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
-    cond, t = policy.unet_conditioning(PROMPTS), torch.tensor([0.5, 0.02])
-    with torch.no_grad():
-        trained = policy.transformer(hidden_states=x, timestep=t, **cond).sample
-        got = exported.transformer(hidden_states=x, timestep=t, **cond).sample
-    torch.testing.assert_close(got, trained, rtol=0, atol=1e-6)
+    assert_full_export_reproduces_transformer(
+        policy, QwenImagePipeline, tmp_path / "export", PROMPTS
+    )
 
 
 # ---------------------------------------------------------------------------------- loading

@@ -35,3 +35,21 @@ def assert_lora_reload_reproduces_transformer(
             base = policy.transformer(hidden_states=x, timestep=t, **cond).sample
     assert (trained - base).abs().max() > 1e-3
     torch.testing.assert_close(got, trained, rtol=1e-4, atol=1e-5)
+
+
+def assert_full_export_reproduces_transformer(policy, pipeline_cls, out: Path, prompts):
+    """Full fine-tuning: change the transformer's output projection (a "trained" model), export
+    the whole pipeline to ``out`` and load it with ``pipeline_cls.from_pretrained``: its
+    transformer gives the trained outputs (1e-6). Returns the loaded pipeline."""
+    assert all("lora" not in n for n in policy.named_trainable_parameters())
+    with torch.no_grad():
+        policy.transformer.proj_out.weight.add_(0.05)
+    policy.export(out)
+    exported = pipeline_cls.from_pretrained(out)
+    x = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
+    cond, t = policy.unet_conditioning(list(prompts)), torch.tensor([0.5, 0.02])
+    with torch.no_grad():
+        trained = policy.transformer(hidden_states=x, timestep=t, **cond).sample
+        got = exported.transformer(hidden_states=x, timestep=t, **cond).sample
+    torch.testing.assert_close(got, trained, rtol=0, atol=1e-6)
+    return exported
