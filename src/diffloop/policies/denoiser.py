@@ -137,6 +137,7 @@ class DenoiserPolicy:
     """peft targets when ``lora.target_modules`` is left at its (SD UNet) default; None: as
     given."""
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    offload_text_encoders: bool = False  # set_text_encoder_offload (model.offload_text_encoders)
     """Component names of the frozen text encoders (an absent optional one is None)."""
     settings_field: ClassVar[str | None] = None
     """The ``model.<field>`` section handed to the constructor by that name (``sdxl``, ``sd3``)."""
@@ -466,7 +467,7 @@ class DenoiserPolicy:
     def text_encoders_on_device(self) -> Iterator[None]:
         """The text encoders on the policy's device inside the block; with offloading they go back
         to CPU memory after it (so a large encoder and the denoiser never share the device)."""
-        if not getattr(self, "offload_text_encoders", False):
+        if not self.offload_text_encoders:
             yield
             return
         for encoder in self.text_encoders():
