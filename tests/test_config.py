@@ -28,13 +28,17 @@ CONFIG_DIR = Path(str(resources.files("diffloop") / "configs"))
 
 
 SHIPPED_CONFIGS = {
+    "flux1_dev_full_fsdp_8x80gb.yaml",
+    "flux1_dev_lora_24gb.yaml",
     "flux2_compbench_color.yaml",
     "flux2_klein_base_compbench_color.yaml",
     "flux2_klein_pickscore.yaml",
+    "flux2_lora_48gb.yaml",
     "flux2_pickscore.yaml",
     "flux_compbench_color.yaml",
     "flux_pickscore.yaml",
     "qwen_image_compbench_color.yaml",
+    "qwen_image_lora_48gb.yaml",
     "qwen_image_pickscore.yaml",
     "sd15_compressibility.yaml",
     "sd15_low_memory.yaml",
@@ -42,6 +46,7 @@ SHIPPED_CONFIGS = {
     "sd2_incompressibility.yaml",
     "sd35_fast_cps.yaml",
     "sd35_geneval_blip_vqa.yaml",
+    "sd35_medium_lora_24gb.yaml",
     "sd35_pickscore.yaml",
     "sdxl_compressibility.yaml",
     "sdxl_low_memory.yaml",

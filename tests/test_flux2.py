@@ -230,7 +230,8 @@ def test_offloaded_text_encoder_encodes_on_the_device_and_waits_in_cpu_memory(tm
     policy.text_encoder.to = recording_to
     embeds, negative, _ = policy.conditioning(PROMPTS, "")
     calls.remove()
-    assert devices == ["cpu", "cpu"]  # prompts, then the negative prompt: once each, batched
+    # each prompt alone (a batch of one), then the negative prompt: once each
+    assert devices == ["cpu"] * (len(PROMPTS) + 1)
     assert moves == ["cpu", "cpu"]  # to the policy's device (cpu here), then back to cpu
     want, want_negative, _ = plain.conditioning(PROMPTS, "")
     torch.testing.assert_close(embeds, want, atol=0, rtol=0)

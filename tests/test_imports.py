@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "diffloop.rewards": 2,
     "diffloop.prompts": 2,
     "diffloop.checkpoint": 2,
+    "diffloop.sharded_checkpoint": 2,  # a sharded run's checkpoint tensors (DCP), its export
     "diffloop.ema": 2,  # the EMA of the trainable weights
     "diffloop.export": 2,  # LoRA files, model card, kohya copy, hub upload (it uses the policies)
     "diffloop.run_dir": 2,
@@ -47,6 +48,7 @@ LAYERS: dict[str, int] = {
     "diffloop.testing.runs": 3,  # short training runs for tests (the trainer, in-process)
     "diffloop.summary": 2,  # the end-of-run verdict and before/after grid
     "diffloop.performance": 2,  # process-wide backend settings (threads, TF32)
+    "diffloop.memory": 2,  # the memory plan: arithmetic from the architectures' configs
     "diffloop.optimization": 2,  # optimizer, LR schedule, loss scaler, EMA: one step, resume
     "diffloop.loops": 3,  # the inner loops the trainer and the tools share
     "diffloop.evaluation": 3,  # the held-out evaluation of the trainer and `diffloop eval`

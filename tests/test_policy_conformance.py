@@ -23,7 +23,12 @@ from diffloop import loops
 from diffloop.config import load_config
 from diffloop.policies.base import DiffusionPolicy
 from diffloop.run_dir import read_metrics
-from diffloop.testing.runs import comparable, killed_at_epoch, tiny_overrides
+from diffloop.testing.runs import (
+    comparable,
+    killed_at_epoch,
+    tiny_overrides,
+    worst_onpolicy_logprob_error,
+)
 from diffloop.trainer import Trainer
 
 
@@ -242,16 +247,7 @@ def test_flow_ratio_is_one_with_cps_and_with_a_window(
     )[1]
     stored = traj.timesteps.shape[1]
     assert stored == (1 if "sample.sde_window" in sampler else STEPS - 1)  # the window holds
-    worst = 0.0
-    with torch.no_grad():
-        for start in range(0, 4, minibatch):
-            batch = traj.index(slice(start, start + minibatch))
-            for j in range(batch.timesteps.shape[1]):
-                step = torch.full((len(batch),), j, dtype=torch.long)
-                log_prob = loops.transition_log_prob(t.policy, batch, step, t.sampler)[0]
-                assert torch.isfinite(log_prob).all()
-                worst = max(worst, float((log_prob - batch.log_probs[:, j]).abs().max()))
-    assert worst <= 1e-5
+    assert worst_onpolicy_logprob_error(t, traj, minibatch) <= 1e-5
 
 
 def test_only_adapter_weights_change(case, tmp_path):

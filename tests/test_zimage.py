@@ -308,7 +308,9 @@ def test_each_distinct_prompt_is_encoded_once_and_the_prompts_are_left_alone(tin
     finally:
         handle.remove()
     assert prompts == ["a cat"] * 3 + ["a dog"] * 3
-    assert rows == [2, 1]  # the two distinct prompts, then the negative prompt once
+    # the two distinct prompts, each alone (a batch of one: no embedding depends on its batch),
+    # then the negative prompt once
+    assert rows == [1, 1, 1]
     torch.testing.assert_close(embeds[0], embeds[2], rtol=0, atol=0)
     assert len(set(extra["negative_lengths"].tolist())) == 1
 

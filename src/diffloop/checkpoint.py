@@ -10,6 +10,13 @@ Layout: ``output_dir/checkpoints/epoch_000012/`` holding
     state.json              epochs completed, optimizer steps, per-prompt reward statistics
     MANIFEST.json           sha256 of every file above; whether all saved tensors were finite
     COMPLETE                written last
+A sharded run (fsdp.enabled: the trainable tensors are FSDP2 DTensors) writes the same checkpoint
+with ``dcp/`` (``diffloop.sharded_checkpoint``: every process's shards of the trainable weights,
+their optimizer state and their EMA, by ``torch.distributed.checkpoint``) in place of
+trainable.safetensors, ema.safetensors and optimizer.pt; its manifest lists every file of ``dcp/``
+too and records ``"sharded": {"processes": N}``. It resumes on any number of processes, sharded or
+not (DCP reshards), and an unsharded checkpoint resumes into a sharded run (its full tensors are
+distributed): :func:`load` with the run's ``TrainingTensors``.
 Everything is first written to ``.tmp-epoch_000012`` and renamed into place (atomic on POSIX) only
 after COMPLETE exists, so a directory named ``epoch_*`` is always whole. A save that fails or is
 interrupted (:func:`writing`) removes its ``.tmp-`` directory and leaves the earlier checkpoints
@@ -24,7 +31,9 @@ skips. Rotation (:func:`commit`) never deletes the newest checkpoint whose tenso
 
 :func:`load_weights` (``diffloop sample`` / ``diffloop eval``) reads only the safetensors weights,
 verified the same way, and never unpickles a ``.pt`` file (optimizer, schedulers, RNG states):
-loading a checkpoint somebody sent you runs no code from it. :func:`load_newest_valid_weights`
+loading a checkpoint somebody sent you runs no code from it. Of a sharded checkpoint it reads the
+``dcp/`` shards into whole tensors in one process (no process group), its pickled ``.metadata``
+through an unpickler that builds DCP's metadata classes only. :func:`load_newest_valid_weights`
 falls back from a run's newest checkpoint as :func:`load_newest_valid` does.
 """
 
@@ -34,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shlex
@@ -212,12 +222,70 @@ def write_main(
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
     torch.save(grad_scaler.state_dict(), tmp / "grad_scaler.pt")
     (tmp / "state.json").write_text(json.dumps(state.__dict__))
-    files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps({"sha256": files, "finite": not nonfinite}, indent=1))
-    for f in tmp.iterdir():  # data on disk before the rename makes the checkpoint visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    seal(tmp, finite=not nonfinite)
+
+
+def seal(tmp: Path, *, finite: bool, **extra: Any) -> None:
+    """(Main process.) MANIFEST (the sha256 of every file under ``tmp``, by relative path; whether
+    the saved tensors were all finite; ``extra``), every file synced, then COMPLETE."""
+    found = sorted(f for f in tmp.rglob("*") if f.is_file())
+    files = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in found}
+    (tmp / MANIFEST).write_text(json.dumps({"sha256": files, "finite": finite, **extra}, indent=1))
+    for f in tmp.rglob("*"):  # data on disk before the rename makes the checkpoint visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     (tmp / COMPLETE).write_text("ok\n")
+
+
+def save_sharded(
+    output_dir: str | Path,
+    epochs_completed: int,
+    keep: int,
+    *,
+    tensors: Any,
+    lr_scheduler: Any,
+    grad_scaler: torch.amp.GradScaler,
+    state: TrainingState,
+    dist: Any,
+) -> None:
+    """(Every process: collectives.) Checkpoint ``epochs_completed`` of a sharded run: ``tensors``
+    (``sharded_checkpoint.TrainingTensors``) into ``dcp/`` by every process, the rest as
+    :func:`write_main` writes it, by the main process; written aside and committed (``keep``
+    kept) as an unsharded checkpoint is. ``dist``: the run's ``Distributed``."""
+    from diffloop import sharded_checkpoint as sharded
+
+    tmp = tmp_dir_for(output_dir, epochs_completed)
+    nonfinite = sorted({n for names in dist.gather_objects(sharded.local_nonfinite(tensors))
+                        for n in names})  # fmt: skip
+    if nonfinite and dist.is_main:
+        logger.warning(
+            "checkpoint %s holds non-finite values (%s): it is saved, but resume will not load it "
+            "and rotation keeps the last finite checkpoint",
+            tmp.name,
+            ", ".join(nonfinite[:4]),
+        )
+    local = disk.tensor_bytes(tensors.state_dict())
+    needed = max(local * dist.world_size, needed_bytes(output_dir))
+    with writing(output_dir, epochs_completed, needed, is_main=dist.is_main):
+        if dist.is_main:
+            begin(output_dir, epochs_completed)
+        dist.wait()
+        write_rank_rng(tmp, dist.rank)
+        sharded.save(tmp / sharded.DCP_DIR, tensors)
+        dist.wait()
+        if dist.is_main:
+            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            torch.save(grad_scaler.state_dict(), tmp / "grad_scaler.pt")
+            (tmp / "state.json").write_text(json.dumps(state.__dict__))
+            seal(tmp, finite=not nonfinite, sharded={"processes": dist.world_size})
+            commit(output_dir, tmp, epochs_completed, keep)
+    dist.wait()
+
+
+def is_sharded(path: Path) -> bool:
+    """Checkpoint ``path`` was written by a sharded run (its tensors are in ``dcp/``)."""
+    return (path / "dcp").is_dir()
 
 
 def sha256_file(path: Path) -> str:
@@ -306,27 +374,39 @@ def _load(path: Path, loader):
         ) from e
 
 
-def load(path: Path, rank: int) -> dict[str, Any]:
+def load(path: Path, rank: int, tensors: Any = None) -> dict[str, Any]:
     """Read and verify a checkpoint directory into a dict of its parts (tensors on CPU).
 
     CheckpointError if a file is missing, unreadable, differs from its manifest sha256, or a model
     or optimizer tensor is non-finite.
+
+    ``tensors`` (``sharded_checkpoint.TrainingTensors``; every process of a run that passes them
+    calls this together): a sharded checkpoint is read into them in place (resharded: any process
+    count, sharded or not), and so is an unsharded one when they are sharded; the parts
+    ``trainable`` and ``optimizer`` are then None and ``ema`` is the restored EMA (None if the
+    checkpoint has none). Without ``tensors`` a sharded checkpoint gives its whole trainable and EMA
+    weights and no optimizer state (None).
     """
     verify_files(path)
     torch_load = lambda p: torch.load(p, map_location="cpu", weights_only=False)
     rng_file = path / f"rng_rank{rank}.pt"
     state = _load(path / "state.json", lambda p: json.loads(p.read_text()))
+    common = {
+        "lr_scheduler": _load(path / "lr_scheduler.pt", torch_load),
+        "grad_scaler": _load(path / "grad_scaler.pt", torch_load),
+        # A resume on more processes than were saved: the extra ones reseed per epoch anyway.
+        "rng": _load(rng_file, torch_load) if rng_file.exists() else None,
+        "state": TrainingState(**state),
+    }
+    if is_sharded(path):
+        return {**common, **_load_sharded(path, tensors)}
     parts = {
         "trainable": _load(path / WEIGHTS, lambda p: load_file(str(p))),
         "ema": _load(path / EMA_WEIGHTS, lambda p: load_file(str(p)))
         if (path / EMA_WEIGHTS).exists()
         else None,
         "optimizer": _load(path / "optimizer.pt", torch_load),
-        "lr_scheduler": _load(path / "lr_scheduler.pt", torch_load),
-        "grad_scaler": _load(path / "grad_scaler.pt", torch_load),
-        # A resume on more processes than were saved: the extra ones reseed per epoch anyway.
-        "rng": _load(rng_file, torch_load) if rng_file.exists() else None,
-        "state": TrainingState(**state),
+        **common,
     }
     nonfinite = nonfinite_tensors(parts["trainable"]) + nonfinite_tensors(
         _optimizer_tensors(parts["optimizer"])
@@ -335,7 +415,46 @@ def load(path: Path, rank: int) -> dict[str, Any]:
     if nonfinite:
         names = ", ".join(nonfinite[:4])
         raise CheckpointError(f"checkpoint '{path}' holds non-finite values in {names}")
+    if tensors is not None and _sharded_run(tensors):
+        from diffloop import sharded_checkpoint as sharded
+
+        restored = sharded.load_full(
+            tensors, parts["trainable"], parts["optimizer"], parts["ema"], path
+        )
+        parts.update(trainable=None, optimizer=None, ema=tensors.ema if restored else None)
     return parts
+
+
+def _sharded_run(tensors: Any) -> bool:
+    from diffloop import sharded_checkpoint as sharded
+
+    return sharded.module_is_sharded(tensors.module)
+
+
+def _load_sharded(path: Path, tensors: Any) -> dict[str, Any]:
+    """A sharded checkpoint's tensors (:func:`load`). Whether they were finite is what the save
+    recorded in the manifest (computed over every process's shards, and the bytes are verified
+    against it), so every process decides alike before the collective read."""
+    from diffloop import sharded_checkpoint as sharded
+
+    if not (_manifest(path) or {}).get("finite", False):
+        raise CheckpointError(f"checkpoint '{path}' holds non-finite values (recorded when saved)")
+    directory = path / sharded.DCP_DIR
+    try:
+        if tensors is None:
+            return {
+                "trainable": sharded.read_full(directory, sharded.MODEL),
+                "ema": sharded.read_full(directory, sharded.EMA) or None,
+                "optimizer": None,
+            }
+        restored = sharded.load(directory, tensors)
+    except DiffloopError:
+        raise
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(
+            f"checkpoint '{directory}' is unreadable ({type(e).__name__}: {str(e)[:300]})"
+        ) from e
+    return {"trainable": None, "optimizer": None, "ema": tensors.ema if restored else None}
 
 
 def load_weights(path: Path, *, ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
@@ -346,9 +465,11 @@ def load_weights(path: Path, *, ema: bool = True) -> tuple[dict[str, torch.Tenso
     (its manifest sha256, finite values); no pickle (optimizer, schedulers, RNG) is opened, so a
     damaged or untrusted ``.pt`` file cannot matter. Raises CheckpointError.
     """
-    name = EMA_WEIGHTS if ema and (path / EMA_WEIGHTS).is_file() else WEIGHTS
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"checkpoint '{path}' is incomplete (no {COMPLETE} marker)")
+    if is_sharded(path):
+        return _load_sharded_weights(path, ema=ema)
+    name = EMA_WEIGHTS if ema and (path / EMA_WEIGHTS).is_file() else WEIGHTS
     verify_files(path, only=(name,))
     weights = _load(path / name, lambda p: load_file(str(p)))
     nonfinite = nonfinite_tensors(weights)
@@ -359,14 +480,42 @@ def load_weights(path: Path, *, ema: bool = True) -> tuple[dict[str, torch.Tenso
     return weights, name
 
 
-def load_newest_valid(output_dir: str | Path, rank: int) -> tuple[Path, dict[str, Any]] | None:
+def _load_sharded_weights(path: Path, *, ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """:func:`load_weights` of a sharded checkpoint: its ``dcp/`` files verified, the EMA (or the
+    trained) weights read whole in this process (``sharded_checkpoint.read_full``: no process
+    group, no pickle but DCP's metadata classes)."""
+    from diffloop import sharded_checkpoint as sharded
+
+    manifest = _manifest(path) or {}
+    dcp_files = tuple(n for n in manifest.get("sha256", {}) if n.startswith(sharded.DCP_DIR + "/"))
+    verify_files(path, only=dcp_files)
+    if not manifest.get("finite", False):
+        raise CheckpointError(f"checkpoint '{path}' holds non-finite values (recorded when saved)")
+    directory = path / sharded.DCP_DIR
+    try:
+        weights = sharded.read_full(directory, sharded.EMA) if ema else {}
+        name = f"{sharded.DCP_DIR} ({sharded.EMA if weights else sharded.MODEL})"
+        weights = weights or sharded.read_full(directory, sharded.MODEL)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(
+            f"checkpoint '{directory}' is unreadable ({type(e).__name__}: {str(e)[:300]})"
+        ) from e
+    if not weights:
+        raise CheckpointError(f"checkpoint '{directory}' holds no trainable weights")
+    return weights, name
+
+
+def load_newest_valid(
+    output_dir: str | Path, rank: int, tensors: Any = None
+) -> tuple[Path, dict[str, Any]] | None:
     """The newest complete checkpoint that loads and verifies; older ones are fallbacks (warned).
+    ``tensors``: as :func:`load` takes them (a run's, to restore in place).
 
     None if there is no complete checkpoint; CheckpointError (naming each failure) if none is valid.
     """
     return _newest_that_loads(
         output_dir,
-        lambda path: load(path, rank),
+        lambda path: load(path, rank, tensors),
         fix="restore one from a backup, or start afresh with overwrite=true",
     )
 

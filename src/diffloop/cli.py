@@ -176,15 +176,22 @@ def cmd_check_config(args: list[str]) -> int:
     would."""
     if any(a in HELP for a in args):
         print(config_help("check-config", "Check a config as train would before loading a model, "
-                          "then print it resolved with its per-epoch arithmetic; a sweep file "
-                          "(with runs:) has every run checked. " + _LAYERS))  # fmt: skip
+                          "then print it resolved with its per-epoch arithmetic and its memory "
+                          "plan per process (arithmetic, not measured); --gpu-memory 24GB says "
+                          "whether it fits such a card and which settings would make it fit, "
+                          "--processes N plans N processes (fsdp.enabled divides by it). A sweep "
+                          "file (with runs:) has every run checked. " + _LAYERS))  # fmt: skip
         return 0
+    args, gpu_memory, processes = _memory_flags(args)
     if args and _is_sweep_file(args[0]):
         return _check_sweep(args[0], args[1:])
     import yaml
 
     from diffloop.config import config_to_dict, derived_arithmetic
+    from diffloop.memory import parse_size, plan_lines
 
+    if gpu_memory is not None:
+        parse_size(gpu_memory)  # a bad size is one line before anything else
     path, config = checked_config(args)
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
     for line in derived_arithmetic(config).lines():
@@ -197,8 +204,33 @@ def cmd_check_config(args: list[str]) -> int:
             "steps, FLUX.1 "
             "runs one evaluation per step)"
         )
+    for line in plan_lines(config, gpu_memory, processes):
+        print("# " + line)
     print(f"# {path}: OK")
     return 0
+
+
+def _memory_flags(args: list[str]) -> tuple[list[str], str | None, int]:
+    """``--gpu-memory SIZE`` and ``--processes N`` (the memory plan's card and process count;
+    N defaults to WORLD_SIZE, else 1) taken out of ``args``; a missing or bad value is one line."""
+    rest, gpu, processes = [], None, int(os.environ.get("WORLD_SIZE", "1"))
+    it = iter(args)
+    for a in it:
+        flag, eq, value = a.partition("=")
+        if flag not in ("--gpu-memory", "--processes"):
+            rest.append(a)
+            continue
+        value = value if eq else next(it, "")
+        if not value:
+            raise DiffloopError(f"{flag} needs a value, e.g. {flag} " +
+                                ("24GB" if flag == "--gpu-memory" else "8"))  # fmt: skip
+        if flag == "--gpu-memory":
+            gpu = value
+        elif not value.isdigit() or int(value) < 1:
+            raise DiffloopError(f"--processes={value!r} must be a whole number >= 1, e.g. 8")
+        else:
+            processes = int(value)
+    return rest, gpu, processes
 
 
 def _is_sweep_file(arg: str) -> bool:

@@ -14,11 +14,19 @@ clipping and stepping. That makes synchronisation under accumulation explicit an
 skip (the bug DDPO shipped), works unchanged for LoRA and full fine-tuning, and since every process
 holds the same number of samples the average equals the single-process gradient of the whole batch.
 
-Sharding: none. Every process holds a full copy of the trained model, so an accelerate configuration
-that asks for FSDP or DeepSpeed (``accelerate config`` / ``accelerate launch --use_fsdp``, which set
-``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``) is refused before anything loads instead of
-being silently ignored (docs/flow_matching.md: LoRA fits FLUX.1 unsharded; full fine-tuning of a
-FLUX-size transformer needs sharding diffloop does not do).
+Sharding (``fsdp.enabled``): the trained denoiser is sharded with PyTorch FSDP2
+(``torch.distributed.fsdp.fully_shard``, :meth:`Distributed.shard_policy`), each of its blocks
+(:func:`denoiser_blocks`: the diffusers model's ``_no_split_modules`` classes, peft's LoRA layers
+inside them) a unit, then the rest of the model; under LoRA the frozen base is sharded too. Each
+process then holds 1/N of the weights, gradients and optimizer states; a unit's weights are
+all-gathered just before it runs. FSDP reduce-scatters (averages) the gradients itself, on the last
+backward of an optimizer step only (:meth:`Distributed.set_gradient_sync`: every earlier backward of
+the step accumulates locally, as without sharding), so :meth:`Distributed.average_gradients` then
+does nothing. Every process must run the sharded model the same number of times (each forward
+all-gathers): samples, minibatches and evaluation images are split evenly, or the setting is
+refused before anything loads. diffloop shards the model itself: accelerate's own FSDP plugin is
+never built (:func:`refuse_sharding` refuses its launch environment unless fsdp.enabled=true, and
+the environment variable is hidden from ``Accelerator()``); DeepSpeed is refused.
 
 Mixed precision: the policy's own (train.mixed_precision: frozen weights in low precision, fp32
 trainables); accelerate is never asked to autocast. A launcher that asks for another one
@@ -28,13 +36,18 @@ trainables); accelerate is never asked to autocast. A launcher that asks for ano
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+
+from diffloop.config import FSDPConfig
+from diffloop.errors import DiffloopError
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +86,9 @@ def warn_on_mixed_precision_conflict(configured: str) -> None:
 SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
 
-class ShardingNotSupported(RuntimeError):
-    """accelerate is configured to shard the model (FSDP / DeepSpeed), which diffloop does not
-    do."""
+class ShardingNotSupported(DiffloopError, RuntimeError):
+    """accelerate is configured to shard the model in a way diffloop does not (DeepSpeed, or its
+    FSDP plugin without fsdp.enabled=true)."""
 
 
 def requested_sharding(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -90,35 +103,89 @@ def requested_sharding(environ: Mapping[str, str] = os.environ) -> str | None:
     return None
 
 
-def refuse_sharding(environ: Mapping[str, str] = os.environ) -> None:
-    """Raise ShardingNotSupported when accelerate asks for FSDP / DeepSpeed (see the module doc)."""
+def refuse_sharding(environ: Mapping[str, str] = os.environ, fsdp_enabled: bool = False) -> None:
+    """Raise ShardingNotSupported when accelerate asks for DeepSpeed, or for FSDP while
+    fsdp.enabled is false (``fsdp_enabled``): diffloop shards with its own FSDP2 setting only (see
+    the module doc)."""
     name = requested_sharding(environ)
-    if name is None:
+    if name is None or (name == "FSDP" and fsdp_enabled):
         return
     var = next(v for v, n in SHARDING_ENV.items() if n == name)
+    if name == "FSDP":
+        raise ShardingNotSupported(
+            f"accelerate is configured for FSDP ({var}=true, from `accelerate config` or "
+            "`accelerate launch --use_fsdp`) but fsdp.enabled=false, and diffloop does not shard "
+            "without it: set fsdp.enabled=true (diffloop shards the denoiser itself with FSDP2; "
+            "docs/distributed.md), or launch without FSDP (`accelerate launch --multi_gpu ...`)"
+        )
     raise ShardingNotSupported(
-        f"accelerate is configured for {name} ({var}=true, from `accelerate config` or "
-        "`accelerate launch`), but diffloop does not shard models: each process would "
-        "train a full "
-        f"unsharded copy and the {name} setting would be ignored. Launch without it (`accelerate "
-        "launch --multi_gpu ...`, or an accelerate config with distributed_type: MULTI_GPU) and "
-        "train a LoRA adapter (lora.enabled=true), which fits FLUX.1 and SD3.5 unsharded; full "
-        "fine-tuning of a FLUX-size transformer is not supported (docs/flow_matching.md)."
+        f"accelerate is configured for DeepSpeed ({var}=true, from `accelerate config` or "
+        "`accelerate launch --use_deepspeed`), which diffloop does not support: launch without it "
+        "(`accelerate launch --multi_gpu ...`) and set fsdp.enabled=true to shard the model "
+        "(docs/distributed.md)"
+    )
+
+
+@contextlib.contextmanager
+def without_accelerate_sharding(environ: MutableMapping[str, str] = os.environ) -> Iterator[None]:
+    """accelerate's sharding variables hidden inside the block, so ``Accelerator()`` builds no FSDP
+    plugin of its own (diffloop shards with ``fully_shard``); restored afterwards."""
+    saved = {var: environ.pop(var) for var in SHARDING_ENV if var in environ}
+    try:
+        yield
+    finally:
+        environ.update(saved)
+
+
+def denoiser_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP units of a denoiser: its submodules whose class is named in the diffusers model's
+    ``_no_split_modules`` (UNet: resnets, transformer blocks and whole up blocks; SD3 / FLUX:
+    the transformer blocks), outermost first-found only (a block inside another block belongs to
+    the outer one's unit), in module order. Empty for a model that declares none (then the whole
+    model is one unit). peft's LoRA layers sit inside the blocks they adapt."""
+    names = set(getattr(module, "_no_split_modules", None) or ())
+    blocks: list[torch.nn.Module] = []
+    inside: set[int] = set()  # ids of the modules under a block already taken
+    for sub in module.modules():
+        if sub is module or id(sub) in inside or type(sub).__name__ not in names:
+            continue
+        blocks.append(sub)
+        inside.update(id(m) for m in sub.modules())
+    return blocks
+
+
+def mixed_precision_policy(mixed_precision: str) -> Any:
+    """FSDP2's precision for train.mixed_precision: weights all-gathered and computed in bf16 /
+    fp16 (``param_dtype``; None for "no": in their own dtype), gradients reduced in fp32
+    (``reduce_dtype``); the sharded trainable weights (the optimizer's) stay fp32. The inputs are
+    not cast (``cast_forward_inputs=False``): the policy passes them as it does unsharded, under
+    its autocast (the timestep stays fp32: in bf16, 937.5 would round to 936)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    return MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
     )
 
 
 class Distributed:
     """A thin view of accelerate's process state for the trainer."""
 
-    def __init__(self, cpu: bool = False) -> None:
-        refuse_sharding()  # before Accelerator() builds an FSDP / DeepSpeed plugin we would not use
+    sharded: bool = False
+    """True once :meth:`shard_policy` has sharded the policy's denoiser (FSDP2)."""
+
+    def __init__(self, cpu: bool = False, fsdp_enabled: bool = False) -> None:
+        # Before Accelerator() builds an FSDP / DeepSpeed plugin we would not use.
+        refuse_sharding(fsdp_enabled=fsdp_enabled)
         # Mixed precision is handled by the policy (frozen weights in low precision, fp32
         # trainables), so accelerate is only asked for the process group and the device. Under
         # torchrun on a machine without CUDA, accelerate only builds the gloo group when told
         # cpu=True.
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
         cpu = cpu or (launched and not torch.cuda.is_available())
-        self.accelerator = Accelerator(cpu=cpu)
+        with without_accelerate_sharding():  # diffloop shards itself (shard_policy)
+            self.accelerator = Accelerator(cpu=cpu)
+        self._sharded_module: torch.nn.Module | None = None
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
@@ -163,9 +230,54 @@ class Distributed:
         """True when ``flag`` holds on every process."""
         return self.sum_scalar(float(bool(flag))) == self.world_size
 
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """All-reduce (mean) the accumulated gradients of ``params``, flattened into one buffer."""
+    def shard_policy(self, policy: Any, fsdp_config: FSDPConfig, mixed_precision: str) -> None:
+        """Shard ``policy``'s denoiser in place with FSDP2 (``fsdp_config``: config.fsdp): each of
+        :func:`denoiser_blocks` a unit, then the root (the rest), over all processes (one mesh
+        dimension: every rank of every node), with :func:`mixed_precision_policy` of
+        ``mixed_precision`` (train.mixed_precision). The trainable parameters become DTensors
+        holding this rank's shard: call before the optimizer is built. A no-op unless
+        fsdp_config.enabled."""
+        if not fsdp_config.enabled or self.sharded:
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        module = policy.denoiser
         if self.world_size == 1:
+            logger.warning("fsdp.enabled=true on 1 process: the one shard is the whole model")
+        if not dist.is_initialized():  # one process not launched by torchrun: a group of 1
+            backend = "gloo" if self.device.type == "cpu" else "nccl"
+            dist.init_process_group(backend, store=dist.HashStore(), world_size=1, rank=0)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        kwargs = {
+            "mesh": mesh,
+            "reshard_after_forward": fsdp_config.reshard_after_forward,
+            "mp_policy": mixed_precision_policy(mixed_precision),
+        }
+        blocks = denoiser_blocks(module)
+        if not blocks:
+            logger.warning(
+                "%s declares no blocks (_no_split_modules): FSDP shards it as one unit",
+                type(module).__name__,
+            )
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(module, **kwargs)
+        self._sharded_module = module
+        self.sharded = True
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """Whether the next backward reduce-scatters the gradients (FSDP: True on the last backward
+        of an optimizer step, False on the earlier ones, which accumulate unreduced). Without
+        sharding a no-op: :meth:`average_gradients` all-reduces once per step."""
+        if self._sharded_module is not None:
+            self._sharded_module.set_requires_gradient_sync(enabled)
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """All-reduce (mean) the accumulated gradients of ``params``, flattened into one buffer.
+        Sharded: nothing (FSDP has reduce-scattered them, averaged, on the step's last
+        backward)."""
+        if self.world_size == 1 or self.sharded:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])

@@ -348,17 +348,25 @@ def minibatch_backward(
     scale: float,
     on_policy: bool,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    gradient_sync: Callable[[bool], None] | None = None,
+    ends_step: bool = True,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Backpropagate ``step_loss / scale`` for each trained step column j of ``steps`` (M, S),
     one backward per (minibatch, step) so memory is one minibatch's; yields each step's statistics.
 
     The gradients accumulate in the trainable parameters; the caller steps the optimizer.
     ``backward`` lets the trainer scale for fp16 (``GradScaler.scale(loss).backward()``).
+    ``gradient_sync(flag)`` is told before each backward whether it is the last one of the
+    optimizer step (``ends_step`` and the last column): a sharded model reduces its gradients
+    across processes on that backward only (``Distributed.set_gradient_sync``), the earlier ones
+    of the step (S per minibatch, ``gradient_accumulation_steps`` minibatches) accumulate locally.
     """
     for j in range(steps.shape[1]):
         value, stats = step_loss(
             policy, batch, adv, steps[:, j], sampler, loss, on_policy=on_policy
         )
+        if gradient_sync is not None:
+            gradient_sync(ends_step and j == steps.shape[1] - 1)
         backward(value / scale)
         yield stats
 

@@ -44,6 +44,21 @@ def build_optimizer(
     return bnb.optim.AdamW8bit(params, **kwargs)
 
 
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that also takes sharded (FSDP2 DTensor) gradients: the
+    norm ||g||_2 over every process's shard (a plain 0-dim tensor, the same on every process), then
+    each gradient scaled by min(1, max_norm / (||g|| + 1e-6)). Returns the norm before
+    clipping."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if isinstance(total, DTensor):  # a partial norm per shard: reduced over the processes
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 def new_ema(policy: DiffusionPolicy, t: TrainConfig) -> EMA | None:
     """The EMA of the policy's current trainable weights as train.ema_* say (None without
     ema_decay)."""
@@ -97,7 +112,7 @@ class Optimization:
         dist.average_gradients(self.params)
         self.grad_scaler.unscale_(self.optimizer)
         max_norm = self.train.max_grad_norm or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = clip_grad_norm(self.params, max_norm)
         if not self.nonfinite.should_step(grad_norm, self.grad_scaler):  # NaN/inf: no update at all
             self.grad_scaler.update()  # fp16: lowers the loss scale; a no-op otherwise
             self.optimizer.zero_grad(set_to_none=True)
@@ -126,7 +141,8 @@ class Optimization:
         after the policy's trainable weights, with ``steps`` optimizer steps taken; then the
         config applies again (``apply_config``). A checkpoint without the EMA the config asks for
         restarts it from the loaded weights, with a warning."""
-        self.optimizer.load_state_dict(parts["optimizer"])
+        if parts["optimizer"] is not None:  # None: restored in place (a sharded checkpoint)
+            self.optimizer.load_state_dict(parts["optimizer"])
         self.lr_scheduler.load_state_dict(parts["lr_scheduler"])
         self.grad_scaler.load_state_dict(parts["grad_scaler"])
         self.apply_config()

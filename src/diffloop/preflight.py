@@ -10,6 +10,7 @@ from __future__ import annotations
 from diffloop.config import Config, ConfigError, RewardConfig, validate
 from diffloop.config.validation import check_kl_form_supported
 from diffloop.policies.families import check_local_model
+from diffloop.policies.quantization import check_family_components
 from diffloop.prompts import PromptError, eval_prompt_source, training_prompt_source
 from diffloop.rewards.registry import RewardSpecError, check_reward_name
 from diffloop.tracking import check_trackers
@@ -26,6 +27,8 @@ def check_before_loading(config: Config, num_processes: int = 1) -> None:
         config.model
     )  # a local model: exists, a supported family, its folders
     if family is not None:
+        names = [c.name for c in family.components]
+        check_family_components(config.model.quantization, family.label, names)
         check_kl_form_supported(
             config, family.flow_matching, f"{family.label[0].upper()}{family.label[1:]}"
         )

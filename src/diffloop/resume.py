@@ -13,7 +13,10 @@ The run's config
     - ``num_epochs``, which may be raised (not lowered; with a linear/cosine LR schedule the
       schedule is stretched to the new length from the resumed step on);
     - ``RESUME_MAY_CHANGE``: output_dir (a moved run), logging.*, checkpoint bookkeeping and the
-      memory knobs that do not change results (the same list ``diffloop compare`` accepts);
+      memory knobs that do not change results (fsdp.*: up to float rounding; where prompt
+      embeddings come from: prompts.precompute_embeddings, prompts.embedding_cache_dir,
+      model.text_encoder_device; the same list
+      ``diffloop compare`` accepts);
     - the keys listed in ``resume_allow=[train.learning_rate, ...]`` (a section name covers its
       keys), for a deliberate change, which is then recorded in sessions.jsonl; never those of
       ``RESUME_FIXED`` (LoRA rank, targets, on/off, the model), which fix the checkpoint's tensors.
@@ -52,6 +55,13 @@ RESUME_MAY_CHANGE = (
     "resume", "overwrite", "resume_allow", "output_dir", "logging", "hub", "checkpoint_every",
     "keep_checkpoints", "sample.batch_size", "eval.batch_size", "performance.decode_batch_size",
     "train.gradient_checkpointing",
+    # Sharding moves the same tensors between processes; a checkpoint of either kind resumes into
+    # the other (diffloop.checkpoint), equal up to the float order of the gradient reduction.
+    "fsdp",
+    # Where prompt embeddings come from: the same bits (each prompt encoded alone), except the
+    # CPU's float rounding with text_encoder_device=cpu on an accelerator run.
+    "prompts.precompute_embeddings", "prompts.embedding_cache_dir", "model.text_encoder_device",
+    "model.offload_text_encoders",
 )  # fmt: skip
 # What fixes the names and shapes of the checkpoint's trainable tensors (and the model they were
 # trained on): no resume_allow can change these, since the checkpoint cannot be loaded into another.

@@ -36,6 +36,7 @@ from diffloop.monitors import image_statistics
 from diffloop.optimization import Optimization
 from diffloop.performance import set_backend_flags
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
+from diffloop.policies.embedding_cache import prepare_prompt_embeddings
 from diffloop.policies.families import detect_family, load_policy
 from diffloop.policies.loading import WEIGHT_DTYPES
 from diffloop.preflight import check_before_loading
@@ -128,7 +129,7 @@ class Trainer:
         then records ``reward.name=python:<function name>`` and ``prompts.source=list`` (the
         metadata is not in it): use config fields for a run to resume from the command line."""
         config, user_source = _with_python_arguments(config, reward, prompts)
-        self.dist = dist or Distributed()
+        self.dist = dist or Distributed(fsdp_enabled=config.fsdp.enabled)
         self.dist.check_mixed_precision(config.train.mixed_precision)
         set_backend_flags(config.performance, self.dist.device, config.cpu_threads)
         # Exactly what check-config checks (config, prompt files, reward names), before a model
@@ -162,6 +163,15 @@ class Trainer:
                 config, eval_source, eval_reward, self.eval_sampler, self.dist
             )
         loops.check_kl_form(self.policy, config)
+        # prompts.precompute_embeddings / embedding_cache_dir: every prompt of the run encoded (or
+        # read from disk) once now; precompute then frees the text encoders, before sharding.
+        known = [*self.prompt_source.prompts, *(self.held_out.prompts if self.held_out else [])]
+        line = prepare_prompt_embeddings(
+            self.policy, config.prompts.precompute_embeddings, config.prompts.embedding_cache_dir,
+            known, config.sample.negative_prompt,
+        )  # fmt: skip
+        if line is not None and self.dist.is_main:
+            print(line)
         self.arithmetic = derived_arithmetic(
             config,
             self.dist.world_size,
@@ -170,6 +180,8 @@ class Trainer:
             denoiser="UNet" if self.policy.lora_component == "unet" else "transformer",
         )
         export.check_exportable(self.policy, config.lora.enabled)  # now, not after training
+        # fsdp.enabled: the denoiser sharded (FSDP2) before the optimizer sees its parameters.
+        self.dist.shard_policy(self.policy, config.fsdp, t.mixed_precision)
         updates = config.num_epochs * self.arithmetic.gradient_updates_per_epoch
         self.optimization = Optimization(self.policy, t, updates, self.dist.device)
         self.params = self.optimization.params
@@ -338,6 +350,7 @@ class Trainer:
             step_order = loops.choose_timesteps(n, window, steps_trained, gen)  # (n, S)
             chunks = self._progress(list(iter_chunks(n, t.batch_size)), "training")
             for b, chunk in enumerate(chunks):
+                ends_step = (b + 1) % accumulate == 0  # this minibatch's last backward reduces
                 idx = order[chunk].to(self.dist.device)
                 steps = step_order[order[chunk]].to(self.dist.device)  # (M, S)
                 for step_stats in loops.minibatch_backward(
@@ -350,9 +363,11 @@ class Trainer:
                     scale=steps_trained * accumulate,
                     on_policy=on_policy,
                     backward=self.optimization.backward,
+                    gradient_sync=self.dist.set_gradient_sync,
+                    ends_step=ends_step,
                 ):
                     stats.add(step_stats)
-                if (b + 1) % accumulate == 0:
+                if ends_step:
                     stats.add({"grad_norm": self._optimizer_step()})
                     on_policy = False
         reduce = {"onpolicy_logprob_err": self.dist.max_scalar}
@@ -387,6 +402,13 @@ class Trainer:
             stat_tracker=self.stat_tracker.state_dict() if self.stat_tracker is not None else None,
         )
         out, is_main = self.config.output_dir, self.dist.is_main
+        if self.dist.sharded:  # every process writes its shards (diffloop.sharded_checkpoint)
+            checkpoint.save_sharded(
+                out, epochs_completed, self.config.keep_checkpoints,
+                tensors=self._training_tensors(), lr_scheduler=self.optimization.lr_scheduler,
+                grad_scaler=self.optimization.grad_scaler, state=state, dist=self.dist,
+            )  # fmt: skip
+            return
         tmp = checkpoint.tmp_dir_for(out, epochs_completed)
         trainable = self.policy.trainable_state_dict() if is_main else {}
         parts = self.optimization.checkpoint_parts(is_main)
@@ -403,6 +425,14 @@ class Trainer:
                 checkpoint.write_main(tmp, trainable=trainable, state=state, **parts)
                 checkpoint.commit(out, tmp, epochs_completed, self.config.keep_checkpoints)
         self.dist.wait()
+
+    def _training_tensors(self) -> Any:
+        """What a checkpoint restores in place (``sharded_checkpoint.TrainingTensors``): the
+        denoiser's trainable weights, the optimizer and the EMA shadow."""
+        from diffloop.sharded_checkpoint import TrainingTensors
+
+        ema = self.ema.shadow if self.ema is not None else None
+        return TrainingTensors(self.policy.denoiser, self.optimization.optimizer, ema)
 
     def _hold_run_lock(self) -> None:
         """The main process locks output_dir (diffloop.run_lock; re-entrant, so under
@@ -427,7 +457,11 @@ class Trainer:
 
     def _resume(self) -> None:
         # The newest checkpoint that verifies (checksums, finite tensors); older ones are fallbacks.
-        found = checkpoint.load_newest_valid(self.config.output_dir, self.dist.rank)
+        # A sharded checkpoint (or any checkpoint into a sharded run) is read into the live
+        # tensors in place, resharded over this run's processes.
+        found = checkpoint.load_newest_valid(
+            self.config.output_dir, self.dist.rank, self._training_tensors()
+        )
         if found is None:
             logger.warning(
                 "resume=true but no complete checkpoint in %s: starting from scratch",
@@ -436,7 +470,8 @@ class Trainer:
             return
         path, parts = found
         state = parts["state"]
-        self.policy.load_trainable_state_dict(parts["trainable"])
+        if parts["trainable"] is not None:  # else restored in place
+            self.policy.load_trainable_state_dict(parts["trainable"])
         self.optimization.load(parts, path, state.optimizer_steps)
         if parts["rng"] is not None:
             checkpoint.set_rng_state(parts["rng"])
@@ -463,10 +498,16 @@ class Trainer:
         """The LoRA (or model) of ``diffloop.export.export_run``: weights, kohya copy, model card;
         the EMA weights when train.ema_decay is set. Then prints where it is, which file loads in
         which tool, and the Python that loads it (``export.export_summary_lines``)."""
+        weights = None
+        if self.dist.sharded:  # every process gathers the whole weights; the main one writes them
+            from diffloop.sharded_checkpoint import export_weights
+
+            with maybe_applied(self.ema):
+                weights = export_weights(self.policy, self.config.lora.enabled, self.dist.is_main)
         if self.dist.is_main:
             family = detect_family(self.config.model.pretrained, self.config.model.revision)
-            with maybe_applied(self.ema):
-                directory = export.export_run(self.policy, self.config, family)
+            with maybe_applied(self.ema if weights is None else None):
+                directory = export.export_run(self.policy, self.config, family, weights)
             for line in export.export_summary_lines(self.config, family, directory):
                 print(line)
         self.dist.wait()
@@ -504,6 +545,14 @@ class Trainer:
         )
         for line in self.arithmetic.lines():
             print("  " + line)
+        from diffloop.memory import memory_summary  # arithmetic, before anything is measured
+
+        for line in memory_summary(cfg, self.dist.world_size):
+            print("  " + line)
+        if cfg.model.quantization.backend != "none":
+            from diffloop.policies.quantization import describe
+
+            print(f"  frozen base quantized:         {describe(cfg.model.quantization)}")
         for line in self.held_out.header_lines(self.policy) if self.held_out is not None else []:
             print("  " + line)
 

@@ -89,7 +89,31 @@ LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 CompileTarget = Literal["none", "sampling", "training", "all"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 AttentionBackend = Literal["sdpa", "eager"]
+TextEncoderDevice = Literal["accelerator", "cpu", "offload"]
 OptimizerName = Literal["adamw", "adamw_8bit"]
+QuantBackend = Literal["none", "torchao", "bitsandbytes", "quanto"]
+QUANT_TYPES: dict[str, tuple[str, ...]] = {
+    "torchao": ("int8_weight_only", "float8_weight_only", "int4_weight_only"),
+    "bitsandbytes": ("nf4", "fp4", "int8"),
+    "quanto": ("int8", "float8", "int4"),
+}
+"""``model.quantization.quant_type`` values of each backend; the first is its default."""
+QUANT_PACKAGES: dict[str, tuple[str, str]] = {
+    "torchao": ("torchao", "pip install 'diffloop[quantization]'"),
+    "bitsandbytes": ("bitsandbytes", "pip install 'diffloop[bnb]'"),
+    "quanto": ("optimum.quanto", "pip install optimum-quanto"),
+}
+"""Quantization backend -> (the module it imports, how to install it)."""
+QUANT_CUDA_ONLY = ("bitsandbytes",)
+"""Quantization backends without CPU kernels (bitsandbytes quantizes as weights move to CUDA)."""
+QUANT_UNSUPPORTED: dict[tuple[str, str], str] = {
+    ("torchao", "int4_weight_only"): (
+        "peft has no LoRA layer for torchao int4 weights (TorchaoLoraLinear takes int8 / float8 "
+        "only) and torchao's int4 kernels need CUDA; use quant_type=int8_weight_only, or "
+        "backend=bitsandbytes quant_type=nf4 for 4-bit"
+    ),
+}
+"""(backend, quant_type) pairs that are refused, and why."""
 
 # Prompt sources read from a path (diffloop.prompts), and what the path must be.
 PATH_SOURCES = {
@@ -208,6 +232,28 @@ class ZImageConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """A quantized frozen base (QLoRA): the listed frozen components load through diffusers' /
+    transformers' quantization backends (``quantization_config=`` in ``from_pretrained``) and the
+    LoRA adapter trains in fp32 on top; sampling and the training recomputation use the same
+    quantized weights. Needs lora.enabled=true. docs/quantization.md says what the exported LoRA
+    then is."""
+
+    backend: QuantBackend = "none"
+    """none: full-precision weights (in train.mixed_precision's dtype); torchao: weight-only int8 /
+    float8 (runs on CPU and CUDA; ``pip install 'diffloop[quantization]'``); bitsandbytes: 4-bit
+    NF4 / FP4 or 8-bit (CUDA only; ``pip install 'diffloop[bnb]'``); quanto: optimum-quanto
+    (``pip install optimum-quanto``; deprecated by diffusers)."""
+    quant_type: str | None = None
+    """The backend's storage: torchao int8_weight_only | float8_weight_only | int4_weight_only
+    (refused: peft has no LoRA layer for torchao int4); bitsandbytes nf4 | fp4 | int8; quanto int8
+    | float8 | int4. null: the backend's default (int8_weight_only / nf4 / int8)."""
+    components: list[str] = field(default_factory=list)
+    """The frozen components to quantize, by folder name (``transformer``, ``text_encoder_2``);
+    empty: the denoiser only (unet / transformer). The VAE is never quantized."""
+
+
+@dataclass
 class ModelConfig:
     pretrained: str = "shapes"
     """Hub id (``stabilityai/stable-diffusion-2-base``) or local directory in diffusers layout;
@@ -237,15 +283,23 @@ class ModelConfig:
     """Qwen-Image's text length (used when model.pretrained is a QwenImagePipeline)."""
     zimage: ZImageConfig = field(default_factory=ZImageConfig)
     """Z-Image's text length and CFG options (used when model.pretrained is a ZImagePipeline)."""
+    text_encoder_device: TextEncoderDevice = "accelerator"
+    """Where the frozen text encoders live and run (every family): ``accelerator``, resident on
+    the training device; ``cpu``, in CPU memory and run there (no accelerator memory; encoding is
+    slower, and its float rounding is the CPU's), their outputs moved to the device;
+    ``offload``, in CPU memory, moved to the accelerator only while prompts are encoded: saves
+    their memory (Qwen-Image's Qwen2.5-VL-7B: 16.6 GB in bf16) for a transfer per encoding. Each
+    distinct prompt is encoded once per run (docs/guide.md, prompt embeddings)."""
     offload_text_encoders: bool = False
-    """Keep the frozen text encoders in CPU memory and move them to the accelerator only while
-    prompts are encoded (each prompt once per use): saves their memory (Qwen-Image's
-    Qwen2.5-VL-7B: 16.6 GB in bf16) for a transfer per encoding. Families that implement it:
-    Qwen-Image, FLUX.2 (dev and Klein), Z-Image; the others refuse it."""
+    """Deprecated: ``true`` is read as ``model.text_encoder_device=offload`` (one warning line);
+    ``true`` with text_encoder_device=cpu is refused."""
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    """A quantized frozen base under the LoRA (``model.quantization.backend``); default none."""
 
     def __post_init__(self) -> None:
         """The deprecated ``model.sdxl.resolution`` (in its range) moves to ``model.resolution``
         (one warning line); both set to different values is a ConfigError."""
+        self._read_offload_alias()
         old = self.sdxl.resolution
         declared = {f.name: f for f in dataclasses.fields(SDXLConfig)}["resolution"]
         if old is None or not declared.metadata["range"].contains(old):
@@ -260,6 +314,24 @@ class ModelConfig:
         )
         self.resolution = old
         self.sdxl = dataclasses.replace(self.sdxl, resolution=None)
+
+    def _read_offload_alias(self) -> None:
+        """The deprecated ``model.offload_text_encoders=true`` becomes
+        ``model.text_encoder_device=offload`` (one warning line); with text_encoder_device=cpu
+        it is a ConfigError (the two say different things)."""
+        if not self.offload_text_encoders:
+            return
+        if self.text_encoder_device == "cpu":
+            raise ConfigError(
+                "model.offload_text_encoders=true and model.text_encoder_device=cpu disagree: "
+                "model.offload_text_encoders is deprecated, set only model.text_encoder_device"
+            )
+        logging.getLogger(__name__).warning(
+            "model.offload_text_encoders is deprecated: use model.text_encoder_device=offload "
+            "(read as that)"
+        )
+        self.text_encoder_device = "offload"
+        self.offload_text_encoders = False
 
 
 @dataclass
@@ -448,6 +520,18 @@ class PromptConfig:
     """The field (JSONL key, CSV column, dataset column) holding the prompt (jsonl/csv/dataset)."""
     split: str = "train"
     """Dataset split (source=dataset)."""
+    precompute_embeddings: bool = False
+    """Before training, encode every training prompt, every evaluation prompt and
+    sample.negative_prompt once, then free the text encoders: they take no accelerator memory
+    during training (LoRA: deleted; full fine-tuning: kept in CPU memory for the export). Costs
+    one pass over the prompt set at start and the embeddings' CPU memory; a prompt outside that
+    set is then an error."""
+    embedding_cache_dir: str | None = None
+    """Also keep prompt embeddings on disk here (safetensors, one file per prompt), keyed by the
+    text encoders' identity (config, weights, tokenizer), the encoding settings and the prompt:
+    resumed runs and sweeps over the same model reuse them; a changed encoder or tokenizer reads
+    none of them. Every training and evaluation prompt is looked up (encoded and written when
+    missing) at start; hits and misses are logged once."""
 
 
 @dataclass
@@ -570,6 +654,23 @@ class PerformanceConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """Sharded training with PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``;
+    docs/distributed.md). Each process then holds 1/N of the denoiser's weights, gradients and
+    optimizer states instead of a full copy; every block is gathered just before it runs."""
+
+    enabled: bool = False
+    """Shard the trained denoiser (UNet / transformer) over the processes, block by block (the
+    model's ``_no_split_modules`` blocks), then the rest of it; under LoRA the frozen base is
+    sharded too. Computes in train.mixed_precision, reduces gradients in fp32, keeps fp32 trainable
+    weights. Needs a multi-process launch to save memory (1 process: a shard is the whole model)."""
+    reshard_after_forward: bool = True
+    """Free each block's gathered weights after its forward (gathered again for the backward): the
+    least memory. false keeps them from the forward to the backward: fewer all-gathers, more
+    memory (ZeRO-2-like)."""
+
+
+@dataclass
 class Config:
     seed: int = num(0, ge=0, le=_MAX_SEED)
     """Training seed: prompt draws, noise and LoRA initialisation are pure functions of it."""
@@ -606,6 +707,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 def field_types(cls: type) -> dict[str, Any]:

@@ -15,6 +15,10 @@ from typing import Any, Literal
 from diffloop.config.arithmetic import largest_divisor
 from diffloop.config.schema import (
     PATH_SOURCES,
+    QUANT_CUDA_ONLY,
+    QUANT_PACKAGES,
+    QUANT_TYPES,
+    QUANT_UNSUPPORTED,
     TRACKERS,
     Config,
     ConfigError,
@@ -146,6 +150,12 @@ def validate(config: Config, num_processes: int = 1) -> None:
         "(start drawn in [first, last]) with length >= 1 and start + length <= "
         f"sample.num_steps - 1 = {s.num_steps - 1} (the last step is an ODE step)",
     )  # fmt: skip
+    cache_dir = config.prompts.embedding_cache_dir
+    require(
+        cache_dir is None or (cache_dir != "" and not Path(cache_dir).is_file()),
+        f"prompts.embedding_cache_dir={cache_dir!r} must be a directory (created if missing), "
+        "not a file or ''; give a folder, or null for no disk cache",
+    )
     require(
         config.eval.reward is not None or not config.eval.reward_kwargs,
         f"eval.reward_kwargs={config.eval.reward_kwargs} without eval.reward: the "
@@ -250,6 +260,8 @@ def validate(config: Config, num_processes: int = 1) -> None:
     _validate_performance(config)
     _validate_logging(config.logging)
     _validate_optimizer(config)
+    _validate_quantization(config)
+    _validate_fsdp(config, num_processes)
     _validate_hub(config.hub)
     p = config.prompts
     if p.source in PATH_SOURCES:
@@ -357,6 +369,108 @@ def _validate_optimizer(config: Config) -> None:
         "train.optimizer=adamw_8bit needs a CUDA device (bitsandbytes' 8-bit "
         "optimizers have no CPU "
         "kernels) and none is available; use train.optimizer=adamw",
+    )
+
+
+def _validate_fsdp(config: Config, num_processes: int) -> None:
+    """fsdp.enabled only with what composes with a sharded denoiser (docs/distributed.md)."""
+    if not config.fsdp.enabled:
+        return
+    t, perf, e = config.train, config.performance, config.eval
+    require(
+        t.optimizer == "adamw",
+        f"fsdp.enabled=true with train.optimizer={t.optimizer}: bitsandbytes' 8-bit AdamW cannot "
+        "step sharded (DTensor) parameters; use train.optimizer=adamw (sharding already divides "
+        "its states by the process count)",
+    )
+    require(
+        t.mixed_precision != "fp16",
+        "fsdp.enabled=true with train.mixed_precision=fp16: the fp16 loss scaler would check "
+        "each process's gradient shard for overflow separately; use train.mixed_precision=bf16",
+    )
+    require(
+        not perf.merge_lora_for_sampling,
+        "fsdp.enabled=true with performance.merge_lora_for_sampling=true: each process holds "
+        "only a shard of the weights to merge into; set performance.merge_lora_for_sampling=false",
+    )
+    require(
+        perf.compile == "none",
+        f"fsdp.enabled=true with performance.compile={perf.compile}: compiling a sharded "
+        "denoiser is not supported; set performance.compile=none",
+    )
+    images = e.num_prompts * e.samples_per_prompt
+    require(
+        config.eval.prompts is None or images % num_processes == 0,
+        f"fsdp.enabled=true: the {images} evaluation images (eval.num_prompts x "
+        f"eval.samples_per_prompt) must divide evenly over the {num_processes} processes (every "
+        "process runs the sharded model equally often); change eval.num_prompts",
+    )
+
+
+def _validate_quantization(config: Config) -> None:
+    """model.quantization: nothing set without a backend; a known quant_type; LoRA on; no merged
+    LoRA; no FSDP; the backend installed; a CUDA device for a CUDA-only backend; each component
+    listed once (whether the model has them: ``policies.quantization.check_family_components``,
+    once the family is known)."""
+    import importlib.util
+
+    q, field = config.model.quantization, "model.quantization"
+    if q.backend == "none":
+        require(
+            q.quant_type is None and not q.components,
+            f"{field}.quant_type / {field}.components are set but {field}.backend=none "
+            f"quantizes nothing; set {field}.backend (torchao, bitsandbytes, quanto) or drop them",
+        )
+        return
+    choices = QUANT_TYPES[q.backend]
+    kind = q.quant_type or choices[0]
+    require(
+        q.quant_type is None or q.quant_type in choices,
+        f"{field}.quant_type='{q.quant_type}' is not a {q.backend} type; use one of "
+        f"{', '.join(choices)} (null: {choices[0]}).{did_you_mean(str(q.quant_type), choices)}",
+    )
+    why = QUANT_UNSUPPORTED.get((q.backend, kind))
+    require(why is None, f"{field}.quant_type={kind} is not supported: {why}")
+    require(
+        config.lora.enabled,
+        f"{field}.backend={q.backend} needs lora.enabled=true: a quantized base is frozen and "
+        "only a LoRA adapter trains on it (full fine-tuning of quantized weights is not "
+        f"supported); set lora.enabled=true or {field}.backend=none",
+    )
+    require(
+        not config.performance.merge_lora_for_sampling,
+        f"performance.merge_lora_for_sampling=true with {field}.backend={q.backend}: a LoRA "
+        "update merged into quantized weights is rounded to the quantization grid, so the sampled "
+        "policy would not be the trained one; set performance.merge_lora_for_sampling=false",
+    )
+    require(
+        not config.fsdp.enabled,
+        f"fsdp.enabled=true with {field}.backend={q.backend}: sharding quantized weights is not "
+        f"supported; set {field}.backend=none (FSDP already divides the base's memory by the "
+        "process count) or fsdp.enabled=false",
+    )
+    module, install = QUANT_PACKAGES[q.backend]
+    try:
+        installed = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing (optimum for optimum.quanto)
+        installed = False
+    require(
+        installed,
+        f"{field}.backend={q.backend} needs the {module} package, which is not installed: "
+        f"{install} (or {field}.backend=none)",
+    )
+    if q.backend in QUANT_CUDA_ONLY:
+        import torch
+
+        require(
+            torch.cuda.is_available(),
+            f"{field}.backend={q.backend} needs a CUDA device ({q.backend} has no CPU kernels) "
+            f"and none is available; use {field}.backend=torchao (int8_weight_only runs on CPU) "
+            f"or {field}.backend=none",
+        )
+    require(
+        len(set(q.components)) == len(q.components),
+        f"{field}.components={q.components} names a component twice; list each once",
     )
 
 

@@ -150,14 +150,18 @@ def check_exportable(policy: Any, lora_enabled: bool) -> None:
         )
 
 
-def export_run(policy: Any, config: Config, family: str) -> Path:
+def export_run(
+    policy: Any, config: Config, family: str, weights: dict[str, Any] | None = None
+) -> Path:
     """Everything of the module docstring into ``export_dir(config)``; returns that directory.
 
     Written into a temporary sibling (``.tmp-lora``) and renamed into place when complete
     (``diffloop.disk``): a failed or interrupted export leaves no truncated file as the export
     (an earlier export stays as it was), and a full disk is one DiskFullError line naming the
     directory and the space needed. Call with the weights to export in place (the trainer applies
-    the EMA around it)."""
+    the EMA around it), or pass them: ``weights``, the adapted module's state dict gathered whole
+    from a sharded run (``sharded_checkpoint.export_weights``: its LoRA weights, or every entry
+    for full fine-tuning), written instead of the module's own shards."""
     from diffloop import disk
     from diffloop.checkpoint import latest_checkpoint, resume_command
 
@@ -177,8 +181,13 @@ def export_run(policy: Any, config: Config, family: str) -> Path:
         aside.mkdir(parents=True)
         kohya_name = None
         if config.lora.enabled:
-            lora_file = save_lora(policy, aside)
+            lora_file = save_lora(policy, aside, weights)
             kohya_name = write_share_copy(policy, config, family, lora_file, aside)
+        elif weights is not None:
+            from diffloop.sharded_checkpoint import with_denoiser
+
+            with with_denoiser(policy, weights):  # a plain copy in place of the sharded one
+                policy.export(aside)
         else:
             policy.export(aside)
         write_model_card(aside, config, family, kohya_name)

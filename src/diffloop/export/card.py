@@ -162,6 +162,14 @@ def _summary_lines(config: Config, family: str, adapter: Adapter | None = None) 
         lines.append(
             f"- LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.alpha / lora.rank:g})"
         )
+    if config.model.quantization.backend != "none":
+        from diffloop.policies.quantization import describe
+
+        lines.append(
+            f"- trained on a quantized base ({describe(config.model.quantization)}); the LoRA "
+            "is written for the full-precision base, where its output differs from the trained "
+            "model's by the quantization error (docs/quantization.md)"
+        )
     if t.ema_decay is not None:
         schedule = (", warm-up" if t.ema_warmup else "") + (
             f", every {t.ema_update_interval} optimizer steps" if t.ema_update_interval > 1 else ""

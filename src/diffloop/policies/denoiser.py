@@ -43,17 +43,23 @@ from diffloop.config import (
     cfg_evaluations_per_step,
 )
 from diffloop.policies.base import CheckpointMismatchError, iter_chunks
+from diffloop.policies.embedding_cache import DiskStore, EmbeddingCache, Rows, encoder_identity
 from diffloop.policies.families import family, how_to_provide, locate
 from diffloop.policies.loading import (
     Component,
     ModelFiles,
     ModelLoadError,
+    QuantizedLoad,
     from_pretrained,
     load_components,
 )
 from diffloop.policies.lora import add_lora, save_lora, trainables_to_fp32
+from diffloop.policies.quantization import is_quantized_tensor
 
 logger = logging.getLogger(__name__)
+
+TEXT_ENCODER_DEVICES = ("accelerator", "cpu", "offload")
+"""``model.text_encoder_device``'s choices (``DenoiserPolicy.text_device``)."""
 
 Branches = list[dict[str, Any]]
 """The CFG branches' keyword arguments of one denoiser call, [negative, positive] or [positive]."""
@@ -86,7 +92,7 @@ def cast_frozen(
     keep = keep_in_fp32_patterns(module, dtype)
     pattern = re.compile("|".join(p.replace("*", ".*") for p in keep)) if keep else None
     for name, t in chain(module.named_parameters(), module.named_buffers()):
-        if not t.is_floating_point():
+        if not t.is_floating_point() or is_quantized_tensor(t):  # a backend's storage: as loaded
             continue
         want = torch.float32 if pattern is not None and pattern.search(name) else dtype
         if t.dtype != want:
@@ -137,8 +143,13 @@ class DenoiserPolicy:
     """peft targets when ``lora.target_modules`` is left at its (SD UNet) default; None: as
     given."""
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
-    offload_text_encoders: bool = False  # set_text_encoder_offload (model.offload_text_encoders)
-    """Component names of the frozen text encoders (an absent optional one is None)."""
+    """Component names of the frozen text encoders (an absent optional one is None); each one's
+    tokenizer is named alike (text_encoder_2: tokenizer_2)."""
+    encoding_attributes: ClassVar[tuple[str, ...]] = ("max_sequence_length", "out_layers")
+    """Attributes (where the policy has them) that change the text encoding: part of the disk
+    cache's key (``encoding_settings``)."""
+    model_path: str | None = None
+    """Where ``from_model`` read the components (the weight files the disk cache's key reads)."""
     settings_field: ClassVar[str | None] = None
     """The ``model.<field>`` section handed to the constructor by that name (``sdxl``, ``sd3``)."""
     index_config: ClassVar[dict[str, Any]] = {}
@@ -174,8 +185,17 @@ class DenoiserPolicy:
         performance: PerformanceConfig | None = None,
         sample: SampleConfig | None = None,
         resolution: int | None = None,
+        text_encoder_device: str = "accelerator",
     ) -> None:
         self.device = device
+        if text_encoder_device not in TEXT_ENCODER_DEVICES:
+            raise ValueError(
+                f"model.text_encoder_device={text_encoder_device!r}: use one of "
+                f"{', '.join(TEXT_ENCODER_DEVICES)}"
+            )
+        self.text_encoder_device = text_encoder_device
+        self.embedding_cache = EmbeddingCache()
+        """Every distinct prompt's text encoding, in CPU memory (``encoded``)."""
         self.performance = performance or PerformanceConfig()
         self.check_performance(self.performance)
         self.weight_dtype = weight_dtype
@@ -188,9 +208,10 @@ class DenoiserPolicy:
         table = [c.name for c in family(self.family_name).components]
         for name in dict.fromkeys([*table, *self.components]):  # an absent optional one: None
             setattr(self, name, self.components.get(name))
+        home = self.device if text_encoder_device == "accelerator" else torch.device("cpu")
         for name in self.text_encoder_names:
             if getattr(self, name) is not None:
-                self._freeze(getattr(self, name), weight_dtype)
+                self._freeze(getattr(self, name), weight_dtype, home)
         self._freeze(self.denoiser, weight_dtype)
         if self.vae is not None:
             self._freeze(self.vae, self.vae_dtype())
@@ -225,12 +246,16 @@ class DenoiserPolicy:
             files,
             how_to_provide(cls.family_name, model.pretrained),
             cls.load_component,
+            QuantizedLoad(kwargs.get("weight_dtype", torch.float32), kwargs.get("device", "cpu")),
         )
         for name, default in cls.index_config.items():
             components[name] = type(default)((files.index or {}).get(name, default))
         if cls.settings_field is not None:
             kwargs[cls.settings_field] = getattr(model, cls.settings_field)
-        return cls(components, lora, resolution=model.resolution, **kwargs)
+        kwargs.setdefault("text_encoder_device", model.text_encoder_device)
+        policy = cls(components, lora, resolution=model.resolution, **kwargs)
+        policy.model_path = files.path
+        return policy
 
     @classmethod
     def load_component(cls, component: Component, path: str, model: ModelConfig) -> Any:
@@ -254,12 +279,14 @@ class DenoiserPolicy:
                 f"{self.label} models; leave it at {getattr(default, bad[0])!r}"
             )
 
-    def _freeze(self, module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    def _freeze(
+        self, module: torch.nn.Module, dtype: torch.dtype, device: torch.device | None = None
+    ) -> torch.nn.Module:
         """A frozen component: no gradients, eval mode (a model built in code starts in train mode,
-        and T5's dropout would then make the text conditioning random), in ``dtype`` on the device,
-        except the weights transformers keeps in fp32 at that dtype (``cast_frozen``: T5's ``wo``
-        in fp16)."""
-        return cast_frozen(module.requires_grad_(False).eval(), dtype, self.device)
+        and T5's dropout would then make the text conditioning random), in ``dtype`` on ``device``
+        (default the policy's), except the weights transformers keeps in fp32 at that dtype
+        (``cast_frozen``: T5's ``wo`` in fp16)."""
+        return cast_frozen(module.requires_grad_(False).eval(), dtype, device or self.device)
 
     def vae_dtype(self) -> torch.dtype:
         """fp32 for a force_upcast VAE where the family's pipeline upcasts (never through fp16:
@@ -377,15 +404,16 @@ class DenoiserPolicy:
     def tokenize(
         self, tokenizer: Any, prompts: Sequence[str], max_length: int | None = None
     ) -> torch.Tensor:
-        """(N, L) token ids of ``prompts`` on the device, padded and truncated to ``max_length``
-        (default the tokenizer's model_max_length), as the pipelines' encode_prompt."""
+        """(N, L) token ids of ``prompts`` on the text encoders' device, padded and truncated to
+        ``max_length`` (default the tokenizer's model_max_length), as the pipelines'
+        encode_prompt."""
         return tokenizer(
             list(prompts),
             padding="max_length",
             max_length=max_length or tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
+        ).input_ids.to(self.text_device)
 
     def conditioning(
         self, prompts: list[str], negative_prompt: str
@@ -454,19 +482,28 @@ class DenoiserPolicy:
         found = (getattr(self, name, None) for name in self.text_encoder_names)
         return [encoder for encoder in found if encoder is not None]
 
+    @property
+    def text_device(self) -> torch.device:
+        """Where the text encoders run: the CPU for ``model.text_encoder_device=cpu``, else the
+        policy's device (offloaded encoders visit it to encode)."""
+        return torch.device("cpu") if self.text_encoder_device == "cpu" else self.device
+
+    @property
+    def offload_text_encoders(self) -> bool:
+        """``model.text_encoder_device=offload``."""
+        return self.text_encoder_device == "offload"
+
     def set_text_encoder_offload(self, enabled: bool) -> None:
-        """``model.offload_text_encoders``: keep the text encoders in CPU memory and bring them to
-        the device only to encode (``text_encoders_on_device``); the families whose encoders are
-        language models of billions of parameters support it (``families.OFFLOAD_FAMILIES``)."""
-        self.offload_text_encoders = enabled
-        if enabled:
-            for encoder in self.text_encoders():
-                encoder.to("cpu")
+        """Offload the text encoders (``model.text_encoder_device=offload``: in CPU memory, on the
+        device only to encode, ``text_encoders_on_device``) or keep them on the device."""
+        self.text_encoder_device = "offload" if enabled else "accelerator"
+        for encoder in self.text_encoders():
+            encoder.to("cpu" if enabled else self.device)
 
     @contextlib.contextmanager
     def text_encoders_on_device(self) -> Iterator[None]:
-        """The text encoders on the policy's device inside the block; with offloading they go back
-        to CPU memory after it (so a large encoder and the denoiser never share the device)."""
+        """The text encoders on ``text_device`` inside the block; offloaded ones go back to CPU
+        memory after it (so a large encoder and the denoiser never share the device)."""
         if not self.offload_text_encoders:
             yield
             return
@@ -477,6 +514,97 @@ class DenoiserPolicy:
         finally:
             for encoder in self.text_encoders():
                 encoder.to("cpu")
+
+    # ---------------------------------------------------------------- prompt embeddings
+
+    def encode_uncached(self, prompts: list[str]) -> Rows:
+        """Hook: the family's text encoding of ``prompts`` (N,) by the text encoders (on
+        ``text_device`` inside ``text_encoders_on_device``), {name: (N, ...)}, each prompt
+        encoded alone (``embedding_cache.each_alone``): what ``encoded`` caches."""
+        raise NotImplementedError
+
+    def encoded(self, *groups: Sequence[str]) -> list[Rows]:
+        """Each group of prompts' text encoding {name: (N_g, ...)} on the device, through
+        ``embedding_cache``: a prompt held in memory or on disk is not encoded again; the others
+        are encoded (``encode_uncached``, one group at a time, in one visit of offloaded encoders
+        to the device) and kept. After ``release_text_encoders`` a prompt not held is an
+        ``EmbeddingCacheMissError``."""
+        cache = self.embedding_cache
+        if any(cache.missing(g) for g in groups):
+            cache.check_can_encode([p for g in groups for p in cache.missing(g)])
+            with self.text_encoders_on_device():
+                for group in groups:
+                    missing = cache.missing(group)
+                    if missing:
+                        cache.add(missing, self.encode_uncached(missing))
+        out = [cache.stacked(g, self.device) for g in groups]
+        cache.forget_unless_kept()
+        return out
+
+    def tokenizers(self) -> dict[str, Any]:
+        """The loaded text encoders' tokenizers by name (text_encoder_2's is tokenizer_2)."""
+        names = (n.replace("text_encoder", "tokenizer") for n in self.text_encoder_names)
+        return {n: getattr(self, n) for n in names if getattr(self, n, None) is not None}
+
+    def encoding_settings(self) -> dict[str, Any]:
+        """Hook: what besides the encoders and tokenizers decides the text encoding (the family,
+        ``encoding_attributes``, the dtype and the device type it runs in): part of the disk
+        cache's key."""
+        attrs = {a: getattr(self, a) for a in self.encoding_attributes if hasattr(self, a)}
+        return {
+            "family": self.family_name,
+            "policy": type(self).__name__,
+            "dtype": str(self.weight_dtype),
+            "device": self.text_device.type,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()},
+        }
+
+    def text_identity(self) -> str:
+        """The disk cache's key of this policy's text encoding (``encoder_identity``)."""
+        names = [n for n in self.text_encoder_names if getattr(self, n, None) is not None]
+        return encoder_identity(
+            {n: getattr(self, n) for n in names},
+            self.tokenizers(),
+            self.encoding_settings(),
+            self.model_path,
+        )
+
+    def use_embedding_cache_dir(self, directory: str | Path) -> None:
+        """Keep (and look up) prompt embeddings on disk under ``directory``
+        (``prompts.embedding_cache_dir``), keyed by ``text_identity``."""
+        if self.embedding_cache.frozen_by is not None:
+            raise ValueError("set the embedding cache directory before freeing the text encoders")
+        self.embedding_cache.store = DiskStore(directory, self.text_identity())
+
+    def precompute_embeddings(self, prompts: Sequence[str], negative_prompt: str) -> None:
+        """Encode (or read from disk) every distinct prompt of ``prompts`` and the negative
+        prompt now, as ``conditioning`` would."""
+        groups = [list(dict.fromkeys(prompts))]
+        if self.needs_negative_prompt(negative_prompt):
+            groups.append([negative_prompt])
+        self.encoded(*groups)
+
+    def needs_negative_prompt(self, negative_prompt: str) -> bool:
+        """Hook: whether ``conditioning`` encodes the negative prompt (default: yes)."""
+        return True
+
+    def release_text_encoders(self, field: str = "prompts.precompute_embeddings") -> None:
+        """Free the text encoders once every prompt the run needs is in ``embedding_cache``: they
+        leave the accelerator (LoRA: deleted, their memory returned; full fine-tuning: kept in CPU
+        memory, which the full export writes). A prompt not held is then an error naming
+        ``field``."""
+        self.embedding_cache.freeze(field)
+        for name in self.text_encoder_names:
+            encoder = getattr(self, name, None)
+            if encoder is None:
+                continue
+            if self.lora_config is None:
+                encoder.to("cpu")
+            else:
+                setattr(self, name, None)
+                self.components[name] = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def combine_guidance(
         self, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float

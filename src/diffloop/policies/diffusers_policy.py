@@ -29,6 +29,7 @@ from diffloop.policies.denoiser import (
     first_bad_step,
     keep_in_fp32_patterns,  # noqa: F401 (re-exported)
 )
+from diffloop.policies.embedding_cache import Rows, each_alone, repeat_rows
 from diffloop.policies.families import family
 from diffloop.policies.loading import Component, ModelLoadError, resolve_pretrained  # noqa: F401
 from diffloop.policies.lora import lora_merged
@@ -108,17 +109,25 @@ class DDIMPolicy(DenoiserPolicy):
     # ------------------------------------------------------------------ conditioning
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """prompts (N,) -> text embeddings (N, L, D) in weight dtype."""
-        return self.text_encoder(self.tokenize(self.tokenizer, prompts))[0]
+    def encode_uncached(self, prompts: list[str]) -> Rows:
+        """prompts (N,) -> {embeds: (N, L, D)}: the text encoder's last hidden state, in the
+        weight dtype, each prompt alone."""
 
-    @torch.no_grad()
+        def encode(batch: list[str]) -> Rows:
+            return {"embeds": self.text_encoder(self.tokenize(self.tokenizer, batch))[0]}
+
+        return each_alone(prompts, encode)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """prompts (N,) -> text embeddings (N, L, D) in weight dtype (``encoded``)."""
+        return self.encoded(prompts)[0]["embeds"]
+
     def conditioning(
         self, prompts: list[str], negative_prompt: str
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
         """(prompt_embeds (N, L, D), negative_prompt_embeds (N, L, D), None)."""
-        n = len(prompts)
-        return self.encode_prompts(prompts), self.encode_prompts([negative_prompt] * n), None
+        rows, negative = self.encoded(prompts, [negative_prompt])
+        return rows["embeds"], repeat_rows(negative["embeds"], len(prompts)), None
 
     # ------------------------------------------------------------------ the UNet call
 

@@ -163,8 +163,9 @@ FAMILIES: tuple[Family, ...] = (
         optional_note="vae/ for latent models (none: pixel space, as diffloop's shapes model)",
     ),
 )  # fmt: skip
-# Families whose policy implements model.offload_text_encoders.
-OFFLOAD_FAMILIES = ("qwen_image", "flux2", "flux2_klein", "zimage")
+# Families whose policy implements model.text_encoder_device=cpu/offload: all (the base moves
+# the text encoders, ``DenoiserPolicy.text_encoders_on_device``).
+OFFLOAD_FAMILIES = tuple(f.name for f in FAMILIES)
 DEFAULT_FAMILY = "sd"  # diffloop's shapes model and SD-layout directories without an index
 
 
@@ -317,10 +318,9 @@ def load_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any):
     weight_dtype, logprob_reduction, gradient_checkpointing, performance, sample)."""
     files = locate(model)
     name = family_of(files)
-    if model.offload_text_encoders and name not in OFFLOAD_FAMILIES:
-        raise ConfigError(
-            f"model.offload_text_encoders=true is not implemented for {family(name).label}; "
-            "set it to false"
-        )
+    from diffloop.policies.quantization import check_family_components
+
+    f = family(name)  # a hub id's family is known only now
+    check_family_components(model.quantization, f.label, [c.name for c in f.components])
     module, function = family(name).loader.split(":")
     return getattr(importlib.import_module(module), function)(model, lora, files=files, **kwargs)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from diffloop.config import ConfigError, FluxConfig, LoraConfig, ModelConfig, SampleConfig
+from diffloop.policies.embedding_cache import Rows, each_alone
 from diffloop.policies.families import family
 from diffloop.policies.flow import FlowMatchPolicy
 from diffloop.policies.loading import ModelLoadError
@@ -193,22 +194,37 @@ class FluxPolicy(FlowMatchPolicy):
                 len(prompts), ids.shape[-1], type(tokenizer).__name__,
             )  # fmt: skip
 
-    def _ids(self, tokenizer: Any, prompts: list[str], max_length: int) -> torch.Tensor:
-        ids = self.tokenize(tokenizer, prompts, max_length)
-        self._truncation_warning(ids, tokenizer, prompts)
-        return ids
-
     @torch.no_grad()
-    def encode_prompts_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts (N,) -> (T5 embeds (N, max_sequence_length, D), CLIP pooled (N, P)), as
-        FluxPipeline.encode_prompt (same text to both encoders)."""
-        clip_ids = self._ids(self.tokenizer, prompts, self.tokenizer.model_max_length)
+    def _encode(self, prompts: list[str]) -> Rows:
+        clip_ids = self.tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length)
         pooled = self.text_encoder(clip_ids, output_hidden_states=False).pooler_output
-        t5_ids = self._ids(self.tokenizer_2, prompts, self.max_sequence_length)
+        t5_ids = self.tokenize(self.tokenizer_2, prompts, self.max_sequence_length)
         embeds = self.text_encoder_2(t5_ids, output_hidden_states=False)[0]
-        return embeds.to(self.text_encoder_2.dtype), pooled.to(self.text_encoder.dtype)
+        return {
+            "embeds": embeds.to(self.text_encoder_2.dtype),
+            "pooled": pooled.to(self.text_encoder.dtype),
+        }
 
-    @torch.no_grad()
+    def encode_uncached(self, prompts: list[str]) -> Rows:
+        """prompts (N,) -> {embeds: T5 (N, max_sequence_length, D), pooled: CLIP (N, P)}, as
+        FluxPipeline.encode_prompt (same text to both encoders), each prompt alone; prompts longer
+        than either tokenizer's length are counted in one warning."""
+        for tokenizer, length in ((self.tokenizer, self.tokenizer.model_max_length),
+                                  (self.tokenizer_2, self.max_sequence_length)):  # fmt: skip
+            ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                            return_tensors="pt").input_ids  # fmt: skip
+            self._truncation_warning(ids, tokenizer, prompts)
+        return each_alone(prompts, self._encode)
+
+    def encode_prompts_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts (N,) -> (T5 embeds (N, max_sequence_length, D), CLIP pooled (N, P))
+        (``encoded``)."""
+        (rows,) = self.encoded(prompts)
+        return rows["embeds"], rows["pooled"]
+
+    def needs_negative_prompt(self, negative_prompt: str) -> bool:
+        return False  # no negative branch
+
     def conditioning(
         self, prompts: list[str], negative_prompt: str
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

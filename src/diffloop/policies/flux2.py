@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from diffloop.config import ConfigError, Flux2Config, LoraConfig, ModelConfig, SampleConfig
+from diffloop.policies.embedding_cache import Rows, each_alone, repeat_rows
 from diffloop.policies.families import family
 from diffloop.policies.flow import FlowMatchPolicy
 from diffloop.policies.loading import ModelLoadError
@@ -123,7 +124,6 @@ class Flux2Policy(FlowMatchPolicy):
         lora: LoraConfig,
         *,
         flux2: Flux2Config | None = None,
-        offload_text_encoders: bool = False,
         **kwargs: Any,
     ) -> None:
         kwargs["sample"] = kwargs.get("sample") or SampleConfig(
@@ -140,7 +140,6 @@ class Flux2Policy(FlowMatchPolicy):
             "model.flux2.max_sequence_length", family(self.family_name).pipeline_class,
         )  # fmt: skip
         self.check_guidance(self.guidance_scale, self.sample_settings.negative_prompt)
-        self.set_text_encoder_offload(offload_text_encoders)
 
     def default_image_size(self) -> int:
         """The VAE's sample_size (1024: the pipelines' default 128 x 8)."""
@@ -219,6 +218,13 @@ class Flux2Policy(FlowMatchPolicy):
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1).float() + self.vae.config.batch_norm_eps)
         return unpatchify(x * std + mean).to(self.vae.dtype)
 
+    def encode_uncached(self, prompts: list[str]) -> Rows:
+        """prompts (N,) -> {embeds: (N, L, 3 D_text)} (``encode_text``), each prompt alone."""
+        return each_alone(prompts, lambda batch: {"embeds": self.encode_text(batch)})
+
+    def needs_negative_prompt(self, negative_prompt: str) -> bool:
+        return self.cfg_active(self.guidance_scale)
+
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """prompts (N,) -> (N, L, 3 D_text) as Flux2Pipeline.encode_prompt."""
@@ -226,23 +232,22 @@ class Flux2Policy(FlowMatchPolicy):
         from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
         return Flux2Pipeline._get_mistral_3_small_prompt_embeds(
-            self.text_encoder, self.tokenizer, prompts, device=self.device,
+            self.text_encoder, self.tokenizer, prompts, device=self.text_device,
             max_sequence_length=self.max_sequence_length, system_message=SYSTEM_MESSAGE,
             hidden_states_layers=self.out_layers,
         )  # fmt: skip
 
-    @torch.no_grad()
     def conditioning(
         self, prompts: list[str], negative_prompt: str
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
         """(prompt embeds (N, L, D), negative: the encoded negative prompt where CFG runs, else
         empty (N, 0, D), no extra)."""
         self.check_guidance(self.guidance_scale, negative_prompt)
-        with self.text_encoders_on_device():
-            embeds = self.encode_text(list(prompts))
-            if not self.cfg_active(self.guidance_scale):
-                return embeds, embeds[:, :0].clone(), None
-            return embeds, self.encode_text([negative_prompt] * len(prompts)), None
+        if not self.needs_negative_prompt(negative_prompt):
+            embeds = self.encoded(list(prompts))[0]["embeds"]
+            return embeds, embeds[:, :0].clone(), None
+        rows, neg = self.encoded(list(prompts), [negative_prompt])
+        return rows["embeds"], repeat_rows(neg["embeds"], len(prompts)), None
 
     def position_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """img_ids and txt_ids (int64, ``position_ids``) of a call on ``kwargs``' text."""
@@ -300,7 +305,7 @@ class Flux2KleinPolicy(Flux2Policy):
         from diffusers import Flux2KleinPipeline
 
         return Flux2KleinPipeline._get_qwen3_prompt_embeds(
-            self.text_encoder, self.tokenizer, prompts, device=self.device,
+            self.text_encoder, self.tokenizer, prompts, device=self.text_device,
             max_sequence_length=self.max_sequence_length, hidden_states_layers=self.out_layers,
         )  # fmt: skip
 
@@ -310,11 +315,9 @@ class Flux2KleinPolicy(Flux2Policy):
 
 def load_flux2_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> Flux2Policy:
     """``load_policy`` for the flux2 family (FLUX.2-dev)."""
-    offload = model.offload_text_encoders
-    return Flux2Policy.from_model(model, lora, offload_text_encoders=offload, **kwargs)
+    return Flux2Policy.from_model(model, lora, **kwargs)
 
 
 def load_flux2_klein_policy(model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> Flux2Policy:
     """``load_policy`` for the flux2_klein family (is_distilled from model_index.json)."""
-    offload = model.offload_text_encoders
-    return Flux2KleinPolicy.from_model(model, lora, offload_text_encoders=offload, **kwargs)
+    return Flux2KleinPolicy.from_model(model, lora, **kwargs)

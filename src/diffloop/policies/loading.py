@@ -40,6 +40,7 @@ import torch
 
 from diffloop.config import ModelConfig
 from diffloop.errors import DiffloopError
+from diffloop.policies.quantization import quantized_names
 
 # train.mixed_precision -> the dtype the frozen weights load in (trainables stay fp32). The trainer
 # and every tool that reloads a run (``diffloop eval``, ``diffloop sample``) use it, so they
@@ -370,11 +371,27 @@ def present(c: Component, files: ModelFiles) -> bool:
     return files.local is not None and (files.local / c.name).is_dir()
 
 
-def from_pretrained(c: Component, path: str, model: ModelConfig) -> Any:
+def from_pretrained(
+    c: Component, path: str, model: ModelConfig, quantized: QuantizedLoad | None = None
+) -> Any:
     """The default loader: ``c.cls.from_pretrained(path, subfolder=c.name)`` at model.revision (and
-    model.variant for weights)."""
+    model.variant for weights); with ``quantized``, through ``model.quantization``'s backend
+    (``quantization.load_kwargs``: its ``quantization_config``, the weight dtype, the device)."""
     kwargs = {"variant": model.variant} if c.has_weights else {}
+    if quantized is not None:
+        from diffloop.policies.quantization import load_kwargs
+
+        kwargs |= load_kwargs(c.cls, model.quantization, quantized.dtype, quantized.device)
     return c.load_class().from_pretrained(path, subfolder=c.name, revision=model.revision, **kwargs)
+
+
+@dataclass(frozen=True)
+class QuantizedLoad:
+    """How the components ``model.quantization`` lists load: the dtype of their unquantized
+    parts (the policy's weight dtype) and the device they quantize on."""
+
+    dtype: torch.dtype
+    device: torch.device | str = "cpu"
 
 
 def from_override(c: Component, source: str) -> Any:
@@ -396,9 +413,12 @@ def load_components(
     files: ModelFiles,
     how_to_provide: str,
     load: Loader = from_pretrained,
+    quantized: QuantizedLoad | None = None,
 ) -> dict[str, Any]:
     """{name: component} of every row of ``table`` for ``model`` (None for an absent optional
-    one), each by ``load(component, files.path, model)`` or from its override.
+    one), each by ``load(component, files.path, model)`` or from its override; the ones
+    ``model.quantization`` quantizes by :func:`from_pretrained` with ``quantized`` (the family's
+    own loader hooks are for schedulers and settings, never for these).
 
     A local directory must exist and hold the folder of every component read (not overridden);
     else one ModelLoadError names every missing folder (with how to run without an optional one)
@@ -432,11 +452,18 @@ def load_components(
                 f"{names} ({group}) come together: give both or neither. {how_to_provide}"
             )
     components: dict[str, Any] = {c.name: None for c in table if c not in wanted}
+    quantize = quantized_names(model.quantization, [c.name for c in table])
     for c in wanted:
         source = c.override_value(model)
         where = f"'{source}' (model.{c.override})" if source else f"'{files.path}', {c.name}/"
         try:
-            components[c.name] = from_override(c, source) if source else load(c, files.path, model)
+            if source:
+                components[c.name] = from_override(c, source)
+            elif c.name in quantize:
+                how = quantized or QuantizedLoad(torch.float32)
+                components[c.name] = from_pretrained(c, files.path, model, how)
+            else:
+                components[c.name] = load(c, files.path, model)
         except HubUnavailableError:  # an override's hub id: already one line with the fix
             raise
         except Exception as e:  # every loader failure gets the same how-to

@@ -100,15 +100,18 @@ def lora_merged(module: torch.nn.Module) -> Iterator[None]:
                 layer.get_base_layer().weight.copy_(weight)
 
 
-def save_lora(policy: Any, directory: str | Path) -> Path:
+def save_lora(
+    policy: Any, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write the policy's adapter as ``directory/pytorch_lora_weights.safetensors`` through its
     loader mixin's ``save_lora_weights``, with the peft config as metadata (without it diffusers
-    reloads with peft's default lora_alpha = 8). Returns the file."""
+    reloads with peft's default lora_alpha = 8). Returns the file. ``state_dict``: the adapted
+    module's LoRA weights to write instead of its own (a sharded module's, gathered whole)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     module, prefix = lora_module(policy), policy.lora_component
-    layers = get_peft_model_state_dict(module)
+    layers = get_peft_model_state_dict(module, state_dict=state_dict)
     if prefix == "unet":
         # UNet LoRAs in diffusers' own key names (as its SD / SDXL training scripts write them); the
         # transformer families keep peft's names, as diffusers' SD3 / FLUX scripts do (the converter

@@ -32,6 +32,7 @@ import torch
 
 from diffloop.config import LoraConfig, ModelConfig, QwenImageConfig
 from diffloop.policies.base import iter_chunks
+from diffloop.policies.embedding_cache import Rows
 from diffloop.policies.families import family
 from diffloop.policies.flow import ATTENTION_TARGETS, FlowMatchPolicy
 from diffloop.policies.flux import pack_latents, unpack_latents
@@ -106,11 +107,9 @@ class QwenImagePolicy(FlowMatchPolicy):
         lora: LoraConfig,
         *,
         qwen_image: QwenImageConfig | None = None,
-        offload_text_encoders: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(components, lora, **kwargs)
-        self.set_text_encoder_offload(offload_text_encoders)
         self.max_sequence_length = self.text_length(
             (qwen_image or QwenImageConfig()).max_sequence_length, MAX_SEQUENCE_LENGTH,
             MAX_SEQUENCE_LIMIT, "model.qwen_image.max_sequence_length", "QwenImagePipeline",
@@ -145,12 +144,6 @@ class QwenImagePolicy(FlowMatchPolicy):
                 "transformer is supported"
             )
 
-    @classmethod
-    def from_model(cls, model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> QwenImagePolicy:
-        """The base's, with ``model.offload_text_encoders``."""
-        kwargs.setdefault("offload_text_encoders", model.offload_text_encoders)
-        return super().from_model(model, lora, **kwargs)
-
     # ------------------------------------------------------------------ family hooks
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
@@ -163,10 +156,22 @@ class QwenImagePolicy(FlowMatchPolicy):
         """QwenImagePipeline's schedule: the mu-shifted one (``set_shifted_timesteps``)."""
         self.set_shifted_timesteps(num_steps)
 
+    def encoding_settings(self) -> dict[str, Any]:
+        """The base's, with the prompt template and its dropped tokens."""
+        return {**super().encoding_settings(), "template": [PROMPT_TEMPLATE, PROMPT_TEMPLATE_DROP]}
+
+    def encode_uncached(self, prompts: list[str]) -> Rows:
+        """prompts (N,) -> {embeds (N, L, D), mask (N, L)} (``encode``), each prompt alone: no
+        padding at all, so no row depends on another prompt's length; the prompts cut to L are
+        counted in one warning."""
+        rows = [self.encode([p], warn=False) for p in prompts]
+        self._truncation_warning(prompts)
+        return {"embeds": torch.cat([r[0] for r in rows]), "mask": torch.cat([r[1] for r in rows])}
+
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: list[str], warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts (N,) -> (embeds (N, L, D) in the text encoder's dtype, mask (N, L) long)
-        (the text encoder must be on the device: ``text_encoders_on_device``),
+        (the text encoder must be on ``text_device``: ``text_encoders_on_device``),
         L = ``max_sequence_length``: ``QwenImagePipeline._get_qwen_prompt_embeds`` (the template,
         the last hidden state of the valid tokens, the first 34 dropped), each row cut to L and
         zero-padded to it (the pipeline pads to the batch's longest)."""
@@ -175,7 +180,7 @@ class QwenImagePolicy(FlowMatchPolicy):
             [PROMPT_TEMPLATE.format(p) for p in prompts],
             max_length=TOKENIZER_MAX_LENGTH + drop, padding=True, truncation=True,
             return_tensors="pt",
-        ).to(self.device)  # fmt: skip
+        ).to(self.text_device)  # fmt: skip
         hidden = self.text_encoder(
             input_ids=tokens.input_ids,
             attention_mask=tokens.attention_mask,
@@ -184,31 +189,39 @@ class QwenImagePolicy(FlowMatchPolicy):
         valid = tokens.attention_mask.bool()
         rows = torch.split(hidden[valid], valid.sum(1).tolist())
         embeds = hidden.new_zeros(len(prompts), width, hidden.shape[-1])
-        mask = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long, device=self.text_device)
         for i, row in enumerate(rows):
             row = row[drop : drop + width]
             embeds[i, : len(row)], mask[i, : len(row)] = row, 1
-        cut = sum(len(r) - drop > width for r in rows)
+        if warn:
+            self._truncation_warning(prompts)
+        return embeds.to(self.text_encoder.dtype), mask
+
+    def _truncation_warning(self, prompts: list[str]) -> None:
+        """One warning counting the prompts longer than ``max_sequence_length`` tokens (after the
+        template's dropped ones)."""
+        drop, width = PROMPT_TEMPLATE_DROP, self.max_sequence_length
+        tokens = self.tokenizer(
+            [PROMPT_TEMPLATE.format(p) for p in prompts],
+            max_length=TOKENIZER_MAX_LENGTH + drop, padding=True, truncation=True,
+        )  # fmt: skip
+        cut = sum(sum(m) - drop > width for m in tokens["attention_mask"])
         if cut:
             logger.warning(
                 "qwen_image: %d of %d prompts are longer than %d tokens and were truncated "
                 "(model.qwen_image.max_sequence_length)", cut, len(prompts), width,
             )  # fmt: skip
-        return embeds.to(self.text_encoder.dtype), mask
 
-    @torch.no_grad()
     def conditioning(
         self, prompts: list[str], negative_prompt: str
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(embeds (N, L, D), the negative prompt's (N, L, D), {prompt_embeds_mask (N, L),
         negative_prompt_embeds_mask (N, L)}); the negative prompt is encoded once."""
-        with self.text_encoders_on_device():
-            embeds, mask = self.encode(prompts)
-            negative, negative_mask = self.encode([negative_prompt])
+        rows, neg = self.encoded(prompts, [negative_prompt])
         n = len(prompts)
-        extra = {"prompt_embeds_mask": mask,
-                 "negative_prompt_embeds_mask": negative_mask.expand(n, -1)}  # fmt: skip
-        return embeds, negative.expand(n, -1, -1), extra
+        extra = {"prompt_embeds_mask": rows["mask"],
+                 "negative_prompt_embeds_mask": neg["mask"].expand(n, -1)}  # fmt: skip
+        return rows["embeds"], neg["embeds"].expand(n, -1, -1), extra
 
     def branch_kwargs(
         self, embeds: torch.Tensor, extra: dict[str, torch.Tensor] | None, negative: bool

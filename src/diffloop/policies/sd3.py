@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from diffloop.config import LoraConfig, ModelConfig, SD3Config
+from diffloop.policies.embedding_cache import Rows, each_alone, repeat_rows
 from diffloop.policies.flow import FlowMatchPolicy
 
 EXTRA_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
@@ -83,30 +84,40 @@ class SD3Policy(FlowMatchPolicy):
         if self.text_encoder_3 is None:
             width = self.transformer.config.joint_attention_dim
             return torch.zeros(len(prompts), self.max_sequence_length, width,
-                               device=self.device, dtype=self.weight_dtype)  # fmt: skip
+                               device=self.text_device, dtype=self.weight_dtype)  # fmt: skip
         ids = self.tokenize(self.tokenizer_3, prompts, self.max_sequence_length)
         return self.text_encoder_3(ids)[0]
 
     @torch.no_grad()
-    def encode_prompts_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts (N,) -> (prompt_embeds (N, 77 + L, D_t5), pooled (N, P1 + P2)); L =
-        ``max_sequence_length``, as ``StableDiffusion3Pipeline.encode_prompt(...,
-        max_sequence_length=L)``."""
+    def _encode(self, prompts: list[str]) -> Rows:
         h1, p1 = self._clip(prompts, self.tokenizer, self.text_encoder)
         h2, p2 = self._clip(prompts, self.tokenizer_2, self.text_encoder_2)
         t5 = self._t5(prompts)
         clip = torch.cat([h1, h2], dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return torch.cat([clip.to(t5.dtype), t5], dim=-2), torch.cat([p1, p2], dim=-1)
+        return {
+            "embeds": torch.cat([clip.to(t5.dtype), t5], dim=-2),
+            "pooled": torch.cat([p1, p2], dim=-1),
+        }
 
-    @torch.no_grad()
+    def encode_uncached(self, prompts: list[str]) -> Rows:
+        """prompts (N,) -> {embeds (N, 77 + L, D_t5), pooled (N, P1 + P2)}, each prompt alone; L
+        = ``max_sequence_length``, as ``StableDiffusion3Pipeline.encode_prompt(...,
+        max_sequence_length=L)``."""
+        return each_alone(prompts, self._encode)
+
+    def encode_prompts_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts (N,) -> (prompt_embeds (N, 77 + L, D_t5), pooled (N, P1 + P2)) (``encoded``)."""
+        (rows,) = self.encoded(prompts)
+        return rows["embeds"], rows["pooled"]
+
     def conditioning(
         self, prompts: list[str], negative_prompt: str
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        embeds, pooled = self.encode_prompts_with_pooled(prompts)
-        negative, negative_pooled = self.encode_prompts_with_pooled(
-            [negative_prompt] * len(prompts)
-        )
+        rows, neg = self.encoded(prompts, [negative_prompt])
+        embeds, pooled = rows["embeds"], rows["pooled"]
+        n = len(prompts)
+        negative, negative_pooled = (repeat_rows(neg[k], n) for k in ("embeds", "pooled"))
         extra = {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
         return embeds, negative, extra
 

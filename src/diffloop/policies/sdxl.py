@@ -38,6 +38,7 @@ import torch
 from diffloop.config import LoraConfig, ModelConfig, SDXLConfig
 from diffloop.policies.denoiser import DenoiserPolicy
 from diffloop.policies.diffusers_policy import DDIMPolicy
+from diffloop.policies.embedding_cache import Rows, each_alone, repeat_rows
 from diffloop.policies.families import family
 from diffloop.policies.loading import ModelLoadError
 
@@ -111,18 +112,27 @@ class SDXLPolicy(DDIMPolicy):
         return torch.tensor([ids], dtype=torch.float32, device=self.device).expand(n, -1).clone()
 
     @torch.no_grad()
+    def encode_uncached(self, prompts: list[str]) -> Rows:
+        """prompts (N,) -> {embeds (N, L, D1 + D2), pooled (N, P)} in the weight dtype, each
+        prompt alone: the penultimate hidden states of both encoders concatenated, and
+        text_encoder_2's projected pooled output."""
+
+        def encode(batch: list[str]) -> Rows:
+            hidden = []
+            for tokenizer, encoder in (
+                (self.tokenizer, self.text_encoder),
+                (self.tokenizer_2, self.text_encoder_2),
+            ):
+                out = encoder(self.tokenize(tokenizer, batch), output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+            return {"embeds": torch.cat(hidden, dim=-1), "pooled": out.text_embeds}
+
+        return each_alone(prompts, encode)
+
     def encode_prompts_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts (N,) -> (embeds (N, L, D1 + D2), pooled (N, P)) in the weight dtype: the
-        penultimate hidden states of both encoders concatenated, and text_encoder_2's projected
-        pooled output."""
-        hidden = []
-        for tokenizer, encoder in (
-            (self.tokenizer, self.text_encoder),
-            (self.tokenizer_2, self.text_encoder_2),
-        ):
-            out = encoder(self.tokenize(tokenizer, prompts), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-        return torch.cat(hidden, dim=-1), out.text_embeds
+        """prompts (N,) -> (embeds (N, L, D1 + D2), pooled (N, P)) (``encoded``)."""
+        (rows,) = self.encoded(prompts)
+        return rows["embeds"], rows["pooled"]
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """prompts (N,) -> cross-attention embeddings (N, L, D1 + D2)."""
@@ -137,17 +147,24 @@ class SDXLPolicy(DDIMPolicy):
         negative_prompt "" with force_zeros_for_empty_prompt: zero negative embeddings and pooled
         embedding (diffusers' negative_prompt=None); otherwise the negative prompt is encoded."""
         n = len(prompts)
-        embeds, pooled = self.encode_prompts_with_pooled(prompts)
-        if negative_prompt == "" and self.force_zeros_for_empty_prompt:
+        if not self.needs_negative_prompt(negative_prompt):
+            (rows,) = self.encoded(prompts)
+            embeds, pooled = rows["embeds"], rows["pooled"]
             negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         else:
-            negative, negative_pooled = self.encode_prompts_with_pooled([negative_prompt] * n)
+            rows, neg = self.encoded(prompts, [negative_prompt])
+            embeds, pooled = rows["embeds"], rows["pooled"]
+            negative, negative_pooled = (repeat_rows(neg[k], n) for k in ("embeds", "pooled"))
         extra = {
             "pooled_prompt_embeds": pooled,
             "negative_pooled_prompt_embeds": negative_pooled,
             "add_time_ids": self.add_time_ids(n),
         }
         return embeds, negative, extra
+
+    def needs_negative_prompt(self, negative_prompt: str) -> bool:
+        """No encoding for "" with force_zeros_for_empty_prompt (zero embeddings)."""
+        return not (negative_prompt == "" and self.force_zeros_for_empty_prompt)
 
     def branch_kwargs(
         self, embeds: torch.Tensor, extra: dict[str, torch.Tensor] | None, negative: bool

@@ -18,8 +18,9 @@ Captions are stored zero-padded to L in ``prompt_embeds`` / ``negative_prompt_em
 lengths in ``extra`` ("prompt_lengths", "negative_lengths") and cut back to each sample's length
 before every transformer call: the transformer pads each caption to a multiple of 32 with its
 learned pad token, so a zero-padded caption would be another input. Each distinct prompt (and the
-negative prompt) is encoded once per call; with ``model.offload_text_encoders`` the text encoder
-waits in CPU memory and comes to the device only for that.
+negative prompt) is encoded once per run (``DenoiserPolicy.encoded``); with
+``model.text_encoder_device=offload`` the text encoder waits in CPU memory and comes to the device
+only for that.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from diffloop.config import LoraConfig, ModelConfig, ZImageConfig
+from diffloop.policies.embedding_cache import Rows, each_alone, repeat_rows
 from diffloop.policies.flow import FlowMatchPolicy
 from diffloop.policies.loading import ModelLoadError
 
@@ -116,10 +118,9 @@ class ZImagePolicy(FlowMatchPolicy):
 
     def __init__(
         self, components: dict, lora: LoraConfig, *, zimage: ZImageConfig | None = None,
-        offload_text_encoders: bool = False, **kwargs: Any,
+        **kwargs: Any,
     ) -> None:  # fmt: skip
         super().__init__(components, lora, **kwargs)
-        self.set_text_encoder_offload(offload_text_encoders)
         zimage = zimage or ZImageConfig()
         self.max_sequence_length = self.text_length(
             zimage.max_sequence_length, MAX_SEQUENCE_LENGTH, MAX_SEQUENCE_LIMIT,
@@ -127,12 +128,6 @@ class ZImagePolicy(FlowMatchPolicy):
         )  # fmt: skip
         self.cfg_normalization = float(zimage.cfg_normalization)
         self.cfg_truncation = float(zimage.cfg_truncation)
-
-    @classmethod
-    def from_model(cls, model: ModelConfig, lora: LoraConfig, **kwargs: Any) -> ZImagePolicy:
-        """The base's, with ``model.offload_text_encoders``."""
-        kwargs.setdefault("offload_text_encoders", model.offload_text_encoders)
-        return super().from_model(model, lora, **kwargs)
 
     # ------------------------------------------------------------------ model and resolution
 
@@ -163,39 +158,46 @@ class ZImagePolicy(FlowMatchPolicy):
     # ------------------------------------------------------------------ conditioning
 
     @torch.no_grad()
-    def encode_captions(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts (N,) -> (captions zero-padded (N, L, D), lengths (N,) long), L =
+    def _encode(self, prompts: list[str]) -> Rows:
+        """prompts (N,) -> {embeds: captions zero-padded (N, L, D), lengths (N,) long}, L =
         ``max_sequence_length``: ZImagePipeline._encode_prompt's hidden_states[-2] of the
-        chat-templated text, its unmasked rows first. Each distinct prompt is encoded once."""
-        unique = list(dict.fromkeys(prompts))
+        chat-templated text, its unmasked rows first."""
         texts = [
             self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
                 enable_thinking=True,
             )
-            for p in unique
+            for p in prompts
         ]  # fmt: skip
         tokens = self.tokenizer(
             texts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
             return_tensors="pt",
         )  # fmt: skip
-        mask = tokens.attention_mask.to(self.device).bool()
-        with self.text_encoders_on_device():
-            hidden = self.text_encoder(
-                input_ids=tokens.input_ids.to(self.device), attention_mask=mask,
-                output_hidden_states=True,
-            ).hidden_states[-2]  # fmt: skip
-        lengths = mask.sum(-1)
-        if bool((lengths == self.max_sequence_length).any()):
+        mask = tokens.attention_mask.to(self.text_device).bool()
+        hidden = self.text_encoder(
+            input_ids=tokens.input_ids.to(self.text_device), attention_mask=mask,
+            output_hidden_states=True,
+        ).hidden_states[-2]  # fmt: skip
+        captions = torch.zeros_like(hidden)  # the unmasked rows first, whatever the padding side
+        for row, (h, m) in enumerate(zip(hidden, mask)):
+            captions[row, : int(m.sum())] = h[m]
+        return {"embeds": captions, "lengths": mask.sum(-1)}
+
+    def encode_uncached(self, prompts: list[str]) -> Rows:
+        """``_encode``, each prompt alone; a prompt filling all L tokens is warned about once."""
+        rows = each_alone(prompts, self._encode)
+        if bool((rows["lengths"] == self.max_sequence_length).any()):
             logger.warning(
                 "zimage: a chat-templated prompt fills all %d tokens of "
                 "model.zimage.max_sequence_length and may be truncated", self.max_sequence_length,
             )  # fmt: skip
-        captions = torch.zeros_like(hidden)  # the unmasked rows first, whatever the padding side
-        for row, (h, m) in enumerate(zip(hidden, mask)):
-            captions[row, : int(m.sum())] = h[m]
-        index = torch.tensor([unique.index(p) for p in prompts], device=self.device)
-        return captions[index], lengths[index]
+        return rows
+
+    def encode_captions(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts (N,) -> (captions zero-padded (N, L, D), lengths (N,) long) (``encoded``: each
+        distinct prompt encoded once)."""
+        (rows,) = self.encoded(prompts)
+        return rows["embeds"], rows["lengths"]
 
     def conditioning(
         self, prompts: list[str], negative_prompt: str
@@ -203,10 +205,11 @@ class ZImagePolicy(FlowMatchPolicy):
         """(captions (N, L, D), negative captions (N, L, D), {prompt_lengths (N,),
         negative_lengths (N,)}); the negative prompt ("" by default, as the pipeline) encoded
         once for all N."""
-        embeds, lengths = self.encode_captions(list(prompts))
-        negative, negative_lengths = self.encode_captions([negative_prompt] * len(prompts))
-        extra = {"prompt_lengths": lengths, "negative_lengths": negative_lengths}
-        return embeds, negative, extra
+        rows, neg = self.encoded(list(prompts), [negative_prompt])
+        n = len(prompts)
+        extra = {"prompt_lengths": rows["lengths"],
+                 "negative_lengths": repeat_rows(neg["lengths"], n)}  # fmt: skip
+        return rows["embeds"], repeat_rows(neg["embeds"], n), extra
 
     def branch_kwargs(
         self, embeds: torch.Tensor, extra: dict[str, torch.Tensor] | None, negative: bool

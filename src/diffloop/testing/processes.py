@@ -3,9 +3,11 @@ and a multi-process launch through torchrun (gloo on CPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,3 +48,48 @@ def launch(worker: Path, nproc: int, overrides: list[str]) -> None:
         cmd, env=cli_env(), capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def launch_nodes(worker: Path, nnodes: int, overrides: list[str], port: int) -> None:
+    """Run ``worker`` with ``overrides`` as ``nnodes`` "nodes" of one process each on this machine:
+    ``nnodes`` torchrun launchers meeting through the c10d rendezvous on 127.0.0.1:``port``, as
+    ``torchrun --nnodes`` on several machines would (the first hosts the rendezvous store); assert
+    that every launcher succeeded."""
+    rendezvous = [f"--nnodes={nnodes}", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                  f"--rdzv_endpoint=127.0.0.1:{port}"]  # fmt: skip
+    errors = []
+    with contextlib.ExitStack() as stack:
+        # each node's stderr in a file, not a pipe: a full pipe would block a node
+        logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(nnodes)]
+        procs = []
+        for i in range(nnodes):
+            node = [f"--node_rank={i}", f"--rdzv_conf=is_host={str(i == 0).lower()}"]
+            command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, *node]
+            procs.append(
+                subprocess.Popen(
+                    [*command, str(worker), *overrides],
+                    env=cli_env(),
+                    stdout=subprocess.DEVNULL,
+                    stderr=logs[i],
+                    text=True,
+                )
+            )
+        for i, (proc, log) in enumerate(zip(procs, logs)):
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.returncode != 0:
+                log.seek(0)
+                errors.append(f"node {i} ({proc.returncode}): {log.read()[-3000:]}")
+    assert not errors, "\n".join(errors)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -169,6 +169,23 @@ def two_processes_and_one(
     return rank0, rank1, one
 
 
+def worst_onpolicy_logprob_error(trainer: Trainer, traj: Any, minibatch: int) -> float:
+    """max |log p_theta - log p_old| over every stored step of ``traj`` (trajectories the trainer's
+    policy has just sampled), recomputed by the training forward in minibatches of ``minibatch``
+    as training groups them; asserts each recomputed log-probability is finite. On-policy it must
+    be 0 up to floating-point noise."""
+    policy, sampler, worst = trainer.policy, trainer.sampler, 0.0
+    with torch.no_grad():
+        for start in range(0, len(traj), minibatch):
+            batch = traj.index(slice(start, start + minibatch))
+            for j in range(batch.timesteps.shape[1]):
+                step = torch.full((len(batch),), j, dtype=torch.long)
+                log_prob = loops.transition_log_prob(policy, batch, step, sampler)[0]
+                assert torch.isfinite(log_prob).all()
+                worst = max(worst, float((log_prob - batch.log_probs[:, j]).abs().max()))
+    return worst
+
+
 def comparable(rows: list[dict]) -> list[dict]:
     """Metrics rows without the timing keys (the only ones two equal runs may differ in)."""
     return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]

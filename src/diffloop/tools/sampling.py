@@ -90,7 +90,8 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
     the newest is damaged, with a warning: ``checkpoint.load_newest_valid_weights``); its EMA when
     the run kept one; the frozen weights in the run's train.mixed_precision dtype, as it trained
     and evaluated. Only safetensors weights are read: nothing is unpickled. The weights are
-    checked before the model loads."""
+    checked before the model loads. Prompt embeddings are read from (and written to) the run's
+    prompts.embedding_cache_dir."""
     from diffloop import checkpoint
     from diffloop.config import load_config
     from diffloop.policies.families import load_policy
@@ -110,6 +111,8 @@ def load_run_policy(run_dir: Path, device: torch.device, checkpoint_path: Path |
         sample=config.sample,
     )
     policy.load_trainable_state_dict(weights)
+    if config.prompts.embedding_cache_dir is not None:  # the run's cached prompt embeddings
+        policy.use_embedding_cache_dir(config.prompts.embedding_cache_dir)
     return policy, config, path
 
 
