@@ -4,8 +4,9 @@
 #                                          # wheels for a GPU machine without it (copy wheels/ along)
 #   bash scripts/gpu_bench.sh
 # Writes $OUT/bench_{sd15,sdxl,sd35,flux,flux2_klein,flux2,qwen_image,zimage}.{json,txt};
-# docs/performance.md reads them. FLUX.2-dev (a 32e9-parameter transformer, 64 GB in bf16) needs
-# a 141 GB GPU to train.
+# docs/performance.md reads them. Each JSON's memory_plan holds the memory plan's peak per phase
+# beside torch.cuda.max_memory_allocated (docs/performance.md, "Memory plan vs measured").
+# FLUX.2-dev (a 32e9-parameter transformer, 64 GB in bf16) needs a 141 GB GPU to train.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}

@@ -316,3 +316,64 @@ def test_parse_threads() -> None:
             parse_threads(bad)
     with pytest.raises(SystemExit):
         parse_args(["--shape", "shapes", "--threads", "0"])
+
+
+def test_bench_records_the_memory_plan_of_its_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each phase's planned peak is diffloop.memory's plan of the equivalent training config (the
+    bench's own tiny model saved as a pipeline directory, the run's overrides); on CPU nothing is
+    measured in max_memory_allocated's units, so measured and the ratio are null."""
+    from diffloop.config import load_config
+    from diffloop.memory import memory_plan
+    from diffloop.testing.tiny import PROMPT_WORDS, make_tiny_sd, make_word_tokenizer
+
+    out = tmp_path / "plan.json"
+    argv = ["--shape", "tiny", "--device", "cpu", "--steps", "2", "--sample-batch", "2",
+            "--train-batch", "1", "--repeats", "1", "--warmup", "0", "--gradient-checkpointing",
+            "--output", str(out)]  # fmt: skip
+    assert bench_main(argv) == 0
+    section = json.loads(out.read_text())["memory_plan"]
+    model = make_tiny_sd(tmp_path / "model", tokenizer=make_word_tokenizer(PROMPT_WORDS))
+    overrides = [f"model.pretrained={model}", *section["config_overrides"]]
+    plan = memory_plan(load_config(None, overrides))
+    s = plan.settings  # the overrides carry the run's own setting
+    assert (s.sample_batch, s.train_batch, s.lora_rank, s.mixed_precision) == (2, 1, 4, "no")
+    assert s.gradient_checkpointing and s.guidance_scale == 5.0 and s.resolution == 32
+    expected = {
+        "sampling": plan.resident + plan.phase_bytes("sampling"),
+        "training": plan.resident + plan.phase_bytes("training"),
+        "peak": plan.peak,
+    }
+    assert not plan.unknown and section["unknown"] == []
+    for phase, planned in expected.items():
+        row = section["phases"][phase]
+        assert planned > 0 and row["planned_mib"] == pytest.approx(planned / 2**20, rel=1e-12)
+        assert row["measured_mib"] is None and row["measured_over_planned"] is None
+    assert [(t["name"], t["bytes"], t["phase"]) for t in section["terms"]] == [
+        (t.name, t.bytes, t.phase) for t in plan.terms
+    ]
+    table = capsys.readouterr().out
+    assert "memory plan vs measured" in table and "reward model" in table
+
+
+def test_plan_vs_measured_ratio_on_cuda_items() -> None:
+    """With CUDA peaks, measured is the item's max_memory_allocated and the ratio measured /
+    planned; an item that did not run (skipped) leaves its phase unmeasured."""
+    from types import SimpleNamespace
+
+    from diffloop.tools.bench.plan import plan_vs_measured
+    from diffloop.tools.bench.policy_bench import policy_parts
+
+    args = parse_args(["--shape", "tiny", "--device", "cpu", "--sample-batch", "2"])
+    policy = SimpleNamespace(image_size=lambda: 32)
+    items = {"sample": {"peak_memory_mib": 30.0}, "train": {"peak_memory_mib": 45.0}}
+    section = plan_vs_measured(args, policy, items, torch.device("cuda"), policy_parts)
+    for phase, measured in (("sampling", 30.0), ("training", 45.0)):
+        row = section["phases"][phase]
+        assert row["measured_mib"] == measured
+        assert row["measured_over_planned"] == pytest.approx(measured / row["planned_mib"])
+    assert section["phases"]["peak"]["measured_mib"] is None  # end_to_end did not run
+    assert section["phases"]["peak"]["planned_mib"] == max(
+        section["phases"][p]["planned_mib"] for p in ("sampling", "training")
+    )

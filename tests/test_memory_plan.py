@@ -49,7 +49,7 @@ def _measure(trainer) -> dict[str, int]:
             continue
         frozen = [p for p in module.parameters() if id(p) not in trainable]
         out[name] = _tensors_bytes([*frozen, *module.buffers()])
-    saved = memory._SavedBytes(memory.parameter_storages(policy.denoiser))
+    saved = memory.SavedBytes(memory.parameter_storages(policy.denoiser))
     batch = traj.index(list(range(cfg.train.batch_size)))
     steps = torch.zeros(len(batch), dtype=torch.long)
     adv = torch.ones(len(batch))

@@ -16,6 +16,10 @@
   call's conditioning (``unet_conditioning``), the zero-std scan of ``check_sampling``, the one
   generator per prompt of ``sample``, and the export (LoRA file, or the family's full pipeline).
 
+The text side (the text encoders, their placement by ``model.text_encoder_device``, the
+prompt-embedding cache of ``encoded`` and the family's ``encode_uncached`` hook) is
+``text_encoding.TextEncoding``, a mixin of this base.
+
 A sampler base (``DDIMPolicy``, ``FlowMatchPolicy``) adds its sampling loop and training step; a
 family adds its conditioning and whatever else differs, through the hooks below (each says its
 default). docs/adding_a_family.md lists them.
@@ -43,7 +47,6 @@ from diffloop.config import (
     cfg_evaluations_per_step,
 )
 from diffloop.policies.base import CheckpointMismatchError, iter_chunks
-from diffloop.policies.embedding_cache import DiskStore, EmbeddingCache, Rows, encoder_identity
 from diffloop.policies.families import family, how_to_provide, locate
 from diffloop.policies.loading import (
     Component,
@@ -55,11 +58,12 @@ from diffloop.policies.loading import (
 )
 from diffloop.policies.lora import add_lora, save_lora, trainables_to_fp32
 from diffloop.policies.quantization import is_quantized_tensor
+from diffloop.policies.text_encoding import (
+    TEXT_ENCODER_DEVICES,  # noqa: F401 (re-exported)
+    TextEncoding,
+)
 
 logger = logging.getLogger(__name__)
-
-TEXT_ENCODER_DEVICES = ("accelerator", "cpu", "offload")
-"""``model.text_encoder_device``'s choices (``DenoiserPolicy.text_device``)."""
 
 Branches = list[dict[str, Any]]
 """The CFG branches' keyword arguments of one denoiser call, [negative, positive] or [positive]."""
@@ -125,7 +129,7 @@ def sample_size(config: Any) -> int:
     return size if isinstance(size, int) else size[0]
 
 
-class DenoiserPolicy:
+class DenoiserPolicy(TextEncoding):
     """The base of every family's policy (module docstring). Class attributes and methods marked
     "hook" are what a family sets or overrides; the rest is shared."""
 
@@ -142,12 +146,6 @@ class DenoiserPolicy:
     DEFAULT_LORA_TARGETS: ClassVar[list[str] | None] = None
     """peft targets when ``lora.target_modules`` is left at its (SD UNet) default; None: as
     given."""
-    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
-    """Component names of the frozen text encoders (an absent optional one is None); each one's
-    tokenizer is named alike (text_encoder_2: tokenizer_2)."""
-    encoding_attributes: ClassVar[tuple[str, ...]] = ("max_sequence_length", "out_layers")
-    """Attributes (where the policy has them) that change the text encoding: part of the disk
-    cache's key (``encoding_settings``)."""
     model_path: str | None = None
     """Where ``from_model`` read the components (the weight files the disk cache's key reads)."""
     settings_field: ClassVar[str | None] = None
@@ -188,14 +186,7 @@ class DenoiserPolicy:
         text_encoder_device: str = "accelerator",
     ) -> None:
         self.device = device
-        if text_encoder_device not in TEXT_ENCODER_DEVICES:
-            raise ValueError(
-                f"model.text_encoder_device={text_encoder_device!r}: use one of "
-                f"{', '.join(TEXT_ENCODER_DEVICES)}"
-            )
-        self.text_encoder_device = text_encoder_device
-        self.embedding_cache = EmbeddingCache()
-        """Every distinct prompt's text encoding, in CPU memory (``encoded``)."""
+        self.init_text_encoding(text_encoder_device)
         self.performance = performance or PerformanceConfig()
         self.check_performance(self.performance)
         self.weight_dtype = weight_dtype
@@ -208,10 +199,7 @@ class DenoiserPolicy:
         table = [c.name for c in family(self.family_name).components]
         for name in dict.fromkeys([*table, *self.components]):  # an absent optional one: None
             setattr(self, name, self.components.get(name))
-        home = self.device if text_encoder_device == "accelerator" else torch.device("cpu")
-        for name in self.text_encoder_names:
-            if getattr(self, name) is not None:
-                self._freeze(getattr(self, name), weight_dtype, home)
+        self.freeze_text_encoders(weight_dtype)
         self._freeze(self.denoiser, weight_dtype)
         if self.vae is not None:
             self._freeze(self.vae, self.vae_dtype())
@@ -401,20 +389,6 @@ class DenoiserPolicy:
 
     # ---------------------------------------------------------------- conditioning hooks
 
-    def tokenize(
-        self, tokenizer: Any, prompts: Sequence[str], max_length: int | None = None
-    ) -> torch.Tensor:
-        """(N, L) token ids of ``prompts`` on the text encoders' device, padded and truncated to
-        ``max_length`` (default the tokenizer's model_max_length), as the pipelines'
-        encode_prompt."""
-        return tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=max_length or tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_device)
-
     def conditioning(
         self, prompts: list[str], negative_prompt: str
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
@@ -476,135 +450,6 @@ class DenoiserPolicy:
         """Hook: whether a step runs an unconditional branch: guidance_scale != 1 and the model is
         not guidance-distilled."""
         return guidance_scale != 1.0 and not self.guidance_distilled
-
-    def text_encoders(self) -> list[torch.nn.Module]:
-        """The loaded text encoders (``text_encoder_names`` that are present)."""
-        found = (getattr(self, name, None) for name in self.text_encoder_names)
-        return [encoder for encoder in found if encoder is not None]
-
-    @property
-    def text_device(self) -> torch.device:
-        """Where the text encoders run: the CPU for ``model.text_encoder_device=cpu``, else the
-        policy's device (offloaded encoders visit it to encode)."""
-        return torch.device("cpu") if self.text_encoder_device == "cpu" else self.device
-
-    @property
-    def offload_text_encoders(self) -> bool:
-        """``model.text_encoder_device=offload``."""
-        return self.text_encoder_device == "offload"
-
-    def set_text_encoder_offload(self, enabled: bool) -> None:
-        """Offload the text encoders (``model.text_encoder_device=offload``: in CPU memory, on the
-        device only to encode, ``text_encoders_on_device``) or keep them on the device."""
-        self.text_encoder_device = "offload" if enabled else "accelerator"
-        for encoder in self.text_encoders():
-            encoder.to("cpu" if enabled else self.device)
-
-    @contextlib.contextmanager
-    def text_encoders_on_device(self) -> Iterator[None]:
-        """The text encoders on ``text_device`` inside the block; offloaded ones go back to CPU
-        memory after it (so a large encoder and the denoiser never share the device)."""
-        if not self.offload_text_encoders:
-            yield
-            return
-        for encoder in self.text_encoders():
-            encoder.to(self.device)
-        try:
-            yield
-        finally:
-            for encoder in self.text_encoders():
-                encoder.to("cpu")
-
-    # ---------------------------------------------------------------- prompt embeddings
-
-    def encode_uncached(self, prompts: list[str]) -> Rows:
-        """Hook: the family's text encoding of ``prompts`` (N,) by the text encoders (on
-        ``text_device`` inside ``text_encoders_on_device``), {name: (N, ...)}, each prompt
-        encoded alone (``embedding_cache.each_alone``): what ``encoded`` caches."""
-        raise NotImplementedError
-
-    def encoded(self, *groups: Sequence[str]) -> list[Rows]:
-        """Each group of prompts' text encoding {name: (N_g, ...)} on the device, through
-        ``embedding_cache``: a prompt held in memory or on disk is not encoded again; the others
-        are encoded (``encode_uncached``, one group at a time, in one visit of offloaded encoders
-        to the device) and kept. After ``release_text_encoders`` a prompt not held is an
-        ``EmbeddingCacheMissError``."""
-        cache = self.embedding_cache
-        if any(cache.missing(g) for g in groups):
-            cache.check_can_encode([p for g in groups for p in cache.missing(g)])
-            with self.text_encoders_on_device():
-                for group in groups:
-                    missing = cache.missing(group)
-                    if missing:
-                        cache.add(missing, self.encode_uncached(missing))
-        out = [cache.stacked(g, self.device) for g in groups]
-        cache.forget_unless_kept()
-        return out
-
-    def tokenizers(self) -> dict[str, Any]:
-        """The loaded text encoders' tokenizers by name (text_encoder_2's is tokenizer_2)."""
-        names = (n.replace("text_encoder", "tokenizer") for n in self.text_encoder_names)
-        return {n: getattr(self, n) for n in names if getattr(self, n, None) is not None}
-
-    def encoding_settings(self) -> dict[str, Any]:
-        """Hook: what besides the encoders and tokenizers decides the text encoding (the family,
-        ``encoding_attributes``, the dtype and the device type it runs in): part of the disk
-        cache's key."""
-        attrs = {a: getattr(self, a) for a in self.encoding_attributes if hasattr(self, a)}
-        return {
-            "family": self.family_name,
-            "policy": type(self).__name__,
-            "dtype": str(self.weight_dtype),
-            "device": self.text_device.type,
-            **{k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()},
-        }
-
-    def text_identity(self) -> str:
-        """The disk cache's key of this policy's text encoding (``encoder_identity``)."""
-        names = [n for n in self.text_encoder_names if getattr(self, n, None) is not None]
-        return encoder_identity(
-            {n: getattr(self, n) for n in names},
-            self.tokenizers(),
-            self.encoding_settings(),
-            self.model_path,
-        )
-
-    def use_embedding_cache_dir(self, directory: str | Path) -> None:
-        """Keep (and look up) prompt embeddings on disk under ``directory``
-        (``prompts.embedding_cache_dir``), keyed by ``text_identity``."""
-        if self.embedding_cache.frozen_by is not None:
-            raise ValueError("set the embedding cache directory before freeing the text encoders")
-        self.embedding_cache.store = DiskStore(directory, self.text_identity())
-
-    def precompute_embeddings(self, prompts: Sequence[str], negative_prompt: str) -> None:
-        """Encode (or read from disk) every distinct prompt of ``prompts`` and the negative
-        prompt now, as ``conditioning`` would."""
-        groups = [list(dict.fromkeys(prompts))]
-        if self.needs_negative_prompt(negative_prompt):
-            groups.append([negative_prompt])
-        self.encoded(*groups)
-
-    def needs_negative_prompt(self, negative_prompt: str) -> bool:
-        """Hook: whether ``conditioning`` encodes the negative prompt (default: yes)."""
-        return True
-
-    def release_text_encoders(self, field: str = "prompts.precompute_embeddings") -> None:
-        """Free the text encoders once every prompt the run needs is in ``embedding_cache``: they
-        leave the accelerator (LoRA: deleted, their memory returned; full fine-tuning: kept in CPU
-        memory, which the full export writes). A prompt not held is then an error naming
-        ``field``."""
-        self.embedding_cache.freeze(field)
-        for name in self.text_encoder_names:
-            encoder = getattr(self, name, None)
-            if encoder is None:
-                continue
-            if self.lora_config is None:
-                encoder.to("cpu")
-            else:
-                setattr(self, name, None)
-                self.components[name] = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def combine_guidance(
         self, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float

@@ -19,6 +19,9 @@ at Flow-GRPO's 512 px and 6 steps;
 T5-XXL's width with 2 of its layers) and ``tiny_flux`` the test suite's tiny FLUX; a FLUX step is
 one transformer evaluation whatever ``--guidance-scale`` (the guidance embedding's input, no CFG).
 
+Each run also records ``diffloop.memory``'s plan of its own setting beside the peaks it measured
+(``memory_plan`` in the JSON: planned and measured MiB per phase, their ratio; ``plan.py``).
+
 Reference (DDPO's code on one H200, SD1.5 shape): sampling 2.42 images/s at batch 16 (50 DDIM steps,
 CFG 5, i.e. 242 UNet evals/s), training 1.91 s per sample at train batch 4, 0.803 TFLOP per UNet
 eval.

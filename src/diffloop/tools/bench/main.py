@@ -21,6 +21,7 @@ from diffloop.tools.bench.models import (
     VARIANTS,
     shapes_defaults,
 )
+from diffloop.tools.bench.plan import format_plan
 from diffloop.tools.bench.policy_bench import bench_sd
 
 
@@ -257,6 +258,8 @@ def run_variants(run: BenchRun) -> None:
     first = out["variants"][args.variants[0]]
     out["items"] = first["items"]
     out["floor"].update(first["floor"])
+    if "memory_plan" in first:
+        out["memory_plan"] = first["memory_plan"]
     for sub in out["variants"].values():
         sub["speedup_vs_first"] = {
             k: first["items"][k]["median_s"]
@@ -268,11 +271,11 @@ def run_variants(run: BenchRun) -> None:
 
 
 def format_variants(result: dict[str, Any]) -> str:
-    """One row per variant: per-sample cost of each item, speed-up over the first, peak memory,
-    ratio check."""
+    """One row per variant: per-sample cost of each item, speed-up over the first, peak memory
+    (measured, and the memory plan's), ratio check."""
     items = ("sample", "train", "end_to_end")
     head = f"{'variant':<18}" + "".join(f"{i + ' s/sample':>20}{'x':>7}" for i in items)
-    head += f"{'peak MiB':>10}{'logp err':>10}{'compile s':>10}"
+    head += f"{'peak MiB':>10}{'plan MiB':>10}{'logp err':>10}{'compile s':>10}"
     lines = ["", "variants (s/sample and speed-up over the first row):", head, "-" * len(head)]
     for name, sub in result["variants"].items():
         row = f"{name:<18}"
@@ -289,6 +292,8 @@ def format_variants(result: dict[str, Any]) -> str:
             if it["peak_memory_mib"] is not None
         ]
         row += f"{max(peaks):>10.0f}" if peaks else f"{'-':>10}"
+        planned = sub.get("memory_plan", {}).get("phases", {}).get("peak", {}).get("planned_mib")
+        row += f"{planned:>10.0f}" if planned is not None else f"{'-':>10}"  # the plan's peak
         err = sub.get("onpolicy_logprob_err")
         row += f"{err:>10.2g}" if err is not None else f"{'-':>10}"
         compile_s = [it["extra"].get("compile_s", 0.0) for it in sub["items"].values()]
@@ -361,6 +366,8 @@ def run_thread_counts(
     out["items"] = first["items"]
     out["floor"].update(first["floor"])
     out["notes"] += first["notes"]
+    if "memory_plan" in first:
+        out["memory_plan"] = first["memory_plan"]
     if "variants" in first:
         out["variants"] = first["variants"]
 
@@ -437,6 +444,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     if args.shape == "sd15":
         result["vs_reference_sd15_h200"] = compare_to_reference(result["items"])
     print(format_table(result))
+    if "memory_plan" in result:
+        print(format_plan(result["memory_plan"]))
     if args.threads:
         print(format_threads(result))
         if args.variants:

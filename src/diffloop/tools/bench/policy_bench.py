@@ -26,6 +26,7 @@ from diffloop.tools.bench.models import (
     ZIMAGE_SHAPES,
     build_components,
 )
+from diffloop.tools.bench.plan import plan_vs_measured
 
 
 def _prompts(n: int, shape: str = "tiny") -> list[str]:
@@ -121,7 +122,6 @@ def bench_policy(args: argparse.Namespace, device: torch.device) -> Any:
     train loads it), or random-weight SD / SDXL / SD3 / FLUX shapes with DDPO's rank-4 adapter."""
     from diffloop.config import LoraConfig, PerformanceConfig
     from diffloop.performance import set_backend_flags
-    from diffloop.policies.diffusers_policy import DDIMPolicy
 
     dtype = DTYPES[args.dtype]
     set_backend_flags(PerformanceConfig(**args.perf), device)
@@ -141,6 +141,20 @@ def bench_policy(args: argparse.Namespace, device: torch.device) -> Any:
         default = load_config(packaged_config(DEFAULT_CONFIG))
         torch.manual_seed(0)
         return load_policy(default.model, default.lora, **kwargs)
+    policy_class, components, extra = policy_parts(args, device)
+    return policy_class(
+        components,
+        LoraConfig(rank=4, alpha=4.0),  # DDPO's adapter, as docs/performance.md measured
+        **kwargs,
+        **extra,
+    )
+
+
+def policy_parts(args: argparse.Namespace, device: torch.device) -> tuple[type, dict, dict]:
+    """(policy class, components, constructor settings) of a random-weight ``--shape`` (every
+    shape but ``shapes``), the components built on ``device`` (``meta``: the memory plan's)."""
+    from diffloop.policies.diffusers_policy import DDIMPolicy
+
     policy_class, components, extra = DDIMPolicy, None, {}
     if args.shape in SDXL_SHAPES:  # random-weight SDXL shapes (diffloop.testing.tiny_sdxl)
         from diffloop.policies.sdxl import SDXLPolicy
@@ -165,7 +179,7 @@ def bench_policy(args: argparse.Namespace, device: torch.device) -> Any:
         policy_class, extra = FluxPolicy, {"resolution": resolution, "sample": sample}
         components = build_flux_components(size, device=device)
     elif args.shape in FLUX2_SHAPES:  # random-weight FLUX.2 shapes (diffloop.testing.tiny_flux2)
-        policy_class, components, extra = _flux2_bench_policy(args, device)
+        return _flux2_bench_policy(args, device)
     elif args.shape in QWEN_IMAGE_SHAPES:  # random-weight Qwen-Image (testing.tiny_qwen_image)
         from diffloop.config import SampleConfig
         from diffloop.policies.qwen_image import QwenImagePolicy
@@ -185,12 +199,7 @@ def bench_policy(args: argparse.Namespace, device: torch.device) -> Any:
         policy_class, extra = ZImagePolicy, {"resolution": resolution, "sample": sample}
         layers = 2 if size == "z_image" else None  # the transformer's cost is the same
         components = build_zimage_components(size, text_encoder_layers=layers, device=device)
-    return policy_class(
-        components or build_components(args.shape, device),
-        LoraConfig(rank=4, alpha=4.0),  # DDPO's adapter, as docs/performance.md measured
-        **kwargs,
-        **extra,
-    )
+    return policy_class, components or build_components(args.shape, device), extra
 
 
 def _flux2_bench_policy(args: argparse.Namespace, device: torch.device) -> tuple[Any, dict, dict]:
@@ -336,6 +345,9 @@ def bench_sd(run: BenchRun) -> None:
         2 * sb * steps * evals_per_step,
         f"sample {sb} (incl. decode) + train on them (batch {tb})",
     )
+    # The memory plan of this very setting beside the measured peaks: after the items, so none of
+    # them waits for it (its meta passes take CPU seconds and no device memory).
+    out["memory_plan"] = plan_vs_measured(args, policy, out["items"], device, policy_parts)
 
 
 def run_item(
