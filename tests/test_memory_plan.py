@@ -174,3 +174,14 @@ def test_recipes_page_shows_what_check_config_prints(command, capsys):
     lines = out[out.index("memory plan per process") :].splitlines()
     plan = [line.removeprefix("# ") for line in lines if line.startswith(("memory", "#   "))]
     assert "\n".join(plan) == _documented_plans()[command]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_train_header_prints_the_plans_peak_unless_turned_off(enabled, tiny_sd, tmp_path, capsys):
+    trainer = _trainer(tiny_sd, tmp_path / "run", num_epochs=1, **{"logging.memory_plan": enabled})
+    trainer.train()
+    out = capsys.readouterr().out
+    header = out[: out.index("epoch 1/1")]
+    expected = memory.memory_summary(trainer.config)[0]
+    assert ("memory plan per process (arithmetic, not measured): peak" in header) is enabled
+    assert (expected in header) is enabled

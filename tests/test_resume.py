@@ -199,3 +199,27 @@ def test_ctrl_c_line_comes_from_the_main_rank_only(monkeypatch):
     assert is_main_process(None)  # a plain single-process run
     assert not is_main_process(SimpleNamespace(dist=SimpleNamespace(is_main=False)))
     assert is_main_process(SimpleNamespace(dist=SimpleNamespace(is_main=True)))
+
+
+def test_a_resume_on_another_process_count_says_how_the_steps_per_epoch_change():
+    from diffloop.resume import process_count_change
+
+    # 4 prompts x 4 samples = 16; train.batch_size 2: 8 minibatches on 1 process, 4 on each of 2.
+    settings = ["sample.prompts_per_epoch=4", "sample.samples_per_prompt=4", "train.batch_size=2"]
+    config = load_config(None, settings)
+    message = process_count_change(config, saved=2, now=1)
+    assert "written by 2 process(es) and this run has 1" in message
+    assert "from 4 to 8" in message and "train.gradient_accumulation_steps=2" in message
+    assert "scaled by 1/2" in process_count_change(config, saved=1, now=2)  # 1 * 1 / 2
+    assert process_count_change(config, saved=2, now=2) is None
+    assert process_count_change(config, saved=None, now=1) is None  # older checkpoints
+    one_update = load_config(None, [*settings, "train.algorithm=reinforce_loo"])
+    assert process_count_change(one_update, saved=2, now=1) is None  # one step per batch
+
+
+def test_a_checkpoint_records_its_process_count(tiny_sd, tmp_path):
+    import json
+
+    run(tiny_sd, tmp_path / "run", num_epochs=1)
+    (state,) = (tmp_path / "run" / "checkpoints").glob("epoch_*/state.json")
+    assert json.loads(state.read_text())["processes"] == 1

@@ -80,6 +80,7 @@ class TrainingState:
     epochs_completed: int
     optimizer_steps: int
     stat_tracker: dict[str, Any] | None
+    processes: int | None = None  # that wrote it (None: written before the count was recorded)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

@@ -42,6 +42,7 @@ from diffloop.config import (
     Config,
     ConfigError,
     config_to_dict,
+    derived_arithmetic,
     from_dict,
     load_config,
     load_yaml,
@@ -263,3 +264,29 @@ def interrupted_message(output_dir: str | Path) -> str:
         done = json.loads((latest / "state.json").read_text())["epochs_completed"]
         kept = f"kept checkpoint {latest} ({done} epochs done)"
     return f"diffloop: interrupted; {kept}; resume with: {resume_command(output_dir)}"
+
+
+def process_count_change(config: Config, saved: int | None, now: int) -> str | None:
+    """The warning for a resume on ``now`` processes of a checkpoint written by ``saved`` (None:
+    not recorded), when that changes the optimizer steps per epoch, else None. The samples and
+    their noise do not depend on the process count, but each process's share does, hence the
+    minibatches per process and the steps an epoch takes (unless the algorithm takes one update
+    per batch); scaling train.gradient_accumulation_steps by saved / now keeps them."""
+    if saved is None or saved == now:
+        return None
+    before = derived_arithmetic(config, saved).gradient_updates_per_epoch
+    after = derived_arithmetic(config, now).gradient_updates_per_epoch
+    if before == after:
+        return None
+    g = config.train.gradient_accumulation_steps
+    fix = (
+        f"train.gradient_accumulation_steps={g * saved // now}"
+        if (g * saved) % now == 0
+        else f"train.gradient_accumulation_steps scaled by {saved}/{now}"
+    )
+    return (
+        f"the checkpoint was written by {saved} process(es) and this run has {now}: optimizer "
+        f"steps per epoch change from {before} to {after} (each averages another number of "
+        f"samples); to keep {before}, resume with resume_allow=[train.gradient_accumulation_steps] "
+        f"and {fix}"
+    )

@@ -46,7 +46,7 @@ from diffloop.prompts import (
     rows_to_source,
     training_prompt_source,
 )
-from diffloop.resume import check_resume
+from diffloop.resume import check_resume, process_count_change
 from diffloop.rewards import RewardScores, register_reward, reward_name
 from diffloop.rewards.composite import build_reward_from_config
 from diffloop.rewards.registry import PYTHON_REWARD_PREFIX
@@ -400,6 +400,7 @@ class Trainer:
             epochs_completed=epochs_completed,
             optimizer_steps=self.optimizer_steps,
             stat_tracker=self.stat_tracker.state_dict() if self.stat_tracker is not None else None,
+            processes=self.dist.world_size,
         )
         out, is_main = self.config.output_dir, self.dist.is_main
         if self.dist.sharded:  # every process writes its shards (diffloop.sharded_checkpoint)
@@ -480,6 +481,9 @@ class Trainer:
         self.start_epoch = state.epochs_completed
         if self.dist.is_main:
             print(f"resumed from {path} ({self.start_epoch} epochs done)")
+            change = process_count_change(self.config, state.processes, self.dist.world_size)
+            if change is not None:
+                logger.warning(change)
 
     def _refuse_to_clobber(self) -> None:
         existing = existing_run(self.config.output_dir)  # checkpoints, exports, metrics or config
@@ -547,7 +551,7 @@ class Trainer:
             print("  " + line)
         from diffloop.memory import memory_summary  # arithmetic, before anything is measured
 
-        for line in memory_summary(cfg, self.dist.world_size):
+        for line in memory_summary(cfg, self.dist.world_size) if cfg.logging.memory_plan else []:
             print("  " + line)
         if cfg.model.quantization.backend != "none":
             from diffloop.policies.quantization import describe

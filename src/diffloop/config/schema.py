@@ -604,6 +604,10 @@ class LoggingConfig:
     (accelerate's ``init_kwargs``), e.g. ``logging.tracker_kwargs.wandb.mode=offline``."""
     progress_bars: bool = True
     """Show tqdm progress bars (stderr) for sampling, training and each held-out evaluation."""
+    memory_plan: bool = True
+    """Print the memory plan's peak and largest terms in the train header (``diffloop.memory``;
+    ``check-config --gpu-memory`` prints the whole plan). Making it builds the model on the meta
+    device and runs a meta forward: one to a few seconds at start."""
 
 
 @dataclass

@@ -58,6 +58,7 @@ TINY_RUN: dict[str, Any] = {
     "prompts.prompts": "[a cat, a dog on a bench, a red ball]",
     "eval.prompts": None,
     "logging.progress_bars": False,
+    "logging.memory_plan": False,  # ~1.5 s a run; tests/test_memory_plan.py checks the header
 }
 
 # A run whose resume must restore more than the weights: PPO's per-prompt stat tracker (a
@@ -88,6 +89,7 @@ SHAPES_TINY: dict[str, Any] = {
     "eval.prompts": None,
     "logging.progress_bars": False,
     "logging.tensorboard": False,
+    "logging.memory_plan": False,
 }
 
 # Overrides that shorten the embedded default (the shapes run, K = 8) and keep its evaluation.
