@@ -4,7 +4,7 @@ run's arguments may hold ``@kill=E`` (the run dies when epoch E starts, after th
 the earlier epochs: ``diffloop.testing.runs.killed_at_epoch``) and ``@copy=DIR`` (afterwards the
 main process copies the run's output_dir to DIR). A run that finishes writes ``FINAL_PARAMETERS``
 into its output_dir: its trainable parameters, gathered whole from the shards (main process), and
-``STARTED`` (the epoch this session started at: a resumed one's first)."""
+``STARTED`` (the epoch this launch started at: a resumed run's first)."""
 
 from __future__ import annotations
 
