@@ -209,6 +209,15 @@ def write_main(
         _optimizer_tensors(optimizer.state_dict())
     )
     nonfinite += [f"ema.{k}" for k in nonfinite_tensors(ema or {})]
+    _warn_nonfinite(tmp, nonfinite)
+    save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / WEIGHTS))
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / EMA_WEIGHTS))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _write_rest_and_seal(tmp, lr_scheduler, grad_scaler, state, finite=not nonfinite)
+
+
+def _warn_nonfinite(tmp: Path, nonfinite: list[str]) -> None:
     if nonfinite:
         logger.warning(
             "checkpoint %s holds non-finite values (%s): it is saved, but resume will not load it "
@@ -216,14 +225,17 @@ def write_main(
             tmp.name,
             ", ".join(nonfinite[:4]),
         )
-    save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / WEIGHTS))
-    if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / EMA_WEIGHTS))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+
+
+def _write_rest_and_seal(
+    tmp: Path, lr_scheduler: Any, grad_scaler: Any, state: TrainingState, **manifest: Any
+) -> None:
+    """(Main process.) What every checkpoint holds besides its tensors (the LR schedule, the loss
+    scaler, the training state), then :func:`seal` with ``manifest``."""
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
     torch.save(grad_scaler.state_dict(), tmp / "grad_scaler.pt")
     (tmp / "state.json").write_text(json.dumps(state.__dict__))
-    seal(tmp, finite=not nonfinite)
+    seal(tmp, **manifest)
 
 
 def seal(tmp: Path, *, finite: bool, **extra: Any) -> None:
@@ -259,13 +271,8 @@ def save_sharded(
     tmp = tmp_dir_for(output_dir, epochs_completed)
     nonfinite = sorted({n for names in dist.gather_objects(sharded.local_nonfinite(tensors))
                         for n in names})  # fmt: skip
-    if nonfinite and dist.is_main:
-        logger.warning(
-            "checkpoint %s holds non-finite values (%s): it is saved, but resume will not load it "
-            "and rotation keeps the last finite checkpoint",
-            tmp.name,
-            ", ".join(nonfinite[:4]),
-        )
+    if dist.is_main:
+        _warn_nonfinite(tmp, nonfinite)
     local = disk.tensor_bytes(tensors.state_dict())
     needed = max(local * dist.world_size, needed_bytes(output_dir))
     with writing(output_dir, epochs_completed, needed, is_main=dist.is_main):
@@ -276,10 +283,10 @@ def save_sharded(
         sharded.save(tmp / sharded.DCP_DIR, tensors)
         dist.wait()
         if dist.is_main:
-            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-            torch.save(grad_scaler.state_dict(), tmp / "grad_scaler.pt")
-            (tmp / "state.json").write_text(json.dumps(state.__dict__))
-            seal(tmp, finite=not nonfinite, sharded={"processes": dist.world_size})
+            _write_rest_and_seal(
+                tmp, lr_scheduler, grad_scaler, state,
+                finite=not nonfinite, sharded={"processes": dist.world_size},
+            )  # fmt: skip
             commit(output_dir, tmp, epochs_completed, keep)
     dist.wait()
 

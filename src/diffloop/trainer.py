@@ -32,9 +32,11 @@ from diffloop.distributed import Distributed
 from diffloop.ema import EMA, maybe_applied
 from diffloop.evaluation import HeldOutEvaluation, evaluation_reward, progress_bar
 from diffloop.guards import onpolicy_error_ok
+from diffloop.memory import memory_summary
 from diffloop.monitors import image_statistics
 from diffloop.optimization import Optimization
 from diffloop.performance import set_backend_flags
+from diffloop.policies import quantization
 from diffloop.policies.base import DiffusionPolicy, Trajectories, iter_chunks
 from diffloop.policies.embedding_cache import prepare_prompt_embeddings
 from diffloop.policies.families import detect_family, load_policy
@@ -549,14 +551,12 @@ class Trainer:
         )
         for line in self.arithmetic.lines():
             print("  " + line)
-        from diffloop.memory import memory_summary  # arithmetic, before anything is measured
-
+        # The memory plan: arithmetic, before anything is measured.
         for line in memory_summary(cfg, self.dist.world_size) if cfg.logging.memory_plan else []:
             print("  " + line)
-        if cfg.model.quantization.backend != "none":
-            from diffloop.policies.quantization import describe
-
-            print(f"  frozen base quantized:         {describe(cfg.model.quantization)}")
+        quantized = cfg.model.quantization
+        if quantization.enabled(quantized):
+            print(f"  frozen base quantized:         {quantization.describe(quantized)}")
         for line in self.held_out.header_lines(self.policy) if self.held_out is not None else []:
             print("  " + line)
 

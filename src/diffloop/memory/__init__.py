@@ -62,7 +62,6 @@ from diffloop.memory.architecture import (
     policy_class,
 )
 from diffloop.memory.plan import (
-    DEFAULT_QUANT_TYPE,
     GB,
     GIB,
     PHASES,
@@ -90,7 +89,6 @@ from diffloop.memory.verdict import (
 
 __all__ = [
     "ACTIVATION_TOLERANCE",
-    "DEFAULT_QUANT_TYPE",
     "DTYPES",
     "GB",
     "GIB",

@@ -4,8 +4,6 @@ largest phase)."""
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import math
 import re
 from collections.abc import Callable
@@ -14,6 +12,7 @@ from typing import Any
 
 import torch
 
+from diffloop.config.schema import QUANT_TYPES
 from diffloop.errors import DiffloopError
 from diffloop.memory.activations import (
     ActivationEstimate,
@@ -30,6 +29,7 @@ from diffloop.memory.architecture import (
     policy_class,
 )
 from diffloop.memory.settings import Settings
+from diffloop.policies.quantization import bits_per_weight
 
 GB = 10**9
 GIB = 2**30
@@ -38,37 +38,6 @@ GIB = 2**30
 def gb(n: float) -> str:
     """Bytes as GB (10^9) with two decimals (GiB in brackets when over 1 GB)."""
     return f"{n / GB:.2f} GB" if n < GB else f"{n / GB:.2f} GB ({n / GIB:.2f} GiB)"
-
-
-# ----------------------------------------------------------------------------- quantization
-
-# bits per weight of a quantized Linear weight (K = input features): the stored values plus their
-# scales. torchao int8 weight-only: one scale per output channel (bf16, 16/K bits per weight);
-# int4: groups of 128 with a bf16 scale and zero point (32/128); bitsandbytes nf4/fp4: blocks of
-# 64 with an fp32 absmax (0.5 bit; 0.127 with double quantization, not assumed); int8 (LLM.int8):
-# one fp32 scale per row; quanto: per-channel fp32 scales, int4 groups of 128.
-_BITS: dict[tuple[str, str], Callable[[int], float]] = {
-    ("torchao", "int8_weight_only"): lambda k: 8 + 16 / k,
-    ("torchao", "float8_weight_only"): lambda k: 8 + 32 / k,
-    ("torchao", "int4_weight_only"): lambda k: 4 + 32 / 128,
-    ("bitsandbytes", "nf4"): lambda k: 4 + 32 / 64,
-    ("bitsandbytes", "fp4"): lambda k: 4 + 32 / 64,
-    ("bitsandbytes", "int8"): lambda k: 8 + 32 / k,
-    ("quanto", "int8"): lambda k: 8 + 32 / k,
-    ("quanto", "float8"): lambda k: 8 + 32 / k,
-    ("quanto", "int4"): lambda k: 4 + 32 / 128,
-}
-DEFAULT_QUANT_TYPE = {"torchao": "int8_weight_only", "bitsandbytes": "nf4", "quanto": "int8"}
-
-
-def bits_per_weight(backend: str, quant_type: str | None, in_features: int) -> float:
-    """Bits one weight of a quantized Linear layer with ``in_features`` inputs takes, scales
-    included (``diffloop.policies.quantization.bits_per_weight`` when that module defines it)."""
-    qtype = quant_type or DEFAULT_QUANT_TYPE[backend]
-    with contextlib.suppress(ImportError, AttributeError):
-        module = importlib.import_module("diffloop.policies.quantization")
-        return float(module.bits_per_weight(backend, qtype, in_features))
-    return _BITS[(backend, qtype)](in_features)
 
 
 # ----------------------------------------------------------------------------- bytes
@@ -216,7 +185,7 @@ def _plan_terms(arch: Architecture, s: Settings, acts: ActivationEstimate | None
     dtype = s.dtype
     quant = None
     if s.quant_backend != "none":
-        quant = (s.quant_backend, s.quant_type or DEFAULT_QUANT_TYPE[s.quant_backend])
+        quant = (s.quant_backend, s.quant_type or QUANT_TYPES[s.quant_backend][0])
     quantized = set(s.quant_components) or {arch.denoiser_name}
     qname = f", {quant[0]} {quant[1]}" if quant else ""
     terms: list[Term] = []
