@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffloop.config import load_config
+from diffloop.distributed import end_processes
 from diffloop.testing.runs import RANK_PARAMETERS
 from diffloop.trainer import Trainer
 
@@ -24,4 +25,5 @@ trainer.train()
 rank = trainer.dist.rank
 state = {k: v.contiguous() for k, v in trainer.policy.trainable_state_dict().items()}
 save_file(state, str(Path(config.output_dir) / RANK_PARAMETERS.format(rank=rank)))
-trainer.dist.end()
+del trainer  # freed before the process group ends (end_processes)
+end_processes()

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from diffloop.config import load_config
+from diffloop.distributed import end_processes
 from diffloop.testing.runs import killed_at_epoch
 from diffloop.trainer import Trainer
 
@@ -76,5 +77,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for overrides in split_runs(sys.argv[1:]):
         run(overrides)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_processes()

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from diffloop.config import load_config
+from diffloop.distributed import end_processes
 from diffloop.optimization import Optimization
 from diffloop.testing.runs import RANK_PARAMETERS
 from diffloop.trainer import Trainer
@@ -50,7 +51,7 @@ Optimization.backward, Optimization.step = counted_backward, counted_step
 dist.reduce_scatter_single = counted_reduce_scatter  # FSDP2's reduce-scatter looks it up per call
 
 
-def train(overrides: list[str]) -> Trainer:
+def train(overrides: list[str]) -> None:
     """One run: train, then write its full parameters and its reduction record in output_dir."""
     record.update(backwards=0, steps_after=[], reduced_in=[])
     config = load_config(None, overrides)
@@ -69,7 +70,6 @@ def train(overrides: list[str]) -> Trainer:
     out = Path(config.output_dir)
     save_file(state, str(out / RANK_PARAMETERS.format(rank=rank)))
     (out / f"reductions_rank{rank}.json").write_text(json.dumps(record))
-    return trainer
 
 
 def split_runs(argv: list[str]) -> list[list[str]]:
@@ -86,5 +86,5 @@ def split_runs(argv: list[str]) -> list[list[str]]:
 
 torch.set_num_threads(1)
 for overrides in split_runs(sys.argv[1:]):
-    trainer = train(overrides)
-trainer.dist.end()
+    train(overrides)
+end_processes()

@@ -175,6 +175,40 @@ def test_fsdp_two_nodes_match_one_process(tiny_sd3, tmp_path):
     assert all(v.dtype == torch.float32 for v in trained.values())  # fp32 masters
 
 
+def test_train_command_frees_the_sharded_model_and_leaves_the_process_group(
+    tiny_sd, tmp_path, monkeypatch
+):
+    """After a successful ``diffloop train`` the sharded denoiser is already freed and the process
+    group destroyed: left to interpreter shutdown, gloo's worker threads release tensors while
+    Python tears down and the process aborts ("terminate called without an active exception"),
+    failing a launch whose training had finished."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from diffloop.cli import main
+    from diffloop.distributed import Distributed
+
+    sharded = []
+    shard_policy = Distributed.shard_policy
+
+    def remembered(self, policy, *args, **kwargs):
+        shard_policy(self, policy, *args, **kwargs)
+        sharded.append(weakref.ref(policy.denoiser))
+
+    monkeypatch.setattr(Distributed, "shard_policy", remembered)
+    gc.disable()  # the command must collect the trainer's reference cycles itself
+    try:
+        status = main(["train", *tiny_overrides(tiny_sd, tmp_path / "run", **{"fsdp.enabled": True,
+                                                "num_epochs": 1})])  # fmt: skip
+        assert status == 0 and len(sharded) == 1
+        assert sharded[0]() is None, "the sharded denoiser outlived the train command"
+        assert not dist.is_initialized()
+    finally:
+        gc.enable()
+
+
 # ------------------------------------------------------------------ without a process group
 
 

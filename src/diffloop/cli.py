@@ -361,9 +361,14 @@ def main(argv: list[str] | None = None) -> int:
             f"Commands: {', '.join(COMMANDS)} (diffloop --help)"
         )
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        status = COMMANDS[argv[0]](argv[1:])
     except DiffloopError as e:
         return _error(str(e))
+    if status == 0 and "torch.distributed" in sys.modules:  # a launch's process group, if any
+        from diffloop.distributed import end_processes
+
+        end_processes()
+    return status
 
 
 def _error(message: str) -> int:

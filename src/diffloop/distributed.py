@@ -37,6 +37,7 @@ trainables); accelerate is never asked to autocast. A launcher that asks for ano
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -307,5 +308,15 @@ class Distributed:
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
 
-    def end(self) -> None:
-        self.accelerator.end_training()
+
+def end_processes() -> None:
+    """Leave the process group once a command has finished, after the caller has dropped its
+    trainer: collect the garbage first, so the sharded modules and their optimizer states are freed
+    while Python still runs (left to interpreter shutdown, gloo's worker threads release their
+    tensors after Python has begun tearing down, and the process aborts with "terminate called
+    without an active exception" after a successful run), wait for every process, then destroy the
+    group. A no-op when no group was initialised."""
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

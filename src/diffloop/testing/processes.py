@@ -59,7 +59,7 @@ def launch_nodes(worker: Path, nnodes: int, overrides: list[str], port: int) -> 
                   f"--rdzv_endpoint=127.0.0.1:{port}"]  # fmt: skip
     errors = []
     with contextlib.ExitStack() as stack:
-        # each node's stderr in a file, not a pipe: a full pipe would block a node
+        # each node's output in a file, not a pipe: a full pipe would block a node
         logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(nnodes)]
         procs = []
         for i in range(nnodes):
@@ -69,8 +69,8 @@ def launch_nodes(worker: Path, nnodes: int, overrides: list[str], port: int) -> 
                 subprocess.Popen(
                     [*command, str(worker), *overrides],
                     env=cli_env(),
-                    stdout=subprocess.DEVNULL,
-                    stderr=logs[i],
+                    stdout=logs[i],  # where the node stopped, beside its errors
+                    stderr=subprocess.STDOUT,
                     text=True,
                 )
             )
