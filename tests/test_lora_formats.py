@@ -1,15 +1,16 @@
 """Every LoRA copy diffloop exports loads in the tool it is for, at the trained strength.
 
-Per family (SD 1.x tiny UNet, SDXL tiny UNet, SD3 and FLUX tiny transformers, built in memory
-with the family's LoRA targets and random lora_B), ``export_run`` writes the diffusers file and the
-family's copy; then:
+Per family (SD 1.x tiny UNet, SDXL tiny UNet, SD3, FLUX, Qwen-Image, Z-Image, FLUX.2 dev and
+Klein tiny transformers, built in memory with the family's LoRA targets and random lora_B),
+``export_run`` writes the diffusers file and the family's copy; then:
 
 - every key of the copy names a module of the base model under the rule of the loader it is for
   (kohya sd-scripts' module names, ComfyUI's key maps: ``diffloop.testing.lora_loaders``), and
   nothing is left unloaded;
 - the copy, read back by diffusers' converters of that format where they exist (kohya SD / SDXL in
-  SGM names, FLUX with alpha keys) or applied with ComfyUI's formula (SD3), reproduces the trained
-  model's output;
+  SGM names, FLUX with alpha keys) or applied with ComfyUI's formula (SD 1.x, SDXL, SD3, FLUX),
+  reproduces the trained model's output; for Qwen-Image, Z-Image and FLUX.2 every module ComfyUI
+  patches gets peft's delta exactly (the next point), each patch the width of its module;
 - (alpha / rank) up @ down of every module equals peft's delta (``get_delta_weight``) exactly, with
   alpha != rank and alpha == rank;
 - the model card names the modules the adapter trained and the file each tool loads.
@@ -29,14 +30,20 @@ from safetensors.torch import load_file
 from diffloop.config import load_config
 from diffloop.export import LORA_WEIGHT_NAME, export_run
 from diffloop.policies.flow import FlowMatchPolicy
+from diffloop.policies.flux2 import Flux2KleinPolicy, Flux2Policy
+from diffloop.policies.qwen_image import QwenImagePolicy
+from diffloop.policies.zimage import ZImagePolicy
 from diffloop.testing.lora_loaders import (
+    comfy_flux2_layout,
     comfy_flux_layout,
     comfy_load_lora,
     comfy_lora_diff,
+    comfy_same_name_layout,
     comfy_sd3_layout,
     comfy_transformer_key_map,
     comfy_unet_key_map,
     comfy_unet_layout,
+    comfy_zimage_layout,
     sd_scripts_lora_names,
     sd_scripts_sdxl_layout,
 )
@@ -44,9 +51,16 @@ from diffloop.testing.lora_loaders import (
 RANK = 2
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # lora.target_modules' default
 FLOW_TARGETS = FlowMatchPolicy.DEFAULT_LORA_TARGETS  # what the SD3 / FLUX policies adapt
-COPY = {"sd": "run.safetensors", "sdxl": "run.safetensors", "sd3": "run_comfyui.safetensors",
-        "flux": "run_comfyui.safetensors"}  # fmt: skip
+TARGETS = {"sd": UNET_TARGETS, "sdxl": UNET_TARGETS, "sd3": FLOW_TARGETS, "flux": FLOW_TARGETS,
+           "qwen_image": QwenImagePolicy.DEFAULT_LORA_TARGETS,
+           "zimage": ZImagePolicy.DEFAULT_LORA_TARGETS,
+           "flux2": Flux2Policy.DEFAULT_LORA_TARGETS,
+           "flux2_klein": Flux2KleinPolicy.DEFAULT_LORA_TARGETS}  # fmt: skip
+COPY = {family: "run.safetensors" if family in ("sd", "sdxl") else "run_comfyui.safetensors"
+        for family in TARGETS}  # fmt: skip
 FAMILIES = list(COPY)
+# the families whose tiny denoiser the tests run forward (the others are checked module by module)
+FORWARD_FAMILIES = ["sd", "sdxl", "sd3", "flux"]
 
 
 class Policy:
@@ -57,6 +71,8 @@ class Policy:
         self.lora_loader = {
             "sd": "StableDiffusionLoraLoaderMixin", "sdxl": "StableDiffusionXLLoraLoaderMixin",
             "sd3": "SD3LoraLoaderMixin", "flux": "FluxLoraLoaderMixin",
+            "qwen_image": "QwenImageLoraLoaderMixin", "zimage": "ZImageLoraLoaderMixin",
+            "flux2": "Flux2LoraLoaderMixin", "flux2_klein": "Flux2LoraLoaderMixin",
         }[family]  # fmt: skip
         setattr(self, self.lora_component, module)
 
@@ -67,7 +83,8 @@ class Policy:
 
 def base_model(family: str) -> torch.nn.Module:
     """The family's tiny random-weight denoiser (SD3 with 2 blocks and FLUX with 2 + 2, so that
-    non-final and single-stream blocks are covered)."""
+    non-final and single-stream blocks are covered; Qwen-Image, Z-Image and FLUX.2 as their tiny
+    pipelines')."""
     torch.manual_seed(0)
     if family == "sd":
         from diffloop.testing.tiny import make_tiny_unet
@@ -85,6 +102,25 @@ def base_model(family: str) -> torch.nn.Module:
         from diffloop.testing.tiny_flow import SD3_CONFIGS
 
         return SD3Transformer2DModel(**{**SD3_CONFIGS["tiny"]["transformer"], "num_layers": 2})
+    if family == "qwen_image":
+        from diffusers import QwenImageTransformer2DModel
+
+        from diffloop.testing.tiny_qwen_image import QWEN_IMAGE_CONFIGS
+
+        return QwenImageTransformer2DModel(**QWEN_IMAGE_CONFIGS["tiny"]["transformer"])
+    if family == "zimage":
+        from diffusers import ZImageTransformer2DModel
+
+        from diffloop.testing.tiny_zimage import ZIMAGE_CONFIGS
+
+        return ZImageTransformer2DModel(**ZIMAGE_CONFIGS["tiny"]["transformer"])
+    if family in ("flux2", "flux2_klein"):
+        from diffusers import Flux2Transformer2DModel
+
+        from diffloop.testing.tiny_flux2 import FLUX2_CONFIGS
+
+        size = "tiny_klein" if family == "flux2_klein" else "tiny"
+        return Flux2Transformer2DModel(**FLUX2_CONFIGS[size]["transformer"])
     from diffusers import FluxTransformer2DModel
 
     from diffloop.testing.tiny_flux import FLUX_CONFIGS
@@ -97,9 +133,8 @@ def adapted(family: str, alpha: float) -> torch.nn.Module:
     """The base model with the family's LoRA (rank 2, ``alpha``), lora_B random (a fresh adapter
     is the base model)."""
     model = base_model(family)
-    targets = UNET_TARGETS if family in ("sd", "sdxl") else FLOW_TARGETS
     model.requires_grad_(False)
-    model.add_adapter(PeftLoraConfig(r=RANK, lora_alpha=alpha, target_modules=targets,
+    model.add_adapter(PeftLoraConfig(r=RANK, lora_alpha=alpha, target_modules=TARGETS[family],
                                      init_lora_weights="gaussian"))  # fmt: skip
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -174,10 +209,21 @@ def comfy_key_map(family: str, model: torch.nn.Module) -> dict[str, Any]:
     c = model.config
     if family in ("sd", "sdxl"):
         return comfy_unet_key_map(model)  # the adapter wraps layers, the block structure is kept
+    if family == "qwen_image":  # ComfyUI's Qwen-Image modules carry diffusers' names
+        base = base_model(family)
+        layers = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
+        return comfy_transformer_key_map(comfy_same_name_layout(layers))
+    if family == "zimage":
+        blocks = [f"layers.{i}" for i in range(c.n_layers)] + [
+            f"{refiner}.{i}" for refiner in ("noise_refiner", "context_refiner")
+            for i in range(c.n_refiner_layers)
+        ]  # fmt: skip
+        return comfy_transformer_key_map(comfy_zimage_layout(blocks, c.dim))
     width = c.num_attention_heads * c.attention_head_dim
     if family == "sd3":
         return comfy_transformer_key_map(comfy_sd3_layout(c.num_layers, width))
-    return comfy_transformer_key_map(comfy_flux_layout(c.num_layers, c.num_single_layers, width))
+    layout = comfy_flux2_layout if family in ("flux2", "flux2_klein") else comfy_flux_layout
+    return comfy_transformer_key_map(layout(c.num_layers, c.num_single_layers, width))
 
 
 def diffusers_paths(family: str, model: torch.nn.Module) -> dict[str, str]:
@@ -258,11 +304,11 @@ def test_every_sdxl_layer_gets_the_sgm_name_comfyui_gives_it():
         assert sgm_module_name(path, unet.config) == layout[path], path
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("sd", "sdxl")])
 def test_comfyui_copy_maps_every_key_with_its_alpha(exported, family):
-    """SD3 / FLUX: every key of the copy is in ComfyUI's key map for the model ("transformer." +
-    the diffusers module), none is left unloaded, each carries alpha, and the slice it patches of
-    the (fused) original weight has the module's width."""
+    """The transformer families: every key of the copy is in ComfyUI's key map for the model
+    ("transformer." + the diffusers module), none is left unloaded, each carries alpha, and the
+    slice it patches of the (fused) original weight has the module's width."""
     model, directory = exported[family]
     lora = load_file(str(directory / COPY[family]))
     patches, unloaded = comfy_load_lora(lora, comfy_key_map(family, model))
@@ -304,7 +350,7 @@ def test_flux_comfyui_copy_loaded_by_diffusers_reproduces_the_trained_transforme
     assert_trained_output("flux", model, fresh.eval())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FORWARD_FAMILIES)
 def test_comfyui_formula_on_the_copy_reproduces_the_trained_model(exported, family):
     """ComfyUI's patch W += (alpha / rank) up @ down, applied to the base model with every key of
     the family's copy, gives the trained model's output; the diffusers file read the same way
@@ -352,10 +398,10 @@ def test_the_card_names_the_trained_modules_and_the_file_each_tool_loads(exporte
     default here): the card names the adapter's modules, not the config's."""
     _, directory = exported[family]
     text = (directory / "README.md").read_text()
-    targets = sorted(UNET_TARGETS if family in ("sd", "sdxl") else FLOW_TARGETS)
+    targets = sorted(TARGETS[family])
     assert f"- LoRA: rank 2, alpha 3 (scale 1.5), on {', '.join(targets)}" in text
     assert f"| `{LORA_WEIGHT_NAME}` | diffusers" in text
-    tools = "ComfyUI (`models/loras`)" + ("" if family == "sd3" else ", ")
+    tools = "ComfyUI (`models/loras`)" + (", " if family in ("sd", "sdxl", "flux") else "")
     assert f"| `{COPY[family]}` | {tools}" in text
     if family in ("sd", "sdxl"):
         assert "kohya sd-scripts (`--network_weights`" in text

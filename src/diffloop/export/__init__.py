@@ -16,11 +16,11 @@ hub upload.
                                       (``input_blocks_4_1_transformer_blocks_0_...``: sd-scripts'
                                       SDXL UNet, which its ``--network_weights`` and merge scripts
                                       match by name)
-    <run name>_comfyui.safetensors    SD3 / FLUX: the diffusers file's keys
-                                      (``transformer.<module>.lora_A`` / ``.lora_B``) plus one
-                                      ``transformer.<module>.alpha`` each, for ComfyUI, whose loader
-                                      maps these names onto its own (fused) weights and applies
-                                      alpha / rank, but scale 1 where alpha is absent
+    <run name>_comfyui.safetensors    SD3, FLUX, Qwen-Image, Z-Image, FLUX.2: the diffusers
+                                      file's keys (``transformer.<module>.lora_A`` / ``.lora_B``)
+                                      plus one ``transformer.<module>.alpha`` each, for ComfyUI,
+                                      whose loader maps these names onto its own (fused) weights
+                                      and applies alpha / rank, but scale 1 where alpha is absent
     README.md                         model card: base model, algorithm, reward, the modules the
                                       adapter trained, held-out scores before / after, the command
                                       that made it, which file each tool loads, tags

@@ -72,6 +72,9 @@ class ShareFormat:
 # transformer keys are the original checkpoints' fused modules, not diffusers', but ComfyUI maps
 # diffusers' module names (comfy/lora.py model_lora_keys_unet, "transformer." + the diffusers
 # name of comfy/utils.py mmdit_to_diffusers / flux_to_diffusers) and reads ``<key>.alpha``.
+# Qwen-Image, Z-Image and FLUX.2 the same way: ComfyUI's Qwen-Image modules carry diffusers' names,
+# Z-Image maps them through z_image_to_diffusers (q, k, v as slices of its fused qkv) and FLUX.2
+# through flux_to_diffusers' FLUX.2 rows (its Flux2 model, Klein's too, is a Flux).
 _WEBUIS = "ComfyUI (`models/loras`), AUTOMATIC1111 / Forge (`models/Lora`)"
 SHARE_FORMATS: dict[str, ShareFormat] = {
     "sd": ShareFormat(
@@ -84,6 +87,10 @@ SHARE_FORMATS: dict[str, ShareFormat] = {
     ),
     "sd3": ShareFormat(COMFYUI, "_comfyui", "ComfyUI (`models/loras`)"),
     "flux": ShareFormat(COMFYUI, "_comfyui", "ComfyUI (`models/loras`), Forge (`models/Lora`)"),
+    "qwen_image": ShareFormat(COMFYUI, "_comfyui", "ComfyUI (`models/loras`)"),
+    "zimage": ShareFormat(COMFYUI, "_comfyui", "ComfyUI (`models/loras`)"),
+    "flux2": ShareFormat(COMFYUI, "_comfyui", "ComfyUI (`models/loras`)"),
+    "flux2_klein": ShareFormat(COMFYUI, "_comfyui", "ComfyUI (`models/loras`)"),
 }
 
 _LORA_KEY = re.compile(r"^(unet|transformer)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")

@@ -9,9 +9,14 @@ Sources (rules restated in diffloop's own code, not copied):
   "_" (``unet_to_diffusers``); SD3 and FLUX also "transformer." + the diffusers name of
   ``mmdit_to_diffusers`` / ``flux_to_diffusers``) and ``load_lora`` (``<key>.alpha``; keys it
   does not use are logged as "lora key not loaded");
+  comfy/lora.py @ ec93dcacb96b922f7cb1417b3ba22bccb082df32: the Qwen-Image branch ("transformer."
+  + the model's own names, which are diffusers'), Z-Image (``Lumina2``: "transformer." + the
+  diffusers name of ``z_image_to_diffusers``) and FLUX.2 (``Flux2`` is a ``Flux``: the FLUX
+  branch, ``flux_to_diffusers`` with FLUX.2's ``ff.linear_in`` / ``attn.to_qkv_mlp_proj`` /
+  ``attn.to_out`` rows);
   comfy/utils.py @ 09708eae709a992a5684bed3595ce4d07e705b4e: ``unet_to_diffusers``,
-  ``mmdit_to_diffusers``, ``flux_to_diffusers`` (the module layouts, with (dim, start, size)
-  offsets into fused qkv / linear1 weights);
+  ``mmdit_to_diffusers``, ``flux_to_diffusers``, ``z_image_to_diffusers`` (the module layouts,
+  with (dim, start, size) offsets into fused qkv / linear1 weights);
   comfy/weight_adapter/lora.py @ 6fd406fb14ca663225b88c6f75d7a7f2b997e5a0: ``LoRAAdapter.load``
   (up / down spellings) and ``calculate_weight``: W += strength (alpha / rank) up @ down, with
   alpha / rank = 1 when alpha is absent.
@@ -129,21 +134,31 @@ def comfy_sd3_layout(num_layers: int, width: int) -> dict[str, Target]:
     return out
 
 
-def comfy_flux_layout(num_layers: int, num_single_layers: int, width: int) -> dict[str, Target]:
-    """``flux_to_diffusers`` (LoRA-able layers): diffusers layer -> (FLUX layer, offset)."""
+def _double_blocks(
+    num_layers: int, width: int, whole: tuple[tuple[str, str], ...]
+) -> dict[str, Target]:
+    """``flux_to_diffusers``' double blocks: the image and text q, k, v as slices of the block's
+    fused ``img_attn.qkv`` / ``txt_attn.qkv``, and the (diffusers, FLUX) layer pairs ``whole``
+    mapped whole."""
     out: dict[str, Target] = {}
     for i in range(num_layers):
         d, o = f"transformer_blocks.{i}", f"double_blocks.{i}"
         for j, p in enumerate("qkv"):
             out[f"{d}.attn.to_{p}"] = (f"{o}.img_attn.qkv", (0, j * width, width))
             out[f"{d}.attn.add_{p}_proj"] = (f"{o}.txt_attn.qkv", (0, j * width, width))
-        for diffusers, original in (
-            ("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
-            ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
-            ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2"),
-            ("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
-        ):  # fmt: skip
+        for diffusers, original in whole:
             out[f"{d}.{diffusers}"] = (f"{o}.{original}", None)
+    return out
+
+
+def comfy_flux_layout(num_layers: int, num_single_layers: int, width: int) -> dict[str, Target]:
+    """``flux_to_diffusers`` (LoRA-able layers): diffusers layer -> (FLUX layer, offset)."""
+    out = _double_blocks(num_layers, width, (
+        ("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
+        ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
+        ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2"),
+        ("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
+    ))  # fmt: skip
     for i in range(num_single_layers):
         d, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         for j, p in enumerate("qkv"):
@@ -154,9 +169,47 @@ def comfy_flux_layout(num_layers: int, num_single_layers: int, width: int) -> di
     return out
 
 
+def comfy_flux2_layout(num_layers: int, num_single_layers: int, width: int) -> dict[str, Target]:
+    """``flux_to_diffusers`` for FLUX.2 (its Flux2 model takes the Flux branch; LoRA-able layers of
+    diffloop's FLUX.2 targets): diffusers layer -> (FLUX.2 layer, offset). The single blocks'
+    fused projections map whole."""
+    out = _double_blocks(num_layers, width, (
+        ("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
+        ("ff.linear_in", "img_mlp.0"), ("ff.linear_out", "img_mlp.2"),
+        ("ff_context.linear_in", "txt_mlp.0"), ("ff_context.linear_out", "txt_mlp.2"),
+    ))  # fmt: skip
+    for i in range(num_single_layers):
+        d, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        out[f"{d}.attn.to_qkv_mlp_proj"] = (f"{o}.linear1", None)
+        out[f"{d}.attn.to_out"] = (f"{o}.linear2", None)
+    return out
+
+
+def comfy_zimage_layout(blocks: list[str], width: int) -> dict[str, Target]:
+    """``z_image_to_diffusers`` (LoRA-able layers of diffloop's Z-Image targets) for the blocks
+    ``blocks`` (``layers.i``, ``noise_refiner.i``, ``context_refiner.i``, each kept by name): q, k
+    and v are slices of the fused ``attention.qkv``, ``attention.to_out.0`` is ``attention.out``,
+    the feed-forward layers keep their names."""
+    out: dict[str, Target] = {}
+    for b in blocks:
+        for j, p in enumerate("qkv"):
+            out[f"{b}.attention.to_{p}"] = (f"{b}.attention.qkv", (0, j * width, width))
+        out[f"{b}.attention.to_out.0"] = (f"{b}.attention.out", None)
+        for w in ("w1", "w2", "w3"):
+            out[f"{b}.feed_forward.{w}"] = (f"{b}.feed_forward.{w}", None)
+    return out
+
+
+def comfy_same_name_layout(layers: list[str]) -> dict[str, Target]:
+    """Qwen-Image: ComfyUI's model carries diffusers' module names, so every layer is its own
+    target (the QwenImage branch of ``model_lora_keys_unet``)."""
+    return {layer: (layer, None) for layer in layers}
+
+
 def comfy_transformer_key_map(layout: dict[str, Target]) -> dict[str, Target]:
-    """ComfyUI's LoRA keys for SD3 / FLUX in diffusers' names: "transformer." + the diffusers
-    layer (the "regular diffusers lora format" of ``model_lora_keys_unet``)."""
+    """ComfyUI's LoRA keys for a transformer family in diffusers' names: "transformer." + the
+    diffusers layer (the "regular diffusers lora format" of ``model_lora_keys_unet``; every
+    transformer branch of it maps this prefix)."""
     return {f"transformer.{d}": target for d, target in layout.items()}
 
 
